@@ -1,0 +1,343 @@
+"""``Engine.generate``: one validated request in, one result out.
+
+Reads top to bottom: pick the model, prepare the pixels for the mode, then for
+each batch draw seeded noise, denoise, decode and composite. Previews, progress
+and cancellation go through the callback and token the caller passes in.
+"""
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import image_ops, samplers
+from .errors import GenerationError, SfumatoError, ValidationError
+from .models import LoadedModel, ModelRegistry
+from .previews import CheapPreviewer, VaePreviewer, pil_to_tensor
+from .request import CancelToken, GeneratedImage, GenerationRequest, GenerationResult, Progress
+from .sampling import DenoiseJob, InpaintInputs, StepHook, denoise
+from .seeds import cpu_generator, resolve_seed, slerp
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class HookContext:
+    """What an extension sees when it prepares its per-step hook."""
+
+    model: LoadedModel
+    request: GenerationRequest
+    width: int
+    height: int
+    batch_size: int
+    do_cfg: bool
+    timesteps: torch.Tensor
+    source_image: Image.Image | None  # the img2img/inpaint image at generation size
+
+
+class ExtensionHost(Protocol):
+    def step_hooks(self, context: HookContext) -> list[StepHook]: ...
+    def infotext_fields(self, request: GenerationRequest) -> dict[str, str]: ...
+
+
+@dataclass
+class _Prepared:
+    """The pixel-space plan for one request."""
+
+    width: int
+    height: int
+    source: Image.Image | None = None  # pixels to start from (after fill), at generation size
+    original: Image.Image | None = None  # pixels to composite back onto, at output size
+    soft_mask: np.ndarray | None = None  # output-size soft mask, 255 = regenerated
+    gen_hard_mask: np.ndarray | None = None  # generation-size hard mask
+    crop_box: tuple[int, int, int, int] | None = None  # "Only masked": where the generated crop goes
+    output_size: tuple[int, int] | None = None  # crop padding away at the end
+    extra_info: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, registry: ModelRegistry, extensions: ExtensionHost | None = None):
+        self.registry = registry
+        self.extensions = extensions
+        self._lock = threading.Lock()
+
+    def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
+                 cancel: CancelToken | None = None) -> GenerationResult:
+        with self._lock:
+            try:
+                return self._generate(request, on_progress, cancel or CancelToken())
+            except SfumatoError:
+                raise
+            except torch.OutOfMemoryError as error:
+                raise GenerationError(f"out of memory: try a smaller size or batch ({error})") from error
+            except MemoryError as error:
+                raise GenerationError("out of memory: try a smaller size or batch") from error
+            except Exception as error:
+                raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
+            finally:
+                gc.collect()
+
+    # -- the whole job -------------------------------------------------------
+    def _generate(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken) -> GenerationResult:
+        started = time.perf_counter()
+        model = self.registry.load(request.model)
+        timings = {"load": time.perf_counter() - started}
+        prepared = self._prepare_pixels(request, model)
+        self._check_size(model, prepared.width, prepared.height)
+        pipe = model.pipeline
+        seed = resolve_seed(request.seed)
+        subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else request.subseed
+        request = request.with_changes(seed=seed, subseed=subseed)
+
+        tick = time.perf_counter()
+        conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt)
+        timings["encode"] = time.perf_counter() - tick
+        do_cfg = request.cfg_scale > 1.0
+        previewer = self._previewer(request, model)
+        extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
+
+        images: list[GeneratedImage] = []
+        interrupted = False
+        denoise_time = decode_time = 0.0
+        steps_done_before = 0
+        # On the CPU, batched convolutions round differently from single ones, so each image runs
+        # alone there: image i of a batch is then bit-identical to a single run at seed + i.
+        group_size = request.batch_size if model.device.type != "cpu" else 1
+        groups = request.images_total // group_size
+        for batch_index in range(groups):
+            seeds = [seed + batch_index * group_size + i for i in range(group_size)]
+            generators = [cpu_generator(s) for s in seeds]
+            scheduler = samplers.build_scheduler(pipe.scheduler.config, request.sampler, request.schedule, request.zero_terminal_snr)
+            scheduler.set_timesteps(request.steps, device=model.device)
+            latent_shape = (1, pipe.unet.config.out_channels, prepared.height // model.vae_scale_factor, prepared.width // model.vae_scale_factor)
+            noise = torch.cat([self._noise(g, latent_shape, request, subseed + s - seed) for g, s in zip(generators, seeds)])
+            noise = noise.to(model.device, model.dtype)
+
+            tick = time.perf_counter()
+            job, start_latents_only = self._build_job(request, model, prepared, scheduler, noise, generators, conditioning, do_cfg)
+            if job is not None and self.extensions:
+                context = HookContext(model, request, prepared.width, prepared.height, len(seeds), do_cfg, job.timesteps, prepared.source)
+                job.hooks = self.extensions.step_hooks(context)
+            if job is None:
+                latents = start_latents_only
+            else:
+                stop_reason: list[str] = []
+                latents = denoise(job, self._step_callback(request, previewer, on_progress, cancel, started, batch_index,
+                                                           group_size, groups, steps_done_before, len(job.timesteps), stop_reason))
+                interrupted = "interrupt" in stop_reason
+                steps_done_before += len(job.timesteps)
+            denoise_time += time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            decoded = self._decode(model, latents)
+            decode_time += time.perf_counter() - tick
+            for image_seed, image in zip(seeds, decoded):
+                image_subseed = subseed + image_seed - seed
+                image = self._finish_image(image, prepared)
+                info = self._infotext(request, model, image_seed, image_subseed, prepared, extension_info)
+                images.append(GeneratedImage(image=image, seed=image_seed, subseed=image_subseed, infotext=info))
+            if interrupted:
+                break
+        timings.update(denoise=denoise_time, decode=decode_time, total=time.perf_counter() - started)
+        return GenerationResult(request=request, images=images, interrupted=interrupted, timings=timings)
+
+    # -- pieces ------------------------------------------------------------------
+    @staticmethod
+    def _noise(generator, shape, request, subseed: int) -> torch.Tensor:
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if request.subseed_strength > 0:
+            sub = torch.randn(shape, generator=cpu_generator(subseed), dtype=torch.float32)
+            noise = slerp(request.subseed_strength, noise, sub)
+        return noise
+
+    @staticmethod
+    def _check_size(model: LoadedModel, width: int, height: int) -> None:
+        family = model.family
+        for name, value in (("width", width), ("height", height)):
+            if not family.min_size <= value <= family.max_size:
+                raise ValidationError(name, f"{value} is outside what {model.entry.name} supports ({family.min_size}..{family.max_size})")
+            if value % model.vae_scale_factor:
+                raise ValidationError(name, f"must be a multiple of {model.vae_scale_factor} for this model, got {value}")
+
+    def _prepare_pixels(self, request: GenerationRequest, model: LoadedModel) -> _Prepared:
+        native_w, native_h = model.family.native_size
+        if request.mode == "txt2img":
+            return _Prepared(request.width or native_w, request.height or native_h)
+        image = request.init_image.convert("RGB")
+        if request.mode == "img2img":
+            if request.width and request.height:
+                source = image_ops.resize_image(image, request.width, request.height, request.resize_mode)
+                return _Prepared(request.width, request.height, source=source)
+            padded, size = image_ops.pad_to_multiple(image, model.vae_scale_factor)
+            return _Prepared(padded.width, padded.height, source=padded, output_size=size)
+        return self._prepare_inpaint(request, image, model)
+
+    def _prepare_inpaint(self, request: GenerationRequest, image: Image.Image, model: LoadedModel) -> _Prepared:
+        if any(request.outpaint):
+            canvas = image_ops.extend_canvas(image, *request.outpaint, seed=max(0, request.seed))
+            image, hard = canvas.image, canvas.mask
+            if request.mask is not None:
+                user_hard, _ = image_ops.prepare_mask(request.mask, request.invert_mask, 0)
+                left, top, right, bottom = canvas.original_box
+                hard[top:bottom, left:right] = np.maximum(hard[top:bottom, left:right], user_hard)
+            soft = image_ops.soft_seam(hard, request.mask_blur, canvas.original_box)
+            if request.mask is not None:
+                soft = np.maximum(soft, np.where(hard > 0, image_ops.blur_mask(hard, request.mask_blur), 0)).astype(np.uint8)
+                soft[canvas.mask > 0] = np.maximum(soft[canvas.mask > 0], 128)
+        else:
+            hard, soft = image_ops.prepare_mask(request.mask, request.invert_mask, request.mask_blur)
+        if request.width and request.height and request.inpaint_area == "Whole picture" and image.size != (request.width, request.height):
+            image = image_ops.resize_image(image, request.width, request.height, request.resize_mode)
+            hard = np.asarray(Image.fromarray(hard).resize(image.size, Image.NEAREST))
+            soft = np.asarray(Image.fromarray(soft).resize(image.size, Image.BILINEAR))
+        original = image
+        info = {"inpaint": True}
+        if request.inpaint_area == "Only masked":
+            gen_w, gen_h = request.width or model.family.native_size[0], request.height or model.family.native_size[1]
+            box = image_ops.masked_region(np.maximum(hard, soft), request.inpaint_padding, gen_w / gen_h)
+            crop = image.crop(box).resize((gen_w, gen_h), image_ops.RESAMPLE)
+            crop_hard = np.asarray(Image.fromarray(hard).crop(box).resize((gen_w, gen_h), Image.NEAREST))
+            source = image_ops.fill_masked(crop, crop_hard) if request.masked_content == "fill" else crop
+            return _Prepared(gen_w, gen_h, source=source, original=original, soft_mask=soft, gen_hard_mask=crop_hard, crop_box=box, extra_info=info)
+        padded, size = image_ops.pad_to_multiple(image, model.vae_scale_factor)
+        pad_w, pad_h = padded.width - image.width, padded.height - image.height
+        gen_hard = np.pad(hard, ((0, pad_h), (0, pad_w)))
+        source = image_ops.fill_masked(padded, gen_hard) if request.masked_content == "fill" else padded
+        return _Prepared(padded.width, padded.height, source=source, original=original, soft_mask=soft, gen_hard_mask=gen_hard,
+                         output_size=size, extra_info=info)
+
+    def _build_job(self, request, model: LoadedModel, prepared: _Prepared, scheduler, noise, generators, conditioning, do_cfg):
+        """The DenoiseJob for one batch, or (None, latents) when nothing is left to denoise (strength 0)."""
+        pipe = model.pipeline
+        batch = noise.shape[0]
+        cond = conditioning.prompt_embeds.repeat(batch, 1, 1)
+        embeds = torch.cat([conditioning.negative_embeds.repeat(batch, 1, 1), cond]) if do_cfg else cond
+        added = None
+        if model.family.is_xl:
+            time_ids = torch.tensor([[prepared.height, prepared.width, 0, 0, prepared.height, prepared.width]], dtype=embeds.dtype, device=model.device).repeat(batch, 1)
+            pooled = conditioning.pooled.repeat(batch, 1)
+            if do_cfg:
+                pooled = torch.cat([conditioning.negative_pooled.repeat(batch, 1), pooled])
+                time_ids = torch.cat([time_ids, time_ids])
+            added = {"text_embeds": pooled.to(model.device, model.dtype), "time_ids": time_ids.to(model.dtype)}
+        embeds = embeds.to(model.device, model.dtype)
+        timesteps = scheduler.timesteps
+        if prepared.source is None:
+            latents = noise * scheduler.init_noise_sigma
+            return DenoiseJob(pipe.unet, scheduler, latents, timesteps, embeds, request.cfg_scale, do_cfg, generators, added), None
+
+        image_latents = self._encode(model, prepared.source).repeat(batch, 1, 1, 1)
+        latent_mask = None
+        if prepared.gen_hard_mask is not None:
+            mask = torch.from_numpy(prepared.gen_hard_mask.astype(np.float32) / 255.0)[None, None]
+            latent_mask = F.max_pool2d(mask, model.vae_scale_factor).to(model.device, model.dtype).repeat(batch, 1, 1, 1)
+            if request.masked_content == "latent noise":
+                image_latents = image_latents * (1 - latent_mask) + noise * latent_mask
+            elif request.masked_content == "latent nothing":
+                image_latents = image_latents * (1 - latent_mask)
+        steps_to_run = min(request.steps, round(request.denoising_strength * request.steps))
+        if steps_to_run == 0:
+            return None, image_latents
+        order = getattr(scheduler, "order", 1)
+        start = (request.steps - steps_to_run) * order
+        timesteps = timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        if steps_to_run == request.steps:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+        inpaint = None
+        if latent_mask is not None:
+            masked_latents = None
+            if model.is_inpainting_model:
+                hard = torch.from_numpy(prepared.gen_hard_mask < 128)[None, None].to(torch.float32)
+                masked_pixels = pil_to_tensor(prepared.source) * hard
+                masked_latents = self._encode_tensor(model, masked_pixels).repeat(batch, 1, 1, 1)
+            inpaint = InpaintInputs(latent_mask, image_latents, noise, masked_latents)
+        return DenoiseJob(pipe.unet, scheduler, latents, timesteps, embeds, request.cfg_scale, do_cfg, generators, added, inpaint), None
+
+    def _encode(self, model: LoadedModel, image: Image.Image) -> torch.Tensor:
+        return self._encode_tensor(model, pil_to_tensor(image))
+
+    @staticmethod
+    @torch.inference_mode()
+    def _encode_tensor(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+        vae = model.pipeline.vae
+        # The posterior mean, not a sample: deterministic and identical on every device.
+        return vae.encode(pixels.to(model.device, vae.dtype)).latent_dist.mean * model.scaling_factor
+
+    @staticmethod
+    @torch.inference_mode()
+    def _decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+        vae = model.pipeline.vae
+        decoded = vae.decode(latents.to(vae.dtype) / model.scaling_factor, return_dict=False)[0]
+        # Same arithmetic as diffusers' VaeImageProcessor.postprocess, so pixels match the plain pipeline.
+        array = (decoded / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
+        array = (array * 255).round().astype("uint8")
+        return [Image.fromarray(a, "RGB") for a in array]
+
+    @staticmethod
+    def _finish_image(image: Image.Image, prepared: _Prepared) -> Image.Image:
+        if prepared.soft_mask is not None:
+            if prepared.crop_box is not None:
+                left, top, right, bottom = prepared.crop_box
+                full = prepared.original.copy()
+                full.paste(image.resize((right - left, bottom - top), image_ops.RESAMPLE), (left, top))
+                image = full
+            elif prepared.output_size is not None:
+                image = image.crop((0, 0, *prepared.output_size))
+            return image_ops.composite(prepared.original, image, prepared.soft_mask)
+        if prepared.output_size is not None and image.size != prepared.output_size:
+            return image.crop((0, 0, *prepared.output_size))
+        return image
+
+    @staticmethod
+    def _previewer(request: GenerationRequest, model: LoadedModel):
+        if request.preview_every == 0 or request.preview_method == "none":
+            return None
+        if request.preview_method == "full":
+            return VaePreviewer(model.pipeline.vae, model.scaling_factor)
+        if request.preview_method == "taesd" and model.extras.get("taesd") is not None:
+            return VaePreviewer(model.extras["taesd"], 1.0)
+        return CheapPreviewer(model.family)
+
+    @staticmethod
+    def _step_callback(request, previewer, on_progress, cancel: CancelToken, started, group_index, group_size, groups,
+                       steps_before, steps_per_group, stop_reason):
+        total_all = steps_before + steps_per_group * (groups - group_index)
+
+        def on_step(step: int, total: int, latents: torch.Tensor) -> bool:
+            if cancel.interrupted:
+                stop_reason.append("interrupt")
+                return True
+            if cancel.take_skip():
+                stop_reason.append("skip")
+                return True
+            if on_progress is not None:
+                elapsed = time.perf_counter() - started
+                done = steps_before + step
+                eta = elapsed / done * (total_all - done) if done else 0.0
+                preview = None
+                if previewer is not None and (step % request.preview_every == 0 or step == total):
+                    preview = previewer(latents)
+                on_progress(Progress(step, total, group_index * group_size, request.images_total, elapsed, eta, preview))
+            return False
+
+        return on_step
+
+    @staticmethod
+    def _infotext(request: GenerationRequest, model: LoadedModel, seed: int, subseed: int, prepared: _Prepared, extension_info: dict) -> str:
+        from .infotext import build_infotext
+
+        width, height = prepared.output_size or (prepared.width, prepared.height)
+        sized = request.with_changes(width=width, height=height)
+        return build_infotext(sized, seed=seed, model_name=model.entry.name, model_hash=model.short_hash,
+                              extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None)

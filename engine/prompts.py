@@ -1,0 +1,135 @@
+"""Prompt text to conditioning tensors, with A1111 weighting syntax and a cache.
+
+Weighting and long-prompt chunking are done by compel. A1111 writes weights as
+``(word:1.2)``, ``(word)`` (×1.1) and ``[word]`` (÷1.1); compel writes
+``(word)1.2``. ``a1111_to_compel`` is the thin translation between the two.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+ROUND_BRACKET_WEIGHT = 1.1
+
+
+def a1111_to_compel(prompt: str) -> str:
+    """Rewrite A1111 attention syntax as compel syntax; escaped brackets stay literal."""
+    out: list[str] = []
+    stack: list[tuple[str, int]] = []  # (opening bracket, index in out where its group starts)
+    i = 0
+    while i < len(prompt):
+        char = prompt[i]
+        if char == "\\" and i + 1 < len(prompt) and prompt[i + 1] in "()[]":
+            out.append("\\" + prompt[i + 1])
+            i += 2
+            continue
+        if char in "([":
+            stack.append((char, len(out)))
+            out.append("(")
+        elif char == ")" and stack and stack[-1][0] == "(":
+            _, start = stack.pop()
+            body = "".join(out[start + 1:])
+            weight = ROUND_BRACKET_WEIGHT
+            head, sep, tail = body.rpartition(":")
+            if sep and _is_number(tail):
+                body, weight = head, float(tail)
+            del out[start:]
+            out.append(f"({body}){_format_weight(weight)}")
+        elif char == "]" and stack and stack[-1][0] == "[":
+            _, start = stack.pop()
+            body = "".join(out[start + 1:])
+            del out[start:]
+            out.append(f"({body}){_format_weight(1 / ROUND_BRACKET_WEIGHT)}")
+        elif char in "()[]":
+            out.append("\\" + char)  # unbalanced bracket: keep it as text
+        else:
+            out.append(char)
+        i += 1
+    # Unclosed groups: A1111 applies their weight to the rest of the prompt.
+    while stack:
+        opener, start = stack.pop()
+        body = "".join(out[start + 1:])
+        weight = ROUND_BRACKET_WEIGHT if opener == "(" else 1 / ROUND_BRACKET_WEIGHT
+        del out[start:]
+        out.append(f"({body}){_format_weight(weight)}")
+    return "".join(out)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip() != ""
+
+
+def _format_weight(weight: float) -> str:
+    return f"{weight:.4f}".rstrip("0").rstrip(".")
+
+
+@dataclass
+class Conditioning:
+    """Positive and negative embeddings for one prompt pair, on the model's device."""
+
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+
+class PromptEncoder:
+    """Encodes prompts for one loaded model; remembers recent results.
+
+    The cache key is (prompt, negative); one encoder belongs to one model, so a
+    model switch starts from an empty cache.
+    """
+
+    def __init__(self, components, is_xl: bool, cache_size: int = 32):
+        from compel import Compel, ReturnedEmbeddingsType
+
+        self.is_xl = is_xl
+        self.hits = 0
+        self.misses = 0
+        self._cache: OrderedDict[tuple[str, str], Conditioning] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        if is_xl:
+            self._compel = Compel(
+                tokenizer=[components.tokenizer, components.tokenizer_2],
+                text_encoder=[components.text_encoder, components.text_encoder_2],
+                returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                requires_pooled=[False, True],
+                truncate_long_prompts=False,
+            )
+        else:
+            self._compel = Compel(tokenizer=components.tokenizer, text_encoder=components.text_encoder, truncate_long_prompts=False)
+
+    def encode(self, prompt: str, negative: str) -> Conditioning:
+        key = (prompt, negative)
+        with self._lock:
+            if key in self._cache:
+                self.hits += 1
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        conditioning = self._encode_uncached(prompt, negative)
+        with self._lock:
+            self.misses += 1
+            self._cache[key] = conditioning
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return conditioning
+
+    @torch.inference_mode()
+    def _encode_uncached(self, prompt: str, negative: str) -> Conditioning:
+        texts = [a1111_to_compel(prompt), a1111_to_compel(negative)]
+        if self.is_xl:
+            embeds, pooled = self._compel(texts)
+        else:
+            embeds, pooled = self._compel(texts), None
+        return Conditioning(
+            prompt_embeds=embeds[:1], negative_embeds=embeds[1:],
+            pooled=None if pooled is None else pooled[:1], negative_pooled=None if pooled is None else pooled[1:],
+        )
