@@ -91,6 +91,7 @@ class Engine:
         timings = {"load": time.perf_counter() - started}
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, prepared.width, prepared.height)
+        samplers.check_zero_snr_for_model(request.sampler, request.zero_terminal_snr, model.pipeline.scheduler.config.get("prediction_type", "epsilon"))
         pipe = model.pipeline
         seed = resolve_seed(request.seed)
         subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else request.subseed
@@ -278,6 +279,8 @@ class Engine:
     @torch.inference_mode()
     def _decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
         vae = model.pipeline.vae
+        if not torch.isfinite(latents).all():
+            raise GenerationError("the sampler produced non-finite values (NaN/inf); try another sampler or schedule")
         decoded = vae.decode(latents.to(vae.dtype) / model.scaling_factor, return_dict=False)[0]
         # Same arithmetic as diffusers' VaeImageProcessor.postprocess, so pixels match the plain pipeline.
         array = (decoded / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()

@@ -24,7 +24,6 @@ from typing import Any, Callable, Mapping
 from . import samplers
 from .errors import ValidationError
 from .request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, GenerationRequest
-from .seeds import MAX_SEED
 
 VERSION = "sfumato-0.1"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -331,7 +330,4 @@ def request_fields_from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
     result.update(_sampler_fields(params))
     if result.get("zero_terminal_snr") and "sampler" in result and not samplers.supports_zero_terminal_snr(result["sampler"]):
         del result["zero_terminal_snr"]
-    for name in ("seed", "subseed"):
-        if name in result and not 0 <= result[name] <= MAX_SEED:
-            del result[name]
     return result

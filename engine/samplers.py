@@ -136,6 +136,21 @@ def unsupported_reason(sampler: str, schedule: str, zero_terminal_snr: bool = Fa
     return None
 
 
+# These solvers divide by sqrt(alpha_bar) at the final timestep; with zero terminal SNR that is 0
+# for an epsilon-prediction model (Lin et al. 2023 pair zero SNR with v-prediction).
+ZERO_SNR_NEEDS_V_PREDICTION = frozenset({"DDIMScheduler", "DDPMScheduler", "LCMScheduler"})
+
+
+def check_zero_snr_for_model(sampler: str, zero_terminal_snr: bool, prediction_type: str) -> None:
+    spec = find_sampler(sampler)
+    if zero_terminal_snr and prediction_type == "epsilon" and spec.scheduler_class in ZERO_SNR_NEEDS_V_PREDICTION:
+        raise ValidationError(
+            "zero_terminal_snr",
+            f"{spec.name} with zero terminal SNR needs a v-prediction model; this model predicts epsilon. "
+            "Use Euler, DPM++ 2M or UniPC, or turn zero terminal SNR off",
+        )
+
+
 def schedules_for(sampler: str) -> list[str]:
     """The schedule types the UI should offer for a sampler."""
     return [spec.name for spec in SCHEDULES if unsupported_reason(sampler, spec.name) is None]

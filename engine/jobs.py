@@ -1,0 +1,157 @@
+"""One FIFO job queue in front of the engine, shared by the UI and the HTTP API.
+
+Each job carries its owner, its own event stream (progress with previews, then
+the result or the error) and its own cancel token, so a job's previews and
+result reach only the client that submitted it. One worker thread runs jobs in
+order; a job that fails reports to its owner and the worker moves on.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .errors import SfumatoError
+from .request import CancelToken, GenerationRequest, GenerationResult, Progress
+
+log = logging.getLogger("sfumato.jobs")
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+
+
+@dataclass
+class JobEvent:
+    kind: str  # "progress", "result" or "error"
+    progress: Progress | None = None
+    result: GenerationResult | None = None
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    id: int
+    owner: str
+    request: GenerationRequest
+    save: bool = True
+    state: str = QUEUED
+    cancel: CancelToken = field(default_factory=CancelToken)
+    progress: Progress | None = None
+    result: GenerationResult | None = None
+    error: str | None = None
+    submitted_at: float = field(default_factory=time.time)
+    _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def events(self, timeout: float | None = None) -> Iterator[JobEvent]:
+        """Progress events as they happen, ending with the result or error event."""
+        while True:
+            event = self._events.get(timeout=timeout)
+            yield event
+            if event.kind != "progress":
+                return
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"job {self.id} did not finish in {timeout} s")
+        if self.error is not None:
+            raise SfumatoError(self.error)
+        return self.result
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+
+class JobQueue:
+    def __init__(self, engine, save_result: Callable[[GenerationResult], None] | None = None):
+        self.engine = engine
+        self.save_result = save_result
+        self._ids = itertools.count(1)
+        self._pending: list[Job] = []
+        self._current: Job | None = None
+        self._lock = threading.Condition()
+        self._worker = threading.Thread(target=self._run, name="sfumato-worker", daemon=True)
+        self._worker.start()
+
+    def submit(self, request: GenerationRequest, owner: str = "local", save: bool = True) -> Job:
+        job = Job(next(self._ids), owner, request, save)
+        with self._lock:
+            self._pending.append(job)
+            self._lock.notify()
+        return job
+
+    def position(self, job: Job) -> int:
+        """0 while running or finished; n when n jobs are ahead of it."""
+        with self._lock:
+            if job in self._pending:
+                return self._pending.index(job) + (1 if self._current else 0)
+            return 0
+
+    def current(self) -> Job | None:
+        return self._current
+
+    def pending(self) -> list[Job]:
+        with self._lock:
+            return list(self._pending)
+
+    def cancel(self, job: Job) -> None:
+        """Interrupt a running job, or drop a queued one."""
+        with self._lock:
+            if job in self._pending:
+                self._pending.remove(job)
+                job.state, job.error = FAILED, "cancelled before it started"
+                job._events.put(JobEvent("error", error=job.error))
+                job._done.set()
+                return
+        job.cancel.interrupt()
+
+    def interrupt_current(self) -> None:
+        job = self._current
+        if job is not None:
+            job.cancel.interrupt()
+
+    def skip_current(self) -> None:
+        job = self._current
+        if job is not None:
+            job.cancel.skip()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending:
+                    self._lock.wait()
+                job = self._pending.pop(0)
+                self._current = job
+            self._execute(job)
+            with self._lock:
+                self._current = None
+
+    def _execute(self, job: Job) -> None:
+        job.state = RUNNING
+
+        def on_progress(progress: Progress) -> None:
+            job.progress = progress
+            job._events.put(JobEvent("progress", progress=progress))
+
+        try:
+            result = self.engine.generate(job.request, on_progress=on_progress, cancel=job.cancel)
+            if job.save and self.save_result is not None:
+                try:
+                    self.save_result(result)
+                except SfumatoError as error:
+                    result.warnings.append(f"could not save: {error}")
+            job.result, job.state = result, DONE
+            job._events.put(JobEvent("result", result=result))
+        except SfumatoError as error:
+            job.error, job.state = str(error), FAILED
+            job._events.put(JobEvent("error", error=job.error))
+        except Exception as error:  # the worker must survive anything a job does
+            log.exception("job %s failed", job.id)
+            job.error, job.state = f"{type(error).__name__}: {error}", FAILED
+            job._events.put(JobEvent("error", error=job.error))
+        finally:
+            job._done.set()

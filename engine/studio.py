@@ -1,0 +1,73 @@
+"""Wires the engine's parts together for a running app: registry, extensions,
+engine, job queue, outputs, presets and settings. The UI, the HTTP API and the
+command line all start from one ``Studio``."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine import Engine
+from .jobs import JobQueue
+from .models import REPO_ROOT, ModelRegistry
+from .request import GenerationResult
+from .settings import Settings, SettingsStore
+
+log = logging.getLogger("sfumato")
+
+
+@dataclass
+class StudioConfig:
+    models_dir: Path = REPO_ROOT / "models"
+    outputs_dir: Path = REPO_ROOT / "outputs"
+    user_dir: Path = REPO_ROOT / "user_data"
+    extensions_dir: Path = REPO_ROOT / "extensions"
+    presets_dir: Path = REPO_ROOT / "presets"
+    builtin_models_dir: Path | None = REPO_ROOT / "builtin"
+    device: str | None = None  # None: from settings
+    dtype: str | None = None
+
+
+class Studio:
+    def __init__(self, config: StudioConfig | None = None):
+        from .extensions import ExtensionManager
+        from .outputs import OutputWriter
+        from .presets import PresetStore
+
+        self.config = config or StudioConfig()
+        self.settings_store = SettingsStore(self.config.user_dir / "settings.json")
+        self.settings: Settings = self.settings_store.load()
+        self.registry = ModelRegistry(
+            self.config.models_dir, self.config.builtin_models_dir,
+            device=self.config.device or self.settings.device, dtype=self.config.dtype or self.settings.dtype,
+        )
+        self.extensions = ExtensionManager(self.config.extensions_dir, self.config.user_dir / "extensions.json")
+        self.engine = Engine(self.registry, self.extensions)
+        self.writer = OutputWriter(self.config.outputs_dir, self.settings.output_pattern)
+        self.presets = PresetStore(self.config.presets_dir, self.config.user_dir / "presets")
+        self.jobs = JobQueue(self.engine, save_result=self.save_result)
+
+    def default_model(self) -> str:
+        if self.settings.default_model and self.settings.default_model in self.registry.names():
+            return self.settings.default_model
+        return self.registry.default_name()
+
+    def update_settings(self, settings: Settings) -> None:
+        from .outputs import OutputWriter
+
+        self.settings_store.save(settings)
+        self.settings = settings
+        self.writer = OutputWriter(self.config.outputs_dir, settings.output_pattern)
+
+    def save_result(self, result: GenerationResult) -> None:
+        """Write every image of a result; the first failure is raised after trying them all."""
+        error = None
+        for generated in result.images:
+            try:
+                generated.path = str(self.writer.save(generated.image, generated.infotext, result.request.mode, generated.seed))
+            except Exception as exc:  # noqa: BLE001 - reported to the caller, image still returned
+                error = error or exc
+        if error is not None:
+            from .errors import SfumatoError
+
+            raise error if isinstance(error, SfumatoError) else SfumatoError(f"could not save the image: {error}")
