@@ -196,8 +196,8 @@ class Engine:
             hard, soft = image_ops.prepare_mask(request.mask, request.invert_mask, request.mask_blur)
         if request.width and request.height and request.inpaint_area == "Whole picture" and image.size != (request.width, request.height):
             image = image_ops.resize_image(image, request.width, request.height, request.resize_mode)
-            hard = np.asarray(Image.fromarray(hard).resize(image.size, Image.NEAREST))
-            soft = np.asarray(Image.fromarray(soft).resize(image.size, Image.BILINEAR))
+            hard = np.array(Image.fromarray(hard).resize(image.size, Image.NEAREST))
+            soft = np.array(Image.fromarray(soft).resize(image.size, Image.BILINEAR))
         original = image
         info = {"inpaint": True}
         if request.inpaint_area == "Only masked":
@@ -232,7 +232,9 @@ class Engine:
         timesteps = scheduler.timesteps
         if prepared.source is None:
             latents = noise * scheduler.init_noise_sigma
-            return DenoiseJob(pipe.unet, scheduler, latents, timesteps, embeds, request.cfg_scale, do_cfg, generators, added), None
+            job = DenoiseJob(pipe.unet, scheduler, latents, timesteps, embeds, request.cfg_scale, do_cfg, generators, added)
+            job.inpaint = self._whole_image_conditioning(model, prepared, noise)
+            return job, None
 
         image_latents = self._encode(model, prepared.source).repeat(batch, 1, 1, 1)
         latent_mask = None
@@ -255,7 +257,7 @@ class Engine:
             latents = noise * scheduler.init_noise_sigma
         else:
             latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
-        inpaint = None
+        inpaint = None if latent_mask is not None else self._whole_image_conditioning(model, prepared, noise)
         if latent_mask is not None:
             masked_latents = None
             if model.is_inpainting_model:
@@ -264,6 +266,16 @@ class Engine:
                 masked_latents = self._encode_tensor(model, masked_pixels).repeat(batch, 1, 1, 1)
             inpaint = InpaintInputs(latent_mask, image_latents, noise, masked_latents)
         return DenoiseJob(pipe.unet, scheduler, latents, timesteps, embeds, request.cfg_scale, do_cfg, generators, added, inpaint), None
+
+    def _whole_image_conditioning(self, model: LoadedModel, prepared: _Prepared, noise: torch.Tensor) -> InpaintInputs | None:
+        """A 9-channel inpainting UNet used without a mask: everything is "masked" and the masked
+        image is blank, the conditioning A1111 gives such models in txt2img and img2img."""
+        if not model.is_inpainting_model:
+            return None
+        batch, _, height, width = noise.shape
+        blank = self._encode_tensor(model, torch.zeros(1, 3, prepared.height, prepared.width)).repeat(batch, 1, 1, 1)
+        ones = torch.ones(batch, 1, height, width, device=model.device, dtype=model.dtype)
+        return InpaintInputs(mask=ones, image_latents=blank, noise=noise, masked_image_latents=blank)
 
     def _encode(self, model: LoadedModel, image: Image.Image) -> torch.Tensor:
         return self._encode_tensor(model, pil_to_tensor(image))
@@ -340,7 +352,8 @@ class Engine:
     def _infotext(request: GenerationRequest, model: LoadedModel, seed: int, subseed: int, prepared: _Prepared, extension_info: dict) -> str:
         from .infotext import build_infotext
 
-        width, height = prepared.output_size or (prepared.width, prepared.height)
-        sized = request.with_changes(width=width, height=height)
-        return build_infotext(sized, seed=seed, model_name=model.entry.name, model_hash=model.short_hash,
-                              extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None)
+        size = prepared.output_size or (prepared.width, prepared.height)
+        if prepared.original is not None and prepared.crop_box is not None:
+            size = prepared.original.size
+        return build_infotext(request, seed=seed, model_name=model.entry.name, model_hash=model.short_hash,
+                              extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None, size=size)

@@ -55,8 +55,14 @@ def _check_text(infotext: str | None) -> None:
         raise ValidationError("infotext", f"contains a character that cannot be stored ({error.reason})") from None
 
 
+def _check_image(image: Image.Image) -> None:
+    if not isinstance(image, Image.Image):
+        raise ValidationError("image", f"must be an image, got {type(image).__name__}")
+
+
 def png_with_infotext(image: Image.Image, infotext: str | None, extra_chunks: dict[str, str] | None = None) -> bytes:
     """The image as PNG bytes with the infotext in its ``parameters`` chunk."""
+    _check_image(image)
     _check_text(infotext)
     info = PngInfo()
     if infotext:
@@ -87,6 +93,7 @@ def _exif_with_user_comment(infotext: str | None) -> bytes:
 
 def jpeg_with_infotext(image: Image.Image, infotext: str | None, quality: int = 95) -> bytes:
     """The image as JPEG bytes with the infotext in EXIF UserComment, as A1111 writes it."""
+    _check_image(image)
     exif = _exif_with_user_comment(infotext)
     buffer = io.BytesIO()
     try:
@@ -98,6 +105,7 @@ def jpeg_with_infotext(image: Image.Image, infotext: str | None, quality: int = 
 
 def webp_with_infotext(image: Image.Image, infotext: str | None, quality: int = 95) -> bytes:
     """The image as WebP bytes with the infotext in EXIF UserComment."""
+    _check_image(image)
     exif = _exif_with_user_comment(infotext)
     buffer = io.BytesIO()
     image = image if image.mode in ("RGB", "RGBA") else image.convert("RGBA" if "A" in image.getbands() else "RGB")

@@ -74,7 +74,7 @@ def prepare_mask(mask: Image.Image, invert: bool, blur: int) -> tuple[np.ndarray
 def blur_mask(mask: np.ndarray, blur: int) -> np.ndarray:
     if blur <= 0:
         return mask.copy()
-    return np.asarray(Image.fromarray(mask, "L").filter(ImageFilter.GaussianBlur(blur)), dtype=np.uint8)
+    return np.array(Image.fromarray(mask, "L").filter(ImageFilter.GaussianBlur(blur)), dtype=np.uint8)
 
 
 def fill_masked(image: Image.Image, hard_mask: np.ndarray) -> Image.Image:

@@ -42,6 +42,7 @@ class Job:
     progress: Progress | None = None
     result: GenerationResult | None = None
     error: str | None = None
+    exception: BaseException | None = None
     submitted_at: float = field(default_factory=time.time)
     _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -147,11 +148,11 @@ class JobQueue:
             job.result, job.state = result, DONE
             job._events.put(JobEvent("result", result=result))
         except SfumatoError as error:
-            job.error, job.state = str(error), FAILED
+            job.error, job.exception, job.state = str(error), error, FAILED
             job._events.put(JobEvent("error", error=job.error))
         except Exception as error:  # the worker must survive anything a job does
             log.exception("job %s failed", job.id)
-            job.error, job.state = f"{type(error).__name__}: {error}", FAILED
+            job.error, job.exception, job.state = f"{type(error).__name__}: {error}", error, FAILED
             job._events.put(JobEvent("error", error=job.error))
         finally:
             job._done.set()

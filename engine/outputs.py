@@ -104,7 +104,7 @@ class OutputWriter:
         """Matches file names this pattern made in one folder, capturing the index."""
         parts = []
         for literal, name, _, _ in string.Formatter().parse(self._name_pattern):
-            parts.append(re.escape(literal))
+            parts.append(re.escape(_UNSAFE_CHARS.sub("_", literal)))
             if name == "index":
                 parts.append(r"(\d+)")
             elif name is not None:

@@ -317,8 +317,8 @@ class PresetStore:
                 continue
         return None
 
-    def save(self, preset: Preset) -> Path:
-        """Write (or overwrite) a user preset; returns its file."""
+    def save(self, preset: Preset | Mapping[str, Any]) -> Path:
+        """Write (or overwrite) a user preset (a Preset, or its JSON form); returns its file."""
         checked = validate_preset(preset.to_json() if isinstance(preset, Preset) else preset)
         path = self._user_file(checked.name) or self.user_dir / preset_filename(checked.name)
         data = json.dumps(checked.to_json(), indent=2, ensure_ascii=False).encode("utf-8") + b"\n"

@@ -41,7 +41,8 @@ class Studio:
             self.config.models_dir, self.config.builtin_models_dir,
             device=self.config.device or self.settings.device, dtype=self.config.dtype or self.settings.dtype,
         )
-        self.extensions = ExtensionManager(self.config.extensions_dir, self.config.user_dir / "extensions.json")
+        self.extensions = ExtensionManager(self.config.extensions_dir, self.config.user_dir / "extensions.json",
+                                           models_dir=self.config.models_dir, builtin_dir=self.config.builtin_models_dir)
         self.engine = Engine(self.registry, self.extensions)
         self.writer = OutputWriter(self.config.outputs_dir, self.settings.output_pattern)
         self.presets = PresetStore(self.config.presets_dir, self.config.user_dir / "presets")
@@ -64,7 +65,8 @@ class Studio:
         error = None
         for generated in result.images:
             try:
-                generated.path = str(self.writer.save(generated.image, generated.infotext, result.request.mode, generated.seed))
+                generated.path = str(self.writer.save(generated.image, generated.infotext, result.request.mode, generated.seed,
+                                                      model=result.request.model))
             except Exception as exc:  # noqa: BLE001 - reported to the caller, image still returned
                 error = error or exc
         if error is not None:

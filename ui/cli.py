@@ -283,8 +283,11 @@ def run_server(args: argparse.Namespace) -> int:
     from engine.studio import Studio
     from ui.server import listen_warning, parse_auth, serve
 
-    auth = parse_auth(args.auth, args.auth_file)
-    api_auth = parse_auth(args.api_auth, None)
+    try:
+        auth = parse_auth(args.auth, args.auth_file)
+        api_auth = parse_auth(args.api_auth, None)
+    except ValueError as error:
+        raise CliError(f"--auth: {error}") from None
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     studio = Studio(studio_config(args))
     warning = listen_warning(args.listen, auth)

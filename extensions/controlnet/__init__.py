@@ -1,0 +1,69 @@
+"""ControlNet units for txt2img, img2img and inpaint: Sfumato's first extension.
+
+The declaration below is all the core sees. Settings live in
+``GenerationRequest.extensions["controlnet"]``: a list of units, as plain dicts
+(``{"image": ..., "module": "canny", "model": "...", "weight": 1.0, ...}``) or
+validated :class:`~.units.ControlNetUnit` objects.
+"""
+from __future__ import annotations
+
+from engine.extensions import Extension, ExtensionEnv, ExtensionField
+
+from . import units
+from .hook import ControlNetRuntime
+
+runtime = ControlNetRuntime()
+"""Where this copy of the extension looks for models, and what it has loaded (set up by the ExtensionManager)."""
+
+
+def _setup(env: ExtensionEnv) -> None:
+    runtime.configure(env.models_dir, env.builtin_dir)
+
+
+def _step_hooks(context, settings: list[units.ControlNetUnit]):
+    return runtime.step_hooks(context, settings)
+
+
+def _build_ui(tab: str):
+    from .ui import build  # imports gradio; only the UI calls this
+
+    return build(tab, runtime)
+
+
+def _api_routes(app, studio) -> None:
+    from .api import add_routes
+
+    add_routes(app, runtime)
+
+
+_DEFAULT = units.ControlNetUnit()
+
+EXTENSION = Extension(
+    name="controlnet",
+    title="ControlNet",
+    description="Guide composition with control images: edges, lines, scribbles, depth... (sd-webui-controlnet compatible).",
+    fields=(
+        ExtensionField("enabled", _DEFAULT.enabled, "Use this unit (units given through the API are enabled unless they say otherwise)."),
+        ExtensionField("image", None, "Control image; none means the img2img/inpaint source image."),
+        ExtensionField("module", _DEFAULT.module, "Preprocessor that turns the image into a control map (see /controlnet/module_list)."),
+        ExtensionField("model", None, "ControlNet model name (see /controlnet/model_list)."),
+        ExtensionField("weight", _DEFAULT.weight, "Control weight, 0..2."),
+        ExtensionField("guidance_start", _DEFAULT.guidance_start, "Starting control step, as a fraction of the steps, 0..1."),
+        ExtensionField("guidance_end", _DEFAULT.guidance_end, "Ending control step, 0..1."),
+        ExtensionField("control_mode", _DEFAULT.control_mode, " / ".join(units.CONTROL_MODES) + " (or 0/1/2)."),
+        ExtensionField("resize_mode", _DEFAULT.resize_mode, " / ".join(units.RESIZE_MODES) + " (or 0/1/2)."),
+        ExtensionField("pixel_perfect", _DEFAULT.pixel_perfect, "Pick the preprocessor resolution from the output size."),
+        ExtensionField("processor_res", _DEFAULT.processor_res, "Preprocessor resolution; -1 means 512."),
+        ExtensionField("threshold_a", _DEFAULT.threshold_a, "Preprocessor slider 1 (e.g. canny low threshold); -1 means its default."),
+        ExtensionField("threshold_b", _DEFAULT.threshold_b, "Preprocessor slider 2 (e.g. canny high threshold); -1 means its default."),
+    ),
+    validate=units.validate_units,
+    step_hooks=_step_hooks,
+    infotext_fields=units.infotext_fields,
+    api_args=units.api_units,
+    parse_infotext=units.parse_infotext,
+    default_settings=units.default_units,
+    ui={"txt2img": _build_ui, "img2img": _build_ui, "inpaint": _build_ui},
+    api_routes=_api_routes,
+    setup=_setup,
+)

@@ -1,0 +1,688 @@
+"""The AUTOMATIC1111-compatible HTTP API (``/sdapi/v1``), served beside the UI.
+
+Each handler turns A1111's JSON into one ``GenerationRequest``, submits it to the
+studio's job queue (the same FIFO queue the UI uses) and waits for its result.
+Shapes follow A1111 1.10 (``modules/api/api.py``); ``ui/api_models.py`` lists
+the fields and the few deliberate differences.
+
+Errors: a bad value gives 422 ``{"error": "ValidationError", "detail", "field"}``
+naming the A1111 field; an engine or model failure gives 500
+``{"error", "detail"}``; the server keeps serving either way.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import itertools
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+
+from engine import samplers
+from engine.errors import ModelError, SfumatoError, ValidationError
+from engine.request import LIMITS, MASKED_CONTENT, RESIZE_MODES, GenerationRequest, GenerationResult
+
+from .api_models import (
+    ErrorResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, OptionsModel, PNGInfoRequest, PNGInfoResponse,
+    ProgressResponse, ProgressState, PromptStyleItem, SamplerItem, SchedulerItem, SDModelItem, TextToImageResponse,
+    Txt2ImgRequest,
+)
+
+log = logging.getLogger("sfumato.api")
+
+# Engine field → the A1111 field a client sent, so a 422 names what the client can change.
+API_FIELD_NAMES = {
+    "sampler": "sampler_name",
+    "schedule": "scheduler",
+    "batch_count": "n_iter",
+    "init_image": "init_images",
+    "masked_content": "inpainting_fill",
+    "inpaint_area": "inpaint_full_res",
+    "inpaint_padding": "inpaint_full_res_padding",
+    "invert_mask": "inpainting_mask_invert",
+    "model": "override_settings.sd_model_checkpoint",
+    "preset": "styles",
+    "extensions": "alwayson_scripts",
+}
+# A1111 request field → the engine fields it decides, so a style (preset) never overrides what a client sent.
+_DECIDES = {"n_iter": ("batch_count",), "sampler_name": ("sampler", "schedule"), "sampler_index": ("sampler",),
+            "scheduler": ("schedule",), "override_settings": ("model",)}
+_COPIED = ("prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "batch_size", "steps", "cfg_scale", "width", "height")
+INPAINT_AREAS_BY_FULL_RES = {False: "Whole picture", True: "Only masked"}
+# A1111 schedulers' internal names and the two per-schedule facts its /schedulers reports.
+_SCHEDULER_FACTS = {"Karras": {"default_rho": 7.0}, "SGM Uniform": {"need_inner_model": True}}
+_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+_POLL_START_S, _POLL_MAX_S, _DISCONNECT_CHECK_S = 0.005, 0.1, 0.5
+# A1111 option → (Sfumato setting, type) for the options POST /options can change besides the model.
+_OPTION_SETTINGS = {"show_progress_every_n_steps": ("preview_every", int), "samples_save": ("save_outputs", bool)}
+# Lists A1111 clients fetch while connecting, for features Sfumato does not have: honest empty answers.
+_EMPTY_LISTS = ("/sd-vae", "/upscalers", "/latent-upscale-modes", "/hypernetworks", "/face-restorers", "/realesrgan-models", "/loras")
+_ERROR_RESPONSES = {422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
+
+
+class ApiError(Exception):
+    """An error answered as JSON ``{"error", "detail", "field"}`` with an HTTP status."""
+
+    def __init__(self, status: int, error: str, detail: str, field: str | None = None):
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.field = status, error, detail, field
+
+    def response(self) -> JSONResponse:
+        body = {"error": self.error, "detail": self.detail}
+        if self.field is not None:
+            body["field"] = self.field
+        return JSONResponse(status_code=self.status, content=body)
+
+
+def api_field(engine_field: str) -> str:
+    head, _, rest = engine_field.partition(".")
+    name = API_FIELD_NAMES.get(head, head)
+    return f"{name}.{rest}" if rest else name
+
+
+def validation_error(error: ValidationError, field: str | None = None) -> ApiError:
+    name = field or api_field(error.field)
+    return ApiError(422, "ValidationError", f"{name}: {error.message}", name)
+
+
+# --- images in and out -----------------------------------------------------------
+
+def decode_base64(text: Any, field: str) -> bytes:
+    """A client's base64 payload (optionally a data: URL, line breaks and missing padding tolerated) as bytes."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValidationError(field, "must be a base64-encoded image")
+    if text.startswith(("http://", "https://")):
+        raise ValidationError(field, "image URLs are not fetched; send the image itself as base64")
+    payload = re.sub(r"\s+", "", _DATA_URL.sub("", text.strip(), count=1))
+    try:
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError(field, "is not valid base64") from None
+
+
+def decode_image(text: Any, field: str) -> Image.Image:
+    """A base64 image from a client, fully loaded; ValidationError(field) otherwise."""
+    data = decode_base64(text, field)
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > LIMITS["image_pixels"]:
+            raise ValidationError(field, f"image is {width}x{height}; at most {LIMITS['image_pixels']} pixels are accepted")
+        image.load()
+    except ValidationError:
+        raise
+    except Exception as error:  # PIL raises many kinds for damaged data
+        raise ValidationError(field, f"is not a readable image (PNG, JPEG or WebP expected): {type(error).__name__}") from None
+    return image
+
+
+def encode_png(image: Image.Image, infotext: str | None) -> str:
+    from engine.image_metadata import png_with_infotext
+
+    return base64.b64encode(png_with_infotext(image, infotext)).decode("ascii")
+
+
+def encode_preview(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --- A1111 JSON → GenerationRequest ----------------------------------------------
+
+def resolve_sampler(body: GenerationParams) -> tuple[str, str]:
+    """sampler_name (or sampler_index) and scheduler → our canonical (sampler, schedule).
+
+    As A1111 1.10's ``get_sampler_and_scheduler``: any case, aliases, and a
+    legacy combined name ("DPM++ 2M Karras") whose schedule applies unless
+    ``scheduler`` names one explicitly.
+    """
+    name = body.sampler_name or body.sampler_index
+    field = "sampler_name" if body.sampler_name else "sampler_index"
+    try:
+        sampler, legacy_schedule = samplers.split_legacy_name(name)
+    except ValidationError as error:
+        raise validation_error(error, field) from None
+    schedule = legacy_schedule or samplers.DEFAULT_SCHEDULE
+    if body.scheduler:
+        try:
+            explicit = samplers.find_schedule(body.scheduler).name
+        except ValidationError as error:
+            raise validation_error(error, "scheduler") from None
+        if explicit != samplers.DEFAULT_SCHEDULE or not legacy_schedule:
+            schedule = explicit
+    return sampler, schedule
+
+
+def resolve_model(studio, body: GenerationParams) -> str:
+    wanted = (body.override_settings or {}).get("sd_model_checkpoint")
+    if wanted in (None, ""):
+        return studio.default_model()
+    if not isinstance(wanted, str):
+        raise ApiError(422, "ValidationError", "override_settings.sd_model_checkpoint: must be a model title", "override_settings.sd_model_checkpoint")
+    try:
+        return studio.registry.get(wanted).name
+    except ModelError as error:
+        raise ApiError(422, "ValidationError", f"override_settings.sd_model_checkpoint: {error}", "override_settings.sd_model_checkpoint") from None
+
+
+def _apply_styles(studio, body: GenerationParams, fields: dict[str, Any]) -> dict[str, Any]:
+    """Presets named in ``styles``, in order; fields the client set explicitly win over a preset's."""
+    if not body.styles:
+        return fields
+    from engine.presets import apply_preset
+
+    explicit = {field for name in body.model_fields_set for field in _DECIDES.get(name, (name,))}
+    for name in body.styles:
+        try:
+            preset = studio.presets.get(name)
+        except ValidationError:
+            known = ", ".join(preset.name for preset in studio.presets.list())
+            raise ApiError(422, "ValidationError", f"styles: no style (preset) named {name!r}; available: {known}", "styles") from None
+        applied = apply_preset(preset, fields)
+        for key, value in applied.items():
+            if key in ("prompt", "negative_prompt") or key not in explicit:
+                fields[key] = value
+    fields.pop("controlnet", None)  # preset ControlNet units belong to the UI; API clients send alwayson_scripts
+    return fields
+
+
+def extension_settings(studio, alwayson_scripts: dict[str, Any]) -> dict[str, Any]:
+    """``alwayson_scripts`` → ``request.extensions``: each loaded extension parses its own payload.
+
+    Names match case-insensitively (A1111 clients write "controlnet" or
+    "ControlNet"); scripts that are not loaded extensions are ignored, as A1111
+    ignores unknown always-on scripts.
+    """
+    manager = getattr(studio, "extensions", None)
+    if not alwayson_scripts or manager is None:
+        return {}
+    loaded = {name.lower(): name for name in manager.loaded}
+    settings: dict[str, Any] = {}
+    for script, payload in alwayson_scripts.items():
+        name = loaded.get(str(script).lower())
+        if name is None:
+            continue
+        args = payload.get("args", []) if isinstance(payload, dict) else payload
+        try:
+            parsed = manager.api_args(name, args)
+        except ValidationError as error:
+            field = f"alwayson_scripts.{script}.{error.field}"
+            raise ApiError(422, "ValidationError", f"{field}: {error.message}", field) from None
+        if parsed is not None:
+            settings[name] = parsed
+    return settings
+
+
+def _common_fields(studio, body: GenerationParams) -> dict[str, Any]:
+    sampler, schedule = resolve_sampler(body)
+    fields: dict[str, Any] = {name: getattr(body, name) for name in _COPIED}
+    fields.update(batch_count=body.n_iter, sampler=sampler, schedule=schedule, model=resolve_model(studio, body))
+    fields = _apply_styles(studio, body, fields)
+    fields["extensions"] = extension_settings(studio, body.alwayson_scripts)
+    previews = studio.settings
+    fields.update(preview_every=previews.preview_every, preview_method=previews.preview_method)
+    return fields
+
+
+def _build(fields: dict[str, Any]) -> GenerationRequest:
+    try:
+        return GenerationRequest(**fields)
+    except ValidationError as error:
+        raise validation_error(error) from None
+
+
+def txt2img_request(studio, body: Txt2ImgRequest) -> GenerationRequest:
+    return _build(_common_fields(studio, body))
+
+
+def _choice(table: tuple[str, ...], value: Any, field: str, meaning: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(table):
+        options = ", ".join(f"{index} {name}" for index, name in enumerate(table))
+        raise ApiError(422, "ValidationError", f"{field}: must be {meaning} ({options}), got {value!r}", field)
+    return table[value]
+
+
+def _flag(value: Any, field: str) -> bool:
+    if value in (0, 1):  # True/False compare equal to 1/0
+        return bool(value)
+    raise ApiError(422, "ValidationError", f"{field}: must be true/false or 0/1, got {value!r}", field)
+
+
+def img2img_request(studio, body: Img2ImgRequest) -> GenerationRequest:
+    fields = _common_fields(studio, body)
+    if len(body.init_images) != 1:
+        raise ApiError(422, "ValidationError", f"init_images: exactly one image is needed, got {len(body.init_images)}", "init_images")
+    try:
+        init_image = decode_image(body.init_images[0], "init_images.0")
+        mask = decode_image(body.mask, "mask") if body.mask else None
+    except ValidationError as error:
+        raise validation_error(error, error.field) from None
+    if mask is not None and mask.size != init_image.size:
+        # A1111 resizes image and mask together to the output size; matching the mask to the image is the same.
+        mask = mask.resize(init_image.size, Image.LANCZOS)
+    fields.update(
+        init_image=init_image,
+        mask=mask,
+        denoising_strength=0.75 if body.denoising_strength is None else body.denoising_strength,
+        resize_mode=_choice(RESIZE_MODES, body.resize_mode, "resize_mode", "a resize mode"),
+        mask_blur=4 if body.mask_blur is None else body.mask_blur,
+        masked_content=_choice(MASKED_CONTENT, body.inpainting_fill, "inpainting_fill", "a masked-content mode"),
+        inpaint_area=INPAINT_AREAS_BY_FULL_RES[_flag(body.inpaint_full_res, "inpaint_full_res")],
+        inpaint_padding=body.inpaint_full_res_padding,
+        invert_mask=_flag(body.inpainting_mask_invert, "inpainting_mask_invert"),
+    )
+    return _build(fields)
+
+
+# --- GenerationResult → A1111 JSON -----------------------------------------------
+
+_STANDARD_INFOTEXT_KEYS = {
+    "Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size", "Size-1", "Size-2", "Model hash",
+    "Model", "Denoising strength", "Version", "Variation seed", "Variation seed strength",
+}
+
+
+def info_json(result: GenerationResult, body: GenerationParams, job_timestamp: str) -> dict[str, Any]:
+    """``info`` as A1111's ``Processed.js()`` writes it."""
+    from engine.infotext import parse_infotext
+
+    request = result.request
+    images = result.images
+    count = len(images)
+    infotexts = [image.infotext for image in images]
+    parsed = parse_infotext(infotexts[0]) if infotexts else {}
+    width, height = images[0].image.size if images else (request.width, request.height)
+    seeds = [image.seed for image in images] or [request.seed]
+    subseeds = [image.subseed for image in images] if request.subseed_strength > 0 else [request.subseed] * max(1, count)
+    return {
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * max(1, count),
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * max(1, count),
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": subseeds[0],
+        "all_subseeds": subseeds,
+        "subseed_strength": request.subseed_strength,
+        "width": width,
+        "height": height,
+        "sampler_name": request.sampler,
+        "scheduler": request.schedule,
+        "cfg_scale": request.cfg_scale,
+        "steps": request.steps,
+        "batch_size": request.batch_size,
+        "n_iter": request.batch_count,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": parsed.get("Model", request.model),
+        "sd_model_hash": parsed.get("Model hash"),
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": request.denoising_strength if request.mode != "txt2img" else None,
+        "extra_generation_params": {key: value for key, value in parsed.items() if key not in _STANDARD_INFOTEXT_KEYS},
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": list(body.styles or []),
+        "job_timestamp": job_timestamp,
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": request.mode == "inpaint",
+        "interrupted": result.interrupted,
+        "warnings": list(result.warnings),
+        "version": parsed.get("Version"),
+    }
+
+
+def parameters_json(body: GenerationParams, request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
+    """The request as understood: what was sent, with defaults, the resolved sampler and the size produced."""
+    parameters = body.model_dump()
+    parameters.update(sampler_name=request.sampler, scheduler=request.schedule)
+    if result.images:
+        width, height = result.images[0].image.size
+        parameters["width"] = parameters["width"] or width
+        parameters["height"] = parameters["height"] or height
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        parameters["init_images"] = None
+        parameters["mask"] = None
+    return parameters
+
+
+# --- jobs -------------------------------------------------------------------------
+
+def _timestamp(seconds: float) -> str:
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(seconds))
+
+
+def job_error(job) -> ApiError:
+    """A failed job as an HTTP error: the request's fault → 422 naming the field, anything else → 500."""
+    exception = getattr(job, "exception", None)
+    if isinstance(exception, ValidationError):
+        return validation_error(exception)
+    message = job.error or "generation failed"
+    if exception is None:
+        # The queue keeps only the message; engine ValidationErrors read "<field>: <message>".
+        head, sep, rest = message.partition(": ")
+        if sep and head.split(".")[0] in GenerationRequest.field_names():
+            return validation_error(ValidationError(head, rest))
+    kind = type(exception).__name__ if exception is not None else "GenerationError"
+    return ApiError(500, kind, message)
+
+
+class SdApi:
+    """The /sdapi/v1 endpoints bound to one studio."""
+
+    def __init__(self, studio):
+        self.studio = studio
+        self._job_numbers = itertools.count(1)
+        self._previews: dict[int, Image.Image] = {}  # job id → its latest preview, between steps that have none
+        self._options_lock = threading.Lock()
+
+    # -- generation ---------------------------------------------------------------
+    async def run(self, http_request: Request, request: GenerationRequest, save: bool) -> tuple[GenerationResult, str]:
+        """Queue the request with the UI's jobs and wait for it; a client that goes away cancels its job."""
+        host = http_request.client.host if http_request.client else "unknown"
+        job = self.studio.jobs.submit(request, owner=f"api:{host}:{next(self._job_numbers)}", save=save)
+        await self._wait(http_request, job)
+        self._previews.pop(job.id, None)
+        try:
+            result = job.wait(0)
+        except SfumatoError:
+            raise job_error(job) from None
+        return result, _timestamp(job.submitted_at)
+
+    async def _wait(self, http_request: Request, job) -> None:
+        """Wait on the event loop, not in a worker thread, so any number of waiting clients costs no threads.
+
+        The poll starts at 5 ms and backs off to 100 ms, so short jobs return
+        at once and long ones cost a few wake-ups a second.
+        """
+        delay, next_check = _POLL_START_S, time.monotonic() + _DISCONNECT_CHECK_S
+        while not job.finished:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_S)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + _DISCONNECT_CHECK_S
+                if await http_request.is_disconnected():
+                    self.studio.jobs.cancel(job)
+                    raise ApiError(499, "ClientDisconnected", "the client went away; its job was cancelled")
+
+    async def _generate(self, http_request: Request, body: GenerationParams, build) -> dict[str, Any]:
+        request = await anyio.to_thread.run_sync(build, self.studio, body)
+        result, stamp = await self.run(http_request, request, save=body.save_images)
+        images = [encode_png(image.image, image.infotext) for image in result.images] if body.send_images else []
+        info = info_json(result, body, stamp)
+        return {"images": images, "parameters": parameters_json(body, request, result), "info": json.dumps(info)}
+
+    async def txt2img(self, body: Txt2ImgRequest, http_request: Request) -> TextToImageResponse:
+        return TextToImageResponse(**await self._generate(http_request, body, txt2img_request))
+
+    async def img2img(self, body: Img2ImgRequest, http_request: Request) -> ImageToImageResponse:
+        return ImageToImageResponse(**await self._generate(http_request, body, img2img_request))
+
+    # -- progress -----------------------------------------------------------------
+    async def progress(self, skip_current_image: bool = False) -> ProgressResponse:
+        jobs = self.studio.jobs
+        job = jobs.current()
+        queued = len(jobs.pending())
+        if job is None:
+            return ProgressResponse(state=ProgressState(job_count=queued), textinfo=f"{queued} queued" if queued else None)
+        request, progress = job.request, job.progress
+        preview = None
+        if progress is not None and progress.preview is not None:
+            preview = progress.preview
+            self._previews = {job.id: preview}  # only the running job's preview is kept
+        elif job.id in self._previews:
+            preview = self._previews[job.id]
+        state = ProgressState(
+            interrupted=job.cancel.interrupted,
+            job=f"{request.mode} job {job.id}",
+            job_count=request.batch_count,
+            job_timestamp=_timestamp(job.submitted_at),
+            job_no=(progress.image_index // request.batch_size) if progress else 0,
+            sampling_step=progress.step if progress else 0,
+            sampling_steps=progress.total_steps if progress else request.steps,
+        )
+        textinfo = (f"image {progress.image_index + 1} of {progress.images_total}, step {progress.step} of {progress.total_steps}"
+                    if progress else "loading the model")
+        if queued:
+            textinfo += f"; {queued} queued"
+        return ProgressResponse(
+            progress=progress.fraction if progress else 0.0,
+            eta_relative=progress.eta if progress else 0.0,
+            state=state,
+            current_image=None if skip_current_image or preview is None else encode_preview(preview),
+            textinfo=textinfo,
+        )
+
+    def interrupt(self) -> dict:
+        self.studio.jobs.interrupt_current()
+        return {}
+
+    def skip(self) -> dict:
+        self.studio.jobs.skip_current()
+        return {}
+
+    # -- lists ----------------------------------------------------------------------
+    def samplers(self) -> list[SamplerItem]:
+        return [
+            SamplerItem(name=spec.name, aliases=list(spec.aliases),
+                        options={"scheduler_class": spec.scheduler_class, **{key: str(value) for key, value in spec.options.items()}})
+            for spec in samplers.SAMPLERS
+        ]
+
+    def schedulers(self) -> list[SchedulerItem]:
+        items = []
+        for spec in samplers.SCHEDULES:
+            name = spec.aliases[0] if spec.aliases else spec.name.lower().replace(" ", "_")
+            facts = _SCHEDULER_FACTS.get(spec.name, {})
+            items.append(SchedulerItem(name=name, label=spec.name, aliases=list(spec.aliases[1:]) or None,
+                                       default_rho=facts.get("default_rho", -1.0), need_inner_model=facts.get("need_inner_model", False)))
+        return items
+
+    def model_title(self, entry) -> str:
+        loaded = self._loaded_hash(entry.name)
+        return f"{entry.name} [{loaded}]" if loaded else entry.name
+
+    def _loaded_hash(self, name: str) -> str | None:
+        """A model's short hash when it is loaded; hashing unloaded multi-GB files on a listing would be slow."""
+        registry = self.studio.registry
+        if name not in registry.loaded_names():
+            return None
+        try:
+            return registry.load(name).short_hash
+        except SfumatoError:
+            return None
+
+    def sd_models(self) -> list[SDModelItem]:
+        items = []
+        for entry in self.studio.registry.list():
+            if entry.kind == "pickle":
+                continue  # never loadable here, so not offered
+            short = self._loaded_hash(entry.name)
+            model_name = entry.name[: -len(Path(entry.name).suffix)] if entry.kind == "single-file" else entry.name
+            items.append(SDModelItem(title=self.model_title(entry), model_name=model_name, hash=short, sha256=None,
+                                     filename=str(entry.path), config=None))
+        return items
+
+    def refresh_checkpoints(self) -> dict:
+        self.studio.registry.refresh()
+        return {}
+
+    def prompt_styles(self) -> list[PromptStyleItem]:
+        return [
+            PromptStyleItem(name=preset.name, prompt=preset.fields.get("prompt", ""), negative_prompt=preset.fields.get("negative_prompt", ""))
+            for preset in self.studio.presets.list()
+        ]
+
+    # -- options ----------------------------------------------------------------------
+    def get_options(self) -> OptionsModel:
+        settings = self.studio.settings
+        try:
+            entry = self.studio.registry.get(self.studio.default_model())
+            title, short = self.model_title(entry), self._loaded_hash(entry.name)
+        except ModelError:
+            title = short = None
+        return OptionsModel(
+            sd_model_checkpoint=title, sd_checkpoint_hash=short, samples_format="png",
+            show_progress_every_n_steps=settings.preview_every, live_previews_enable=settings.preview_every > 0,
+            samples_save=settings.save_outputs, outdir_samples=str(self.studio.config.outputs_dir),
+        )
+
+    def set_options(self, options: dict[str, Any]) -> dict:
+        """Apply the options Sfumato knows; others are ignored. A model switch loads the model first."""
+        with self._options_lock:
+            settings = self.studio.settings
+            changes: dict[str, Any] = {}
+            wanted = options.get("sd_model_checkpoint")
+            if wanted is not None:
+                if not isinstance(wanted, str):
+                    raise ApiError(422, "ValidationError", "sd_model_checkpoint: must be a model title", "sd_model_checkpoint")
+                try:
+                    entry = self.studio.registry.get(wanted)
+                except ModelError as error:
+                    raise ApiError(422, "ValidationError", f"sd_model_checkpoint: {error}", "sd_model_checkpoint") from None
+                try:
+                    self.studio.registry.load(entry.name)
+                except SfumatoError as error:
+                    raise ApiError(500, type(error).__name__, f"could not load {entry.name!r}; the current model stays: {error}") from None
+                changes["default_model"] = entry.name
+            for option, (setting, kind) in _OPTION_SETTINGS.items():
+                if option not in options:
+                    continue
+                value = options[option]
+                if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                    raise ApiError(422, "ValidationError", f"{option}: must be {kind.__name__}, got {value!r}", option)
+                changes[setting] = value
+            if changes:
+                try:
+                    self.studio.update_settings(replace(settings, **changes))
+                except ValidationError as error:
+                    option = next((name for name, (setting, _) in _OPTION_SETTINGS.items() if setting == error.field), error.field)
+                    raise validation_error(error, option) from None
+        return {}
+
+    # -- png info ---------------------------------------------------------------------
+    def png_info(self, body: PNGInfoRequest) -> PNGInfoResponse:
+        from engine.image_metadata import read_generation_info
+        from engine.infotext import parse_infotext
+
+        if not body.image.strip():
+            return PNGInfoResponse(info="", items={}, parameters={})
+        try:
+            info = read_generation_info(decode_base64(body.image, "image"))
+        except ValidationError as error:
+            raise validation_error(error, "image") from None
+        items = dict(info.other_chunks)
+        for key, value in (("prompt", info.comfy_prompt), ("workflow", info.comfy_workflow)):
+            if value is not None:
+                items[key] = value
+        text = info.infotext or ""
+        return PNGInfoResponse(info=text, items=items, parameters=parse_infotext(text) if text else {})
+
+    # -- routing ------------------------------------------------------------------------
+    def router(self) -> APIRouter:
+        router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"], responses=_ERROR_RESPONSES)
+        router.add_api_route("/txt2img", self.txt2img, methods=["POST"], response_model=TextToImageResponse)
+        router.add_api_route("/img2img", self.img2img, methods=["POST"], response_model=ImageToImageResponse)
+        router.add_api_route("/progress", self.progress, methods=["GET"], response_model=ProgressResponse)
+        router.add_api_route("/interrupt", self.interrupt, methods=["POST"])
+        router.add_api_route("/skip", self.skip, methods=["POST"])
+        router.add_api_route("/samplers", self.samplers, methods=["GET"], response_model=list[SamplerItem])
+        router.add_api_route("/schedulers", self.schedulers, methods=["GET"], response_model=list[SchedulerItem])
+        router.add_api_route("/sd-models", self.sd_models, methods=["GET"], response_model=list[SDModelItem])
+        router.add_api_route("/prompt-styles", self.prompt_styles, methods=["GET"], response_model=list[PromptStyleItem])
+        router.add_api_route("/options", self.get_options, methods=["GET"], response_model=OptionsModel)
+        router.add_api_route("/options", self.set_options, methods=["POST"])
+        router.add_api_route("/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
+        router.add_api_route("/png-info", self.png_info, methods=["POST"], response_model=PNGInfoResponse)
+        for path in _EMPTY_LISTS:
+            router.add_api_route(path, _empty_list, methods=["GET"], response_model=list[dict[str, Any]])
+        router.add_api_route("/embeddings", _no_embeddings, methods=["GET"])
+        return router
+
+
+def _empty_list() -> list:
+    return []
+
+
+def _no_embeddings() -> dict:
+    return {"loaded": {}, "skipped": {}}
+
+
+# --- errors ----------------------------------------------------------------------------
+
+def _pydantic_field(location: tuple | list) -> str:
+    parts = [str(part) for part in location if part not in ("body", "query")]
+    return ".".join(parts) or "body"
+
+
+async def _request_validation_handler(_request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = error.errors()
+    first = problems[0] if problems else {"loc": ("body",), "msg": "invalid request"}
+    field = _pydantic_field(first.get("loc", ("body",)))
+    errors = [{"field": _pydantic_field(p.get("loc", ())), "message": str(p.get("msg", "")), "type": str(p.get("type", ""))} for p in problems]
+    return JSONResponse(status_code=422, content={"error": "ValidationError", "detail": f"{field}: {first.get('msg')}", "field": field, "errors": errors})
+
+
+async def _api_error_handler(_request: Request, error: ApiError) -> JSONResponse:
+    if error.status >= 500:
+        log.warning("API request failed: %s: %s", error.error, error.detail)
+    return error.response()
+
+
+async def _sfumato_error_handler(_request: Request, error: SfumatoError) -> JSONResponse:
+    if isinstance(error, ValidationError):
+        return validation_error(error).response()
+    log.warning("API request failed: %s", error)
+    return ApiError(500, type(error).__name__, str(error)).response()
+
+
+async def _unexpected_error_handler(_request: Request, error: Exception) -> JSONResponse:
+    log.exception("API request failed unexpectedly")
+    return ApiError(500, type(error).__name__, f"internal error: {error}").response()
+
+
+def install_api(app: FastAPI, studio) -> SdApi:
+    """Add the /sdapi/v1 routes, the extensions' API routes and the JSON error handlers to ``app``."""
+    api = SdApi(studio)
+    app.include_router(api.router())
+    install_extension_routes(app, studio)
+    app.add_exception_handler(RequestValidationError, _request_validation_handler)
+    app.add_exception_handler(ApiError, _api_error_handler)
+    app.add_exception_handler(SfumatoError, _sfumato_error_handler)
+    app.add_exception_handler(Exception, _unexpected_error_handler)
+    return api
+
+
+def install_extension_routes(app: FastAPI, studio) -> list[str]:
+    """Let each loaded extension that declares ``api_routes(app, studio)`` add its endpoints (ControlNet's /controlnet/*).
+
+    A broken extension is logged and skipped; the rest of the API still serves.
+    """
+    manager = getattr(studio, "extensions", None)
+    installed = []
+    for name, extension in (manager.loaded if manager is not None else {}).items():
+        if extension.api_routes is None:
+            continue
+        try:
+            extension.api_routes(app, studio)
+        except Exception:  # noqa: BLE001 - an extension must not take the server down
+            log.exception("extension %s: could not add its API routes", name)
+            continue
+        installed.append(name)
+    return installed

@@ -1,0 +1,172 @@
+"""Request and response bodies of the A1111-compatible HTTP API (``/sdapi/v1``).
+
+Field names, types and defaults follow AUTOMATIC1111 1.10 (``modules/api/models.py``
+and the ``StableDiffusionProcessing*`` dataclasses it is generated from), so
+existing clients work unchanged. Deliberate differences, each documented on
+its field:
+
+- ``width``/``height`` default to None: the model's native size for txt2img
+  (A1111 always uses 512, which is wrong for SDXL and for the 64x64 demo model)
+  and the init image's own size for img2img.
+- An unknown sampler or schedule is refused with 422 instead of silently
+  falling back to the default.
+
+Unknown fields are ignored (``extra="ignore"``), as A1111 does.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Lenient(BaseModel):
+    """Unknown fields are ignored, and ``null`` means "the default" (many clients send every key, some as null)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items() if value is not None or key not in fields or fields[key].default is None}
+
+
+class GenerationParams(_Lenient):
+    """Fields shared by txt2img and img2img."""
+
+    prompt: str = Field("", description="What to draw; A1111 prompt syntax such as (word:1.2) works.")
+    negative_prompt: str = Field("", description="What to avoid.")
+    styles: list[str] | None = Field(None, description="Sfumato presets (see /sdapi/v1/prompt-styles) applied by name, in order.")
+    seed: int = Field(-1, description="-1 picks a random seed; image i of the job uses seed + i.")
+    subseed: int = Field(-1, description="Variation seed; -1 picks one.")
+    subseed_strength: float = Field(0.0, description="How far to move towards the variation seed's noise, 0..1.")
+    sampler_name: str | None = Field(None, description="Sampler name or alias, any case; a legacy name such as 'DPM++ 2M Karras' also sets the schedule.")
+    sampler_index: str = Field("Euler", description="Older clients' sampler field, used when sampler_name is not given.")
+    scheduler: str | None = Field(None, description="Schedule type (label or name, e.g. 'Karras' or 'karras'); default Automatic.")
+    batch_size: int = Field(1, description="Images per batch.")
+    n_iter: int = Field(1, description="Number of batches.")
+    steps: int = Field(50, description="Sampling steps.")
+    cfg_scale: float = Field(7.0, description="Classifier-free guidance scale.")
+    width: int | None = Field(None, description="Output width (multiple of 8). Default: the model's native width (txt2img) or the init image's width (img2img).")
+    height: int | None = Field(None, description="Output height (multiple of 8). Default: the model's native height (txt2img) or the init image's height (img2img).")
+    denoising_strength: float | None = Field(None, description="img2img: how much to change the init image, 0..1 (default 0.75). Ignored by txt2img.")
+    override_settings: dict[str, Any] | None = Field(None, description="Per-request settings; 'sd_model_checkpoint' picks the model for this request only.")
+    override_settings_restore_afterwards: bool = Field(True, description="Accepted for compatibility; overrides never outlive the request in Sfumato.")
+    send_images: bool = Field(True, description="Return the images as base64 PNG.")
+    save_images: bool = Field(False, description="Also save the images to the outputs folder.")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Extension arguments, e.g. {'controlnet': {'args': [unit, ...]}}; unknown scripts are ignored.")
+
+
+class Txt2ImgRequest(GenerationParams):
+    """POST /sdapi/v1/txt2img."""
+
+
+class Img2ImgRequest(GenerationParams):
+    """POST /sdapi/v1/img2img: img2img, or inpainting when a mask is given."""
+
+    init_images: list[str] = Field(default_factory=list, description="Exactly one base64 image (PNG/JPEG/WebP; a data: URL prefix is accepted).")
+    resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill.")
+    denoising_strength: float | None = Field(0.75, description="How much to change the init image, 0..1.")
+    mask: str | None = Field(None, description="Base64 mask image, white = regenerate. Makes the request an inpaint.")
+    mask_blur: int | None = Field(4, description="Blur of the mask edge in pixels.")
+    inpainting_fill: int = Field(0, description="Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing.")
+    inpaint_full_res: bool | int = Field(True, description="Inpaint area: true/1 only masked (at full resolution), false/0 whole picture.")
+    inpaint_full_res_padding: int = Field(0, description="Only masked: padding around the mask in pixels.")
+    inpainting_mask_invert: bool | int = Field(0, description="0 inpaint masked, 1 inpaint not masked.")
+    include_init_images: bool = Field(False, description="Echo init_images and mask back in 'parameters'.")
+
+
+class ImageResponse(BaseModel):
+    images: list[str] = Field(default_factory=list, description="Base64 PNGs, each with its generation parameters in the 'parameters' text chunk.")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="The request as understood, with defaults filled in.")
+    info: str = Field("", description="JSON text: prompt, all_prompts, seed, all_seeds, infotexts, ... as A1111 returns it.")
+
+
+class TextToImageResponse(ImageResponse):
+    pass
+
+
+class ImageToImageResponse(ImageResponse):
+    pass
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(0.0, description="0..1 of the running job.")
+    eta_relative: float = Field(0.0, description="Estimated seconds left for the running job.")
+    state: ProgressState = Field(default_factory=ProgressState)
+    current_image: str | None = Field(None, description="Base64 PNG of the live preview, or null.")
+    textinfo: str | None = None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, str]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float | None = None
+    need_inner_model: bool | None = None
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+
+class OptionsModel(BaseModel):
+    """The settings Sfumato exposes under A1111's option names; other keys are accepted and ignored on POST."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str | None = Field(None, description="Title of the default model; POST loads it first and keeps the old one on failure.")
+    sd_checkpoint_hash: str | None = None
+    samples_format: str = "png"
+    show_progress_every_n_steps: int = Field(1, description="Live preview every N steps (0 = off).")
+    live_previews_enable: bool = True
+    samples_save: bool = True
+    outdir_samples: str = ""
+
+
+class PNGInfoRequest(_Lenient):
+    image: str = Field(..., description="Base64 image (PNG, JPEG or WebP).")
+
+
+class PNGInfoResponse(BaseModel):
+    info: str = Field("", description="The A1111 infotext found in the image, or ''.")
+    items: dict[str, Any] = Field(default_factory=dict, description="Other text chunks (ComfyUI 'prompt'/'workflow' JSON, ...).")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="The infotext parsed into 'Key: value' pairs.")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(..., description="Error kind: ValidationError, ModelError, GenerationError, ...")
+    detail: str = Field(..., description="What went wrong, for a person to read.")
+    field: str | None = Field(None, description="The request field at fault, for a 422.")
