@@ -44,6 +44,8 @@ class Job:
     error: str | None = None
     exception: BaseException | None = None
     submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
     _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -132,7 +134,7 @@ class JobQueue:
                 self._current = None
 
     def _execute(self, job: Job) -> None:
-        job.state = RUNNING
+        job.state, job.started_at = RUNNING, time.time()
 
         def on_progress(progress: Progress) -> None:
             job.progress = progress
@@ -155,4 +157,5 @@ class JobQueue:
             job.error, job.exception, job.state = f"{type(error).__name__}: {error}", error, FAILED
             job._events.put(JobEvent("error", error=job.error))
         finally:
+            job.finished_at = time.time()
             job._done.set()

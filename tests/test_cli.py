@@ -1,0 +1,94 @@
+"""`launch.py generate` and friends: the same engine call as the UI, scriptable."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, models_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "launch.py"), "--skip-install", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture(scope="module")
+def cli_out(tmp_path_factory, tiny_models_dir):
+    out = tmp_path_factory.mktemp("cli")
+    prompts = out / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    result = run_cli("generate", "--models-dir", str(tiny_models_dir), "--model", "Stable-diffusion/tiny-sd1",
+                     "--prompts-file", str(prompts), "--steps", "3", "--seed", "77", "--batch-size", "2",
+                     "--width", "64", "--height", "64", "--sampler", "DPM++ 2M Karras", "--out", str(out / "png"),
+                     models_dir=tiny_models_dir)
+    return out, result
+
+
+def test_generate_writes_pngs_with_metadata_and_prints_path_and_seed(cli_out):
+    out, result = cli_out
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4  # two prompts × batch of two
+    seeds = []
+    for line in lines:
+        path, seed = line.rsplit(" ", 1)
+        seeds.append(int(seed))
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
+            info = image.info["parameters"]
+        assert f"Seed: {seed}" in info and "Sampler: DPM++ 2M, Schedule type: Karras" in info and "Steps: 3" in info
+    assert seeds == [77, 78, 77, 78]
+    assert "a blue square" in Image.open(lines[2].rsplit(" ", 1)[0]).info["parameters"]
+
+
+def test_generate_matches_the_engine(cli_out, engine):
+    from engine import GenerationRequest
+
+    _, result = cli_out
+    path = result.stdout.splitlines()[0].rsplit(" ", 1)[0]
+    direct = engine.generate(GenerationRequest(prompt="a red circle", model="Stable-diffusion/tiny-sd1", steps=3, seed=77,
+                                               width=64, height=64, sampler="DPM++ 2M", schedule="Karras", cfg_scale=7.0))
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(direct.images[0].image))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", "x", "--steps", "500"], "--steps"),
+    (["--prompt", "x", "--width", "100"], "--width"),
+    (["--prompt", "x", "--sampler", "Bogus"], "--sampler"),
+    (["--prompt", "x", "--init-image", "/nonexistent.png"], "--init-image"),
+    (["--prompt", "x", "--outpaint", "1,2"], "--outpaint"),
+    (["--steps", "3"], "--prompt"),
+])
+def test_invalid_arguments_exit_nonzero_with_one_line_naming_the_argument(tmp_path, tiny_models_dir, args, needle):
+    result = run_cli("generate", "--models-dir", str(tiny_models_dir), *args, "--out", str(tmp_path), models_dir=tiny_models_dir)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and needle in message[0], result.stderr
+
+
+def test_inpaint_from_the_command_line_keeps_unmasked_pixels(tmp_path, tiny_models_dir):
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:40, 20:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = run_cli("generate", "--models-dir", str(tiny_models_dir), "--model", "Stable-diffusion/tiny-sd1", "--prompt", "x",
+                     "--steps", "3", "--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                     "--mask-blur", "0", "--masked-content", "latent-noise", "--out", str(tmp_path / "out"), models_dir=tiny_models_dir)
+    assert result.returncode == 0, result.stderr
+    out = np.asarray(Image.open(result.stdout.split()[0]))
+    original = np.asarray(Image.open(tmp_path / "in.png"))
+    assert np.array_equal(out[mask == 0], original[mask == 0]) and not np.array_equal(out[mask > 0], original[mask > 0])
+    assert "Masked content: latent noise" in Image.open(result.stdout.split()[0]).info["parameters"]
+
+
+def test_help_lists_the_flags():
+    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--skip-install", "--help"], capture_output=True, text=True, cwd=ROOT)
+    for flag in ("--port", "--listen", "--models-dir", "--outputs-dir", "--device", "--no-browser", "generate", "test"):
+        assert flag in result.stdout
