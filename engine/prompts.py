@@ -96,6 +96,7 @@ class PromptEncoder:
         self._cache: OrderedDict[tuple[str, str], Conditioning] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._empty: torch.Tensor | None = None
         if is_xl:
             self._compel = Compel(
                 tokenizer=[components.tokenizer, components.tokenizer_2],
@@ -124,12 +125,32 @@ class PromptEncoder:
 
     @torch.inference_mode()
     def _encode_uncached(self, prompt: str, negative: str) -> Conditioning:
-        texts = [a1111_to_compel(prompt), a1111_to_compel(negative)]
-        if self.is_xl:
-            embeds, pooled = self._compel(texts)
-        else:
-            embeds, pooled = self._compel(texts), None
+        # Encoded one at a time and padded here: compel's own padding of a batch with
+        # different lengths fails for SDXL's two encoders.
+        positive, pooled = self._encode_one(prompt)
+        negative_embeds, negative_pooled = self._encode_one(negative)
+        length = max(positive.shape[1], negative_embeds.shape[1])
         return Conditioning(
-            prompt_embeds=embeds[:1], negative_embeds=embeds[1:],
-            pooled=None if pooled is None else pooled[:1], negative_pooled=None if pooled is None else pooled[1:],
+            prompt_embeds=self._pad(positive, length), negative_embeds=self._pad(negative_embeds, length),
+            pooled=pooled, negative_pooled=negative_pooled,
         )
+
+    def _encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.is_xl:
+            embeds, pooled = self._compel([a1111_to_compel(text)])
+            return embeds, pooled
+        return self._compel([a1111_to_compel(text)]), None
+
+    def _pad(self, embeds: torch.Tensor, length: int) -> torch.Tensor:
+        """Extend a conditioning with empty-prompt chunks, as A1111 pads the shorter of cond/uncond."""
+        if embeds.shape[1] >= length:
+            return embeds
+        if self._empty is None:
+            self._empty = self._encode_one("")[0]
+        pieces = [embeds]
+        missing = length - embeds.shape[1]
+        while missing > 0:
+            piece = self._empty[:, :missing]
+            pieces.append(piece)
+            missing -= piece.shape[1]
+        return torch.cat(pieces, dim=1)

@@ -1,0 +1,64 @@
+"""A1111 prompt syntax over compel: weights move embeddings the right way, long prompts are not cut."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.prompts import a1111_to_compel
+
+
+@pytest.mark.parametrize("a1111,compel", [
+    ("a (red:1.5) circle", "a (red)1.5 circle"),
+    ("a (red) circle", "a (red)1.1 circle"),
+    ("a [red] circle", "a (red)0.9091 circle"),
+    ("((red))", "((red)1.1)1.1"),
+    (r"a \(literal\) bracket", r"a \(literal\) bracket"),
+    ("(red, blue:0.8) sky", "(red, blue)0.8 sky"),
+    ("unbalanced ) bracket", r"unbalanced \) bracket"),
+    ("(open group", "(open group)1.1"),
+    ("plain words", "plain words"),
+    ("(time: 12:30)", "(time: 12)30"),  # A1111 reads the last ":number" as the weight too
+    ("(red: 1.5 )", "(red)1.5"),
+])
+def test_a1111_syntax_becomes_compel_syntax(a1111, compel):
+    assert a1111_to_compel(a1111) == compel
+
+
+@pytest.fixture(scope="module", params=["tiny-sd1", "tiny-sdxl"])
+def encoder(request, registry):
+    encoder = registry.load(request.param).prompt_encoder
+    encoder.tokenizer = registry.load(request.param).pipeline.tokenizer
+    return encoder
+
+
+def embedding(encoder, prompt):
+    return encoder._encode_uncached(prompt, "").prompt_embeds[0].float()
+
+
+def test_weighting_a_word_moves_the_embedding_in_the_expected_direction(encoder):
+    base = embedding(encoder, "a red circle")
+    up, more, down = (embedding(encoder, p) for p in ("a (red:1.5) circle", "a (red:2.0) circle", "a (red:0.5) circle"))
+    delta_up, delta_more, delta_down = (up - base).flatten(), (more - base).flatten(), (down - base).flatten()
+    assert delta_up.norm() > 0 and delta_down.norm() > 0
+    assert torch.nn.functional.cosine_similarity(delta_up, delta_down, dim=0) < 0, "up- and down-weighting should pull opposite ways"
+    assert delta_more.norm() > delta_up.norm(), "a larger weight should move further"
+    assert torch.allclose(embedding(encoder, "a (red:1.0) circle"), base, atol=1e-5)
+
+
+def test_a_200_token_prompt_is_not_truncated(encoder):
+    words = " ".join(f"w{i % 10}" for i in range(100))  # 100 words → well over 200 tokens in the tiny character vocabulary
+    tokens = len(encoder.tokenizer(words).input_ids)
+    assert tokens > 200
+    long = embedding(encoder, words)
+    assert long.shape[0] >= 3 * 77, "long prompts are split into 77-token chunks, not cut"
+    tail_changed = embedding(encoder, words + " zz")
+    assert not torch.allclose(long[-77:], tail_changed[-77:]), "the end of a long prompt must still count"
+
+
+def test_repeated_prompt_hits_the_cache(registry):
+    encoder = registry.load("tiny-sd1").prompt_encoder
+    hits = encoder.hits
+    first = encoder.encode("cache me", "not this")
+    second = encoder.encode("cache me", "not this")
+    assert second is first and encoder.hits == hits + 1
+    assert encoder.encode("cache me", "other negative") is not first
