@@ -14,6 +14,7 @@ from .request import GenerationResult
 from .settings import Settings, SettingsStore
 
 log = logging.getLogger("sfumato")
+UNTRAINED_MODEL_NAME = "untrained-placeholder"
 
 
 @dataclass
@@ -41,12 +42,27 @@ class Studio:
             self.config.models_dir, self.config.builtin_models_dir,
             device=self.config.device or self.settings.device, dtype=self.config.dtype or self.settings.dtype,
         )
+        self._ensure_some_model()
         self.extensions = ExtensionManager(self.config.extensions_dir, self.config.user_dir / "extensions.json",
                                            models_dir=self.config.models_dir, builtin_dir=self.config.builtin_models_dir)
         self.engine = Engine(self.registry, self.extensions)
         self.writer = OutputWriter(self.config.outputs_dir, self.settings.output_pattern)
         self.presets = PresetStore(self.config.presets_dir, self.config.user_dir / "presets")
         self.jobs = JobQueue(self.engine, save_result=self.save_result)
+
+    def _ensure_some_model(self) -> None:
+        """With no model anywhere (the demo model not trained yet), build a tiny random one so the
+        studio still starts; it is marked UNTRAINED and the UI labels it so."""
+        if self.registry.list():
+            return
+        from .tiny_models import build_sd1
+
+        folder = self.config.models_dir / UNTRAINED_MODEL_NAME
+        if not (folder / "model_index.json").is_file():
+            log.warning("no models found: building an untrained placeholder model in %s", folder)
+            build_sd1(folder)
+            (folder / "UNTRAINED").write_text("random weights: train the demo model with `python launch.py train-demo`\n")
+        self.registry.refresh()
 
     def default_model(self) -> str:
         if self.settings.default_model and self.settings.default_model in self.registry.names():
