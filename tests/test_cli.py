@@ -92,3 +92,15 @@ def test_help_lists_the_flags():
     result = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--skip-install", "--help"], capture_output=True, text=True, cwd=ROOT)
     for flag in ("--port", "--listen", "--models-dir", "--outputs-dir", "--device", "--no-browser", "generate", "test"):
         assert flag in result.stdout
+
+
+def test_preprocess_writes_a_canny_map(tmp_path, tiny_models_dir):
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 16:48] = 255
+    Image.fromarray(image).save(tmp_path / "square.png")
+    result = run_cli("preprocess", "--models-dir", str(tiny_models_dir), "--module", "canny", str(tmp_path / "square.png"),
+                     "--out", str(tmp_path / "map.png"), "--resolution", "64", models_dir=tiny_models_dir)
+    assert result.returncode == 0, result.stderr
+    edges = np.asarray(Image.open(tmp_path / "map.png").convert("L"))
+    assert edges.shape == (64, 64) and set(np.unique(edges)) <= {0, 255}
+    assert edges[14:18, 20:44].max(axis=0).min() == 255 and edges[24:40, 24:40].max() == 0  # on the border, not inside

@@ -254,8 +254,7 @@ def resolve_extensions(studio, request, args: argparse.Namespace):
     from engine import ValidationError
 
     try:
-        from extensions.controlnet.cli import parse_control_arg
-
+        parse_control_arg = studio.extensions.submodule("controlnet", "cli").parse_control_arg
         units = [parse_control_arg(text, studio=studio, model=request.model) for text in args.control]
         settings = studio.extensions.validate("controlnet", units)
     except ValidationError as error:
@@ -265,13 +264,17 @@ def resolve_extensions(studio, request, args: argparse.Namespace):
 
 def run_preprocess(args: argparse.Namespace) -> int:
     from engine import SfumatoError
+    from engine.extensions import ExtensionManager
 
+    config = studio_config(args)
+    manager = ExtensionManager(config.extensions_dir, config.user_dir / "extensions.json", models_dir=config.models_dir,
+                               builtin_dir=config.builtin_models_dir)
+    if "controlnet" not in manager.loaded:
+        reason = manager.failed.get("controlnet", "it is disabled")
+        raise CliError(f"the ControlNet extension is not available: {reason}")
     try:
-        from extensions.controlnet.cli import run_preprocess as preprocess
-    except ImportError as error:
-        raise CliError(f"the ControlNet extension is not available: {error}") from None
-    try:
-        preprocess(args.module, args.image, args.out, args.resolution, models_dir=studio_config(args).models_dir)
+        preprocess = manager.submodule("controlnet", "cli").run_preprocess
+        preprocess(args.module, args.image, args.out, args.resolution, models_dir=config.models_dir)
     except SfumatoError as error:
         raise CliError(str(error)) from None
     print(args.out)
