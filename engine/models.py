@@ -4,22 +4,44 @@ The registry scans an A1111-style models directory (``models/Stable-diffusion``
 single files, diffusers folders anywhere below ``models/``) plus the repo's
 built-in models, and loads with diffusers from local files only. Loaded models
 live in a small LRU cache; a failed load leaves the cache as it was.
+
+Files are untrusted. Only safetensors weights are read: pickle checkpoints
+(``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are listed but never unpickled, and a
+diffusers folder is checked (pipeline class, component classes, weight files)
+before diffusers sees it. After loading, every component's weights are compared
+name by name with the files, because diffusers and transformers only warn when
+a config and its weights disagree (unused weights are dropped, missing ones
+left random or empty).
+
+Single-file checkpoints (the original CompVis/SGM key layout) load through
+``from_single_file`` with a local diffusers config folder: ``<name>.config/``
+beside the file when there is one, else ``engine/configs/<family>``. The CLIP
+tokenizer files are shared by every family (``engine/configs/clip_tokenizer``)
+and copied into a temporary config folder at load time.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import logging
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+from . import checkpoint_convert as layout_keys
 from .devices import pick_device, pick_dtype
 from .errors import ModelError, UnsafeModelError
 from .families import ModelFamily, detect_family
 from .prompts import PromptEncoder
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_DIR = REPO_ROOT / "builtin"
@@ -28,6 +50,35 @@ CHECKPOINT_SUBDIR = "Stable-diffusion"
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_CONFIGS = Path(__file__).resolve().parent / "configs"
+SHARED_TOKENIZER = SINGLE_FILE_CONFIGS / "clip_tokenizer"
+CONFIG_SUFFIX = ".config"
+CONFIG_FILE_SUFFIXES = (".json", ".txt")  # what a config folder may hold; weights there are never read
+
+CONVERT_HINT = ("Convert it to .safetensors with a tool you trust (for example diffusers' conversion scripts, "
+                "in an isolated environment) and put the result in models/Stable-diffusion.")
+
+# Pipelines Sfumato can run (class name -> is SDXL) and the components each one must have.
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": False, "StableDiffusionImg2ImgPipeline": False, "StableDiffusionInpaintPipeline": False,
+    "StableDiffusionXLPipeline": True, "StableDiffusionXLImg2ImgPipeline": True, "StableDiffusionXLInpaintPipeline": True,
+}
+TEXT_ENCODERS = {"CLIPTextModel", "CLIPTextModelWithProjection"}
+TOKENIZERS = {"CLIPTokenizer", "CLIPTokenizerFast"}
+COMPONENT_CLASSES = {  # component -> (library, allowed class names); the scheduler is checked separately
+    "unet": ("diffusers", {"UNet2DConditionModel"}),
+    "vae": ("diffusers", {"AutoencoderKL"}),
+    "text_encoder": ("transformers", TEXT_ENCODERS),
+    "text_encoder_2": ("transformers", TEXT_ENCODERS),
+    "tokenizer": ("transformers", TOKENIZERS),
+    "tokenizer_2": ("transformers", TOKENIZERS),
+}
+REQUIRED_SD = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+REQUIRED_XL = REQUIRED_SD + ("text_encoder_2", "tokenizer_2")
+NOT_LOADED = ("safety_checker", "feature_extractor", "image_encoder")  # never loaded, whatever the index says
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+WEIGHT_BASENAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+# diffusers < 0.14 named VAE attention weights query/key/value/proj_attn; diffusers renames them on load.
+LEGACY_ATTENTION_NAMES = ((".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0."))
 
 
 @dataclass(frozen=True)
@@ -74,8 +125,14 @@ def _is_diffusers_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file()
 
 
+def _is_single_file_config(folder: Path) -> bool:
+    """``<name>.config/`` configures ``<name>.safetensors`` beside it; it is never a model of its own
+    (not even when the checkpoint is gone: it holds no weights)."""
+    return folder.name.endswith(CONFIG_SUFFIX)
+
+
 def file_short_hash(path: Path) -> str:
-    """A1111's "Model hash": the first 10 hex digits of the file's SHA-256."""
+    """A1111's "Model hash": the first 10 hex digits of the file's SHA-256 (``sd_models.py``, ``sha256[0:10]``)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -94,6 +151,214 @@ def model_short_hash(entry: ModelEntry) -> str:
     return digest.hexdigest()[:10]
 
 
+def _safetensors_keys(path: Path, what: str) -> list[str]:
+    """The tensor names in a safetensors header; a clear ModelError for a corrupt or truncated file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:
+        raise ModelError(f"{what} is not a readable safetensors file (corrupt or truncated?): {error}") from error
+
+
+def _safetensors_shape(path: Path, key: str) -> list[int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.get_slice(key).get_shape())
+
+
+def _examples(keys: set[str], count: int = 3) -> str:
+    return ", ".join(sorted(keys)[:count]) + (", ..." if len(keys) > count else "")
+
+
+def _mismatch_message(component: str, missing: set[str], unused: set[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weights the config needs are not in the file ({_examples(missing)})")
+    if unused:
+        parts.append(f"{len(unused)} weights in the file have no place in the config ({_examples(unused)})")
+    return f"{component}: " + "; ".join(parts)
+
+
+# -- diffusers folders ------------------------------------------------------------------
+def _read_model_index(folder: Path) -> dict:
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"{folder.name}/model_index.json is not readable JSON: {error}") from error
+    if not isinstance(index, dict):
+        raise ModelError(f"{folder.name}/model_index.json must be a JSON object")
+    return index
+
+
+def _is_scheduler_class(name: str) -> bool:
+    import diffusers
+
+    cls = getattr(diffusers, name, None) if isinstance(name, str) and name.endswith("Scheduler") else None
+    return isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)
+
+
+def check_model_index(folder: Path) -> bool:
+    """Refuse a diffusers folder whose pipeline or components Sfumato does not run; return whether it is SDXL.
+
+    Checked before diffusers imports or instantiates anything the index names.
+    """
+    index = _read_model_index(folder)
+    pipeline = index.get("_class_name")
+    if pipeline not in SUPPORTED_PIPELINES:
+        raise ModelError(f"{folder.name} is a {pipeline!r} model; Sfumato runs Stable Diffusion 1.x/2.x and SDXL "
+                         f"pipelines ({', '.join(SUPPORTED_PIPELINES)})")
+    is_xl = SUPPORTED_PIPELINES[pipeline]
+    for component in REQUIRED_XL if is_xl else REQUIRED_SD:
+        value = index.get(component)
+        if not (isinstance(value, list) and len(value) == 2 and value[0] and value[1]):
+            refiner = " (an SDXL refiner cannot be the main model)" if is_xl and component == "text_encoder" else ""
+            raise ModelError(f"{folder.name} has no {component}{refiner}")
+    for component, value in index.items():
+        if component.startswith("_") or component in NOT_LOADED or not isinstance(value, list):
+            continue
+        library, class_name = (value + [None, None])[:2]
+        if library is None:
+            continue
+        if component == "scheduler":
+            ok = library == "diffusers" and _is_scheduler_class(class_name)
+        else:
+            expected_library, classes = COMPONENT_CLASSES.get(component, (None, set()))
+            ok = library == expected_library and class_name in classes
+        if not ok:
+            raise ModelError(f"{folder.name}: component {component} is {library}.{class_name}, which Sfumato does not load")
+    return is_xl
+
+
+def _component_weight_keys(folder: Path, component: str, library: str) -> set[str] | None:
+    """The weight names a component folder's safetensors files hold (None: a layout not checked here).
+
+    A component whose weights exist only as pickles is refused before diffusers can unpickle them.
+    """
+    sub = folder / component
+    safe = sorted(sub.glob("*.safetensors"))
+    if not safe:
+        pickles = sorted(p.name for p in sub.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES) if sub.is_dir() else []
+        if pickles:
+            raise UnsafeModelError(
+                f"{folder.name}/{component} has only pickle weights ({', '.join(pickles)}); pickles can run code when "
+                f"loaded, so Sfumato does not load them. {CONVERT_HINT}")
+        raise ModelError(f"{folder.name}/{component} has no .safetensors weights")
+    base = WEIGHT_BASENAMES[library]
+    index_file = sub / f"{base}.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ModelError(f"{folder.name}/{component}/{index_file.name} is not a valid shard index: {error}") from error
+        for shard in sorted(set(weight_map.values())):
+            _safetensors_keys(sub / Path(shard).name, f"{folder.name}/{component}/{shard}")
+        return set(weight_map)
+    single = sub / f"{base}.safetensors"
+    for path in safe:
+        _safetensors_keys(path, f"{folder.name}/{component}/{path.name}")  # every file must at least parse
+    if single.is_file():
+        return set(_safetensors_keys(single, f"{folder.name}/{component}/{single.name}"))
+    return None
+
+
+def _normalise_key(key: str) -> str:
+    """One spelling for names that loaders rename silently (transformers 5 drops ``text_model.``)."""
+    key = key.removeprefix("text_model.")
+    for old, new in LEGACY_ATTENTION_NAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def _check_folder_weights(pipeline, folder: Path, file_keys: dict[str, set[str] | None]) -> None:
+    problems = []
+    for component, keys in file_keys.items():
+        module = getattr(pipeline, component, None)
+        if keys is None or module is None:
+            continue
+        expected = {_normalise_key(k) for k in module.state_dict() if not layout_keys.ignorable(k)}
+        present = {_normalise_key(k) for k in keys if not layout_keys.ignorable(k)}
+        if expected != present:
+            problems.append(_mismatch_message(f"{component}/config.json", expected - present, present - expected))
+    if problems:
+        raise ModelError(f"{folder.name}: the configs do not match the weights: " + "; ".join(problems))
+
+
+# -- single files -----------------------------------------------------------------------------
+def _materialise_config(source: Path, family: str, target: Path, unet_in_channels: int | None) -> Path:
+    """A complete diffusers config folder in ``target``: the source's JSON/text files, the shared CLIP
+    tokenizer where a tokenizer folder has no vocabulary, and the UNet's input channels as the file has them."""
+    for path in source.rglob("*"):
+        if path.is_file() and path.suffix in CONFIG_FILE_SUFFIXES:
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, destination)
+    index = _read_model_index(source)
+    for component in ("tokenizer", "tokenizer_2"):
+        if not isinstance(index.get(component), list) or index[component][0] is None:
+            continue
+        folder = target / component
+        folder.mkdir(exist_ok=True)
+        if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copyfile(SHARED_TOKENIZER / name, folder / name)
+        fallback = SINGLE_FILE_CONFIGS / family / component / "tokenizer_config.json"
+        if not (folder / "tokenizer_config.json").is_file() and fallback.is_file():
+            shutil.copyfile(fallback, folder / "tokenizer_config.json")
+    unet_config = target / "unet" / "config.json"
+    if unet_in_channels is not None and unet_config.is_file():
+        config = json.loads(unet_config.read_text(encoding="utf-8"))
+        if config.get("in_channels") != unet_in_channels:  # e.g. a 9-channel inpainting checkpoint
+            config["in_channels"] = unet_in_channels
+            unet_config.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return target
+
+
+def _empty_components(folder: Path, is_xl: bool) -> SimpleNamespace:
+    """The pipeline's weighted components built from ``folder``'s configs on the meta device (no memory, no weights)."""
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    index = _read_model_index(folder)
+    components = {}
+    with torch.device("meta"):
+        components["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        components["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        for name in ("text_encoder", "text_encoder_2") if is_xl else ("text_encoder",):
+            class_name = (index.get(name) or [None, None])[1]
+            if class_name not in TEXT_ENCODERS:
+                raise ModelError(f"{folder.name}: {name} is {class_name!r}; expected one of {', '.join(sorted(TEXT_ENCODERS))}")
+            cls = getattr(transformers, class_name)
+            components[name] = cls(cls.config_class.from_pretrained(folder / name))
+    return SimpleNamespace(**components)
+
+
+def _check_single_file_names(keys: list[str], layout: layout_keys.SingleFileLayout, folder: Path, shown: Path) -> None:
+    """Before loading: the config must use every weight the file holds and find every weight it needs.
+
+    diffusers' ``from_single_file`` only warns about unused weights and leaves missing ones empty.
+    """
+    try:
+        expected_by_component = layout_keys.ldm_key_names(_empty_components(folder, layout.family == "sdxl"))
+    except ModelError:
+        raise
+    except (KeyError, ValueError) as error:  # an architecture with no single-file naming here: nothing to compare
+        log.warning("weights of the checkpoint using %s not compared with its config: %s", shown, error)
+        return
+    except Exception as error:
+        raise ModelError(f"the config folder {shown} is not a valid diffusers config: {type(error).__name__}: {error}") from error
+    problems = []
+    for component, prefix in layout.prefixes.items():
+        expected = expected_by_component.get(component, set())
+        present = {key for key in keys if key.startswith(prefix) and not layout_keys.ignorable(key)}
+        if expected != present:
+            problems.append(_mismatch_message(component, expected - present, present - expected))
+    if problems:
+        raise ModelError(f"the config folder {shown} does not match this checkpoint: " + "; ".join(problems))
+
+
 class ModelRegistry:
     """Knows which checkpoints exist and keeps a few of them loaded."""
 
@@ -106,6 +371,7 @@ class ModelRegistry:
         self.cache_size = max(1, cache_size)
         self._entries: dict[str, ModelEntry] = {}
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._hashes: dict[tuple, str] = {}
         self._lock = threading.RLock()
         self.refresh()
 
@@ -117,16 +383,23 @@ class ModelRegistry:
                 if _is_diffusers_folder(folder):
                     entries[folder.name] = ModelEntry(folder.name, folder, "diffusers", builtin=True)
         if self.models_dir and self.models_dir.is_dir():
-            for index_file in sorted(self.models_dir.rglob("model_index.json")):
-                folder = index_file.parent
-                entries[folder.relative_to(self.models_dir).as_posix()] = ModelEntry(folder.relative_to(self.models_dir).as_posix(), folder, "diffusers")
+            folders = {index.parent for index in self.models_dir.rglob("model_index.json")}
+            for folder in sorted(folders):
+                relative = folder.relative_to(self.models_dir)
+                if _is_single_file_config(folder) or any(part.startswith(".") for part in relative.parts):
+                    continue
+                entries[relative.as_posix()] = ModelEntry(relative.as_posix(), folder, "diffusers")
             checkpoints = self.models_dir / CHECKPOINT_SUBDIR
             if checkpoints.is_dir():
                 for path in sorted(checkpoints.rglob("*")):
-                    if path.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES and path.is_file():
-                        kind = "single-file" if path.suffix.lower() in SAFE_SUFFIXES else "pickle"
-                        name = path.relative_to(checkpoints).as_posix()
-                        entries[name] = ModelEntry(name, path, kind)
+                    relative = path.relative_to(checkpoints)
+                    inside = relative.parts[:-1]
+                    if (path.suffix.lower() not in SAFE_SUFFIXES + PICKLE_SUFFIXES or not path.is_file()
+                            or any(part.startswith(".") or part.endswith(CONFIG_SUFFIX) for part in inside)
+                            or any(parent in folders for parent in path.parents)):  # a diffusers folder's own weights
+                        continue
+                    kind = "single-file" if path.suffix.lower() in SAFE_SUFFIXES else "pickle"
+                    entries[relative.as_posix()] = ModelEntry(relative.as_posix(), path, kind)
         with self._lock:
             self._entries = entries
         return self.list()
@@ -151,17 +424,31 @@ class ModelRegistry:
         raise ModelError("no models found: put a checkpoint in models/Stable-diffusion or run `python -m training.demo_model`")
 
     def get(self, name: str | None) -> ModelEntry:
+        """The scanned entry a name refers to. Names are looked up, never opened as paths.
+
+        Accepted spellings: the exact name, an A1111 title ``name [hash]``, or the name without
+        its folder or file extension.
+        """
         name = name or self.default_name()
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
-                # A1111 clients send titles like "name [hash]" or names without the suffix.
                 stripped = name.split(" [")[0]
                 entry = self._entries.get(stripped) or next(
                     (e for e in self._entries.values() if Path(e.name).stem == stripped or e.path.stem == stripped), None)
         if entry is None:
-            raise ModelError(f"model {name!r} not found; available: {', '.join(self.names()) or 'none'}")
+            shown = name if len(name) <= 200 else name[:200] + "..."
+            raise ModelError(f"model {shown!r} not found; available: {', '.join(self.names()) or 'none'}")
         return entry
+
+    def short_hash(self, entry: ModelEntry) -> str:
+        """The entry's A1111 short hash, remembered per file (path, size, mtime) so a reload does not rehash gigabytes."""
+        files = [entry.path] if entry.kind != "diffusers" else sorted(p for p in (entry.path / "unet").glob("*") if p.is_file())
+        key = tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files)
+        with self._lock:
+            if key not in self._hashes:
+                self._hashes[key] = model_short_hash(entry)
+            return self._hashes[key]
 
     # -- loading -----------------------------------------------------------
     def loaded_names(self) -> list[str]:
@@ -176,67 +463,108 @@ class ModelRegistry:
                 return self._loaded[entry.name]
             loaded = self._load_uncached(entry)
             self._loaded[entry.name] = loaded
+            evicted = False
             while len(self._loaded) > self.cache_size:
                 self._loaded.popitem(last=False)
-            return loaded
+                evicted = True
+        if evicted:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return loaded
 
     def _load_uncached(self, entry: ModelEntry) -> LoadedModel:
         if entry.kind == "pickle":
             raise UnsafeModelError(
                 f"{entry.path.name} is a pickle checkpoint ({entry.path.suffix}); pickles can run code when loaded, so "
-                "Sfumato does not load them. Convert it to .safetensors with a trusted tool and put that file in "
-                "models/Stable-diffusion instead."
+                f"Sfumato does not load them. {CONVERT_HINT}"
             )
+        if not entry.path.exists():
+            raise ModelError(f"model {entry.name!r} is gone from disk; refresh the model list")
         try:
-            pipeline = self._read_pipeline(entry)
+            pipeline, family_folder = self._read_pipeline(entry)
+            pipeline.to(self.device)
         except ModelError:
             raise
         except Exception as error:  # diffusers raises many kinds for broken files
             raise ModelError(f"could not load model {entry.name!r}: {type(error).__name__}: {error}") from error
-        pipeline.to(self.device)
-        for module_name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for module_name in WEIGHT_COMPONENTS:
             module = getattr(pipeline, module_name, None)
             if module is not None:
                 module.eval().requires_grad_(False)
-        family = detect_family(dict(pipeline.unet.config), entry.path if entry.kind == "diffusers" else None)
-        is_xl = hasattr(pipeline, "text_encoder_2")
+        family = detect_family(dict(pipeline.unet.config), family_folder)
+        is_xl = getattr(pipeline, "text_encoder_2", None) is not None
         return LoadedModel(
             entry=entry, pipeline=pipeline, family=family, device=self.device, dtype=self.dtype,
-            prompt_encoder=PromptEncoder(pipeline, is_xl=is_xl), short_hash=model_short_hash(entry),
+            prompt_encoder=PromptEncoder(pipeline, is_xl=is_xl), short_hash=self.short_hash(entry),
         )
 
-    def _read_pipeline(self, entry: ModelEntry):
+    def _read_pipeline(self, entry: ModelEntry) -> tuple[object, Path | None]:
+        """The pipeline, on the CPU, plus the folder that may hold the model's ``sfumato.json``."""
+        if entry.kind == "diffusers":
+            return self._read_diffusers_folder(entry), entry.path
+        return self._read_single_file(entry)
+
+    def _read_diffusers_folder(self, entry: ModelEntry):
         from diffusers import DiffusionPipeline
 
-        common = dict(local_files_only=True, dtype=self.dtype)
-        if entry.kind == "diffusers":
-            index = json.loads((entry.path / "model_index.json").read_text())
-            extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-            return DiffusionPipeline.from_pretrained(entry.path, use_safetensors=True, **common, **extra)
-        return self._read_single_file(entry, common)
-
-    def _read_single_file(self, entry: ModelEntry, common: dict):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-        from safetensors import safe_open
-
+        check_model_index(entry.path)
+        index = _read_model_index(entry.path)
+        file_keys = {component: _component_weight_keys(entry.path, component, index[component][0])
+                     for component in WEIGHT_COMPONENTS if isinstance(index.get(component), list) and index[component][0]}
+        skipped = {name: None for name in NOT_LOADED if name in index}
+        if "safety_checker" in index:
+            skipped["requires_safety_checker"] = False
         try:
-            with safe_open(str(entry.path), framework="pt") as handle:
-                keys = list(handle.keys())
+            pipeline = DiffusionPipeline.from_pretrained(entry.path, use_safetensors=True, local_files_only=True,
+                                                         dtype=self.dtype, **skipped)
         except Exception as error:
-            raise ModelError(f"{entry.path.name} is not a readable safetensors file ({error})") from error
-        is_xl = any(key.startswith("conditioner.embedders.1") for key in keys)
-        config_dir = self._single_file_config(entry, "sdxl" if is_xl else "sd1")
-        cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-        extra = {} if is_xl else {"safety_checker": None, "requires_safety_checker": False}
-        return cls.from_single_file(str(entry.path), config=str(config_dir), **common, **extra)
+            raise ModelError(f"could not load model {entry.name!r}: {type(error).__name__}: {error}") from error
+        _check_folder_weights(pipeline, entry.path, file_keys)
+        return pipeline
+
+    def _read_single_file(self, entry: ModelEntry) -> tuple[object, Path | None]:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        keys = _safetensors_keys(entry.path, entry.path.name)
+        try:
+            layout = layout_keys.detect_layout(keys)
+        except ValueError as error:
+            raise ModelError(f"{entry.path.name}: {error}") from error
+        config_dir, beside = self._single_file_config(entry, layout.family)
+        in_channels = None
+        if layout_keys.UNET_INPUT_CONV in keys:
+            in_channels = _safetensors_shape(entry.path, layout_keys.UNET_INPUT_CONV)[1]
+        cls = StableDiffusionXLPipeline if layout.family == "sdxl" else StableDiffusionPipeline
+        extra = {} if layout.family == "sdxl" else {"safety_checker": None, "feature_extractor": None,
+                                                     "requires_safety_checker": False}
+        with tempfile.TemporaryDirectory(prefix="sfumato-config-") as scratch:
+            try:
+                folder = _materialise_config(config_dir, layout.family, Path(scratch), in_channels)
+            except (OSError, ValueError) as error:
+                raise ModelError(f"the config folder {config_dir} could not be read: {error}") from error
+            _check_single_file_names(keys, layout, folder, config_dir)
+            try:
+                pipeline = cls.from_single_file(str(entry.path), config=str(folder), local_files_only=True,
+                                                dtype=self.dtype, **extra)
+            except Exception as error:
+                raise ModelError(f"could not load {entry.path.name} with the config folder {config_dir}: "
+                                 f"{type(error).__name__}: {error}") from error
+        return pipeline, config_dir if beside else None
 
     @staticmethod
-    def _single_file_config(entry: ModelEntry, family: str) -> Path:
-        """Configs live beside the checkpoint (``<name>.config/``) or in engine/configs/<family>."""
-        for candidate in (entry.path.with_suffix(".config"), SINGLE_FILE_CONFIGS / family):
-            if _is_diffusers_folder(candidate):
-                return candidate
+    def _single_file_config(entry: ModelEntry, family: str) -> tuple[Path, bool]:
+        """Configs live beside the checkpoint (``<name>.config/``) or in engine/configs/<family>.
+
+        Returns the folder and whether it is the checkpoint's own.
+        """
+        beside = entry.path.with_suffix(CONFIG_SUFFIX)
+        if _is_diffusers_folder(beside):
+            return beside, True
+        shipped = SINGLE_FILE_CONFIGS / family
+        if _is_diffusers_folder(shipped):
+            return shipped, False
         raise ModelError(
-            f"{entry.path.name} is a single-file {family} checkpoint but no local config was found; put a diffusers "
-            f"config folder (model_index.json, */config.json, tokenizer files) at {entry.path.with_suffix('.config')}"
+            f"{entry.path.name} is a single-file {family} checkpoint and Sfumato ships no config for that family; put "
+            f"a diffusers config folder (model_index.json, */config.json, scheduler config, tokenizer files) at {beside}"
         )

@@ -176,16 +176,18 @@ def evaluate_model(
     seeds: Sequence[int] = (0, 1),
     steps: int = 20,
     n_seen: int = 64,
-) -> dict[str, dict[str, dict[str, float]]]:
+) -> tuple[dict, dict]:
     """Attribute accuracy of a text-to-image model on the fixed evaluation set.
 
     A pipeline is sampled with DPM++ 2M (``DPMSolverMultistepScheduler``) for ``steps`` steps.
-    Returns ``{f"cfg{c:g}": {"seen": {...}, "unseen": {...}, "all": {...}}}``.
+    Returns ``({f"cfg{c:g}": {"seen": {...}, "unseen": {...}, "all": {...}}},
+    {f"cfg{c:g}": {"colour shape position": {...}}})``: the second maps each held-out combo to its accuracies.
     """
     generate = _as_generator(pipe_or_callable, steps)
     scenes = eval_scenes(n_seen)
     prompts = [world.full_caption(s) for s in scenes]
     results: dict[str, dict[str, dict[str, float]]] = {}
+    per_combo: dict[str, dict[str, dict[str, float]]] = {}
     for cfg in cfgs:
         readings, targets = [], []
         for seed in seeds:
@@ -198,7 +200,12 @@ def evaluate_model(
             "unseen": score([r for r, h in zip(readings, held) if h], [s for s, h in zip(targets, held) if h]),
             "all": score(readings, targets),
         }
-    return results
+        per_combo[f"cfg{cfg:g}"] = {
+            " ".join(combo): score([r for r, s in zip(readings, targets) if s.combo == combo],
+                                   [s for s in targets if s.combo == combo])
+            for combo in HELD_OUT_COMBOS
+        }
+    return results, per_combo
 
 
 def controlnet_scenes(n: int = 32, seed: int = 77) -> list[Scene]:
@@ -273,6 +280,51 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def load_and_evaluate(model_dir: str, controlnet_dir: str | None, threads: int = 2, text: bool = True) -> dict:
+    """Fresh offline load of a saved pipeline (fp32 on CPU) and the full evaluation
+    (``text=False``: only the ControlNet part)."""
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    torch.set_num_threads(threads)
+    out: dict = {"ground_truth": score_ground_truth()}
     t0 = time.time()
-    print("ground-truth accuracy:", json.dumps(score_ground_truth()), f"({time.time() - t0:.1f} s)")
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    out["load_s"] = round(time.time() - t0, 2)
+    if text:
+        t0 = time.time()
+        out["text"], out["held_out_combos"] = evaluate_model(pipe)
+        out["text_eval_s"] = round(time.time() - t0, 1)
+        out["n_prompts"] = len(eval_scenes())
+    if controlnet_dir:
+        cn = ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True, dtype=torch.float32)
+        cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=cn)
+        t0 = time.time()
+        out["controlnet"] = evaluate_controlnet(controlnet_generator(cpipe))
+        out["controlnet_eval_s"] = round(time.time() - t0, 1)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description="Evaluate the world reader, and a saved demo model if given.")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--controlnet", default=None)
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-text", action="store_true", help="only evaluate the ControlNet")
+    args = parser.parse_args()
+    t0 = time.time()
+    if args.model is None:
+        print("ground-truth accuracy:", json.dumps(score_ground_truth()), f"({time.time() - t0:.1f} s)")
+    else:
+        res = load_and_evaluate(args.model, args.controlnet, args.threads, text=not args.no_text)
+        print(json.dumps(res, indent=1))
+        if "text" in res:
+            print(format_table(res["text"]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)

@@ -1,0 +1,91 @@
+"""Bench 1: ``Engine.generate`` against the plain diffusers pipeline on the same model.
+
+Both sides get the same weights (the peer pipeline is built with ``from_pipe``
+over the engine's loaded components), the same sampler (DPM++ 2M built by
+``engine.samplers.build_scheduler`` and set on the pipe), steps, CFG, size and
+seed; previews are off in the engine and the peer's progress bar is off. The
+figure is engine time ÷ pipeline time, median of interleaved pairs.
+
+"cold prompt": every repetition uses a prompt neither side has seen, so the
+engine's embedding cache cannot help. "warm prompt": the same prompt every
+time, as when an artist re-rolls seeds; the engine then skips the text encoder.
+The images of each pair are compared pixel by pixel.
+"""
+from __future__ import annotations
+
+import torch
+
+from .fixtures import NEGATIVE, PROMPT, BenchContext, cold_prompts, max_pixel_diff, request
+from .report import BenchResult, Row
+from .timing import clock, interleave, median, ms, pair_stats
+
+GOAL = 0.95
+
+
+def peer_pipeline(model):
+    """A plain diffusers pipeline sharing the loaded weights, with the engine's DPM++ 2M scheduler."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from engine.samplers import build_scheduler
+
+    cls = StableDiffusionXLPipeline if model.family.is_xl else StableDiffusionPipeline
+    pipe = cls.from_pipe(model.pipeline)
+    pipe.scheduler = build_scheduler(model.pipeline.scheduler.config, "DPM++ 2M", "Automatic")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def compare(ctx: BenchContext, model_name: str) -> dict:
+    engine, mode = ctx.engine, ctx.mode
+    model = ctx.models.registry.load(model_name)
+    pipe = peer_pipeline(model)
+    images: dict[tuple[str, int], object] = {}
+
+    def engine_run(prompt_for):
+        def run(index: int) -> float:
+            req = request(model_name, mode, prompt=prompt_for(index))
+            tick = clock()
+            result = engine.generate(req)
+            seconds = clock() - tick
+            images[("engine", index)] = result.images[0].image
+            return seconds
+        return run
+
+    def peer_run(prompt_for):
+        def run(index: int) -> float:
+            generator = torch.Generator("cpu").manual_seed(1234)
+            tick = clock()
+            output = pipe(prompt=prompt_for(index), negative_prompt=NEGATIVE, num_inference_steps=mode.steps, guidance_scale=7.0,
+                          width=mode.size, height=mode.size, generator=generator, output_type="pil")
+            seconds = clock() - tick
+            images[("peer", index)] = output.images[0]
+            return seconds
+        return run
+
+    figures: dict = {"model": model_name, "steps": mode.steps, "size": mode.size, "sampler": "DPM++ 2M", "cfg": 7.0}
+    for label, prompt_for in (("cold_prompt", cold_prompts()), ("warm_prompt", lambda _index: PROMPT)):
+        images.clear()
+        times = interleave({"engine": engine_run(prompt_for), "peer": peer_run(prompt_for)}, mode.repetitions)
+        stats = pair_stats(times["engine"], times["peer"])
+        diffs = [max_pixel_diff(images[("engine", i)], images[("peer", i)]) for i in range(mode.repetitions)]
+        figures[label] = stats["ratio"]
+        figures[f"{label}_detail"] = {"engine_ms": ms(median(times["engine"])), "diffusers_ms": ms(median(times["peer"])), **stats,
+                                      "ratios": [round(e / p, 4) for e, p in zip(times["engine"], times["peer"])]}
+        figures.setdefault("max_pixel_diff", 0)
+        figures["max_pixel_diff"] = max(figures["max_pixel_diff"], max(diffs))
+    return figures
+
+
+def run(ctx: BenchContext) -> BenchResult:
+    result = BenchResult("engine_vs_diffusers", "engine vs diffusers")
+    for family, model_name in (("sd1", ctx.models.sd1), ("sdxl", ctx.models.sdxl)):
+        ctx.log(f"  engine vs diffusers: {family} ({model_name})")
+        figures = compare(ctx, model_name)
+        result.figures[family] = figures
+        for label in ("cold_prompt", "warm_prompt"):
+            detail = figures[f"{label}_detail"]
+            result.rows.append(Row(f"engine ÷ diffusers, {family} {label.replace('_', ' ')}", figures[label], "×", GOAL,
+                                   f"{model_name}: {detail['engine_ms']:.0f} vs {detail['diffusers_ms']:.0f} ms; "
+                                   f"fastest runs {detail['ratio_of_minimums']:.3f}×"))
+        result.rows.append(Row(f"max pixel diff vs diffusers, {family}", figures["max_pixel_diff"], "/255", 0))
+    return result

@@ -1,0 +1,56 @@
+"""Bench 3: what previews cost.
+
+Three interleaved variants of the same generation (warm prompt, a progress
+callback attached in all three so only the preview differs): previews off
+(``preview_every=0``), the cheap latent→RGB map every step, and a full VAE
+decode every step. Figures: cheap ÷ off (goal ≤ 1.02) and full ÷ off.
+"""
+from __future__ import annotations
+
+from .fixtures import BenchContext, request
+from .report import BenchResult, Row
+from .timing import clock, interleave, median, ms, pair_stats
+
+GOAL = 1.02
+VARIANTS = {"off": dict(preview_every=0), "cheap": dict(preview_every=1, preview_method="cheap"),
+            "full": dict(preview_every=1, preview_method="full")}
+
+
+def measure(ctx: BenchContext, model_name: str) -> dict:
+    mode, engine = ctx.mode, ctx.engine
+    previews: dict[str, int] = {}
+
+    def runner(variant: str):
+        req = request(model_name, mode, **VARIANTS[variant])
+
+        def on_progress(progress) -> None:
+            if progress.preview is not None:
+                previews[variant] = previews.get(variant, 0) + 1
+
+        def run(index: int) -> float:
+            previews[variant] = 0
+            tick = clock()
+            engine.generate(req, on_progress=on_progress)
+            return clock() - tick
+        return run
+
+    times = interleave({name: runner(name) for name in VARIANTS}, mode.repetitions)
+    figures: dict = {"model": model_name, "steps": mode.steps, "size": mode.size,
+                     "previews_per_image": dict(previews), **{f"{name}_ms": ms(median(t)) for name, t in times.items()}}
+    for name in ("cheap", "full"):
+        stats = pair_stats(times[name], times["off"])
+        figures[name] = stats["ratio"]
+        figures[f"{name}_detail"] = stats
+    return figures
+
+
+def run(ctx: BenchContext) -> BenchResult:
+    ctx.log(f"  preview cost ({ctx.models.sd1})")
+    figures = measure(ctx, ctx.models.sd1)
+    result = BenchResult("preview_cost", "preview cost", figures)
+    result.rows.append(Row("cheap previews every step ÷ off", figures["cheap"], "×", GOAL,
+                           f"{figures['previews_per_image']['cheap']} previews/image; "
+                           f"fastest runs {figures['cheap_detail']['ratio_of_minimums']:.3f}×"))
+    result.rows.append(Row("full-VAE previews every step ÷ off", figures["full"], "×", None,
+                           f"{figures['previews_per_image']['full']} previews/image"))
+    return result

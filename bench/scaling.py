@@ -1,0 +1,115 @@
+"""Bench 6: time and memory against image size and batch size.
+
+Sizes grow from 64² while one generation stays within the mode's budget (a few
+seconds), and the largest size that fitted is reported. Batches run at the
+bench size. Each point is the median of a few runs; memory is the peak RSS
+while the job ran, sampled from a thread (and the CUDA allocator's peak on a
+GPU). ``peak_rss_mb`` for the whole bench process comes from ``getrusage``.
+The plot shows time per step against both.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .fixtures import BenchContext, request
+from .report import BenchResult, Row
+from .timing import PeakMemory, clock, max_rss_mb, median, ms
+
+POINT_REPETITIONS = 3
+
+
+def point(ctx: BenchContext, model_name: str, size: int, batch: int) -> dict:
+    mode, engine = ctx.mode, ctx.engine
+    req = request(model_name, mode, width=size, height=size, batch_size=batch)
+    engine.generate(req)  # warm-up: first touches of a new shape allocate
+    totals, steps, peaks, deltas, cuda = [], [], [], [], []
+    for _ in range(min(POINT_REPETITIONS, mode.repetitions)):
+        with PeakMemory() as memory:
+            tick = clock()
+            result = engine.generate(req)
+            totals.append(clock() - tick)
+        steps.append(result.timings["denoise"] / mode.steps)
+        peaks.append(memory.peak_mb)
+        deltas.append(memory.delta_mb)
+        if memory.cuda_peak_mb is not None:
+            cuda.append(memory.cuda_peak_mb)
+    figures = {"size": size, "batch": batch, "total_ms": ms(median(totals)), "step_ms": ms(median(steps)),
+               "step_ms_per_image": ms(median(steps) / batch), "peak_rss_mb": round(max(peaks), 1),
+               "job_rss_delta_mb": round(median(deltas), 1)}
+    if cuda:
+        figures["cuda_peak_mb"] = round(max(cuda), 1)
+    return figures
+
+
+def measure(ctx: BenchContext, model_name: str) -> dict:
+    mode = ctx.mode
+    family = ctx.models.registry.load(model_name).family
+    sizes: list[dict] = []
+    for size in mode.scaling_sizes:
+        if size > family.max_size:
+            break
+        if sizes:
+            # Time grows at least with the pixel count: stop before a size that cannot fit the budget.
+            previous = sizes[-1]
+            predicted_s = previous["total_ms"] / 1000 * (size / previous["size"]) ** 2
+            if predicted_s > mode.scaling_budget_s:
+                break
+        ctx.log(f"    {size}×{size}")
+        sizes.append(point(ctx, model_name, size, 1))
+    batches = []
+    for batch in mode.scaling_batches:
+        ctx.log(f"    batch {batch}")
+        batches.append(point(ctx, model_name, mode.size, batch))
+    return {"model": model_name, "steps": mode.steps, "sizes": sizes, "batches": batches,
+            "largest_size": sizes[-1]["size"] if sizes else None}
+
+
+def plot(figures: dict, path: Path) -> Path | None:
+    """Time per step vs image side and vs batch size (matplotlib, Agg backend)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001 - no plot is not a failed bench
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    sizes = figures["sizes"]
+    left.plot([p["size"] for p in sizes], [p["step_ms"] for p in sizes], "o-", label="time per step")
+    left.set_xscale("log", base=2)
+    left.set_yscale("log")
+    left.set_xlabel("image side (px)")
+    left.set_ylabel("ms per step")
+    left.set_title(f"size ({figures['model']}, batch 1)")
+    memory = left.twinx()
+    memory.plot([p["size"] for p in sizes], [p["job_rss_delta_mb"] for p in sizes], "s--", color="tab:red", label="job RSS rise")
+    memory.set_ylabel("job RSS rise (MiB)", color="tab:red")
+    batches = figures["batches"]
+    right.plot([p["batch"] for p in batches], [p["step_ms"] for p in batches], "o-", label="whole batch")
+    right.plot([p["batch"] for p in batches], [p["step_ms_per_image"] for p in batches], "s--", label="per image")
+    right.set_xlabel("batch size")
+    right.set_ylabel("ms per step")
+    right.set_title(f"batch ({figures['batches'][0]['size'] if batches else ''}px)")
+    right.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run(ctx: BenchContext) -> BenchResult:
+    ctx.log(f"  scaling ({ctx.models.sd1})")
+    figures = measure(ctx, ctx.models.sd1)
+    figures["process_peak_rss_mb"] = round(max_rss_mb(), 1)
+    plotted = plot(figures, ctx.out_dir / "scaling.png")
+    figures["plot"] = plotted.name if plotted else None
+    result = BenchResult("scaling", "scaling", figures)
+    for p in figures["sizes"]:
+        result.rows.append(Row(f"{p['size']}² batch 1: ms per step", p["step_ms"], "ms", None,
+                               f"total {p['total_ms']:.0f} ms, job RSS +{p['job_rss_delta_mb']:.0f} MiB"))
+    for p in figures["batches"][1:]:
+        result.rows.append(Row(f"{p['size']}² batch {p['batch']}: ms per step", p["step_ms"], "ms", None,
+                               f"{p['step_ms_per_image']:.1f} ms per image-step, job RSS +{p['job_rss_delta_mb']:.0f} MiB"))
+    result.rows.append(Row("peak RSS of the bench process", figures["process_peak_rss_mb"], "MiB"))
+    return result

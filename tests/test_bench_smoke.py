@@ -1,0 +1,141 @@
+"""Every bench runs in smoke mode (tiny models, one repetition) so none of them rots.
+
+The figures themselves are not asserted against their goals here (CI machines
+are noisy); what is pinned is that each bench runs, reports the figures the
+JSON promises, and, where a figure is exact, that it holds: the engine's
+pixels equal the diffusers pipeline's, a repeated prompt hits the cache, a
+cached model re-selects far faster than a cold load. The server benches skip
+while the server modules are missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+import torch
+
+from bench import caching, first_preview, limit, peer, previews, scaling
+from bench.fixtures import BenchContext, BenchModels, quiet_libraries
+from bench.report import README_END, README_START, BenchResult, Row, write_readme
+from bench.server import unavailable_reason
+from bench.timing import MODES, interleave
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.timeout(600)
+SMOKE = MODES["smoke"]
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    quiet_libraries()
+    models = BenchModels.create(SMOKE, device="cpu", models_dir=tmp_path_factory.mktemp("bench-models"))
+    context = BenchContext(SMOKE, models, models.engine(), tmp_path_factory.mktemp("bench-out"), log=lambda _line: None, threads=1)
+    yield context
+    models.close()
+
+
+def test_smoke_mode_uses_tiny_models_only(ctx):
+    assert ctx.models.sd1 == "tiny-sd1" and ctx.models.sdxl == "tiny-sdxl"
+
+
+def test_engine_matches_diffusers_pixel_for_pixel_and_reports_both_prompt_ratios(ctx):
+    result = peer.run(ctx)
+    assert result.skipped is None
+    for family in ("sd1", "sdxl"):
+        figures = result.figures[family]
+        assert figures["cold_prompt"] > 0 and figures["warm_prompt"] > 0
+        assert figures["max_pixel_diff"] == 0, f"{family}: engine and diffusers disagree at the same seed"
+
+
+def test_compute_floor_bench_reports_ratio_and_step_time(ctx):
+    result = limit.run(ctx)
+    for family in ("sd1", "sdxl"):
+        figures = result.figures[family]
+        assert figures["ratio"] > 0 and figures["unet_call_ms"] > 0 and figures["decode_ms"] > 0
+    assert result.figures["sd1"]["step_ms"] > 0
+
+
+def test_preview_bench_previews_every_step_only_when_asked(ctx):
+    result = previews.run(ctx)
+    counts = result.figures["previews_per_image"]
+    assert counts["off"] == 0
+    assert counts["cheap"] == SMOKE.steps and counts["full"] == SMOKE.steps
+    assert result.figures["cheap"] > 0 and result.figures["full"] > 0
+
+
+def test_cache_bench_sees_prompt_hits_and_fast_model_reselect(ctx):
+    result = caching.run(ctx)
+    prompt = result.figures["repeat_prompt"]
+    assert prompt["encoder_hits"] >= SMOKE.repetitions, "the repeated prompt must come from the cache"
+    assert prompt["encoder_misses"] >= SMOKE.repetitions + 1
+    switch = result.figures["model_switch"]
+    assert switch["cached_ms"] < switch["cold_load_ms"] / 2
+
+
+def test_scaling_bench_measures_sizes_batches_memory_and_plots(ctx):
+    result = scaling.run(ctx)
+    figures = result.figures
+    assert [point["size"] for point in figures["sizes"]][0] == 64
+    assert [point["batch"] for point in figures["batches"]] == list(SMOKE.scaling_batches)
+    assert all(point["step_ms"] > 0 and point["peak_rss_mb"] > 0 for point in figures["sizes"] + figures["batches"])
+    assert figures["process_peak_rss_mb"] > 0
+    assert (ctx.out_dir / "scaling.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(unavailable_reason("ui", "api", "client") is not None, reason=str(unavailable_reason("ui", "api", "client")))
+def test_first_preview_bench_reaches_a_preview_through_ui_and_api(ctx):
+    result = first_preview.run(ctx)
+    assert result.skipped is None
+    for door in ("gradio", "browser", "http"):
+        assert result.figures[door]["median_ms"] > 0, result.figures[door]
+    assert result.figures["step_ms"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(unavailable_reason("api") is not None, reason=str(unavailable_reason("api")))
+def test_load_script_finds_no_lost_misrouted_or_duplicated_jobs(tmp_path):
+    from bench import load
+
+    out = tmp_path / "load.json"
+    status = load.main(["--clients", "2", "--jobs", "2", "--steps", "1", "--timeout", "300", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["jobs"] == 4 and report["answered"] == 4
+    assert report["lost"] == report["misrouted"] == report["duplicated"] == 0
+    assert status == 0
+
+
+def test_cli_writes_the_headline_keys(tmp_path):
+    from bench.cli import main
+
+    out = tmp_path / "latest.json"
+    assert main(["--smoke", "--only", "limit,previews", "--out", str(out)]) == 0
+    document = json.loads(out.read_text())
+    for key in ("engine_vs_diffusers", "engine_vs_limit", "preview_cost", "first_preview_ms", "step_ms", "peak_rss_mb"):
+        assert key in document
+    assert document["engine_vs_limit"] > 0 and document["step_ms"] > 0 and document["peak_rss_mb"] > 0
+    assert document["preview_cost"]["cheap"] > 0
+    assert document["meta"]["mode"] == "smoke"
+
+
+def test_readme_section_is_replaced_between_markers_and_prose_kept(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Benchmarks\n\nHow to run.\n\n{README_START}\nold table\n{README_END}\n\nMore prose.\n")
+    results = [BenchResult("x", "x", rows=[Row("engine ÷ diffusers", 0.9, "×", 0.95)])]
+    write_readme(readme, results, {"mode": "smoke"})
+    text = readme.read_text()
+    assert "old table" not in text and "How to run." in text and "More prose." in text
+    assert "| engine ÷ diffusers | 0.900× | ≤ 0.950× | pass |" in text
+
+
+def test_interleave_rotates_the_order_every_round():
+    order: list[str] = []
+    runners = {name: (lambda index, name=name: order.append(name) or 1.0) for name in "abc"}
+    times = interleave(runners, repetitions=3, warmup=0)
+    assert order == list("abc" "bca" "cab")
+    assert all(len(values) == 3 for values in times.values())

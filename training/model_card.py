@@ -1,0 +1,139 @@
+"""Write ``builtin/sfumato-demo/MODEL_CARD.md`` from a run's measured numbers.
+
+    python -m training.model_card --eval training/runs/demo/eval.json [--notes "free text"]
+
+Reads the recipe and stage times the training run wrote (``training/runs/demo``), the evaluation
+JSON written by ``python -m training.evaluate --json``, and ``sfumato.json`` of the saved model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import world
+from .evaluate import ATTRIBUTES, format_table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def held_out_table(per_combo: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = ["| held-out combo | cfg | " + " | ".join(ATTRIBUTES) + " |", "|---|---|" + "---|" * len(ATTRIBUTES)]
+    for cfg, combos in per_combo.items():
+        for combo, accs in combos.items():
+            lines.append(f"| {combo} | {cfg[3:]} | " + " | ".join(f"{accs[a]:.2f}" for a in ATTRIBUTES) + " |")
+    return "\n".join(lines)
+
+
+def render_card(meta: dict, recipe: dict, times: dict, ev: dict, sizes: dict[str, float], notes: str) -> str:
+    cn = ev.get("controlnet", {})
+    factors = "\n".join(f"    {row}," for row in meta["latent_rgb_factors"])
+    vocab = ", ".join(f"`{w}`" for w in world.VOCABULARY)
+    return f"""# sfumato-demo
+
+Sfumato's own tiny Stable Diffusion, trained from scratch on a CPU by `python -m training.demo_model`
+(see `training/`). It draws ONE shape on a plain background at 64×64. It exists so that the app
+works out of the box, offline, and so that tests have a real model to run. It is not an art model.
+
+- Pipeline: `StableDiffusionPipeline` (diffusers), fp16 safetensors, {sizes['model']:.1f} MB;
+  ControlNet `sfumato-demo-controlnet-outline` (outline maps, white on black), {sizes['controlnet']:.1f} MB.
+- Native size 64×64. Latents 4×8×8 (f8 VAE), `scaling_factor` {meta.get('scaling_factor', 'see vae/config.json')}.
+- Prediction type: `{recipe['prediction_type']}`; scheduler config is SD's scaled-linear β (0.00085 → 0.012),
+  saved as `DPMSolverMultistepScheduler` (DPM++ 2M); any diffusers scheduler loads from it with `from_config`.
+
+## Vocabulary
+
+Prompts are built from these words (each is a single token of a word-level CLIP tokenizer; other
+words map to the unknown token and are ignored): {vocab}.
+
+- shapes: {', '.join(world.SHAPES)}; sizes: {', '.join(world.SIZES)}
+- colours: {', '.join(world.COLOURS)} (background also: gray)
+- positions: {', '.join(world.POSITION_PHRASES.values())}
+- word order: `a [size] [colour] [shape] [position], [colour] background`; every part is optional,
+  e.g. "a large red circle on the left, blue background", "a green triangle", "purple background".
+
+## Recipe
+
+- Data: {recipe['n_images']} procedurally drawn images (`training/world.py`), seed {recipe['seed']}; each caption
+  attribute dropped with p={recipe['caption_drop_p']}, empty caption p={recipe['caption_empty_p']} (for CFG).
+- VAE: `AutoencoderKL` f8, channels {tuple(recipe['vae_channels'])}, 1 layer/block, log-variance bias init −8;
+  loss L1 + MSE + image-gradient L1 + {recipe['vae_kl_weight']}·KL, AdamW lr {recipe['vae_lr']} cosine, batch {recipe['vae_batch']}, bf16 autocast.
+- Text encoder: `CLIPTextModel`, hidden {recipe['te_hidden']}, {recipe['te_layers']} layers, {recipe['te_heads']} heads, {recipe['max_tokens']} positions.
+- UNet: `UNet2DConditionModel`, channels {tuple(recipe['unet_channels'])}, cross-attention in every block.
+  Trained jointly with the text encoder on the DDPM forward process with the L_simple loss on
+  `{recipe['prediction_type']}` targets; AdamW lr {recipe['unet_lr']} (text encoder {recipe['te_lr']}), batch {recipe['unet_batch']},
+  {recipe['unet_warmup']} warm-up steps then cosine; {recipe['high_t_prob']:.0%} of timesteps drawn from t ≥ 500 (layout is decided there).
+- ControlNet: `ControlNetModel.from_unet`, conditioning channels {tuple(recipe['cn_channels'])} (÷8),
+  UNet and text encoder frozen; empty captions p={recipe['cn_empty_p']}; AdamW lr {recipe['cn_lr']}, batch {recipe['cn_batch']}.
+
+Wall times on 2 shared CPU cores: {', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())}.
+
+## Evaluation
+
+`python -m training.evaluate --model builtin/sfumato-demo --controlnet builtin/sfumato-demo-controlnet-outline`:
+a fresh offline load in fp32, {ev['n_prompts']} fixed prompts ({ev['n_prompts'] - 2 * len(world.HELD_OUT_COMBOS)} seen
+combinations + each of the {len(world.HELD_OUT_COMBOS)} held-out combos at both sizes) × 2 seeds, 20 steps of DPM++ 2M.
+Images are read back by a pixel classifier (`training/evaluate.py`) which scores
+{json.dumps({k: round(v, 3) for k, v in ev['ground_truth'].items()})} on ground-truth world images.
+
+{format_table(ev['text'])}
+
+"unseen" rows are the held-out colour×shape×position combos, never seen in training:
+
+{held_out_table(ev['held_out_combos'])}
+
+ControlNet (cfg 5, 20 steps, 32 fixed outlines including every held-out combo): mean IoU of the generated
+shape against the filled outline **{cn.get('iou', float('nan')):.3f}** with the full caption,
+{cn.get('iou_empty_prompt', float('nan')):.3f} with an empty prompt; when the outline is moved away from the
+caption's position, the shape follows the outline in **{cn.get('moved', float('nan')):.0%}** of images.
+
+## Live preview factors
+
+`sfumato.json` holds a least-squares latent→RGB map for cheap previews, fitted on the training
+latents as the UNet sees them (multiplied by `scaling_factor`): each latent cell against the mean decoded
+RGB in [-1, 1] of its 8×8 pixel block. rgb = latent @ factors + bias.
+
+```
+factors = [
+{factors}
+]
+bias = {meta['latent_rgb_bias']}
+```
+
+## Held-out combinations
+
+{', '.join(' '.join(c) for c in world.HELD_OUT_COMBOS)} (colour, shape, position; any size and background)
+never appear in training.
+
+## Notes and limitations
+
+{notes}
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", type=Path, default=REPO / "builtin" / "sfumato-demo")
+    p.add_argument("--controlnet", type=Path, default=REPO / "builtin" / "sfumato-demo-controlnet-outline")
+    p.add_argument("--run-dir", type=Path, default=REPO / "training" / "runs" / "demo")
+    p.add_argument("--eval", type=Path, required=True)
+    p.add_argument("--times", default=None, help="JSON of stage wall seconds (default: the run's last times.json line)")
+    p.add_argument("--notes", default="")
+    args = p.parse_args()
+    meta = json.loads((args.model / "sfumato.json").read_text())
+    meta["scaling_factor"] = json.loads((args.model / "vae" / "config.json").read_text())["scaling_factor"]
+    recipe = json.loads((args.run_dir / "recipe.json").read_text())
+    times = json.loads(args.times) if args.times else json.loads((args.run_dir / "times.json").read_text().splitlines()[-1])
+    ev = json.loads(args.eval.read_text())
+    sizes = {"model": folder_mb(args.model), "controlnet": folder_mb(args.controlnet) if args.controlnet.exists() else 0.0}
+    (args.model / "MODEL_CARD.md").write_text(render_card(meta, recipe, times, ev, sizes, args.notes))
+    print(f"wrote {args.model / 'MODEL_CARD.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""``build_app(studio)``: the Sfumato studio as one ``gr.Blocks``.
+
+Layout, as an AUTOMATIC1111 user expects it: the checkpoint picker on top,
+then tabs — txt2img, img2img, Inpaint, PNG Info, Gallery, Extensions,
+Settings. The UI talks to the engine only through GenerationRequest /
+GenerationResult and the shared job queue (``studio.jobs``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import gradio as gr
+
+from engine.errors import SfumatoError
+
+from .errors import message_for
+from .extensions_tab import build_extensions_tab
+from .gallery_tab import build_gallery_tab
+from .generation_tab import GenerationTab, build_generation_tab
+from .model_info import default_model_name, entry_or_none, model_note, native_size
+from .png_info import build_png_info_tab
+from .presets_ui import wire_presets
+from .send_to import wire_infotext_send, wire_result_send
+from .settings_tab import build_settings_tab
+from .style import load_js
+
+log = logging.getLogger("sfumato.ui")
+
+GENERATION_TABS = (("txt2img", "txt2img"), ("img2img", "img2img"), ("inpaint", "Inpaint"))
+
+
+def build_app(studio) -> gr.Blocks:
+    """The whole UI for one Studio. Serve it with ``ui.server`` (or ``demo.queue().launch()``)."""
+    model = default_model_name(studio)
+    size = native_size(studio, model)
+    with gr.Blocks(title="Sfumato", analytics_enabled=False) as demo:
+        session_gallery = gr.State([])
+        current_model = gr.State(model)
+        with gr.Row(elem_id="model_row", equal_height=True):
+            model_dropdown = gr.Dropdown(studio.registry.names(), value=model, label="Stable Diffusion checkpoint",
+                                         elem_id="model_dropdown", scale=4)
+            refresh = gr.Button("🔄", elem_id="model_refresh", elem_classes=["sfumato-tool"], scale=0, min_width=40)
+            model_status = gr.Markdown(_loaded_text(studio, model), elem_id="model_status")
+        untrained = gr.Markdown(model_note(entry_or_none(studio, model)), elem_id="model_untrained",
+                                elem_classes=["sfumato-untrained"], visible=bool(model_note(entry_or_none(studio, model))))
+
+        tabs_by_mode: dict[str, GenerationTab] = {}
+        with gr.Tabs(elem_id="tabs") as tabs:
+            for mode, label in GENERATION_TABS:
+                with gr.Tab(label, id=mode, elem_id=f"tab_{mode}"):
+                    tabs_by_mode[mode] = build_generation_tab(studio, mode, model_dropdown, session_gallery, size)
+            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+                png_info = build_png_info_tab()
+            with gr.Tab("Gallery", id="gallery", elem_id="tab_gallery") as gallery_tab_item:
+                gallery = build_gallery_tab(studio, session_gallery)
+            with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
+                build_extensions_tab(studio)
+            with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
+                build_settings_tab(studio)
+
+        for tab in tabs_by_mode.values():
+            wire_presets(studio, tab.presets, tab, model_dropdown)
+            for target_mode, button in tab.send_buttons.items():
+                wire_result_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, tab.results, tab.selected)
+        for target_mode, button in png_info["send"].items():
+            wire_infotext_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, png_info["infotext"], png_info["image"])
+        for target_mode, button in gallery["send"].items():
+            wire_result_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, gallery["records"], gallery["selected"])
+        gallery_tab_item.select(gallery["show_session"], session_gallery, gallery["outputs"], api_visibility="private")
+
+        _wire_model_bar(studio, model_dropdown, refresh, model_status, untrained, current_model, list(tabs_by_mode.values()))
+        demo.load(None, js=load_js())
+    return demo
+
+
+def _loaded_text(studio, name: str | None) -> str:
+    if name is None:
+        return "No model found."
+    width, height = native_size(studio, name)
+    return f"Model **{name}** · native size {width}×{height}"
+
+
+def switch_model(studio, name: str | None, previous: str | None, current_sizes: list[int]) -> Iterator[tuple]:
+    """Load the chosen model with visible progress; yields (status, dropdown, current model, untrained note, *sizes).
+
+    A failed load shows why and puts the previous model back. Width/height
+    follow the new model's native size in each tab where they were at the old
+    model's native size (the artist's own sizes are left alone).
+    """
+    skips = [gr.skip()] * len(current_sizes)
+    if not name or name == previous:
+        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), *skips
+        return
+    yield f"⏳ Loading **{name}**…", gr.skip(), gr.skip(), gr.skip(), *skips
+    try:
+        loaded = studio.registry.load(name)
+    except SfumatoError as error:
+        gr.Warning(f"Could not load {name}: {message_for(error)} Keeping {previous}.", title="Model not loaded")
+        yield f"⚠️ Could not load **{name}**; still using **{previous}**.", previous, previous, gr.skip(), *skips
+        return
+    old = tuple(native_size(studio, previous)) if previous else None
+    new = tuple(loaded.family.native_size)
+    updates: list = []
+    for width, height in zip(current_sizes[0::2], current_sizes[1::2]):
+        at_old_native = old is not None and (int(width), int(height)) == old
+        updates += [new[0], new[1]] if at_old_native else [gr.skip(), gr.skip()]
+    note = model_note(loaded.entry)
+    yield _loaded_text(studio, name), name, name, gr.update(value=note, visible=bool(note)), *updates
+
+
+def _wire_model_bar(studio, dropdown, refresh, status, untrained, current_model, tabs: list[GenerationTab]) -> None:
+    sizes = [component for tab in tabs for component in tab.fields.components(["width", "height"])]
+
+    def switch(name, previous, *current_sizes):
+        yield from switch_model(studio, name, previous, list(current_sizes))
+
+    dropdown.input(switch, [dropdown, current_model, *sizes], [status, dropdown, current_model, untrained, *sizes],
+                   api_visibility="private", show_progress="minimal")
+
+    def refreshed(value):
+        names = [entry.name for entry in studio.registry.refresh()]
+        return gr.update(choices=names, value=value if value in names else default_model_name(studio))
+
+    refresh.click(refreshed, dropdown, dropdown, api_visibility="private")

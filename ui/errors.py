@@ -1,0 +1,23 @@
+"""Engine errors shown as artist-facing messages: the control's name and what to change, never a traceback."""
+from __future__ import annotations
+
+import gradio as gr
+
+from engine.errors import SfumatoError, ValidationError
+
+from .fields import describe_error
+
+
+def message_for(error: BaseException) -> str:
+    if isinstance(error, ValidationError):
+        return describe_error(error.field, error.message)
+    return str(error)
+
+
+def ui_error(error: SfumatoError, title: str = "Cannot generate") -> gr.Error:
+    """A gr.Error to raise from an event handler; the server logs no stack trace for it."""
+    return gr.Error(message_for(error), title=title, print_exception=False)
+
+
+def warn(error: BaseException, title: str = "Warning") -> None:
+    gr.Warning(message_for(error), title=title)

@@ -1,0 +1,185 @@
+"""The map between GenerationRequest fields and the UI controls that hold them.
+
+Every generation tab registers its controls under request field names. Reading
+controls into a request, applying a preset, restoring an infotext and "send
+to" all go through this one table, so a field is wired once.
+
+Most fields are one control holding the request value as is. Two are not:
+``invert_mask`` is the A1111 "Mask mode" radio, and ``outpaint`` is four
+sliders (left, right, up, down).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from engine.infotext import MASK_MODES
+
+# Request fields whose controls deliver numbers that must reach the request as ints.
+INT_FIELDS = frozenset({
+    "steps", "width", "height", "seed", "subseed", "batch_size", "batch_count",
+    "mask_blur", "inpaint_padding",
+})
+FLOAT_FIELDS = frozenset({"cfg_scale", "denoising_strength", "subseed_strength"})
+OUTPAINT_SIDES = ("left", "right", "up", "down")
+
+# What the artist sees for each request field; used in error messages so they name the control.
+LABELS: dict[str, str] = {
+    "prompt": "Prompt",
+    "negative_prompt": "Negative prompt",
+    "model": "Model",
+    "sampler": "Sampling method",
+    "schedule": "Schedule type",
+    "zero_terminal_snr": "Zero terminal SNR",
+    "steps": "Sampling steps",
+    "cfg_scale": "CFG Scale",
+    "width": "Width",
+    "height": "Height",
+    "seed": "Seed",
+    "subseed": "Variation seed",
+    "subseed_strength": "Variation strength",
+    "batch_size": "Batch size",
+    "batch_count": "Batch count",
+    "init_image": "Image",
+    "denoising_strength": "Denoising strength",
+    "resize_mode": "Resize mode",
+    "mask": "Mask",
+    "mask_blur": "Mask blur",
+    "invert_mask": "Mask mode",
+    "masked_content": "Masked content",
+    "inpaint_area": "Inpaint area",
+    "inpaint_padding": "Only masked padding, pixels",
+    "outpaint": "Outpainting",
+    "preview_every": "Preview every N steps",
+    "preview_method": "Preview method",
+    "output_pattern": "Output file pattern",
+    "extensions": "Extensions",
+}
+
+
+def describe_error(field: str, message: str) -> str:
+    """'CFG Scale (cfg_scale): must be between 0 and 30' — the control's label and the field name."""
+    parts = field.split(".")
+    root = parts[1] if parts[0] == "fields" and len(parts) > 1 else parts[0]  # preset files nest fields under "fields"
+    label = LABELS.get(root)
+    if label is None:
+        return f"{field}: {message}"
+    return f"{label} ({field}): {message}"
+
+
+@dataclass
+class Binding:
+    """One request field held by one or more controls."""
+
+    name: str
+    components: list
+    to_request: Callable[..., Any]
+    to_ui: Callable[[Any, Mapping[str, Any]], list]  # (value, all fields being applied) -> control values
+    keys: list[str] | None = None  # one parameter name per control, for the API; defaults to the field name
+
+    def component_keys(self) -> list[str]:
+        return self.keys or [self.name]
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if value is None:
+        return value
+    if name in INT_FIELDS and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if name in FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def simple(name: str, component) -> Binding:
+    return Binding(name, [component], lambda value: _coerce(name, value), lambda value, fields: [value])
+
+
+def schedule(component) -> Binding:
+    """The schedule dropdown: its choices follow the sampler being applied with it."""
+    import gradio as gr
+
+    from engine import samplers
+
+    def to_ui(value: Any, fields: Mapping[str, Any]) -> list:
+        sampler = fields.get("sampler")
+        if not sampler:
+            return [value]
+        return [gr.update(choices=samplers.schedules_for(sampler), value=value)]
+
+    return Binding("schedule", [component], lambda value: value, to_ui)
+
+
+def mask_mode(component) -> Binding:
+    return Binding(
+        "invert_mask", [component],
+        lambda mode: mode == MASK_MODES[1],
+        lambda invert, fields: [MASK_MODES[1] if invert else MASK_MODES[0]],
+        keys=["mask_mode"],
+    )
+
+
+def outpaint(components: list) -> Binding:
+    return Binding(
+        "outpaint", list(components),
+        lambda *pixels: tuple(int(p or 0) for p in pixels),
+        lambda value, fields: [int(p) for p in value],
+        keys=[f"outpaint_{side}" for side in OUTPAINT_SIDES],
+    )
+
+
+class FieldMap:
+    """The request fields one tab holds, in a fixed order."""
+
+    def __init__(self) -> None:
+        self.bindings: dict[str, Binding] = {}
+
+    def add(self, binding: Binding) -> None:
+        self.bindings[binding.name] = binding
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.bindings
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.bindings)
+
+    def components(self, names: list[str] | None = None) -> list:
+        chosen = names if names is not None else self.names
+        return [component for name in chosen if name in self.bindings for component in self.bindings[name].components]
+
+    def keyed_components(self) -> dict[str, Any]:
+        """Every control by its API parameter name (``outpaint_left``, ``mask_mode``, or the field name)."""
+        return {key: component for binding in self.bindings.values()
+                for key, component in zip(binding.component_keys(), binding.components)}
+
+    def read_keyed(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Keyword values (from ``keyed_components``) → request field values."""
+        return {binding.name: binding.to_request(*(values[key] for key in binding.component_keys()))
+                for binding in self.bindings.values()}
+
+    def read(self, values: list, names: list[str] | None = None) -> dict[str, Any]:
+        """Control values (in ``components()`` order) → request field values."""
+        chosen = [name for name in (names if names is not None else self.names) if name in self.bindings]
+        result: dict[str, Any] = {}
+        position = 0
+        for name in chosen:
+            binding = self.bindings[name]
+            count = len(binding.components)
+            result[name] = binding.to_request(*values[position:position + count])
+            position += count
+        return result
+
+    def updates(self, fields: Mapping[str, Any], names: list[str] | None = None) -> list:
+        """New control values for the given fields, aligned with ``components(names)``; others are left alone."""
+        import gradio as gr
+
+        chosen = [name for name in (names if names is not None else self.names) if name in self.bindings]
+        result: list = []
+        for name in chosen:
+            binding = self.bindings[name]
+            if name in fields:
+                result.extend(binding.to_ui(fields[name], fields))
+            else:
+                result.extend(gr.skip() for _ in binding.components)
+        return result

@@ -1,0 +1,368 @@
+"""One generation tab (txt2img, img2img or inpaint), laid out the way AUTOMATIC1111 users expect.
+
+Prompt and negative prompt on top with Generate / Interrupt / Skip beside
+them; sampling controls on the left; live preview, progress, results,
+infotext and "send to" buttons on the right. Generate submits a job to the
+shared queue, owned by this browser session, and streams its previews.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import gradio as gr
+from PIL import Image
+
+from engine import samplers
+from engine.errors import SfumatoError, ValidationError
+from engine.infotext import MASK_MODES
+from engine.request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, GenerationRequest, GenerationResult
+from engine.seeds import MAX_SEED
+
+from . import fields as F
+from .errors import message_for, ui_error
+from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
+from .masks import inpaint_inputs, mask_preview
+from .presets_ui import PresetControls, build_presets_controls
+from .runner import follow
+from .session import interrupt_own, session_owner, skip_own
+
+SESSION_GALLERY_LIMIT = 200
+RANDOM_SEED, REUSE_SEED = "🎲", "♻️"
+SIZE_STEP = 8
+TEXT_KEYS = ("prompt", "negative_prompt")
+
+
+def _optional_keywords(fn, names) -> inspect.Signature:
+    """``fn``'s signature with every input as an optional keyword, so API callers may leave any of them out."""
+    request = next(iter(inspect.signature(fn).parameters.values()))
+    keywords = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names]
+    return inspect.Signature([request, *keywords])
+
+
+@dataclass
+class ResultRecord:
+    """One generated image as the UI keeps it for this session."""
+
+    image: Image.Image
+    infotext: str
+    seed: int
+    subseed: int
+    path: str | None
+    mode: str
+
+    def gallery_item(self) -> tuple[Image.Image, str]:
+        image = self.image.copy()
+        image.info["parameters"] = self.infotext  # kept when Gradio writes the PNG the browser downloads
+        return image, f"seed {self.seed}"
+
+
+def records_from(result: GenerationResult) -> list[ResultRecord]:
+    return [ResultRecord(g.image, g.infotext, g.seed, g.subseed, g.path, result.request.mode) for g in result.images]
+
+
+def saved_text(records: list[ResultRecord], index: int = 0) -> str:
+    if not records:
+        return ""
+    record = records[min(index, len(records) - 1)]
+    return f"Saved to `{record.path}`" if record.path else "Not saved (saving is off in Settings, or the save failed)."
+
+
+@dataclass
+class GenerationTab:
+    """The controls of one tab that other parts of the app talk to."""
+
+    mode: str
+    fields: F.FieldMap
+    generate: gr.Button
+    interrupt: gr.Button
+    skip: gr.Button
+    preview: gr.Image
+    progress: gr.Markdown
+    gallery: gr.Gallery
+    infotext: gr.Textbox
+    saved: gr.Markdown
+    results: gr.State
+    selected: gr.State
+    send_buttons: dict[str, gr.Button]
+    image: Any = None  # img2img: gr.Image; inpaint: gr.ImageEditor
+    mask_upload: Any = None
+    own_size: Any = None  # img2img/inpaint: "use the image's own size" checkbox
+    extensions: list[ExtensionControls] = field(default_factory=list)
+    presets: PresetControls | None = None
+
+
+def _seed_row(mode: str, name: str, label: str, value: int = -1):
+    with gr.Row(equal_height=True):
+        number = gr.Number(value=value, label=label, precision=0, minimum=-1, maximum=MAX_SEED, elem_id=f"{mode}_{name}", scale=4)
+        random_button = gr.Button(RANDOM_SEED, elem_id=f"{mode}_{name}_random", elem_classes=["sfumato-tool"], scale=0, min_width=40)
+        reuse_button = gr.Button(REUSE_SEED, elem_id=f"{mode}_{name}_reuse", elem_classes=["sfumato-tool"], scale=0, min_width=40)
+    return number, random_button, reuse_button
+
+
+def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.State, default_size: tuple[int, int]) -> GenerationTab:
+    """Lay out one tab's controls inside the current gr.Tab and wire its own events."""
+    fields = F.FieldMap()
+    width0, height0 = default_size
+
+    with gr.Row(elem_id=f"{mode}_toprow"):
+        with gr.Column(scale=6):
+            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Prompt (Ctrl+Enter to generate)", elem_id=f"{mode}_prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=2, placeholder="Negative prompt", elem_id=f"{mode}_negative")
+        with gr.Column(scale=1, min_width=200):
+            generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}_generate", elem_classes=["sfumato-generate"])
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", variant="stop", elem_id=f"{mode}_interrupt", min_width=60)
+                skip = gr.Button("Skip", elem_id=f"{mode}_skip", min_width=60)
+    with gr.Column(elem_id=f"{mode}_presets"):
+        presets = build_presets_controls(studio, mode)
+    fields.add(F.simple("prompt", prompt))
+    fields.add(F.simple("negative_prompt", negative))
+
+    image = mask_upload = own_size = None
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, elem_id=f"{mode}_settings"):
+            if mode == "img2img":
+                image = gr.Image(label="Image for img2img", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
+                                 height=360, elem_id="img2img_image")
+            if mode == "inpaint":
+                image, mask_upload, inpaint_bindings, preview_mask = _inpaint_canvas()
+            with gr.Row():
+                sampler = gr.Dropdown(samplers.sampler_names(), value=samplers.DEFAULT_SAMPLER, label="Sampling method", elem_id=f"{mode}_sampler")
+                schedule = gr.Dropdown(samplers.schedules_for(samplers.DEFAULT_SAMPLER), value=samplers.DEFAULT_SCHEDULE,
+                                       label="Schedule type", elem_id=f"{mode}_schedule")
+            zero_snr = gr.Checkbox(False, label="Zero terminal SNR (rescale betas; for v-prediction models)", elem_id=f"{mode}_zero_snr",
+                                   visible=samplers.supports_zero_terminal_snr(samplers.DEFAULT_SAMPLER))
+            steps = gr.Slider(*LIMITS["steps"], value=20, step=1, precision=0, label="Sampling steps", elem_id=f"{mode}_steps")
+            if mode != "txt2img":
+                own_size = gr.Checkbox(True, label="Keep the image's own size (untick to resize to width × height)", elem_id=f"{mode}_own_size")
+            with gr.Row(equal_height=True):
+                with gr.Column(scale=4):
+                    width = gr.Slider(64, 2048, value=width0, step=SIZE_STEP, precision=0, label="Width", elem_id=f"{mode}_width")
+                    height = gr.Slider(64, 2048, value=height0, step=SIZE_STEP, precision=0, label="Height", elem_id=f"{mode}_height")
+                swap = gr.Button("⇅", elem_id=f"{mode}_swap_size", elem_classes=["sfumato-tool"], scale=0, min_width=40)
+                with gr.Column(scale=2):
+                    batch_count = gr.Slider(*LIMITS["batch_count"], value=1, step=1, precision=0, label="Batch count", elem_id=f"{mode}_batch_count")
+                    batch_size = gr.Slider(*LIMITS["batch_size"], value=1, step=1, precision=0, label="Batch size", elem_id=f"{mode}_batch_size")
+            cfg = gr.Slider(*LIMITS["cfg_scale"], value=7.0, step=0.5, label="CFG Scale", elem_id=f"{mode}_cfg")
+            if mode != "txt2img":
+                denoising = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{mode}_denoising")
+                resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode", elem_id=f"{mode}_resize_mode")
+            seed, seed_random, seed_reuse = _seed_row(mode, "seed", "Seed (-1 = random)")
+            with gr.Accordion("Variation seed", open=False, elem_id=f"{mode}_variation"):
+                subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", "Variation seed")
+                subseed_strength = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Variation strength", elem_id=f"{mode}_subseed_strength")
+            if mode == "inpaint":
+                preview_mask_button, mask_preview_image = preview_mask
+            extensions, _ = build_extension_controls(studio, mode)
+
+        with gr.Column(scale=6, elem_id=f"{mode}_results"):
+            preview = gr.Image(label="Live preview", interactive=False, format="jpeg", height=320, elem_id=f"{mode}_preview",
+                               buttons=["fullscreen"])
+            progress = gr.Markdown("Idle", elem_id=f"{mode}_progress", elem_classes=["sfumato-progress"])
+            gallery = gr.Gallery(label="Results", format="png", columns=4, height=300, object_fit="contain",
+                                 elem_id=f"{mode}_gallery", buttons=["download", "fullscreen"], interactive=False)
+            with gr.Row():
+                send_buttons = {
+                    target: gr.Button(f"Send to {target}", elem_id=f"{mode}_send_to_{target}", size="sm")
+                    for target in ("txt2img", "img2img", "inpaint") if target != mode or mode != "txt2img"
+                }
+            infotext = gr.Textbox(label="Generation parameters (selected image)", lines=4, interactive=False,
+                                  elem_id=f"{mode}_infotext", buttons=["copy"])
+            saved = gr.Markdown("", elem_id=f"{mode}_saved")
+    results = gr.State([])
+    selected = gr.State(0)
+
+    fields.add(F.simple("sampler", sampler))
+    fields.add(F.schedule(schedule))
+    for name, component in (("zero_terminal_snr", zero_snr), ("steps", steps), ("width", width), ("height", height),
+                            ("batch_count", batch_count), ("batch_size", batch_size), ("cfg_scale", cfg), ("seed", seed),
+                            ("subseed", subseed), ("subseed_strength", subseed_strength)):
+        fields.add(F.simple(name, component))
+    if mode != "txt2img":
+        fields.add(F.simple("denoising_strength", denoising))
+        fields.add(F.simple("resize_mode", resize_mode))
+    if mode == "inpaint":
+        for binding in inpaint_bindings:
+            fields.add(binding)
+
+    tab = GenerationTab(mode, fields, generate, interrupt, skip, preview, progress, gallery, infotext, saved, results, selected,
+                        send_buttons, image=image, mask_upload=mask_upload, own_size=own_size, extensions=extensions,
+                        presets=presets)
+
+    # -- small control behaviours ----------------------------------------------------------
+    sampler.change(_sampler_changed, [sampler, schedule, zero_snr], [schedule, zero_snr], api_visibility="private", queue=False)
+    swap.click(lambda w, h: (h, w), [width, height], [width, height], api_visibility="private", queue=False)
+    seed_random.click(lambda: -1, None, seed, api_visibility="private", queue=False)
+    subseed_random.click(lambda: -1, None, subseed, api_visibility="private", queue=False)
+    seed_reuse.click(_reuse("seed"), [results, selected], seed, api_visibility="private", queue=False)
+    subseed_reuse.click(_reuse("subseed"), [results, selected], subseed, api_visibility="private", queue=False)
+    if own_size is not None:
+        for slider in (width, height):
+            slider.input(lambda: False, None, own_size, api_visibility="private", queue=False)
+    if mode == "inpaint":
+        preview_mask_button.click(_preview_mask_handler, [image, mask_upload, *fields.components(["invert_mask", "mask_blur"])],
+                                  mask_preview_image, api_visibility="private")
+    gallery.select(_select_image, [results], [infotext, saved, selected], api_visibility="private", queue=False)
+
+    # -- generate, interrupt, skip -----------------------------------------------------------
+    # Keyword inputs give the API readable parameter names: Client.submit(prompt=..., steps=30, api_name="/txt2img").
+    keyed = {"model": model_dropdown, **fields.keyed_components()}
+    extras = {name: component for name, component in (("own_size", own_size), ("image", image), ("mask_upload", mask_upload))
+              if component is not None}
+    extension_keys = {f"ext_{index}": component for index, component in enumerate(all_components(extensions))}
+    outputs = [preview, progress, gallery, infotext, saved, results, selected, session_gallery]
+
+    def run(request: gr.Request, **values):
+        values = {key: ("" if value is None and key in TEXT_KEYS else value) for key, value in values.items()}
+        try:
+            generation = _build_request(studio, mode, values["model"], fields.read_keyed(values),
+                                        {name: values[name] for name in extras},
+                                        read_settings(extensions, [values[key] for key in extension_keys]))
+        except SfumatoError as error:
+            yield gr.skip(), f"Not started: {message_for(error)}", *[gr.skip()] * (len(outputs) - 2)
+            raise ui_error(error) from None
+        yield from _stream(studio, generation, session_owner(request), values["session_gallery"])
+
+    all_inputs = {**keyed, **extras, **extension_keys, "session_gallery": session_gallery}
+    run.__signature__ = _optional_keywords(run, all_inputs)
+    generate.click(run, inputs_kwargs=all_inputs, outputs=outputs,
+                   api_name=mode, concurrency_limit=None, show_progress="hidden")
+
+    def stop(request: gr.Request):
+        if not interrupt_own(studio.jobs, session_owner(request)):
+            gr.Info("Nothing of yours is running.")
+
+    def skip_image(request: gr.Request):
+        if not skip_own(studio.jobs, session_owner(request)):
+            gr.Info("Nothing of yours is running.")
+
+    interrupt.click(stop, None, None, api_name=f"{mode}_interrupt", concurrency_limit=None)
+    skip.click(skip_image, None, None, api_name=f"{mode}_skip", concurrency_limit=None)
+    return tab
+
+
+def _inpaint_canvas():
+    """The ImageEditor, optional mask upload and the inpaint-only controls."""
+    editor = gr.ImageEditor(
+        label="Image to inpaint: paint over what to change", type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
+        brush=gr.Brush(default_size="auto", colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
+        eraser=gr.Eraser(default_size="auto"), layers=False, transforms=(), height=420, elem_id="inpaint_editor",
+    )
+    with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
+        mask_upload = gr.Image(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], height=200, elem_id="inpaint_mask_upload")
+    with gr.Row():
+        mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode")
+        mask_blur = gr.Slider(*LIMITS["mask_blur"], value=4, step=1, precision=0, label="Mask blur", elem_id="inpaint_mask_blur")
+    masked_content = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content", elem_id="inpaint_masked_content")
+    with gr.Row():
+        inpaint_area = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], label="Inpaint area", elem_id="inpaint_area")
+        padding = gr.Slider(*LIMITS["inpaint_padding"], value=32, step=4, precision=0, label="Only masked padding, pixels",
+                            elem_id="inpaint_padding")
+    with gr.Accordion("Outpainting: extend the canvas", open=False, elem_id="inpaint_outpaint"):
+        with gr.Row():
+            sides = [gr.Slider(0, LIMITS["outpaint"][1], value=0, step=SIZE_STEP, precision=0, label=f"{side.capitalize()} (px)",
+                               elem_id=f"inpaint_outpaint_{side}") for side in F.OUTPAINT_SIDES]
+    with gr.Accordion("Preview the effective mask", open=False, elem_id="inpaint_mask_preview_box"):
+        preview_button = gr.Button("Preview mask", size="sm", elem_id="inpaint_preview_mask")
+        mask_image = gr.Image(label="Effective mask (red: repainted, after blur and mode)", interactive=False, height=240,
+                              elem_id="inpaint_mask_preview")
+    bindings = [
+        F.mask_mode(mask_mode), F.simple("mask_blur", mask_blur), F.simple("masked_content", masked_content),
+        F.simple("inpaint_area", inpaint_area), F.simple("inpaint_padding", padding), F.outpaint(sides),
+    ]
+    return editor, mask_upload, bindings, (preview_button, mask_image)
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+def _sampler_changed(sampler: str, schedule: str, zero_snr: bool):
+    try:
+        choices = samplers.schedules_for(sampler)
+        supports_zero = samplers.supports_zero_terminal_snr(sampler)
+    except ValidationError:
+        return gr.skip(), gr.skip()
+    value = schedule if schedule in choices else samplers.DEFAULT_SCHEDULE
+    return gr.update(choices=choices, value=value), gr.update(visible=supports_zero, value=bool(zero_snr) and supports_zero)
+
+
+def _reuse(attribute: str):
+    def reuse(records: list[ResultRecord], index: int):
+        if not records:
+            gr.Info("Generate something first: ♻️ reuses the seed of the selected result.")
+            return gr.skip()
+        return getattr(records[min(index or 0, len(records) - 1)], attribute)
+    return reuse
+
+
+def _select_image(records: list[ResultRecord], event: gr.SelectData):
+    index = event.index if isinstance(event.index, int) else 0
+    if not records or index >= len(records):
+        return gr.skip(), gr.skip(), gr.skip()
+    return records[index].infotext, saved_text(records, index), index
+
+
+def _preview_mask_handler(editor_value, mask_upload, mask_mode: str, blur: int):
+    image, mask = inpaint_inputs(editor_value, mask_upload)
+    if image is None:
+        raise gr.Error("Upload an image to inpaint first.", print_exception=False)
+    if mask is None:
+        raise gr.Error("Paint over the area to repaint (or upload a mask) first.", print_exception=False)
+    try:
+        return mask_preview(image, mask, mask_mode == MASK_MODES[1], int(blur))
+    except SfumatoError as error:
+        raise ui_error(error, "Cannot preview the mask") from None
+
+
+def _build_request(studio, mode: str, model: str | None, values: dict[str, Any], extras: dict[str, Any],
+                   extension_settings: dict[str, Any]) -> GenerationRequest:
+    """The request for one click of Generate; raises ValidationError naming the field."""
+    settings = studio.settings
+    values = dict(values)
+    if mode != "txt2img":
+        if extras.get("own_size"):
+            values["width"] = values["height"] = None
+        if mode == "img2img":
+            image = extras.get("image")
+            if image is None:
+                raise ValidationError("init_image", "upload an image to start from")
+            values["init_image"] = image.convert("RGB")
+        else:
+            image, mask = inpaint_inputs(extras.get("image"), extras.get("mask_upload"))
+            if image is None:
+                raise ValidationError("init_image", "upload the image to inpaint")
+            if mask is None and not any(values.get("outpaint", (0, 0, 0, 0))):
+                raise ValidationError("mask", "paint over the area to repaint, upload a mask, or set an outpainting amount")
+            values["init_image"], values["mask"] = image, mask
+    return GenerationRequest(
+        model=model or None, preview_every=settings.preview_every, preview_method=settings.preview_method,
+        extensions=extension_settings, **values,
+    )
+
+
+def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: list) -> Iterator[tuple]:
+    """Submit the job and yield (preview, progress, gallery, infotext, saved, results, selected, session gallery)."""
+    skip = gr.skip()
+    job = studio.jobs.submit(generation, owner=owner, save=studio.settings.save_outputs)
+    try:
+        for tick in follow(studio.jobs, job):
+            if tick.kind in ("queued", "progress"):
+                preview = tick.preview if tick.preview is not None else skip
+                yield preview, tick.text, skip, skip, skip, skip, skip, skip
+            elif tick.kind == "error":
+                yield skip, tick.text, skip, skip, skip, skip, skip, skip
+                raise gr.Error(tick.error, title="Generation failed", print_exception=False)
+            else:
+                result = tick.result
+                for warning in result.warnings:
+                    gr.Warning(warning)
+                records = records_from(result)
+                session = (list(gallery_so_far or []) + records)[-SESSION_GALLERY_LIMIT:]
+                gallery = [record.gallery_item() for record in records]
+                first = records[0] if records else None
+                yield (first.image if first else skip, tick.text, gallery, first.infotext if first else "",
+                       saved_text(records), records, 0, session)
+    finally:
+        if not job.finished:
+            studio.jobs.cancel(job)  # the browser went away: don't keep computing for nobody

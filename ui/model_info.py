@@ -1,0 +1,53 @@
+"""What the UI needs to know about a model before (or without) loading it."""
+from __future__ import annotations
+
+import json
+
+from engine.errors import SfumatoError
+from engine.families import SD1, detect_family
+from engine.models import ModelEntry
+
+UNTRAINED_NOTE = (
+    "⚠️ **Untrained model:** `{name}` has random weights, so its images are noise. "
+    "Train the demo model (`python launch.py train-demo`) or put a checkpoint in `models/Stable-diffusion`."
+)
+
+
+def native_size(studio, name: str | None) -> tuple[int, int]:
+    """The model family's native size, read from the loaded model or the folder's UNet config (no loading)."""
+    try:
+        entry = studio.registry.get(name)
+    except SfumatoError:
+        return SD1.native_size
+    if entry.name in studio.registry.loaded_names():
+        try:
+            return studio.registry.load(entry.name).family.native_size
+        except SfumatoError:
+            pass
+    if entry.kind == "diffusers":
+        try:
+            config = json.loads((entry.path / "unet" / "config.json").read_text())
+            return detect_family(config, entry.path).native_size
+        except (OSError, ValueError):
+            return SD1.native_size
+    return SD1.native_size
+
+
+def model_note(entry: ModelEntry | None) -> str:
+    if entry is None:
+        return "No model found: put a checkpoint in `models/Stable-diffusion`."
+    return UNTRAINED_NOTE.format(name=entry.name) if entry.untrained else ""
+
+
+def entry_or_none(studio, name: str | None) -> ModelEntry | None:
+    try:
+        return studio.registry.get(name)
+    except SfumatoError:
+        return None
+
+
+def default_model_name(studio) -> str | None:
+    try:
+        return studio.default_model()
+    except SfumatoError:
+        return None

@@ -1,0 +1,242 @@
+"""The presets row of every generation tab: apply, save, delete, export, import, import styles.csv.
+
+Applying goes through ``engine.presets.apply_preset`` (prompt templates merge
+with the typed prompt); every import is validated in full by the store, and
+its problems are shown by field name with nothing half-applied.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from engine.errors import SfumatoError
+from engine.presets import FIELD_TYPES, PresetError, apply_preset, preset_filename
+
+from .errors import message_for
+from .fields import describe_error
+
+if TYPE_CHECKING:
+    from .generation_tab import GenerationTab
+
+# Fields saved by "Save current as preset" (the model only when asked; the seed only when fixed).
+SAVED_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "zero_terminal_snr", "steps", "cfg_scale",
+                "width", "height", "batch_count", "batch_size", "denoising_strength", "seed")
+
+
+def _problems_text(error: SfumatoError) -> str:
+    if isinstance(error, PresetError):
+        return "; ".join(describe_error(name, message) for name, message in error.problems)
+    return message_for(error)
+
+
+def preset_names(studio) -> list[str]:
+    try:
+        return [preset.name for preset in studio.presets.list()]
+    except (SfumatoError, OSError):
+        return []
+
+
+def preset_fields_for(tab: "GenerationTab") -> list[str]:
+    return [name for name in FIELD_TYPES if name in tab.fields]
+
+
+def saved_fields(tab_mode: str, values: dict[str, Any], model: str | None, include_model: bool) -> dict[str, Any]:
+    """What a new preset stores from the current controls."""
+    fields: dict[str, Any] = {}
+    for name in SAVED_FIELDS:
+        if name not in values:
+            continue
+        value = values[name]
+        if name in ("prompt", "negative_prompt") and not value:
+            continue
+        if name == "seed" and value == -1:
+            continue
+        if name == "zero_terminal_snr" and not value:
+            continue
+        if name == "denoising_strength" and tab_mode == "txt2img":
+            continue
+        fields[name] = value
+    if include_model and model:
+        fields["model"] = model
+    return fields
+
+
+@dataclass
+class PresetControls:
+    dropdown: gr.Dropdown
+    apply: gr.Button
+    description: gr.Markdown
+    name: gr.Textbox
+    text: gr.Textbox
+    include_model: gr.Checkbox
+    save: gr.Button
+    delete: gr.Button
+    export: gr.Button
+    export_file: gr.File
+    import_preset: gr.UploadButton
+    import_styles: gr.UploadButton
+    status: gr.Markdown
+
+
+def build_presets_controls(studio, mode: str) -> PresetControls:
+    """The presets row's controls, laid out where this is called (the top of a generation tab)."""
+    with gr.Row(elem_classes=["sfumato-presets"]):
+        dropdown = gr.Dropdown(preset_names(studio), value=None, label="Preset", elem_id=f"{mode}_preset", scale=3)
+        with gr.Column(scale=1, min_width=120):
+            apply_button = gr.Button("Apply preset", elem_id=f"{mode}_preset_apply", size="md")
+        with gr.Column(scale=4):
+            description = gr.Markdown("", elem_id=f"{mode}_preset_description")
+            status = gr.Markdown("", elem_id=f"{mode}_preset_status")
+    with gr.Accordion("Manage presets: save, delete, export, import", open=False, elem_id=f"{mode}_preset_manage"):
+        with gr.Row(equal_height=True):
+            name = gr.Textbox(label="New preset name", elem_id=f"{mode}_preset_name", scale=2)
+            text = gr.Textbox(label="Description", elem_id=f"{mode}_preset_text", scale=3)
+            include_model = gr.Checkbox(False, label="Include the model", elem_id=f"{mode}_preset_include_model", scale=1)
+        with gr.Row():
+            save_button = gr.Button("Save current as preset", elem_id=f"{mode}_preset_save", size="sm", variant="primary")
+            delete_button = gr.Button("Delete selected", elem_id=f"{mode}_preset_delete", size="sm", variant="stop")
+            export_button = gr.Button("Export selected", elem_id=f"{mode}_preset_export", size="sm")
+            import_button = gr.UploadButton("Import preset (.json)", file_types=[".json"], type="binary", size="sm",
+                                            elem_id=f"{mode}_preset_import")
+            styles_button = gr.UploadButton("Import styles.csv", file_types=[".csv"], type="binary", size="sm",
+                                            elem_id=f"{mode}_preset_import_styles")
+        export_file = gr.File(label="Exported preset", visible=False, interactive=False, elem_id=f"{mode}_preset_file")
+    return PresetControls(dropdown, apply_button, description, name, text, include_model, save_button, delete_button,
+                          export_button, export_file, import_button, styles_button, status)
+
+
+def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_dropdown) -> None:
+    """Connect a tab's presets row to its field controls and the model picker."""
+    mode = tab.mode
+    names = preset_fields_for(tab)
+    # Extensions whose settings a preset may hold (ControlNet units) and that can fill their controls back in.
+    preset_extensions = [control for control in tab.extensions if control.name in FIELD_TYPES and control.from_settings]
+    field_components = tab.fields.components(names)
+    extension_components = [component for control in preset_extensions for component in control.components]
+    dropdown, status = controls.dropdown, controls.status
+
+    def extension_values(preset) -> list:
+        values: list = []
+        for control in preset_extensions:
+            filled = None
+            if control.name in preset.fields:
+                try:
+                    filled = list(control.from_settings(preset.fields[control.name]))
+                except Exception as error:  # noqa: BLE001 - report it, apply the rest
+                    gr.Warning(f"The preset's {control.name} settings could not be applied: {error}")
+            values.extend(filled if filled and len(filled) == len(control.components) else [gr.skip()] * len(control.components))
+        return values
+
+    def refreshed(value=None):
+        choices = preset_names(studio)
+        return gr.update(choices=choices, value=value if value in choices else None)
+
+    def describe(preset_name):
+        if not preset_name:
+            return ""
+        try:
+            preset = studio.presets.get(preset_name)
+        except SfumatoError:
+            return ""
+        settings = ", ".join(f"{key}: {value}" for key, value in preset.fields.items() if key != "controlnet")
+        return f"{preset.description}\n\n`{settings}`" if preset.description else f"`{settings}`"
+
+    def apply(preset_name, model, *values):
+        skips = [gr.skip()] * (2 + len(field_components) + len(extension_components))
+        if not preset_name:
+            gr.Warning("Choose a preset to apply.")
+            return skips
+        try:
+            preset = studio.presets.get(preset_name)
+        except SfumatoError as error:
+            gr.Warning(message_for(error))
+            return skips
+        values = list(values[:len(field_components)])
+        current = tab.fields.read(list(values), names)
+        current["model"] = model
+        merged = apply_preset(preset, current)
+        changed = {key: value for key, value in merged.items() if key in preset.fields or current.get(key) != value}
+        model_update = gr.skip()
+        if "model" in changed:
+            if changed["model"] in studio.registry.names():
+                model_update = changed["model"]
+            else:
+                gr.Warning(f"The preset's model {changed['model']!r} is not installed; keeping {model!r}.")
+        missing = [name for name in preset.fields if name not in names and name != "model"
+                   and not any(control.name == name for control in preset_extensions)]
+        note = f" (not available here: {', '.join(missing)})" if missing else ""
+        return (model_update, *tab.fields.updates(changed, names), *extension_values(preset),
+                f"Applied **{preset.name}**{note}.")
+
+    def save(preset_name, description_text, with_model, model, *values):
+        current = tab.fields.read(list(values), names)
+        data = {"name": (preset_name or "").strip(), "description": description_text or "",
+                "fields": saved_fields(mode, current, model, with_model)}
+        existed = data["name"] in preset_names(studio)
+        try:
+            studio.presets.save(data)
+        except SfumatoError as error:
+            gr.Warning(_problems_text(error), title="Preset not saved")
+            return gr.skip(), gr.skip()
+        verb = "Replaced" if existed else "Saved"
+        return refreshed(data["name"]), f"{verb} preset **{data['name']}**."
+
+    def delete(preset_name):
+        if not preset_name:
+            gr.Warning("Choose a preset to delete.")
+            return gr.skip(), gr.skip()
+        try:
+            studio.presets.delete(preset_name)
+        except SfumatoError as error:
+            gr.Warning(message_for(error))
+            return gr.skip(), gr.skip()
+        return refreshed(), f"Deleted preset **{preset_name}**."
+
+    def export(preset_name):
+        if not preset_name:
+            gr.Warning("Choose a preset to export.")
+            return gr.skip()
+        try:
+            data = studio.presets.export(preset_name)
+            path = Path(tempfile.mkdtemp(prefix="sfumato-preset-")) / preset_filename(preset_name)
+        except SfumatoError as error:
+            gr.Warning(message_for(error))
+            return gr.skip()
+        path.write_bytes(data)
+        return gr.update(value=str(path), visible=True)
+
+    def import_preset(data: bytes | None):
+        if not data:
+            return gr.skip(), gr.skip()
+        try:
+            preset = studio.presets.import_bytes(data)
+        except SfumatoError as error:
+            gr.Warning(_problems_text(error), title="Preset not imported")
+            return gr.skip(), f"Not imported: {_problems_text(error)}"
+        return refreshed(preset.name), f"Imported preset **{preset.name}**."
+
+    def import_styles(data: bytes | None):
+        if not data:
+            return gr.skip(), gr.skip()
+        try:
+            presets = studio.presets.import_styles_csv(data)
+        except SfumatoError as error:
+            gr.Warning(_problems_text(error), title="styles.csv not imported")
+            return gr.skip(), f"Not imported: {_problems_text(error)}"
+        return refreshed(), f"Imported {len(presets)} style(s) as presets: " + ", ".join(p.name for p in presets)
+
+    private = {"api_visibility": "private"}
+    c = controls
+    dropdown.focus(lambda value: refreshed(value), dropdown, dropdown, queue=False, **private)
+    dropdown.change(describe, dropdown, c.description, queue=False, **private)
+    c.apply.click(apply, [dropdown, model_dropdown, *field_components],
+                  [model_dropdown, *field_components, *extension_components, status], **private)
+    c.save.click(save, [c.name, c.text, c.include_model, model_dropdown, *field_components], [dropdown, status], **private)
+    c.delete.click(delete, dropdown, [dropdown, status], **private)
+    c.export.click(export, dropdown, c.export_file, **private)
+    c.import_preset.upload(import_preset, c.import_preset, [dropdown, status], **private)
+    c.import_styles.upload(import_styles, c.import_styles, [dropdown, status], **private)

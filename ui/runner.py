@@ -1,0 +1,113 @@
+"""Following one job of the shared queue, as a stream of ticks a UI can show.
+
+A tick is what changed: the queue position while waiting, the step count and
+newest preview while running, then the result or the error. When the worker
+runs ahead of the browser, waiting progress events are merged so the artist
+always sees the newest preview, never a backlog (ComfyUI and A1111 do the same:
+latest preview wins).
+"""
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from PIL import Image
+
+from engine.jobs import QUEUED, Job, JobEvent, JobQueue
+from engine.request import GenerationResult, Progress
+
+POLL_SECONDS = 0.2
+
+
+@dataclass
+class Tick:
+    kind: str  # "queued", "progress", "result" or "error"
+    text: str
+    preview: Image.Image | None = None
+    result: GenerationResult | None = None
+    error: str | None = None
+
+
+def queued_text(ahead: int) -> str:
+    return f"Queued: {ahead} ahead" if ahead > 0 else "Starting…"
+
+
+class EtaClock:
+    """Seconds left, from the pace of the steps seen so far.
+
+    The engine's own estimate counts the model load and prompt encoding as if
+    they were sampling time, which inflates the first steps' ETA; measuring
+    from the first step seen here removes that one-off cost.
+    """
+
+    def __init__(self) -> None:
+        self._start: tuple[float, float] | None = None  # (time, fraction done) at the first step seen
+
+    def eta(self, progress: Progress, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        if self._start is None:
+            self._start = (now, progress.fraction)
+            return progress.eta
+        started, fraction = self._start
+        if progress.fraction <= fraction:
+            return progress.eta
+        return (now - started) / (progress.fraction - fraction) * (1.0 - progress.fraction)
+
+
+def progress_text(progress: Progress, eta: float | None = None) -> str:
+    """'Step 5/20 · ETA 1.2 s', prefixed with the image number in a batch."""
+    eta = progress.eta if eta is None else eta
+    text = f"Step {progress.step}/{progress.total_steps} · ETA {eta:.1f} s"
+    if progress.images_total > 1:
+        text = f"Image {min(progress.image_index + 1, progress.images_total)}/{progress.images_total} · {text}"
+    return text
+
+
+def result_text(result: GenerationResult) -> str:
+    count = len(result.images)
+    noun = "image" if count == 1 else "images"
+    seconds = result.timings.get("total", 0.0)
+    head = "Interrupted" if result.interrupted else "Done"
+    return f"{head}: {count} {noun} in {seconds:.1f} s"
+
+
+def _next_event(job: Job, timeout: float) -> JobEvent | None:
+    try:
+        return next(job.events(timeout=timeout))
+    except queue.Empty:
+        return None
+
+
+def follow(jobs: JobQueue, job: Job, poll: float = POLL_SECONDS) -> Iterator[Tick]:
+    """Ticks for one job until its result or error; the caller owns cancelling it if it stops early."""
+    ahead = jobs.position(job)
+    clock = EtaClock()
+    yield Tick("queued", queued_text(ahead))
+    while True:
+        event = _next_event(job, poll)
+        if event is None:
+            if job.state == QUEUED:
+                now_ahead = jobs.position(job)
+                if now_ahead != ahead:
+                    ahead = now_ahead
+                    yield Tick("queued", queued_text(ahead))
+            continue
+        if event.kind == "progress":
+            latest, preview, final = event.progress, event.progress.preview, None
+            while (more := _next_event(job, 0)) is not None:  # merge the backlog: newest wins
+                if more.kind != "progress":
+                    final = more
+                    break
+                latest = more.progress
+                preview = more.progress.preview or preview
+            yield Tick("progress", progress_text(latest, clock.eta(latest)), preview=preview)
+            if final is None:
+                continue
+            event = final
+        if event.kind == "result":
+            yield Tick("result", result_text(event.result), result=event.result)
+        else:
+            yield Tick("error", f"Failed: {event.error}", error=event.error)
+        return

@@ -1,0 +1,123 @@
+"""'Send to txt2img / img2img / inpaint': an image and its infotext restored into another tab.
+
+The infotext is parsed with ``engine.infotext`` and mapped onto request fields,
+so every field the target tab has is restored the same way for results, the
+session gallery and PNG Info. Like A1111, sending a result carries its prompt
+and main settings; PNG Info restores everything it understands.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from engine.infotext import parse_infotext, request_fields_from_infotext
+
+from .extension_ui import all_components
+from .generation_tab import GenerationTab, ResultRecord
+
+# What "send to" from a result carries (A1111: prompt, negative, steps, seed and size, plus our sampling settings).
+RESULT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "zero_terminal_snr", "steps", "cfg_scale", "seed",
+                 "width", "height")
+
+# PNG Info restores everything: fields an infotext leaves out because they were off go back to "off".
+FULL_RESTORE_DEFAULTS = {"subseed_strength": 0.0, "zero_terminal_snr": False}
+
+
+def fields_from_infotext(infotext: str | None, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    if not infotext:
+        return {}
+    fields = request_fields_from_infotext(parse_infotext(infotext))
+    return {key: value for key, value in fields.items() if only is None or key in only or key == "model"}
+
+
+def target_outputs(tabs: gr.Tabs, target: GenerationTab, model_dropdown) -> list:
+    extra = [component for component in (target.image, target.own_size) if component is not None]
+    return [tabs, model_dropdown, *target.fields.components(), *extra, *all_components(target.extensions)]
+
+
+def extension_updates(target: GenerationTab, settings: dict[str, Any]) -> list:
+    """Control values for each extension whose settings are given (and that can fill its controls back in)."""
+    updates: list = []
+    for control in target.extensions:
+        values = None
+        if control.name in settings and control.from_settings is not None:
+            try:
+                values = list(control.from_settings(settings[control.name]))
+            except Exception as error:  # noqa: BLE001 - a settings mismatch must not stop the rest from being restored
+                gr.Warning(f"Could not restore the {control.name} settings: {error}")
+        if values is None or len(values) != len(control.components):
+            values = [gr.skip()] * len(control.components)
+        updates.extend(values)
+    return updates
+
+
+def target_updates(studio, target: GenerationTab, fields: dict[str, Any], image: Image.Image | None,
+                   extension_settings: dict[str, Any] | None = None) -> list:
+    model_update: Any = gr.skip()
+    model = fields.pop("model", None)
+    if model is not None:
+        if model in studio.registry.names():
+            model_update = model
+        else:
+            gr.Warning(f"The image was made with model {model!r}, which is not installed; keeping the current model.")
+    updates = [gr.Tabs(selected=target.mode), model_update, *target.fields.updates(fields)]
+    if target.image is not None:
+        if image is None:
+            updates.append(gr.skip())
+        elif target.mode == "inpaint":
+            rgb = image.convert("RGB")
+            updates.append({"background": rgb, "layers": [], "composite": rgb})
+        else:
+            updates.append(image.convert("RGB"))
+    if target.own_size is not None:
+        updates.append(True if image is not None else gr.skip())
+    return updates + extension_updates(target, extension_settings or {})
+
+
+def extension_settings_from_infotext(studio, infotext: str) -> dict[str, Any]:
+    manager = getattr(studio, "extensions", None)
+    if manager is None or not hasattr(manager, "parse_infotext"):
+        return {}
+    try:
+        return dict(manager.parse_infotext(parse_infotext(infotext)))
+    except Exception:  # noqa: BLE001 - PNG Info must work whatever an extension does
+        return {}
+
+
+def selected_record(records: list[ResultRecord] | None, index: int | None) -> ResultRecord | None:
+    if not records:
+        return None
+    return records[min(max(index or 0, 0), len(records) - 1)]
+
+
+def wire_result_send(studio, button: gr.Button, tabs: gr.Tabs, target: GenerationTab, model_dropdown, records: gr.State,
+                     selected: gr.State) -> None:
+    """A results 'send to' button: the selected result's image and main settings."""
+    def send(record_list, index):
+        record = selected_record(record_list, index)
+        if record is None:
+            gr.Warning("Generate or select an image first.")
+            return [gr.skip()] * len(target_outputs(tabs, target, model_dropdown))
+        fields = fields_from_infotext(record.infotext, RESULT_FIELDS)
+        fields.pop("model", None)  # the model stays as chosen at the top
+        return target_updates(studio, target, fields, record.image)
+
+    button.click(send, [records, selected], target_outputs(tabs, target, model_dropdown), api_visibility="private")
+
+
+def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: GenerationTab, model_dropdown, infotext, image_path) -> None:
+    """PNG Info's 'send to': every field the infotext holds, plus the image for img2img/inpaint."""
+    def send(text, path):
+        if not text:
+            gr.Warning("This image has no generation parameters to send.")
+            return [gr.skip()] * len(target_outputs(tabs, target, model_dropdown))
+        image = None
+        if path and target.image is not None:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        fields = {**FULL_RESTORE_DEFAULTS, **fields_from_infotext(text)}
+        return target_updates(studio, target, fields, image, extension_settings_from_infotext(studio, text))
+
+    button.click(send, [infotext, image_path], target_outputs(tabs, target, model_dropdown), api_visibility="private")

@@ -1,0 +1,52 @@
+"""Page styling and the Ctrl+Enter shortcut, installed by a page-load event.
+
+Gradio 6 takes ``css``/``js`` at ``launch()``/``mount_gradio_app()``; putting
+them in a load event instead keeps them working however the Blocks is served.
+"""
+from __future__ import annotations
+
+import json
+
+CSS = """
+.sfumato-generate button, button.sfumato-generate { min-height: 5.2em; font-size: 1.15em; }
+.sfumato-tool, button.sfumato-tool { max-width: 3em; min-width: 2.6em !important; padding: 0 !important; font-size: 1.2em; align-self: end; margin-bottom: 0.4em; }
+.sfumato-progress { font-variant-numeric: tabular-nums; min-height: 1.6em; }
+.sfumato-untrained { border: 2px solid #d97706; border-radius: 8px; padding: 0.4em 0.8em; background: rgba(217, 119, 6, 0.12); }
+.sfumato-warning { color: #b45309; }
+#model_row { align-items: end; }
+/* small models make small images: show previews large and crisp rather than as a thumbnail */
+#txt2img_preview img, #img2img_preview img, #img2img_image img, #inpaint_preview img, #inpaint_mask_preview img, #pnginfo_image img {
+  width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
+}
+"""
+
+# Ctrl+Enter (or Cmd+Enter) clicks the Generate button of the visible tab, as in AUTOMATIC1111.
+_KEYBINDING = """
+if (!window.__sfumatoKeys) {
+  window.__sfumatoKeys = true;
+  document.addEventListener('keydown', (event) => {
+    if (event.key !== 'Enter' || !(event.ctrlKey || event.metaKey)) return;
+    for (const id of ['txt2img_generate', 'img2img_generate', 'inpaint_generate']) {
+      const button = document.getElementById(id);
+      if (button && button.offsetParent !== null) {
+        event.preventDefault();
+        button.click();
+        return;
+      }
+    }
+  }, true);
+}
+"""
+
+
+def load_js() -> str:
+    """The page-load JavaScript: add the stylesheet once, install the shortcut once."""
+    style = f"""
+if (!document.getElementById('sfumato-style')) {{
+  const style = document.createElement('style');
+  style.id = 'sfumato-style';
+  style.textContent = {json.dumps(CSS)};
+  document.head.appendChild(style);
+}}
+"""
+    return "() => {" + style + _KEYBINDING + "}"
