@@ -57,6 +57,14 @@ def _meta(mode_name: str, device: str, threads: int, notes: list[str]) -> dict:
     }
 
 
+def _load_average() -> str:
+    """The 1-minute load average: how busy the machine was (other programs included) around the run."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):  # Windows
+        return "n/a"
+
+
 def headline(results: dict) -> dict:
     """The top-level keys other tools read: one number (or small dict) per goal."""
     peer = results.get("engine_vs_diffusers") or {}
@@ -100,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path: Path = args.out
     out_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"sfumato bench, {mode_name} mode, device {args.device}, {threads} torch thread(s)")
+    load_before = _load_average()
     models = BenchModels.create(mode, device=args.device)
     for note in models.notes:
         print(f"note: {note}")
@@ -122,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         models.close()
 
     meta = _meta(mode_name, str(models.registry.device), threads, models.notes)
+    meta["load_average"] = f"{load_before} → {_load_average()}"
     meta["process_peak_rss_mb"] = round(max_rss_mb(), 1)
     scaling = figures.get("scaling") or {}
     if scaling.get("plot"):

@@ -46,7 +46,9 @@ def _format(value: float | None, unit: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if unit == "×":
-        return f"{value:.3f}×"
+        return f"{value:.3f}×" if value == 0 or abs(value) >= 0.01 else f"{value:.2g}×"
+    if unit.startswith("/"):
+        return f"{value:g}{unit}"
     if unit == "ms":
         return f"{value:.1f} ms"
     if unit == "MiB":
@@ -85,7 +87,8 @@ def text_table(results: list[BenchResult]) -> str:
 
 
 def readme_section(results: list[BenchResult], meta: dict) -> str:
-    machine = ", ".join(f"{key}: {value}" for key, value in meta.items() if key in ("mode", "device", "torch", "diffusers", "threads", "cpu_count", "date"))
+    machine = ", ".join(f"{key}: {value}" for key, value in meta.items()
+                        if key in ("mode", "device", "torch", "diffusers", "threads", "cpu_count", "load_average", "date"))
     notes = meta.get("notes") or []
     lines = [README_START, f"Latest run ({machine}).", "", markdown_table(results)]
     if notes:

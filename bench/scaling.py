@@ -71,6 +71,7 @@ def plot(figures: dict, path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except Exception:  # noqa: BLE001 - no plot is not a failed bench
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -78,6 +79,10 @@ def plot(figures: dict, path: Path) -> Path | None:
     left.plot([p["size"] for p in sizes], [p["step_ms"] for p in sizes], "o-", label="time per step")
     left.set_xscale("log", base=2)
     left.set_yscale("log")
+    left.set_xticks([p["size"] for p in sizes], [str(p["size"]) for p in sizes])
+    left.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    left.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    left.yaxis.set_minor_formatter(ticker.NullFormatter())
     left.set_xlabel("image side (px)")
     left.set_ylabel("ms per step")
     left.set_title(f"size ({figures['model']}, batch 1)")
@@ -87,6 +92,7 @@ def plot(figures: dict, path: Path) -> Path | None:
     batches = figures["batches"]
     right.plot([p["batch"] for p in batches], [p["step_ms"] for p in batches], "o-", label="whole batch")
     right.plot([p["batch"] for p in batches], [p["step_ms_per_image"] for p in batches], "s--", label="per image")
+    right.set_xticks([p["batch"] for p in batches])
     right.set_xlabel("batch size")
     right.set_ylabel("ms per step")
     right.set_title(f"batch ({figures['batches'][0]['size'] if batches else ''}px)")

@@ -25,6 +25,7 @@ import gc
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -167,6 +168,18 @@ def _safetensors_shape(path: Path, key: str) -> list[int]:
 
     with safe_open(str(path), framework="pt") as handle:
         return list(handle.get_slice(key).get_shape())
+
+
+SHAPE_ERROR = re.compile(r"because (?P<key>\S+) expected shape (?P<expected>.+?), but got (?P<got>.+?)\.")
+
+
+def _explain(error: Exception) -> str:
+    """diffusers' own words, or a plainer sentence where we know what they mean."""
+    match = SHAPE_ERROR.search(str(error))
+    if match:
+        return (f"the weight {match['key']} has shape {match['got']} in the file but the config expects {match['expected']}; "
+                "the config describes a different architecture than the weights")
+    return f"{type(error).__name__}: {error}"
 
 
 def _examples(keys: set[str], count: int = 3) -> str:
@@ -341,14 +354,16 @@ def _check_single_file_names(keys: list[str], layout: layout_keys.SingleFileLayo
     diffusers' ``from_single_file`` only warns about unused weights and leaves missing ones empty.
     """
     try:
-        expected_by_component = layout_keys.ldm_key_names(_empty_components(folder, layout.family == "sdxl"))
+        components = _empty_components(folder, layout.family == "sdxl")
     except ModelError:
         raise
+    except Exception as error:
+        raise ModelError(f"the config folder {shown} is not a valid diffusers config: {type(error).__name__}: {error}") from error
+    try:
+        expected_by_component = layout_keys.ldm_key_names(components)
     except (KeyError, ValueError) as error:  # an architecture with no single-file naming here: nothing to compare
         log.warning("weights of the checkpoint using %s not compared with its config: %s", shown, error)
         return
-    except Exception as error:
-        raise ModelError(f"the config folder {shown} is not a valid diffusers config: {type(error).__name__}: {error}") from error
     problems = []
     for component, prefix in layout.prefixes.items():
         expected = expected_by_component.get(component, set())
@@ -519,7 +534,7 @@ class ModelRegistry:
             pipeline = DiffusionPipeline.from_pretrained(entry.path, use_safetensors=True, local_files_only=True,
                                                          dtype=self.dtype, **skipped)
         except Exception as error:
-            raise ModelError(f"could not load model {entry.name!r}: {type(error).__name__}: {error}") from error
+            raise ModelError(f"could not load model {entry.name!r}: {_explain(error)}") from error
         _check_folder_weights(pipeline, entry.path, file_keys)
         return pipeline
 
@@ -549,7 +564,7 @@ class ModelRegistry:
                                                 dtype=self.dtype, **extra)
             except Exception as error:
                 raise ModelError(f"could not load {entry.path.name} with the config folder {config_dir}: "
-                                 f"{type(error).__name__}: {error}") from error
+                                 f"{_explain(error)}") from error
         return pipeline, config_dir if beside else None
 
     @staticmethod

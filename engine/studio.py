@@ -72,9 +72,9 @@ class Studio:
     def update_settings(self, settings: Settings) -> None:
         from .outputs import OutputWriter
 
+        writer = OutputWriter(self.config.outputs_dir, settings.output_pattern)  # raises before anything is saved
         self.settings_store.save(settings)
-        self.settings = settings
-        self.writer = OutputWriter(self.config.outputs_dir, settings.output_pattern)
+        self.settings, self.writer = settings, writer
 
     def save_result(self, result: GenerationResult) -> None:
         """Write every image of a result; the first failure is raised after trying them all."""

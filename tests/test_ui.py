@@ -248,7 +248,10 @@ def test_progress_text_reads_like_a1111():
 
 
 def test_errors_name_the_control_and_the_field():
-    from ui.errors import message_for
+    from ui.errors import job_error_text, message_for
+
+    assert job_error_text("zero_terminal_snr: needs a v-prediction model") == "Zero terminal SNR (zero_terminal_snr): needs a v-prediction model"
+    assert job_error_text("GenerationError: out of memory") == "GenerationError: out of memory"
 
     assert message_for(ValidationError("cfg_scale", "must be between 0 and 30")) == "CFG Scale (cfg_scale): must be between 0 and 30"
     assert message_for(ValidationError("extensions.controlnet.units[0].weight", "too big")).startswith("Extensions (")

@@ -21,7 +21,7 @@ from engine.request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, 
 from engine.seeds import MAX_SEED
 
 from . import fields as F
-from .errors import message_for, ui_error
+from .errors import job_error_text, message_for, ui_error
 from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
 from .masks import inpaint_inputs, mask_preview
 from .presets_ui import PresetControls, build_presets_controls
@@ -247,8 +247,8 @@ def _inpaint_canvas():
     """The ImageEditor, optional mask upload and the inpaint-only controls."""
     editor = gr.ImageEditor(
         label="Image to inpaint: paint over what to change", type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
-        brush=gr.Brush(default_size="auto", colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
-        eraser=gr.Eraser(default_size="auto"), layers=False, transforms=(), height=420, elem_id="inpaint_editor",
+        brush=gr.Brush(default_size=8, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
+        eraser=gr.Eraser(default_size=8), layers=False, transforms=(), height=420, elem_id="inpaint_editor",
     )
     with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
         mask_upload = gr.Image(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], height=200, elem_id="inpaint_mask_upload")
@@ -351,8 +351,9 @@ def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: l
                 preview = tick.preview if tick.preview is not None else skip
                 yield preview, tick.text, skip, skip, skip, skip, skip, skip
             elif tick.kind == "error":
-                yield skip, tick.text, skip, skip, skip, skip, skip, skip
-                raise gr.Error(tick.error, title="Generation failed", print_exception=False)
+                message = job_error_text(tick.error)
+                yield skip, f"Failed: {message}", skip, skip, skip, skip, skip, skip
+                raise gr.Error(message, title="Generation failed", print_exception=False)
             else:
                 result = tick.result
                 for warning in result.warnings:

@@ -18,16 +18,28 @@ runtime = ControlNetRuntime()
 
 def _setup(env: ExtensionEnv) -> None:
     runtime.configure(env.models_dir, env.builtin_dir)
+    runtime.unit_count = _saved_unit_count(env.user_dir)
 
 
 def _step_hooks(context, settings: list[units.ControlNetUnit]):
     return runtime.step_hooks(context, settings)
 
 
+def _saved_unit_count(user_dir) -> int:
+    """The "ControlNet units" setting from the studio's settings file (Settings tab)."""
+    import json
+
+    try:
+        count = json.loads((user_dir / "settings.json").read_text()).get("controlnet_units", units.DEFAULT_UNIT_COUNT)
+    except (OSError, ValueError, AttributeError):
+        return units.DEFAULT_UNIT_COUNT
+    return count if isinstance(count, int) and 1 <= count <= 8 else units.DEFAULT_UNIT_COUNT
+
+
 def _build_ui(tab: str):
     from .ui import build  # imports gradio; only the UI calls this
 
-    return build(tab, runtime)
+    return build(tab, runtime, getattr(runtime, "unit_count", units.DEFAULT_UNIT_COUNT))
 
 
 def _api_routes(app, studio) -> None:
