@@ -18,8 +18,11 @@ The layouts are those of the original repos (CompVis/stable-diffusion
 ``ldm/modules/diffusionmodules/openaimodel.py`` and ``model.py``,
 Stability-AI/generative-models ``sgm/modules/encoders/modules.py``,
 mlfoundations/open_clip ``transformer.py``). ``save_single_file`` is the export
-direction; the registry also uses ``ldm_key_names`` to check that a loaded
-single-file model used every weight the file holds.
+direction (tests build tiny single files with it; it also turns a diffusers
+folder into a file A1111 and ComfyUI read). Before loading a single file, the
+registry uses ``ldm_key_names`` on the config's empty modules to check that the
+config and the file name exactly the same weights, and ``detect_layout`` to
+tell which family the file holds.
 """
 from __future__ import annotations
 

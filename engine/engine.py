@@ -75,14 +75,13 @@ class Engine:
                 return self._generate(request, on_progress, cancel or CancelToken())
             except SfumatoError:
                 raise
-            except torch.OutOfMemoryError as error:
+            except (torch.OutOfMemoryError, MemoryError) as error:
+                gc.collect()  # free what the failed job held before the next one starts
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 raise GenerationError(f"out of memory: try a smaller size or batch ({error})") from error
-            except MemoryError as error:
-                raise GenerationError("out of memory: try a smaller size or batch") from error
             except Exception as error:
                 raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
-            finally:
-                gc.collect()
 
     # -- the whole job -------------------------------------------------------
     def _generate(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken) -> GenerationResult:

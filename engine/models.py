@@ -8,10 +8,10 @@ live in a small LRU cache; a failed load leaves the cache as it was.
 Files are untrusted. Only safetensors weights are read: pickle checkpoints
 (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are listed but never unpickled, and a
 diffusers folder is checked (pipeline class, component classes, weight files)
-before diffusers sees it. After loading, every component's weights are compared
-name by name with the files, because diffusers and transformers only warn when
-a config and its weights disagree (unused weights are dropped, missing ones
-left random or empty).
+before diffusers sees it. Every component's weights are compared name by name
+with its config (after loading a folder, before loading a single file), because
+diffusers and transformers only warn when a config and its weights disagree:
+unused weights are dropped and missing ones left random or empty.
 
 Single-file checkpoints (the original CompVis/SGM key layout) load through
 ``from_single_file`` with a local diffusers config folder: ``<name>.config/``

@@ -7,8 +7,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np

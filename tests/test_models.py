@@ -10,7 +10,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import hashlib
 import json
-import shutil
 import socket
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from engine import Engine, GenerationRequest, ModelError, ModelRegistry
 from engine.families import SD1, SD2, SDXL, detect_family
 from engine.models import SINGLE_FILE_CONFIGS
 from engine.tiny_models import build_sd1
-from tests._checkpoints import build_sd2_like, build_sdxl_two_widths, copy_configs, copy_model, edit_json, write_single_file
+from tests._checkpoints import build_sd2_like, build_sdxl_two_widths, copy_configs, copy_model, write_single_file
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(300)
@@ -207,25 +206,50 @@ def test_shipped_config_folders_stay_small():
     assert not any(p.is_symlink() for p in SINGLE_FILE_CONFIGS.rglob("*"))
 
 
-def test_shipped_configs_build_models_of_the_published_sizes():
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory) -> dict[str, object]:
+    """The shipped SD 1.5 and SDXL configs built as empty (meta-device) modules."""
+    from engine.models import _empty_components, _materialise_config
+
+    built = {}
+    for family in ("sd1", "sdxl"):
+        folder = _materialise_config(SINGLE_FILE_CONFIGS / family, family, tmp_path_factory.mktemp(family), None)
+        built[family] = _empty_components(folder, family == "sdxl")
+    return built
+
+
+def test_shipped_configs_build_models_of_the_published_sizes(shipped):
     """Parameter counts of SD 1.5 and SDXL base 1.0 (UNet, VAE, CLIP-L, OpenCLIP bigG)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    def count(model) -> int:
-        return sum(p.numel() for p in model.parameters())
-
     expected = {"sd1": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
                 "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}}
-    builders = {"unet": lambda p: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(p)),
-                "vae": lambda p: AutoencoderKL.from_config(AutoencoderKL.load_config(p)),
-                "text_encoder": lambda p: CLIPTextModel(CLIPTextConfig.from_pretrained(p)),
-                "text_encoder_2": lambda p: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(p))}
-    with init_empty_weights():
-        for family, sizes in expected.items():
-            for component, size in sizes.items():
-                assert count(builders[component](SINGLE_FILE_CONFIGS / family / component)) == size, (family, component)
+    for family, sizes in expected.items():
+        for component, size in sizes.items():
+            module = getattr(shipped[family], component)
+            assert sum(p.numel() for p in module.parameters()) == size, (family, component)
+
+
+@pytest.mark.parametrize("family, model_type", [("sd1", "v1"), ("sdxl", "xl_base")])
+def test_our_single_file_names_for_full_size_models_are_the_ones_diffusers_reads(shipped, family, model_type):
+    """Names and shapes only (meta tensors): a full-size SD 1.5/SDXL file as our converter names it is
+    recognised by diffusers and maps back onto every weight of the shipped configs' modules."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    from engine.checkpoint_convert import SD1_COMPONENTS, SDXL_COMPONENTS, SDXL_OPENCLIP_PREFIX
+
+    modules = shipped[family]
+    ldm = {}
+    for component in SDXL_COMPONENTS if family == "sdxl" else SD1_COMPONENTS:
+        ldm.update(component.convert(getattr(modules, component.attribute)))
+    assert sfu.infer_diffusers_model_type(ldm) == model_type
+    back = {"unet": sfu.convert_ldm_unet_checkpoint(ldm, dict(modules.unet.config)),
+            "vae": sfu.convert_ldm_vae_checkpoint(ldm, dict(modules.vae.config)),
+            "text_encoder": {k.removeprefix("text_model."): v for k, v in sfu.convert_ldm_clip_checkpoint(ldm).items()}}
+    if family == "sdxl":
+        back["text_encoder_2"] = sfu.convert_open_clip_checkpoint(modules.text_encoder_2, ldm, prefix=SDXL_OPENCLIP_PREFIX)
+    for component, converted in back.items():
+        state = getattr(modules, component).state_dict()
+        assert converted.keys() == state.keys(), component
+        assert all(converted[k].shape == state[k].shape for k in state), component
 
 
 # -- families ------------------------------------------------------------------------------
