@@ -37,6 +37,8 @@ from types import SimpleNamespace
 import torch
 
 from . import checkpoint_convert as layout_keys
+from .performance import PerformanceOptions
+from .performance import apply as apply_performance
 from .devices import pick_device, pick_dtype
 from .errors import ModelError, UnsafeModelError
 from .families import ModelFamily, detect_family
@@ -378,7 +380,9 @@ class ModelRegistry:
     """Knows which checkpoints exist and keeps a few of them loaded."""
 
     def __init__(self, models_dir: Path | str | None = None, builtin_dir: Path | str | None = BUILTIN_DIR,
-                 device: str = "auto", dtype: str = "auto", cache_size: int = 2):
+                 device: str = "auto", dtype: str = "auto", cache_size: int = 2,
+                 performance: PerformanceOptions | None = None):
+        self.performance = performance or PerformanceOptions()
         self.models_dir = Path(models_dir) if models_dir else None
         self.builtin_dir = Path(builtin_dir) if builtin_dir else None
         self.device = pick_device(device)
@@ -498,7 +502,9 @@ class ModelRegistry:
             raise ModelError(f"model {entry.name!r} is gone from disk; refresh the model list")
         try:
             pipeline, family_folder = self._read_pipeline(entry)
-            pipeline.to(self.device)
+            if self.performance.memory_mode == "normal" or self.device.type != "cuda":
+                pipeline.to(self.device)
+            apply_performance(pipeline, self.device, self.performance)
         except ModelError:
             raise
         except Exception as error:  # diffusers raises many kinds for broken files

@@ -6,6 +6,7 @@ Weighting and long-prompt chunking are done by compel. A1111 writes weights as
 """
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 import torch
 
 ROUND_BRACKET_WEIGHT = 1.1
+# Characters that A1111 or compel may read as syntax. Text without them, short enough for one
+# CLIP window, means exactly what diffusers' own ``encode_prompt`` computes.
+_SYNTAX = re.compile(r"[()\[\]\\+\-]")
 
 
 def a1111_to_compel(prompt: str) -> str:
@@ -97,6 +101,7 @@ class PromptEncoder:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._empty: torch.Tensor | None = None
+        self._pipeline = components if hasattr(components, "encode_prompt") else None
         if is_xl:
             self._compel = Compel(
                 tokenizer=[components.tokenizer, components.tokenizer_2],
@@ -123,6 +128,11 @@ class PromptEncoder:
                 self._cache.popitem(last=False)
         return conditioning
 
+    def clear(self) -> None:
+        """Forget every cached embedding (the hit and miss counters stay)."""
+        with self._lock:
+            self._cache.clear()
+
     @torch.inference_mode()
     def _encode_uncached(self, prompt: str, negative: str) -> Conditioning:
         # Encoded one at a time and padded here: compel's own padding of a batch with
@@ -136,10 +146,31 @@ class PromptEncoder:
         )
 
     def _encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._is_plain(text):
+            return self._encode_plain(text)
         if self.is_xl:
             embeds, pooled = self._compel([a1111_to_compel(text)])
             return embeds, pooled
         return self._compel([a1111_to_compel(text)]), None
+
+    def _is_plain(self, text: str) -> bool:
+        """No weighting syntax, and one CLIP window (start and end tokens included) for every tokenizer."""
+        if self._pipeline is None or _SYNTAX.search(text):
+            return False
+        tokenizers = [self._pipeline.tokenizer] + ([self._pipeline.tokenizer_2] if self.is_xl else [])
+        return all(len(tokenizer(text).input_ids) <= tokenizer.model_max_length for tokenizer in tokenizers)
+
+    def _encode_plain(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Plain text through diffusers' own ``encode_prompt``: the same tensors compel computes for
+        it, bit for bit, without compel's per-call grammar build and parse (~15 ms per text on one
+        CPU core, several times the text encoder itself; measured by bench/)."""
+        device = self._pipeline.text_encoder.device
+        if self.is_xl:
+            embeds, _, pooled, _ = self._pipeline.encode_prompt(prompt=text, device=device, num_images_per_prompt=1,
+                                                                 do_classifier_free_guidance=False)
+            return embeds, pooled
+        embeds, _ = self._pipeline.encode_prompt(text, device, 1, False)
+        return embeds, None
 
     def _pad(self, embeds: torch.Tensor, length: int) -> torch.Tensor:
         """Extend a conditioning with empty-prompt chunks, as A1111 pads the shorter of cond/uncond."""

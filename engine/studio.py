@@ -4,12 +4,13 @@ command line all start from one ``Studio``."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engine import Engine
 from .jobs import JobQueue
 from .models import REPO_ROOT, ModelRegistry
+from .performance import PerformanceOptions
 from .request import GenerationResult
 from .settings import Settings, SettingsStore
 
@@ -27,6 +28,7 @@ class StudioConfig:
     builtin_models_dir: Path | None = REPO_ROOT / "builtin"
     device: str | None = None  # None: from settings
     dtype: str | None = None
+    performance: PerformanceOptions = field(default_factory=PerformanceOptions)
 
 
 class Studio:
@@ -41,6 +43,7 @@ class Studio:
         self.registry = ModelRegistry(
             self.config.models_dir, self.config.builtin_models_dir,
             device=self.config.device or self.settings.device, dtype=self.config.dtype or self.settings.dtype,
+            performance=self.config.performance,
         )
         self._ensure_some_model()
         self.extensions = ExtensionManager(self.config.extensions_dir, self.config.user_dir / "extensions.json",
