@@ -28,7 +28,7 @@ def square_mask(width=64, height=64, box=(16, 16, 40, 40)) -> Image.Image:
 
 
 def inpaint(model="tiny-sd1", **changes):
-    base = dict(prompt="a green square", model=model, steps=6, cfg_scale=5.0, seed=3, preview_every=0,
+    base = dict(prompt="a green square", model=model, steps=6, cfg_scale=5.0, seed=3, preview_every=0, width=64, height=64,
                 init_image=source_image(), mask=square_mask(), denoising_strength=0.9)
     return GenerationRequest(**{**base, **changes})
 
