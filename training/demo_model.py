@@ -445,6 +445,8 @@ def train_decoder(recipe: Recipe, vae, latents: torch.Tensor, images: np.ndarray
     Runs in its own process while the UNet trains (see ``train``)."""
     torch.manual_seed(recipe.seed + 4)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=recipe.decoder_lr, weight_decay=0.0)
     vae.train()
     std = float(latents.std())
@@ -473,7 +475,7 @@ def train_decoder(recipe: Recipe, vae, latents: torch.Tensor, images: np.ndarray
     budget = Budget(recipe.decoder_seconds, recipe.decoder_max_steps)
     run_stage("decoder", paths, resume, budget, {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv},
               opt, step, [recipe.decoder_lr], 20, every, recipe.checkpoint_every_s)
-    return vae.eval()
+    return vae.eval().requires_grad_(False)
 
 
 def load_decoder(vae, paths: Paths) -> bool:

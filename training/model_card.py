@@ -62,7 +62,7 @@ words map to the unknown token and are ignored): {vocab}.
 - Data: {recipe['n_images']} procedurally drawn images (`training/world.py`), seed {recipe['seed']}; each caption
   attribute dropped with p={recipe['caption_drop_p']}, empty caption p={recipe['caption_empty_p']} (for CFG).
 - VAE: `AutoencoderKL` f8, channels {tuple(recipe['vae_channels'])}, 1 layer/block, log-variance bias init −8;
-  loss L1 + MSE + image-gradient L1 + {recipe['vae_kl_weight']}·KL, AdamW lr {recipe['vae_lr']} cosine, batch {recipe['vae_batch']}, bf16 autocast.
+  loss L1 + MSE + image-gradient L1 + {recipe['vae_kl_weight']}·KL, AdamW lr {recipe['vae_lr']} cosine, batch {recipe['vae_batch']}, {'bf16 autocast' if recipe.get('vae_bf16') else 'fp32'}, GroupNorm groups {recipe.get('vae_norm_groups', '?')}.
 - Text encoder: `CLIPTextModel`, hidden {recipe['te_hidden']}, {recipe['te_layers']} layers, {recipe['te_heads']} heads, {recipe['max_tokens']} positions.
 - UNet: `UNet2DConditionModel`, channels {tuple(recipe['unet_channels'])}, cross-attention in every block.
   Trained jointly with the text encoder on the DDPM forward process with the L_simple loss on

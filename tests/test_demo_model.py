@@ -1,0 +1,90 @@
+"""The shipped demo model, through the engine: it loads offline, matches its card, and draws what it is asked."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from engine import GenerationRequest
+from training.evaluate import classify
+from training.world import COLOURS, IMAGE_SIZE, PALETTE, POSITIONS, SHAPES
+
+DEMO = Path(__file__).resolve().parent.parent / "builtin" / "sfumato-demo"
+SEEDS = (1, 2, 3, 4)
+
+
+def draw(engine, prompt, seed, **changes):
+    request = GenerationRequest(**{"prompt": prompt, "model": "sfumato-demo", "steps": 20, "cfg_scale": 5.0, "seed": seed, **changes})
+    return engine.generate(request).images[0].image
+
+
+def majority(values, expected, need=3):
+    return sum(v == expected for v in values) >= need
+
+
+def test_the_demo_model_loads_offline_at_its_native_size_and_matches_its_card(demo_engine):
+    loaded = demo_engine.registry.load("sfumato-demo")
+    card = json.loads((DEMO / "sfumato.json").read_text())
+    assert loaded.family.native_size == (card["native_width"], card["native_height"]) == (IMAGE_SIZE, IMAGE_SIZE)
+    assert np.asarray(card["latent_rgb_factors"]).shape == (4, 3)
+    vocabulary = set(loaded.pipeline.tokenizer.get_vocab())
+    for word in (*COLOURS, "gray", *SHAPES, *POSITIONS, "small", "large", "background"):
+        assert any(token.startswith(word) for token in vocabulary), f"{word!r} missing from the tokenizer"
+    size = sum(p.stat().st_size for p in DEMO.parent.glob("sfumato-demo*/**/*") if p.is_file())
+    assert size <= 30 * 2**20, f"built-in models take {size / 2**20:.1f} MB"
+    assert demo_engine.registry.default_name() == "sfumato-demo"
+    result = demo_engine.generate(GenerationRequest(prompt="a red circle", model="sfumato-demo", steps=4, seed=1))
+    assert result.images[0].image.size == (64, 64)
+
+
+@pytest.mark.xfail(strict=True, reason="demo model v1 draws red as orange: its VAE is undertrained (colour 0.32 in MODEL_CARD.md)")
+def test_a_red_circle_is_predominantly_red(demo_engine):
+    readings = [classify(draw(demo_engine, "a red circle", seed)) for seed in SEEDS]
+    assert majority([r.colour for r in readings], "red"), [r.as_dict() for r in readings]
+
+
+def test_blue_background_gives_a_blue_background(demo_engine):
+    readings = [classify(draw(demo_engine, "a yellow square, blue background", seed)) for seed in SEEDS]
+    assert majority([r.background for r in readings], "blue"), [r.as_dict() for r in readings]
+
+
+def test_on_the_left_puts_the_shape_in_the_left_third(demo_engine):
+    centroids = []
+    for seed in SEEDS:
+        reading = classify(draw(demo_engine, "a large white circle on the left, black background", seed))
+        xs = np.nonzero(reading.mask)[1]
+        centroids.append(xs.mean() if xs.size else IMAGE_SIZE / 2)
+    assert sum(c < IMAGE_SIZE / 3 for c in centroids) >= 3, centroids
+
+
+def test_guidance_makes_the_prompt_count_more(demo_engine):
+    from training.evaluate import eval_scenes, score
+    from training.world import full_caption
+
+    scenes = eval_scenes()[:32]
+
+    def accuracy(cfg):
+        readings = [classify(draw(demo_engine, full_caption(scene), 1, cfg_scale=cfg)) for scene in scenes]
+        return float(np.mean(list(score(readings, scenes).values())))
+
+    weak, strong = accuracy(1.0), accuracy(5.0)
+    assert strong > weak, (weak, strong)
+
+
+def test_inpainting_a_green_square_turns_the_masked_region_green_and_keeps_the_rest(demo_engine):
+    base = draw(demo_engine, "a small red circle on the left, gray background", 5)
+    mask = Image.new("L", base.size, 0)
+    ImageDraw.Draw(mask).rectangle((30, 14, 60, 50), fill=255)
+    request = GenerationRequest(prompt="a green square on the right, gray background", model="sfumato-demo", steps=20, cfg_scale=5.0,
+                                seed=5, init_image=base, mask=mask, denoising_strength=1.0, mask_blur=2)
+    out = np.asarray(demo_engine.generate(request).images[0].image)
+    region = out[18:46, 34:58]
+    green = np.asarray(PALETTE["green"], dtype=float)
+    gray = np.asarray(PALETTE["gray"], dtype=float)
+    closer_to_green = np.linalg.norm(region - green, axis=-1) < np.linalg.norm(region - gray, axis=-1)
+    assert closer_to_green.mean() > 0.3, "the masked region did not turn green"
+    _, soft = __import__("engine.image_ops", fromlist=["prepare_mask"]).prepare_mask(mask, False, 2)
+    assert np.array_equal(out[soft == 0], np.asarray(base)[soft == 0])
