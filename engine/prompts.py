@@ -101,6 +101,9 @@ class PromptEncoder:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._empty: torch.Tensor | None = None
+        # Each text is cached on its own too, as A1111 caches cond and uncond separately: a new
+        # prompt with the usual negative encodes only the prompt.
+        self._texts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._pipeline = components if hasattr(components, "encode_prompt") else None
         if is_xl:
             self._compel = Compel(
@@ -132,6 +135,7 @@ class PromptEncoder:
         """Forget every cached embedding (the hit and miss counters stay)."""
         with self._lock:
             self._cache.clear()
+            self._texts.clear()
 
     @torch.inference_mode()
     def _encode_uncached(self, prompt: str, negative: str) -> Conditioning:
@@ -146,6 +150,18 @@ class PromptEncoder:
         )
 
     def _encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with self._lock:
+            if text in self._texts:
+                self._texts.move_to_end(text)
+                return self._texts[text]
+        encoded = self._encode_text(text)
+        with self._lock:
+            self._texts[text] = encoded
+            while len(self._texts) > 2 * self._cache_size:
+                self._texts.popitem(last=False)
+        return encoded
+
+    def _encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._is_plain(text):
             return self._encode_plain(text)
         if self.is_xl:
