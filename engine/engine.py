@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -59,7 +59,6 @@ class _Prepared:
     gen_hard_mask: np.ndarray | None = None  # generation-size hard mask
     crop_box: tuple[int, int, int, int] | None = None  # "Only masked": where the generated crop goes
     output_size: tuple[int, int] | None = None  # crop padding away at the end
-    extra_info: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -198,20 +197,19 @@ class Engine:
             hard = np.array(Image.fromarray(hard).resize(image.size, Image.NEAREST))
             soft = np.array(Image.fromarray(soft).resize(image.size, Image.BILINEAR))
         original = image
-        info = {"inpaint": True}
         if request.inpaint_area == "Only masked":
             gen_w, gen_h = request.width or model.family.native_size[0], request.height or model.family.native_size[1]
             box = image_ops.masked_region(np.maximum(hard, soft), request.inpaint_padding, gen_w / gen_h)
             crop = image.crop(box).resize((gen_w, gen_h), image_ops.RESAMPLE)
             crop_hard = np.asarray(Image.fromarray(hard).crop(box).resize((gen_w, gen_h), Image.NEAREST))
             source = image_ops.fill_masked(crop, crop_hard) if request.masked_content == "fill" else crop
-            return _Prepared(gen_w, gen_h, source=source, original=original, soft_mask=soft, gen_hard_mask=crop_hard, crop_box=box, extra_info=info)
+            return _Prepared(gen_w, gen_h, source=source, original=original, soft_mask=soft, gen_hard_mask=crop_hard, crop_box=box)
         padded, size = image_ops.pad_to_multiple(image, model.vae_scale_factor)
         pad_w, pad_h = padded.width - image.width, padded.height - image.height
         gen_hard = np.pad(hard, ((0, pad_h), (0, pad_w)))
         source = image_ops.fill_masked(padded, gen_hard) if request.masked_content == "fill" else padded
         return _Prepared(padded.width, padded.height, source=source, original=original, soft_mask=soft, gen_hard_mask=gen_hard,
-                         output_size=size, extra_info=info)
+                         output_size=size)
 
     def _build_job(self, request, model: LoadedModel, prepared: _Prepared, scheduler, noise, generators, conditioning, do_cfg):
         """The DenoiseJob for one batch, or (None, latents) when nothing is left to denoise (strength 0)."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import samplers
-from .errors import SfumatoError, ValidationError
+from .errors import ValidationError
 from .outputs import OutputError
 from .request import GenerationRequest
 

@@ -20,8 +20,8 @@ class CheapPreviewer:
     """Latent → RGB through the family's fixed factors. Allocation-light, no model call."""
 
     def __init__(self, family: ModelFamily):
-        self.factors, self.bias = family.latent_to_rgb_matrix()
-        self._factors, self._bias = self.factors.numpy(), self.bias.numpy()
+        factors, bias = family.latent_to_rgb_matrix()
+        self._factors, self._bias = factors.numpy(), bias.numpy()
 
     def __call__(self, latents: torch.Tensor) -> Image.Image:
         latent = latents[0].detach().to("cpu", torch.float32)

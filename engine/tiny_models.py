@@ -6,7 +6,6 @@ to one (clearly labelled untrained) only when no trained model is present.
 """
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 
@@ -81,8 +80,12 @@ def build_sd1(folder: Path, seed: int = 0, in_channels: int = 4) -> Path:
     return Path(folder)
 
 
-def build_sdxl(folder: Path, seed: int = 0) -> Path:
-    """A tiny SDXL pipeline folder (two text encoders, text_time added conditioning)."""
+def build_sdxl(folder: Path, seed: int = 0, text_encoder_2_width: int = 32) -> Path:
+    """A tiny SDXL pipeline folder (two text encoders, text_time added conditioning).
+
+    ``text_encoder_2_width`` other than 32 makes the two encoders differ in width, which
+    diffusers needs to tell them apart when the model is saved as one single file.
+    """
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -90,12 +93,13 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8, transformer_layers_per_block=(1, 1),
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
-        use_linear_projection=True,
+        cross_attention_dim=32 + text_encoder_2_width, attention_head_dim=4, norm_num_groups=8, transformer_layers_per_block=(1, 1),
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=text_encoder_2_width + 6 * 8, use_linear_projection=True,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=_text_encoder(len(tokenizer), 32), text_encoder_2=_text_encoder(len(tokenizer), 32, projection=32),
+        vae=_vae(), text_encoder=_text_encoder(len(tokenizer), 32),
+        text_encoder_2=_text_encoder(len(tokenizer), text_encoder_2_width, projection=text_encoder_2_width),
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
     )
     pipe.save_pretrained(folder, safe_serialization=True)

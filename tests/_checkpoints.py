@@ -43,26 +43,9 @@ def build_sdxl_two_widths(folder: Path, seed: int = 0) -> Path:
     standard tiny SDXL gives both width 32, so its single file would load the
     first encoder twice.
     """
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from engine.tiny_models import build_sdxl
 
-    from engine.tiny_models import _scheduler, _text_encoder, _vae, build_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer(Path(folder) / "_tokenizer_build")
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32 + 48, attention_head_dim=4, norm_num_groups=8, transformer_layers_per_block=(1, 1),
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=48 + 6 * 8,
-        use_linear_projection=True,
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=_text_encoder(len(tokenizer), 32), text_encoder_2=_text_encoder(len(tokenizer), 48, projection=48),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    shutil.rmtree(Path(folder) / "_tokenizer_build", ignore_errors=True)
-    return Path(folder)
+    return build_sdxl(folder, seed=seed, text_encoder_2_width=48)
 
 
 def build_sd2_like(folder: Path, seed: int = 0) -> Path:
