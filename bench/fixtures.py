@@ -113,7 +113,14 @@ def request(model: str, mode: Mode, prompt: str = PROMPT, **changes) -> Generati
     return GenerationRequest(**fields)
 
 
-_COLD_SERIES = itertools.count(1)
+_COLD_SERIES = itertools.count(0)
+# The demo model's own vocabulary, so cold prompts stay inside its 16-token window (where diffusers
+# and Sfumato compute the same tensors) and mean something to it: 8 × 3 × 5 × 9 = 1,080 prompts.
+_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "white", "black")
+_SHAPES = ("circle", "square", "triangle")
+_PLACES = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
+_BACKGROUNDS = _COLOURS + ("gray",)
+_COLD_SERIES_LENGTH = 40
 
 
 def cold_prompts() -> Callable[[int], str]:
@@ -123,7 +130,12 @@ def cold_prompts() -> Callable[[int], str]:
     can ask for the same prompt.
     """
     series = next(_COLD_SERIES)
-    return lambda index: f"{PROMPT}, series {series} variant {index + 100}"
+    combos = list(itertools.product(_COLOURS, _SHAPES, _PLACES, _BACKGROUNDS))
+
+    def prompt(index: int) -> str:
+        colour, shape, place, background = combos[(series * _COLD_SERIES_LENGTH + index + 1) % len(combos)]
+        return f"a large {colour} {shape} {place}, {background} background"
+    return prompt
 
 
 def max_pixel_diff(a: Image.Image, b: Image.Image) -> int:

@@ -164,6 +164,8 @@ class PromptEncoder:
     def _encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._is_plain(text):
             return self._encode_plain(text)
+        if not _SYNTAX.search(text):
+            return self._encode_unweighted_long(text)
         if self.is_xl:
             embeds, pooled = self._compel([a1111_to_compel(text)])
             return embeds, pooled
@@ -187,6 +189,17 @@ class PromptEncoder:
             return embeds, pooled
         embeds, _ = self._pipeline.encode_prompt(text, device, 1, False)
         return embeds, None
+
+    def _encode_unweighted_long(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text without weighting syntax but longer than one window: one weight-1 fragment straight
+        to compel's embeddings provider, which chunks it exactly as a full compel call would. Skips
+        building compel's prompt grammar, which is rebuilt on every call and costs more than a
+        small text encoder."""
+        provider = self._compel.conditioning_provider
+        embeds = provider.get_embeddings_for_weighted_prompt_fragments(
+            text_batch=[[text]], fragment_weights_batch=[[1.0]], device=self._compel.device)
+        pooled = provider.get_pooled_embeddings([text], device=self._compel.device) if self.is_xl else None
+        return embeds, pooled
 
     def _pad(self, embeds: torch.Tensor, length: int) -> torch.Tensor:
         """Extend a conditioning with empty-prompt chunks, as A1111 pads the shorter of cond/uncond."""

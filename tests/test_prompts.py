@@ -55,6 +55,20 @@ def test_a_200_token_prompt_is_not_truncated(encoder):
     assert not torch.allclose(long[-77:], tail_changed[-77:]), "the end of a long prompt must still count"
 
 
+def test_long_unweighted_prompt_fast_path_equals_a_full_compel_call(encoder):
+    from engine.prompts import a1111_to_compel
+
+    text = ", ".join(f"w{i % 10} v{i % 7}" for i in range(60))  # commas: compel picks split points on them
+    assert len(encoder.tokenizer(text).input_ids) > 2 * 77
+    fast, fast_pooled = encoder._encode_text(text)
+    full = encoder._compel([a1111_to_compel(text)])
+    full, full_pooled = full if encoder.is_xl else (full, None)
+    assert torch.equal(fast, full)
+    assert (fast_pooled is None) == (full_pooled is None)
+    if fast_pooled is not None:
+        assert torch.equal(fast_pooled, full_pooled)
+
+
 def test_repeated_prompt_hits_the_cache(registry):
     encoder = registry.load("tiny-sd1").prompt_encoder
     hits = encoder.hits

@@ -65,11 +65,11 @@ class Recipe:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-5
     vae_grad_weight: float = 0.5
-    vae_seconds: float = 780
+    vae_seconds: float = 1500
     vae_max_steps: int = 100_000
     vae_bf16: bool = False
     # decoder fine-tuning on the cached latents (encoder frozen), in a parallel process during UNet training
-    decoder_seconds: float = 2400
+    decoder_seconds: float = 2700
     decoder_max_steps: int = 100_000
     decoder_batch: int = 16
     decoder_lr: float = 1e-3
@@ -89,7 +89,7 @@ class Recipe:
     unet_lr: float = 1e-3
     te_lr: float = 2e-3
     unet_warmup: int = 100
-    unet_seconds: float = 3000
+    unet_seconds: float = 2700
     unet_max_steps: int = 100_000
     high_t_prob: float = 0.3  # extra share of timesteps drawn from t ≥ 500, where layout is decided
     caption_drop_p: float = 0.12
@@ -769,10 +769,13 @@ def train(recipe: Recipe, paths: Paths, resume: bool, until: str = "export") -> 
     if recipe.decoder_parallel:  # one extra process: on a shared machine two processes beat two threads
         decoder = mp.get_context("spawn").Process(target=_decoder_worker, args=(recipe, paths, resume, 1), daemon=True)
         decoder.start()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads - 1))  # oversubscribed torch threads collapse
     unet, te = train_unet(recipe, tok, vae, latents, scenes, paths, resume)
     times["unet"] = time.time() - t0
     if recipe.decoder_parallel:
         decoder.join()
+        torch.set_num_threads(threads)
         if decoder.exitcode != 0:
             raise RuntimeError(f"decoder fine-tuning process failed ({decoder.exitcode})")
     else:
