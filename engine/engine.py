@@ -40,6 +40,8 @@ class HookContext:
     do_cfg: bool
     timesteps: torch.Tensor
     source_image: Image.Image | None  # the img2img/inpaint image at generation size
+    crop_box: tuple[int, int, int, int] | None = None  # "Only masked": the region of the full image being generated
+    full_size: tuple[int, int] | None = None  # the full image's size when crop_box is set
 
 
 class ExtensionHost(Protocol):
@@ -122,7 +124,8 @@ class Engine:
             tick = time.perf_counter()
             job, start_latents_only = self._build_job(request, model, prepared, scheduler, noise, generators, conditioning, do_cfg)
             if job is not None and self.extensions:
-                context = HookContext(model, request, prepared.width, prepared.height, len(seeds), do_cfg, job.timesteps, prepared.source)
+                context = HookContext(model, request, prepared.width, prepared.height, len(seeds), do_cfg, job.timesteps, prepared.source,
+                                      prepared.crop_box, prepared.original.size if prepared.crop_box is not None else None)
                 job.hooks = self.extensions.step_hooks(context)
             if job is None:
                 latents = start_latents_only

@@ -497,3 +497,20 @@ def test_demo_outline_controls_where_the_shape_appears(tmp_path):
     targets = [position for position in world.POSITIONS if position != scene.position][:3]
     followed = [evaluate.classify(generate(world.full_caption(scene), world.render_outline(scene.moved(p)))).position == p for p in targets]
     assert sum(followed) >= 2, dict(zip(targets, followed))
+
+
+def test_only_masked_inpaint_cuts_an_explicit_control_image_to_the_masked_region(cn_engine, cn, monkeypatch):
+    init = Image.new("RGB", (128, 128), "gray")
+    control = Image.new("RGB", (128, 128), "black")
+    ImageDraw.Draw(control).rectangle((72, 72, 127, 127), fill="white")  # white only around the masked corner
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((88, 88, 112, 112), fill=255)
+    seen: list[Image.Image] = []
+    control_map = cn.runtime.control_map
+    monkeypatch.setattr(cn.runtime, "control_map", lambda unit, image, w, h: seen.append(image) or control_map(unit, image, w, h))
+    base = request(init_image=init, mask=mask, denoising_strength=0.8, inpaint_area="Only masked", inpaint_padding=8,
+                   extensions={"controlnet": [unit(image=control, module="none")]})
+    cn_engine.generate(base)
+    assert (np.asarray(seen[-1].convert("L")) > 128).mean() > 0.9, "the control image was not cut to the masked region"
+    cn_engine.generate(base.with_changes(inpaint_area="Whole picture"))
+    assert (np.asarray(seen[-1].convert("L")) > 128).mean() < 0.3, "whole-picture inpainting uses the whole control image"

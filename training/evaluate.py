@@ -271,12 +271,16 @@ def controlnet_generator(pipe, steps: int = 20, guidance_scale: float = 5.0, bat
     return generate
 
 
-def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Markdown table of ``evaluate_model`` results."""
-    lines = ["| cfg | split | " + " | ".join(ATTRIBUTES) + " |", "|---|---|" + "---|" * len(ATTRIBUTES)]
-    for cfg, splits in results.items():
-        for split, accs in splits.items():
-            lines.append(f"| {cfg[3:]} | {split} | " + " | ".join(f"{accs[a]:.2f}" for a in ATTRIBUTES) + " |")
+def format_table(results: dict[str, dict[str, dict[str, float]]], row_header: str = "split", row_first: bool = False) -> str:
+    """Markdown table of ``evaluate_model`` results: ``{"cfg5": {row: {attribute: accuracy}}}``.
+
+    Rows are splits by default; with ``row_first`` the row label (e.g. a held-out combo) comes before the cfg column."""
+    headers = [row_header, "cfg"] if row_first else ["cfg", row_header]
+    lines = ["| " + " | ".join(headers + list(ATTRIBUTES)) + " |", "|---|---|" + "---|" * len(ATTRIBUTES)]
+    for cfg, rows in results.items():
+        for row, accs in rows.items():
+            labels = [row, cfg[3:]] if row_first else [cfg[3:], row]
+            lines.append("| " + " | ".join(labels + [f"{accs[a]:.2f}" for a in ATTRIBUTES]) + " |")
     return "\n".join(lines)
 
 

@@ -13,21 +13,10 @@ import json
 from pathlib import Path
 
 from . import world
-from .evaluate import ATTRIBUTES, format_table
+from .demo_model import folder_mb
+from .evaluate import format_table
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def folder_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
-
-
-def held_out_table(per_combo: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = ["| held-out combo | cfg | " + " | ".join(ATTRIBUTES) + " |", "|---|---|" + "---|" * len(ATTRIBUTES)]
-    for cfg, combos in per_combo.items():
-        for combo, accs in combos.items():
-            lines.append(f"| {combo} | {cfg[3:]} | " + " | ".join(f"{accs[a]:.2f}" for a in ATTRIBUTES) + " |")
-    return "\n".join(lines)
 
 
 def render_card(meta: dict, recipe: dict, times: dict, ev: dict, sizes: dict[str, float], notes: str) -> str:
@@ -71,7 +60,7 @@ words map to the unknown token and are ignored): {vocab}.
 - ControlNet: `ControlNetModel.from_unet`, conditioning channels {tuple(recipe['cn_channels'])} (÷8),
   UNet and text encoder frozen; empty captions p={recipe['cn_empty_p']}; AdamW lr {recipe['cn_lr']}, batch {recipe['cn_batch']}.
 
-Wall times on 2 shared CPU cores: {', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())}.
+Wall times on 2 CPU cores: {', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())}.
 
 ## Evaluation
 
@@ -85,7 +74,7 @@ Images are read back by a pixel classifier (`training/evaluate.py`) which scores
 
 "unseen" rows are the held-out colour×shape×position combos, never seen in training:
 
-{held_out_table(ev['held_out_combos'])}
+{format_table(ev['held_out_combos'], 'held-out combo', row_first=True)}
 
 ControlNet (cfg 5, 20 steps, 32 fixed outlines including every held-out combo): mean IoU of the generated
 shape against the filled outline **{cn.get('iou', float('nan')):.3f}** with the full caption,

@@ -178,6 +178,9 @@ class ControlNetRuntime:
             where = f"units[{index}]"
             entry = self.model_for(unit, where, unet_config)
             image = unit.image if unit.image is not None else context.source_image
+            if unit.image is not None and context.crop_box is not None:
+                # An image drawn for the whole picture: "Only masked" generates one region of it.
+                image = maps.crop_to_region(unit.image, context.full_size, context.crop_box, unit.resize_mode)
             if image is None:
                 raise ValidationError(f"{where}.image", "ControlNet needs a control image (txt2img has no source image to fall back on)")
             reason = preprocessors.why_unavailable(unit.module, self.models_dir)

@@ -81,6 +81,13 @@ def fit_map(image: np.ndarray, width: int, height: int, resize_mode: str) -> np.
     return outer[top:top + height, left:left + width]
 
 
+def crop_to_region(image: Image.Image, full_size: tuple[int, int], box: tuple[int, int, int, int], resize_mode: str) -> Image.Image:
+    """A control image made for the whole picture, fitted to it and cut to ``box`` (left, top, right, bottom),
+    as sd-webui-controlnet does for "Only masked" inpainting."""
+    fitted = fit_map(np.asarray(image.convert("RGB")), full_size[0], full_size[1], resize_mode)
+    return Image.fromarray(fitted, "RGB").crop(box)
+
+
 def control_map(unit: ControlNetUnit, image: Image.Image, width: int, height: int, models_dir=None) -> Image.Image:
     """The unit's preprocessed map at ``width``×``height``."""
     resolution = processing_resolution(unit, image.size, width, height)
