@@ -2,7 +2,8 @@
 
 Three doors into one server (a child process on 127.0.0.1):
 - the Gradio UI's txt2img endpoint through ``gradio_client``: submit, then wait
-  for the first streamed output carrying a preview;
+  for the first streamed output carrying a preview (its URL; gradio_client reads
+  the event stream in 50 ms polls, which shows in this door's figure);
 - the same endpoint spoken as a browser tab speaks it (``queue/join`` + the SSE
   stream), without gradio_client's own file downloads in the way;
 - the A1111 HTTP API: POST /sdapi/v1/txt2img and poll GET /sdapi/v1/progress
@@ -17,7 +18,6 @@ generated once already.
 """
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 
@@ -74,8 +74,9 @@ class GradioDoor:
     def __init__(self, url: str, values: dict):
         from gradio_client import Client
 
-        self._download = tempfile.TemporaryDirectory(prefix="sfumato-bench-gradio-")
-        self.client = Client(url, verbose=False, download_files=self._download.name, analytics_enabled=False)
+        # Files are not downloaded: the preview counts as arrived when its URL does, as in the browser door
+        # (a tab fetches the image after the message, in parallel with the next step).
+        self.client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
         info = self.client.view_api(return_format="dict", print_info=False)
         parameters = info["named_endpoints"]["/txt2img"]["parameters"]
         self.kwargs = {}
@@ -104,14 +105,13 @@ class GradioDoor:
 
     def close(self) -> None:
         self.client.close() if hasattr(self.client, "close") else None
-        self._download.cleanup()
 
 
 class BrowserDoor:
     """The same endpoint spoken as the browser speaks it: POST ``queue/join``, then read the SSE stream.
 
-    gradio_client adds its own latency (it downloads every streamed file before handing the
-    output over), so this door shows what a browser tab sees. It reads Gradio's ``/config``;
+    gradio_client adds its own latency (it polls its event queue every 50 ms), so this door
+    shows what a browser tab sees. It reads Gradio's ``/config``;
     should a Gradio upgrade change that protocol, this door reports an error and the others still run.
     """
 
