@@ -297,7 +297,7 @@ def load_and_evaluate(model_dir: str, controlnet_dir: str | None, threads: int =
     out["load_s"] = round(time.time() - t0, 2)
     if text:
         t0 = time.time()
-        out["text"], out["held_out_combos"] = evaluate_model(pipe)
+        out["text"], out["held_out_combos"] = evaluate_model(pipe, cfgs=(1.0, 3.0, 5.0))
         out["text_eval_s"] = round(time.time() - t0, 1)
         out["n_prompts"] = len(eval_scenes())
     if controlnet_dir:

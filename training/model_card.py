@@ -52,6 +52,9 @@ words map to the unknown token and are ignored): {vocab}.
   attribute dropped with p={recipe['caption_drop_p']}, empty caption p={recipe['caption_empty_p']} (for CFG).
 - VAE: `AutoencoderKL` f8, channels {tuple(recipe['vae_channels'])}, 1 layer/block, log-variance bias init −8;
   loss L1 + MSE + image-gradient L1 + {recipe['vae_kl_weight']}·KL, AdamW lr {recipe['vae_lr']} cosine, batch {recipe['vae_batch']}, {'bf16 autocast' if recipe.get('vae_bf16') else 'fp32'}, GroupNorm groups {recipe.get('vae_norm_groups', '?')}.
+- Decoder fine-tune: encoder frozen (the UNet's latent space stays fixed), decoder trained on the cached latents
+  plus {recipe.get('decoder_latent_noise', 0)}×std latent noise, AdamW lr {recipe.get('decoder_lr')}, batch {recipe.get('decoder_batch')},
+  in a second process beside the UNet stage (one thread each).
 - Text encoder: `CLIPTextModel`, hidden {recipe['te_hidden']}, {recipe['te_layers']} layers, {recipe['te_heads']} heads, {recipe['max_tokens']} positions.
 - UNet: `UNet2DConditionModel`, channels {tuple(recipe['unet_channels'])}, cross-attention in every block.
   Trained jointly with the text encoder on the DDPM forward process with the L_simple loss on
@@ -60,7 +63,7 @@ words map to the unknown token and are ignored): {vocab}.
 - ControlNet: `ControlNetModel.from_unet`, conditioning channels {tuple(recipe['cn_channels'])} (÷8),
   UNet and text encoder frozen; empty captions p={recipe['cn_empty_p']}; AdamW lr {recipe['cn_lr']}, batch {recipe['cn_batch']}.
 
-Wall times on 2 CPU cores: {', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())}.
+Wall times on 2 CPU cores: {', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())} (the decoder stage runs during the UNet stage, not after it).
 
 ## Evaluation
 
