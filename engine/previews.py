@@ -28,8 +28,9 @@ class CheapPreviewer:
         channels, height, width = latent.shape
         stride = max(1, max(height, width) // PREVIEW_MAX_SIDE)
         latent = latent[:, ::stride, ::stride].numpy()
-        # In numpy: on a small latent torch's per-operation dispatch costs more than the arithmetic.
-        rgb = np.tensordot(latent, self._factors[:channels], axes=(0, 0)) + self._bias
+        # In numpy, and without BLAS: on a small latent torch's per-operation dispatch costs more than
+        # the arithmetic, and a BLAS call wakes BLAS threads that then compete with torch's for the cores.
+        rgb = self._bias + sum(latent[c, :, :, None] * self._factors[c] for c in range(channels))
         pixels = ((np.clip(rgb, -1, 1) + 1) * 127.5).astype(np.uint8)
         return Image.fromarray(pixels, "RGB")
 
