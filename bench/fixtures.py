@@ -18,6 +18,7 @@ from PIL import Image
 
 from engine import Engine, GenerationRequest, ModelRegistry
 from engine.models import BUILTIN_DIR, DEFAULT_MODEL_NAME
+from training import world
 
 from .timing import Mode
 
@@ -116,10 +117,7 @@ def request(model: str, mode: Mode, prompt: str = PROMPT, **changes) -> Generati
 _COLD_SERIES = itertools.count(0)
 # The demo model's own vocabulary, so cold prompts stay inside its 16-token window (where diffusers
 # and Sfumato compute the same tensors) and mean something to it: 8 × 3 × 5 × 9 = 1,080 prompts.
-_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "white", "black")
-_SHAPES = ("circle", "square", "triangle")
-_PLACES = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
-_BACKGROUNDS = _COLOURS + ("gray",)
+_COLD_COMBOS = list(itertools.product(world.COLOURS, world.SHAPES, world.POSITION_PHRASES.values(), world.PALETTE))
 _COLD_SERIES_LENGTH = 40
 
 
@@ -130,10 +128,9 @@ def cold_prompts() -> Callable[[int], str]:
     can ask for the same prompt.
     """
     series = next(_COLD_SERIES)
-    combos = list(itertools.product(_COLOURS, _SHAPES, _PLACES, _BACKGROUNDS))
 
     def prompt(index: int) -> str:
-        colour, shape, place, background = combos[(series * _COLD_SERIES_LENGTH + index + 1) % len(combos)]
+        colour, shape, place, background = _COLD_COMBOS[(series * _COLD_SERIES_LENGTH + index + 1) % len(_COLD_COMBOS)]
         return f"a large {colour} {shape} {place}, {background} background"
     return prompt
 

@@ -9,8 +9,9 @@ figure is engine time ÷ pipeline time, median of interleaved pairs.
 "cold prompt": every repetition uses a prompt neither side has seen, so the
 engine's embedding cache cannot help (in-vocabulary prompts that fit the demo
 model's 16-token window; beyond a window diffusers truncates while Sfumato, like
-A1111, encodes the rest in further chunks, so the two would not draw the same). "warm prompt": the same prompt every
-time, as when an artist re-rolls seeds; the engine then skips the text encoder.
+A1111, encodes the rest in further chunks, so the two would not draw the same).
+"warm prompt": the same prompt every time, as when an artist re-rolls seeds; the
+engine then skips the text encoder.
 The images of each pair are compared pixel by pixel.
 """
 from __future__ import annotations

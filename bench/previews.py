@@ -7,6 +7,10 @@ decode every step. Figures: cheap ÷ off (goal ≤ 1.02) and full ÷ off.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
 from engine.previews import CheapPreviewer
 
 from .fixtures import BenchContext, request
@@ -36,14 +40,13 @@ def measure(ctx: BenchContext, model_name: str) -> dict:
             return clock() - tick
         return run
 
-    spent = _time_inside(CheapPreviewer)
-    times = interleave({name: runner(name) for name in VARIANTS}, mode.repetitions)
-    spent.stop()
+    with time_inside(CheapPreviewer) as spent:
+        times = interleave({name: runner(name) for name in VARIANTS}, mode.repetitions)
     figures: dict = {"model": model_name, "steps": mode.steps, "size": mode.size,
                      "previews_per_image": dict(previews), **{f"{name}_ms": ms(median(t)) for name, t in times.items()}}
-    cheap_runs = mode.repetitions + 1  # the warm-up round included, as the timer saw it
-    figures["cheap_previewer_ms_per_image"] = round(spent.seconds * 1000 / cheap_runs, 3)
-    figures["cheap_previewer_share"] = round(spent.seconds / cheap_runs / median(times["cheap"]), 5)
+    previewer_seconds_per_image = spent.seconds / max(spent.calls, 1) * previews["cheap"]
+    figures["cheap_previewer_ms_per_image"] = round(previewer_seconds_per_image * 1000, 3)
+    figures["cheap_previewer_share"] = round(previewer_seconds_per_image / median(times["cheap"]), 5)
     for name in ("cheap", "full"):
         stats = pair_stats(times[name], times["off"])
         figures[name] = stats["ratio"]
@@ -51,24 +54,31 @@ def measure(ctx: BenchContext, model_name: str) -> dict:
     return figures
 
 
-class _time_inside:
-    """Adds up the wall time spent inside ``cls.__call__`` until ``stop``: the previewer's own cost,
-    which the end-to-end ratio can only show through the machine's noise."""
+@dataclass
+class _Timer:
+    seconds: float = 0.0
+    calls: int = 0
 
-    def __init__(self, cls):
-        self.cls, self.original, self.seconds = cls, cls.__call__, 0.0
-        timer = self
 
-        def timed(previewer, *args, **kwargs):
-            tick = clock()
-            try:
-                return timer.original(previewer, *args, **kwargs)
-            finally:
-                timer.seconds += clock() - tick
-        cls.__call__ = timed
+@contextmanager
+def time_inside(cls) -> Iterator[_Timer]:
+    """Adds up the wall time spent inside ``cls.__call__`` while the block runs: the previewer's own
+    cost, which the end-to-end ratio can only show through the machine's noise."""
+    timer, original = _Timer(), cls.__call__
 
-    def stop(self) -> None:
-        self.cls.__call__ = self.original
+    def timed(instance, *args, **kwargs):
+        tick = clock()
+        try:
+            return original(instance, *args, **kwargs)
+        finally:
+            timer.seconds += clock() - tick
+            timer.calls += 1
+
+    cls.__call__ = timed
+    try:
+        yield timer
+    finally:
+        cls.__call__ = original
 
 
 def run(ctx: BenchContext) -> BenchResult:

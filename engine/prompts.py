@@ -162,18 +162,16 @@ class PromptEncoder:
         return encoded
 
     def _encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._is_plain(text):
-            return self._encode_plain(text)
         if not _SYNTAX.search(text):
-            return self._encode_unweighted_long(text)
+            return self._encode_plain(text) if self._fits_one_window(text) else self._encode_unweighted_long(text)
         if self.is_xl:
             embeds, pooled = self._compel([a1111_to_compel(text)])
             return embeds, pooled
         return self._compel([a1111_to_compel(text)]), None
 
-    def _is_plain(self, text: str) -> bool:
-        """No weighting syntax, and one CLIP window (start and end tokens included) for every tokenizer."""
-        if self._pipeline is None or _SYNTAX.search(text):
+    def _fits_one_window(self, text: str) -> bool:
+        """One CLIP window (start and end tokens included) for every tokenizer, and a pipeline to encode it."""
+        if self._pipeline is None:
             return False
         tokenizers = [self._pipeline.tokenizer] + ([self._pipeline.tokenizer_2] if self.is_xl else [])
         return all(len(tokenizer(text).input_ids) <= tokenizer.model_max_length for tokenizer in tokenizers)
