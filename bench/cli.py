@@ -83,6 +83,31 @@ def headline(results: dict) -> dict:
     }
 
 
+def _run_benches(args, mode, threads, chosen, benches, out_path):
+    from .fixtures import BenchContext, BenchModels
+    from .report import BenchResult
+
+    models = BenchModels.create(mode, device=args.device)
+    for note in models.notes:
+        print(f"note: {note}")
+    ctx = BenchContext(mode, models, models.engine(), out_path.parent, log=lambda line: print(line, flush=True), threads=threads)
+    results, figures, failed = [], {}, []
+    try:
+        for name in chosen:
+            print(f"[{name}]", flush=True)
+            try:
+                result = benches[name](ctx)
+            except Exception as error:  # noqa: BLE001 - one broken bench must not hide the others
+                traceback.print_exc()
+                failed.append(name)
+                result = BenchResult(name, name, skipped=f"error: {type(error).__name__}: {error}")
+            results.append(result)
+            figures[result.name] = result.figures if not result.skipped else {"skipped": result.skipped}
+    finally:
+        models.close()
+    return models, results, figures, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
-    from .fixtures import BenchContext, BenchModels, quiet_libraries
+    from engine.compute import run_on_compute_thread
+
+    from .fixtures import quiet_libraries
     from .report import text_table, write_readme
     from .timing import MODES, max_rss_mb, set_threads
 
@@ -109,26 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"sfumato bench, {mode_name} mode, device {args.device}, {threads} torch thread(s)")
     load_before = _load_average()
-    models = BenchModels.create(mode, device=args.device)
-    for note in models.notes:
-        print(f"note: {note}")
-    ctx = BenchContext(mode, models, models.engine(), out_path.parent, log=lambda line: print(line, flush=True), threads=threads)
-    results, figures, failed = [], {}, []
-    try:
-        for name in chosen:
-            print(f"[{name}]", flush=True)
-            try:
-                result = benches[name](ctx)
-            except Exception as error:  # noqa: BLE001 - one broken bench must not hide the others
-                traceback.print_exc()
-                failed.append(name)
-                from .report import BenchResult
-
-                result = BenchResult(name, name, skipped=f"error: {type(error).__name__}: {error}")
-            results.append(result)
-            figures[result.name] = result.figures if not result.skipped else {"skipped": result.skipped}
-    finally:
-        models.close()
+    # Every bench runs on the engine's compute thread, where Engine.generate runs anyway: the peer
+    # pipelines, the floor's bare UNet calls and the tiny-model builds then share its OpenMP team
+    # instead of making a second one that would slow every op down (see engine.compute).
+    models, results, figures, failed = run_on_compute_thread(_run_benches, args, mode, threads, chosen, benches, out_path)
 
     meta = _meta(mode_name, str(models.registry.device), threads, models.notes)
     meta["load_average"] = f"{load_before} → {_load_average()}"

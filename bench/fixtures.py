@@ -20,7 +20,7 @@ from engine import Engine, GenerationRequest, ModelRegistry
 from engine.models import BUILTIN_DIR, DEFAULT_MODEL_NAME
 from training import world
 
-from .timing import Mode
+from .timing import MAX_ROUNDS, Mode
 
 TINY_SD1 = "tiny-sd1"
 TINY_SD1_B = "tiny-sd1-b"  # a second model, for model-switch timings
@@ -118,7 +118,7 @@ _COLD_SERIES = itertools.count(0)
 # The demo model's own vocabulary, so cold prompts stay inside its 16-token window (where diffusers
 # and Sfumato compute the same tensors) and mean something to it: 8 × 3 × 5 × 9 = 1,080 prompts.
 _COLD_COMBOS = list(itertools.product(world.COLOURS, world.SHAPES, world.POSITION_PHRASES.values(), world.PALETTE))
-_COLD_SERIES_LENGTH = 40
+_COLD_SERIES_LENGTH = MAX_ROUNDS + 1  # a series never reaches into the next one
 
 
 def cold_prompts() -> Callable[[int], str]:

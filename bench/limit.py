@@ -84,7 +84,7 @@ def measure(ctx: BenchContext, model_name: str) -> dict:
             parts["decode"].append(decode_seconds)
         return unet_seconds + decode_seconds
 
-    times = interleave({"engine": engine_run, "floor": floor_run}, mode.repetitions)
+    times = interleave({"engine": engine_run, "floor": floor_run}, mode.repetitions, budget_s=mode.ratio_budget_s)
     ratios = [e / f for e, f in zip(times["engine"], times["floor"])]
     return {
         "model": model_name, "steps": mode.steps, "size": mode.size, **pair_stats(times["engine"], times["floor"]),

@@ -68,9 +68,10 @@ def compare(ctx: BenchContext, model_name: str) -> dict:
     figures: dict = {"model": model_name, "steps": mode.steps, "size": mode.size, "sampler": "DPM++ 2M", "cfg": 7.0}
     for label, prompt_for in (("cold_prompt", cold_prompts()), ("warm_prompt", lambda _index: PROMPT)):
         images.clear()
-        times = interleave({"engine": engine_run(prompt_for), "peer": peer_run(prompt_for)}, mode.repetitions)
+        times = interleave({"engine": engine_run(prompt_for), "peer": peer_run(prompt_for)}, mode.repetitions,
+                           budget_s=mode.ratio_budget_s)
         stats = pair_stats(times["engine"], times["peer"])
-        diffs = [max_pixel_diff(images[("engine", i)], images[("peer", i)]) for i in range(mode.repetitions)]
+        diffs = [max_pixel_diff(images[("engine", i)], images[("peer", i)]) for i in range(len(times["engine"]))]
         figures[label] = stats["ratio"]
         figures[f"{label}_detail"] = {"engine_ms": ms(median(times["engine"])), "diffusers_ms": ms(median(times["peer"])), **stats,
                                       "ratios": [round(e / p, 4) for e, p in zip(times["engine"], times["peer"])]}

@@ -41,7 +41,7 @@ def measure(ctx: BenchContext, model_name: str) -> dict:
         return run
 
     with time_inside(CheapPreviewer) as spent:
-        times = interleave({name: runner(name) for name in VARIANTS}, mode.repetitions)
+        times = interleave({name: runner(name) for name in VARIANTS}, mode.repetitions, budget_s=mode.ratio_budget_s)
     figures: dict = {"model": model_name, "steps": mode.steps, "size": mode.size,
                      "previews_per_image": dict(previews), **{f"{name}_ms": ms(median(t)) for name, t in times.items()}}
     previewer_seconds_per_image = spent.seconds / max(spent.calls, 1) * previews["cheap"]

@@ -32,12 +32,18 @@ class Mode:
     scaling_batches: tuple[int, ...]
     scaling_budget_s: float  # stop growing the image before one generation would take longer than this
     use_demo_model: bool
+    # A side-by-side ratio keeps adding rounds past ``repetitions`` until this many seconds have gone
+    # (at most MAX_ROUNDS): cheap comparisons get more pairs, so their medians are as steady as the
+    # slow ones' on a noisy machine.
+    ratio_budget_s: float = 0.0
 
+
+MAX_ROUNDS = 120
 
 MODES: dict[str, Mode] = {
     "smoke": Mode("smoke", 1, 3, 64, (64, 128), (1, 2), 2.0, False),
-    "quick": Mode("quick", 7, 10, 64, (64, 128, 256, 512), (1, 2, 4), 2.0, True),
-    "full": Mode("full", 21, 20, 64, (64, 128, 256, 512, 768, 1024, 1536, 2048), (1, 2, 4, 8), 5.0, True),
+    "quick": Mode("quick", 7, 10, 64, (64, 128, 256, 512), (1, 2, 4), 2.0, True, ratio_budget_s=4.0),
+    "full": Mode("full", 21, 20, 64, (64, 128, 256, 512, 768, 1024, 1536, 2048), (1, 2, 4, 8), 5.0, True, ratio_budget_s=30.0),
 }
 
 
@@ -49,20 +55,26 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def interleave(runners: dict[str, Callable[[int], float]], repetitions: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run each runner ``repetitions`` times, rotating the order every round.
+def interleave(runners: dict[str, Callable[[int], float]], repetitions: int, warmup: int = 1,
+               budget_s: float = 0.0) -> dict[str, list[float]]:
+    """Run each runner ``repetitions`` times, rotating the order every round, then keep adding
+    rounds while the measured rounds have taken less than ``budget_s`` (up to ``MAX_ROUNDS``).
 
     A runner takes the repetition index (so it can vary its prompt) and returns
     the seconds it measured. Warm-up rounds use negative indices and are discarded.
     """
     names = list(runners)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(-warmup, repetitions):
+    index, started = -warmup, clock()
+    while index < repetitions or (index < MAX_ROUNDS and clock() - started < budget_s):
+        if index == 0:
+            started = clock()
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
             seconds = runners[name](index)
             if index >= 0:
                 times[name].append(seconds)
+        index += 1
     return times
 
 

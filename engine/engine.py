@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import image_ops, samplers
+from .compute import run_on_compute_thread
 from .errors import GenerationError, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
-from .previews import CheapPreviewer, VaePreviewer, pil_to_tensor
+from .previews import CheapPreviewer, VaePreviewer, parameter_dtype, pil_to_tensor
 from .request import CancelToken, GeneratedImage, GenerationRequest, GenerationResult, Progress
 from .sampling import DenoiseJob, InpaintInputs, StepHook, denoise
 from .seeds import cpu_generator, resolve_seed, slerp
@@ -71,6 +72,11 @@ class Engine:
 
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
+        """Runs on the compute thread (see ``engine.compute``); ``on_progress`` is called from there."""
+        return run_on_compute_thread(self._generate_safely, request, on_progress, cancel)
+
+    def _generate_safely(self, request: GenerationRequest, on_progress: ProgressCallback | None,
+                         cancel: CancelToken | None) -> GenerationResult:
         with self._lock:
             try:
                 return self._generate(request, on_progress, cancel or CancelToken())
@@ -285,7 +291,7 @@ class Engine:
     def _encode_tensor(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
         vae = model.pipeline.vae
         # The posterior mean, not a sample: deterministic and identical on every device.
-        return vae.encode(pixels.to(model.device, vae.dtype)).latent_dist.mean * model.scaling_factor
+        return vae.encode(pixels.to(model.device, parameter_dtype(vae))).latent_dist.mean * model.scaling_factor
 
     @staticmethod
     @torch.inference_mode()
@@ -293,7 +299,7 @@ class Engine:
         vae = model.pipeline.vae
         if not torch.isfinite(latents).all():
             raise GenerationError("the sampler produced non-finite values (NaN/inf); try another sampler or schedule")
-        decoded = vae.decode(latents.to(vae.dtype) / model.scaling_factor, return_dict=False)[0]
+        decoded = vae.decode(latents.to(parameter_dtype(vae)) / model.scaling_factor, return_dict=False)[0]
         # Same arithmetic as diffusers' VaeImageProcessor.postprocess, so pixels match the plain pipeline.
         array = (decoded / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
         array = (array * 255).round().astype("uint8")

@@ -37,6 +37,7 @@ from types import SimpleNamespace
 import torch
 
 from . import checkpoint_convert as layout_keys
+from .compute import run_on_compute_thread
 from .performance import PerformanceOptions
 from .performance import apply as apply_performance
 from .devices import pick_device, pick_dtype
@@ -478,6 +479,13 @@ class ModelRegistry:
         entry = self.get(name)
         with self._lock:
             if entry.name in self._loaded:
+                self._loaded.move_to_end(entry.name)
+                return self._loaded[entry.name]
+        return run_on_compute_thread(self._load_and_cache, entry)
+
+    def _load_and_cache(self, entry: ModelEntry) -> LoadedModel:
+        with self._lock:
+            if entry.name in self._loaded:  # loaded while this call waited for the compute thread
                 self._loaded.move_to_end(entry.name)
                 return self._loaded[entry.name]
             loaded = self._load_uncached(entry)

@@ -41,11 +41,19 @@ class VaePreviewer:
     def __init__(self, vae, scaling_factor: float):
         self.vae = vae
         self.scaling_factor = scaling_factor
+        first = next(vae.parameters())
+        self._device, self._dtype = first.device, first.dtype
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor) -> Image.Image:
-        sample = self.vae.decode(latents[:1].to(self.vae.device, self.vae.dtype) / self.scaling_factor).sample
+        sample = self.vae.decode(latents[:1].to(self._device, self._dtype) / self.scaling_factor).sample
         return tensor_to_pil(sample)[0]
+
+
+def parameter_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's weights. diffusers' ``.dtype`` property walks every submodule
+    (about a millisecond on a VAE), too slow to ask once per image or preview."""
+    return next(module.parameters()).dtype
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -139,3 +139,20 @@ def test_interleave_rotates_the_order_every_round():
     times = interleave(runners, repetitions=3, warmup=0)
     assert order == list("abc" "bca" "cab")
     assert all(len(values) == 3 for values in times.values())
+
+
+def test_interleave_adds_rounds_within_the_budget_and_stops_at_the_cap(monkeypatch):
+    from bench import timing
+
+    now = [0.0]
+    monkeypatch.setattr(timing, "clock", lambda: now[0])
+
+    def runner(index: int) -> float:
+        now[0] += 1.0  # every run "takes" one second
+        return 1.0
+
+    times = interleave({"a": runner, "b": runner}, repetitions=3, warmup=1, budget_s=10.0)
+    assert len(times["a"]) == len(times["b"]) == 5  # 3 required rounds, then rounds until 10 s were spent
+    assert len(interleave({"a": runner}, repetitions=2, budget_s=0.0)["a"]) == 2
+    monkeypatch.setattr(timing, "MAX_ROUNDS", 7)
+    assert len(interleave({"a": runner}, repetitions=2, budget_s=1e9)["a"]) == 7

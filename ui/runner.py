@@ -81,18 +81,24 @@ def _next_event(job: Job, timeout: float) -> JobEvent | None:
 
 
 def follow(jobs: JobQueue, job: Job, poll: float = POLL_SECONDS) -> Iterator[Tick]:
-    """Ticks for one job until its result or error; the caller owns cancelling it if it stops early."""
+    """Ticks for one job until its result or error; the caller owns cancelling it if it stops early.
+
+    A job with others ahead says so at once. One that starts right away says "Starting…" only
+    if no step has come back within ``poll``: sending that tick makes the web server work while
+    the first step computes, and delays the first preview it would otherwise show.
+    """
     ahead = jobs.position(job)
     clock = EtaClock()
-    yield Tick("queued", queued_text(ahead))
+    announced = ahead > 0
+    if announced:
+        yield Tick("queued", queued_text(ahead))
     while True:
         event = _next_event(job, poll)
         if event is None:
-            if job.state == QUEUED:
-                now_ahead = jobs.position(job)
-                if now_ahead != ahead:
-                    ahead = now_ahead
-                    yield Tick("queued", queued_text(ahead))
+            now_ahead = jobs.position(job) if job.state == QUEUED else 0
+            if not announced or now_ahead != ahead:
+                ahead, announced = now_ahead, True
+                yield Tick("queued", queued_text(ahead))
             continue
         if event.kind == "progress":
             latest, preview, final = event.progress, event.progress.preview, None

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from engine.compute import on_compute_thread
 from engine.errors import ModelError, SfumatoError, ValidationError
 from engine.models import REPO_ROOT
 
@@ -246,8 +247,10 @@ _detectors_lock = threading.Lock()
 
 def _aux_detector(submodule: str, class_name: str, call: Callable[[Any, np.ndarray, int, float, float], Any],
                   **from_pretrained: Any) -> Runner:
-    """A runner for a controlnet_aux detector with weights in the annotators folder (loaded once, then cached)."""
+    """A runner for a controlnet_aux detector with weights in the annotators folder (loaded once, then cached).
+    Detectors are torch models, so they run on the engine's compute thread."""
 
+    @on_compute_thread
     def run(image, resolution, a, b, annotators: Path):
         if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
             raise ModelError("annotator weights are pickles; refusing to load them while TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set")
