@@ -1,7 +1,7 @@
 """Bench 1: ``Engine.generate`` against the plain diffusers pipeline on the same model.
 
-Both sides get the same weights (the peer pipeline is built with ``from_pipe``
-over the engine's loaded components), the same sampler (DPM++ 2M built by
+Both sides get the same weights (the peer pipeline loads the same diffusers
+folder again, as a diffusers user would), the same sampler (DPM++ 2M built by
 ``engine.samplers.build_scheduler`` and set on the pipe), steps, CFG, size and
 seed; previews are off in the engine and the peer's progress bar is off. The
 figure is engine time ÷ pipeline time, median of interleaved pairs.
@@ -26,13 +26,23 @@ GOAL = 0.95
 
 
 def peer_pipeline(model):
-    """A plain diffusers pipeline sharing the loaded weights, with the engine's DPM++ 2M scheduler."""
+    """A plain diffusers pipeline on the same weights, with the engine's DPM++ 2M scheduler.
+
+    A diffusers folder is loaded again, as diffusers loads it, so the peer's modules carry none of
+    the engine's load-time changes (``engine.attention_calls``); other models share the engine's
+    loaded modules, which can only flatter the peer.
+    """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from engine.samplers import build_scheduler
 
     cls = StableDiffusionXLPipeline if model.family.is_xl else StableDiffusionPipeline
-    pipe = cls.from_pipe(model.pipeline)
+    if model.entry.kind == "diffusers":
+        extra = {} if model.family.is_xl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        pipe = cls.from_pretrained(model.entry.path, local_files_only=True, use_safetensors=True, dtype=model.dtype, **extra)
+        pipe.to(model.device)
+    else:
+        pipe = cls.from_pipe(model.pipeline)
     pipe.scheduler = build_scheduler(model.pipeline.scheduler.config, "DPM++ 2M", "Automatic")
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention_calls import call_processors_directly
+
 MEMORY_MODES = ("normal", "medvram", "lowvram")
 
 
@@ -36,6 +38,9 @@ WHY_OFF = {
 
 def apply(pipeline, device: torch.device, options: PerformanceOptions) -> None:
     """Apply the options to a freshly loaded pipeline (already moved to ``device`` unless offloading)."""
+    # Always on, and first: offload hooks and torch.compile then wrap the patched layers.
+    for component in (pipeline.unet, pipeline.vae):
+        call_processors_directly(component)
     channels_last = options.channels_last if options.channels_last is not None else device.type == "cuda"
     if channels_last:
         pipeline.unet.to(memory_format=torch.channels_last)

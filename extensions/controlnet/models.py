@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from engine.attention_calls import call_processors_directly
 from engine.errors import ModelError
 
 CONTROLNET_SUBDIR = "ControlNet"
@@ -197,4 +198,5 @@ def load_controlnet(entry: ControlNetEntry, device: torch.device, dtype: torch.d
         raise
     except Exception as error:  # diffusers raises many kinds for broken files
         raise ModelError(f"could not load ControlNet {entry.name!r}: {type(error).__name__}: {error}") from error
+    call_processors_directly(model)
     return model.to(device).eval().requires_grad_(False)
