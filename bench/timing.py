@@ -14,8 +14,9 @@ import statistics
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -95,6 +96,33 @@ def pair_stats(a: list[float], b: list[float]) -> dict:
 
 def ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
+
+
+@dataclass
+class _Timer:
+    seconds: float = 0.0
+    calls: int = 0
+
+
+@contextmanager
+def time_inside(cls, method: str = "__call__") -> Iterator[_Timer]:
+    """Adds up the wall time spent inside ``cls.<method>`` while the block runs: a part's own cost
+    (the previewer's, the sampler step's), which an end-to-end ratio shows only through the noise."""
+    timer, original = _Timer(), getattr(cls, method)
+
+    def timed(instance, *args, **kwargs):
+        tick = clock()
+        try:
+            return original(instance, *args, **kwargs)
+        finally:
+            timer.seconds += clock() - tick
+            timer.calls += 1
+
+    setattr(cls, method, timed)
+    try:
+        yield timer
+    finally:
+        setattr(cls, method, original)
 
 
 # -- memory ----------------------------------------------------------------------

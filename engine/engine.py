@@ -348,7 +348,7 @@ class Engine:
                 eta = elapsed / done * (total_all - done) if done else 0.0
                 preview = None
                 if previewer is not None and (step % request.preview_every == 0 or step == total):
-                    preview = previewer(latents)
+                    preview = previewer.deferred(latents)
                 on_progress(Progress(step, total, group_index * group_size, request.images_total, elapsed, eta, preview))
             return False
 

@@ -210,7 +210,12 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class Progress:
-    """One step of one job: where it is, how long it took, and an optional preview."""
+    """One step of one job: where it is, how long it took, and an optional preview.
+
+    ``preview_source`` is an image, or a deferred preview (``engine.previews.DeferredPreview``)
+    that is drawn when someone first reads ``preview``: on the thread that shows it, not the
+    one sampling.
+    """
 
     step: int
     total_steps: int
@@ -218,7 +223,18 @@ class Progress:
     images_total: int
     elapsed: float
     eta: float
-    preview: Image.Image | None = None
+    preview_source: Any = None
+
+    @property
+    def has_preview(self) -> bool:
+        return self.preview_source is not None
+
+    @property
+    def preview(self) -> Image.Image | None:
+        source = self.preview_source
+        if source is None or isinstance(source, Image.Image):
+            return source
+        return source.image()
 
     @property
     def fraction(self) -> float:

@@ -76,6 +76,38 @@ def test_previews_arrive_before_the_result_with_the_right_count_and_aspect(engin
     assert result.images[0].image.size == (96, 64)
 
 
+def test_cheap_previews_are_drawn_by_whoever_reads_them_from_the_latent_of_that_step(engine):
+    """The sampling thread only snapshots the latent; the reader draws it, and what it draws is that step's latent."""
+    import threading
+
+    from engine.previews import CheapPreviewer, DeferredPreview
+
+    events, latents = [], []
+    original = CheapPreviewer.deferred
+
+    def spy(self, step_latents):
+        latents.append(step_latents.clone())
+        return original(self, step_latents)
+
+    drawn_on: list[str] = []
+    draw = CheapPreviewer.render
+    CheapPreviewer.deferred = spy
+    CheapPreviewer.render = lambda self, latent: drawn_on.append(threading.current_thread().name) or draw(self, latent)
+    try:
+        engine.generate(request(steps=3, preview_every=1), on_progress=events.append)
+        assert all(isinstance(event.preview_source, DeferredPreview) for event in events)
+        assert drawn_on == []  # nothing drawn while sampling
+        images = [event.preview for event in events]
+    finally:
+        CheapPreviewer.deferred, CheapPreviewer.render = original, draw
+    assert drawn_on == [threading.current_thread().name] * 3
+    previewer = CheapPreviewer(engine.registry.load("tiny-sd1").family)
+    for image, step_latent in zip(images, latents):
+        assert image.tobytes() == previewer(step_latent).tobytes()
+    assert len({image.tobytes() for image in images}) == 3  # each step's own latent, not the last one
+    assert events[0].preview is images[0]  # drawn once
+
+
 def test_preview_off_sends_progress_without_images(engine):
     events = []
     engine.generate(request(preview_every=0), on_progress=events.append)

@@ -101,13 +101,16 @@ def follow(jobs: JobQueue, job: Job, poll: float = POLL_SECONDS) -> Iterator[Tic
                 yield Tick("queued", queued_text(ahead))
             continue
         if event.kind == "progress":
-            latest, preview, final = event.progress, event.progress.preview, None
+            latest, final = event.progress, None
+            with_preview = latest if latest.has_preview else None
             while (more := _next_event(job, 0)) is not None:  # merge the backlog: newest wins
                 if more.kind != "progress":
                     final = more
                     break
                 latest = more.progress
-                preview = more.progress.preview or preview
+                with_preview = latest if latest.has_preview else with_preview
+            # Drawn here, on the web server's thread, and only the one that will be shown.
+            preview = with_preview.preview if with_preview is not None else None
             yield Tick("progress", progress_text(latest, clock.eta(latest)), preview=preview)
             if final is None:
                 continue
