@@ -35,7 +35,7 @@ def repeat_prompt(ctx: BenchContext, model_name: str) -> dict:
         return run
 
     times = interleave({"new": generation(cold_prompts()), "repeat": generation(lambda _index: "a repeated prompt, blue background")},
-                       mode.repetitions)
+                       mode.repetitions, budget_s=mode.ratio_budget_s)
     saved = [new - repeat for new, repeat in zip(times["new"], times["repeat"])]
     return {
         "model": model_name, "new_prompt_ms": ms(median(times["new"])), "repeat_prompt_ms": ms(median(times["repeat"])),

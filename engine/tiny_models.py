@@ -80,20 +80,27 @@ def build_sd1(folder: Path, seed: int = 0, in_channels: int = 4) -> Path:
     return Path(folder)
 
 
-def build_sdxl(folder: Path, seed: int = 0, text_encoder_2_width: int = 32) -> Path:
+def build_sdxl(folder: Path, seed: int = 0, text_encoder_2_width: int = 32, demo_sized: bool = False) -> Path:
     """A tiny SDXL pipeline folder (two text encoders, text_time added conditioning).
 
     ``text_encoder_2_width`` other than 32 makes the two encoders differ in width, which
     diffusers needs to tell them apart when the model is saved as one single file.
+    ``demo_sized`` gives the UNet the built-in demo model's layout (three levels of 32/64/64
+    channels, cross-attention in each), so a UNet call costs about what the demo's does.
     """
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(Path(folder) / "_tokenizer_build")
+    if demo_sized:
+        layout = dict(block_out_channels=(32, 64, 64), down_block_types=("CrossAttnDownBlock2D",) * 3,
+                      up_block_types=("CrossAttnUpBlock2D",) * 3, transformer_layers_per_block=(1, 1, 1))
+    else:
+        layout = dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1))
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32 + text_encoder_2_width, attention_head_dim=4, norm_num_groups=8, transformer_layers_per_block=(1, 1),
+        **layout, layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        cross_attention_dim=32 + text_encoder_2_width, attention_head_dim=4, norm_num_groups=8,
         addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=text_encoder_2_width + 6 * 8, use_linear_projection=True,
     )
