@@ -27,19 +27,27 @@ def repeat_prompt(ctx: BenchContext, model_name: str) -> dict:
     encoder = ctx.models.registry.load(model_name).prompt_encoder
     hits_before, misses_before = encoder.hits, encoder.misses
 
-    def generation(prompt_for):
+    encode_seconds: dict[str, list[float]] = {"new": [], "repeat": []}
+
+    def generation(kind: str, prompt_for):
         def run(index: int) -> float:
             tick = clock()
-            engine.generate(request(model_name, mode, prompt=prompt_for(index)))
-            return clock() - tick
+            result = engine.generate(request(model_name, mode, prompt=prompt_for(index)))
+            seconds = clock() - tick
+            if index >= 0:
+                encode_seconds[kind].append(result.timings["encode"])
+            return seconds
         return run
 
-    times = interleave({"new": generation(cold_prompts()), "repeat": generation(lambda _index: "a repeated prompt, blue background")},
+    times = interleave({"new": generation("new", cold_prompts()),
+                        "repeat": generation("repeat", lambda _index: "a repeated prompt, blue background")},
                        mode.repetitions, budget_s=mode.ratio_budget_s)
     saved = [new - repeat for new, repeat in zip(times["new"], times["repeat"])]
     return {
         "model": model_name, "new_prompt_ms": ms(median(times["new"])), "repeat_prompt_ms": ms(median(times["repeat"])),
         "saved_ms": ms(median(saved)), "ratio": round(median([r / n for n, r in zip(times["new"], times["repeat"])]), 4),
+        "encode_new_ms": ms(median(encode_seconds["new"])), "encode_repeat_ms": ms(median(encode_seconds["repeat"])),
+        "encode_ratio": round(median(encode_seconds["repeat"]) / max(median(encode_seconds["new"]), 1e-9), 4),
         "encoder_hits": encoder.hits - hits_before, "encoder_misses": encoder.misses - misses_before,
     }
 
@@ -71,8 +79,13 @@ def run(ctx: BenchContext) -> BenchResult:
     prompt = repeat_prompt(ctx, ctx.models.sd1)
     switch = model_switch(ctx, ctx.models.sd1)
     result = BenchResult("caches", "repeat prompt / model switch", {"repeat_prompt": prompt, "model_switch": switch})
-    result.rows.append(Row("repeat prompt ÷ new prompt", prompt["ratio"], "×", 1.0,
-                           f"saves {prompt['saved_ms']:.1f} ms/generation; encoder hits {prompt['encoder_hits']}, misses {prompt['encoder_misses']}"))
+    # The cache's effect is on prompt encoding; the demo's text encoder is so small that the whole
+    # generation shows it only within the machine's noise, so that ratio is shown without a goal.
+    result.rows.append(Row("prompt encoding, repeat ÷ new prompt", prompt["encode_ratio"], "×", 1.0,
+                           f"{prompt['encode_repeat_ms']:.2f} vs {prompt['encode_new_ms']:.2f} ms; encoder hits "
+                           f"{prompt['encoder_hits']}, misses {prompt['encoder_misses']}"))
+    result.rows.append(Row("whole generation, repeat ÷ new prompt", prompt["ratio"], "×", None,
+                           f"saves {prompt['saved_ms']:.1f} ms/generation (median of pairs)"))
     result.rows.append(Row("re-select cached model ÷ cold load", switch["ratio"], "×", SWITCH_GOAL,
                            f"{switch['cached_ms']:.2f} vs {switch['cold_load_ms']:.0f} ms"))
     return result
