@@ -207,10 +207,9 @@ def run(ctx: BenchContext) -> BenchResult:
         """One step of the same generation, on this process's engine (same code and model as the server's)."""
         tick = clock()
         outcome = ctx.engine.generate(request(model_name, mode))
-        if index >= 0:
-            local_jobs.append(clock() - tick)
         step = outcome.timings["denoise"] / mode.steps
         if index >= 0:
+            local_jobs.append(clock() - tick)
             steps.append(step)
         return step
 

@@ -32,7 +32,7 @@ _start_lock = threading.Lock()
 
 def run_on_compute_thread(fn: Callable[..., T], *args, **kwargs) -> T:
     """``fn(*args, **kwargs)`` on the compute thread; its result, or its exception re-raised here."""
-    if threading.current_thread() is _thread:
+    if is_compute_thread():
         return fn(*args, **kwargs)
     future: Future = Future()
     _tasks.put((functools.partial(fn, *args, **kwargs), torch.get_num_threads(), future))

@@ -477,17 +477,21 @@ class ModelRegistry:
 
     def load(self, name: str | None = None) -> LoadedModel:
         entry = self.get(name)
+        return self._cached(entry) or run_on_compute_thread(self._load_and_cache, entry)
+
+    def _cached(self, entry: ModelEntry) -> LoadedModel | None:
+        """The entry's loaded model, marked as the most recently used, or None."""
         with self._lock:
             if entry.name in self._loaded:
                 self._loaded.move_to_end(entry.name)
                 return self._loaded[entry.name]
-        return run_on_compute_thread(self._load_and_cache, entry)
+        return None
 
     def _load_and_cache(self, entry: ModelEntry) -> LoadedModel:
         with self._lock:
-            if entry.name in self._loaded:  # loaded while this call waited for the compute thread
-                self._loaded.move_to_end(entry.name)
-                return self._loaded[entry.name]
+            cached = self._cached(entry)  # it may have been loaded while this call waited for the compute thread
+            if cached is not None:
+                return cached
             loaded = self._load_uncached(entry)
             self._loaded[entry.name] = loaded
             evicted = False
