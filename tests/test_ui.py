@@ -106,6 +106,21 @@ def test_txt2img_streams_previews_before_the_final_image(client):
     assert "Seed: 7" in outputs[3] and "Saved to" in outputs[4]
 
 
+def test_the_shown_infotext_stays_while_the_next_generation_streams(client):
+    """Progress ticks send the infotext and "saved" line as they already read, not gr.skip() (which makes
+    Gradio rebuild those components on every step); they must still be the previous result's."""
+    first = client.predict(prompt="a red circle", negative_prompt="", steps=3, width=fx.SIZE, height=fx.SIZE, seed=11,
+                           api_name="/txt2img")
+    assert "Seed: 11" in first[3]
+    job = client.submit(prompt="a blue square", negative_prompt="", steps=6, width=fx.SIZE, height=fx.SIZE, seed=12,
+                        api_name="/txt2img")
+    during = [(outputs[1], outputs[3], outputs[4]) for outputs in job if str(outputs[1]).startswith("Step ")]
+    last = job.outputs()[-1]
+    assert during, "no progress tick was streamed"
+    assert all(infotext == first[3] and saved == first[4] for _, infotext, saved in during), during
+    assert "Seed: 12" in last[3]
+
+
 def test_invalid_field_is_reported_by_name_and_the_server_keeps_working(client):
     from gradio_client.exceptions import AppError
 

@@ -22,11 +22,13 @@ from engine.seeds import MAX_SEED
 
 from . import fields as F
 from .errors import job_error_text, message_for, ui_error
+from .event_inputs import preprocess_values
 from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
 from .masks import inpaint_inputs, mask_preview
 from .presets_ui import PresetControls, build_presets_controls
 from .runner import follow
 from .session import interrupt_own, session_owner, skip_own
+from .streamed_outputs import LivePreview, ResultGallery
 
 SESSION_GALLERY_LIMIT = 200
 RANDOM_SEED, REUSE_SEED = "🎲", "♻️"
@@ -158,10 +160,10 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
             extensions, _ = build_extension_controls(studio, mode)
 
         with gr.Column(scale=6, elem_id=f"{mode}_results"):
-            preview = gr.Image(label="Live preview", interactive=False, format="jpeg", height=320, elem_id=f"{mode}_preview",
+            preview = LivePreview(label="Live preview", interactive=False, format="jpeg", height=320, elem_id=f"{mode}_preview",
                                buttons=["fullscreen"])
             progress = gr.Markdown("Idle", elem_id=f"{mode}_progress", elem_classes=["sfumato-progress"])
-            gallery = gr.Gallery(label="Results", format="png", columns=4, height=300, object_fit="contain",
+            gallery = ResultGallery(label="Results", format="png", columns=4, height=300, object_fit="contain",
                                  elem_id=f"{mode}_gallery", buttons=["download", "fullscreen"], interactive=False)
             with gr.Row():
                 send_buttons = {
@@ -215,19 +217,23 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     outputs = [preview, progress, gallery, infotext, saved, results, selected, session_gallery]
 
     def run(request: gr.Request, **values):
-        values = {key: ("" if value is None and key in TEXT_KEYS else value) for key, value in values.items()}
         try:
+            values = preprocess_values(all_inputs, values)
+            values = {key: ("" if value is None and key in TEXT_KEYS else value) for key, value in values.items()}
             generation = _build_request(studio, mode, values["model"], fields.read_keyed(values),
                                         {name: values[name] for name in extras},
                                         read_settings(extensions, [values[key] for key in extension_keys]))
         except SfumatoError as error:
             yield gr.skip(), f"Not started: {message_for(error)}", *[gr.skip()] * (len(outputs) - 2)
             raise ui_error(error) from None
-        yield from _stream(studio, generation, session_owner(request), values["session_gallery"])
+        yield from _stream(studio, generation, session_owner(request), values["session_gallery"], values["shown_results"],
+                           values["shown_index"])
 
-    all_inputs = {**keyed, **extras, **extension_keys, "session_gallery": session_gallery}
+    all_inputs = {**keyed, **extras, **extension_keys, "session_gallery": session_gallery, "shown_results": results,
+                  "shown_index": selected}
     run.__signature__ = _optional_keywords(run, all_inputs)
-    generate.click(run, inputs_kwargs=all_inputs, outputs=outputs,
+    # preprocess=False: run() preprocesses its 50-odd inputs in one pass (see ui/event_inputs.py).
+    generate.click(run, inputs_kwargs=all_inputs, outputs=outputs, preprocess=False,
                    api_name=mode, concurrency_limit=None, show_progress="hidden")
 
     def stop(request: gr.Request):
@@ -341,18 +347,27 @@ def _build_request(studio, mode: str, model: str | None, values: dict[str, Any],
     )
 
 
-def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: list) -> Iterator[tuple]:
-    """Submit the job and yield (preview, progress, gallery, infotext, saved, results, selected, session gallery)."""
+def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: list, shown: list[ResultRecord],
+            shown_index: int) -> Iterator[tuple]:
+    """Submit the job and yield (preview, progress, gallery, infotext, saved, results, selected, session gallery).
+
+    Until the result, the infotext and "saved" lines are sent as they already read (from the records shown and
+    the selected index) rather than skipped: Gradio rebuilds every skipped output component on every yield, which
+    costs several milliseconds per step of web-server work while the sampler needs the same cores.
+    """
     skip = gr.skip()
+    shown = shown or []
+    index = min(shown_index or 0, len(shown) - 1) if shown else 0
+    shown_infotext, shown_saved = (shown[index].infotext if shown else ""), saved_text(shown, index)
     job = studio.jobs.submit(generation, owner=owner, save=studio.settings.save_outputs)
     try:
         for tick in follow(studio.jobs, job):
             if tick.kind in ("queued", "progress"):
                 preview = tick.preview if tick.preview is not None else skip
-                yield preview, tick.text, skip, skip, skip, skip, skip, skip
+                yield preview, tick.text, skip, shown_infotext, shown_saved, skip, skip, skip
             elif tick.kind == "error":
                 message = job_error_text(tick.error)
-                yield skip, f"Failed: {message}", skip, skip, skip, skip, skip, skip
+                yield skip, f"Failed: {message}", skip, shown_infotext, shown_saved, skip, skip, skip
                 raise gr.Error(message, title="Generation failed", print_exception=False)
             else:
                 result = tick.result
