@@ -61,3 +61,19 @@ def test_streamed_outputs_draw_as_their_parents_and_describe_their_schema_once(m
         rebuilt = ResultGallery(**{**gallery.constructor_args, "render": False})
         assert rebuilt.api_info() == gallery.api_info()
     assert calls == []
+
+
+def test_outputs_are_postprocessed_as_gradio_would_send_them_and_skips_pass_through():
+    from ui.streamed_outputs import postprocess_values
+
+    with gr.Blocks():
+        preview, progress, gallery, state = LivePreview(format="jpeg"), gr.Markdown(), ResultGallery(format="png"), gr.State()
+    red = Image.new("RGB", (16, 16), "red")
+    sent = postprocess_values([preview, progress, gallery, state], (red, "Step 1/4", gr.skip(), ["records"]))
+    assert sent[0]["path"].endswith(".jpeg") and Image.open(sent[0]["path"]).getpixel((8, 8))[0] > 200
+    assert sent[0] == preview.postprocess(red).model_dump() | {"path": sent[0]["path"]}
+    assert sent[1:] == ("Step 1/4", gr.skip(), ["records"])
+    final = postprocess_values([gallery], ([(red, "seed 1")],))[0]
+    assert final == gallery.postprocess([(red, "seed 1")]).model_dump()
+    with pytest.raises(ValueError):  # one value per output, or Gradio would misalign them
+        postprocess_values([preview, progress], (red,))

@@ -28,7 +28,7 @@ from .masks import inpaint_inputs, mask_preview
 from .presets_ui import PresetControls, build_presets_controls
 from .runner import follow
 from .session import interrupt_own, session_owner, skip_own
-from .streamed_outputs import LivePreview, ResultGallery
+from .streamed_outputs import LivePreview, ResultGallery, postprocess_values
 
 SESSION_GALLERY_LIMIT = 200
 RANDOM_SEED, REUSE_SEED = "🎲", "♻️"
@@ -224,16 +224,18 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                                         {name: values[name] for name in extras},
                                         read_settings(extensions, [values[key] for key in extension_keys]))
         except SfumatoError as error:
-            yield gr.skip(), f"Not started: {message_for(error)}", *[gr.skip()] * (len(outputs) - 2)
+            yield postprocess_values(outputs, (gr.skip(), f"Not started: {message_for(error)}", *[gr.skip()] * (len(outputs) - 2)))
             raise ui_error(error) from None
-        yield from _stream(studio, generation, session_owner(request), values["session_gallery"], values["shown_results"],
-                           values["shown_index"])
+        for values_out in _stream(studio, generation, session_owner(request), values["session_gallery"],
+                                  values["shown_results"], values["shown_index"]):
+            yield postprocess_values(outputs, values_out)
 
     all_inputs = {**keyed, **extras, **extension_keys, "session_gallery": session_gallery, "shown_results": results,
                   "shown_index": selected}
     run.__signature__ = _optional_keywords(run, all_inputs)
-    # preprocess=False: run() preprocesses its 50-odd inputs in one pass (see ui/event_inputs.py).
-    generate.click(run, inputs_kwargs=all_inputs, outputs=outputs, preprocess=False,
+    # run() pre- and postprocesses its values itself, in one pass on its own thread (ui/event_inputs.py,
+    # ui/streamed_outputs.py), instead of Gradio's worker-thread round trip per input and per output of every step.
+    generate.click(run, inputs_kwargs=all_inputs, outputs=outputs, preprocess=False, postprocess=False,
                    api_name=mode, concurrency_limit=None, show_progress="hidden")
 
     def stop(request: gr.Request):
