@@ -68,6 +68,10 @@ class Job:
     def finished(self) -> bool:
         return self._done.is_set()
 
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        """Block until the job has finished or ``timeout`` has passed; True if it has finished."""
+        return self._done.wait(timeout)
+
 
 class JobQueue:
     def __init__(self, engine, save_result: Callable[[GenerationResult], None] | None = None):

@@ -198,6 +198,48 @@ def test_a_waiting_job_shows_how_many_are_ahead_and_interrupt_reaches_only_its_o
 
 # --- pieces ----------------------------------------------------------------------------------------------
 
+class _SteppingEngine:
+    """Reports ``steps`` steps ``step_s`` apart, each with its own one-pixel preview, then a result."""
+
+    def __init__(self, steps: int, step_s: float):
+        self.steps, self.step_s = steps, step_s
+
+    def generate(self, request, on_progress=None, cancel=None):
+        from engine.request import GenerationResult, Progress
+
+        for step in range(1, self.steps + 1):
+            time.sleep(self.step_s)
+            on_progress(Progress(step, self.steps, 0, 1, step * self.step_s, 0.0, Image.new("L", (1, 1), step)))
+        return GenerationResult(request=request, images=[], interrupted=False, timings={"total": 0.0})
+
+
+def test_fast_steps_are_shown_at_most_once_a_frame_newest_first():
+    from engine.jobs import JobQueue
+    from ui.runner import follow
+
+    jobs = JobQueue(_SteppingEngine(steps=30, step_s=0.005))
+    ticks = [(time.monotonic(), tick) for tick in follow(jobs, jobs.submit(GenerationRequest(prompt="x"), save=False),
+                                                         poll=1.0, frame=0.05)]
+    progress = [(at, tick) for at, tick in ticks if tick.kind == "progress"]
+    steps = [tick.preview.getpixel((0, 0)) for _, tick in progress]
+    assert ticks[-1][1].kind == "result"
+    assert steps[0] == 1 and steps == sorted(steps) and 2 <= len(steps) <= 8, steps  # 30 steps in about 0.15 s
+    # a frame apart, except the last, sent with the result as soon as the job ends
+    assert all(later - earlier >= 0.045 for (earlier, _), (later, _) in zip(progress[:-1], progress[1:-1]))
+
+
+def test_the_result_is_not_held_back_by_the_frame_wait():
+    from engine.jobs import JobQueue
+    from ui.runner import follow
+
+    jobs = JobQueue(_SteppingEngine(steps=10, step_s=0.01))
+    job = jobs.submit(GenerationRequest(prompt="x"), save=False)
+    ticks = [(time.time(), tick) for tick in follow(jobs, job, poll=1.0, frame=5.0)]
+    assert [tick.kind for _, tick in ticks] == ["progress", "progress", "result"]  # step 1, then the newest and the result
+    assert ticks[1][1].text.startswith("Step 10/10")
+    assert ticks[-1][0] - job.finished_at < 0.5  # the job's end cut the 5 s frame short
+
+
 def test_mask_is_the_union_of_the_brush_layers_alpha():
     from ui.masks import inpaint_inputs
 

@@ -19,6 +19,11 @@ from engine.jobs import QUEUED, Job, JobEvent, JobQueue
 from engine.request import GenerationResult, Progress
 
 POLL_SECONDS = 0.2
+# At most one progress tick per frame (20 a second). A fast model steps every 15-25 ms on a CPU and
+# faster on a GPU; a tick per step would make the web server encode, send and the browser fetch 40-60
+# preview images a second, on the cores the sampler needs, for a display that cannot show them. The
+# first step's tick and the result still go out the moment they exist.
+FRAME_SECONDS = 0.05
 
 
 @dataclass
@@ -80,12 +85,14 @@ def _next_event(job: Job, timeout: float) -> JobEvent | None:
         return None
 
 
-def follow(jobs: JobQueue, job: Job, poll: float = POLL_SECONDS) -> Iterator[Tick]:
+def follow(jobs: JobQueue, job: Job, poll: float = POLL_SECONDS, frame: float = FRAME_SECONDS) -> Iterator[Tick]:
     """Ticks for one job until its result or error; the caller owns cancelling it if it stops early.
 
     A job with others ahead says so at once. One that starts right away says "Starting…" only
     if no step has come back within ``poll``: sending that tick makes the web server work while
-    the first step computes, and delays the first preview it would otherwise show.
+    the first step computes, and delays the first preview it would otherwise show. After a
+    progress tick the next one waits for the ``frame`` to pass (the job finishing ends the wait),
+    and then shows the newest step.
     """
     ahead = jobs.position(job)
     clock = EtaClock()
@@ -111,8 +118,10 @@ def follow(jobs: JobQueue, job: Job, poll: float = POLL_SECONDS) -> Iterator[Tic
                 with_preview = latest if latest.has_preview else with_preview
             # Drawn here, on the web server's thread, and only the one that will be shown.
             preview = with_preview.preview if with_preview is not None else None
+            frame_ends = time.monotonic() + frame
             yield Tick("progress", progress_text(latest, clock.eta(latest)), preview=preview)
             if final is None:
+                job.wait_finished(max(0.0, frame_ends - time.monotonic()))
                 continue
             event = final
         if event.kind == "result":
