@@ -161,10 +161,10 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
 
         with gr.Column(scale=6, elem_id=f"{mode}_results"):
             preview = LivePreview(label="Live preview", interactive=False, format="jpeg", height=320, elem_id=f"{mode}_preview",
-                               buttons=["fullscreen"])
+                                  buttons=["fullscreen"])
             progress = gr.Markdown("Idle", elem_id=f"{mode}_progress", elem_classes=["sfumato-progress"])
             gallery = ResultGallery(label="Results", format="png", columns=4, height=300, object_fit="contain",
-                                 elem_id=f"{mode}_gallery", buttons=["download", "fullscreen"], interactive=False)
+                                    elem_id=f"{mode}_gallery", buttons=["download", "fullscreen"], interactive=False)
             with gr.Row():
                 send_buttons = {
                     target: gr.Button(f"Send to {target}", elem_id=f"{mode}_send_to_{target}", size="sm")
@@ -224,7 +224,8 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                                         {name: values[name] for name in extras},
                                         read_settings(extensions, [values[key] for key in extension_keys]))
         except SfumatoError as error:
-            yield postprocess_values(outputs, (gr.skip(), f"Not started: {message_for(error)}", *[gr.skip()] * (len(outputs) - 2)))
+            not_started = (gr.skip(), f"Not started: {message_for(error)}", *[gr.skip()] * (len(outputs) - 2))
+            yield postprocess_values(outputs, not_started)
             raise ui_error(error) from None
         for values_out in _stream(studio, generation, session_owner(request), values["session_gallery"],
                                   values["shown_results"], values["shown_index"]):
