@@ -1,8 +1,10 @@
 """Bench 6: time and memory against image size and batch size.
 
 Sizes grow from 64² while one generation stays within the mode's budget (a few
-seconds), and the largest size that fitted is reported. Batches run at the
-bench size. Each point is the median of a few runs; memory is the peak RSS
+seconds). Past it they keep growing as short points, a few steps and one run each,
+while one is predicted to stay within a larger budget and to fit in the memory the
+machine has available; the largest size that fitted is reported. Batches run at
+the bench size. Each point is the median of a few runs; memory is the peak RSS
 while the job ran, sampled from a thread (and the CUDA allocator's peak on a
 GPU). ``peak_rss_mb`` for the whole bench process comes from ``getrusage``.
 The plot shows time per step against both.
@@ -16,29 +18,51 @@ from .report import BenchResult, Row
 from .timing import PeakMemory, clock, max_rss_mb, median, ms
 
 POINT_REPETITIONS = 3
+SHORT_POINT_STEPS = 3
+MEMORY_HEADROOM = 0.5  # a short point may use at most this share of the memory available before it
 
 
-def point(ctx: BenchContext, model_name: str, size: int, batch: int) -> dict:
+def point(ctx: BenchContext, model_name: str, size: int, batch: int, short: bool = False) -> dict:
+    """One size and batch: median of a few full runs after a warm-up, or (``short``) one run of a few steps."""
     mode, engine = ctx.mode, ctx.engine
-    req = request(model_name, mode, width=size, height=size, batch_size=batch)
-    engine.generate(req)  # warm-up: first touches of a new shape allocate
+    steps_per_run = SHORT_POINT_STEPS if short else mode.steps
+    req = request(model_name, mode, width=size, height=size, batch_size=batch, steps=steps_per_run)
+    if not short:
+        engine.generate(req)  # warm-up: first touches of a new shape allocate
     totals, steps, peaks, deltas, cuda = [], [], [], [], []
-    for _ in range(min(POINT_REPETITIONS, mode.repetitions)):
+    for _ in range(1 if short else min(POINT_REPETITIONS, mode.repetitions)):
         with PeakMemory() as memory:
             tick = clock()
             result = engine.generate(req)
             totals.append(clock() - tick)
-        steps.append(result.timings["denoise"] / mode.steps)
+        steps.append(result.timings["denoise"] / steps_per_run)
         peaks.append(memory.peak_mb)
         deltas.append(memory.delta_mb)
         if memory.cuda_peak_mb is not None:
             cuda.append(memory.cuda_peak_mb)
     figures = {"size": size, "batch": batch, "total_ms": ms(median(totals)), "step_ms": ms(median(steps)),
                "step_ms_per_image": ms(median(steps) / batch), "peak_rss_mb": round(max(peaks), 1),
-               "job_rss_delta_mb": round(median(deltas), 1)}
+               "job_rss_delta_mb": round(median(deltas), 1), "steps": steps_per_run, "short": short}
     if cuda:
         figures["cuda_peak_mb"] = round(max(cuda), 1)
     return figures
+
+
+def _available_mb() -> float | None:
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available / 2**20
+    except Exception:  # noqa: BLE001 - without psutil, short points stop at the time budget alone
+        return None
+
+
+def _predicted_seconds(previous: dict, size: int, steps: int) -> float:
+    """One generation at ``size`` with ``steps`` steps, from the last point: each part grows at least with the pixels."""
+    growth = (size / previous["size"]) ** 2
+    step_s = previous["step_ms"] / 1000
+    other_s = max(0.0, previous["total_ms"] / 1000 - step_s * previous["steps"])  # prompt, setup, VAE decode
+    return (step_s * steps + other_s) * growth
 
 
 def measure(ctx: BenchContext, model_name: str) -> dict:
@@ -48,14 +72,18 @@ def measure(ctx: BenchContext, model_name: str) -> dict:
     for size in mode.scaling_sizes:
         if size > family.max_size:
             break
+        short = False
         if sizes:
-            # Time grows at least with the pixel count: stop before a size that cannot fit the budget.
             previous = sizes[-1]
-            predicted_s = previous["total_ms"] / 1000 * (size / previous["size"]) ** 2
-            if predicted_s > mode.scaling_budget_s:
+            short = previous["short"] or _predicted_seconds(previous, size, mode.steps) > mode.scaling_budget_s
+            if short and _predicted_seconds(previous, size, SHORT_POINT_STEPS) > mode.scaling_short_budget_s:
                 break
-        ctx.log(f"    {size}×{size}")
-        sizes.append(point(ctx, model_name, size, 1))
+            available = _available_mb()
+            growth = (size / previous["size"]) ** 2
+            if short and available is not None and previous["job_rss_delta_mb"] * growth > available * MEMORY_HEADROOM:
+                break
+        ctx.log(f"    {size}×{size}" + (f" ({SHORT_POINT_STEPS} steps, one run)" if short else ""))
+        sizes.append(point(ctx, model_name, size, 1, short=short))
     batches = []
     for batch in mode.scaling_batches:
         ctx.log(f"    batch {batch}")
@@ -112,8 +140,9 @@ def run(ctx: BenchContext) -> BenchResult:
     figures["plot"] = plotted.name if plotted else None
     result = BenchResult("scaling", "scaling", figures)
     for p in figures["sizes"]:
+        how = f"{p['steps']} steps, one run: " if p["short"] else ""
         result.rows.append(Row(f"{p['size']}² batch 1: ms per step", p["step_ms"], "ms", None,
-                               f"total {p['total_ms']:.0f} ms, job RSS +{p['job_rss_delta_mb']:.0f} MiB"))
+                               f"{how}total {p['total_ms']:.0f} ms, job RSS +{p['job_rss_delta_mb']:.0f} MiB"))
     for p in figures["batches"][1:]:
         result.rows.append(Row(f"{p['size']}² batch {p['batch']}: ms per step", p["step_ms"], "ms", None,
                                f"{p['step_ms_per_image']:.1f} ms per image-step, job RSS +{p['job_rss_delta_mb']:.0f} MiB"))

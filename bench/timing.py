@@ -37,14 +37,20 @@ class Mode:
     # (at most MAX_ROUNDS): cheap comparisons get more pairs, so their medians are as steady as the
     # slow ones' on a noisy machine.
     ratio_budget_s: float = 0.0
+    # Past the budget above, sizes keep growing as short points (a few steps, one run) while one of them
+    # is predicted to take less than this and to fit in the memory left: per-step time and peak memory
+    # up to the largest size that fits.
+    scaling_short_budget_s: float = 0.0
 
 
 MAX_ROUNDS = 120
 
 MODES: dict[str, Mode] = {
     "smoke": Mode("smoke", 1, 3, 64, (64, 128), (1, 2), 2.0, False),
-    "quick": Mode("quick", 7, 10, 64, (64, 128, 256, 512), (1, 2, 4), 2.0, True, ratio_budget_s=4.0),
-    "full": Mode("full", 21, 20, 64, (64, 128, 256, 512, 768, 1024, 1536, 2048), (1, 2, 4, 8), 5.0, True, ratio_budget_s=30.0),
+    "quick": Mode("quick", 7, 10, 64, (64, 128, 256, 512), (1, 2, 4), 2.0, True, ratio_budget_s=4.0,
+                  scaling_short_budget_s=5.0),
+    "full": Mode("full", 21, 20, 64, (64, 128, 256, 512, 768, 1024, 1536, 2048), (1, 2, 4, 8), 5.0, True, ratio_budget_s=30.0,
+                 scaling_short_budget_s=40.0),
 }
 
 

@@ -156,3 +156,29 @@ def test_interleave_adds_rounds_within_the_budget_and_stops_at_the_cap(monkeypat
     assert len(interleave({"a": runner}, repetitions=2, budget_s=0.0)["a"]) == 2
     monkeypatch.setattr(timing, "MAX_ROUNDS", 7)
     assert len(interleave({"a": runner}, repetitions=2, budget_s=1e9)["a"]) == 7
+
+
+def test_scaling_runs_full_points_then_short_ones_up_to_the_largest_size_that_fits(monkeypatch):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from bench import scaling
+    from bench.timing import MODES
+
+    def fake_point(ctx, model_name, size, batch, short=False):  # 1 ms per step at 64², growing with the pixels
+        steps = scaling.SHORT_POINT_STEPS if short else ctx.mode.steps
+        step_ms = (size / 64) ** 2
+        return {"size": size, "batch": batch, "step_ms": step_ms, "total_ms": step_ms * steps, "steps": steps,
+                "short": short, "job_rss_delta_mb": (size / 64) ** 2, "step_ms_per_image": step_ms / batch}
+
+    monkeypatch.setattr(scaling, "point", fake_point)
+    mode = replace(MODES["full"], steps=20, scaling_sizes=(64, 128, 256, 512, 1024, 2048), scaling_batches=(1,),
+                   scaling_budget_s=0.5, scaling_short_budget_s=0.5)
+    ctx = SimpleNamespace(mode=mode, log=lambda line: None,
+                          models=SimpleNamespace(registry=SimpleNamespace(load=lambda name: SimpleNamespace(
+                              family=SimpleNamespace(max_size=4096)))))
+    sizes = scaling.measure(ctx, "m")["sizes"]
+    # 256²: 16 ms × 20 steps fits 0.5 s; 512²: 64 ms × 20 does not, × 3 does; 1024²: 256 ms × 3 does not
+    assert [(p["size"], p["short"]) for p in sizes] == [(64, False), (128, False), (256, False), (512, True)]
+    monkeypatch.setattr(scaling, "_available_mb", lambda: 100.0)  # 512² would need 64 MiB, over half of 100
+    assert [p["size"] for p in scaling.measure(ctx, "m")["sizes"]] == [64, 128, 256]
