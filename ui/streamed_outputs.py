@@ -51,7 +51,7 @@ def postprocess_values(components: Sequence[Any], values: Sequence[Any]) -> tupl
 
     Gradio postprocesses each output of each yield on a worker thread of its own and back through
     the event loop; while the sampler holds the GIL between its torch calls, each of those round
-    trips waits its turn, and a step's preview took 5 to 20 ms to leave the server. Here each
+    trips waits its turn, and a step's preview took 3 to 20 ms to leave the server. Here each
     component's own ``postprocess`` runs on the generator's thread, in one pass. ``gr.skip()`` and
     State values pass through, as Gradio handles those itself.
     """
