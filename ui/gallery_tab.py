@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from .generation_tab import ResultRecord, saved_text
+from .generation_tab import ResultRecord, selected_texts
 
 RECENT_LIMIT = 48
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -77,7 +77,7 @@ def build_gallery_tab(studio, session_gallery: gr.State) -> dict[str, Any]:
         newest = len(records) - 1
         if newest < 0:
             return items, "", "", 0
-        return items, records[newest].infotext, saved_text(records, newest), newest
+        return items, *selected_texts(records, newest), newest
 
     def select(records: list[ResultRecord], event: gr.SelectData):
         records = records or []
@@ -85,7 +85,7 @@ def build_gallery_tab(studio, session_gallery: gr.State) -> dict[str, Any]:
         index = len(records) - 1 - shown
         if not 0 <= index < len(records):
             return gr.skip(), gr.skip(), gr.skip()
-        return records[index].infotext, saved_text(records, index), index
+        return *selected_texts(records, index), index
 
     private = {"api_visibility": "private"}
     refresh.click(show_session, session_gallery, [gallery, infotext, saved, selected], **private)

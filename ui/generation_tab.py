@@ -71,6 +71,13 @@ def saved_text(records: list[ResultRecord], index: int = 0) -> str:
     return f"Saved to `{record.path}`" if record.path else "Not saved (saving is off in Settings, or the save failed)."
 
 
+def selected_texts(records: list[ResultRecord], index: int = 0) -> tuple[str, str]:
+    """The infotext and "saved" line shown for the selected record; empty when there are no records."""
+    if not records:
+        return "", ""
+    return records[min(index, len(records) - 1)].infotext, saved_text(records, index)
+
+
 @dataclass
 class GenerationTab:
     """The controls of one tab that other parts of the app talk to."""
@@ -309,7 +316,7 @@ def _select_image(records: list[ResultRecord], event: gr.SelectData):
     index = event.index if isinstance(event.index, int) else 0
     if not records or index >= len(records):
         return gr.skip(), gr.skip(), gr.skip()
-    return records[index].infotext, saved_text(records, index), index
+    return *selected_texts(records, index), index
 
 
 def _preview_mask_handler(editor_value, mask_upload, mask_mode: str, blur: int):
@@ -359,9 +366,7 @@ def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: l
     costs several milliseconds per step of web-server work while the sampler needs the same cores.
     """
     skip = gr.skip()
-    shown = shown or []
-    index = min(shown_index or 0, len(shown) - 1) if shown else 0
-    shown_infotext, shown_saved = (shown[index].infotext if shown else ""), saved_text(shown, index)
+    shown_infotext, shown_saved = selected_texts(shown or [], shown_index or 0)
     job = studio.jobs.submit(generation, owner=owner, save=studio.settings.save_outputs)
     try:
         for tick in follow(studio.jobs, job):
@@ -380,8 +385,7 @@ def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: l
                 session = (list(gallery_so_far or []) + records)[-SESSION_GALLERY_LIMIT:]
                 gallery = [record.gallery_item() for record in records]
                 first = records[0] if records else None
-                yield (first.image if first else skip, tick.text, gallery, first.infotext if first else "",
-                       saved_text(records), records, 0, session)
+                yield (first.image if first else skip, tick.text, gallery, *selected_texts(records), records, 0, session)
     finally:
         if not job.finished:
             studio.jobs.cancel(job)  # the browser went away: don't keep computing for nobody
