@@ -2,12 +2,13 @@
 
 Variants of the same generation (warm prompt), differing only in the preview:
 off (``preview_every=0``), the cheap latent→RGB map every step, and a full VAE
-decode every step; cheap and full are each interleaved with off. In all three, progress goes to a viewer thread
-that shows previews as the UI's job follower does: the newest one at once, the next
-no sooner than a frame (50 ms) later; a cheap preview is drawn there, where it is shown. Figures: cheap ÷ off
-(goal ≤ 1.02) and full ÷ off, plus the time the cheap previewer takes on the
-sampling thread (its latent snapshot) and on the viewer's (drawing), timed inside
-the same run.
+decode every step; cheap and full are each interleaved with off. In all three,
+progress goes to a viewer thread that shows previews as the UI's job follower
+does: the newest one at once, the next no sooner than a frame (50 ms) later; a
+cheap preview is drawn there, where it is shown. Figures: cheap ÷ off (goal
+≤ 1.02) and full ÷ off, plus the time the cheap previewer takes on the sampling
+thread (its latent snapshot) and on the viewer's (drawing), timed inside the
+same run.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .fixtures import BenchContext, request
 from .report import BenchResult, Row
-from .timing import PeakMemory, clock, max_rss_mb, median, ms
+from .timing import PeakMemory, available_mb, clock, max_rss_mb, median, ms
 
 POINT_REPETITIONS = 3
 SHORT_POINT_STEPS = 3
@@ -48,18 +48,8 @@ def point(ctx: BenchContext, model_name: str, size: int, batch: int, short: bool
     return figures
 
 
-def _available_mb() -> float | None:
-    try:
-        import psutil
-
-        return psutil.virtual_memory().available / 2**20
-    except Exception:  # noqa: BLE001 - without psutil, short points stop at the time budget alone
-        return None
-
-
-def _predicted_seconds(previous: dict, size: int, steps: int) -> float:
-    """One generation at ``size`` with ``steps`` steps, from the last point: each part grows at least with the pixels."""
-    growth = (size / previous["size"]) ** 2
+def _predicted_seconds(previous: dict, growth: float, steps: int) -> float:
+    """One generation with ``steps`` steps at ``growth`` times the last point's pixels; each part grows at least as much."""
     step_s = previous["step_ms"] / 1000
     other_s = max(0.0, previous["total_ms"] / 1000 - step_s * previous["steps"])  # prompt, setup, VAE decode
     return (step_s * steps + other_s) * growth
@@ -75,11 +65,11 @@ def measure(ctx: BenchContext, model_name: str) -> dict:
         short = False
         if sizes:
             previous = sizes[-1]
-            short = previous["short"] or _predicted_seconds(previous, size, mode.steps) > mode.scaling_budget_s
-            if short and _predicted_seconds(previous, size, SHORT_POINT_STEPS) > mode.scaling_short_budget_s:
-                break
-            available = _available_mb()
             growth = (size / previous["size"]) ** 2
+            short = previous["short"] or _predicted_seconds(previous, growth, mode.steps) > mode.scaling_budget_s
+            if short and _predicted_seconds(previous, growth, SHORT_POINT_STEPS) > mode.scaling_short_budget_s:
+                break
+            available = available_mb()
             if short and available is not None and previous["job_rss_delta_mb"] * growth > available * MEMORY_HEADROOM:
                 break
         ctx.log(f"    {size}×{size}" + (f" ({SHORT_POINT_STEPS} steps, one run)" if short else ""))

@@ -143,6 +143,16 @@ def rss_mb() -> float:
         return max_rss_mb()
 
 
+def available_mb() -> float | None:
+    """Memory the machine has available now, in MiB; None without psutil."""
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available / 2**20
+    except Exception:  # noqa: BLE001 - psutil missing
+        return None
+
+
 def max_rss_mb() -> float:
     """Lifetime peak RSS of this process (``getrusage``: kilobytes on Linux, bytes on macOS; psutil on Windows)."""
     try:

@@ -180,5 +180,5 @@ def test_scaling_runs_full_points_then_short_ones_up_to_the_largest_size_that_fi
     sizes = scaling.measure(ctx, "m")["sizes"]
     # 256²: 16 ms × 20 steps fits 0.5 s; 512²: 64 ms × 20 does not, × 3 does; 1024²: 256 ms × 3 does not
     assert [(p["size"], p["short"]) for p in sizes] == [(64, False), (128, False), (256, False), (512, True)]
-    monkeypatch.setattr(scaling, "_available_mb", lambda: 100.0)  # 512² would need 64 MiB, over half of 100
+    monkeypatch.setattr(scaling, "available_mb", lambda: 100.0)  # 512² would need 64 MiB, over half of 100
     assert [p["size"] for p in scaling.measure(ctx, "m")["sizes"]] == [64, 128, 256]
