@@ -286,3 +286,11 @@ def test_without_logins_every_client_sees_and_stops_the_running_job():
     anonymous, bobs = SimpleNamespace(user=None), SimpleNamespace(user="bob")
     assert sees_job(None, anonymous) and sees_job(None, bobs)
     assert sees_job("bob", bobs) and not sees_job("bob", anonymous) and not sees_job("alice", bobs)
+
+
+def test_the_command_line_takes_allowed_hosts_and_names_a_bad_one(capsys):
+    from ui.cli import build_parser, main
+
+    assert "--allowed-hosts" in build_parser().format_help()
+    assert main(["--allowed-hosts", "studio.lan,bad host", "--no-browser"]) == 2  # refused before any model loads
+    assert "--allowed-hosts: 'bad host'" in capsys.readouterr().err
