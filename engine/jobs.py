@@ -2,8 +2,11 @@
 
 Each job carries its owner, its own event stream (progress with previews, then
 the result or the error) and its own cancel token, so a job's previews and
-result reach only the client that submitted it. One worker thread runs jobs in
-order; a job that fails reports to its owner and the worker moves on.
+result reach only the client that submitted it. ``owner`` names the page or
+request that submitted it; ``user`` names the login behind it (an opaque string,
+None on a server without logins), so a front end can show and stop each user
+only their own jobs. One worker thread runs jobs in order; a job that fails
+reports to its owner and the worker moves on.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class Job:
     owner: str
     request: GenerationRequest
     save: bool = True
+    user: str | None = None
     state: str = QUEUED
     cancel: CancelToken = field(default_factory=CancelToken)
     progress: Progress | None = None
@@ -84,8 +88,8 @@ class JobQueue:
         self._worker = threading.Thread(target=self._run, name="sfumato-worker", daemon=True)
         self._worker.start()
 
-    def submit(self, request: GenerationRequest, owner: str = "local", save: bool = True) -> Job:
-        job = Job(next(self._ids), owner, request, save)
+    def submit(self, request: GenerationRequest, owner: str = "local", save: bool = True, user: str | None = None) -> Job:
+        job = Job(id=next(self._ids), owner=owner, request=request, save=save, user=user)
         with self._lock:
             self._pending.append(job)
             self._lock.notify()

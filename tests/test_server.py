@@ -30,7 +30,7 @@ def stub_ui(_studio):
 def call(app, method: str, path: str, client: str = "127.0.0.1", **kwargs) -> httpx.Response:
     async def go():
         transport = httpx.ASGITransport(app=app, client=(client, 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://sfumato") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
             return await http.request(method, path, **kwargs)
     return asyncio.run(go())
 
@@ -106,7 +106,8 @@ def test_auth_protects_ui_and_api_on_one_port(bare_studio):
         assert session.post(server.url + "/login", data={"username": "artist", "password": "pw"}, timeout=10).status_code == 200
         config = session.get(server.url + "/config", timeout=10)
         assert config.status_code == 200 and "Sfumato test UI" in config.text
-        assert requests.get(server.url + "/docs", timeout=10).status_code == 200
+        assert requests.get(server.url + "/docs", timeout=10).status_code == 401  # the API's description needs the login too
+        assert requests.get(server.url + "/docs", auth=("artist", "pw"), timeout=10).status_code == 200
 
 
 def test_without_api_flag_the_api_is_not_served(bare_studio):

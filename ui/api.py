@@ -40,6 +40,8 @@ from .api_models import (
     ProgressResponse, ProgressState, PromptStyleItem, SamplerItem, SchedulerItem, SDModelItem, TextToImageResponse,
     Txt2ImgRequest,
 )
+from .guard import authenticated_user
+from .session import sees_job
 
 log = logging.getLogger("sfumato.api")
 
@@ -396,7 +398,8 @@ class SdApi:
     async def run(self, http_request: Request, request: GenerationRequest, save: bool) -> tuple[GenerationResult, str]:
         """Queue the request with the UI's jobs and wait for it; a client that goes away cancels its job."""
         host = http_request.client.host if http_request.client else "unknown"
-        job = self.studio.jobs.submit(request, owner=f"api:{host}:{next(self._job_numbers)}", save=save)
+        job = self.studio.jobs.submit(request, owner=f"api:{host}:{next(self._job_numbers)}", save=save,
+                                      user=authenticated_user(http_request.scope))
         await self._wait(http_request, job)
         self._previews.pop(job.id, None)
         try:
@@ -435,12 +438,16 @@ class SdApi:
         return ImageToImageResponse(**await self._generate(http_request, body, img2img_request))
 
     # -- progress -----------------------------------------------------------------
-    async def progress(self, skip_current_image: bool = False) -> ProgressResponse:
+    async def progress(self, http_request: Request, skip_current_image: bool = False) -> ProgressResponse:
+        """The running job's progress and preview, when the caller may see it (with logins: only their own)."""
+        user = authenticated_user(http_request.scope)
         jobs = self.studio.jobs
         job = jobs.current()
-        queued = len(jobs.pending())
-        if job is None:
-            return ProgressResponse(state=ProgressState(job_count=queued), textinfo=f"{queued} queued" if queued else None)
+        queued = sum(1 for pending in jobs.pending() if sees_job(user, pending))
+        if job is None or not sees_job(user, job):
+            busy = "another user's job is running" if job is not None else None
+            text = "; ".join(part for part in (busy, f"{queued} queued" if queued else None) if part) or None
+            return ProgressResponse(state=ProgressState(job_count=queued), textinfo=text)
         request, progress = job.request, job.progress
         preview = None
         if progress is not None and progress.preview is not None:
@@ -469,12 +476,18 @@ class SdApi:
             textinfo=textinfo,
         )
 
-    def interrupt(self) -> dict:
-        self.studio.jobs.interrupt_current()
+    def interrupt(self, http_request: Request) -> dict:
+        """Stop the running job, as A1111 does; with logins only when it is the caller's own."""
+        job = self.studio.jobs.current()
+        if job is not None and sees_job(authenticated_user(http_request.scope), job):
+            job.cancel.interrupt()
         return {}
 
-    def skip(self) -> dict:
-        self.studio.jobs.skip_current()
+    def skip(self, http_request: Request) -> dict:
+        """End the running job's current image; with logins only when it is the caller's own."""
+        job = self.studio.jobs.current()
+        if job is not None and sees_job(authenticated_user(http_request.scope), job):
+            job.cancel.skip()
         return {}
 
     # -- lists ----------------------------------------------------------------------

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth", help="user:pass protecting the UI and API")
     parser.add_argument("--auth-file", help="file with user:pass lines")
     parser.add_argument("--api-auth", help="user:pass protecting only the API")
+    parser.add_argument("--allowed-hosts", metavar="HOST[,HOST...]",
+                        help="more host names the server answers to, e.g. a reverse proxy's or a DNS name "
+                             "(default: 127.0.0.1, localhost, [::1]; with --listen also this machine's names and addresses)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="start the studio (the default)")
     commands.add_parser("test", help="run the test suite (extra arguments go to pytest)")
@@ -292,20 +295,25 @@ def run_preprocess(args: argparse.Namespace) -> int:
 # -- serve ----------------------------------------------------------------------
 def run_server(args: argparse.Namespace) -> int:
     from engine.studio import Studio
-    from ui.server import listen_warning, parse_auth, serve
+    from ui.server import listen_warning, parse_allowed_hosts, parse_auth, serve
 
     try:
         auth = parse_auth(args.auth, args.auth_file)
         api_auth = parse_auth(args.api_auth, None)
     except ValueError as error:
         raise CliError(f"--auth: {error}") from None
+    try:
+        allowed_hosts = parse_allowed_hosts(args.allowed_hosts)
+    except ValueError as error:
+        raise CliError(str(error)) from None
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     studio = Studio(studio_config(args))
     warning = listen_warning(args.listen, auth)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     url = f"http://127.0.0.1:{args.port}"
-    handle = serve(studio, host=host, port=args.port, api=args.api, auth=auth, api_auth=api_auth, listen=args.listen, block=False)
+    handle = serve(studio, host=host, port=args.port, api=args.api, auth=auth, api_auth=api_auth, listen=args.listen, block=False,
+                   allowed_hosts=allowed_hosts)
     print(f"Sfumato is running on {url}  (Ctrl+C to stop)", flush=True)
     if not args.no_browser and os.environ.get("DISPLAY") or sys.platform in ("darwin", "win32") and not args.no_browser:
         import webbrowser

@@ -27,7 +27,7 @@ from .extension_ui import ExtensionControls, all_components, build_extension_con
 from .masks import inpaint_inputs, mask_preview
 from .presets_ui import PresetControls, build_presets_controls
 from .runner import follow
-from .session import interrupt_own, session_owner, skip_own
+from .session import interrupt_own, session_owner, session_user, skip_own
 from .streamed_outputs import LivePreview, ResultGallery, postprocess_values
 
 SESSION_GALLERY_LIMIT = 200
@@ -235,7 +235,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
             yield postprocess_values(outputs, not_started)
             raise ui_error(error) from None
         for values_out in _stream(studio, generation, session_owner(request), values["session_gallery"],
-                                  values["shown_results"], values["shown_index"]):
+                                  values["shown_results"], values["shown_index"], user=session_user(request)):
             yield postprocess_values(outputs, values_out)
 
     all_inputs = {**keyed, **extras, **extension_keys, "session_gallery": session_gallery, "shown_results": results,
@@ -358,7 +358,7 @@ def _build_request(studio, mode: str, model: str | None, values: dict[str, Any],
 
 
 def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: list, shown: list[ResultRecord],
-            shown_index: int) -> Iterator[tuple]:
+            shown_index: int, user: str | None = None) -> Iterator[tuple]:
     """Submit the job and yield (preview, progress, gallery, infotext, saved, results, selected, session gallery).
 
     Until the result, the infotext and "saved" lines are sent as they already read (from the records shown and
@@ -367,7 +367,7 @@ def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: l
     """
     skip = gr.skip()
     shown_infotext, shown_saved = selected_texts(shown or [], shown_index or 0)
-    job = studio.jobs.submit(generation, owner=owner, save=studio.settings.save_outputs)
+    job = studio.jobs.submit(generation, owner=owner, save=studio.settings.save_outputs, user=user)
     try:
         for tick in follow(studio.jobs, job):
             if tick.kind in ("queued", "progress"):

@@ -1,7 +1,8 @@
 """One server, one port: the Gradio UI at ``/`` and, with ``--api``, the A1111 API beside it.
 
-    FastAPI app ── ApiGuard (loopback rule, Basic auth, body limit) ── /sdapi/v1/*, /controlnet/*, /docs
-              └── Gradio Blocks mounted at "/" (Gradio's login page when --auth is set)
+    FastAPI app ── RequestGuard (Host, Origin, loopback rule, logins and their back-off, body limit)
+                       ├── /sdapi/v1/*, /controlnet/*, /docs, /openapi.json
+                       └── Gradio Blocks mounted at "/" (Gradio's login page when --auth is set)
 
 ``create_server_app`` builds the ASGI app; ``serve`` runs it with uvicorn in a
 background thread and returns a handle (``url``, ``wait()``, ``stop()``) that
@@ -14,17 +15,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 from fastapi import FastAPI
 
-from .auth import (
-    DEFAULT_MAX_BODY_BYTES, ApiGuard, Credentials, CredentialsError, listen_warning, load_auth_file, parse_credentials,
-)
+from .auth import Credentials, CredentialsError, listen_warning, load_auth_file, parse_credentials
+from .guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
+from .hosts import HostRules, parse_allowed_hosts
 
 log = logging.getLogger("sfumato.server")
 
-__all__ = ["ServerHandle", "create_server_app", "listen_warning", "parse_auth", "serve", "CredentialsError"]
+__all__ = ["ServerHandle", "create_server_app", "listen_warning", "parse_allowed_hosts", "parse_auth", "serve", "CredentialsError"]
 
 UiBuilder = Callable[[Any], Any]
 STARTUP_TIMEOUT_S = 60.0
@@ -60,6 +61,8 @@ def create_server_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     server_name: str = "127.0.0.1",
     server_port: int = 7860,
+    bind_host: str | None = None,
+    allowed_hosts: Iterable[str] = (),
 ) -> FastAPI:
     """The ASGI app serving the UI and (when ``api``) the A1111 API on one port.
 
@@ -69,6 +72,9 @@ def create_server_app(
     - ``ui_builder``: ``None`` uses ``ui.app.build_app``; ``False`` serves no UI
       (the API alone); any callable ``builder(studio) -> gr.Blocks`` is used as is.
     - API request bodies above ``max_body_bytes`` get 413.
+    - Requests must name this server in ``Host``: the loopback names, ``bind_host`` (default
+      ``server_name``), the machine's own names with ``listen``, and ``allowed_hosts`` (``"*"``: any).
+      Requests from another site's pages (a foreign ``Origin``) are refused. See ``ui/guard.py``.
     """
     app = FastAPI(
         title="Sfumato",
@@ -82,7 +88,10 @@ def create_server_app(
         from .api import install_api
 
         app.state.sdapi = install_api(app, studio)
-    app.add_middleware(ApiGuard, listen=listen, credentials=api_auth or auth, max_body_bytes=max_body_bytes)
+    sessions = _GradioSessions()
+    hosts = HostRules.for_binding(bind_host or server_name, listen, allowed_hosts)
+    app.add_middleware(RequestGuard, hosts=hosts, listen=listen, api_credentials=api_auth or auth, ui_credentials=auth,
+                       session_user=sessions.user, max_body_bytes=max_body_bytes)
 
     builder = _default_ui_builder() if ui_builder is None else ui_builder
     if builder is False:
@@ -92,10 +101,37 @@ def create_server_app(
 
     blocks = builder(studio)
     outputs_dir = Path(studio.config.outputs_dir).resolve()
-    return gr.mount_gradio_app(
+    app = gr.mount_gradio_app(
         app, blocks, path="/", auth=auth, server_name=server_name, server_port=server_port,
         allowed_paths=[str(outputs_dir)], max_file_size=max_body_bytes, show_error=True,
     )
+    sessions.attach(app)
+    return app
+
+
+class _GradioSessions:
+    """Who a Gradio session cookie belongs to, read from the mounted Gradio app's own login tokens.
+
+    Gradio names its cookies after a per-app id and keeps token → user in memory; reading them here lets
+    the guard put every Gradio route behind the login, not only the ones Gradio checks itself.
+    """
+
+    def __init__(self) -> None:
+        self._gradio_app: Any = None
+
+    def attach(self, app: FastAPI) -> None:
+        from gradio.routes import App
+
+        self._gradio_app = next((route.app for route in app.routes if isinstance(getattr(route, "app", None), App)), None)
+        if self._gradio_app is None:
+            raise RuntimeError("the Gradio app was not mounted; the UI's login cannot be checked")
+
+    def user(self, cookies: Mapping[str, str]) -> str | None:
+        gradio_app = self._gradio_app
+        if gradio_app is None:
+            return None
+        token = cookies.get(f"access-token-{gradio_app.cookie_id}") or cookies.get(f"access-token-unsecure-{gradio_app.cookie_id}")
+        return gradio_app.tokens.get(token) if token else None
 
 
 def _add_api_only_root(app: FastAPI, api: bool) -> None:
@@ -155,6 +191,7 @@ def serve(
     block: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     log_level: str = "warning",
+    allowed_hosts: Iterable[str] = (),
 ) -> ServerHandle:
     """Start uvicorn in a background thread and return once it accepts connections.
 
@@ -165,7 +202,8 @@ def serve(
     import uvicorn
 
     app = create_server_app(studio, api=api, auth=auth, listen=listen, api_auth=api_auth, ui_builder=ui_builder,
-                            max_body_bytes=max_body_bytes, server_name=_client_host(host), server_port=port)
+                            max_body_bytes=max_body_bytes, server_name=_client_host(host), server_port=port,
+                            bind_host=host, allowed_hosts=allowed_hosts)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="sfumato-server", daemon=True)

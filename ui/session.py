@@ -1,7 +1,7 @@
 """Who is asking: a browser session owns its jobs, and Interrupt/Skip reach only those."""
 from __future__ import annotations
 
-from engine.jobs import JobQueue
+from engine.jobs import Job, JobQueue
 
 ANONYMOUS = "ui-anonymous"
 
@@ -10,6 +10,16 @@ def session_owner(request) -> str:
     """The job owner for a Gradio request: its session hash (one per open page)."""
     session = getattr(request, "session_hash", None) if request is not None else None
     return f"ui-{session}" if session else ANONYMOUS
+
+
+def session_user(request) -> str | None:
+    """The login behind a Gradio request; None when the UI has no logins."""
+    return getattr(request, "username", None) if request is not None else None
+
+
+def sees_job(user: str | None, job: Job) -> bool:
+    """With logins a user sees, and may stop, only the jobs they submitted; without logins everyone sees every job."""
+    return user is None or job.user == user
 
 
 def interrupt_own(jobs: JobQueue, owner: str) -> bool:
