@@ -2,11 +2,12 @@
 
     {"name": "Fast draft", "description": "...", "fields": {"steps": 10, "sampler": "DPM++ 2M"}}
 
-A preset's ``prompt``/``negative_prompt`` are templates: ``{prompt}`` stands for
-what the artist typed; without it the template is appended after a comma, as
-A1111 styles do. Built-in presets ship in ``presets/``; the artist's own live in
-a user folder and override built-ins of the same name. A1111 ``styles.csv``
-files import as presets.
+A preset is used as a style (its prompt and negative prompt merge into what the
+artist typed, as A1111 styles do) or loaded as saved settings (every field it
+holds is restored); see "applying" below. In a preset's ``prompt`` and
+``negative_prompt``, ``{prompt}`` stands for what the artist typed. Built-in
+presets ship in ``presets/``; the artist's own live in a user folder and
+override built-ins of the same name. A1111 ``styles.csv`` files import as presets.
 
 Every way in (``validate_preset``, ``import_bytes``, ``import_styles_csv``)
 checks everything first and reports all problems by name in one
@@ -199,6 +200,25 @@ def validate_preset(data: Any) -> Preset:
 
 
 # --- applying ----------------------------------------------------------------
+#
+# A preset can be used two ways, and the UI labels them so:
+# - "Apply style" (A1111's styles.csv): only its prompt and negative prompt, merged into what
+#   was typed; applying it twice merges it twice, as A1111 does.
+# - "Load preset" (saved settings): every field it holds is restored, prompts included, so
+#   loading it twice gives what loading it once gave.
+# The API's ``styles`` does both at once (``apply_preset``): prompts merge, other fields restore.
+
+PROMPT_FIELDS = ("prompt", "negative_prompt")
+SAMPLING_FIELDS = ("sampler", "schedule", "zero_terminal_snr")
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Field values after a preset was applied, and sentences on what had to change beyond what it says."""
+
+    fields: dict[str, Any]
+    notes: tuple[str, ...] = ()
+
 
 def merge_prompt(template: str, typed: str) -> str:
     """A1111's style merge: fill ``{prompt}``, or append the template after a comma."""
@@ -207,29 +227,89 @@ def merge_prompt(template: str, typed: str) -> str:
     return ", ".join(part for part in (typed.strip(), template.strip()) if part)
 
 
-def apply_preset(preset: Preset, current: Mapping[str, Any]) -> dict[str, Any]:
-    """The field values after applying ``preset`` to ``current`` (which is left untouched).
+def unmerge_prompt(template: str, text: str) -> str:
+    """``text`` with an earlier ``merge_prompt(template, ...)`` around it undone, when it is there.
 
-    Prompts merge with what was typed; every other field the preset sets replaces
-    the current value. When the preset picks a sampler but no schedule and the
-    current schedule does not suit that sampler, the schedule goes back to Automatic.
+    Only a template with one ``{prompt}`` can be undone: its text before and after the
+    placeholder is stripped from the ends of ``text``.
     """
+    if template.count(PROMPT_PLACEHOLDER) != 1:
+        return text
+    before, after = template.split(PROMPT_PLACEHOLDER)
+    if len(text) >= len(before) + len(after) and text.startswith(before) and text.endswith(after):
+        return text[len(before):len(text) - len(after)]
+    return text
+
+
+def _typed(current: Mapping[str, Any], name: str) -> str:
+    value = current.get(name) or ""
+    return value if isinstance(value, str) else str(value)
+
+
+def has_style_text(preset: Preset) -> bool:
+    return any(preset.fields.get(name) for name in PROMPT_FIELDS)
+
+
+def apply_style(preset: Preset, current: Mapping[str, Any]) -> dict[str, Any]:
+    """``current`` with the preset's prompt and negative prompt merged in as an A1111 style; nothing else changes."""
+    result = dict(current)
+    for name in PROMPT_FIELDS:
+        if preset.fields.get(name):
+            result[name] = merge_prompt(preset.fields[name], _typed(current, name))
+    return result
+
+
+def load_preset(preset: Preset, current: Mapping[str, Any]) -> Applied:
+    """Every field the preset holds restored over ``current`` (which is left untouched).
+
+    Its prompt and negative prompt replace what was typed. A ``{prompt}`` in them is
+    filled with what was typed, after undoing an earlier load of the same preset, so that
+    loading twice gives the same text as loading once. A preset that picks a sampler without
+    zero terminal SNR turns it off (presets save it only when on). Fields it does not hold keep
+    their current values; the schedule and zero-SNR box are then fitted to the sampler.
+    """
+    result = _restore_settings(preset, current)
+    if "sampler" in preset.fields and "zero_terminal_snr" not in preset.fields:
+        result["zero_terminal_snr"] = False  # presets save the box only when it is ticked
+    for name in PROMPT_FIELDS:
+        if name in preset.fields:
+            template = preset.fields[name]
+            result[name] = template.replace(PROMPT_PLACEHOLDER, unmerge_prompt(template, _typed(current, name)))
+    return _fit_sampling(preset, result)
+
+
+def apply_preset(preset: Preset, current: Mapping[str, Any]) -> dict[str, Any]:
+    """The API's ``styles``: prompts merge as A1111 styles, every other field the preset sets is restored.
+
+    When the preset picks a sampler that cannot use the current schedule, the schedule
+    goes back to Automatic (and zero terminal SNR off, if the sampler lacks it).
+    """
+    result = apply_style(preset, _restore_settings(preset, current))
+    return _fit_sampling(preset, result).fields
+
+
+def _restore_settings(preset: Preset, current: Mapping[str, Any]) -> dict[str, Any]:
     result = dict(current)
     for name, value in preset.fields.items():
-        if name in ("prompt", "negative_prompt"):
-            typed = current.get(name) or ""
-            result[name] = merge_prompt(value, typed if isinstance(typed, str) else str(typed))
-        elif name == "controlnet":
-            result[name] = json.loads(json.dumps(value))  # a copy the caller may change freely
-        else:
-            result[name] = value
-    if "sampler" in preset.fields and "schedule" not in preset.fields:
-        try:
-            if samplers.unsupported_reason(result["sampler"], result.get("schedule") or samplers.DEFAULT_SCHEDULE):
-                result["schedule"] = samplers.DEFAULT_SCHEDULE
-        except ValidationError:
-            result["schedule"] = samplers.DEFAULT_SCHEDULE
+        if name in PROMPT_FIELDS:
+            continue
+        # ControlNet units are nested: a copy the caller may change freely
+        result[name] = json.loads(json.dumps(value)) if name == "controlnet" else value
     return result
+
+
+def _fit_sampling(preset: Preset, result: dict[str, Any]) -> Applied:
+    """The schedule and zero-SNR box made valid for the sampler, with a note for each value the preset did not set."""
+    if not any(name in preset.fields for name in SAMPLING_FIELDS):
+        return Applied(result)
+    try:
+        fit = samplers.fit_to_sampler(result.get("sampler") or samplers.DEFAULT_SAMPLER, result.get("schedule"),
+                                      bool(result.get("zero_terminal_snr")))
+    except ValidationError:  # the current values are unknown names: the preset's choices stand alone
+        result["schedule"] = preset.fields.get("schedule", samplers.DEFAULT_SCHEDULE)
+        return Applied(result)
+    result["schedule"], result["zero_terminal_snr"] = fit.schedule, fit.zero_terminal_snr
+    return Applied(result, fit.changes)
 
 
 # --- storage -----------------------------------------------------------------

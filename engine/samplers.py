@@ -163,6 +163,36 @@ def supports_zero_terminal_snr(sampler: str) -> bool:
     return ZERO_TERMINAL_SNR_OPTION in _accepted_options(find_sampler(sampler).scheduler_class)
 
 
+@dataclass(frozen=True)
+class SamplerFit:
+    """The schedule and zero-SNR setting that go with a sampler, and what had to change to get them."""
+
+    schedule: str
+    zero_terminal_snr: bool
+    changes: tuple[str, ...] = ()  # one sentence per setting that was changed: the old value, the new one, and why
+
+
+def fit_to_sampler(sampler: str, schedule: str | None, zero_terminal_snr: bool = False) -> SamplerFit:
+    """Keep ``schedule`` and ``zero_terminal_snr`` when ``sampler`` honours them; otherwise fall back and say why.
+
+    This is what switching samplers does: an artist on "DPM++ 2M" + "Karras" who picks
+    "Euler" keeps Karras; one who picks a sampler that cannot use Karras gets Automatic
+    and a sentence naming both schedules and the reason. Unknown names raise ValidationError.
+    """
+    sampler_name = find_sampler(sampler).name
+    kept_schedule = find_schedule(schedule or DEFAULT_SCHEDULE).name
+    changes: list[str] = []
+    reason = unsupported_reason(sampler_name, kept_schedule)
+    if reason:
+        changes.append(f"Schedule type changed from {kept_schedule} to {DEFAULT_SCHEDULE}: {reason}.")
+        kept_schedule = DEFAULT_SCHEDULE
+    zero_snr = bool(zero_terminal_snr)
+    if zero_snr and not supports_zero_terminal_snr(sampler_name):
+        changes.append(f"Zero terminal SNR turned off: {unsupported_reason(sampler_name, kept_schedule, True)}.")
+        zero_snr = False
+    return SamplerFit(schedule=kept_schedule, zero_terminal_snr=zero_snr, changes=tuple(changes))
+
+
 def check_combination(sampler: str, schedule: str, zero_terminal_snr: bool = False) -> None:
     reason = unsupported_reason(sampler, schedule, zero_terminal_snr)
     if reason:

@@ -57,7 +57,8 @@ def test_app_has_every_tab_and_the_controls_artists_look_for(app):
     for mode in ("txt2img", "img2img", "inpaint"):
         for control in ("prompt", "negative", "sampler", "schedule", "steps", "cfg", "width", "height", "seed", "seed_random",
                         "seed_reuse", "subseed", "subseed_strength", "batch_count", "batch_size", "generate", "interrupt", "skip",
-                        "preview", "progress", "gallery", "infotext", "preset", "preset_apply", "preset_save"):
+                        "preview", "progress", "gallery", "infotext", "preset", "preset_load", "style_apply", "preset_save",
+                        "preset_delete", "sampling_note"):
             assert f"{mode}_{control}" in ids, f"{mode}_{control} missing"
     for control in ("inpaint_editor", "inpaint_mask_upload", "inpaint_mask_blur", "inpaint_masked_content", "inpaint_area",
                     "inpaint_padding", "inpaint_outpaint_left", "inpaint_preview_mask", "img2img_image", "img2img_denoising",

@@ -6,13 +6,16 @@ to" all go through this one table, so a field is wired once.
 
 Most fields are one control holding the request value as is. Two are not:
 ``invert_mask`` is the A1111 "Mask mode" radio, and ``outpaint`` is four
-sliders (left, right, up, down).
+sliders (left, right, up, down). The schedule dropdown and the zero-SNR box
+follow the sampler: whenever a sampler is applied, they are updated with it,
+so the schedule's choices, its value and the box always agree with it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from engine.errors import ValidationError
 from engine.infotext import MASK_MODES
 
 # Request fields whose controls deliver numbers that must reach the request as ints.
@@ -76,6 +79,8 @@ class Binding:
     to_request: Callable[..., Any]
     to_ui: Callable[[Any, Mapping[str, Any]], list]  # (value, all fields being applied) -> control values
     keys: list[str] | None = None  # one parameter name per control, for the API; defaults to the field name
+    # Applied again whenever this field is applied, even without a value for this one (to_ui then gets None).
+    follows: str | None = None
 
     def component_keys(self) -> list[str]:
         return self.keys or [self.name]
@@ -96,7 +101,11 @@ def simple(name: str, component) -> Binding:
 
 
 def schedule(component) -> Binding:
-    """The schedule dropdown: its choices follow the sampler being applied with it."""
+    """The schedule dropdown: its choices are the applied sampler's, and its value one of them.
+
+    Applied with a sampler but no schedule (an infotext without "Schedule type"), it
+    goes to Automatic, which is what such an infotext means.
+    """
     import gradio as gr
 
     from engine import samplers
@@ -105,9 +114,41 @@ def schedule(component) -> Binding:
         sampler = fields.get("sampler")
         if not sampler:
             return [value]
-        return [gr.update(choices=samplers.schedules_for(sampler), value=value)]
+        try:
+            choices = samplers.schedules_for(sampler)
+        except ValidationError:
+            return [gr.skip()]
+        return [gr.update(choices=choices, value=value if value in choices else samplers.DEFAULT_SCHEDULE)]
 
-    return Binding("schedule", [component], lambda value: value, to_ui)
+    return Binding("schedule", [component], lambda value: value, to_ui, follows="sampler")
+
+
+def zero_terminal_snr(component) -> Binding:
+    """The zero-SNR box: shown only for samplers that can rescale their betas, and never ticked for others."""
+    import gradio as gr
+
+    from engine import samplers
+
+    def to_ui(value: Any, fields: Mapping[str, Any]) -> list:
+        sampler = fields.get("sampler")
+        if not sampler:
+            return [bool(value)]
+        try:
+            supported = samplers.supports_zero_terminal_snr(sampler)
+        except ValidationError:
+            return [gr.skip()]
+        if value is None:  # the sampler alone was applied: keep the tick where it may stay
+            return [gr.update(visible=True)] if supported else [gr.update(visible=False, value=False)]
+        return [gr.update(visible=supported, value=bool(value) and supported)]
+
+    return Binding("zero_terminal_snr", [component], lambda value: bool(value), to_ui, follows="sampler")
+
+
+def sampling_note(changes: tuple[str, ...] | list[str]):
+    """The note under the sampler row: what a sampler change did to the schedule or zero SNR and why; hidden when nothing."""
+    import gradio as gr
+
+    return gr.update(value=" ".join(changes), visible=bool(changes))
 
 
 def mask_mode(component) -> Binding:
@@ -178,8 +219,8 @@ class FieldMap:
         result: list = []
         for name in chosen:
             binding = self.bindings[name]
-            if name in fields:
-                result.extend(binding.to_ui(fields[name], fields))
+            if name in fields or (binding.follows is not None and binding.follows in fields):
+                result.extend(binding.to_ui(fields.get(name), fields))
             else:
                 result.extend(gr.skip() for _ in binding.components)
         return result

@@ -100,6 +100,7 @@ class GenerationTab:
     own_size: Any = None  # img2img/inpaint: "use the image's own size" checkbox
     extensions: list[ExtensionControls] = field(default_factory=list)
     presets: PresetControls | None = None
+    sampling_note: Any = None
 
 
 def _seed_row(mode: str, name: str, label: str, value: int = -1):
@@ -141,6 +142,8 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 sampler = gr.Dropdown(samplers.sampler_names(), value=samplers.DEFAULT_SAMPLER, label="Sampling method", elem_id=f"{mode}_sampler")
                 schedule = gr.Dropdown(samplers.schedules_for(samplers.DEFAULT_SAMPLER), value=samplers.DEFAULT_SCHEDULE,
                                        label="Schedule type", elem_id=f"{mode}_schedule")
+            # Says what picking a sampler changed in the schedule or zero-SNR box, and why; hidden otherwise.
+            sampling_note = gr.Markdown("", visible=False, elem_id=f"{mode}_sampling_note")
             zero_snr = gr.Checkbox(False, label="Zero terminal SNR (rescale betas; for v-prediction models)", elem_id=f"{mode}_zero_snr",
                                    visible=samplers.supports_zero_terminal_snr(samplers.DEFAULT_SAMPLER))
             steps = gr.Slider(*LIMITS["steps"], value=20, step=1, precision=0, label="Sampling steps", elem_id=f"{mode}_steps")
@@ -185,7 +188,8 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
 
     fields.add(F.simple("sampler", sampler))
     fields.add(F.schedule(schedule))
-    for name, component in (("zero_terminal_snr", zero_snr), ("steps", steps), ("width", width), ("height", height),
+    fields.add(F.zero_terminal_snr(zero_snr))
+    for name, component in (("steps", steps), ("width", width), ("height", height),
                             ("batch_count", batch_count), ("batch_size", batch_size), ("cfg_scale", cfg), ("seed", seed),
                             ("subseed", subseed), ("subseed_strength", subseed_strength)):
         fields.add(F.simple(name, component))
@@ -198,10 +202,14 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
 
     tab = GenerationTab(mode, fields, generate, interrupt, skip, preview, progress, gallery, infotext, saved, results, selected,
                         send_buttons, image=image, mask_upload=mask_upload, own_size=own_size, extensions=extensions,
-                        presets=presets)
+                        presets=presets, sampling_note=sampling_note)
 
     # -- small control behaviours ----------------------------------------------------------
-    sampler.change(_sampler_changed, [sampler, schedule, zero_snr], [schedule, zero_snr], api_visibility="private", queue=False)
+    # Only the artist's own pick: presets, PNG Info and "send to" set sampler, schedule and zero SNR together through
+    # the field map. A .change listener would also fire for those, reading the schedule before its new value landed.
+    sampler.input(_sampler_picked, [sampler, schedule, zero_snr], [schedule, zero_snr, sampling_note],
+                  api_visibility="private", queue=False)
+    schedule.input(lambda: gr.update(value="", visible=False), None, sampling_note, api_visibility="private", queue=False)
     swap.click(lambda w, h: (h, w), [width, height], [width, height], api_visibility="private", queue=False)
     seed_random.click(lambda: -1, None, seed, api_visibility="private", queue=False)
     subseed_random.click(lambda: -1, None, subseed, api_visibility="private", queue=False)
@@ -293,14 +301,17 @@ def _inpaint_canvas():
 
 # -- handlers ---------------------------------------------------------------------------------
 
-def _sampler_changed(sampler: str, schedule: str, zero_snr: bool):
+def _sampler_picked(sampler: str, schedule: str | None, zero_snr: bool):
+    """Keep the schedule and zero SNR when the new sampler honours them; otherwise reset them and say why."""
     try:
         choices = samplers.schedules_for(sampler)
+        fit = samplers.fit_to_sampler(sampler, schedule if schedule in samplers.schedule_names() else None, bool(zero_snr))
         supports_zero = samplers.supports_zero_terminal_snr(sampler)
     except ValidationError:
-        return gr.skip(), gr.skip()
-    value = schedule if schedule in choices else samplers.DEFAULT_SCHEDULE
-    return gr.update(choices=choices, value=value), gr.update(visible=supports_zero, value=bool(zero_snr) and supports_zero)
+        return gr.skip(), gr.skip(), gr.skip()
+    return (gr.update(choices=choices, value=fit.schedule),
+            gr.update(visible=supports_zero, value=fit.zero_terminal_snr),
+            F.sampling_note(fit.changes))
 
 
 def _reuse(attribute: str):

@@ -1,8 +1,12 @@
-"""The presets row of every generation tab: apply, save, delete, export, import, import styles.csv.
+"""The presets row of every generation tab: load, apply as style, save, delete, export, import, import styles.csv.
 
-Applying goes through ``engine.presets.apply_preset`` (prompt templates merge
-with the typed prompt); every import is validated in full by the store, and
-its problems are shown by field name with nothing half-applied.
+One dropdown, two ways to use what it holds, labelled so the artist knows which:
+"Load preset" restores every setting the preset saved, its prompt replacing the
+typed one (``engine.presets.load_preset``); "Apply style" only adds its prompt and
+negative prompt to the typed ones, as A1111's styles do (``apply_style``).
+Deleting asks for a second click that names the preset. Every import is validated
+in full by the store, and its problems are shown by field name with nothing
+half-applied.
 """
 from __future__ import annotations
 
@@ -14,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from engine.errors import SfumatoError
-from engine.presets import FIELD_TYPES, PresetError, apply_preset, preset_filename
+from engine.presets import FIELD_TYPES, PROMPT_FIELDS, PresetError, apply_style, has_style_text, load_preset, preset_filename
 
 from .errors import message_for
-from .fields import describe_error
+from .fields import describe_error, sampling_note
 
 if TYPE_CHECKING:
     from .generation_tab import GenerationTab
@@ -65,16 +69,26 @@ def saved_fields(tab_mode: str, values: dict[str, Any], model: str | None, inclu
     return fields
 
 
+USE_HELP = ("**Load preset** restores every setting it saved; its prompt replaces yours. "
+            "**Apply style** only adds its prompt and negative prompt to yours, as A1111 styles do; each click adds them again.")
+
+
 @dataclass
 class PresetControls:
     dropdown: gr.Dropdown
-    apply: gr.Button
+    load: gr.Button
+    apply_style: gr.Button
     description: gr.Markdown
     name: gr.Textbox
     text: gr.Textbox
     include_model: gr.Checkbox
     save: gr.Button
     delete: gr.Button
+    delete_confirm_row: gr.Row
+    delete_question: gr.Markdown
+    delete_confirm: gr.Button
+    delete_cancel: gr.Button
+    pending_delete: gr.State
     export: gr.Button
     export_file: gr.File
     import_preset: gr.UploadButton
@@ -85,10 +99,12 @@ class PresetControls:
 def build_presets_controls(studio, mode: str) -> PresetControls:
     """The presets row's controls, laid out where this is called (the top of a generation tab)."""
     with gr.Row(elem_classes=["sfumato-presets"]):
-        dropdown = gr.Dropdown(preset_names(studio), value=None, label="Preset", elem_id=f"{mode}_preset", scale=3)
-        with gr.Column(scale=1, min_width=120):
-            apply_button = gr.Button("Apply preset", elem_id=f"{mode}_preset_apply", size="md")
+        dropdown = gr.Dropdown(preset_names(studio), value=None, label="Preset or style", elem_id=f"{mode}_preset", scale=3)
+        with gr.Column(scale=1, min_width=140):
+            load_button = gr.Button("Load preset", elem_id=f"{mode}_preset_load", size="md")
+            style_button = gr.Button("Apply style", elem_id=f"{mode}_style_apply", size="md")
         with gr.Column(scale=4):
+            gr.Markdown(USE_HELP, elem_id=f"{mode}_preset_help")
             description = gr.Markdown("", elem_id=f"{mode}_preset_description")
             status = gr.Markdown("", elem_id=f"{mode}_preset_status")
     with gr.Accordion("Manage presets: save, delete, export, import", open=False, elem_id=f"{mode}_preset_manage"):
@@ -104,9 +120,17 @@ def build_presets_controls(studio, mode: str) -> PresetControls:
                                             elem_id=f"{mode}_preset_import")
             styles_button = gr.UploadButton("Import styles.csv", file_types=[".csv"], type="binary", size="sm",
                                             elem_id=f"{mode}_preset_import_styles")
+        with gr.Row(visible=False, elem_id=f"{mode}_preset_delete_confirm_row") as confirm_row:
+            question = gr.Markdown("", elem_id=f"{mode}_preset_delete_question")
+            confirm_button = gr.Button("Yes, delete it", elem_id=f"{mode}_preset_delete_confirm", size="sm", variant="stop")
+            cancel_button = gr.Button("Cancel", elem_id=f"{mode}_preset_delete_cancel", size="sm")
         export_file = gr.File(label="Exported preset", visible=False, interactive=False, elem_id=f"{mode}_preset_file")
-    return PresetControls(dropdown, apply_button, description, name, text, include_model, save_button, delete_button,
-                          export_button, export_file, import_button, styles_button, status)
+    return PresetControls(
+        dropdown=dropdown, load=load_button, apply_style=style_button, description=description, name=name, text=text,
+        include_model=include_model, save=save_button, delete=delete_button, delete_confirm_row=confirm_row,
+        delete_question=question, delete_confirm=confirm_button, delete_cancel=cancel_button, pending_delete=gr.State(None),
+        export=export_button, export_file=export_file, import_preset=import_button, import_styles=styles_button, status=status,
+    )
 
 
 def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_dropdown) -> None:
@@ -116,6 +140,7 @@ def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_d
     # Extensions whose settings a preset may hold (ControlNet units) and that can fill their controls back in.
     preset_extensions = [control for control in tab.extensions if control.name in FIELD_TYPES and control.from_settings]
     field_components = tab.fields.components(names)
+    prompt_components = tab.fields.components(list(PROMPT_FIELDS))
     extension_components = [component for control in preset_extensions for component in control.components]
     dropdown, status = controls.dropdown, controls.status
 
@@ -145,21 +170,25 @@ def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_d
         settings = ", ".join(f"{key}: {value}" for key, value in preset.fields.items() if key != "controlnet")
         return f"{preset.description}\n\n`{settings}`" if preset.description else f"`{settings}`"
 
-    def apply(preset_name, model, *values):
-        skips = [gr.skip()] * (2 + len(field_components) + len(extension_components))
+    def chosen(preset_name, action: str):
+        """The preset named in the dropdown, or None after telling the artist what is wrong."""
         if not preset_name:
-            gr.Warning("Choose a preset to apply.")
-            return skips
+            gr.Warning(f"Choose a preset to {action}.")
+            return None
         try:
-            preset = studio.presets.get(preset_name)
+            return studio.presets.get(preset_name)
         except SfumatoError as error:
             gr.Warning(message_for(error))
-            return skips
-        values = list(values[:len(field_components)])
+            return None
+
+    def load(preset_name, model, *values):
+        preset = chosen(preset_name, "load")
+        if preset is None:
+            return [gr.skip()] * (3 + len(field_components) + len(extension_components))
         current = tab.fields.read(list(values), names)
         current["model"] = model
-        merged = apply_preset(preset, current)
-        changed = {key: value for key, value in merged.items() if key in preset.fields or current.get(key) != value}
+        applied = load_preset(preset, current)
+        changed = {key: value for key, value in applied.fields.items() if key in preset.fields or current.get(key) != value}
         model_update = gr.skip()
         if "model" in changed:
             if changed["model"] in studio.registry.names():
@@ -169,8 +198,19 @@ def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_d
         missing = [name for name in preset.fields if name not in names and name != "model"
                    and not any(control.name == name for control in preset_extensions)]
         note = f" (not available here: {', '.join(missing)})" if missing else ""
-        return (model_update, *tab.fields.updates(changed, names), *extension_values(preset),
-                f"Applied **{preset.name}**{note}.")
+        status_text = " ".join([f"Loaded preset **{preset.name}**{note}.", *applied.notes])
+        return (model_update, *tab.fields.updates(changed, names), *extension_values(preset), status_text,
+                sampling_note(applied.notes))
+
+    def apply_as_style(preset_name, *typed):
+        preset = chosen(preset_name, "apply as a style")
+        if preset is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        if not has_style_text(preset):
+            gr.Warning(f"{preset.name!r} has no prompt or negative prompt to add. Use Load preset for its settings.")
+            return gr.skip(), gr.skip(), gr.skip()
+        styled = apply_style(preset, dict(zip(PROMPT_FIELDS, typed)))
+        return styled["prompt"], styled["negative_prompt"], f"Applied style **{preset.name}**: its prompt text was added to yours."
 
     def save(preset_name, description_text, with_model, model, *values):
         current = tab.fields.read(list(values), names)
@@ -185,16 +225,28 @@ def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_d
         verb = "Replaced" if existed else "Saved"
         return refreshed(data["name"]), f"{verb} preset **{data['name']}**."
 
-    def delete(preset_name):
-        if not preset_name:
-            gr.Warning("Choose a preset to delete.")
-            return gr.skip(), gr.skip()
+    def hidden_question():
+        return gr.update(visible=False), None
+
+    def ask_delete(preset_name):
+        """The first click: name what would be deleted and wait for the second."""
+        preset = chosen(preset_name, "delete")
+        if preset is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        if preset.builtin:
+            gr.Warning(f"{preset.name!r} is a built-in preset and can't be deleted.")
+            return gr.skip(), gr.skip(), gr.skip()
+        return gr.update(visible=True), f"Delete preset **{preset.name}**? This can't be undone.", preset.name
+
+    def delete(pending_name):
+        if not pending_name:
+            return gr.skip(), gr.skip(), *hidden_question()
         try:
-            studio.presets.delete(preset_name)
+            studio.presets.delete(pending_name)
         except SfumatoError as error:
             gr.Warning(message_for(error))
-            return gr.skip(), gr.skip()
-        return refreshed(), f"Deleted preset **{preset_name}**."
+            return gr.skip(), gr.skip(), *hidden_question()
+        return refreshed(), f"Deleted preset **{pending_name}**.", *hidden_question()
 
     def export(preset_name):
         if not preset_name:
@@ -231,12 +283,18 @@ def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_d
 
     private = {"api_visibility": "private"}
     c = controls
-    dropdown.focus(lambda value: refreshed(value), dropdown, dropdown, queue=False, **private)
+    # Presets saved from another tab show up when the list is opened. Only the choices are sent: the reply may land
+    # after the artist has picked one, and sending the value seen at focus would undo that pick.
+    dropdown.focus(lambda: gr.update(choices=preset_names(studio)), None, dropdown, queue=False, **private)
     dropdown.change(describe, dropdown, c.description, queue=False, **private)
-    c.apply.click(apply, [dropdown, model_dropdown, *field_components],
-                  [model_dropdown, *field_components, *extension_components, status], **private)
+    dropdown.change(hidden_question, None, [c.delete_confirm_row, c.pending_delete], queue=False, **private)
+    c.load.click(load, [dropdown, model_dropdown, *field_components],
+                 [model_dropdown, *field_components, *extension_components, status, tab.sampling_note], **private)
+    c.apply_style.click(apply_as_style, [dropdown, *prompt_components], [*prompt_components, status], **private)
     c.save.click(save, [c.name, c.text, c.include_model, model_dropdown, *field_components], [dropdown, status], **private)
-    c.delete.click(delete, dropdown, [dropdown, status], **private)
+    c.delete.click(ask_delete, dropdown, [c.delete_confirm_row, c.delete_question, c.pending_delete], **private)
+    c.delete_confirm.click(delete, c.pending_delete, [dropdown, status, c.delete_confirm_row, c.pending_delete], **private)
+    c.delete_cancel.click(hidden_question, None, [c.delete_confirm_row, c.pending_delete], queue=False, **private)
     c.export.click(export, dropdown, c.export_file, **private)
     c.import_preset.upload(import_preset, c.import_preset, [dropdown, status], **private)
     c.import_styles.upload(import_styles, c.import_styles, [dropdown, status], **private)

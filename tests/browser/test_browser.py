@@ -162,8 +162,8 @@ def test_a_saved_preset_survives_a_reload_and_restores_the_controls(page, server
     open_app(page, server_url)  # a fresh page: nothing carried over but the saved file
     assert page.locator("#txt2img_steps input[type=number]").input_value() == "20"
     choose(page, "txt2img_preset", "Browser preset")
-    page.locator("#txt2img_preset_apply").click()
-    page.locator("#txt2img_preset_status", has_text="Applied").wait_for()
+    page.locator("#txt2img_preset_load").click()
+    page.locator("#txt2img_preset_status", has_text="Loaded preset").wait_for()
     assert page.locator("#txt2img_steps input[type=number]").input_value() == "13"
     assert page.locator("#txt2img_cfg input[type=number]").input_value() == "4.5"
     assert page.locator("#txt2img_sampler input").input_value() == "Heun"
