@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import atomic_write
 from .engine import Engine
 from .jobs import JobQueue
 from .models import REPO_ROOT, ModelRegistry
@@ -38,6 +39,7 @@ class Studio:
         from .presets import PresetStore
 
         self.config = config or StudioConfig()
+        self._remove_stale_temps()
         self.settings_store = SettingsStore(self.config.user_dir / "settings.json")
         self.settings: Settings = self.settings_store.load()
         self.registry = ModelRegistry(
@@ -52,6 +54,14 @@ class Studio:
         self.writer = OutputWriter(self.config.outputs_dir, self.settings.output_pattern)
         self.presets = PresetStore(self.config.presets_dir, self.config.user_dir / "presets")
         self.jobs = JobQueue(self.engine, save_result=self.save_result)
+
+    def _remove_stale_temps(self) -> None:
+        """Temporary files a killed writer left among the outputs and the user's files (settings, presets,
+        extension state); a recent one may belong to another running Sfumato and stays."""
+        for folder in (self.config.outputs_dir, self.config.user_dir):
+            removed = atomic_write.remove_stale_temps(folder, recursive=True)
+            if removed:
+                log.info("removed %d unfinished temporary file(s) left in %s by an interrupted save", len(removed), folder)
 
     def _ensure_some_model(self) -> None:
         """With no model anywhere (the demo model not trained yet), build a tiny random one so the
