@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import atomic_write
 from .engine import Engine
+from .errors import ModelError
 from .jobs import JobQueue
 from .models import REPO_ROOT, ModelRegistry
 from .performance import PerformanceOptions
@@ -66,7 +67,7 @@ class Studio:
     def _ensure_some_model(self) -> None:
         """With no model anywhere (the demo model not trained yet), build a tiny random one so the
         studio still starts; it is marked UNTRAINED and the UI labels it so."""
-        if self.registry.list():
+        if any(entry.usable for entry in self.registry.list()):
             return
         from .tiny_models import build_sd1
 
@@ -78,8 +79,15 @@ class Studio:
         self.registry.refresh()
 
     def default_model(self) -> str:
-        if self.settings.default_model and self.settings.default_model in self.registry.names():
-            return self.settings.default_model
+        """The model used when a request names none: the one chosen in Settings while it is installed and not
+        broken (any spelling of its name), else the registry's first usable model."""
+        if self.settings.default_model:
+            try:
+                chosen = self.registry.get(self.settings.default_model)
+            except ModelError:
+                chosen = None
+            if chosen is not None and chosen.usable:
+                return chosen.name
         return self.registry.default_name()
 
     def update_settings(self, settings: Settings) -> None:

@@ -18,6 +18,7 @@ from engine.presets import FIELD_TYPES, PresetError, apply_preset, preset_filena
 
 from .errors import message_for
 from .fields import describe_error
+from .model_info import installed_name
 
 if TYPE_CHECKING:
     from .generation_tab import GenerationTab
@@ -162,8 +163,8 @@ def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_d
         changed = {key: value for key, value in merged.items() if key in preset.fields or current.get(key) != value}
         model_update = gr.skip()
         if "model" in changed:
-            if changed["model"] in studio.registry.names():
-                model_update = changed["model"]
+            if (installed := installed_name(studio, changed["model"])) is not None:
+                model_update = installed
             else:
                 gr.Warning(f"The preset's model {changed['model']!r} is not installed; keeping {model!r}.")
         missing = [name for name in preset.fields if name not in names and name != "model"
