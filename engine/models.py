@@ -558,8 +558,9 @@ class ModelRegistry:
         """Remember that ``entry`` failed to load, so it is shown as broken and never picked as the default
         (until the next refresh, when its files are checked again)."""
         with self._lock:
-            if self._entries.get(entry.name) is entry or (entry.name in self._entries and self._entries[entry.name].path == entry.path):
-                self._entries[entry.name] = replace(self._entries[entry.name], problem=problem)
+            current = self._entries.get(entry.name)
+            if current is not None and current.path == entry.path:  # not a model rescanned under that name since
+                self._entries[entry.name] = replace(current, problem=problem)
 
     def short_hash(self, entry: ModelEntry) -> str:
         """The entry's A1111 short hash, remembered per file (path, size, mtime) so a reload does not rehash gigabytes."""

@@ -2,7 +2,6 @@
 marked with its reason and never becomes the default."""
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -151,3 +150,16 @@ def test_with_only_broken_models_the_studio_still_starts_on_a_placeholder(tmp_pa
     studio = Studio(StudioConfig(models_dir=models, outputs_dir=tmp_path / "o", user_dir=tmp_path / "u", builtin_models_dir=None))
     assert studio.registry.get(studio.default_model()).untrained
     assert "must be a JSON object" in studio.registry.get("only-broken").problem
+
+
+def test_the_dropdown_labels_a_broken_model_and_its_note_says_why(tmp_path, source):
+    from types import SimpleNamespace
+
+    from ui.model_info import model_choices, model_note
+
+    models = tmp_path / "models"
+    _broken_tree(models, source)
+    studio = SimpleNamespace(registry=_registry(models))
+    labels = dict((value, label) for label, value in model_choices(studio))
+    assert labels["z-good"] == "z-good" and "broken" in labels["b-class-list"]
+    assert "_class_name" in model_note(studio.registry.get("b-class-list")) and model_note(studio.registry.get("z-good")) == ""
