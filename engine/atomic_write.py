@@ -23,7 +23,7 @@ from pathlib import Path
 TEMP_PREFIX = ".sfumato-"
 TEMP_SUFFIX = ".tmp"
 STALE_AFTER_S = 15 * 60  # far longer than any single write takes
-_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP,
+_NO_HARD_LINKS = {errno.EPERM, errno.EINVAL, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP,
                   getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 
