@@ -27,6 +27,8 @@ from engine.presets import PresetStore
 from engine.settings import Settings, SettingsStore
 from engine.studio import Studio, StudioConfig
 
+pytestmark = pytest.mark.timeout(120)  # a child that hangs instead of pausing fails the test rather than the run
+
 IMAGE = Image.new("RGB", (16, 16), "teal")
 NOW = datetime(2024, 3, 9, 14, 5, 7)
 PAUSED, FINISHED = b"P", b"F"
