@@ -101,7 +101,7 @@ class Engine:
         pipe = model.pipeline
         seed = resolve_seed(request.seed)
         subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else request.subseed
-        request = request.with_changes(seed=seed, subseed=subseed)
+        request = request.with_changes(seed=seed, subseed=subseed, model=model.entry.name)  # the model's name, however it was asked for
 
         tick = time.perf_counter()
         conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt)

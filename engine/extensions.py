@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from . import atomic_write
 from .errors import GenerationError, SfumatoError, ValidationError
 from .models import BUILTIN_DIR, REPO_ROOT
 
@@ -213,11 +214,13 @@ class ExtensionManager:
         disabled = data.get("disabled", []) if isinstance(data, dict) else []
         return {name for name in disabled if isinstance(name, str) and NAME_PATTERN.fullmatch(name)}
 
-    def _write_state(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.state_file.with_name(self.state_file.name + ".tmp")
-        temporary.write_text(json.dumps({"disabled": sorted(self._disabled)}, indent=2) + "\n")
-        temporary.replace(self.state_file)
+    def _write_state(self, disabled: set[str]) -> None:
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write.write_file(self.state_file, json.dumps({"disabled": sorted(disabled)}, indent=2) + "\n")
+        except OSError as error:
+            raise SfumatoError(f"cannot remember which extensions are enabled in {self.state_file}: "
+                               f"{error.strerror or error}; check that folder's permissions and free space") from error
 
     def set_enabled(self, name: str, enabled: bool) -> None:
         """Enable or disable an extension; remembered across restarts.
@@ -228,14 +231,12 @@ class ExtensionManager:
         with self._lock:
             if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name not in self._discover():
                 raise ValidationError("extension", f"no extension named {name!r}; found: {', '.join(self._available) or 'none'}")
-            if enabled:
-                self._disabled.discard(name)
-                if name not in self._extensions:
-                    self._failed.pop(name, None)
-                    self._import(name)
-            else:
-                self._disabled.add(name)
-            self._write_state()
+            disabled = self._disabled - {name} if enabled else self._disabled | {name}
+            self._write_state(disabled)  # first: a failed write changes nothing
+            self._disabled = disabled
+            if enabled and name not in self._extensions:
+                self._failed.pop(name, None)
+                self._import(name)
 
     # -- what is there -------------------------------------------------------------
     @property

@@ -29,8 +29,8 @@ import re
 import shutil
 import tempfile
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -87,10 +87,21 @@ LEGACY_ATTENTION_NAMES = ((".query.", ".to_q."), (".key.", ".to_k."), (".value."
 
 @dataclass(frozen=True)
 class ModelEntry:
-    name: str
+    name: str  # as A1111 names it: the file's stem or the folder's name (its path under models/ when two share it)
     path: Path
     kind: str  # "diffusers", "single-file" or "pickle"
     builtin: bool = False
+    problem: str | None = None  # why it cannot be loaded (found by checking its files, or by a failed load)
+    aliases: tuple[str, ...] = ()  # other spellings that name it: paths under models/, with or without the extension
+    title: str = ""  # how A1111's title begins: a checkpoint's path under Stable-diffusion (with extension), else the name
+
+    def __post_init__(self):
+        if not self.title:
+            object.__setattr__(self, "title", self.name)
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
 
     @property
     def untrained(self) -> bool:
@@ -209,6 +220,11 @@ def _read_model_index(folder: Path) -> dict:
     return index
 
 
+def _json_kind(value: object) -> str:
+    kinds = {list: "a list", dict: "an object", bool: "true/false", int: "a number", float: "a number", type(None): "missing"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def _is_scheduler_class(name: str) -> bool:
     import diffusers
 
@@ -223,6 +239,9 @@ def check_model_index(folder: Path) -> bool:
     """
     index = _read_model_index(folder)
     pipeline = index.get("_class_name")
+    if not isinstance(pipeline, str):
+        raise ModelError(f"{folder.name}/model_index.json: the key _class_name must be the pipeline's class name as text "
+                         f"(like \"StableDiffusionPipeline\"), not {_json_kind(pipeline)}")
     if pipeline not in SUPPORTED_PIPELINES:
         raise ModelError(f"{folder.name} is a {pipeline!r} model; Sfumato runs Stable Diffusion 1.x/2.x and SDXL "
                          f"pipelines ({', '.join(SUPPORTED_PIPELINES)})")
@@ -235,7 +254,10 @@ def check_model_index(folder: Path) -> bool:
     for component, value in index.items():
         if component.startswith("_") or component in NOT_LOADED or not isinstance(value, list):
             continue
-        library, class_name = (value + [None, None])[:2]
+        if len(value) != 2 or not all(part is None or isinstance(part, str) for part in value):
+            raise ModelError(f"{folder.name}/model_index.json: the key {component} must be [library, class name] as two "
+                             f"texts, not {json.dumps(value)[:80]}")
+        library, class_name = value
         if library is None:
             continue
         if component == "scheduler":
@@ -377,6 +399,40 @@ def _check_single_file_names(keys: list[str], layout: layout_keys.SingleFileLayo
         raise ModelError(f"the config folder {shown} does not match this checkpoint: " + "; ".join(problems))
 
 
+TITLE_WITH_HASH = re.compile(r"(?P<name>.+) \[(?P<hash>[0-9a-fA-F]{8,64})\]")
+
+
+def _spellings(relative: Path) -> tuple[str, ...]:
+    """A path under a models folder, written with and without its file extension, and as A1111's
+    ``model_name`` (folders joined with '_')."""
+    posix = relative.as_posix()
+    suffix = relative.suffix if relative.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES else ""
+    bare = posix[: -len(suffix)] if suffix else posix
+    return (posix, bare, bare.replace("/", "_"))
+
+
+def _problem_without_loading(path: Path, kind: str) -> str | None:
+    """Why a model cannot be loaded, from what its files say without loading any weights (None: it may load)."""
+    try:
+        if kind == "pickle":
+            return f"{path.suffix} is a pickle format, which can run code when loaded, so Sfumato never loads it. {CONVERT_HINT}"
+        if kind == "diffusers":
+            check_model_index(path)
+            index = _read_model_index(path)
+            for component in WEIGHT_COMPONENTS:  # safetensors headers only: cheap, and catches truncated files
+                if isinstance(index.get(component), list) and index[component][0]:
+                    _component_weight_keys(path, component, index[component][0])
+        else:
+            layout_keys.detect_layout(_safetensors_keys(path, path.name))
+    except ModelError as error:
+        return str(error)
+    except ValueError as error:  # detect_layout: not a checkpoint layout Sfumato knows
+        return f"{path.name}: {error}"
+    except OSError as error:
+        return f"{path.name} cannot be read: {error.strerror or error}"
+    return None
+
+
 class ModelRegistry:
     """Knows which checkpoints exist and keeps a few of them loaded."""
 
@@ -397,18 +453,20 @@ class ModelRegistry:
 
     # -- discovery ---------------------------------------------------------
     def refresh(self) -> list[ModelEntry]:
-        entries: dict[str, ModelEntry] = {}
-        if self.builtin_dir and self.builtin_dir.is_dir():
-            for folder in sorted(self.builtin_dir.iterdir()):
-                if _is_diffusers_folder(folder):
-                    entries[folder.name] = ModelEntry(folder.name, folder, "diffusers", builtin=True)
+        """Scan the folders again. Each model is checked (without loading it) and named as A1111 names it.
+
+        A1111 names a checkpoint by its file's stem and Sfumato names a diffusers folder by the folder's
+        name. When two models would share a name, each is named by its path under ``models/`` instead
+        (``Stable-diffusion/a/x.safetensors``, ``b/x``), so a name always means one model.
+        """
+        found: list[tuple[str, Path, str, tuple[str, ...]]] = []  # (short name, path, kind, spellings; the last is the title)
         if self.models_dir and self.models_dir.is_dir():
             folders = {index.parent for index in self.models_dir.rglob("model_index.json")}
             for folder in sorted(folders):
                 relative = folder.relative_to(self.models_dir)
                 if _is_single_file_config(folder) or any(part.startswith(".") for part in relative.parts):
                     continue
-                entries[relative.as_posix()] = ModelEntry(relative.as_posix(), folder, "diffusers")
+                found.append((folder.name, folder, "diffusers", _spellings(relative)))
             checkpoints = self.models_dir / CHECKPOINT_SUBDIR
             if checkpoints.is_dir():
                 for path in sorted(checkpoints.rglob("*")):
@@ -419,7 +477,23 @@ class ModelRegistry:
                             or any(parent in folders for parent in path.parents)):  # a diffusers folder's own weights
                         continue
                     kind = "single-file" if path.suffix.lower() in SAFE_SUFFIXES else "pickle"
-                    entries[relative.as_posix()] = ModelEntry(relative.as_posix(), path, kind)
+                    found.append((path.name[: -len(path.suffix)], path, kind,
+                                  _spellings(path.relative_to(self.models_dir)) + _spellings(relative) + (relative.as_posix(),)))
+        shared = Counter(short for short, _, _, _ in found)
+        entries: dict[str, ModelEntry] = {}
+        for short, path, kind, spellings in found:
+            name = short if shared[short] == 1 else path.relative_to(self.models_dir).as_posix()
+            aliases = tuple(dict.fromkeys(alias for alias in (short, *spellings) if alias != name))
+            entries[name] = ModelEntry(name, path, kind, problem=_problem_without_loading(path, kind), aliases=aliases,
+                                       title=spellings[-1] if kind != "diffusers" else name)
+        if self.builtin_dir and self.builtin_dir.is_dir():
+            for folder in sorted(self.builtin_dir.iterdir()):
+                if _is_diffusers_folder(folder) and folder.name not in entries:  # a user model of that name wins
+                    entries[folder.name] = ModelEntry(folder.name, folder, "diffusers", builtin=True,
+                                                      problem=_problem_without_loading(folder, "diffusers"))
+        for entry in entries.values():
+            if entry.problem:
+                log.warning("model %s cannot be used: %s", entry.name, entry.problem)
         with self._lock:
             self._entries = entries
         return self.list()
@@ -432,34 +506,61 @@ class ModelRegistry:
         return [entry.name for entry in self.list()]
 
     def default_name(self) -> str:
-        """The first user model when there is one, else the built-in demo model."""
+        """The first user model that passed its checks, else the built-in demo model, else any usable model.
+
+        A model found broken (by its checks or a failed load) is never the default.
+        """
         entries = self.list()
-        user = [entry for entry in entries if not entry.builtin and entry.kind != "pickle"]
+        usable = [entry for entry in entries if entry.usable]
+        user = [entry for entry in usable if not entry.builtin]
         if user:
             return user[0].name
-        if DEFAULT_MODEL_NAME in self._entries:
+        if any(entry.name == DEFAULT_MODEL_NAME for entry in usable):
             return DEFAULT_MODEL_NAME
+        if usable:
+            return usable[0].name
         if entries:
-            return entries[0].name
+            raise ModelError("no usable model: " + "; ".join(f"{entry.name}: {entry.problem}" for entry in entries))
         raise ModelError("no models found: put a checkpoint in models/Stable-diffusion or run `python -m training.demo_model`")
 
     def get(self, name: str | None) -> ModelEntry:
         """The scanned entry a name refers to. Names are looked up, never opened as paths.
 
-        Accepted spellings: the exact name, an A1111 title ``name [hash]``, or the name without
-        its folder or file extension.
+        Accepted spellings: the name, an A1111 title ``name [hash]``, and the model's path under
+        ``models/`` or ``models/Stable-diffusion/``, with or without the file's extension. A spelling
+        that fits two models is refused with both names, unless the title's hash tells them apart.
         """
         name = name or self.default_name()
+        title = TITLE_WITH_HASH.fullmatch(name)
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None:
-                stripped = name.split(" [")[0]
-                entry = self._entries.get(stripped) or next(
-                    (e for e in self._entries.values() if Path(e.name).stem == stripped or e.path.stem == stripped), None)
-        if entry is None:
+            entries = list(self._entries.values())
+            exact = self._entries.get(name)
+        if exact is not None:
+            return exact
+        wanted = title["name"] if title else name
+        matches = [entry for entry in entries if entry.name == wanted] or [entry for entry in entries if wanted in entry.aliases]
+        if len(matches) > 1 and title:
+            matches = [entry for entry in matches if self._hash_matches(entry, title["hash"])] or matches
+        if len(matches) > 1:
+            raise ModelError(f"{name!r} could mean {' or '.join(sorted(repr(entry.name) for entry in matches))}; use one of those names")
+        if not matches:
             shown = name if len(name) <= 200 else name[:200] + "..."
             raise ModelError(f"model {shown!r} not found; available: {', '.join(self.names()) or 'none'}")
-        return entry
+        return matches[0]
+
+    def _hash_matches(self, entry: ModelEntry, wanted: str) -> bool:
+        try:
+            return entry.kind != "pickle" and self.short_hash(entry).startswith(wanted.lower()[:10])
+        except OSError:
+            return False
+
+    def mark_broken(self, entry: ModelEntry, problem: str) -> None:
+        """Remember that ``entry`` failed to load, so it is shown as broken and never picked as the default
+        (until the next refresh, when its files are checked again)."""
+        with self._lock:
+            current = self._entries.get(entry.name)
+            if current is not None and current.path == entry.path:  # not a model rescanned under that name since
+                self._entries[entry.name] = replace(current, problem=problem)
 
     def short_hash(self, entry: ModelEntry) -> str:
         """The entry's A1111 short hash, remembered per file (path, size, mtime) so a reload does not rehash gigabytes."""
@@ -477,7 +578,15 @@ class ModelRegistry:
 
     def load(self, name: str | None = None) -> LoadedModel:
         entry = self.get(name)
-        return self._cached(entry) or run_on_compute_thread(self._load_and_cache, entry)
+        cached = self._cached(entry)
+        if cached is not None:
+            return cached
+        try:
+            return run_on_compute_thread(self._load_and_cache, entry)
+        except ModelError as error:
+            if not isinstance(error.__cause__, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+                self.mark_broken(entry, str(error))  # out of memory says nothing about the model's files
+            raise
 
     def _cached(self, entry: ModelEntry) -> LoadedModel | None:
         """The entry's loaded model, marked as the most recently used, or None."""

@@ -1,9 +1,10 @@
 """Saving generated images: numbered, never overwriting, never half-written, never outside the output folder.
 
-A file is first written to a temporary name in its destination folder and
-fsynced; its final name is then claimed with ``O_EXCL`` (so two writers never
-get the same name) and the finished file is moved over the claim with
-``os.replace``. Whatever fails along the way, no partial file is left behind.
+Files are written through ``engine.atomic_write.write_new_file``: the image goes
+to a temporary file in its destination folder and only gets its numbered name
+once it is complete, and that step fails rather than overwrite, so two writers
+never share a name. Whatever fails along the way, no partial or empty file is
+left behind.
 """
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import errno
 import os
 import re
 import string
-import tempfile
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 from PIL import Image
 
+from . import atomic_write
 from .errors import SfumatoError, ValidationError
 from .image_metadata import png_with_infotext
 
@@ -31,7 +33,7 @@ class OutputError(SfumatoError):
     """An image could not be written to the output folder."""
 
 
-def _pattern_problem(pattern: str) -> str | None:
+def pattern_problem(pattern: str) -> str | None:
     """Why this pattern is unusable, or None."""
     if not isinstance(pattern, str) or not pattern.strip():
         return "must be a non-empty pattern such as {mode}/{date}/{index:05d}-{seed}"
@@ -46,6 +48,8 @@ def _pattern_problem(pattern: str) -> str | None:
     for _, name, spec, _ in parsed:
         if name is not None and name not in PATTERN_FIELDS:
             return f"unknown field {{{name}}}; use any of {', '.join('{' + f + '}' for f in PATTERN_FIELDS)}"
+        if name is not None and "/" in (spec or ""):
+            return f"{{{name}:{spec}}} has a '/' in its format; '/' may only separate folders"
         if name == "index" and not _formats_as_digits(spec):
             return "{index} must format as plain digits, like {index} or {index:05d}"
     folder_part, _, _ = pattern.rpartition("/")
@@ -93,7 +97,7 @@ class OutputWriter:
     """
 
     def __init__(self, root: str | os.PathLike, pattern: str = DEFAULT_PATTERN):
-        problem = _pattern_problem(pattern)
+        problem = pattern_problem(pattern)
         if problem:
             raise ValidationError("output_pattern", problem)
         self.root = Path(root)
@@ -156,57 +160,21 @@ class OutputWriter:
 
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            return self._write_new_file(folder, data, values)
+        except OSError as error:
+            raise _os_error(error, folder) from error
+        try:
+            return atomic_write.write_new_file(folder, self._candidate_names(folder, values), data)
+        except FileExistsError:
+            raise OutputError(f"could not find a free file name in {folder} after {_MAX_ATTEMPTS} tries") from None
         except OSError as error:
             raise _os_error(error, folder) from error
 
-    def _write_new_file(self, folder: Path, data: bytes, values: dict[str, object]) -> Path:
-        descriptor, temp_name = tempfile.mkstemp(dir=folder, prefix=".sfumato-", suffix=".tmp")
-        claimed: Path | None = None
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            claimed = self._claim_name(folder, values)
-            os.replace(temp_name, claimed)
-        except BaseException:
-            for leftover in (temp_name, claimed):
-                if leftover is not None:
-                    try:
-                        os.unlink(leftover)
-                    except OSError:
-                        pass
-            raise
-        _fsync_folder(folder)
-        return claimed
-
-    def _claim_name(self, folder: Path, values: dict[str, object]) -> Path:
-        """Create an empty file under the first free name (O_EXCL: exactly one writer wins it)."""
+    def _candidate_names(self, folder: Path, values: dict[str, object]) -> Iterator[str]:
+        """File names to try in order: the next free index, then the ones after it (or ``-1``, ``-2``, ... without {index})."""
         index = self._next_index(folder)
         has_index = any(name == "index" for _, name, _, _ in string.Formatter().parse(self._name_pattern))
         for attempt in range(_MAX_ATTEMPTS):
             stem = self._name_pattern.format(**values, index=index + attempt)
             if attempt and not has_index:
                 stem = f"{stem}-{attempt}"
-            candidate = folder / f"{_safe_value('output_pattern', stem)}.png"
-            try:
-                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            except FileExistsError:
-                continue
-            return candidate
-        raise OutputError(f"could not find a free file name in {folder} after {_MAX_ATTEMPTS} tries")
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the new directory entry durable too (best effort: not every platform allows it)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+            yield f"{_safe_value('output_pattern', stem)}.png"

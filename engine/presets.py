@@ -21,12 +21,11 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import samplers
+from . import atomic_write, samplers
 from .errors import ValidationError
 from .outputs import OutputError
 from .request import GenerationRequest
@@ -325,22 +324,6 @@ def preset_filename(name: str) -> str:
     return f"{cleaned}.json"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".sfumato-", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except OSError:
-            pass
-        raise
-
-
 def _decode_text(data: bytes | str, what: str) -> str:
     if isinstance(data, str):
         return data.removeprefix("\ufeff")
@@ -404,7 +387,7 @@ class PresetStore:
         data = json.dumps(checked.to_json(), indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
         try:
             self.user_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, data)
+            atomic_write.write_file(path, data)
         except OSError as error:
             raise OutputError(f"cannot save preset {checked.name!r} in {self.user_dir}: {error.strerror or error}; check that folder's permissions and free space") from error
         return path

@@ -1,56 +1,102 @@
-"""User settings persisted to a JSON file that survives restarts."""
+"""User settings persisted to a JSON file that survives restarts.
+
+A settings file edited by hand (or written by an older version) never stops the studio from
+starting: each unusable value is put back to its default, with a warning that names it, and the
+other settings are kept.
+"""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import ValidationError
+from . import atomic_write
+from .devices import DEVICE_CHOICES, DTYPE_CHOICES
+from .errors import SfumatoError, ValidationError
+from .outputs import DEFAULT_PATTERN, pattern_problem
 from .request import PREVIEW_METHODS
+
+log = logging.getLogger("sfumato")
 
 
 @dataclass
 class Settings:
     preview_every: int = 1
     preview_method: str = "cheap"
-    output_pattern: str = "{mode}/{date}/{index:05d}-{seed}"
+    output_pattern: str = DEFAULT_PATTERN
     default_model: str = ""
     device: str = "auto"
     dtype: str = "auto"
     controlnet_units: int = 3
     save_outputs: bool = True
 
-    def validate(self) -> "Settings":
-        if not isinstance(self.preview_every, int) or isinstance(self.preview_every, bool) or not 0 <= self.preview_every <= 150:
-            raise ValidationError("preview_every", "must be an integer from 0 (off) to 150")
+    def problems(self) -> Iterator[tuple[str, str]]:
+        """(field, what is wrong with it) for every unusable value."""
+        if not _is_int(self.preview_every) or not 0 <= self.preview_every <= 150:
+            yield "preview_every", "must be an integer from 0 (off) to 150"
         if self.preview_method not in PREVIEW_METHODS:
-            raise ValidationError("preview_method", f"must be one of {', '.join(PREVIEW_METHODS)}")
-        if not isinstance(self.controlnet_units, int) or not 1 <= self.controlnet_units <= 8:
-            raise ValidationError("controlnet_units", "must be an integer from 1 to 8")
+            yield "preview_method", f"must be one of {', '.join(PREVIEW_METHODS)}"
+        if (problem := pattern_problem(self.output_pattern)) is not None:
+            yield "output_pattern", problem
+        if not isinstance(self.default_model, str):
+            yield "default_model", "must be a model name (text), or empty for the automatic choice"
+        if self.device not in DEVICE_CHOICES:
+            yield "device", f"must be one of {', '.join(DEVICE_CHOICES)}"
+        if self.dtype not in DTYPE_CHOICES:
+            yield "dtype", f"must be one of {', '.join(DTYPE_CHOICES)}"
+        if not _is_int(self.controlnet_units) or not 1 <= self.controlnet_units <= 8:
+            yield "controlnet_units", "must be an integer from 1 to 8"
+        if not isinstance(self.save_outputs, bool):
+            yield "save_outputs", "must be true or false"
+
+    def validate(self) -> "Settings":
+        for name, problem in self.problems():
+            raise ValidationError(name, problem)
         return self
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class SettingsStore:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.warnings: list[str] = []  # what the last load() had to put back to its default, for the UI to show
 
     def load(self) -> Settings:
+        """The saved settings; an unreadable file gives the defaults, an unusable value its default."""
+        self.warnings = []
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return Settings()
+        except (OSError, ValueError) as error:
+            self._warn(f"{self.path} could not be read ({error}); using the default settings")
+            return Settings()
+        if not isinstance(data, dict):
+            self._warn(f"{self.path} does not hold a JSON object; using the default settings")
             return Settings()
         known = {f.name for f in fields(Settings)}
-        try:
-            return Settings(**{k: v for k, v in data.items() if k in known}).validate()
-        except (TypeError, ValidationError):
-            return Settings()
+        settings = Settings(**{key: value for key, value in data.items() if key in known})
+        defaults = Settings()
+        for name, problem in list(settings.problems()):
+            self._warn(f"{self.path}: {name} {json.dumps(getattr(settings, name))} {problem}; "
+                       f"using the default {json.dumps(getattr(defaults, name))} instead")
+            setattr(settings, name, getattr(defaults, name))
+        return settings
+
+    def _warn(self, message: str) -> None:
+        log.warning(message)
+        self.warnings.append(message)
 
     def save(self, settings: Settings) -> None:
         settings.validate()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=self.path.parent, prefix=".settings-")
-        with os.fdopen(handle, "w") as out:
-            json.dump(asdict(settings), out, indent=2)
-        os.replace(temp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write.write_file(self.path, json.dumps(asdict(settings), indent=2) + "\n")
+        except OSError as error:
+            raise SfumatoError(f"cannot save the settings to {self.path}: {error.strerror or error}; "
+                               "check that folder's permissions and free space") from error

@@ -7,7 +7,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import atomic_write
 from .engine import Engine
+from .errors import ModelError
 from .jobs import JobQueue
 from .models import REPO_ROOT, ModelRegistry
 from .performance import PerformanceOptions
@@ -38,6 +40,7 @@ class Studio:
         from .presets import PresetStore
 
         self.config = config or StudioConfig()
+        self._remove_stale_temps()
         self.settings_store = SettingsStore(self.config.user_dir / "settings.json")
         self.settings: Settings = self.settings_store.load()
         self.registry = ModelRegistry(
@@ -53,10 +56,18 @@ class Studio:
         self.presets = PresetStore(self.config.presets_dir, self.config.user_dir / "presets")
         self.jobs = JobQueue(self.engine, save_result=self.save_result)
 
+    def _remove_stale_temps(self) -> None:
+        """Temporary files a killed writer left among the outputs and the user's files (settings, presets,
+        extension state); a recent one may belong to another running Sfumato and stays."""
+        for folder in (self.config.outputs_dir, self.config.user_dir):
+            removed = atomic_write.remove_stale_temps(folder, recursive=True)
+            if removed:
+                log.info("removed %d unfinished temporary file(s) left in %s by an interrupted save", len(removed), folder)
+
     def _ensure_some_model(self) -> None:
         """With no model anywhere (the demo model not trained yet), build a tiny random one so the
         studio still starts; it is marked UNTRAINED and the UI labels it so."""
-        if self.registry.list():
+        if any(entry.usable for entry in self.registry.list()):
             return
         from .tiny_models import build_sd1
 
@@ -68,8 +79,15 @@ class Studio:
         self.registry.refresh()
 
     def default_model(self) -> str:
-        if self.settings.default_model and self.settings.default_model in self.registry.names():
-            return self.settings.default_model
+        """The model used when a request names none: the one chosen in Settings while it is installed and not
+        broken (any spelling of its name), else the registry's first usable model."""
+        if self.settings.default_model:
+            try:
+                chosen = self.registry.get(self.settings.default_model)
+            except ModelError:
+                chosen = None
+            if chosen is not None and chosen.usable:
+                return chosen.name
         return self.registry.default_name()
 
     def update_settings(self, settings: Settings) -> None:

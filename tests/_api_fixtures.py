@@ -18,9 +18,10 @@ from PIL import Image
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = "Stable-diffusion/tiny"
-INPAINT_MODEL = "Stable-diffusion/tiny-inpaint"
-OTHER_MODEL = "Stable-diffusion/tiny-other"
+MODEL = "tiny"  # named as A1111 names models: a folder's name, a checkpoint file's stem
+INPAINT_MODEL = "tiny-inpaint"
+OTHER_MODEL = "tiny-other"
+CHECKPOINTS = "Stable-diffusion"
 CONTROLNET = "tiny-cn"
 
 
@@ -28,10 +29,10 @@ def build_models(root: Path) -> Path:
     """models/ with two tiny SD 1.x, a tiny inpainting model and a tiny ControlNet (A1111 layout)."""
     from engine.tiny_models import build_sd1
 
-    build_sd1(root / MODEL, seed=0)
-    build_sd1(root / INPAINT_MODEL, seed=1, in_channels=9)
-    build_sd1(root / OTHER_MODEL, seed=2)
-    build_controlnet(root / MODEL, root / "ControlNet" / CONTROLNET)
+    build_sd1(root / CHECKPOINTS / MODEL, seed=0)
+    build_sd1(root / CHECKPOINTS / INPAINT_MODEL, seed=1, in_channels=9)
+    build_sd1(root / CHECKPOINTS / OTHER_MODEL, seed=2)
+    build_controlnet(root / CHECKPOINTS / MODEL, root / "ControlNet" / CONTROLNET)
     return root
 
 

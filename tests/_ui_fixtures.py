@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_NAME = "Stable-diffusion/tiny-sd1"
+MODEL_NAME = "tiny-sd1"  # models/Stable-diffusion/tiny-sd1, named by its folder as A1111 names a checkpoint by its file
 SIZE = 64  # the tiny model is an SD1-family model (native 512), so tests ask for 64x64 to stay fast
 
 

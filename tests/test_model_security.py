@@ -20,7 +20,8 @@ from tests._checkpoints import copy_configs, copy_model, edit_json, write_malici
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(300)
 
-GOOD = "Stable-diffusion/good"
+GOOD_PATH = "Stable-diffusion/good"
+GOOD = "good"  # a diffusers folder is named by its folder, as A1111 names a checkpoint by its file
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def wide_source(tmp_path_factory) -> Path:
 @pytest.fixture()
 def models(tmp_path, source) -> Path:
     root = tmp_path / "models"
-    copy_model(source, root / GOOD)
+    copy_model(source, root / GOOD_PATH)
     return root
 
 
@@ -81,7 +82,7 @@ def test_pickle_checkpoint_is_listed_but_never_unpickled(models, tmp_path, suffi
 def test_diffusers_folder_with_pickle_weights_is_refused_before_unpickling(models, tmp_path, component, weights):
     sentinel = tmp_path / "pwned"
     folder = models / "Stable-diffusion" / "pickled"
-    copy_model(models / GOOD, folder)
+    copy_model(models / GOOD_PATH, folder)
     for path in (folder / component).glob("*.safetensors"):
         path.unlink()
     write_malicious_pickle(folder / component / weights, sentinel)
@@ -97,7 +98,7 @@ def test_diffusers_itself_refuses_pickle_weights_when_asked_for_safetensors(mode
 
     sentinel = tmp_path / "pwned"
     folder = models / "Stable-diffusion" / "pickled"
-    copy_model(models / GOOD, folder)
+    copy_model(models / GOOD_PATH, folder)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     write_malicious_pickle(folder / "unet" / "diffusion_pytorch_model.bin", sentinel)
     with pytest.raises(OSError, match="safetensors"):
@@ -227,7 +228,7 @@ BROKEN = {  # maker -> what the message must say
 def broken(tmp_path_factory, source, wide_source):
     """One tree holding every broken model beside a good one, and an engine that has drawn with the good one."""
     models = tmp_path_factory.mktemp("broken") / "models"
-    copy_model(source, models / GOOD)
+    copy_model(source, models / GOOD_PATH)
     names = {maker: maker(models, source, wide_source) for maker in BROKEN}
     engine = Engine(ModelRegistry(models, builtin_dir=None, device="cpu", cache_size=2))
     reference = np.asarray(engine.generate(request(GOOD)).images[0].image)
@@ -266,7 +267,7 @@ def test_path_like_names_never_resolve(models, name):
 def test_an_absolute_path_to_a_real_checkpoint_outside_the_tree_is_not_loaded(models, source, tmp_path):
     outside = write_single_file(source, tmp_path / "outside" / "elsewhere.safetensors")
     registry = ModelRegistry(models, builtin_dir=None, device="cpu")
-    for name in (str(outside), str(models / GOOD), os.path.relpath(outside, models)):
+    for name in (str(outside), str(models / GOOD_PATH), os.path.relpath(outside, models)):
         with pytest.raises(ModelError, match="not found"):
             registry.load(name)
     assert registry.loaded_names() == []

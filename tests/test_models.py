@@ -26,11 +26,14 @@ from tests._checkpoints import build_sd2_like, build_sdxl_two_widths, copy_confi
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(300)
 
-SD1_FOLDER = "Stable-diffusion/tiny-sd1"
-SD1_FILE = "sd1-single.safetensors"
-SDXL_FOLDER = "diffusers/deep/tiny-sdxl"
-SDXL_FILE = "sub/sdxl-single.safetensors"
-PICKLE = "old.ckpt"
+# Models are named as A1111 names them: a checkpoint by its file's stem, a diffusers folder by its name.
+SD1_FOLDER = "tiny-sd1"
+SD1_FILE = "sd1-single"
+SDXL_FOLDER = "tiny-sdxl"
+SDXL_FILE = "sdxl-single"
+PICKLE = "old"
+SD1_FILE_PATH = "sd1-single.safetensors"
+SDXL_FILE_PATH = "sub/sdxl-single.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +51,9 @@ def models_dir(tmp_path_factory, sources) -> Path:
     checkpoints = models / "Stable-diffusion"
     copy_model(sources["sd1"], checkpoints / "tiny-sd1")
     copy_model(sources["sdxl"], models / "diffusers" / "deep" / "tiny-sdxl")
-    write_single_file(sources["sd1"], checkpoints / SD1_FILE)
-    write_single_file(sources["sdxl"], checkpoints / SDXL_FILE)
-    (checkpoints / PICKLE).write_bytes(b"not a real pickle; never opened")
+    write_single_file(sources["sd1"], checkpoints / SD1_FILE_PATH)
+    write_single_file(sources["sdxl"], checkpoints / SDXL_FILE_PATH)
+    (checkpoints / "old.ckpt").write_bytes(b"not a real pickle; never opened")
     return models
 
 
@@ -98,8 +101,8 @@ def test_default_falls_back_to_the_builtin_demo(tmp_path, sources):
     only_pickles.mkdir(parents=True)
     (only_pickles / "x.ckpt").write_bytes(b"x")
     assert ModelRegistry(tmp_path / "models", builtin_dir=builtin, device="cpu").default_name() == "sfumato-demo"
-    (only_pickles / "mine.safetensors").write_bytes(b"listed, not opened")
-    assert ModelRegistry(tmp_path / "models", builtin_dir=builtin, device="cpu").default_name() == "mine.safetensors"
+    write_single_file(sources["sd1"], only_pickles / "mine.safetensors")
+    assert ModelRegistry(tmp_path / "models", builtin_dir=builtin, device="cpu").default_name() == "mine"
 
 
 def test_no_models_at_all_says_where_to_put_one(tmp_path):
@@ -114,26 +117,31 @@ def test_refresh_picks_up_new_and_removed_files(tmp_path, sources):
     write_single_file(sources["sd1"], models / "Stable-diffusion" / "late.safetensors")
     copy_model(sources["sd1"], models / "elsewhere" / "late-folder")
     assert set(registry.names()) == set()  # nothing changes until a refresh
-    assert {e.name for e in registry.refresh()} == {"late.safetensors", "elsewhere/late-folder"}
+    assert {e.name for e in registry.refresh()} == {"late", "late-folder"}
     (models / "Stable-diffusion" / "late.safetensors").unlink()
-    assert registry.refresh() and registry.names() == ["elsewhere/late-folder"]
+    assert registry.refresh() and registry.names() == ["late-folder"]
 
 
 @pytest.mark.parametrize("spelling, expected", [
     (SD1_FILE, SD1_FILE),
     (f"{SD1_FILE} [0123456789]", SD1_FILE),  # A1111 title: "name [hash]"
-    ("sd1-single", SD1_FILE),  # without the extension
-    (f"{SDXL_FILE} [abcdef0123]", SDXL_FILE),
-    ("sdxl-single", SDXL_FILE),  # without the subfolder
+    ("sd1-single.safetensors", SD1_FILE),  # with the extension
+    ("sd1-single.safetensors [0123456789]", SD1_FILE),  # A1111's title of a checkpoint
+    ("Stable-diffusion/sd1-single.safetensors", SD1_FILE),  # Sfumato's older names: the path under models/
+    (f"{SDXL_FILE_PATH} [abcdef0123]", SDXL_FILE),
+    ("sub/sdxl-single", SDXL_FILE),
+    ("sub_sdxl-single", SDXL_FILE),  # A1111's model_name of a checkpoint in a subfolder
     (SD1_FOLDER, SD1_FOLDER),
-    ("tiny-sd1", SD1_FOLDER),
+    ("Stable-diffusion/tiny-sd1", SD1_FOLDER),
+    ("diffusers/deep/tiny-sdxl", SDXL_FOLDER),
+    ("old.ckpt", PICKLE),
 ])
 def test_a1111_spellings_resolve(registry, spelling, expected):
     assert registry.get(spelling).name == expected
 
 
 def test_single_file_hash_is_a1111_sha256_prefix(registry, models_dir):
-    expected = hashlib.sha256((models_dir / "Stable-diffusion" / SD1_FILE).read_bytes()).hexdigest()[:10]
+    expected = hashlib.sha256((models_dir / "Stable-diffusion" / SD1_FILE_PATH).read_bytes()).hexdigest()[:10]
     loaded = registry.load(SD1_FILE)
     assert loaded.short_hash == expected and len(expected) == 10
     assert registry.short_hash(registry.get(SD1_FILE)) == expected

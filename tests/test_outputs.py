@@ -74,7 +74,7 @@ def test_values_with_separators_stay_inside_root(tmp_path):
         OutputWriter(tmp_path, "{mode}/{index}").save(IMAGE, None, "txt\x00img", 1, now=NOW)
 
 
-@pytest.mark.parametrize("pattern", ["../{index}", "/abs/{index}", "a/../../{index}", "{index}\x00", "a\\b", "{nope}", "{seed.real}", "{mode[0]}", "{index}/{seed}", "{index:x>3}", "{mode:05d}", "a//{index}", "", "{"])
+@pytest.mark.parametrize("pattern", ["../{index}", "/abs/{index}", "a/../../{index}", "{index}\x00", "a\\b", "{nope}", "{seed.real}", "{mode[0]}", "{index}/{seed}", "{index:x>3}", "{seed:/>8}", "{mode:/^9}/{index}", "{mode:05d}", "a//{index}", "", "{"])
 def test_bad_patterns_are_refused_by_name(tmp_path, pattern):
     with pytest.raises(ValidationError) as error:
         OutputWriter(tmp_path, pattern)
@@ -111,7 +111,7 @@ def test_unwritable_or_full_disk_is_a_clear_output_error(tmp_path, monkeypatch, 
 
 
 def test_failure_while_moving_into_place_leaves_no_files(tmp_path, monkeypatch):
-    _fail_with(monkeypatch, "replace", errno.EIO)
+    _fail_with(monkeypatch, "link", errno.EIO)
     with pytest.raises(OutputError):
         OutputWriter(tmp_path).save(IMAGE, "x", "txt2img", 1, now=NOW)
     assert _files(tmp_path) == []

@@ -22,7 +22,6 @@ import re
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -508,8 +507,9 @@ class SdApi:
         return items
 
     def model_title(self, entry) -> str:
+        """A1111's title: the checkpoint's file (a diffusers folder's name) and, once it is loaded, its short hash."""
         loaded = self._loaded_hash(entry.name)
-        return f"{entry.name} [{loaded}]" if loaded else entry.name
+        return f"{entry.title} [{loaded}]" if loaded else entry.title
 
     def _loaded_hash(self, name: str) -> str | None:
         """A model's short hash when it is loaded; hashing unloaded multi-GB files on a listing would be slow."""
@@ -527,9 +527,8 @@ class SdApi:
             if entry.kind == "pickle":
                 continue  # never loadable here, so not offered
             short = self._loaded_hash(entry.name)
-            model_name = entry.name[: -len(Path(entry.name).suffix)] if entry.kind == "single-file" else entry.name
-            items.append(SDModelItem(title=self.model_title(entry), model_name=model_name, hash=short, sha256=None,
-                                     filename=str(entry.path), config=None))
+            items.append(SDModelItem(title=self.model_title(entry), model_name=entry.name, hash=short, sha256=None,
+                                     filename=str(entry.path), config=None, broken=entry.problem))
         return items
 
     def refresh_checkpoints(self) -> dict:

@@ -134,6 +134,7 @@ class SDModelItem(BaseModel):
     sha256: str | None = None
     filename: str
     config: str | None = None
+    broken: str | None = Field(None, description="Why this model cannot be loaded (found by checking its files or by a failed load); null when it can.")
 
 
 class PromptStyleItem(BaseModel):

@@ -18,7 +18,7 @@ from .errors import message_for
 from .extensions_tab import build_extensions_tab
 from .gallery_tab import build_gallery_tab
 from .generation_tab import GenerationTab, build_generation_tab
-from .model_info import default_model_name, entry_or_none, model_note, native_size
+from .model_info import default_model_name, entry_or_none, model_choices, model_note, native_size
 from .png_info import build_png_info_tab
 from .presets_ui import wire_presets
 from .send_to import wire_infotext_send, wire_result_send
@@ -38,7 +38,7 @@ def build_app(studio) -> gr.Blocks:
         session_gallery = gr.State([])
         current_model = gr.State(model)
         with gr.Row(elem_id="model_row", equal_height=True):
-            model_dropdown = gr.Dropdown(studio.registry.names(), value=model, label="Stable Diffusion checkpoint",
+            model_dropdown = gr.Dropdown(model_choices(studio), value=model, label="Stable Diffusion checkpoint",
                                          elem_id="model_dropdown", scale=4)
             refresh = gr.Button("🔄", elem_id="model_refresh", elem_classes=["sfumato-tool"], scale=0, min_width=40)
             model_status = gr.Markdown(_loaded_text(studio, model), elem_id="model_status")
@@ -120,6 +120,6 @@ def _wire_model_bar(studio, dropdown, refresh, status, untrained, current_model,
 
     def refreshed(value):
         names = [entry.name for entry in studio.registry.refresh()]
-        return gr.update(choices=names, value=value if value in names else default_model_name(studio))
+        return gr.update(choices=model_choices(studio), value=value if value in names else default_model_name(studio))
 
     refresh.click(refreshed, dropdown, dropdown, api_visibility="private")

@@ -33,10 +33,27 @@ def native_size(studio, name: str | None) -> tuple[int, int]:
     return SD1.native_size
 
 
+BROKEN_NOTE = "⚠️ **`{name}` cannot be used:** {problem}"
+BROKEN_MARK = "⚠️ broken"
+
+
 def model_note(entry: ModelEntry | None) -> str:
     if entry is None:
         return "No model found: put a checkpoint in `models/Stable-diffusion`."
+    if entry.problem:
+        return BROKEN_NOTE.format(name=entry.name, problem=entry.problem)
     return UNTRAINED_NOTE.format(name=entry.name) if entry.untrained else ""
+
+
+def model_choices(studio) -> list[tuple[str, str]]:
+    """The model dropdown's (label, name) pairs: a broken model is marked, and its note says why when picked."""
+    return [(f"{entry.name} — {BROKEN_MARK}" if entry.problem else entry.name, entry.name) for entry in studio.registry.list()]
+
+
+def installed_name(studio, name: str | None) -> str | None:
+    """The model's name in this studio for any accepted spelling (A1111 title, file name, older path form), or None."""
+    entry = entry_or_none(studio, name) if name else None
+    return entry.name if entry is not None else None
 
 
 def entry_or_none(studio, name: str | None) -> ModelEntry | None:

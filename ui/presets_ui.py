@@ -22,6 +22,7 @@ from engine.presets import FIELD_TYPES, PROMPT_FIELDS, PresetError, apply_style,
 
 from .errors import message_for
 from .fields import describe_error, sampling_note
+from .model_info import installed_name
 
 if TYPE_CHECKING:
     from .generation_tab import GenerationTab
@@ -191,8 +192,8 @@ def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_d
         changed = {key: value for key, value in applied.fields.items() if key in preset.fields or current.get(key) != value}
         model_update = gr.skip()
         if "model" in changed:
-            if changed["model"] in studio.registry.names():
-                model_update = changed["model"]
+            if (installed := installed_name(studio, changed["model"])) is not None:
+                model_update = installed
             else:
                 gr.Warning(f"The preset's model {changed['model']!r} is not installed; keeping {model!r}.")
         missing = [name for name in preset.fields if name not in names and name != "model"

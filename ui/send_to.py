@@ -16,6 +16,7 @@ from engine.infotext import parse_infotext, request_fields_from_infotext
 
 from .extension_ui import all_components
 from .generation_tab import GenerationTab, ResultRecord
+from .model_info import installed_name
 
 # What "send to" from a result carries (A1111: prompt, negative, steps, seed and size, plus our sampling settings).
 RESULT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "zero_terminal_snr", "steps", "cfg_scale", "seed",
@@ -58,8 +59,8 @@ def target_updates(studio, target: GenerationTab, fields: dict[str, Any], image:
     model_update: Any = gr.skip()
     model = fields.pop("model", None)
     if model is not None:
-        if model in studio.registry.names():
-            model_update = model
+        if (installed := installed_name(studio, model)) is not None:
+            model_update = installed  # an A1111 infotext names the file's stem; older Sfumato ones its path
         else:
             gr.Warning(f"The image was made with model {model!r}, which is not installed; keeping the current model.")
     updates = [gr.Tabs(selected=target.mode), model_update, *target.fields.updates(fields)]

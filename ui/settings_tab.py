@@ -48,7 +48,8 @@ def build_settings_tab(studio) -> dict[str, Any]:
             units = gr.Slider(1, 8, value=current.controlnet_units, step=1, precision=0, label="ControlNet units (after restart)",
                               elem_id="settings_controlnet_units")
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply")
-        status = gr.Markdown("", elem_id="settings_status")
+        # Values settings.json held that could not be used were put back to their defaults at start: say which.
+        status = gr.Markdown("\n\n".join(f"⚠️ {warning}" for warning in studio.settings_store.warnings), elem_id="settings_status")
 
     components = {"preview_every": preview_every, "preview_method": preview_method, "output_pattern": output_pattern,
                   "default_model": default_model, "device": device, "dtype": dtype, "controlnet_units": units,
