@@ -24,6 +24,7 @@ from . import fields as F
 from .errors import job_error_text, message_for, ui_error
 from .event_inputs import preprocess_values
 from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
+from .image_formats import LOSSLESS, PREVIEW
 from .masks import inpaint_inputs, mask_preview
 from .presets_ui import PresetControls, build_presets_controls
 from .runner import follow
@@ -134,7 +135,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
         with gr.Column(scale=5, elem_id=f"{mode}_settings"):
             if mode == "img2img":
                 image = gr.Image(label="Image for img2img", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
-                                 height=360, elem_id="img2img_image")
+                                 format=LOSSLESS, height=360, elem_id="img2img_image")
             if mode == "inpaint":
                 image, mask_upload, inpaint_bindings, preview_mask = _inpaint_canvas()
             with gr.Row():
@@ -167,10 +168,10 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
             extensions, _ = build_extension_controls(studio, mode)
 
         with gr.Column(scale=6, elem_id=f"{mode}_results"):
-            preview = LivePreview(label="Live preview", interactive=False, format="jpeg", height=320, elem_id=f"{mode}_preview",
+            preview = LivePreview(label="Live preview", interactive=False, format=PREVIEW, height=320, elem_id=f"{mode}_preview",
                                   buttons=["fullscreen"])
             progress = gr.Markdown("Idle", elem_id=f"{mode}_progress", elem_classes=["sfumato-progress"])
-            gallery = ResultGallery(label="Results", format="png", columns=4, height=300, object_fit="contain",
+            gallery = ResultGallery(label="Results", format=LOSSLESS, columns=4, height=300, object_fit="contain",
                                     elem_id=f"{mode}_gallery", buttons=["download", "fullscreen"], interactive=False)
             with gr.Row():
                 send_buttons = {
@@ -264,10 +265,11 @@ def _inpaint_canvas():
     editor = gr.ImageEditor(
         label="Image to inpaint: paint over what to change", type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
         brush=gr.Brush(default_size=8, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
-        eraser=gr.Eraser(default_size=8), layers=False, transforms=(), height=420, elem_id="inpaint_editor",
+        eraser=gr.Eraser(default_size=8), layers=False, transforms=(), format=LOSSLESS, height=420, elem_id="inpaint_editor",
     )
     with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
-        mask_upload = gr.Image(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], height=200, elem_id="inpaint_mask_upload")
+        mask_upload = gr.Image(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], format=LOSSLESS, height=200,
+                               elem_id="inpaint_mask_upload")
     with gr.Row():
         mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode")
         mask_blur = gr.Slider(*LIMITS["mask_blur"], value=4, step=1, precision=0, label="Mask blur", elem_id="inpaint_mask_blur")
@@ -282,7 +284,7 @@ def _inpaint_canvas():
                                elem_id=f"inpaint_outpaint_{side}") for side in F.OUTPAINT_SIDES]
     with gr.Accordion("Preview the effective mask", open=False, elem_id="inpaint_mask_preview_box"):
         preview_button = gr.Button("Preview mask", size="sm", elem_id="inpaint_preview_mask")
-        mask_image = gr.Image(label="Effective mask (red: repainted, after blur and mode)", interactive=False, height=240,
+        mask_image = gr.Image(label="Effective mask (red: repainted, after blur and mode)", interactive=False, format=LOSSLESS, height=240,
                               elem_id="inpaint_mask_preview")
     bindings = [
         F.mask_mode(mask_mode), F.simple("mask_blur", mask_blur), F.simple("masked_content", masked_content),

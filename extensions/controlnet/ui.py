@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from engine.errors import SfumatoError
+from ui.image_formats import LOSSLESS
 
 from . import preprocessors, units
 from .hook import ControlNetRuntime
@@ -70,9 +71,10 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
                 prefix = f"{tab}_controlnet_{index}"
                 with gr.Tab(f"Unit {index}", elem_id=prefix):
                     with gr.Row():
-                        image = gr.Image(label=image_label, type="pil", sources=["upload", "clipboard"], height=220,
+                        image = gr.Image(label=image_label, type="pil", sources=["upload", "clipboard"], format=LOSSLESS, height=220,
                                          elem_id=f"{prefix}_image")
-                        preview = gr.Image(label="Preprocessor preview", interactive=False, height=220, elem_id=f"{prefix}_preview")
+                        preview = gr.Image(label="Preprocessor preview", interactive=False, format=LOSSLESS, height=220,
+                                           elem_id=f"{prefix}_preview")
                     with gr.Row():
                         enabled = gr.Checkbox(False, label="Enable", elem_id=f"{prefix}_enabled")
                         pixel_perfect = gr.Checkbox(False, label="Pixel Perfect", elem_id=f"{prefix}_pixel_perfect")
