@@ -30,9 +30,12 @@ from .presets_ui import PresetControls, build_presets_controls
 from .runner import follow
 from .session import interrupt_own, session_owner, skip_own
 from .streamed_outputs import LivePreview, ResultGallery, postprocess_values
+from .tool_buttons import (
+    RANDOM_SEED, RANDOM_SUBSEED, REUSE_SEED, REUSE_SUBSEED, SWAP_SIZE, ToolIcon, tool_button,
+)
 
 SESSION_GALLERY_LIMIT = 200
-RANDOM_SEED, REUSE_SEED = "🎲", "♻️"
+RESULTS_HEIGHT = 400  # px: one result large, nine still whole (ui/style.py fits the rows into it)
 SIZE_STEP = 8
 TEXT_KEYS = ("prompt", "negative_prompt")
 
@@ -103,11 +106,11 @@ class GenerationTab:
     presets: PresetControls | None = None
 
 
-def _seed_row(mode: str, name: str, label: str, value: int = -1):
+def _seed_row(mode: str, name: str, label: str, random_icon: ToolIcon, reuse_icon: ToolIcon, value: int = -1):
     with gr.Row(equal_height=True):
         number = gr.Number(value=value, label=label, precision=0, minimum=-1, maximum=MAX_SEED, elem_id=f"{mode}_{name}", scale=4)
-        random_button = gr.Button(RANDOM_SEED, elem_id=f"{mode}_{name}_random", elem_classes=["sfumato-tool"], scale=0, min_width=40)
-        reuse_button = gr.Button(REUSE_SEED, elem_id=f"{mode}_{name}_reuse", elem_classes=["sfumato-tool"], scale=0, min_width=40)
+        random_button = tool_button(random_icon, f"{mode}_{name}_random")
+        reuse_button = tool_button(reuse_icon, f"{mode}_{name}_reuse")
     return number, random_button, reuse_button
 
 
@@ -131,7 +134,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     fields.add(F.simple("negative_prompt", negative))
 
     image = mask_upload = own_size = None
-    with gr.Row(equal_height=False):
+    with gr.Row(equal_height=False, elem_classes=["sfumato-workspace"]):
         with gr.Column(scale=5, elem_id=f"{mode}_settings"):
             if mode == "img2img":
                 image = gr.Image(label="Image for img2img", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
@@ -151,7 +154,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 with gr.Column(scale=4):
                     width = gr.Slider(64, 2048, value=width0, step=SIZE_STEP, precision=0, label="Width", elem_id=f"{mode}_width")
                     height = gr.Slider(64, 2048, value=height0, step=SIZE_STEP, precision=0, label="Height", elem_id=f"{mode}_height")
-                swap = gr.Button("⇅", elem_id=f"{mode}_swap_size", elem_classes=["sfumato-tool"], scale=0, min_width=40)
+                swap = tool_button(SWAP_SIZE, f"{mode}_swap_size")
                 with gr.Column(scale=2):
                     batch_count = gr.Slider(*LIMITS["batch_count"], value=1, step=1, precision=0, label="Batch count", elem_id=f"{mode}_batch_count")
                     batch_size = gr.Slider(*LIMITS["batch_size"], value=1, step=1, precision=0, label="Batch size", elem_id=f"{mode}_batch_size")
@@ -159,20 +162,21 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
             if mode != "txt2img":
                 denoising = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{mode}_denoising")
                 resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode", elem_id=f"{mode}_resize_mode")
-            seed, seed_random, seed_reuse = _seed_row(mode, "seed", "Seed (-1 = random)")
+            seed, seed_random, seed_reuse = _seed_row(mode, "seed", "Seed (-1 = random)", RANDOM_SEED, REUSE_SEED)
             with gr.Accordion("Variation seed", open=False, elem_id=f"{mode}_variation"):
-                subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", "Variation seed")
+                subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", "Variation seed", RANDOM_SUBSEED, REUSE_SUBSEED)
                 subseed_strength = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Variation strength", elem_id=f"{mode}_subseed_strength")
             if mode == "inpaint":
                 preview_mask_button, mask_preview_image = preview_mask
             extensions, _ = build_extension_controls(studio, mode)
 
-        with gr.Column(scale=6, elem_id=f"{mode}_results"):
+        with gr.Column(scale=6, elem_id=f"{mode}_results", elem_classes=["sfumato-outputs"]):
             preview = LivePreview(label="Live preview", interactive=False, format=PREVIEW, height=320, elem_id=f"{mode}_preview",
                                   buttons=["fullscreen"])
             progress = gr.Markdown("Idle", elem_id=f"{mode}_progress", elem_classes=["sfumato-progress"])
-            gallery = ResultGallery(label="Results", format=LOSSLESS, columns=4, height=300, object_fit="contain",
-                                    elem_id=f"{mode}_gallery", buttons=["download", "fullscreen"], interactive=False)
+            gallery = ResultGallery(label="Results", format=LOSSLESS, columns=4, height=RESULTS_HEIGHT, object_fit="contain",
+                                    elem_id=f"{mode}_gallery", elem_classes=["sfumato-results"], buttons=["download", "fullscreen"],
+                                    interactive=False)
             with gr.Row():
                 send_buttons = {
                     target: gr.Button(f"Send to {target}", elem_id=f"{mode}_send_to_{target}", size="sm")
@@ -308,7 +312,7 @@ def _sampler_changed(sampler: str, schedule: str, zero_snr: bool):
 def _reuse(attribute: str):
     def reuse(records: list[ResultRecord], index: int):
         if not records:
-            gr.Info("Generate something first: ♻️ reuses the seed of the selected result.")
+            gr.Info("Generate something first: this button reuses the seed of the selected result.")
             return gr.skip()
         return getattr(records[min(index or 0, len(records) - 1)], attribute)
     return reuse

@@ -65,7 +65,7 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
     initial = preprocessors.get("none")
     model_dropdowns = []
     with gr.Accordion("ControlNet", open=False, elem_id=f"{tab}_controlnet"):
-        refresh = gr.Button("🔄 Refresh ControlNet models", size="sm", elem_id=f"{tab}_controlnet_refresh")
+        refresh = gr.Button("↻ Refresh ControlNet models", size="sm", elem_id=f"{tab}_controlnet_refresh")
         with gr.Tabs():
             for index in range(unit_count):
                 prefix = f"{tab}_controlnet_{index}"
@@ -81,7 +81,7 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
                     with gr.Row(equal_height=True):
                         module = gr.Dropdown(module_names, value="none", label="Preprocessor", elem_id=f"{prefix}_module")
                         model = gr.Dropdown(_model_choices(runtime), value=NO_MODEL, label="Model", elem_id=f"{prefix}_model")
-                        run_preview = gr.Button("💥 Preview", scale=0, min_width=90, elem_id=f"{prefix}_run_preview")
+                        run_preview = gr.Button("Preview", scale=0, min_width=90, elem_id=f"{prefix}_run_preview")
                     unavailable = gr.Markdown("", visible=False, elem_id=f"{prefix}_unavailable")
                     weight = gr.Slider(*units.WEIGHT_RANGE, value=1.0, step=0.05, label="Control Weight", elem_id=f"{prefix}_weight")
                     with gr.Row():
