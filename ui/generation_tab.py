@@ -30,9 +30,7 @@ from .presets_ui import PresetControls, build_presets_controls
 from .runner import follow
 from .session import interrupt_own, session_owner, skip_own
 from .streamed_outputs import LivePreview, ResultGallery, postprocess_values
-from .tool_buttons import (
-    RANDOM_SEED, RANDOM_SUBSEED, REUSE_SEED, REUSE_SUBSEED, SWAP_SIZE, ToolIcon, tool_button,
-)
+from .tool_buttons import RANDOM_SEED, RANDOM_SUBSEED, REUSE_SEED, REUSE_SUBSEED, SWAP_SIZE, ToolIcon, tool_button
 
 SESSION_GALLERY_LIMIT = 200
 RESULTS_HEIGHT = 400  # px: one result large, nine still whole (ui/style.py fits the rows into it)
