@@ -24,6 +24,7 @@ from .presets_ui import wire_presets
 from .send_to import wire_infotext_send, wire_result_send
 from .settings_tab import build_settings_tab
 from .style import load_js
+from .tool_buttons import REFRESH_MODELS, tool_button
 
 log = logging.getLogger("sfumato.ui")
 
@@ -40,13 +41,13 @@ def build_app(studio) -> gr.Blocks:
         with gr.Row(elem_id="model_row", equal_height=True):
             model_dropdown = gr.Dropdown(model_choices(studio), value=model, label="Stable Diffusion checkpoint",
                                          elem_id="model_dropdown", scale=4)
-            refresh = gr.Button("🔄", elem_id="model_refresh", elem_classes=["sfumato-tool"], scale=0, min_width=40)
+            refresh = tool_button(REFRESH_MODELS, "model_refresh")
             model_status = gr.Markdown(_loaded_text(studio, model), elem_id="model_status")
         untrained = gr.Markdown(model_note(entry_or_none(studio, model)), elem_id="model_untrained",
                                 elem_classes=["sfumato-untrained"], visible=bool(model_note(entry_or_none(studio, model))))
 
         tabs_by_mode: dict[str, GenerationTab] = {}
-        with gr.Tabs(elem_id="tabs") as tabs:
+        with gr.Tabs(elem_id="tabs", overflow_behavior="wrap") as tabs:  # a narrow screen shows every tab, on two lines
             for mode, label in GENERATION_TABS:
                 with gr.Tab(label, id=mode, elem_id=f"tab_{mode}"):
                     tabs_by_mode[mode] = build_generation_tab(studio, mode, model_dropdown, session_gallery, size)

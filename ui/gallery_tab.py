@@ -9,6 +9,7 @@ import gradio as gr
 from PIL import Image
 
 from .generation_tab import ResultRecord, selected_texts
+from .image_formats import LOSSLESS
 
 RECENT_LIMIT = 48
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -53,8 +54,9 @@ def build_gallery_tab(studio, session_gallery: gr.State) -> dict[str, Any]:
     with gr.Row():
         with gr.Column(scale=3):
             refresh = gr.Button("Refresh", size="sm", elem_id="session_gallery_refresh")
-            gallery = gr.Gallery(label="This session's images", format="png", columns=6, height=460, object_fit="contain",
-                                 elem_id="session_gallery", buttons=["download", "fullscreen"], interactive=False)
+            gallery = gr.Gallery(label="This session's images", format=LOSSLESS, columns=6, height=460, object_fit="contain",
+                                 elem_id="session_gallery", elem_classes=["sfumato-results"], buttons=["download", "fullscreen"],
+                                 interactive=False)
         with gr.Column(scale=2):
             infotext = gr.Textbox(label="Generation parameters (selected image)", lines=6, interactive=False,
                                   elem_id="session_gallery_infotext", buttons=["copy"])
@@ -67,8 +69,8 @@ def build_gallery_tab(studio, session_gallery: gr.State) -> dict[str, Any]:
         show_outputs = gr.Button("Show outputs folder", size="sm", elem_id="outputs_show")
         heading = gr.Markdown("", elem_id="outputs_heading")
         table = gr.Dataframe(headers=["file", "size", "modified"], interactive=False, elem_id="outputs_table", wrap=True)
-        outputs_gallery = gr.Gallery(label="Recent outputs", format="png", columns=8, height=300, object_fit="contain",
-                                     elem_id="outputs_gallery", interactive=False)
+        outputs_gallery = gr.Gallery(label="Recent outputs", format=LOSSLESS, columns=8, height=300, object_fit="contain",
+                                     elem_id="outputs_gallery", elem_classes=["sfumato-results"], interactive=False)
 
     # The gallery shows the newest first; ``selected`` holds the index into the session list itself.
     def show_session(records: list[ResultRecord]):

@@ -24,14 +24,16 @@ from . import fields as F
 from .errors import job_error_text, message_for, ui_error
 from .event_inputs import preprocess_values
 from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
+from .image_formats import LOSSLESS, PREVIEW
 from .masks import inpaint_inputs, mask_preview
 from .presets_ui import PresetControls, build_presets_controls
 from .runner import follow
 from .session import interrupt_own, session_owner, session_user, skip_own
 from .streamed_outputs import LivePreview, ResultGallery, postprocess_values
+from .tool_buttons import RANDOM_SEED, RANDOM_SUBSEED, REUSE_SEED, REUSE_SUBSEED, SWAP_SIZE, ToolIcon, tool_button
 
 SESSION_GALLERY_LIMIT = 200
-RANDOM_SEED, REUSE_SEED = "🎲", "♻️"
+RESULTS_HEIGHT = 400  # px: one result large, nine still whole (ui/style.py fits the rows into it)
 SIZE_STEP = 8
 TEXT_KEYS = ("prompt", "negative_prompt")
 
@@ -103,11 +105,11 @@ class GenerationTab:
     sampling_note: Any = None
 
 
-def _seed_row(mode: str, name: str, label: str, value: int = -1):
+def _seed_row(mode: str, name: str, label: str, random_icon: ToolIcon, reuse_icon: ToolIcon, value: int = -1):
     with gr.Row(equal_height=True):
         number = gr.Number(value=value, label=label, precision=0, minimum=-1, maximum=MAX_SEED, elem_id=f"{mode}_{name}", scale=4)
-        random_button = gr.Button(RANDOM_SEED, elem_id=f"{mode}_{name}_random", elem_classes=["sfumato-tool"], scale=0, min_width=40)
-        reuse_button = gr.Button(REUSE_SEED, elem_id=f"{mode}_{name}_reuse", elem_classes=["sfumato-tool"], scale=0, min_width=40)
+        random_button = tool_button(random_icon, f"{mode}_{name}_random")
+        reuse_button = tool_button(reuse_icon, f"{mode}_{name}_reuse")
     return number, random_button, reuse_button
 
 
@@ -131,11 +133,11 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     fields.add(F.simple("negative_prompt", negative))
 
     image = mask_upload = own_size = None
-    with gr.Row(equal_height=False):
+    with gr.Row(equal_height=False, elem_classes=["sfumato-workspace"]):
         with gr.Column(scale=5, elem_id=f"{mode}_settings"):
             if mode == "img2img":
                 image = gr.Image(label="Image for img2img", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
-                                 height=360, elem_id="img2img_image")
+                                 format=LOSSLESS, height=360, elem_id="img2img_image")
             if mode == "inpaint":
                 image, mask_upload, inpaint_bindings, preview_mask = _inpaint_canvas()
             with gr.Row():
@@ -153,7 +155,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 with gr.Column(scale=4):
                     width = gr.Slider(64, 2048, value=width0, step=SIZE_STEP, precision=0, label="Width", elem_id=f"{mode}_width")
                     height = gr.Slider(64, 2048, value=height0, step=SIZE_STEP, precision=0, label="Height", elem_id=f"{mode}_height")
-                swap = gr.Button("⇅", elem_id=f"{mode}_swap_size", elem_classes=["sfumato-tool"], scale=0, min_width=40)
+                swap = tool_button(SWAP_SIZE, f"{mode}_swap_size")
                 with gr.Column(scale=2):
                     batch_count = gr.Slider(*LIMITS["batch_count"], value=1, step=1, precision=0, label="Batch count", elem_id=f"{mode}_batch_count")
                     batch_size = gr.Slider(*LIMITS["batch_size"], value=1, step=1, precision=0, label="Batch size", elem_id=f"{mode}_batch_size")
@@ -161,20 +163,21 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
             if mode != "txt2img":
                 denoising = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{mode}_denoising")
                 resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode", elem_id=f"{mode}_resize_mode")
-            seed, seed_random, seed_reuse = _seed_row(mode, "seed", "Seed (-1 = random)")
+            seed, seed_random, seed_reuse = _seed_row(mode, "seed", "Seed (-1 = random)", RANDOM_SEED, REUSE_SEED)
             with gr.Accordion("Variation seed", open=False, elem_id=f"{mode}_variation"):
-                subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", "Variation seed")
+                subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", "Variation seed", RANDOM_SUBSEED, REUSE_SUBSEED)
                 subseed_strength = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Variation strength", elem_id=f"{mode}_subseed_strength")
             if mode == "inpaint":
                 preview_mask_button, mask_preview_image = preview_mask
             extensions, _ = build_extension_controls(studio, mode)
 
-        with gr.Column(scale=6, elem_id=f"{mode}_results"):
-            preview = LivePreview(label="Live preview", interactive=False, format="jpeg", height=320, elem_id=f"{mode}_preview",
+        with gr.Column(scale=6, elem_id=f"{mode}_results", elem_classes=["sfumato-outputs"]):
+            preview = LivePreview(label="Live preview", interactive=False, format=PREVIEW, height=320, elem_id=f"{mode}_preview",
                                   buttons=["fullscreen"])
             progress = gr.Markdown("Idle", elem_id=f"{mode}_progress", elem_classes=["sfumato-progress"])
-            gallery = ResultGallery(label="Results", format="png", columns=4, height=300, object_fit="contain",
-                                    elem_id=f"{mode}_gallery", buttons=["download", "fullscreen"], interactive=False)
+            gallery = ResultGallery(label="Results", format=LOSSLESS, columns=4, height=RESULTS_HEIGHT, object_fit="contain",
+                                    elem_id=f"{mode}_gallery", elem_classes=["sfumato-results"], buttons=["download", "fullscreen"],
+                                    interactive=False)
             with gr.Row():
                 send_buttons = {
                     target: gr.Button(f"Send to {target}", elem_id=f"{mode}_send_to_{target}", size="sm")
@@ -272,10 +275,11 @@ def _inpaint_canvas():
     editor = gr.ImageEditor(
         label="Image to inpaint: paint over what to change", type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
         brush=gr.Brush(default_size=8, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
-        eraser=gr.Eraser(default_size=8), layers=False, transforms=(), height=420, elem_id="inpaint_editor",
+        eraser=gr.Eraser(default_size=8), layers=False, transforms=(), format=LOSSLESS, height=420, elem_id="inpaint_editor",
     )
     with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
-        mask_upload = gr.Image(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], height=200, elem_id="inpaint_mask_upload")
+        mask_upload = gr.Image(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], format=LOSSLESS, height=200,
+                               elem_id="inpaint_mask_upload")
     with gr.Row():
         mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode")
         mask_blur = gr.Slider(*LIMITS["mask_blur"], value=4, step=1, precision=0, label="Mask blur", elem_id="inpaint_mask_blur")
@@ -290,7 +294,7 @@ def _inpaint_canvas():
                                elem_id=f"inpaint_outpaint_{side}") for side in F.OUTPAINT_SIDES]
     with gr.Accordion("Preview the effective mask", open=False, elem_id="inpaint_mask_preview_box"):
         preview_button = gr.Button("Preview mask", size="sm", elem_id="inpaint_preview_mask")
-        mask_image = gr.Image(label="Effective mask (red: repainted, after blur and mode)", interactive=False, height=240,
+        mask_image = gr.Image(label="Effective mask (red: repainted, after blur and mode)", interactive=False, format=LOSSLESS, height=240,
                               elem_id="inpaint_mask_preview")
     bindings = [
         F.mask_mode(mask_mode), F.simple("mask_blur", mask_blur), F.simple("masked_content", masked_content),
@@ -317,7 +321,7 @@ def _sampler_picked(sampler: str, schedule: str | None, zero_snr: bool):
 def _reuse(attribute: str):
     def reuse(records: list[ResultRecord], index: int):
         if not records:
-            gr.Info("Generate something first: ♻️ reuses the seed of the selected result.")
+            gr.Info("Generate something first: this button reuses the seed of the selected result.")
             return gr.skip()
         return getattr(records[min(index or 0, len(records) - 1)], attribute)
     return reuse

@@ -15,6 +15,7 @@ from engine.image_metadata import read_generation_info
 from engine.infotext import parse_infotext, request_fields_from_infotext
 
 from .errors import message_for
+from .image_formats import LOSSLESS
 
 
 def read_image_info(path: str | None) -> tuple[str, dict[str, Any], str, str, str]:
@@ -45,7 +46,7 @@ def build_png_info_tab() -> dict[str, Any]:
     with gr.Row():
         with gr.Column(scale=1):
             image = gr.Image(label="Drop an image here", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                             height=400, elem_id="pnginfo_image")
+                             format=LOSSLESS, height=400, elem_id="pnginfo_image")
             summary = gr.Markdown("", elem_id="pnginfo_summary")
             with gr.Row():
                 send = {target: gr.Button(f"Send to {target}", elem_id=f"pnginfo_send_to_{target}", size="sm")

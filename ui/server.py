@@ -99,11 +99,13 @@ def create_server_app(
         return app
     import gradio as gr
 
+    from .style import FOOTER_LINKS
+
     blocks = builder(studio)
     outputs_dir = Path(studio.config.outputs_dir).resolve()
     app = gr.mount_gradio_app(
         app, blocks, path="/", auth=auth, server_name=server_name, server_port=server_port,
-        allowed_paths=[str(outputs_dir)], max_file_size=max_body_bytes, show_error=True,
+        allowed_paths=[str(outputs_dir)], max_file_size=max_body_bytes, show_error=True, footer_links=FOOTER_LINKS,
     )
     sessions.attach(app)
     return app

@@ -1,4 +1,4 @@
-"""Page styling and the Ctrl+Enter shortcut, installed by a page-load event.
+"""Page styling, tool-button labels and the Ctrl+Enter shortcut, installed by a page-load event.
 
 Gradio 6 takes ``css``/``js`` at ``launch()``/``mount_gradio_app()``; putting
 them in a load event instead keeps them working however the Blocks is served.
@@ -6,6 +6,8 @@ them in a load event instead keeps them working however the Blocks is served.
 from __future__ import annotations
 
 import json
+
+from .tool_buttons import labels_js
 
 CSS = """
 .sfumato-generate button, button.sfumato-generate { min-height: 5.2em; font-size: 1.15em; }
@@ -18,7 +20,25 @@ CSS = """
 #txt2img_preview img, #img2img_preview img, #img2img_image img, #inpaint_preview img, #inpaint_mask_preview img, #pnginfo_image img {
   width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
 }
+/* Result galleries show whole pictures at any count and aspect. Gradio makes each tile a square as wide as its
+   column, so one result was a 635-px tile in a 300-px box showing its top half. Here the rows share the box's
+   height (a tile is never taller than the box; past a minimum size the box scrolls) and each picture is
+   contained in its tile. */
+.sfumato-results .grid-wrap .grid-container {
+  height: 100%; box-sizing: border-box; grid-template-rows: none; grid-auto-rows: minmax(96px, 1fr);
+}
+.sfumato-results .grid-wrap .thumbnail-item { aspect-ratio: auto; }
+/* A narrow screen (a phone): the preview and results come right under Generate, the settings after them. */
+@media (max-width: 767px) {
+  .sfumato-workspace { flex-direction: column; flex-wrap: nowrap; }
+  .sfumato-workspace > .sfumato-outputs { order: -1; }
+  #model_row { flex-wrap: wrap; }
+  #model_status { flex-basis: 100%; }  /* its own line, not a sliver that breaks the model name letter by letter */
+}
 """
+
+# Gradio's footer links, less its "Settings": that would be a second Settings beside our tab (A1111 keeps the tab).
+FOOTER_LINKS = ["api", "gradio"]
 
 # Ctrl+Enter (or Cmd+Enter) clicks the Generate button of the visible tab, as in AUTOMATIC1111.
 _KEYBINDING = """
@@ -40,7 +60,7 @@ if (!window.__sfumatoKeys) {
 
 
 def load_js() -> str:
-    """The page-load JavaScript: add the stylesheet once, install the shortcut once."""
+    """The page-load JavaScript: add the stylesheet once, label the tool buttons, install the shortcut once."""
     style = f"""
 if (!document.getElementById('sfumato-style')) {{
   const style = document.createElement('style');
@@ -49,4 +69,4 @@ if (!document.getElementById('sfumato-style')) {{
   document.head.appendChild(style);
 }}
 """
-    return "() => {" + style + _KEYBINDING + "}"
+    return "() => {" + style + labels_js() + _KEYBINDING + "}"

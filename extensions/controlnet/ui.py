@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from engine.errors import SfumatoError
+from ui.image_formats import LOSSLESS
 
 from . import preprocessors, units
 from .hook import ControlNetRuntime
@@ -64,22 +65,23 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
     initial = preprocessors.get("none")
     model_dropdowns = []
     with gr.Accordion("ControlNet", open=False, elem_id=f"{tab}_controlnet"):
-        refresh = gr.Button("🔄 Refresh ControlNet models", size="sm", elem_id=f"{tab}_controlnet_refresh")
+        refresh = gr.Button("↻ Refresh ControlNet models", size="sm", elem_id=f"{tab}_controlnet_refresh")
         with gr.Tabs():
             for index in range(unit_count):
                 prefix = f"{tab}_controlnet_{index}"
                 with gr.Tab(f"Unit {index}", elem_id=prefix):
                     with gr.Row():
-                        image = gr.Image(label=image_label, type="pil", sources=["upload", "clipboard"], height=220,
+                        image = gr.Image(label=image_label, type="pil", sources=["upload", "clipboard"], format=LOSSLESS, height=220,
                                          elem_id=f"{prefix}_image")
-                        preview = gr.Image(label="Preprocessor preview", interactive=False, height=220, elem_id=f"{prefix}_preview")
+                        preview = gr.Image(label="Preprocessor preview", interactive=False, format=LOSSLESS, height=220,
+                                           elem_id=f"{prefix}_preview")
                     with gr.Row():
                         enabled = gr.Checkbox(False, label="Enable", elem_id=f"{prefix}_enabled")
                         pixel_perfect = gr.Checkbox(False, label="Pixel Perfect", elem_id=f"{prefix}_pixel_perfect")
                     with gr.Row(equal_height=True):
                         module = gr.Dropdown(module_names, value="none", label="Preprocessor", elem_id=f"{prefix}_module")
                         model = gr.Dropdown(_model_choices(runtime), value=NO_MODEL, label="Model", elem_id=f"{prefix}_model")
-                        run_preview = gr.Button("💥 Preview", scale=0, min_width=90, elem_id=f"{prefix}_run_preview")
+                        run_preview = gr.Button("Preview", scale=0, min_width=90, elem_id=f"{prefix}_run_preview")
                     unavailable = gr.Markdown("", visible=False, elem_id=f"{prefix}_unavailable")
                     weight = gr.Slider(*units.WEIGHT_RANGE, value=1.0, step=0.05, label="Control Weight", elem_id=f"{prefix}_weight")
                     with gr.Row():
