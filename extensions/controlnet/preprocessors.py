@@ -398,7 +398,20 @@ def _run_network(spec: Preprocessor, image: np.ndarray, resolution: int, a: floa
                 raise ModelError(f"could not load the {spec.name} annotator from {files}: {type(error).__name__}: {error}") from error
             _detectors[key] = detector
     with torch.inference_mode():
-        return to_rgb_array(np.asarray(network.call(detector, image, resolution, a, b)))
+        result = to_rgb_array(np.asarray(network.call(detector, image, resolution, a, b)))
+    return _undo_multiple_of_64(result, resize_short_side(image, resolution).shape[:2])
+
+
+def _undo_multiple_of_64(result: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """controlnet_aux stretches each side to a multiple of 64 (96×64 comes back 128×64); stretch the map back so it
+    lies on the picture again. Two-level maps (scribbles, lines) stay two-level."""
+    height, width = size
+    if result.shape[:2] == (height, width):
+        return result
+    two_level = len(np.unique(result)) <= 2
+    shrinking = width * height < result.shape[0] * result.shape[1]
+    interpolation = cv2.INTER_NEAREST if two_level else cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC
+    return cv2.resize(result, (width, height), interpolation=interpolation)
 
 
 # --- the table ------------------------------------------------------------------------
@@ -535,6 +548,7 @@ class Unavailable:
     name: str
     reason: str
     fix: str
+    missing_weights: tuple[str, ...] = ()  # set when placing these files is all it takes
 
     @property
     def sentence(self) -> str:
@@ -559,12 +573,17 @@ def availability(name: str, models_dir: Path | None) -> Unavailable | None:
         by_source: dict[str, list[str]] = {}
         for file in missing:
             by_source.setdefault(WEIGHTS[file].source, []).append(file)
-        downloads = "; ".join(f"{' and '.join(files)} from Hugging Face {source}" for source, files in by_source.items())
-        files = f"file {missing[0]} is" if len(missing) == 1 else f"files {' and '.join(missing)} are"
-        return Unavailable(name=spec.name, reason=f"its weight {files} not in {folder}",
+        downloads = "; ".join(f"{_listed(files)} from Hugging Face {source}" for source, files in by_source.items())
+        files = f"file {missing[0]} is" if len(missing) == 1 else f"files {_listed(missing)} are"
+        return Unavailable(name=spec.name, reason=f"its weight {files} not in {folder}", missing_weights=tuple(missing),
                            fix=f"download {downloads}, and put {'it' if len(missing) == 1 else 'them'} in {folder} "
                                "(Sfumato never downloads)")
     return None
+
+
+def _listed(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 _PIP_NAMES = {"skimage": "scikit-image", "controlnet_aux": "--no-deps controlnet-aux==0.0.10"}
