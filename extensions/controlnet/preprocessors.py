@@ -416,23 +416,23 @@ def _undo_multiple_of_64(result: np.ndarray, size: tuple[int, int]) -> np.ndarra
 
 # --- the table ------------------------------------------------------------------------
 
-_RES = True
 _NO_RES = False
 _MADE_ELSEWHERE = "make the map in another tool and use it as the control image with preprocessor \"none\""
 _TIMM = ("its network is built by timm, and timm's PyPI release requires torchvision, "
          "whose PyPI wheel replaces Sfumato's CPU torch")
-_HED = Network(submodule="hed", build=_from_pretrained("HEDdetector", "filename"), call=_standard_call())
-_PIDI = Network(submodule="pidi", build=_from_pretrained("PidiNetDetector", "filename"), call=_standard_call())
+# One builder per weights file, so variants of a detector (safe, scribble) share one loaded network.
+_HED_BUILD = _from_pretrained("HEDdetector", "filename")
+_PIDI_BUILD = _from_pretrained("PidiNetDetector", "filename")
 _LINEART = ("sk_model.pth", "sk_model2.pth")  # controlnet_aux's LineartDetector loads the fine and the coarse network together
 _LINEART_BUILD = _from_pretrained("LineartDetector", "filename", "coarse_filename")
 
 
 def _pidi(**options: Any) -> Network:
-    return Network(submodule="pidi", build=_PIDI.build, call=_standard_call(**options))
+    return Network(submodule="pidi", build=_PIDI_BUILD, call=_standard_call(**options))
 
 
 def _hed(**options: Any) -> Network:
-    return Network(submodule="hed", build=_HED.build, call=_standard_call(**options))
+    return Network(submodule="hed", build=_HED_BUILD, call=_standard_call(**options))
 
 
 def _lineart(coarse: bool) -> Network:
@@ -505,7 +505,7 @@ PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in (
     Preprocessor("dw_openpose_full", unavailable="controlnet_aux 0.0.10 runs DWPose on mmpose, mmdet and mmcv, which need their own "
                  "torch builds", fix="use openpose_full (body_pose_model.pth, hand_pose_model.pth and facenet.pth in models/annotators)",
                  tag="openpose"),
-    Preprocessor("mediapipe_face", None, _RES, threshold_a=Param("Max Faces", 1, 1, 10),
+    Preprocessor("mediapipe_face", threshold_a=Param("Max Faces", 1, 1, 10),
                  threshold_b=Param("Min Face Confidence", 0.5, 0.01, 1.0, 0.01),
                  unavailable="the mediapipe package pulls opencv-contrib-python, which would overwrite the OpenCV Sfumato uses",
                  fix=f"use openpose_face (body_pose_model.pth and facenet.pth in models/annotators), or {_MADE_ELSEWHERE}", tag="face"),
