@@ -239,7 +239,7 @@ def test_http_api_shapes(cn_manager):
     modules = api.module_list()
     assert "canny" in modules["module_list"] and "depth_midas" in modules["module_list"]
     canny = modules["module_detail"]["canny"]
-    assert canny["model_free"] and canny["available"]
+    assert not canny["model_free"] and canny["available"]  # A1111: model_free means "needs no ControlNet model"
     assert [slider["name"] for slider in canny["sliders"]] == ["Preprocessor Resolution", "Low Threshold", "High Threshold"]
     assert not modules["module_detail"]["depth_midas"]["available"]
     detected = api.detect({"controlnet_module": "canny", "controlnet_input_images": [b64(square_image())], "controlnet_processor_res": 64})

@@ -6,10 +6,8 @@ wrapping each ``from_pretrained`` expects), so controlnet_aux's own loading code
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +24,6 @@ LIGHT_NETWORKS = ["lineart_realistic", "lineart_coarse", "lineart_anime", "softe
 HEAVY_NETWORKS = ["openpose", "normal_bae", "depth_leres"]  # 200-460 MB of random weights each
 NEVER_HERE = {"depth_midas": "timm", "depth_zoe": "timm", "dw_openpose_full": "mmpose", "mediapipe_face": "mediapipe",
               "seg_ofade20k": "OneFormer", "seg_ofcoco": "OneFormer", "seg_ufade20k": "UniFormer"}
-
-
-def part(cn, submodule: str) -> types.ModuleType:
-    """A submodule of the extension as the manager loaded it."""
-    return importlib.import_module(f"{cn.__name__}.{submodule}")
 
 
 @pytest.fixture(autouse=True)
@@ -138,12 +131,12 @@ def test_weights_in_sd_webui_controlnet_subfolders_are_found(cn, tmp_path):
     assert pre.preprocess("softedge_hed", square_image(), 64, models_dir=tmp_path).size == (64, 64)
 
 
-def test_the_torchvision_subset_is_lent_only_while_importing(cn):
+def test_the_torchvision_subset_is_lent_only_while_importing(cn, cn_manager):
     pre = cn.preprocessors
     pose = pre.aux_module("open_pose", borrows_torchvision=True)
     assert pose.Face is not None
     assert "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None
-    subset = importlib.import_module(pre.__name__.rsplit(".", 1)[0] + ".torchvision_subset")
+    subset = cn_manager.submodule("controlnet", "torchvision_subset")
     as_bytes = subset.ToTensor()(np.full((2, 3, 3), 255, np.uint8))
     as_floats = subset.ToTensor()(np.full((2, 3, 3), 255, np.float32))
     assert as_bytes.shape == (3, 2, 3) and float(as_bytes.max()) == 1.0 and float(as_floats.max()) == 255.0  # torchvision's rule
@@ -153,9 +146,9 @@ def test_the_torchvision_subset_is_lent_only_while_importing(cn):
 
 # --- where preprocessors are listed ------------------------------------------------------------------------------
 
-def test_module_list_keeps_a1111_shape_and_marks_unavailable_ones_with_reason_and_fix(cn, tmp_path):
-    runtime = part(cn, "hook").ControlNetRuntime(models_dir=tmp_path, builtin_dir=None)
-    listed = part(cn, "api").module_list(runtime)
+def test_module_list_keeps_a1111_shape_and_marks_unavailable_ones_with_reason_and_fix(cn, cn_manager, tmp_path):
+    runtime = cn_manager.submodule("controlnet", "hook").ControlNetRuntime(models_dir=tmp_path, builtin_dir=None)
+    listed = cn_manager.submodule("controlnet", "api").module_list(runtime)
     assert listed["module_list"] == list(cn.preprocessors.PREPROCESSORS)  # plain names, as A1111 clients expect
     hed = listed["module_detail"]["softedge_hed"]
     assert hed["available"] is False and hed["missing_weights"] == ["ControlNetHED.pth"]
@@ -165,22 +158,22 @@ def test_module_list_keeps_a1111_shape_and_marks_unavailable_ones_with_reason_an
     assert listed["module_detail"]["canny"]["available"] is True and listed["module_detail"]["canny"]["fix"] is None
 
     write_random_weights(cn.preprocessors, tmp_path / "annotators", "ControlNetHED.pth")  # placed while running
-    assert part(cn, "api").module_list(runtime)["module_detail"]["softedge_hed"]["available"] is True
+    assert cn_manager.submodule("controlnet", "api").module_list(runtime)["module_detail"]["softedge_hed"]["available"] is True
 
 
-def test_detect_on_an_unavailable_module_is_a_422_sentence_naming_the_fix(cn, tmp_path):
-    runtime = part(cn, "hook").ControlNetRuntime(models_dir=tmp_path, builtin_dir=None)
+def test_detect_on_an_unavailable_module_is_a_422_sentence_naming_the_fix(cn, cn_manager, tmp_path):
+    runtime = cn_manager.submodule("controlnet", "hook").ControlNetRuntime(models_dir=tmp_path, builtin_dir=None)
     with pytest.raises(ValidationError) as error:
-        part(cn, "api").detect({"controlnet_module": "mlsd", "controlnet_input_images": ["iVBORw0KGgo="]}, runtime)
+        cn_manager.submodule("controlnet", "api").detect({"controlnet_module": "mlsd", "controlnet_input_images": ["iVBORw0KGgo="]}, runtime)
     assert error.value.field == "controlnet_module"
     assert "mlsd_large_512_fp32.pth" in error.value.message and "Fix:" in error.value.message
 
 
-def test_dropdown_marks_unavailable_preprocessors_when_built_and_preview_says_why(cn, tmp_path):
+def test_dropdown_marks_unavailable_preprocessors_when_built_and_preview_says_why(cn, cn_manager, tmp_path):
     gr = pytest.importorskip("gradio")
-    runtime = part(cn, "hook").ControlNetRuntime(models_dir=tmp_path, builtin_dir=None)
+    runtime = cn_manager.submodule("controlnet", "hook").ControlNetRuntime(models_dir=tmp_path, builtin_dir=None)
     with gr.Blocks():
-        part(cn, "ui").build("txt2img", runtime, unit_count=1)
+        cn_manager.submodule("controlnet", "ui").build("txt2img", runtime, unit_count=1)
         dropdown = next(block for block in gr.context.Context.root_block.blocks.values()
                         if getattr(block, "elem_id", None) == "txt2img_controlnet_0_module")
     labels = {value: label for label, value in dropdown.choices}
@@ -188,10 +181,10 @@ def test_dropdown_marks_unavailable_preprocessors_when_built_and_preview_says_wh
     assert labels["softedge_hed"] == "softedge_hed (needs weights)"
     assert labels["depth_midas"] == "depth_midas (unavailable)"
 
-    preview = part(cn, "ui")._preview(runtime)
+    preview = cn_manager.submodule("controlnet", "ui")._preview(runtime)
     with pytest.raises(gr.Error) as error:
         preview(square_image(), "depth_midas", 512, -1, -1)
     assert error.value.message == cn.preprocessors.availability("depth_midas", tmp_path).sentence
 
     write_random_weights(cn.preprocessors, tmp_path / "annotators", "ControlNetHED.pth")  # then Refresh
-    assert ("softedge_hed", "softedge_hed") in part(cn, "ui").module_choices(tmp_path)
+    assert ("softedge_hed", "softedge_hed") in cn_manager.submodule("controlnet", "ui").module_choices(tmp_path)

@@ -56,7 +56,8 @@ def module_list(runtime: ControlNetRuntime | None = None, alias_names: bool = Fa
             if param is not None:
                 sliders.append({"name": param.label, "value": param.default, "min": param.minimum, "max": param.maximum, "step": param.step})
         problem = preprocessors.availability(name, models_dir)
-        detail[name] = {"model_free": not spec.needs_weights, "sliders": sliders, "available": problem is None,
+        # A1111's model_free marks preprocessors that need no ControlNet model (reference_only, revision); we have none.
+        detail[name] = {"model_free": False, "sliders": sliders, "available": problem is None,
                         "unavailable_reason": problem.reason if problem else None, "fix": problem.fix if problem else None,
                         "missing_weights": list(problem.missing_weights) if problem else [], "aliases": list(spec.aliases)}
     names = list(preprocessors.PREPROCESSORS)
