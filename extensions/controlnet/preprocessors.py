@@ -18,6 +18,7 @@ anyone presses Preview. Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -325,14 +326,20 @@ def _from_pretrained(class_name: str, *filename_arguments: str) -> Builder:
     return build
 
 
+@functools.lru_cache(maxsize=None)
+def _pose_network(module: types.ModuleType, class_name: str, path: Path) -> Any:
+    """One loaded Body, Hand or Face per file, shared by the four openpose variants (the body network alone is 200 MB)."""
+    return getattr(module, class_name)(str(path))
+
+
 def _openpose(hand: bool, face: bool) -> Builder:
     """Only the pose networks this variant draws (``from_pretrained`` would want all three files)."""
 
     def build(module, paths):
         body_path, *rest = paths
-        hand_model = module.Hand(str(rest.pop(0))) if hand else None
-        face_model = module.Face(str(rest.pop(0))) if face else None
-        return module.OpenposeDetector(module.Body(str(body_path)), hand_model, face_model)
+        hand_model = _pose_network(module, "Hand", rest.pop(0)) if hand else None
+        face_model = _pose_network(module, "Face", rest.pop(0)) if face else None
+        return module.OpenposeDetector(_pose_network(module, "Body", body_path), hand_model, face_model)
 
     return build
 
