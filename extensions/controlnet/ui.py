@@ -52,7 +52,7 @@ def _module_changed(runtime: ControlNetRuntime):
         spec = preprocessors.get(module)
         reason = preprocessors.why_unavailable(spec.name, runtime.models_dir)
         return (gr.update(visible=spec.resolution), _slider_update(spec.threshold_a), _slider_update(spec.threshold_b),
-                gr.update(value=f"**Not available.** {reason}" if reason else "", visible=bool(reason)))
+                gr.update(value=reason or "", visible=bool(reason)))
 
     return changed
 
