@@ -9,6 +9,7 @@ resolution and sliders, and a preview of the preprocessed map.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -27,7 +28,7 @@ def _model_choices(runtime: ControlNetRuntime) -> list[str]:
     return [NO_MODEL, *runtime.controlnets()]
 
 
-def module_choices(models_dir) -> list[tuple[str, str]]:
+def module_choices(models_dir: Path | None) -> list[tuple[str, str]]:
     """The Preprocessor dropdown's ``(label, name)`` pairs: checked now (packages and files), so an artist sees
     which ones cannot run before choosing one; the value stays sd-webui-controlnet's name."""
     choices = []
@@ -47,12 +48,16 @@ def _slider_update(param: preprocessors.Param | None, value: float | None = None
                      value=preprocessors.param_value(param, value))
 
 
+def _unavailable_note(runtime: ControlNetRuntime, module: str) -> dict:
+    reason = preprocessors.why_unavailable(module, runtime.models_dir)
+    return gr.update(value=reason or "", visible=bool(reason))
+
+
 def _module_changed(runtime: ControlNetRuntime):
     def changed(module: str):
         spec = preprocessors.get(module)
-        reason = preprocessors.why_unavailable(spec.name, runtime.models_dir)
         return (gr.update(visible=spec.resolution), _slider_update(spec.threshold_a), _slider_update(spec.threshold_b),
-                gr.update(value=reason or "", visible=bool(reason)))
+                _unavailable_note(runtime, spec.name))
 
     return changed
 
@@ -79,6 +84,7 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
     initial = preprocessors.get("none")
     model_dropdowns = []
     module_dropdowns = []
+    unavailable_notes = []
     with gr.Accordion("ControlNet", open=False, elem_id=f"{tab}_controlnet"):
         refresh = gr.Button("🔄 Refresh ControlNet models", size="sm", elem_id=f"{tab}_controlnet_refresh")
         with gr.Tabs():
@@ -119,15 +125,18 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
                                   api_visibility="private")
                 model_dropdowns.append(model)
                 module_dropdowns.append(module)
+                unavailable_notes.append(unavailable)
                 components.extend([enabled, image, module, model, weight, start, end, control_mode, resize_mode, pixel_perfect,
                                    resolution, threshold_a, threshold_b])
 
-    def refresh_lists():
+    def refresh_lists(*chosen_modules: str):
         """Models and preprocessors again: weights put in models/annotators since the page loaded count now."""
         models, modules = _model_choices(runtime), module_choices(runtime.models_dir)
-        return [*(gr.update(choices=models) for _ in model_dropdowns), *(gr.update(choices=modules) for _ in module_dropdowns)]
+        return [*(gr.update(choices=models) for _ in model_dropdowns), *(gr.update(choices=modules) for _ in module_dropdowns),
+                *(_unavailable_note(runtime, module) for module in chosen_modules)]
 
-    refresh.click(refresh_lists, None, [*model_dropdowns, *module_dropdowns], api_visibility="private", queue=False)
+    refresh.click(refresh_lists, module_dropdowns, [*model_dropdowns, *module_dropdowns, *unavailable_notes], api_visibility="private",
+                  queue=False)
 
     def to_settings(values: list) -> list[units.ControlNetUnit] | None:
         raw = [dict(zip(UNIT_FIELDS, values[i:i + len(UNIT_FIELDS)])) for i in range(0, len(values), len(UNIT_FIELDS))]

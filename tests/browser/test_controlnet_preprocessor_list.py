@@ -84,4 +84,5 @@ def test_unavailable_preprocessors_are_marked_preview_says_why_and_refresh_sees_
     page.wait_for_function(
         """(id) => { const input = document.querySelector('#' + id + ' input'); return input && input.value === 'softedge_hed'; }""",
         arg=f"{UNIT}_module")
+    warning.wait_for(state="hidden")  # the note under the unit no longer asks for the file
     assert "softedge_hed" in options(page)
