@@ -75,10 +75,6 @@ class Preprocessor:
     aliases: tuple[str, ...] = ()
     tag: str = ""  # the kind of ControlNet it feeds (canny, depth, ...), for model suggestions
 
-    @property
-    def needs_weights(self) -> bool:
-        return bool(self.weights)
-
 
 # --- image helpers -------------------------------------------------------------
 
