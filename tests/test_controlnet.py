@@ -126,7 +126,7 @@ def test_lineart_standard_finds_dark_strokes_on_paper(cn):
 @pytest.mark.parametrize("module, needle", [
     ("softedge_hed", "ControlNetHED.pth"), ("lineart_realistic", "sk_model.pth"), ("lineart_anime", "netG.pth"),
     ("mlsd", "mlsd_large_512_fp32.pth"), ("softedge_pidinet", "table5_pidinet.pth"), ("depth_midas", "torchvision"),
-    ("openpose", "torchvision"), ("normal_bae", "torchvision"), ("dw_openpose_full", "onnxruntime"), ("mediapipe_face", "mediapipe"),
+    ("openpose", "body_pose_model.pth"), ("normal_bae", "scannet.pt"), ("dw_openpose_full", "mmpose"), ("mediapipe_face", "mediapipe"),
 ])
 def test_preprocessors_needing_weights_say_what_is_missing_and_where(cn, tmp_path, module, needle):
     reason = cn.preprocessors.why_unavailable(module, tmp_path)
@@ -239,7 +239,7 @@ def test_http_api_shapes(cn_manager):
     modules = api.module_list()
     assert "canny" in modules["module_list"] and "depth_midas" in modules["module_list"]
     canny = modules["module_detail"]["canny"]
-    assert canny["model_free"] and canny["available"]
+    assert not canny["model_free"] and canny["available"]  # A1111: model_free means "needs no ControlNet model"
     assert [slider["name"] for slider in canny["sliders"]] == ["Preprocessor Resolution", "Low Threshold", "High Threshold"]
     assert not modules["module_detail"]["depth_midas"]["available"]
     detected = api.detect({"controlnet_module": "canny", "controlnet_input_images": [b64(square_image())], "controlnet_processor_res": 64})

@@ -1,7 +1,8 @@
 """sd-webui-controlnet's HTTP endpoints, in its shapes (``scripts/api.py``).
 
 - ``GET /controlnet/model_list`` → ``{"model_list": [...]}``
-- ``GET /controlnet/module_list`` → ``{"module_list": [...], "module_detail": {name: {"model_free", "sliders", ...}}}``
+- ``GET /controlnet/module_list`` → ``{"module_list": [...], "module_detail": {name: {"model_free", "sliders", "available",
+  "unavailable_reason", "fix", "missing_weights", "aliases"}}}``
 - ``POST /controlnet/detect`` (``controlnet_module``, ``controlnet_input_images``,
   ``controlnet_processor_res``, ``controlnet_threshold_a``/``_b``) → ``{"images": [b64], "info": "Success"}``
 - ``GET /controlnet/version``, ``GET /controlnet/settings``
@@ -37,7 +38,13 @@ def model_list(runtime: ControlNetRuntime | None = None) -> dict[str, list[str]]
 
 
 def module_list(runtime: ControlNetRuntime | None = None, alias_names: bool = False) -> dict[str, Any]:
-    """Every preprocessor with its sliders; unavailable ones say why (extra keys A1111 clients ignore)."""
+    """Every preprocessor with its sliders, checked now (packages and files present).
+
+    ``module_list`` stays sd-webui-controlnet's plain list of names; ``module_detail``
+    (A1111's own field, with extra keys its clients ignore) says for each whether
+    it is ``available`` and, if not, the ``unavailable_reason``, the ``fix`` and any
+    ``missing_weights`` file names.
+    """
     models_dir = _runtime(runtime).models_dir
     detail = {}
     for name, spec in preprocessors.PREPROCESSORS.items():
@@ -48,9 +55,11 @@ def module_list(runtime: ControlNetRuntime | None = None, alias_names: bool = Fa
         for param in (spec.threshold_a, spec.threshold_b):
             if param is not None:
                 sliders.append({"name": param.label, "value": param.default, "min": param.minimum, "max": param.maximum, "step": param.step})
-        reason = preprocessors.why_unavailable(name, models_dir)
-        detail[name] = {"model_free": not spec.needs_weights, "sliders": sliders, "available": reason is None,
-                        "unavailable_reason": reason, "aliases": list(spec.aliases)}
+        problem = preprocessors.availability(name, models_dir)
+        # A1111's model_free marks preprocessors that need no ControlNet model (reference_only, revision); we have none.
+        detail[name] = {"model_free": False, "sliders": sliders, "available": problem is None,
+                        "unavailable_reason": problem.reason if problem else None, "fix": problem.fix if problem else None,
+                        "missing_weights": list(problem.missing_weights) if problem else [], "aliases": list(spec.aliases)}
     names = list(preprocessors.PREPROCESSORS)
     if alias_names:
         names = [spec.aliases[0] if spec.aliases else name for name, spec in preprocessors.PREPROCESSORS.items()]
@@ -68,6 +77,9 @@ def detect(payload: Mapping[str, Any], runtime: ControlNetRuntime | None = None)
     if not isinstance(payload, Mapping):
         raise ValidationError("body", "must be a JSON object")
     module = preprocessors.canonical_name(payload.get("controlnet_module", "none"), "controlnet_module")
+    problem = preprocessors.availability(module, _runtime(runtime).models_dir)
+    if problem is not None:  # before decoding anything: the images cannot help
+        raise ValidationError("controlnet_module", problem.sentence)
     images = payload.get("controlnet_input_images") or []
     if not isinstance(images, list) or not images:
         raise ValidationError("controlnet_input_images", "send at least one base64 image")

@@ -8,13 +8,17 @@ HxWx3 array; the map comes back at the processing resolution (short side =
 ``resolution``) or, for those without a resolution, at the input size.
 
 Weight-free preprocessors run anywhere. Those that need a network come from
-``controlnet_aux`` and stay unavailable, with a message naming the exact file to
-put where, until their weights are in ``<models_dir>/annotators`` (the flat
-folder ``controlnet_aux``'s ``from_pretrained(local_dir)`` reads). Nothing is
-ever downloaded.
+``controlnet_aux`` and stay unavailable, with a message naming the exact file,
+where to get it and where to put it, until their weights are in
+``<models_dir>/annotators`` (flat, or in sd-webui-controlnet's
+``annotator/downloads`` subfolders such as ``openpose/``). A few can never run
+in this build; they say why and what to do instead. :func:`availability` checks
+packages and files without running anything, so lists can mark them before
+anyone presses Preview. Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -27,11 +31,14 @@ from typing import Any, Callable
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 from engine.compute import on_compute_thread
 from engine.errors import ModelError, SfumatoError, ValidationError
 from engine.models import REPO_ROOT
+
+from . import torchvision_subset
 
 DEFAULT_RESOLUTION = 512
 RESOLUTION_RANGE = (64, 2048)
@@ -56,19 +63,17 @@ Runner = Callable[[np.ndarray, int, float, float, Path], np.ndarray]
 @dataclass(frozen=True)
 class Preprocessor:
     name: str
-    run: Runner | None
+    run: Runner | None = None  # a weight-free preprocessor's function
     resolution: bool = True  # shows a processor-resolution slider
     threshold_a: Param | None = None
     threshold_b: Param | None = None
+    network: "Network | None" = None  # a controlnet_aux detector, built from ``weights``
     weights: tuple[str, ...] = ()  # files it reads from <models_dir>/annotators
     requires: tuple[str, ...] = ()  # Python packages it imports
     unavailable: str | None = None  # why it can never run in this build
+    fix: str = ""  # what an artist can do instead, when it can never run
     aliases: tuple[str, ...] = ()
     tag: str = ""  # the kind of ControlNet it feeds (canny, depth, ...), for model suggestions
-
-    @property
-    def needs_weights(self) -> bool:
-        return bool(self.weights)
 
 
 # --- image helpers -------------------------------------------------------------
@@ -214,13 +219,15 @@ _AUX_PACKAGE = "_sfumato_controlnet_aux"
 _aux_lock = threading.Lock()
 
 
-def aux_module(submodule: str) -> types.ModuleType:
+def aux_module(submodule: str, borrows_torchvision: bool = False) -> types.ModuleType:
     """Import ``controlnet_aux.<submodule>`` without running ``controlnet_aux/__init__.py``.
 
     That ``__init__`` imports every detector, and some need torchvision, so
     ``import controlnet_aux.canny`` fails here. We register the package folder
     under a private name and import the submodule from it; its relative
     imports (``from ..util import ...``) resolve inside the private name.
+    ``borrows_torchvision``: the submodule imports a few ``torchvision.transforms``
+    classes, which :mod:`.torchvision_subset` lends it while it is imported.
     """
     with _aux_lock:
         if _AUX_PACKAGE not in sys.modules:
@@ -231,7 +238,10 @@ def aux_module(submodule: str) -> types.ModuleType:
             package.__path__ = list(spec.submodule_search_locations)
             package.__package__ = _AUX_PACKAGE
             sys.modules[_AUX_PACKAGE] = package
-    return importlib.import_module(f"{_AUX_PACKAGE}.{submodule}")
+        if not borrows_torchvision:
+            return importlib.import_module(f"{_AUX_PACKAGE}.{submodule}")
+        with torchvision_subset.provided_while_importing():
+            return importlib.import_module(f"{_AUX_PACKAGE}.{submodule}")
 
 
 def _lineart_standard(image, resolution, a, b, annotators):
@@ -241,37 +251,104 @@ def _lineart_standard(image, resolution, a, b, annotators):
     return to_rgb_array(detector(image, detect_resolution=min(image.shape[:2]), output_type="np"))
 
 
-_detectors: dict[tuple, Any] = {}
-_detectors_lock = threading.Lock()
+# --- annotator weights -------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Weight:
+    """One annotator file: its name, where to download it, and the subfolder sd-webui-controlnet keeps it in."""
+
+    file: str
+    source: str  # Hugging Face repository and path
+    a1111_folder: str = ""  # sd-webui-controlnet's ``annotator/downloads/<folder>``; also looked for under models/annotators
 
 
-def _aux_detector(submodule: str, class_name: str, call: Callable[[Any, np.ndarray, int, float, float], Any],
-                  **from_pretrained: Any) -> Runner:
-    """A runner for a controlnet_aux detector with weights in the annotators folder (loaded once, then cached).
-    Detectors are torch models, so they run on the engine's compute thread."""
-
-    @on_compute_thread
-    def run(image, resolution, a, b, annotators: Path):
-        if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
-            raise ModelError("annotator weights are pickles; refusing to load them while TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set")
-        key = (submodule, class_name, str(annotators), tuple(sorted(from_pretrained.items())))
-        with _detectors_lock:
-            detector = _detectors.get(key)
-            if detector is None:
-                cls = getattr(aux_module(submodule), class_name)
-                try:
-                    # torch >= 2.6 loads these .pth files with weights_only=True: tensors only, no code.
-                    detector = cls.from_pretrained(str(annotators), **from_pretrained)
-                except Exception as error:
-                    raise ModelError(f"could not load the {submodule} annotator from {annotators}: {type(error).__name__}: {error}") from error
-                _detectors[key] = detector
-        result = call(detector, image, resolution, a, b)
-        return to_rgb_array(np.asarray(result))
-
-    return run
+_ANNOTATORS = "lllyasviel/Annotators"
+WEIGHTS: dict[str, Weight] = {w.file: w for w in (
+    Weight(file="ControlNetHED.pth", source=_ANNOTATORS, a1111_folder="hed"),
+    Weight(file="table5_pidinet.pth", source=_ANNOTATORS, a1111_folder="pidinet"),
+    Weight(file="sk_model.pth", source=_ANNOTATORS, a1111_folder="lineart"),
+    Weight(file="sk_model2.pth", source=_ANNOTATORS, a1111_folder="lineart"),
+    Weight(file="netG.pth", source=_ANNOTATORS, a1111_folder="lineart_anime"),
+    Weight(file="mlsd_large_512_fp32.pth", source=_ANNOTATORS, a1111_folder="mlsd"),
+    Weight(file="body_pose_model.pth", source=_ANNOTATORS, a1111_folder="openpose"),
+    Weight(file="hand_pose_model.pth", source=_ANNOTATORS, a1111_folder="openpose"),
+    Weight(file="facenet.pth", source=_ANNOTATORS, a1111_folder="openpose"),
+    Weight(file="scannet.pt", source=_ANNOTATORS, a1111_folder="normal_bae"),
+    Weight(file="res101.pth", source=_ANNOTATORS, a1111_folder="leres"),
+    Weight(file="7_model.pth", source="bdsqlsz/qinglong_controlnet-lllite, file Annotators/7_model.pth"),
+    Weight(file="MTEED.pth", source="TheMistoAI/MistoLine, file Anyline/MTEED.pth"),
+)}
 
 
-def _standard_call(**options: Any):
+def find_weight(annotators: Path, file: str) -> Path | None:
+    """``<annotators>/<file>``, else sd-webui-controlnet's ``<annotators>/<folder>/<file>``; None when neither exists."""
+    candidates = [annotators / file]
+    folder = WEIGHTS[file].a1111_folder if file in WEIGHTS else ""
+    if folder:
+        candidates.append(annotators / folder / file)
+    return next((path for path in candidates if path.is_file()), None)
+
+
+# --- networks from controlnet_aux --------------------------------------------------------
+
+Detector = Any
+Builder = Callable[[types.ModuleType, list[Path]], Detector]
+"""``build(controlnet_aux submodule, weight paths in the table's order) -> detector``."""
+Call = Callable[[Detector, np.ndarray, int, float, float], Any]
+"""``call(detector, rgb, resolution, threshold_a, threshold_b) -> map``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Network:
+    """A controlnet_aux detector built from weights in the annotators folder, loaded once and kept."""
+
+    submodule: str
+    build: Builder
+    call: Call
+    borrows_torchvision: bool = False
+
+
+def _from_pretrained(class_name: str, *filename_arguments: str) -> Builder:
+    """controlnet_aux's own ``from_pretrained``, given a folder that exists and each file as an absolute path.
+
+    ``os.path.join(folder, absolute)`` is the absolute path, so each weight may sit
+    flat or in its A1111 subfolder; the folder exists, so its ``hf_hub_download``
+    branch is never taken.
+    """
+    def build(module, paths):
+        arguments = {name: str(path) for name, path in zip(filename_arguments, paths)}
+        return getattr(module, class_name).from_pretrained(str(paths[0].parent), **arguments)
+
+    return build
+
+
+@functools.lru_cache(maxsize=None)
+def _pose_network(module: types.ModuleType, class_name: str, path: Path) -> Any:
+    """One loaded Body, Hand or Face per file, shared by the four openpose variants (the body network alone is 200 MB)."""
+    return getattr(module, class_name)(str(path))
+
+
+def _openpose(hand: bool, face: bool) -> Builder:
+    """Only the pose networks this variant draws (``from_pretrained`` would want all three files)."""
+
+    def build(module, paths):
+        body_path, *rest = paths
+        hand_model = _pose_network(module, "Hand", rest.pop(0)) if hand else None
+        face_model = _pose_network(module, "Face", rest.pop(0)) if face else None
+        return module.OpenposeDetector(_pose_network(module, "Body", body_path), hand_model, face_model)
+
+    return build
+
+
+def _leres(module, paths):
+    """The depth network only: the pix2pix "boost" network (and its file) serves depth_leres++ alone."""
+    checkpoint = torch.load(paths[0], map_location="cpu", weights_only=True)
+    model = module.RelDepthModel(backbone="resnext101")
+    model.load_state_dict(module.strip_prefix_if_present(checkpoint["depth_model"], "module."), strict=True)
+    return module.LeresDetector(model.eval(), None)
+
+
+def _standard_call(**options: Any) -> Call:
     def call(detector, image, resolution, a, b):
         return detector(image, detect_resolution=resolution, image_resolution=resolution, output_type="np", **options)
 
@@ -290,11 +367,84 @@ def _anyline_call(detector, image, resolution, a, b):
     return detector(image, detect_resolution=resolution, output_type="np")
 
 
+def _leres_call(detector, image, resolution, a, b):
+    return detector(image, thr_a=a, thr_b=b, detect_resolution=resolution, image_resolution=resolution, output_type="np")
+
+
+def _openpose_call(hand: bool, face: bool) -> Call:
+    return _standard_call(include_body=True, include_hand=hand, include_face=face)
+
+
+_detectors: dict[tuple, Detector] = {}
+_detectors_lock = threading.Lock()
+
+
+@on_compute_thread
+def _run_network(spec: Preprocessor, image: np.ndarray, resolution: int, a: float, b: float, annotators: Path) -> np.ndarray:
+    """Build the detector on first use (then keep it) and run it. Detectors are torch models: the compute thread runs them."""
+    network = spec.network
+    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        raise ModelError("annotator weights are pickles; refusing to load them while TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set")
+    paths = [find_weight(annotators, file) for file in spec.weights]
+    if any(path is None for path in paths):
+        raise ValidationError("module", why_unavailable(spec.name, annotators.parent) or f"{spec.name}: weights missing")
+    key = (network.submodule, network.build, tuple(str(path) for path in paths))
+    with _detectors_lock:
+        detector = _detectors.get(key)
+        if detector is None:
+            module = aux_module(network.submodule, network.borrows_torchvision)
+            try:
+                # torch >= 2.6 loads these .pth files with weights_only=True: tensors only, no code.
+                detector = network.build(module, paths)
+            except Exception as error:
+                files = ", ".join(str(path) for path in paths)
+                raise ModelError(f"could not load the {spec.name} annotator from {files}: {type(error).__name__}: {error}") from error
+            _detectors[key] = detector
+    with torch.inference_mode():
+        result = to_rgb_array(np.asarray(network.call(detector, image, resolution, a, b)))
+    return _undo_multiple_of_64(result, resize_short_side(image, resolution).shape[:2])
+
+
+def _undo_multiple_of_64(result: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """controlnet_aux stretches each side to a multiple of 64 (96×64 comes back 128×64); stretch the map back so it
+    lies on the picture again. Two-level maps (scribbles, lines) stay two-level."""
+    height, width = size
+    if result.shape[:2] == (height, width):
+        return result
+    two_level = len(np.unique(result)) <= 2
+    shrinking = width * height < result.shape[0] * result.shape[1]
+    interpolation = cv2.INTER_NEAREST if two_level else cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC
+    return cv2.resize(result, (width, height), interpolation=interpolation)
+
+
 # --- the table ------------------------------------------------------------------------
 
-_RES = True
 _NO_RES = False
-_TORCHVISION = "controlnet_aux's version of this detector imports torchvision, which Sfumato does not install (it would replace the CPU torch build)"
+_MADE_ELSEWHERE = "make the map in another tool and use it as the control image with preprocessor \"none\""
+_TIMM = ("its network is built by timm, and timm's PyPI release requires torchvision, "
+         "whose PyPI wheel replaces Sfumato's CPU torch")
+# One builder per weights file, so variants of a detector (safe, scribble) share one loaded network.
+_HED_BUILD = _from_pretrained("HEDdetector", "filename")
+_PIDI_BUILD = _from_pretrained("PidiNetDetector", "filename")
+_LINEART = ("sk_model.pth", "sk_model2.pth")  # controlnet_aux's LineartDetector loads the fine and the coarse network together
+_LINEART_BUILD = _from_pretrained("LineartDetector", "filename", "coarse_filename")
+
+
+def _pidi(**options: Any) -> Network:
+    return Network(submodule="pidi", build=_PIDI_BUILD, call=_standard_call(**options))
+
+
+def _hed(**options: Any) -> Network:
+    return Network(submodule="hed", build=_HED_BUILD, call=_standard_call(**options))
+
+
+def _lineart(coarse: bool) -> Network:
+    return Network(submodule="lineart", build=_LINEART_BUILD, call=_standard_call(coarse=coarse))
+
+
+def _pose(hand: bool, face: bool) -> Network:
+    return Network(submodule="open_pose", build=_openpose(hand, face), call=_openpose_call(hand, face), borrows_torchvision=True)
+
 
 PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in (
     Preprocessor("none", _none, _NO_RES),
@@ -311,52 +461,63 @@ PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in (
     Preprocessor("recolor_luminance", _luminance, _NO_RES, threshold_a=Param("Gamma Correction", 1.0, 0.1, 2.0, 0.001), tag="recolor"),
     Preprocessor("recolor_intensity", _intensity, _NO_RES, threshold_a=Param("Gamma Correction", 1.0, 0.1, 2.0, 0.001), tag="recolor"),
     Preprocessor("lineart_standard (from white bg & black line)", _lineart_standard, aliases=("lineart_standard",), tag="lineart"),
-    # Networks from controlnet_aux: weights in <models_dir>/annotators.
-    Preprocessor("lineart_realistic", _aux_detector("lineart", "LineartDetector", _standard_call(coarse=False)),
-                 weights=("sk_model.pth", "sk_model2.pth"), requires=("einops",), aliases=("lineart",), tag="lineart"),
-    Preprocessor("lineart_coarse", _aux_detector("lineart", "LineartDetector", _standard_call(coarse=True)),
-                 weights=("sk_model.pth", "sk_model2.pth"), requires=("einops",), tag="lineart"),
-    Preprocessor("lineart_anime", _aux_detector("lineart_anime", "LineartAnimeDetector", _standard_call()),
+    # Networks from controlnet_aux: weights in <models_dir>/annotators (flat, or in sd-webui-controlnet's subfolders).
+    Preprocessor("lineart_realistic", network=_lineart(coarse=False), weights=_LINEART, requires=("einops",), aliases=("lineart",),
+                 tag="lineart"),
+    Preprocessor("lineart_coarse", network=_lineart(coarse=True), weights=_LINEART, requires=("einops",), tag="lineart"),
+    Preprocessor("lineart_anime", network=Network(submodule="lineart_anime", build=_from_pretrained("LineartAnimeDetector", "filename"),
+                                                  call=_standard_call()),
                  weights=("netG.pth",), requires=("einops",), tag="lineart"),
-    Preprocessor("softedge_hed", _aux_detector("hed", "HEDdetector", _standard_call()), weights=("ControlNetHED.pth",),
-                 requires=("einops",), aliases=("hed",), tag="softedge"),
-    Preprocessor("softedge_hedsafe", _aux_detector("hed", "HEDdetector", _standard_call(safe=True)), weights=("ControlNetHED.pth",),
-                 requires=("einops",), aliases=("hed_safe",), tag="softedge"),
-    Preprocessor("scribble_hed", _aux_detector("hed", "HEDdetector", _standard_call(scribble=True)), weights=("ControlNetHED.pth",),
-                 requires=("einops",), aliases=("fake_scribble",), tag="scribble"),
-    Preprocessor("softedge_pidinet", _aux_detector("pidi", "PidiNetDetector", _standard_call()), weights=("table5_pidinet.pth",),
-                 requires=("einops",), aliases=("pidinet",), tag="softedge"),
-    Preprocessor("softedge_pidisafe", _aux_detector("pidi", "PidiNetDetector", _standard_call(safe=True)), weights=("table5_pidinet.pth",),
-                 requires=("einops",), aliases=("pidinet_safe",), tag="softedge"),
-    Preprocessor("scribble_pidinet", _aux_detector("pidi", "PidiNetDetector", _standard_call(scribble=True)),
-                 weights=("table5_pidinet.pth",), requires=("einops",), aliases=("pidinet_scribble",), tag="scribble"),
-    Preprocessor("softedge_teed", _aux_detector("teed", "TEEDdetector", _teed_call, filename="7_model.pth"), weights=("7_model.pth",),
-                 threshold_a=Param("Safe Steps", 2, 0, 10), requires=("einops",), aliases=("teed",), tag="softedge"),
-    Preprocessor("softedge_anyline", _aux_detector("anyline", "AnylineDetector", _anyline_call, filename="MTEED.pth"),
+    Preprocessor("softedge_hed", network=_hed(), weights=("ControlNetHED.pth",), requires=("einops",), aliases=("hed",), tag="softedge"),
+    Preprocessor("softedge_hedsafe", network=_hed(safe=True), weights=("ControlNetHED.pth",), requires=("einops",), aliases=("hed_safe",),
+                 tag="softedge"),
+    Preprocessor("scribble_hed", network=_hed(scribble=True), weights=("ControlNetHED.pth",), requires=("einops",),
+                 aliases=("fake_scribble",), tag="scribble"),
+    Preprocessor("softedge_pidinet", network=_pidi(), weights=("table5_pidinet.pth",), requires=("einops",), aliases=("pidinet",),
+                 tag="softedge"),
+    Preprocessor("softedge_pidisafe", network=_pidi(safe=True), weights=("table5_pidinet.pth",), requires=("einops",),
+                 aliases=("pidinet_safe",), tag="softedge"),
+    Preprocessor("scribble_pidinet", network=_pidi(scribble=True), weights=("table5_pidinet.pth",), requires=("einops",),
+                 aliases=("pidinet_scribble",), tag="scribble"),
+    Preprocessor("softedge_teed", network=Network(submodule="teed", build=_from_pretrained("TEEDdetector", "filename"), call=_teed_call),
+                 weights=("7_model.pth",), threshold_a=Param("Safe Steps", 2, 0, 10), requires=("einops",), aliases=("teed",),
+                 tag="softedge"),
+    Preprocessor("softedge_anyline", network=Network(submodule="anyline", build=_from_pretrained("AnylineDetector", "filename"),
+                                                     call=_anyline_call),
                  weights=("MTEED.pth",), requires=("einops", "skimage"), aliases=("anyline",), tag="lineart"),
-    Preprocessor("mlsd", _aux_detector("mlsd", "MLSDdetector", _mlsd_call), weights=("mlsd_large_512_fp32.pth",),
-                 threshold_a=Param("MLSD Value Threshold", 0.1, 0.01, 2.0, 0.01),
+    Preprocessor("mlsd", network=Network(submodule="mlsd", build=_from_pretrained("MLSDdetector", "filename"), call=_mlsd_call),
+                 weights=("mlsd_large_512_fp32.pth",), threshold_a=Param("MLSD Value Threshold", 0.1, 0.01, 2.0, 0.01),
                  threshold_b=Param("MLSD Distance Threshold", 0.1, 0.01, 20.0, 0.01), tag="mlsd"),
-    Preprocessor("depth_midas", None, weights=("dpt_hybrid-midas-501f0c75.pt",), requires=("torchvision", "timm"),
-                 unavailable=_TORCHVISION, aliases=("depth",), tag="depth"),
-    Preprocessor("depth_leres", None, weights=("res101.pth", "latest_net_G.pth"), requires=("torchvision",),
-                 unavailable=_TORCHVISION, tag="depth"),
-    Preprocessor("depth_zoe", None, weights=("ZoeD_M12_N.pt",), requires=("torchvision", "timm"), unavailable=_TORCHVISION, tag="depth"),
-    Preprocessor("normal_bae", None, weights=("scannet.pt",), requires=("torchvision",), unavailable=_TORCHVISION, tag="normal"),
-    Preprocessor("openpose", None, weights=("body_pose_model.pth",), requires=("torchvision",), unavailable=_TORCHVISION, tag="openpose"),
-    Preprocessor("openpose_face", None, weights=("body_pose_model.pth", "facenet.pth"), requires=("torchvision",),
-                 unavailable=_TORCHVISION, tag="openpose"),
-    Preprocessor("openpose_hand", None, weights=("body_pose_model.pth", "hand_pose_model.pth"), requires=("torchvision",),
-                 unavailable=_TORCHVISION, tag="openpose"),
-    Preprocessor("openpose_full", None, weights=("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
-                 requires=("torchvision",), unavailable=_TORCHVISION, tag="openpose"),
-    Preprocessor("dw_openpose_full", None, requires=("onnxruntime",),
-                 unavailable="DWPose needs onnxruntime (or mmpose) and its ONNX models, which Sfumato does not install", tag="openpose"),
-    Preprocessor("mediapipe_face", None, _RES, threshold_a=Param("Max Faces", 1, 1, 10), threshold_b=Param("Min Face Confidence", 0.5, 0.01, 1.0, 0.01),
-                 requires=("mediapipe",), unavailable="needs the mediapipe package, which Sfumato does not install", tag="face"),
-    Preprocessor("seg_ofade20k", None, unavailable="controlnet_aux 0.0.10 has no OneFormer segmenter", aliases=("oneformer_ade20k",), tag="seg"),
-    Preprocessor("seg_ofcoco", None, unavailable="controlnet_aux 0.0.10 has no OneFormer segmenter", aliases=("oneformer_coco",), tag="seg"),
-    Preprocessor("seg_ufade20k", None, unavailable="controlnet_aux 0.0.10 has no UniFormer segmenter", aliases=("segmentation",), tag="seg"),
+    Preprocessor("depth_leres", network=Network(submodule="leres", build=_leres, call=_leres_call, borrows_torchvision=True),
+                 weights=("res101.pth",), threshold_a=Param("Remove Near %", 0, 0, 100, 0.1),
+                 threshold_b=Param("Remove Background %", 0, 0, 100, 0.1), tag="depth"),
+    Preprocessor("normal_bae", network=Network(submodule="normalbae", build=_from_pretrained("NormalBaeDetector", "filename"),
+                                               call=_standard_call(), borrows_torchvision=True),
+                 weights=("scannet.pt",), requires=("einops",), tag="normal"),
+    Preprocessor("openpose", network=_pose(hand=False, face=False), weights=("body_pose_model.pth",), requires=("skimage",),
+                 tag="openpose"),
+    Preprocessor("openpose_face", network=_pose(hand=False, face=True), weights=("body_pose_model.pth", "facenet.pth"),
+                 requires=("skimage",), tag="openpose"),
+    Preprocessor("openpose_hand", network=_pose(hand=True, face=False), weights=("body_pose_model.pth", "hand_pose_model.pth"),
+                 requires=("skimage",), tag="openpose"),
+    Preprocessor("openpose_full", network=_pose(hand=True, face=True),
+                 weights=("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"), requires=("skimage",), tag="openpose"),
+    # Never runnable in this build: the reason, and what the artist can do instead.
+    Preprocessor("depth_midas", unavailable=f"DPT-Hybrid: {_TIMM}", fix=_MADE_ELSEWHERE, aliases=("depth",), tag="depth"),
+    Preprocessor("depth_zoe", unavailable=f"ZoeDepth: {_TIMM}", fix=_MADE_ELSEWHERE, tag="depth"),
+    Preprocessor("dw_openpose_full", unavailable="controlnet_aux 0.0.10 runs DWPose on mmpose, mmdet and mmcv, which need their own "
+                 "torch builds", fix="use openpose_full (body_pose_model.pth, hand_pose_model.pth and facenet.pth in models/annotators)",
+                 tag="openpose"),
+    Preprocessor("mediapipe_face", threshold_a=Param("Max Faces", 1, 1, 10),
+                 threshold_b=Param("Min Face Confidence", 0.5, 0.01, 1.0, 0.01),
+                 unavailable="the mediapipe package pulls opencv-contrib-python, which would overwrite the OpenCV Sfumato uses",
+                 fix=f"use openpose_face (body_pose_model.pth and facenet.pth in models/annotators), or {_MADE_ELSEWHERE}", tag="face"),
+    Preprocessor("seg_ofade20k", unavailable="controlnet_aux 0.0.10 has no OneFormer segmenter", fix=_MADE_ELSEWHERE,
+                 aliases=("oneformer_ade20k",), tag="seg"),
+    Preprocessor("seg_ofcoco", unavailable="controlnet_aux 0.0.10 has no OneFormer segmenter", fix=_MADE_ELSEWHERE,
+                 aliases=("oneformer_coco",), tag="seg"),
+    Preprocessor("seg_ufade20k", unavailable="controlnet_aux 0.0.10 has no UniFormer segmenter", fix=_MADE_ELSEWHERE,
+                 aliases=("segmentation",), tag="seg"),
 )}
 
 ALIASES: dict[str, str] = {alias.casefold(): p.name for p in PREPROCESSORS.values() for alias in (p.name, *p.aliases)}
@@ -383,20 +544,58 @@ def annotators_dir(models_dir: Path | None) -> Path:
     return (Path(models_dir) if models_dir else REPO_ROOT / "models") / ANNOTATORS_SUBDIR
 
 
-def why_unavailable(name: str, models_dir: Path | None) -> str | None:
-    """None when the preprocessor can run now; else what is missing, and where to put it."""
+@dataclass(frozen=True, kw_only=True)
+class Unavailable:
+    """Why a preprocessor cannot run here, and what would make it run."""
+
+    name: str
+    reason: str
+    fix: str
+    missing_weights: tuple[str, ...] = ()  # set when placing these files is all it takes
+
+    @property
+    def sentence(self) -> str:
+        return f"{self.name} is unavailable: {self.reason}. Fix: {self.fix}."
+
+
+def availability(name: str, models_dir: Path | None) -> Unavailable | None:
+    """None when the preprocessor can run now; else the reason and the fix (checked against packages and files, runs nothing)."""
     spec = get(name)
     if spec.unavailable:
-        return f"{spec.name}: {spec.unavailable}"
+        return Unavailable(name=spec.name, reason=spec.unavailable, fix=spec.fix)
     missing_packages = [package for package in spec.requires if importlib.util.find_spec(package) is None]
+    if spec.network and importlib.util.find_spec("controlnet_aux") is None:
+        missing_packages.insert(0, "controlnet_aux")
     if missing_packages:
-        return f"{spec.name} needs the Python package(s) {', '.join(missing_packages)}"
+        install = " ".join(_PIP_NAMES.get(package, package) for package in missing_packages)
+        return Unavailable(name=spec.name, reason=f"the Python package(s) {', '.join(missing_packages)} are not installed",
+                           fix=f"pip install {install}")
     folder = annotators_dir(models_dir)
-    missing = [weight for weight in spec.weights if not (folder / weight).is_file()]
+    missing = [file for file in spec.weights if find_weight(folder, file) is None]
     if missing:
-        return (f"{spec.name} needs its weights: put {', '.join(missing)} in {folder} "
-                "(from the lllyasviel/Annotators collection; Sfumato never downloads)")
+        by_source: dict[str, list[str]] = {}
+        for file in missing:
+            by_source.setdefault(WEIGHTS[file].source, []).append(file)
+        downloads = "; ".join(f"{_listed(files)} from Hugging Face {source}" for source, files in by_source.items())
+        files = f"file {missing[0]} is" if len(missing) == 1 else f"files {_listed(missing)} are"
+        return Unavailable(name=spec.name, reason=f"its weight {files} not in {folder}", missing_weights=tuple(missing),
+                           fix=f"download {downloads}, and put {'it' if len(missing) == 1 else 'them'} in {folder} "
+                               "(Sfumato never downloads)")
     return None
+
+
+def _listed(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+_PIP_NAMES = {"skimage": "scikit-image", "controlnet_aux": "--no-deps controlnet-aux==0.0.10"}
+
+
+def why_unavailable(name: str, models_dir: Path | None) -> str | None:
+    """None when the preprocessor can run now; else one sentence: what is missing, and the fix."""
+    problem = availability(name, models_dir)
+    return problem.sentence if problem else None
 
 
 def param_value(param: Param | None, value: float | None) -> float:
@@ -425,9 +624,12 @@ def preprocess(name: str, image: Image.Image | np.ndarray, resolution: int = DEF
     if not low <= int(resolution) <= high:
         raise ValidationError("processor_res", f"must be between {low} and {high}, got {resolution}")
     rgb = to_rgb_array(image)
+    a, b = param_value(spec.threshold_a, threshold_a), param_value(spec.threshold_b, threshold_b)
     try:
-        result = spec.run(rgb, int(resolution), param_value(spec.threshold_a, threshold_a), param_value(spec.threshold_b, threshold_b),
-                          annotators_dir(models_dir))
+        if spec.network:
+            result = _run_network(spec, rgb, int(resolution), a, b, annotators_dir(models_dir))
+        else:
+            result = spec.run(rgb, int(resolution), a, b, annotators_dir(models_dir))
     except SfumatoError:
         raise
     except Exception as error:

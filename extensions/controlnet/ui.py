@@ -9,6 +9,7 @@ resolution and sliders, and a preview of the preprocessed map.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -28,6 +29,19 @@ def _model_choices(runtime: ControlNetRuntime) -> list[str]:
     return [NO_MODEL, *runtime.controlnets()]
 
 
+def module_choices(models_dir: Path | None) -> list[tuple[str, str]]:
+    """The Preprocessor dropdown's ``(label, name)`` pairs: checked now (packages and files), so an artist sees
+    which ones cannot run before choosing one; the value stays sd-webui-controlnet's name."""
+    choices = []
+    for name in preprocessors.PREPROCESSORS:
+        problem = preprocessors.availability(name, models_dir)
+        if problem is None:
+            choices.append((name, name))
+        else:
+            choices.append((f"{name} ({'needs weights' if problem.missing_weights else 'unavailable'})", name))
+    return choices
+
+
 def _slider_update(param: preprocessors.Param | None, value: float | None = None) -> dict:
     if param is None:
         return gr.update(visible=False, value=-1, minimum=-1)
@@ -35,18 +49,25 @@ def _slider_update(param: preprocessors.Param | None, value: float | None = None
                      value=preprocessors.param_value(param, value))
 
 
+def _unavailable_note(runtime: ControlNetRuntime, module: str) -> dict:
+    reason = preprocessors.why_unavailable(module, runtime.models_dir)
+    return gr.update(value=reason or "", visible=bool(reason))
+
+
 def _module_changed(runtime: ControlNetRuntime):
     def changed(module: str):
         spec = preprocessors.get(module)
-        reason = preprocessors.why_unavailable(spec.name, runtime.models_dir)
         return (gr.update(visible=spec.resolution), _slider_update(spec.threshold_a), _slider_update(spec.threshold_b),
-                gr.update(value=f"⚠️ {reason}" if reason else "", visible=bool(reason)))
+                _unavailable_note(runtime, spec.name))
 
     return changed
 
 
 def _preview(runtime: ControlNetRuntime):
     def preview(image, module: str, resolution: float, threshold_a: float, threshold_b: float):
+        problem = preprocessors.availability(module, runtime.models_dir)
+        if problem is not None:
+            raise gr.Error(problem.sentence)
         if image is None:
             raise gr.Error("Upload a control image to preview its map.")
         try:
@@ -60,10 +81,11 @@ def _preview(runtime: ControlNetRuntime):
 def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_UNIT_COUNT):
     """Create the ControlNet accordion for ``tab``; returns ``(components, to_settings, from_settings)``."""
     components: list = []
-    module_names = list(preprocessors.PREPROCESSORS)
     image_label = "Control image" if tab == "txt2img" else "Control image (empty: use the source image)"
     initial = preprocessors.get("none")
     model_dropdowns = []
+    module_dropdowns = []
+    unavailable_notes = []
     with gr.Accordion("ControlNet", open=False, elem_id=f"{tab}_controlnet"):
         refresh = gr.Button("↻ Refresh ControlNet models", size="sm", elem_id=f"{tab}_controlnet_refresh")
         with gr.Tabs():
@@ -79,7 +101,7 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
                         enabled = gr.Checkbox(False, label="Enable", elem_id=f"{prefix}_enabled")
                         pixel_perfect = gr.Checkbox(False, label="Pixel Perfect", elem_id=f"{prefix}_pixel_perfect")
                     with gr.Row(equal_height=True):
-                        module = gr.Dropdown(module_names, value="none", label="Preprocessor", elem_id=f"{prefix}_module")
+                        module = gr.Dropdown(module_choices(runtime.models_dir), value="none", label="Preprocessor", elem_id=f"{prefix}_module")
                         model = gr.Dropdown(_model_choices(runtime), value=NO_MODEL, label="Model", elem_id=f"{prefix}_model")
                         run_preview = gr.Button("Preview", scale=0, min_width=90, elem_id=f"{prefix}_run_preview")
                     unavailable = gr.Markdown("", visible=False, elem_id=f"{prefix}_unavailable")
@@ -104,14 +126,19 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
                 run_preview.click(_preview(runtime), [image, module, resolution, threshold_a, threshold_b], preview,
                                   api_visibility="private")
                 model_dropdowns.append(model)
+                module_dropdowns.append(module)
+                unavailable_notes.append(unavailable)
                 components.extend([enabled, image, module, model, weight, start, end, control_mode, resize_mode, pixel_perfect,
                                    resolution, threshold_a, threshold_b])
 
-    def refresh_models():
-        choices = _model_choices(runtime)
-        return [gr.update(choices=choices) for _ in model_dropdowns]
+    def refresh_lists(*chosen_modules: str):
+        """Models and preprocessors again: weights put in models/annotators since the page loaded count now."""
+        models, modules = _model_choices(runtime), module_choices(runtime.models_dir)
+        return [*(gr.update(choices=models) for _ in model_dropdowns), *(gr.update(choices=modules) for _ in module_dropdowns),
+                *(_unavailable_note(runtime, module) for module in chosen_modules)]
 
-    refresh.click(refresh_models, None, model_dropdowns, api_visibility="private", queue=False)
+    refresh.click(refresh_lists, module_dropdowns, [*model_dropdowns, *module_dropdowns, *unavailable_notes], api_visibility="private",
+                  queue=False)
 
     def to_settings(values: list) -> list[units.ControlNetUnit] | None:
         raw = [dict(zip(UNIT_FIELDS, values[i:i + len(UNIT_FIELDS)])) for i in range(0, len(values), len(UNIT_FIELDS))]
