@@ -33,7 +33,8 @@ from PIL import Image
 
 from engine import samplers
 from engine.errors import ModelError, SfumatoError, ValidationError
-from engine.request import LIMITS, MASKED_CONTENT, RESIZE_MODES, GenerationRequest, GenerationResult
+from engine.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest, GenerationResult
+from engine.untrusted_images import read_untrusted_image
 
 from .api_models import (
     ErrorResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, OptionsModel, PNGInfoRequest, PNGInfoResponse,
@@ -114,19 +115,8 @@ def decode_base64(text: Any, field: str) -> bytes:
 
 
 def decode_image(text: Any, field: str) -> Image.Image:
-    """A base64 image from a client, fully loaded; ValidationError(field) otherwise."""
-    data = decode_base64(text, field)
-    try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > LIMITS["image_pixels"]:
-            raise ValidationError(field, f"image is {width}x{height}; at most {LIMITS['image_pixels']} pixels are accepted")
-        image.load()
-    except ValidationError:
-        raise
-    except Exception as error:  # PIL raises many kinds for damaged data
-        raise ValidationError(field, f"is not a readable image (PNG, JPEG or WebP expected): {type(error).__name__}") from None
-    return image
+    """A base64 image from a client, fully loaded; ValidationError(field) otherwise (a refused format or size is named)."""
+    return read_untrusted_image(decode_base64(text, field), field)
 
 
 def encode_png(image: Image.Image, infotext: str | None) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from engine.errors import SfumatoError
+from ui.image_inputs import UploadImage, reject_bad_uploads
 
 from . import preprocessors, units
 from .hook import ControlNetRuntime
@@ -70,8 +71,9 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
                 prefix = f"{tab}_controlnet_{index}"
                 with gr.Tab(f"Unit {index}", elem_id=prefix):
                     with gr.Row():
-                        image = gr.Image(label=image_label, type="pil", sources=["upload", "clipboard"], height=220,
-                                         elem_id=f"{prefix}_image")
+                        image = UploadImage(label=image_label, type="pil", sources=["upload", "clipboard"], height=220,
+                                            elem_id=f"{prefix}_image")
+                        reject_bad_uploads(image)
                         preview = gr.Image(label="Preprocessor preview", interactive=False, height=220, elem_id=f"{prefix}_preview")
                     with gr.Row():
                         enabled = gr.Checkbox(False, label="Enable", elem_id=f"{prefix}_enabled")
