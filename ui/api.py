@@ -616,17 +616,28 @@ def _no_embeddings() -> dict:
 
 # --- errors ----------------------------------------------------------------------------
 
-def _pydantic_field(location: tuple | list) -> str:
-    parts = [str(part) for part in location if part not in ("body", "query")]
+def _pydantic_field(problem: dict) -> str:
+    if problem.get("type") == "json_invalid":
+        return "body"  # its location is ("body", <character offset>), not a field
+    parts = [str(part) for part in problem.get("loc", ()) if part not in ("body", "query")]
     return ".".join(parts) or "body"
 
 
+def _pydantic_message(problem: dict) -> str:
+    if problem.get("type") == "json_invalid":
+        offset = next((part for part in problem.get("loc", ())[1:] if isinstance(part, int)), None)
+        reason = (problem.get("ctx") or {}).get("error", "")
+        where = f" at character {offset}" if offset is not None else ""
+        return f"is not valid JSON{where}" + (f" ({reason})" if reason else "")
+    return str(problem.get("msg", "")).removeprefix("Value error, ")
+
+
 async def _request_validation_handler(_request: Request, error: RequestValidationError) -> JSONResponse:
-    problems = error.errors()
-    first = problems[0] if problems else {"loc": ("body",), "msg": "invalid request"}
-    field = _pydantic_field(first.get("loc", ("body",)))
-    errors = [{"field": _pydantic_field(p.get("loc", ())), "message": str(p.get("msg", "")), "type": str(p.get("type", ""))} for p in problems]
-    return JSONResponse(status_code=422, content={"error": "ValidationError", "detail": f"{field}: {first.get('msg')}", "field": field, "errors": errors})
+    problems = error.errors() or [{"loc": ("body",), "msg": "invalid request"}]
+    errors = [{"field": _pydantic_field(p), "message": _pydantic_message(p), "type": str(p.get("type", ""))} for p in problems]
+    first = errors[0]
+    return JSONResponse(status_code=422, content={"error": "ValidationError", "detail": f"{first['field']}: {first['message']}",
+                                                  "field": first["field"], "errors": errors})
 
 
 async def _api_error_handler(_request: Request, error: ApiError) -> JSONResponse:
