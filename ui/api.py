@@ -37,8 +37,8 @@ from engine.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest, Gene
 from engine.untrusted_images import read_untrusted_image
 
 from .api_models import (
-    ErrorResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, OptionsModel, PNGInfoRequest, PNGInfoResponse,
-    ProgressResponse, ProgressState, PromptStyleItem, SamplerItem, SchedulerItem, SDModelItem, TextToImageResponse,
+    ErrorResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, OptionsModel, OptionsUpdateResponse, PNGInfoRequest,
+    PNGInfoResponse, ProgressResponse, ProgressState, PromptStyleItem, SamplerItem, SchedulerItem, SDModelItem, TextToImageResponse,
     Txt2ImgRequest,
 )
 
@@ -534,7 +534,27 @@ class SdApi:
         )
 
     def set_options(self, options: dict[str, Any]) -> dict:
-        """Apply the options Sfumato knows; others are ignored. A model switch loads the model first."""
+        """Apply the options Sfumato knows, and say which were not applied. A model switch loads the model first.
+
+        Answers 200 ``{"applied": [...], "ignored": [...]}``, plus ``"detail"``
+        naming the ignored keys when there are any (A1111 answers with no body to
+        speak of, so its clients read none of this and keep working). Keys that
+        ``GET /options`` reports and that are posted back unchanged count as
+        applied: a client may send back what it read.
+        """
+        current = self.get_options().model_dump()
+        applied = [key for key in options if key == "sd_model_checkpoint" or key in _OPTION_SETTINGS
+                   or (key in current and options[key] == current[key])]
+        ignored = [key for key in options if key not in applied]
+        self._apply_options(options)
+        answer: dict[str, Any] = {"applied": applied, "ignored": ignored}
+        if ignored:
+            log.warning("POST /options: not applied (no such Sfumato setting): %s", ", ".join(ignored))
+            answer["detail"] = (f"not applied: {', '.join(ignored)}; Sfumato has no such settings, or they cannot be changed "
+                                "over the API (GET /sdapi/v1/options lists the ones it has)")
+        return answer
+
+    def _apply_options(self, options: dict[str, Any]) -> None:
         with self._options_lock:
             settings = self.studio.settings
             changes: dict[str, Any] = {}
@@ -564,7 +584,6 @@ class SdApi:
                 except ValidationError as error:
                     option = next((name for name, (setting, _) in _OPTION_SETTINGS.items() if setting == error.field), error.field)
                     raise validation_error(error, option) from None
-        return {}
 
     # -- png info ---------------------------------------------------------------------
     def png_info(self, body: PNGInfoRequest) -> PNGInfoResponse:
@@ -597,7 +616,8 @@ class SdApi:
         router.add_api_route("/sd-models", self.sd_models, methods=["GET"], response_model=list[SDModelItem])
         router.add_api_route("/prompt-styles", self.prompt_styles, methods=["GET"], response_model=list[PromptStyleItem])
         router.add_api_route("/options", self.get_options, methods=["GET"], response_model=OptionsModel)
-        router.add_api_route("/options", self.set_options, methods=["POST"])
+        router.add_api_route("/options", self.set_options, methods=["POST"], response_model=OptionsUpdateResponse,
+                             response_model_exclude_none=True)
         router.add_api_route("/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
         router.add_api_route("/png-info", self.png_info, methods=["POST"], response_model=PNGInfoResponse)
         for path in _EMPTY_LISTS:

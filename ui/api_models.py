@@ -156,7 +156,7 @@ class PromptStyleItem(BaseModel):
 
 
 class OptionsModel(BaseModel):
-    """The settings Sfumato exposes under A1111's option names; other keys are accepted and ignored on POST."""
+    """The settings Sfumato exposes under A1111's option names; POST accepts other keys and lists them as ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -183,3 +183,11 @@ class ErrorResponse(BaseModel):
     error: str = Field(..., description="Error kind: ValidationError, ModelError, GenerationError, ...")
     detail: str = Field(..., description="What went wrong, for a person to read.")
     field: str | None = Field(None, description="The request field at fault, for a 422.")
+
+
+class OptionsUpdateResponse(BaseModel):
+    """What POST /options did. A1111 answers with no useful body, so its clients ignore this one."""
+
+    applied: list[str] = Field(default_factory=list, description="Keys applied (or posted back unchanged).")
+    ignored: list[str] = Field(default_factory=list, description="Keys Sfumato has no setting for, or cannot change over the API.")
+    detail: str | None = Field(None, description="A sentence naming the ignored keys; absent when none were ignored.")
