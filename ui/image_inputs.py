@@ -65,13 +65,15 @@ class UploadImage(gr.Image):
         source = _payload_source(payload)
         if source is None:
             return None
+        if self.type == "filepath" and isinstance(source, str):
+            return source  # not decoded here: whoever reads the file opens it with read_untrusted_image
         label = self.label or "Image"
         try:
             image = read_untrusted_image(source, label)
         except ValidationError as error:
             raise _refuse(label, error) from None
-        if self.type == "filepath":
-            return source if isinstance(source, str) else processing_utils.save_pil_to_cache(image, self.GRADIO_CACHE, format="png")
+        if self.type == "filepath":  # a pasted data: URL, kept as a PNG of the checked pixels
+            return processing_utils.save_pil_to_cache(image, self.GRADIO_CACHE, format="png")
         image = ImageOps.exif_transpose(image)  # as Gradio does: a phone photo stands the way it was taken
         if self.image_mode is not None and image.mode != self.image_mode:
             image = image.convert(self.image_mode)
@@ -101,10 +103,11 @@ class UploadImageEditor(gr.ImageEditor):
         return super().convert_and_format_image(buffer.getvalue(), flatten_on_white)
 
 
-def _editor_files(payload: Any) -> list[Any]:
-    if not isinstance(payload, Mapping):
-        return [payload]
-    return [payload.get("background"), *(payload.get("layers") or []), payload.get("composite")]
+def _uploaded_files(payload: Any) -> list[Any]:
+    """The files in an upload payload: an image's one file, or an editor's background, layers and composite."""
+    if isinstance(payload, Mapping) and {"background", "layers", "composite"} & payload.keys():
+        return [payload.get("background"), *(payload.get("layers") or []), payload.get("composite")]
+    return [payload]
 
 
 def reject_bad_uploads(*components: gr.components.Component) -> None:
@@ -113,10 +116,11 @@ def reject_bad_uploads(*components: gr.components.Component) -> None:
         label = component.label or "Image"
 
         def check(payload, label=label):
-            problem = next((found for file in _editor_files(payload) if (found := upload_problem(file, label))), None)
+            problem = next((found for file in _uploaded_files(payload) if (found := upload_problem(file, label))), None)
             if problem is None:
                 return gr.skip()
             gr.Warning(problem, title="This image cannot be used")
             return None
 
-        component.upload(check, component, component, preprocess=False, queue=False, api_visibility="private")
+        # Queued, as gr.Warning reaches the browser only through the queue; no limit, so a running generation never delays it.
+        component.upload(check, component, component, preprocess=False, concurrency_limit=None, api_visibility="private")
