@@ -32,7 +32,7 @@ TOAST = ".toast-body"
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    studio = fx.make_studio(tmp_path_factory.mktemp("uploads-studio"))
+    studio = fx.make_studio(tmp_path_factory.mktemp("uploads-studio"), extensions_dir=fx.REPO / "extensions")  # with ControlNet
     with fx.running_server(studio) as url:
         yield url
 
@@ -115,3 +115,9 @@ def test_png_info_and_mask_uploads_are_refused_at_once(page, bad_files, kind, sa
     page.get_by_text("Upload a mask instead (white = repaint)").first.click()
     page.locator("#inpaint_mask_upload input[type=file]").set_input_files(str(bad_files[kind]))
     expect_refusal(page, "Mask: ")
+
+
+def test_a_controlnet_unit_refuses_an_eps_at_once(page, bad_files):
+    page.locator("#txt2img_controlnet").get_by_text("ControlNet").first.click()
+    page.locator("#txt2img_controlnet_0_image input[type=file]").set_input_files(str(bad_files["eps"]))
+    assert "Control image" in expect_refusal(page, "EPS files are not accepted")
