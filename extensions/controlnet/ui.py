@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from engine.errors import SfumatoError
-from ui.image_inputs import UploadImage, reject_bad_uploads
+from ui.image_inputs import UploadImage, reject_bad_uploads, upload_problem
 
 from . import preprocessors, units
 from .hook import ControlNetRuntime
@@ -100,7 +100,9 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
 
                 module.change(_module_changed(runtime), module, [resolution, threshold_a, threshold_b, unavailable],
                               api_visibility="private", queue=False)
-                image.upload(lambda: True, None, enabled, api_visibility="private", queue=False)  # as A1111: an upload turns the unit on
+                # As A1111, an upload turns the unit on; one that reject_bad_uploads clears leaves it as it was.
+                image.upload(lambda payload: gr.skip() if upload_problem(payload, image_label) else True, image, enabled,
+                             preprocess=False, api_visibility="private", queue=False)
                 run_preview.click(_preview(runtime), [image, module, resolution, threshold_a, threshold_b], preview,
                                   api_visibility="private")
                 model_dropdowns.append(model)
