@@ -110,8 +110,13 @@ def _uploaded_files(payload: Any) -> list[Any]:
     return [payload]
 
 
-def reject_bad_uploads(*components: gr.components.Component) -> None:
-    """On upload, check the file at once; a bad one is cleared with a warning that says why."""
+def reject_bad_uploads(*components: gr.components.Component) -> list:
+    """On upload, check the file at once; a bad one is cleared with a warning that says why.
+
+    Returns the check events, one per component, so that what should follow a good
+    upload can run ``.then`` (the value it reads is then None when the file was refused).
+    """
+    checks = []
     for component in components:
         label = component.label or "Image"
 
@@ -123,4 +128,6 @@ def reject_bad_uploads(*components: gr.components.Component) -> None:
             return None
 
         # Queued, as gr.Warning reaches the browser only through the queue; no limit, so a running generation never delays it.
-        component.upload(check, component, component, preprocess=False, concurrency_limit=None, api_visibility="private")
+        checks.append(component.upload(check, component, component, preprocess=False, concurrency_limit=None,
+                                       api_visibility="private"))
+    return checks

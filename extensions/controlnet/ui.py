@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from engine.errors import SfumatoError
-from ui.image_inputs import UploadImage, reject_bad_uploads, upload_problem
+from ui.image_inputs import UploadImage, reject_bad_uploads
 
 from . import preprocessors, units
 from .hook import ControlNetRuntime
@@ -73,7 +73,7 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
                     with gr.Row():
                         image = UploadImage(label=image_label, type="pil", sources=["upload", "clipboard"], height=220,
                                             elem_id=f"{prefix}_image")
-                        reject_bad_uploads(image)
+                        checked_upload, = reject_bad_uploads(image)
                         preview = gr.Image(label="Preprocessor preview", interactive=False, height=220, elem_id=f"{prefix}_preview")
                     with gr.Row():
                         enabled = gr.Checkbox(False, label="Enable", elem_id=f"{prefix}_enabled")
@@ -100,9 +100,9 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
 
                 module.change(_module_changed(runtime), module, [resolution, threshold_a, threshold_b, unavailable],
                               api_visibility="private", queue=False)
-                # As A1111, an upload turns the unit on; one that reject_bad_uploads clears leaves it as it was.
-                image.upload(lambda payload: gr.skip() if upload_problem(payload, image_label) else True, image, enabled,
-                             preprocess=False, api_visibility="private", queue=False)
+                # As A1111, an upload turns the unit on; one that the check refused (and cleared) leaves it as it was.
+                checked_upload.then(lambda payload: gr.skip() if payload is None else True, image, enabled,
+                                    preprocess=False, api_visibility="private", queue=False)
                 run_preview.click(_preview(runtime), [image, module, resolution, threshold_a, threshold_b], preview,
                                   api_visibility="private")
                 model_dropdowns.append(model)

@@ -122,3 +122,10 @@ def test_a_controlnet_unit_refuses_an_eps_at_once(page, bad_files):
     page.locator("#txt2img_controlnet_0_image input[type=file]").set_input_files(str(bad_files["eps"]))
     assert "Control image" in expect_refusal(page, "EPS files are not accepted")
     assert not page.locator("#txt2img_controlnet_0_enabled input[type=checkbox]").is_checked()  # a refused upload does not turn the unit on
+
+
+def test_a_good_controlnet_upload_still_turns_its_unit_on(page, tmp_path):
+    page.locator("#txt2img_controlnet").get_by_text("ControlNet").first.click()
+    page.locator("#txt2img_controlnet_0_image input[type=file]").set_input_files(str(good_png(tmp_path)))
+    page.wait_for_function("() => document.querySelector('#txt2img_controlnet_0_enabled input[type=checkbox]').checked", timeout=15_000)
+    assert page.locator(TOAST).count() == 0
