@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import ValidationError
+from .untrusted_images import open_untrusted_image
 
 EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286
@@ -144,38 +145,21 @@ def _pretty_json(text: str | None) -> str | None:
         return text  # not JSON after all: show it as it is
 
 
-def _open(data: bytes | str | PathLike) -> Image.Image:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(data)))
-    if isinstance(data, (str, PathLike)):
-        path = Path(data)
-        if not path.is_file():
-            raise ValidationError("image", f"no image file at {path}")
-        return Image.open(path)
-    raise ValidationError("image", f"expected image bytes or a file path, got {type(data).__name__}")
-
-
 def read_generation_info(data: bytes | str | PathLike) -> ImageInfo:
     """Read infotext and ComfyUI graphs from PNG, JPEG or WebP bytes or a file path.
 
-    Raises ValidationError("image", ...) when the data is not a readable image.
+    Raises ValidationError("image", ...) when the data is not a readable image, is
+    in a format that is not accepted, or declares too many pixels (see untrusted_images).
     """
-    try:
-        with _open(data) as image:
-            image.load()  # PNG text chunks after the pixel data are only read here
-            text_chunks = dict(getattr(image, "text", {}) or {})
-            info = dict(image.info)
-            exif = image.getexif()
-            image_format, size = image.format, image.size
-            user_comment = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
-    except ValidationError:
-        raise
-    except UnidentifiedImageError:
-        raise ValidationError("image", "this is not an image file Sfumato can read (PNG, JPEG or WebP expected)") from None
-    except Image.DecompressionBombError as error:
-        raise ValidationError("image", f"image is too large to open safely ({error})") from None
-    except Exception as error:  # PIL raises many kinds on damaged files: OSError, SyntaxError, struct.error...
-        raise ValidationError("image", f"the image file is damaged or truncated ({type(error).__name__}: {error})") from None
+    if not isinstance(data, (bytes, bytearray, memoryview, str, PathLike)):
+        raise ValidationError("image", f"expected image bytes or a file path, got {type(data).__name__}")
+    with open_untrusted_image(data, "image") as image:
+        image.load()  # PNG text chunks after the pixel data are only read here
+        text_chunks = dict(getattr(image, "text", {}) or {})
+        info = dict(image.info)
+        exif = image.getexif()
+        image_format, size = image.format, image.size
+        user_comment = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
 
     for key, value in info.items():
         if isinstance(value, str) and key not in text_chunks:

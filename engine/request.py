@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
@@ -34,6 +35,7 @@ LIMITS = {
     "prompt_chars": 20_000,
     "image_pixels": 4096 * 4096,
 }
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _check_range(name: str, value: Any, low: float, high: float, integer: bool) -> None:
@@ -108,6 +110,10 @@ class GenerationRequest:
                 raise ValidationError(name, f"is {len(value)} characters; at most {LIMITS['prompt_chars']} are allowed")
             if "\x00" in value:
                 raise ValidationError(name, "must not contain NUL characters")
+            surrogate = _LONE_SURROGATE.search(value)
+            if surrogate:  # JSON "\ud800" decodes to one; nothing downstream (tokenizer, PNG text) can encode it
+                raise ValidationError(name, f"contains an invalid character (an unpaired UTF-16 surrogate, "
+                                            f"U+{ord(surrogate.group()):04X}, at position {surrogate.start()})")
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip() or "\x00" in self.model):
             raise ValidationError("model", f"must be a model name, got {self.model!r}")
         if not isinstance(self.sampler, str):

@@ -32,11 +32,12 @@ from PIL import Image
 
 from engine import samplers
 from engine.errors import ModelError, SfumatoError, ValidationError
-from engine.request import LIMITS, MASKED_CONTENT, RESIZE_MODES, GenerationRequest, GenerationResult
+from engine.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest, GenerationResult
+from engine.untrusted_images import read_untrusted_image
 
 from .api_models import (
-    ErrorResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, OptionsModel, PNGInfoRequest, PNGInfoResponse,
-    ProgressResponse, ProgressState, PromptStyleItem, SamplerItem, SchedulerItem, SDModelItem, TextToImageResponse,
+    ErrorResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, OptionsModel, OptionsUpdateResponse, PNGInfoRequest,
+    PNGInfoResponse, ProgressResponse, ProgressState, PromptStyleItem, SamplerItem, SchedulerItem, SDModelItem, TextToImageResponse,
     Txt2ImgRequest,
 )
 from .guard import authenticated_user
@@ -115,19 +116,8 @@ def decode_base64(text: Any, field: str) -> bytes:
 
 
 def decode_image(text: Any, field: str) -> Image.Image:
-    """A base64 image from a client, fully loaded; ValidationError(field) otherwise."""
-    data = decode_base64(text, field)
-    try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > LIMITS["image_pixels"]:
-            raise ValidationError(field, f"image is {width}x{height}; at most {LIMITS['image_pixels']} pixels are accepted")
-        image.load()
-    except ValidationError:
-        raise
-    except Exception as error:  # PIL raises many kinds for damaged data
-        raise ValidationError(field, f"is not a readable image (PNG, JPEG or WebP expected): {type(error).__name__}") from None
-    return image
+    """A base64 image from a client, fully loaded; ValidationError(field) otherwise (a refused format or size is named)."""
+    return read_untrusted_image(decode_base64(text, field), field)
 
 
 def encode_png(image: Image.Image, infotext: str | None) -> str:
@@ -556,7 +546,27 @@ class SdApi:
         )
 
     def set_options(self, options: dict[str, Any]) -> dict:
-        """Apply the options Sfumato knows; others are ignored. A model switch loads the model first."""
+        """Apply the options Sfumato knows, and say which were not applied. A model switch loads the model first.
+
+        Answers 200 ``{"applied": [...], "ignored": [...]}``, plus ``"detail"``
+        naming the ignored keys when there are any (A1111 answers with no body to
+        speak of, so its clients read none of this and keep working). Keys that
+        ``GET /options`` reports and that are posted back unchanged count as
+        applied: a client may send back what it read.
+        """
+        current = self.get_options().model_dump()
+        applied = [key for key in options if key == "sd_model_checkpoint" or key in _OPTION_SETTINGS
+                   or (key in current and options[key] == current[key])]
+        ignored = [key for key in options if key not in applied]
+        self._apply_options(options)
+        answer: dict[str, Any] = {"applied": applied, "ignored": ignored}
+        if ignored:
+            log.warning("POST /options: not applied (no such Sfumato setting): %s", ", ".join(ignored))
+            answer["detail"] = (f"not applied: {', '.join(ignored)}; Sfumato has no such settings, or they cannot be changed "
+                                "over the API (GET /sdapi/v1/options lists the ones it has)")
+        return answer
+
+    def _apply_options(self, options: dict[str, Any]) -> None:
         with self._options_lock:
             settings = self.studio.settings
             changes: dict[str, Any] = {}
@@ -586,7 +596,6 @@ class SdApi:
                 except ValidationError as error:
                     option = next((name for name, (setting, _) in _OPTION_SETTINGS.items() if setting == error.field), error.field)
                     raise validation_error(error, option) from None
-        return {}
 
     # -- png info ---------------------------------------------------------------------
     def png_info(self, body: PNGInfoRequest) -> PNGInfoResponse:
@@ -619,7 +628,8 @@ class SdApi:
         router.add_api_route("/sd-models", self.sd_models, methods=["GET"], response_model=list[SDModelItem])
         router.add_api_route("/prompt-styles", self.prompt_styles, methods=["GET"], response_model=list[PromptStyleItem])
         router.add_api_route("/options", self.get_options, methods=["GET"], response_model=OptionsModel)
-        router.add_api_route("/options", self.set_options, methods=["POST"])
+        router.add_api_route("/options", self.set_options, methods=["POST"], response_model=OptionsUpdateResponse,
+                             response_model_exclude_none=True)
         router.add_api_route("/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
         router.add_api_route("/png-info", self.png_info, methods=["POST"], response_model=PNGInfoResponse)
         for path in _EMPTY_LISTS:
@@ -638,17 +648,28 @@ def _no_embeddings() -> dict:
 
 # --- errors ----------------------------------------------------------------------------
 
-def _pydantic_field(location: tuple | list) -> str:
-    parts = [str(part) for part in location if part not in ("body", "query")]
+def _pydantic_field(problem: dict) -> str:
+    if problem.get("type") == "json_invalid":
+        return "body"  # its location is ("body", <character offset>), not a field
+    parts = [str(part) for part in problem.get("loc", ()) if part not in ("body", "query")]
     return ".".join(parts) or "body"
 
 
+def _pydantic_message(problem: dict) -> str:
+    if problem.get("type") == "json_invalid":
+        offset = next((part for part in problem.get("loc", ())[1:] if isinstance(part, int)), None)
+        reason = (problem.get("ctx") or {}).get("error", "")
+        where = f" at character {offset}" if offset is not None else ""
+        return f"is not valid JSON{where}" + (f" ({reason})" if reason else "")
+    return str(problem.get("msg", "")).removeprefix("Value error, ")
+
+
 async def _request_validation_handler(_request: Request, error: RequestValidationError) -> JSONResponse:
-    problems = error.errors()
-    first = problems[0] if problems else {"loc": ("body",), "msg": "invalid request"}
-    field = _pydantic_field(first.get("loc", ("body",)))
-    errors = [{"field": _pydantic_field(p.get("loc", ())), "message": str(p.get("msg", "")), "type": str(p.get("type", ""))} for p in problems]
-    return JSONResponse(status_code=422, content={"error": "ValidationError", "detail": f"{field}: {first.get('msg')}", "field": field, "errors": errors})
+    problems = error.errors() or [{"loc": ("body",), "msg": "invalid request"}]
+    errors = [{"field": _pydantic_field(p), "message": _pydantic_message(p), "type": str(p.get("type", ""))} for p in problems]
+    first = errors[0]
+    return JSONResponse(status_code=422, content={"error": "ValidationError", "detail": f"{first['field']}: {first['message']}",
+                                                  "field": first["field"], "errors": errors})
 
 
 async def _api_error_handler(_request: Request, error: ApiError) -> JSONResponse:

@@ -10,14 +10,27 @@ its field:
   and the init image's own size for img2img.
 - An unknown sampler or schedule is refused with 422 instead of silently
   falling back to the default.
+- JSON true/false is refused with 422 for numeric fields (pydantic alone would
+  read ``"steps": true`` as 1).
 
 Unknown fields are ignored (``extra="ignore"``), as A1111 does.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+
+def _not_a_flag(value: Any) -> Any:
+    """JSON true/false is not a number: pydantic would read ``"steps": true`` as 1 step."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_flag)]
+Float = Annotated[float, BeforeValidator(_not_a_flag)]
 
 
 class _Lenient(BaseModel):
@@ -40,19 +53,19 @@ class GenerationParams(_Lenient):
     prompt: str = Field("", description="What to draw; A1111 prompt syntax such as (word:1.2) works.")
     negative_prompt: str = Field("", description="What to avoid.")
     styles: list[str] | None = Field(None, description="Sfumato presets (see /sdapi/v1/prompt-styles) applied by name, in order.")
-    seed: int = Field(-1, description="-1 picks a random seed; image i of the job uses seed + i.")
-    subseed: int = Field(-1, description="Variation seed; -1 picks one.")
-    subseed_strength: float = Field(0.0, description="How far to move towards the variation seed's noise, 0..1.")
+    seed: Int = Field(-1, description="-1 picks a random seed; image i of the job uses seed + i.")
+    subseed: Int = Field(-1, description="Variation seed; -1 picks one.")
+    subseed_strength: Float = Field(0.0, description="How far to move towards the variation seed's noise, 0..1.")
     sampler_name: str | None = Field(None, description="Sampler name or alias, any case; a legacy name such as 'DPM++ 2M Karras' also sets the schedule.")
     sampler_index: str = Field("Euler", description="Older clients' sampler field, used when sampler_name is not given.")
     scheduler: str | None = Field(None, description="Schedule type (label or name, e.g. 'Karras' or 'karras'); default Automatic.")
-    batch_size: int = Field(1, description="Images per batch.")
-    n_iter: int = Field(1, description="Number of batches.")
-    steps: int = Field(50, description="Sampling steps.")
-    cfg_scale: float = Field(7.0, description="Classifier-free guidance scale.")
-    width: int | None = Field(None, description="Output width (multiple of 8). Default: the model's native width (txt2img) or the init image's width (img2img).")
-    height: int | None = Field(None, description="Output height (multiple of 8). Default: the model's native height (txt2img) or the init image's height (img2img).")
-    denoising_strength: float | None = Field(None, description="img2img: how much to change the init image, 0..1 (default 0.75). Ignored by txt2img.")
+    batch_size: Int = Field(1, description="Images per batch.")
+    n_iter: Int = Field(1, description="Number of batches.")
+    steps: Int = Field(50, description="Sampling steps.")
+    cfg_scale: Float = Field(7.0, description="Classifier-free guidance scale.")
+    width: Int | None = Field(None, description="Output width (multiple of 8). Default: the model's native width (txt2img) or the init image's width (img2img).")
+    height: Int | None = Field(None, description="Output height (multiple of 8). Default: the model's native height (txt2img) or the init image's height (img2img).")
+    denoising_strength: Float | None = Field(None, description="img2img: how much to change the init image, 0..1 (default 0.75). Ignored by txt2img.")
     override_settings: dict[str, Any] | None = Field(None, description="Per-request settings; 'sd_model_checkpoint' picks the model for this request only.")
     override_settings_restore_afterwards: bool = Field(True, description="Accepted for compatibility; overrides never outlive the request in Sfumato.")
     send_images: bool = Field(True, description="Return the images as base64 PNG.")
@@ -68,13 +81,13 @@ class Img2ImgRequest(GenerationParams):
     """POST /sdapi/v1/img2img: img2img, or inpainting when a mask is given."""
 
     init_images: list[str] = Field(default_factory=list, description="Exactly one base64 image (PNG/JPEG/WebP; a data: URL prefix is accepted).")
-    resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill.")
-    denoising_strength: float | None = Field(0.75, description="How much to change the init image, 0..1.")
+    resize_mode: Int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill.")
+    denoising_strength: Float | None = Field(0.75, description="How much to change the init image, 0..1.")
     mask: str | None = Field(None, description="Base64 mask image, white = regenerate. Makes the request an inpaint.")
-    mask_blur: int | None = Field(4, description="Blur of the mask edge in pixels.")
-    inpainting_fill: int = Field(0, description="Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing.")
+    mask_blur: Int | None = Field(4, description="Blur of the mask edge in pixels.")
+    inpainting_fill: Int = Field(0, description="Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing.")
     inpaint_full_res: bool | int = Field(True, description="Inpaint area: true/1 only masked (at full resolution), false/0 whole picture.")
-    inpaint_full_res_padding: int = Field(0, description="Only masked: padding around the mask in pixels.")
+    inpaint_full_res_padding: Int = Field(0, description="Only masked: padding around the mask in pixels.")
     inpainting_mask_invert: bool | int = Field(0, description="0 inpaint masked, 1 inpaint not masked.")
     include_init_images: bool = Field(False, description="Echo init_images and mask back in 'parameters'.")
 
@@ -144,7 +157,7 @@ class PromptStyleItem(BaseModel):
 
 
 class OptionsModel(BaseModel):
-    """The settings Sfumato exposes under A1111's option names; other keys are accepted and ignored on POST."""
+    """The settings Sfumato exposes under A1111's option names; POST accepts other keys and lists them as ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -171,3 +184,11 @@ class ErrorResponse(BaseModel):
     error: str = Field(..., description="Error kind: ValidationError, ModelError, GenerationError, ...")
     detail: str = Field(..., description="What went wrong, for a person to read.")
     field: str | None = Field(None, description="The request field at fault, for a 422.")
+
+
+class OptionsUpdateResponse(BaseModel):
+    """What POST /options did. A1111 answers with no useful body, so its clients ignore this one."""
+
+    applied: list[str] = Field(default_factory=list, description="Keys applied (or posted back unchanged).")
+    ignored: list[str] = Field(default_factory=list, description="Keys Sfumato has no setting for, or cannot change over the API.")
+    detail: str | None = Field(None, description="A sentence naming the ignored keys; absent when none were ignored.")

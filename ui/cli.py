@@ -215,16 +215,15 @@ def unique_path(folder: Path, index: int, seed: int) -> Path:
 
 
 def open_image(path: str, flag: str):
-    from PIL import Image, UnidentifiedImageError
+    from engine.errors import ValidationError
+    from engine.untrusted_images import read_untrusted_image
 
+    if not Path(path).is_file():
+        raise CliError(f"{flag}: no such file: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except FileNotFoundError:
-        raise CliError(f"{flag}: no such file: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise CliError(f"{flag}: {path} is not a readable image ({error})") from None
+        return read_untrusted_image(path, flag)
+    except ValidationError as error:
+        raise CliError(f"{flag}: {path}: {error.message}") from None
 
 
 def parse_outpaint(text: str | None) -> tuple[int, int, int, int]:

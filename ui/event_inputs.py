@@ -18,12 +18,14 @@ the handler receives the values as Gradio validated them and calls
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import gradio as gr
 
 from engine.errors import ValidationError
 
+log = logging.getLogger("sfumato.ui")
 SESSION_SHAPED = (gr.Dropdown, gr.Radio, gr.CheckboxGroup, gr.Slider)
 
 
@@ -42,7 +44,9 @@ def preprocess_values(components: Mapping[str, Any], values: Mapping[str, Any]) 
             processed[key] = component.preprocess(value)
         except gr.Error:
             raise
-        except Exception as error:  # noqa: BLE001 - a corrupt upload is the artist's input, reported as such
+        except Exception:  # noqa: BLE001 - a corrupt upload is the artist's input, reported as such
+            # The artist gets a sentence; the exception (which may name a temp file) goes to the log only.
+            log.warning("could not read the value of %s", key, exc_info=True)
             label = getattr(component, "label", None) or key
-            raise ValidationError(key, f"{label} could not be read ({type(error).__name__}: {error})") from None
+            raise ValidationError(key, f"{label} could not be read; upload or enter it again") from None
     return processed

@@ -8,6 +8,9 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from engine.errors import ValidationError
+from engine.untrusted_images import read_untrusted_image
+
 from .generation_tab import ResultRecord, selected_texts
 from .image_formats import LOSSLESS
 
@@ -37,11 +40,8 @@ def outputs_listing(root: Path) -> tuple[str, list[list[Any]], list[tuple[Image.
     for path in paths:
         try:
             stat = path.stat()
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-            image.info = dict(opened.info)  # keep the parameters chunk in the copy the browser gets
-        except OSError:
+            image = read_untrusted_image(path, "image")  # the copy keeps the parameters chunk in .info
+        except (OSError, ValidationError):  # anything can be dropped into the outputs folder
             continue
         relative = path.relative_to(root).as_posix()
         rows.append([relative, f"{stat.st_size / 1024:.1f} KiB", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stat.st_mtime))])

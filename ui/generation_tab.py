@@ -25,6 +25,7 @@ from .errors import job_error_text, message_for, ui_error
 from .event_inputs import preprocess_values
 from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
 from .image_formats import LOSSLESS, PREVIEW
+from .image_inputs import UploadImage, UploadImageEditor, reject_bad_uploads
 from .masks import inpaint_inputs, mask_preview
 from .presets_ui import PresetControls, build_presets_controls
 from .runner import follow
@@ -136,8 +137,9 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     with gr.Row(equal_height=False, elem_classes=["sfumato-workspace"]):
         with gr.Column(scale=5, elem_id=f"{mode}_settings"):
             if mode == "img2img":
-                image = gr.Image(label="Image for img2img", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
-                                 format=LOSSLESS, height=360, elem_id="img2img_image")
+                image = UploadImage(label="Image for img2img", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
+                                    format=LOSSLESS, height=360, elem_id="img2img_image")
+                reject_bad_uploads(image)
             if mode == "inpaint":
                 image, mask_upload, inpaint_bindings, preview_mask = _inpaint_canvas()
             with gr.Row():
@@ -272,14 +274,15 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
 
 def _inpaint_canvas():
     """The ImageEditor, optional mask upload and the inpaint-only controls."""
-    editor = gr.ImageEditor(
+    editor = UploadImageEditor(
         label="Image to inpaint: paint over what to change", type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
         brush=gr.Brush(default_size=8, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
         eraser=gr.Eraser(default_size=8), layers=False, transforms=(), format=LOSSLESS, height=420, elem_id="inpaint_editor",
     )
     with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
-        mask_upload = gr.Image(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], format=LOSSLESS, height=200,
-                               elem_id="inpaint_mask_upload")
+        mask_upload = UploadImage(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], format=LOSSLESS,
+                                  height=200, elem_id="inpaint_mask_upload")
+    reject_bad_uploads(editor, mask_upload)
     with gr.Row():
         mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode")
         mask_blur = gr.Slider(*LIMITS["mask_blur"], value=4, step=1, precision=0, label="Mask blur", elem_id="inpaint_mask_blur")

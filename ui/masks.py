@@ -14,18 +14,19 @@ from PIL import Image
 
 from engine import image_ops
 from engine.errors import ValidationError
+from engine.untrusted_images import read_untrusted_image
 
 
-def _as_image(value: Any) -> Image.Image | None:
+def _as_image(value: Any, field: str = "init_image") -> Image.Image | None:
     if value is None:
         return None
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, np.ndarray):
         return Image.fromarray(value)
-    if isinstance(value, str):
-        return Image.open(value)
-    raise ValidationError("init_image", f"unexpected image value of type {type(value).__name__}")
+    if isinstance(value, str):  # a file Gradio received from the browser
+        return read_untrusted_image(value, field)
+    raise ValidationError(field, f"unexpected image value of type {type(value).__name__}")
 
 
 def editor_image(value: Mapping[str, Any] | None) -> Image.Image | None:
@@ -58,7 +59,7 @@ def layers_mask(value: Mapping[str, Any] | None, size: tuple[int, int]) -> Image
 
 def uploaded_mask(mask: Any, size: tuple[int, int]) -> Image.Image | None:
     """An uploaded mask as L, resized to the image when it differs."""
-    image = _as_image(mask)
+    image = _as_image(mask, "mask")
     if image is None:
         return None
     array = image_ops.mask_to_array(image)

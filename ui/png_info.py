@@ -16,6 +16,7 @@ from engine.infotext import parse_infotext, request_fields_from_infotext
 
 from .errors import message_for
 from .image_formats import LOSSLESS
+from .image_inputs import UploadImage, reject_bad_uploads
 
 
 def read_image_info(path: str | None) -> tuple[str, dict[str, Any], str, str, str]:
@@ -45,8 +46,9 @@ def build_png_info_tab() -> dict[str, Any]:
     """Lay out the tab (inside the current gr.Tab); returns its components by role."""
     with gr.Row():
         with gr.Column(scale=1):
-            image = gr.Image(label="Drop an image here", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                             format=LOSSLESS, height=400, elem_id="pnginfo_image")
+            image = UploadImage(label="Drop an image here", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                format=LOSSLESS, height=400, elem_id="pnginfo_image")
+            reject_bad_uploads(image)
             summary = gr.Markdown("", elem_id="pnginfo_summary")
             with gr.Row():
                 send = {target: gr.Button(f"Send to {target}", elem_id=f"pnginfo_send_to_{target}", size="sm")

@@ -12,7 +12,9 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from engine.errors import ValidationError
 from engine.infotext import parse_infotext, request_fields_from_infotext
+from engine.untrusted_images import read_untrusted_image
 
 from .extension_ui import all_components
 from .generation_tab import GenerationTab, ResultRecord
@@ -116,8 +118,11 @@ def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generat
             return [gr.skip()] * len(target_outputs(tabs, target, model_dropdown))
         image = None
         if path and target.image is not None:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
+            try:
+                image = read_untrusted_image(path, "image").convert("RGB")
+            except ValidationError as error:
+                gr.Warning(f"The image cannot be sent: {error.message}.")
+                return [gr.skip()] * len(target_outputs(tabs, target, model_dropdown))
         fields = {**FULL_RESTORE_DEFAULTS, **fields_from_infotext(text)}
         return target_updates(studio, target, fields, image, extension_settings_from_infotext(studio, text))
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from engine.errors import SfumatoError, ValidationError
 from engine.models import BUILTIN_DIR, REPO_ROOT
+from engine.untrusted_images import read_untrusted_image
 
 from . import models, preprocessors, units
 
@@ -20,14 +21,12 @@ FIELD = "control"
 
 
 def _open_image(path: str, field: str) -> Image.Image:
+    if not Path(path).is_file():
+        raise ValidationError(field, f"image {path} not found")
     try:
-        with Image.open(path) as handle:
-            handle.load()
-            return handle.copy()
-    except FileNotFoundError:
-        raise ValidationError(field, f"image {path} not found") from None
-    except (OSError, Image.DecompressionBombError) as error:
-        raise ValidationError(field, f"{path} is not a readable image ({type(error).__name__})") from None
+        return read_untrusted_image(path, field)
+    except ValidationError as error:
+        raise ValidationError(field, f"{path}: {error.message}") from None
 
 
 def _dirs(studio: Any, models_dir: Path | None, builtin_dir: Path | None) -> tuple[Path | None, Path | None]:

@@ -16,6 +16,7 @@ import gradio as gr
 
 from engine.errors import SfumatoError
 from ui.image_formats import LOSSLESS
+from ui.image_inputs import UploadImage, reject_bad_uploads
 
 from . import preprocessors, units
 from .hook import ControlNetRuntime
@@ -93,8 +94,9 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
                 prefix = f"{tab}_controlnet_{index}"
                 with gr.Tab(f"Unit {index}", elem_id=prefix):
                     with gr.Row():
-                        image = gr.Image(label=image_label, type="pil", sources=["upload", "clipboard"], format=LOSSLESS, height=220,
-                                         elem_id=f"{prefix}_image")
+                        image = UploadImage(label=image_label, type="pil", sources=["upload", "clipboard"], format=LOSSLESS, height=220,
+                                            elem_id=f"{prefix}_image")
+                        checked_upload, = reject_bad_uploads(image)
                         preview = gr.Image(label="Preprocessor preview", interactive=False, format=LOSSLESS, height=220,
                                            elem_id=f"{prefix}_preview")
                     with gr.Row():
@@ -122,7 +124,9 @@ def build(tab: str, runtime: ControlNetRuntime, unit_count: int = units.DEFAULT_
 
                 module.change(_module_changed(runtime), module, [resolution, threshold_a, threshold_b, unavailable],
                               api_visibility="private", queue=False)
-                image.upload(lambda: True, None, enabled, api_visibility="private", queue=False)  # as A1111: an upload turns the unit on
+                # As A1111, an upload turns the unit on; one that the check refused (and cleared) leaves it as it was.
+                checked_upload.then(lambda payload: gr.skip() if payload is None else True, image, enabled,
+                                    preprocess=False, api_visibility="private", queue=False)
                 run_preview.click(_preview(runtime), [image, module, resolution, threshold_a, threshold_b], preview,
                                   api_visibility="private")
                 model_dropdowns.append(model)
