@@ -17,7 +17,7 @@ from ui.api import install_api
 def studio():
     studio = SimpleNamespace(settings=Settings(), config=SimpleNamespace(outputs_dir=Path("outputs")), extensions=None,
                              default_model=lambda: "model-a",
-                             registry=SimpleNamespace(get=lambda name: SimpleNamespace(name=name), loaded_names=lambda: [],
+                             registry=SimpleNamespace(get=lambda name: SimpleNamespace(name=name, title=name), loaded_names=lambda: [],
                                                      load=lambda name: None))
     studio.update_settings = lambda settings: setattr(studio, "settings", settings)
     return studio
