@@ -21,6 +21,8 @@ class Settings:
     dtype: str = "auto"
     controlnet_units: int = 3
     save_outputs: bool = True
+    # Off, as A1111's "Save incomplete images": an interrupted or skipped image is shown but not saved.
+    save_interrupted_images: bool = False
 
     def validate(self) -> "Settings":
         if not isinstance(self.preview_every, int) or isinstance(self.preview_every, bool) or not 0 <= self.preview_every <= 150:
@@ -29,6 +31,8 @@ class Settings:
             raise ValidationError("preview_method", f"must be one of {', '.join(PREVIEW_METHODS)}")
         if not isinstance(self.controlnet_units, int) or not 1 <= self.controlnet_units <= 8:
             raise ValidationError("controlnet_units", "must be an integer from 1 to 8")
+        if not isinstance(self.save_interrupted_images, bool):
+            raise ValidationError("save_interrupted_images", "must be true or false")
         return self
 
 

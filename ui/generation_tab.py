@@ -17,7 +17,7 @@ from PIL import Image
 from engine import samplers
 from engine.errors import SfumatoError, ValidationError
 from engine.infotext import MASK_MODES
-from engine.request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, GenerationRequest, GenerationResult
+from engine.request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, EarlyStop, GenerationRequest, GenerationResult
 from engine.seeds import MAX_SEED
 
 from . import fields as F
@@ -53,22 +53,37 @@ class ResultRecord:
     subseed: int
     path: str | None
     mode: str
+    stopped_early: EarlyStop | None = None  # interrupted or skipped before its last step
 
     def gallery_item(self) -> tuple[Image.Image, str]:
         image = self.image.copy()
         image.info["parameters"] = self.infotext  # kept when Gradio writes the PNG the browser downloads
-        return image, f"seed {self.seed}"
+        caption = f"seed {self.seed}"
+        if self.stopped_early is not None:
+            caption += f" · {self.stopped_early.description}"
+        return image, caption
 
 
 def records_from(result: GenerationResult) -> list[ResultRecord]:
-    return [ResultRecord(g.image, g.infotext, g.seed, g.subseed, g.path, result.request.mode) for g in result.images]
+    return [ResultRecord(image=g.image, infotext=g.infotext, seed=g.seed, subseed=g.subseed, path=g.path,
+                         mode=result.request.mode, stopped_early=g.stopped_early) for g in result.images]
 
 
 def saved_text(records: list[ResultRecord], index: int = 0) -> str:
     if not records:
         return ""
     record = records[min(index, len(records) - 1)]
-    return f"Saved to `{record.path}`" if record.path else "Not saved (saving is off in Settings, or the save failed)."
+    if record.path:
+        return f"Saved to `{record.path}`"
+    if record.stopped_early is not None:
+        return (f"Not saved: {record.stopped_early.description.lower()}, so it is unfinished. "
+                "Turn on \"Save images when interrupted\" in Settings to keep such images.")
+    return "Not saved (saving is off in Settings, or the save failed)."
+
+
+def finished_preview(records: list[ResultRecord]) -> Image.Image | None:
+    """What the live preview shows once a job ends: its first finished image, never a skipped or interrupted one's noise."""
+    return next((record.image for record in records if record.stopped_early is None), None)
 
 
 def selected_texts(records: list[ResultRecord], index: int = 0) -> tuple[str, str]:
@@ -371,7 +386,7 @@ def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: l
     try:
         for tick in follow(studio.jobs, job):
             if tick.kind in ("queued", "progress"):
-                preview = tick.preview if tick.preview is not None else skip
+                preview = tick.preview if tick.preview is not None else None if tick.clear_preview else skip
                 yield preview, tick.text, skip, shown_infotext, shown_saved, skip, skip, skip
             elif tick.kind == "error":
                 message = job_error_text(tick.error)
@@ -384,8 +399,7 @@ def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: l
                 records = records_from(result)
                 session = (list(gallery_so_far or []) + records)[-SESSION_GALLERY_LIMIT:]
                 gallery = [record.gallery_item() for record in records]
-                first = records[0] if records else None
-                yield (first.image if first else skip, tick.text, gallery, *selected_texts(records), records, 0, session)
+                yield (finished_preview(records), tick.text, gallery, *selected_texts(records), records, 0, session)
     finally:
         if not job.finished:
             studio.jobs.cancel(job)  # the browser went away: don't keep computing for nobody
