@@ -192,24 +192,15 @@ class Engine:
         return self._prepare_inpaint(request, image, model)
 
     def _prepare_inpaint(self, request: GenerationRequest, image: Image.Image, model: LoadedModel) -> _Prepared:
-        if any(request.outpaint):
-            canvas = image_ops.extend_canvas(image, *request.outpaint, seed=max(0, request.seed))
-            image, hard = canvas.image, canvas.mask
-            if request.mask is not None:
-                user_hard, _ = image_ops.prepare_mask(request.mask, request.invert_mask, 0)
-                left, top, right, bottom = canvas.original_box
-                hard[top:bottom, left:right] = np.maximum(hard[top:bottom, left:right], user_hard)
-            soft = image_ops.soft_seam(hard, request.mask_blur, canvas.original_box)
-            if request.mask is not None:
-                soft = np.maximum(soft, np.where(hard > 0, image_ops.blur_mask(hard, request.mask_blur), 0)).astype(np.uint8)
-                soft[canvas.mask > 0] = np.maximum(soft[canvas.mask > 0], 128)
-        else:
-            hard, soft = image_ops.prepare_mask(request.mask, request.invert_mask, request.mask_blur)
+        canvas = image_ops.inpaint_canvas(image, request.mask, request.invert_mask, request.mask_blur, request.outpaint,
+                                          seed=max(0, request.seed))
+        image, backdrop, hard, soft = canvas.image, canvas.backdrop, canvas.hard_mask, canvas.soft_mask
         if request.width and request.height and request.inpaint_area == "Whole picture" and image.size != (request.width, request.height):
             image = image_ops.resize_image(image, request.width, request.height, request.resize_mode)
+            backdrop = image_ops.resize_image(backdrop, request.width, request.height, request.resize_mode)
             hard = np.array(Image.fromarray(hard).resize(image.size, Image.NEAREST))
             soft = np.array(Image.fromarray(soft).resize(image.size, Image.BILINEAR))
-        original = image
+        original = backdrop  # what the result is blended onto: outside the mask, these pixels are kept exactly
         if request.inpaint_area == "Only masked":
             gen_w, gen_h = request.width or model.family.native_size[0], request.height or model.family.native_size[1]
             box = image_ops.masked_region(np.maximum(hard, soft), request.inpaint_padding, gen_w / gen_h)

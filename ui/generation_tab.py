@@ -24,7 +24,7 @@ from . import fields as F
 from .errors import job_error_text, message_for, ui_error
 from .event_inputs import preprocess_values
 from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
-from .masks import inpaint_inputs, mask_preview
+from .masks import editor_image, inpaint_inputs, mask_preview
 from .presets_ui import PresetControls, build_presets_controls
 from .runner import follow
 from .session import interrupt_own, session_owner, skip_own
@@ -226,7 +226,8 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
         for slider in (width, height):
             slider.input(lambda: False, None, own_size, api_visibility="private", queue=False)
     if mode == "inpaint":
-        preview_mask_button.click(_preview_mask_handler, [image, mask_upload, *fields.components(["invert_mask", "mask_blur"])],
+        preview_mask_button.click(_preview_mask_handler,
+                                  [image, mask_upload, *fields.components(["invert_mask", "mask_blur", "outpaint"])],
                                   mask_preview_image, api_visibility="private")
     gallery.select(_select_image, [results], [infotext, saved, selected], api_visibility="private", queue=False)
 
@@ -279,10 +280,16 @@ def _inpaint_canvas():
     editor = gr.ImageEditor(
         label="Image to inpaint: paint over what to change", type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
         brush=gr.Brush(default_size=8, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
-        eraser=gr.Eraser(default_size=8), layers=False, transforms=(), height=420, elem_id="inpaint_editor",
+        eraser=gr.Eraser(default_size=8), layers=False, transforms=(), height=420, elem_id="inpaint_editor", format="png",
     )
+    # The editor's own trash button ("Clear canvas", hidden in ui/style.py) throws the picture away with the mask.
+    with gr.Row():
+        clear_mask = gr.Button("Clear mask", size="sm", elem_id="inpaint_clear_mask")
+        remove_image = gr.Button("Remove image", size="sm", elem_id="inpaint_remove_image")
     with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
         mask_upload = gr.Image(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], height=200, elem_id="inpaint_mask_upload")
+    clear_mask.click(_without_mask, editor, [editor, mask_upload], api_visibility="private", queue=False)
+    remove_image.click(lambda: (None, None), None, [editor, mask_upload], api_visibility="private", queue=False)
     with gr.Row():
         mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode")
         mask_blur = gr.Slider(*LIMITS["mask_blur"], value=4, step=1, precision=0, label="Mask blur", elem_id="inpaint_mask_blur")
@@ -297,8 +304,8 @@ def _inpaint_canvas():
                                elem_id=f"inpaint_outpaint_{side}") for side in F.OUTPAINT_SIDES]
     with gr.Accordion("Preview the effective mask", open=False, elem_id="inpaint_mask_preview_box"):
         preview_button = gr.Button("Preview mask", size="sm", elem_id="inpaint_preview_mask")
-        mask_image = gr.Image(label="Effective mask (red: repainted, after blur and mode)", interactive=False, height=240,
-                              elem_id="inpaint_mask_preview")
+        mask_image = gr.Image(label="Effective mask (red: repainted, after blur, mode and outpainting)", interactive=False, height=240,
+                              format="png", elem_id="inpaint_mask_preview")
     bindings = [
         F.mask_mode(mask_mode), F.simple("mask_blur", mask_blur), F.simple("masked_content", masked_content),
         F.simple("inpaint_area", inpaint_area), F.simple("inpaint_padding", padding), F.outpaint(sides),
@@ -307,6 +314,14 @@ def _inpaint_canvas():
 
 
 # -- handlers ---------------------------------------------------------------------------------
+
+def _without_mask(editor_value):
+    """The editor with its picture and no painted strokes; an uploaded mask is cleared too."""
+    picture = editor_image(editor_value)
+    if picture is None:
+        return gr.skip(), None
+    return {"background": picture, "layers": [], "composite": picture}, None
+
 
 def _sampler_changed(sampler: str, schedule: str, zero_snr: bool):
     try:
@@ -334,14 +349,15 @@ def _select_image(records: list[ResultRecord], event: gr.SelectData):
     return *selected_texts(records, index), index
 
 
-def _preview_mask_handler(editor_value, mask_upload, mask_mode: str, blur: int):
+def _preview_mask_handler(editor_value, mask_upload, mask_mode: str, blur: int, *outpaint_sides):
     image, mask = inpaint_inputs(editor_value, mask_upload)
     if image is None:
         raise gr.Error("Upload an image to inpaint first.", print_exception=False)
-    if mask is None:
-        raise gr.Error("Paint over the area to repaint (or upload a mask) first.", print_exception=False)
+    outpaint = tuple(int(pixels or 0) for pixels in outpaint_sides)
+    if mask is None and not any(outpaint):
+        raise gr.Error("Paint over the area to repaint, upload a mask, or set an outpainting amount first.", print_exception=False)
     try:
-        return mask_preview(image, mask, mask_mode == MASK_MODES[1], int(blur))
+        return mask_preview(image, mask, mask_mode == MASK_MODES[1], int(blur), outpaint)
     except SfumatoError as error:
         raise ui_error(error, "Cannot preview the mask") from None
 

@@ -14,6 +14,8 @@ CSS = """
 .sfumato-untrained { border: 2px solid #d97706; border-radius: 8px; padding: 0.4em 0.8em; background: rgba(217, 119, 6, 0.12); }
 .sfumato-warning { color: #b45309; }
 #model_row { align-items: end; }
+/* its trash button removes the picture with the mask; "Clear mask" and "Remove image" below it do each */
+#inpaint_editor button[aria-label="Clear canvas"] { display: none; }
 /* small models make small images: show previews large and crisp rather than as a thumbnail */
 #txt2img_preview img, #img2img_preview img, #img2img_image img, #inpaint_preview img, #inpaint_mask_preview img, #pnginfo_image img {
   width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
