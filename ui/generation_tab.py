@@ -29,6 +29,7 @@ from .presets_ui import PresetControls, build_presets_controls
 from .runner import follow
 from .session import interrupt_own, session_owner, skip_own
 from .streamed_outputs import LivePreview, ResultGallery, postprocess_values
+from .style import REMOVE_IMAGE_JS
 
 SESSION_GALLERY_LIMIT = 200
 RANDOM_SEED, REUSE_SEED = "🎲", "♻️"
@@ -282,14 +283,16 @@ def _inpaint_canvas():
         brush=gr.Brush(default_size=8, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
         eraser=gr.Eraser(default_size=8), layers=False, transforms=(), height=420, elem_id="inpaint_editor", format="png",
     )
-    # The editor's own trash button ("Clear canvas", hidden in ui/style.py) throws the picture away with the mask.
+    # The editor's own trash button would throw the picture away with the mask: ui/style.py makes it click
+    # "Clear mask", and "Remove image" is the one action that removes the picture.
     with gr.Row():
         clear_mask = gr.Button("Clear mask", size="sm", elem_id="inpaint_clear_mask")
         remove_image = gr.Button("Remove image", size="sm", elem_id="inpaint_remove_image")
     with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
         mask_upload = gr.Image(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], height=200, elem_id="inpaint_mask_upload")
     clear_mask.click(_without_mask, editor, [editor, mask_upload], api_visibility="private", queue=False)
-    remove_image.click(lambda: (None, None), None, [editor, mask_upload], api_visibility="private", queue=False)
+    # In the browser: the editor's own clear (setting its value from the server leaves it stuck "pending").
+    remove_image.click(None, None, mask_upload, js=REMOVE_IMAGE_JS, api_visibility="private", queue=False)
     with gr.Row():
         mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode")
         mask_blur = gr.Slider(*LIMITS["mask_blur"], value=4, step=1, precision=0, label="Mask blur", elem_id="inpaint_mask_blur")
@@ -320,7 +323,8 @@ def _without_mask(editor_value):
     picture = editor_image(editor_value)
     if picture is None:
         return gr.skip(), None
-    return {"background": picture, "layers": [], "composite": picture}, None
+    # one transparent layer, as the editor (layers=False) keeps one: with none it stops taking new values
+    return {"background": picture, "layers": [Image.new("RGBA", picture.size, (0, 0, 0, 0))], "composite": picture}, None
 
 
 def _sampler_changed(sampler: str, schedule: str, zero_snr: bool):

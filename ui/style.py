@@ -14,8 +14,6 @@ CSS = """
 .sfumato-untrained { border: 2px solid #d97706; border-radius: 8px; padding: 0.4em 0.8em; background: rgba(217, 119, 6, 0.12); }
 .sfumato-warning { color: #b45309; }
 #model_row { align-items: end; }
-/* its trash button removes the picture with the mask; "Clear mask" and "Remove image" below it do each */
-#inpaint_editor button[aria-label="Clear canvas"] { display: none; }
 /* small models make small images: show previews large and crisp rather than as a thumbnail */
 #txt2img_preview img, #img2img_preview img, #img2img_image img, #inpaint_preview img, #inpaint_mask_preview img, #pnginfo_image img {
   width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
@@ -40,6 +38,32 @@ if (!window.__sfumatoKeys) {
 }
 """
 
+# The inpaint editor's trash button ("Clear canvas") would throw the picture away with the mask: it clears
+# the mask only (it clicks "Clear mask"); "Remove image" lets one click through to remove the picture.
+_TRASH_CLEARS_MASK = """
+if (!window.__sfumatoTrash) {
+  window.__sfumatoTrash = true;
+  const trashOf = (event) => event.target.closest && event.target.closest('#inpaint_editor button[aria-label="Clear canvas"]');
+  document.addEventListener('click', (event) => {
+    const trash = trashOf(event);
+    if (!trash || window.__sfumatoRemovingImage) return;
+    event.preventDefault();
+    event.stopImmediatePropagation();
+    document.getElementById('inpaint_clear_mask')?.click();
+  }, true);
+  document.addEventListener('pointerover', (event) => {
+    const trash = trashOf(event);
+    if (trash) trash.title = 'Clear mask (keeps the picture)';
+  }, true);
+}
+"""
+REMOVE_IMAGE_JS = """() => {
+  window.__sfumatoRemovingImage = true;
+  try { document.querySelector('#inpaint_editor button[aria-label="Clear canvas"]')?.click(); }
+  finally { window.__sfumatoRemovingImage = false; }
+  return null;
+}"""
+
 
 def load_js() -> str:
     """The page-load JavaScript: add the stylesheet once, install the shortcut once."""
@@ -51,4 +75,4 @@ if (!document.getElementById('sfumato-style')) {{
   document.head.appendChild(style);
 }}
 """
-    return "() => {" + style + _KEYBINDING + "}"
+    return "() => {" + style + _KEYBINDING + _TRASH_CLEARS_MASK + "}"
