@@ -98,3 +98,19 @@ def test_the_setting_survives_a_restart_and_rejects_non_booleans(studio, tiny_mo
     assert Studio(studio.config).settings.save_interrupted_images is True
     with pytest.raises(ValidationError, match="save_interrupted_images"):
         Settings(save_interrupted_images="yes").validate()
+
+
+def test_after_a_skip_the_ui_stream_never_keeps_the_skipped_images_preview(engine):
+    from engine.jobs import JobQueue
+    from ui.runner import follow
+
+    queue = JobQueue(engine)
+    job = queue.submit(request(steps=40, batch_count=2, preview_every=10))  # image 2's first previews come at step 10
+    first_of_next = None
+    for tick in follow(queue, job, frame=0.0):
+        if tick.kind == "progress" and tick.text.startswith("Image 1/2") and tick.preview is not None:
+            queue.skip_current()
+        if tick.kind == "progress" and tick.text.startswith("Image 2/2") and first_of_next is None:
+            first_of_next = tick
+    assert first_of_next is not None
+    assert first_of_next.preview is not None or first_of_next.clear_preview

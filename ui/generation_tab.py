@@ -291,7 +291,7 @@ def _inpaint_canvas():
     with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
         mask_upload = gr.Image(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], height=200, elem_id="inpaint_mask_upload")
     clear_mask.click(_without_mask, editor, [editor, mask_upload], api_visibility="private", queue=False)
-    # In the browser: the editor's own clear (setting its value from the server leaves it stuck "pending").
+    # Done in the browser by the editor's own clear: an empty value sent from the server leaves the editor stuck "pending".
     remove_image.click(None, None, mask_upload, js=REMOVE_IMAGE_JS, api_visibility="private", queue=False)
     with gr.Row():
         mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode")
@@ -406,7 +406,9 @@ def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: l
     try:
         for tick in follow(studio.jobs, job):
             if tick.kind in ("queued", "progress"):
-                preview = tick.preview if tick.preview is not None else None if tick.clear_preview else skip
+                preview = tick.preview
+                if preview is None and not tick.clear_preview:
+                    preview = skip  # keep what is shown
                 yield preview, tick.text, skip, shown_infotext, shown_saved, skip, skip, skip
             elif tick.kind == "error":
                 message = job_error_text(tick.error)
