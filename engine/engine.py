@@ -22,7 +22,7 @@ from .compute import run_on_compute_thread
 from .errors import GenerationError, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
 from .previews import CheapPreviewer, VaePreviewer, parameter_dtype, pil_to_tensor
-from .request import CancelToken, GeneratedImage, GenerationRequest, GenerationResult, Progress
+from .request import CancelToken, EarlyStop, GeneratedImage, GenerationRequest, GenerationResult, Progress
 from .sampling import DenoiseJob, InpaintInputs, StepHook, denoise
 from .seeds import cpu_generator, resolve_seed, slerp
 
@@ -133,13 +133,16 @@ class Engine:
                 context = HookContext(model, request, prepared.width, prepared.height, len(seeds), do_cfg, job.timesteps, prepared.source,
                                       prepared.crop_box, prepared.original.size if prepared.crop_box is not None else None)
                 job.hooks = self.extensions.step_hooks(context)
+            stopped_early: EarlyStop | None = None
             if job is None:
                 latents = start_latents_only
             else:
-                stop_reason: list[str] = []
+                stops: list[EarlyStop] = []
                 latents = denoise(job, self._step_callback(request, previewer, on_progress, cancel, started, batch_index,
-                                                           group_size, groups, steps_done_before, len(job.timesteps), stop_reason))
-                interrupted = "interrupt" in stop_reason
+                                                           group_size, groups, steps_done_before, len(job.timesteps), stops))
+                interrupted = any(stop.reason == "interrupted" for stop in stops)
+                # A stop after the last step leaves a finished image.
+                stopped_early = next((stop for stop in stops if stop.step < stop.total_steps), None)
                 steps_done_before += len(job.timesteps)
             denoise_time += time.perf_counter() - tick
 
@@ -149,8 +152,9 @@ class Engine:
             for image_seed, image in zip(seeds, decoded):
                 image_subseed = subseed + image_seed - seed
                 image = self._finish_image(image, prepared)
-                info = self._infotext(request, model, image_seed, image_subseed, prepared, extension_info)
-                images.append(GeneratedImage(image=image, seed=image_seed, subseed=image_subseed, infotext=info))
+                info = self._infotext(request, model, image_seed, image_subseed, prepared, extension_info, stopped_early)
+                images.append(GeneratedImage(image=image, seed=image_seed, subseed=image_subseed, infotext=info,
+                                             stopped_early=stopped_early))
             if interrupted:
                 break
         timings.update(denoise=denoise_time, decode=decode_time, total=time.perf_counter() - started)
@@ -194,24 +198,15 @@ class Engine:
         return self._prepare_inpaint(request, image, model)
 
     def _prepare_inpaint(self, request: GenerationRequest, image: Image.Image, model: LoadedModel) -> _Prepared:
-        if any(request.outpaint):
-            canvas = image_ops.extend_canvas(image, *request.outpaint, seed=max(0, request.seed))
-            image, hard = canvas.image, canvas.mask
-            if request.mask is not None:
-                user_hard, _ = image_ops.prepare_mask(request.mask, request.invert_mask, 0)
-                left, top, right, bottom = canvas.original_box
-                hard[top:bottom, left:right] = np.maximum(hard[top:bottom, left:right], user_hard)
-            soft = image_ops.soft_seam(hard, request.mask_blur, canvas.original_box)
-            if request.mask is not None:
-                soft = np.maximum(soft, np.where(hard > 0, image_ops.blur_mask(hard, request.mask_blur), 0)).astype(np.uint8)
-                soft[canvas.mask > 0] = np.maximum(soft[canvas.mask > 0], 128)
-        else:
-            hard, soft = image_ops.prepare_mask(request.mask, request.invert_mask, request.mask_blur)
+        canvas = image_ops.inpaint_canvas(image, request.mask, request.invert_mask, request.mask_blur, request.outpaint,
+                                          seed=max(0, request.seed))
+        image, backdrop, hard, soft = canvas.image, canvas.backdrop, canvas.hard_mask, canvas.soft_mask
         if request.width and request.height and request.inpaint_area == "Whole picture" and image.size != (request.width, request.height):
             image = image_ops.resize_image(image, request.width, request.height, request.resize_mode)
+            backdrop = image_ops.resize_image(backdrop, request.width, request.height, request.resize_mode)
             hard = np.array(Image.fromarray(hard).resize(image.size, Image.NEAREST))
             soft = np.array(Image.fromarray(soft).resize(image.size, Image.BILINEAR))
-        original = image
+        original = backdrop  # what the result is blended onto: outside the mask, these pixels are kept exactly
         if request.inpaint_area == "Only masked":
             gen_w, gen_h = request.width or model.family.native_size[0], request.height or model.family.native_size[1]
             box = image_ops.masked_region(np.maximum(hard, soft), request.inpaint_padding, gen_w / gen_h)
@@ -338,15 +333,15 @@ class Engine:
 
     @staticmethod
     def _step_callback(request, previewer, on_progress, cancel: CancelToken, started, group_index, group_size, groups,
-                       steps_before, steps_per_group, stop_reason):
+                       steps_before, steps_per_group, stops: list[EarlyStop]):
         total_all = steps_before + steps_per_group * (groups - group_index)
 
         def on_step(step: int, total: int, latents: torch.Tensor) -> bool:
             if cancel.interrupted:
-                stop_reason.append("interrupt")
+                stops.append(EarlyStop(reason="interrupted", step=step, total_steps=total))
                 return True
             if cancel.take_skip():
-                stop_reason.append("skip")
+                stops.append(EarlyStop(reason="skipped", step=step, total_steps=total))
                 return True
             if on_progress is not None:
                 elapsed = time.perf_counter() - started
@@ -361,11 +356,13 @@ class Engine:
         return on_step
 
     @staticmethod
-    def _infotext(request: GenerationRequest, model: LoadedModel, seed: int, subseed: int, prepared: _Prepared, extension_info: dict) -> str:
+    def _infotext(request: GenerationRequest, model: LoadedModel, seed: int, subseed: int, prepared: _Prepared, extension_info: dict,
+                  stopped_early: EarlyStop | None = None) -> str:
         from .infotext import build_infotext
 
         size = prepared.output_size or (prepared.width, prepared.height)
         if prepared.original is not None and prepared.crop_box is not None:
             size = prepared.original.size
         return build_infotext(request, seed=seed, model_name=model.entry.name, model_hash=model.short_hash,
-                              extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None, size=size)
+                              extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None, size=size,
+                              stopped_early=stopped_early)

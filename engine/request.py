@@ -192,6 +192,23 @@ class GenerationRequest:
         return [f.name for f in fields(cls)]
 
 
+STOP_REASONS = ("interrupted", "skipped")
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Where an image's sampling ended before its last step, and why: its pixels are unfinished noise."""
+
+    reason: str  # one of STOP_REASONS
+    step: int  # sampling steps done when it stopped
+    total_steps: int  # sampling steps this image would have run (fewer than ``steps`` in img2img)
+
+    @property
+    def description(self) -> str:
+        """'Interrupted at step 2/20', as the UI shows it."""
+        return f"{self.reason.capitalize()} at step {self.step}/{self.total_steps}"
+
+
 @dataclass
 class GeneratedImage:
     image: Image.Image
@@ -199,6 +216,7 @@ class GeneratedImage:
     subseed: int
     infotext: str
     path: str | None = None
+    stopped_early: EarlyStop | None = None  # None: every sampling step ran
 
 
 @dataclass

@@ -33,6 +33,9 @@ class Tick:
     preview: Image.Image | None = None
     result: GenerationResult | None = None
     error: str | None = None
+    # The preview shown belongs to an earlier image (skipped, or finished) and this tick has none of
+    # its own yet: clear it rather than keep showing that image's noise.
+    clear_preview: bool = False
 
 
 def queued_text(ahead: int) -> str:
@@ -71,11 +74,16 @@ def progress_text(progress: Progress, eta: float | None = None) -> str:
 
 
 def result_text(result: GenerationResult) -> str:
+    """'Done: 2 images in 1.2 s', and for each image stopped early where it stopped:
+    'Interrupted: 1 image in 0.3 s · image 1 interrupted at step 2/20'."""
     count = len(result.images)
     noun = "image" if count == 1 else "images"
     seconds = result.timings.get("total", 0.0)
     head = "Interrupted" if result.interrupted else "Done"
-    return f"{head}: {count} {noun} in {seconds:.1f} s"
+    text = f"{head}: {count} {noun} in {seconds:.1f} s"
+    stops = [f"image {number} {image.stopped_early.description.lower()}"
+             for number, image in enumerate(result.images, 1) if image.stopped_early is not None]
+    return " · ".join([text, *stops])
 
 
 def _next_event(job: Job, timeout: float) -> JobEvent | None:
@@ -96,6 +104,7 @@ def follow(jobs: JobQueue, job: Job, poll: float = POLL_SECONDS, frame: float = 
     """
     ahead = jobs.position(job)
     clock = EtaClock()
+    shown_image: int | None = None  # image_index of the preview on screen
     announced = ahead > 0
     if announced:
         yield Tick("queued", queued_text(ahead))
@@ -118,8 +127,13 @@ def follow(jobs: JobQueue, job: Job, poll: float = POLL_SECONDS, frame: float = 
                 with_preview = latest if latest.has_preview else with_preview
             # Drawn here, on the web server's thread, and only the one that will be shown.
             preview = with_preview.preview if with_preview is not None else None
+            stale = preview is None and shown_image is not None and shown_image != latest.image_index
+            if preview is not None:
+                shown_image = with_preview.image_index
+            elif stale:
+                shown_image = None
             frame_ends = time.monotonic() + frame
-            yield Tick("progress", progress_text(latest, clock.eta(latest)), preview=preview)
+            yield Tick("progress", progress_text(latest, clock.eta(latest)), preview=preview, clear_preview=stale)
             if final is None:
                 job.wait_finished(max(0.0, frame_ends - time.monotonic()))
                 continue
