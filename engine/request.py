@@ -11,6 +11,7 @@ from PIL import Image
 
 from . import samplers
 from .errors import ValidationError
+from .prompts import weight_problem
 from .seeds import MAX_SEED
 
 MODES = ("txt2img", "img2img", "inpaint")
@@ -32,6 +33,7 @@ LIMITS = {
     "outpaint": (0, 1024),
     "preview_every": (0, 150),
     "prompt_chars": 20_000,
+    "prompt_weight": 1000.0,  # the largest weight nested ``(...)`` groups may multiply to
     "image_pixels": 4096 * 4096,
 }
 
@@ -108,6 +110,8 @@ class GenerationRequest:
                 raise ValidationError(name, f"is {len(value)} characters; at most {LIMITS['prompt_chars']} are allowed")
             if "\x00" in value:
                 raise ValidationError(name, "must not contain NUL characters")
+            if (problem := weight_problem(value, LIMITS["prompt_weight"])) is not None:
+                raise ValidationError(name, problem)
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip() or "\x00" in self.model):
             raise ValidationError("model", f"must be a model name, got {self.model!r}")
         if not isinstance(self.sampler, str):
