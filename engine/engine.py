@@ -7,7 +7,6 @@ and cancellation go through the callback and token the caller passes in.
 from __future__ import annotations
 
 import gc
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -17,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import image_ops, samplers
-from .compute import run_on_compute_thread
-from .errors import GenerationError, SfumatoError, ValidationError
+from . import cancellation, image_ops, samplers
+from .compute import run_until_interrupted
+from .errors import GenerationError, Interrupted, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
 from .previews import CheapPreviewer, VaePreviewer, parameter_dtype, pil_to_tensor
 from .request import CancelToken, GeneratedImage, GenerationRequest, GenerationResult, Progress
@@ -68,33 +67,59 @@ class Engine:
     def __init__(self, registry: ModelRegistry, extensions: ExtensionHost | None = None):
         self.registry = registry
         self.extensions = extensions
-        self._lock = threading.Lock()
 
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
-        """Runs on the compute thread (see ``engine.compute``); ``on_progress`` is called from there."""
-        return run_on_compute_thread(self._generate_safely, request, on_progress, cancel)
+        """Runs on the compute thread (see ``engine.compute``); ``on_progress`` is called from there.
+
+        An interrupt stops the job in any phase: between steps the sampler ends and the image so far
+        is decoded; elsewhere (model load, prompt encoding, decoding) it stops at the next checkpoint
+        and the result holds the images finished before. If the work cannot stop within the compute
+        thread's grace period, the result comes back at once, empty, and the next job runs.
+        """
+        cancel = cancel or CancelToken()
+        started = time.perf_counter()
+        try:
+            return run_until_interrupted(cancel, self._generate_safely, request, on_progress, cancel)
+        except Interrupted as stopped:
+            return GenerationResult(request=request, images=[], interrupted=True,
+                                    timings={"total": time.perf_counter() - started}, warnings=[str(stopped)])
 
     def _generate_safely(self, request: GenerationRequest, on_progress: ProgressCallback | None,
-                         cancel: CancelToken | None) -> GenerationResult:
-        with self._lock:
-            try:
-                return self._generate(request, on_progress, cancel or CancelToken())
-            except SfumatoError:
-                raise
-            except (torch.OutOfMemoryError, MemoryError) as error:
-                gc.collect()  # free what the failed job held before the next one starts
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                raise GenerationError(f"out of memory: try a smaller size or batch ({error})") from error
-            except Exception as error:
-                raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
+                         cancel: CancelToken) -> GenerationResult:
+        # No lock: jobs reach the engine one at a time through the compute thread, and a lock held by
+        # a job left behind on a retired compute thread would hold every later job too.
+        try:
+            with cancellation.running(cancel):
+                return self._generate(request, on_progress, cancel)
+        except SfumatoError:
+            raise
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            gc.collect()  # free what the failed job held before the next one starts
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise GenerationError(f"out of memory: try a smaller size or batch ({error})") from error
+        except Exception as error:
+            raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
 
     # -- the whole job -------------------------------------------------------
     def _generate(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken) -> GenerationResult:
         started = time.perf_counter()
+        timings: dict[str, float] = {}
+        images: list[GeneratedImage] = []
+        try:
+            return self._generate_images(request, on_progress, cancel, started, timings, images)
+        except Interrupted as stopped:
+            timings["total"] = time.perf_counter() - started
+            return GenerationResult(request=request, images=images, interrupted=True, timings=timings, warnings=[str(stopped)])
+
+    def _generate_images(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken,
+                         started: float, timings: dict[str, float], images: list[GeneratedImage]) -> GenerationResult:
+        """The job itself; ``timings`` and ``images`` fill as it goes, so an interrupt keeps what was finished."""
+        cancellation.check("waiting for the compute thread")
         model = self.registry.load(request.model)
-        timings = {"load": time.perf_counter() - started}
+        timings["load"] = time.perf_counter() - started
+        cancellation.check("loading the model")
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, prepared.width, prepared.height)
         samplers.check_zero_snr_for_model(request.sampler, request.zero_terminal_snr, model.pipeline.scheduler.config.get("prediction_type", "epsilon"))
@@ -106,11 +131,11 @@ class Engine:
         tick = time.perf_counter()
         conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt)
         timings["encode"] = time.perf_counter() - tick
+        cancellation.check("encoding the prompt")
         do_cfg = request.cfg_scale > 1.0
         previewer = self._previewer(request, model)
         extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
 
-        images: list[GeneratedImage] = []
         interrupted = False
         denoise_time = decode_time = 0.0
         steps_done_before = 0
@@ -139,13 +164,16 @@ class Engine:
                 stop_reason: list[str] = []
                 latents = denoise(job, self._step_callback(request, previewer, on_progress, cancel, started, batch_index,
                                                            group_size, groups, steps_done_before, len(job.timesteps), stop_reason))
-                interrupted = "interrupt" in stop_reason
+                interrupted = "interrupt" in stop_reason or cancel.interrupt_pending  # the latter: inside a step
+                if interrupted:
+                    cancel.honour_interrupt()  # the image so far is still decoded; a second interrupt stops that too
                 steps_done_before += len(job.timesteps)
             denoise_time += time.perf_counter() - tick
 
             tick = time.perf_counter()
             decoded = self._decode(model, latents)
             decode_time += time.perf_counter() - tick
+            cancellation.check("decoding")
             for image_seed, image in zip(seeds, decoded):
                 image_subseed = subseed + image_seed - seed
                 image = self._finish_image(image, prepared)

@@ -4,6 +4,10 @@ Each job carries its owner, its own event stream (progress with previews, then
 the result or the error) and its own cancel token, so a job's previews and
 result reach only the client that submitted it. One worker thread runs jobs in
 order; a job that fails reports to its owner and the worker moves on.
+
+An interrupt frees the queue in every phase: the engine stops a generation
+itself (see ``Engine.generate``), and a save the interrupt catches goes on in
+the background while the next job starts.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -21,6 +27,7 @@ from .request import CancelToken, GenerationRequest, GenerationResult, Progress
 log = logging.getLogger("sfumato.jobs")
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+_SAVE_POLL_S = 0.02
 
 
 @dataclass
@@ -81,6 +88,8 @@ class JobQueue:
         self._pending: list[Job] = []
         self._current: Job | None = None
         self._lock = threading.Condition()
+        # Saves run here, one at a time and in job order, so that an interrupt can leave one behind.
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfumato-save")
         self._worker = threading.Thread(target=self._run, name="sfumato-worker", daemon=True)
         self._worker.start()
 
@@ -147,10 +156,7 @@ class JobQueue:
         try:
             result = self.engine.generate(job.request, on_progress=on_progress, cancel=job.cancel)
             if job.save and self.save_result is not None:
-                try:
-                    self.save_result(result)
-                except SfumatoError as error:
-                    result.warnings.append(f"could not save: {error}")
+                self._save(job, result)
             job.result, job.state = result, DONE
             job._events.put(JobEvent("result", result=result))
         except SfumatoError as error:
@@ -163,3 +169,25 @@ class JobQueue:
         finally:
             job.finished_at = time.time()
             job._done.set()
+
+    def _save(self, job: Job, result: GenerationResult) -> None:
+        """Save the result, or, if the job is interrupted meanwhile, leave the save running and return."""
+        saving = self._saver.submit(self.save_result, result)
+        while True:
+            try:
+                saving.result(timeout=_SAVE_POLL_S)
+                return
+            except FutureTimeout:
+                if job.cancel.interrupt_pending:
+                    saving.add_done_callback(lambda done, job_id=job.id: _log_late_save(job_id, done))
+                    result.warnings.append("interrupted while saving: the images are still being written in the background")
+                    return
+            except SfumatoError as error:
+                result.warnings.append(f"could not save: {error}")
+                return
+
+
+def _log_late_save(job_id: int, saving: Future) -> None:
+    error = saving.exception()
+    if error is not None:
+        log.error("job %s: the save left running after its interrupt failed: %s", job_id, error)
