@@ -3,10 +3,10 @@
 The engine tells this thread which job's cancel token is current (``running``).
 Checkpoints then read it:
 - ``check()`` at the engine's phase boundaries;
-- forward pre-hooks on every block of a model's repeated layers (text-encoder
-  layers, UNet and VAE blocks, resnets, attentions), installed once per model
-  by ``install_checkpoints``. So a pending interrupt stops a text-encoder pass
-  or a large VAE decode at the next block, not after the whole call.
+- forward pre-hooks on each block of a model's outermost layer lists (text-
+  encoder layers, UNet and VAE down/up blocks), installed once per model by
+  ``install_checkpoints``. So a pending interrupt stops a text-encoder pass, a
+  sampler step or a large VAE decode at the next block, not after the call.
 
 Work that no checkpoint reaches (one long C call, a blocked read) is the
 compute thread's watchdog's job: see ``engine.compute.run_until_interrupted``.
@@ -62,15 +62,17 @@ def _checkpoint(module: torch.nn.Module, args) -> None:
 
 
 def install_checkpoints(model: torch.nn.Module) -> int:
-    """Hook a checkpoint before each block of every layer list in ``model``; how many were hooked.
+    """Hook a checkpoint before each block of the outermost layer lists in ``model``; how many were hooked.
 
-    Blocks of layer lists, not every module: a check per block costs well under a
-    microsecond of work per call, while the blocks are where the time goes.
+    Outermost only (UNet and VAE down/up blocks and mid-block parts, text-encoder layers): the
+    lists nested inside them (resnets, attention internals) would add many checks per step
+    for little sooner a stop, and a block that runs too long is the watchdog's.
     """
-    hooked = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList):
-            for block in module:
-                block.register_forward_pre_hook(_checkpoint)
-                hooked += 1
-    return hooked
+    hooked: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or any(name.startswith(outer + ".") for outer in hooked):
+            continue
+        for index, block in enumerate(module):
+            block.register_forward_pre_hook(_checkpoint)
+            hooked.append(f"{name}.{index}")
+    return len(hooked)
