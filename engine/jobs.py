@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -88,8 +88,7 @@ class JobQueue:
         self._pending: list[Job] = []
         self._current: Job | None = None
         self._lock = threading.Condition()
-        # Saves run here, one at a time and in job order, so that an interrupt can leave one behind.
-        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfumato-save")
+        self._save_lock = threading.Lock()  # one save at a time; each on its own thread, so an interrupt can leave it behind
         self._worker = threading.Thread(target=self._run, name="sfumato-worker", daemon=True)
         self._worker.start()
 
@@ -172,7 +171,17 @@ class JobQueue:
 
     def _save(self, job: Job, result: GenerationResult) -> None:
         """Save the result, or, if the job is interrupted meanwhile, leave the save running and return."""
-        saving = self._saver.submit(self.save_result, result)
+        saving: Future = Future()
+
+        def write() -> None:
+            with self._save_lock:
+                try:
+                    saving.set_result(self.save_result(result))
+                except BaseException as error:  # noqa: BLE001 - handed to whoever waits for it
+                    saving.set_exception(error)
+
+        # A daemon thread: a save stuck on a stalled disk must not keep the server from exiting either.
+        threading.Thread(target=write, name=f"sfumato-save-{job.id}", daemon=True).start()
         while True:
             try:
                 saving.result(timeout=_SAVE_POLL_S)
