@@ -201,3 +201,20 @@ def test_a_job_interrupted_while_it_waits_for_the_compute_thread_never_runs(part
     assert result.interrupted and result.images == [] and freed < FREED_WITHIN_S
     phase.release.set()
     assert_next_job_succeeds(next_job)
+
+
+def test_interrupt_between_steps_keeps_the_image_so_far_and_frees_the_queue(parts):
+    _, _, queue = parts
+    first, next_job = queue.submit(request(1, steps=150), owner="a"), queue.submit(request(2), owner="b")
+    for event in first.events(timeout=120):
+        if event.kind == "progress" and event.progress.step >= 3:
+            break
+    interrupted_at = time.time()
+    queue.interrupt_current()
+    result = first.wait(30)
+    while next_job.started_at is None:
+        time.sleep(0.005)
+    freed = next_job.started_at - interrupted_at
+    print(f"\ninterrupt → queue free, sampling, between steps: {freed * 1000:.0f} ms")
+    assert result.interrupted and len(result.images) == 1 and freed < 1.5
+    assert_next_job_succeeds(next_job)
