@@ -32,19 +32,25 @@ _POLL_S = 0.05
 @contextmanager
 def running(cancel: CancelToken) -> Iterator[None]:
     """Make ``cancel`` the token the checkpoints on this thread read."""
-    previous = getattr(_local, "token", None)
-    _local.token = cancel
+    previous = getattr(_local, "token", None), getattr(_local, "phase", None)
+    _local.token, _local.phase = cancel, "waiting to start"
     try:
         yield
     finally:
-        _local.token = previous
+        _local.token, _local.phase = previous
 
 
-def check(phase: str) -> None:
+def entering(phase: str) -> None:
+    """Check, then name the phase the job on this thread starts ("encoding the prompt"), for the interrupt's message."""
+    check()
+    _local.phase = phase
+
+
+def check(phase: str | None = None) -> None:
     """Raise ``Interrupted`` if this thread's job has an interrupt not yet honoured."""
     token: CancelToken | None = getattr(_local, "token", None)
     if token is not None and token.interrupt_pending:
-        raise Interrupted(f"interrupted while {phase}")
+        raise Interrupted(f"interrupted while {phase or getattr(_local, 'phase', None) or 'running'}")
 
 
 def wait_for(future: Future, phase: str) -> T:
@@ -58,7 +64,7 @@ def wait_for(future: Future, phase: str) -> T:
 
 
 def _checkpoint(module: torch.nn.Module, args) -> None:
-    check("running the model")
+    check()
 
 
 def install_checkpoints(model: torch.nn.Module) -> int:

@@ -116,10 +116,9 @@ class Engine:
     def _generate_images(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken,
                          started: float, timings: dict[str, float], images: list[GeneratedImage]) -> GenerationResult:
         """The job itself; ``timings`` and ``images`` fill as it goes, so an interrupt keeps what was finished."""
-        cancellation.check("waiting for the compute thread")
+        cancellation.entering("loading the model")
         model = self.registry.load(request.model)
         timings["load"] = time.perf_counter() - started
-        cancellation.check("loading the model")
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, prepared.width, prepared.height)
         samplers.check_zero_snr_for_model(request.sampler, request.zero_terminal_snr, model.pipeline.scheduler.config.get("prediction_type", "epsilon"))
@@ -129,9 +128,9 @@ class Engine:
         request = request.with_changes(seed=seed, subseed=subseed)
 
         tick = time.perf_counter()
+        cancellation.entering("encoding the prompt")
         conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt)
         timings["encode"] = time.perf_counter() - tick
-        cancellation.check("encoding the prompt")
         do_cfg = request.cfg_scale > 1.0
         previewer = self._previewer(request, model)
         extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
@@ -153,6 +152,7 @@ class Engine:
             noise = noise.to(model.device, model.dtype)
 
             tick = time.perf_counter()
+            cancellation.entering("sampling")
             job, start_latents_only = self._build_job(request, model, prepared, scheduler, noise, generators, conditioning, do_cfg)
             if job is not None and self.extensions:
                 context = HookContext(model, request, prepared.width, prepared.height, len(seeds), do_cfg, job.timesteps, prepared.source,
@@ -171,9 +171,10 @@ class Engine:
             denoise_time += time.perf_counter() - tick
 
             tick = time.perf_counter()
+            cancellation.entering("decoding")
             decoded = self._decode(model, latents)
             decode_time += time.perf_counter() - tick
-            cancellation.check("decoding")
+            cancellation.check()
             for image_seed, image in zip(seeds, decoded):
                 image_subseed = subseed + image_seed - seed
                 image = self._finish_image(image, prepared)

@@ -132,6 +132,7 @@ def test_interrupt_while_encoding_the_prompt_frees_the_queue(parts, phases, monk
     result, next_job, freed = interrupt_in(queue, phase, request(1, prompt="a (blue:1.2) square"), request(2, model=OTHER_MODEL),
                                            f"encoding the prompt ({'stuck' if blocking else 'checkpointed'})")
     assert result.interrupted and result.images == []
+    assert ("background" if blocking else "while encoding the prompt") in result.warnings[0]
     assert freed < (FREED_WITHIN_S if blocking else 1.5)
     assert_next_job_succeeds(next_job)
     monkeypatch.undo()
@@ -173,6 +174,7 @@ def test_interrupt_while_decoding_frees_the_queue(parts, phases, monkeypatch, bl
     result, next_job, freed = interrupt_in(queue, phase, request(1, steps=3), request(2, model=OTHER_MODEL),
                                            f"decoding ({'stuck' if blocking else 'checkpointed'})")
     assert result.interrupted and result.images == []
+    assert ("background" if blocking else "while decoding") in result.warnings[0]
     assert freed < (FREED_WITHIN_S if blocking else 1.5)
     assert_next_job_succeeds(next_job)
 
