@@ -208,10 +208,10 @@ class PromptEncoder:
         """Weighted runs through compel's embeddings providers (tokens, 75-token chunks, weights).
 
         Every weight scales its tokens' distance from the empty prompt's embedding, under 1 as
-        over 1, as A1111 multiplies them. Compel's own path also re-encodes the whole prompt
-        once per down-weighted run, so a few hundred ``[word]`` groups cost minutes; here it
-        is one text-encoder pass per chunk. SDXL's pooled embedding is read from the text
-        without its syntax, as A1111 does.
+        over 1 (A1111 too scales both ways). Compel's own path also re-encodes the whole prompt
+        once per down-weighted run, a cost that grows with the square of the prompt's length;
+        here it is one text-encoder pass per chunk. SDXL's pooled embedding is read from the
+        text without its syntax, as A1111 does.
         """
         provider = self._compel.conditioning_provider
         texts, weights = [text for text, _ in fragments], [weight for _, weight in fragments]
