@@ -7,7 +7,6 @@ and cancellation go through the callback and token the caller passes in.
 from __future__ import annotations
 
 import gc
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -17,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import image_ops, samplers
-from .compute import run_on_compute_thread
-from .errors import GenerationError, SfumatoError, ValidationError
+from . import cancellation, image_ops, samplers
+from .compute import run_until_interrupted
+from .errors import GenerationError, Interrupted, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
 from .previews import CheapPreviewer, VaePreviewer, parameter_dtype, pil_to_tensor
 from .request import CancelToken, EarlyStop, GeneratedImage, GenerationRequest, GenerationResult, Progress
@@ -68,33 +67,58 @@ class Engine:
     def __init__(self, registry: ModelRegistry, extensions: ExtensionHost | None = None):
         self.registry = registry
         self.extensions = extensions
-        self._lock = threading.Lock()
 
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
-        """Runs on the compute thread (see ``engine.compute``); ``on_progress`` is called from there."""
-        return run_on_compute_thread(self._generate_safely, request, on_progress, cancel)
+        """Runs on the compute thread (see ``engine.compute``); ``on_progress`` is called from there.
+
+        An interrupt stops the job in any phase: between steps the sampler ends and the image so far
+        is decoded; elsewhere (model load, prompt encoding, decoding) it stops at the next checkpoint
+        and the result holds the images finished before. If the work cannot stop within the compute
+        thread's grace period, the result comes back at once, empty, and the next job runs.
+        """
+        cancel = cancel or CancelToken()
+        started = time.perf_counter()
+        try:
+            return run_until_interrupted(cancel, self._generate_safely, request, on_progress, cancel)
+        except Interrupted as stopped:
+            return GenerationResult(request=request, images=[], interrupted=True,
+                                    timings={"total": time.perf_counter() - started}, warnings=[str(stopped)])
 
     def _generate_safely(self, request: GenerationRequest, on_progress: ProgressCallback | None,
-                         cancel: CancelToken | None) -> GenerationResult:
-        with self._lock:
-            try:
-                return self._generate(request, on_progress, cancel or CancelToken())
-            except SfumatoError:
-                raise
-            except (torch.OutOfMemoryError, MemoryError) as error:
-                gc.collect()  # free what the failed job held before the next one starts
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                raise GenerationError(f"out of memory: try a smaller size or batch ({error})") from error
-            except Exception as error:
-                raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
+                         cancel: CancelToken) -> GenerationResult:
+        # No lock: jobs reach the engine one at a time through the compute thread, and a lock held by
+        # a job left behind on a retired compute thread would hold every later job too.
+        try:
+            with cancellation.running(cancel):
+                return self._generate(request, on_progress, cancel)
+        except SfumatoError:
+            raise
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            gc.collect()  # free what the failed job held before the next one starts
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise GenerationError(f"out of memory: try a smaller size or batch ({error})") from error
+        except Exception as error:
+            raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
 
     # -- the whole job -------------------------------------------------------
     def _generate(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken) -> GenerationResult:
         started = time.perf_counter()
+        timings: dict[str, float] = {}
+        images: list[GeneratedImage] = []
+        try:
+            return self._generate_images(request, on_progress, cancel, started, timings, images)
+        except Interrupted as stopped:
+            timings["total"] = time.perf_counter() - started
+            return GenerationResult(request=request, images=images, interrupted=True, timings=timings, warnings=[str(stopped)])
+
+    def _generate_images(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken,
+                         started: float, timings: dict[str, float], images: list[GeneratedImage]) -> GenerationResult:
+        """The job itself; ``timings`` and ``images`` fill as it goes, so an interrupt keeps what was finished."""
+        cancellation.entering("loading the model")
         model = self.registry.load(request.model)
-        timings = {"load": time.perf_counter() - started}
+        timings["load"] = time.perf_counter() - started
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, request, prepared.width, prepared.height)
         samplers.check_zero_snr_for_model(request.sampler, request.zero_terminal_snr, model.pipeline.scheduler.config.get("prediction_type", "epsilon"))
@@ -104,13 +128,13 @@ class Engine:
         request = request.with_changes(seed=seed, subseed=subseed, model=model.entry.name)  # the model's name, however it was asked for
 
         tick = time.perf_counter()
+        cancellation.entering("encoding the prompt")
         conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt)
         timings["encode"] = time.perf_counter() - tick
         do_cfg = request.cfg_scale > 1.0
         previewer = self._previewer(request, model)
         extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
 
-        images: list[GeneratedImage] = []
         interrupted = False
         denoise_time = decode_time = 0.0
         steps_done_before = 0
@@ -128,6 +152,7 @@ class Engine:
             noise = noise.to(model.device, model.dtype)
 
             tick = time.perf_counter()
+            cancellation.entering("sampling")
             job, start_latents_only = self._build_job(request, model, prepared, scheduler, noise, generators, conditioning, do_cfg)
             if job is not None and self.extensions:
                 context = HookContext(model, request, prepared.width, prepared.height, len(seeds), do_cfg, job.timesteps, prepared.source,
@@ -138,17 +163,24 @@ class Engine:
                 latents = start_latents_only
             else:
                 stops: list[EarlyStop] = []
-                latents = denoise(job, self._step_callback(request, previewer, on_progress, cancel, started, batch_index,
-                                                           group_size, groups, steps_done_before, len(job.timesteps), stops))
+                on_step = self._step_callback(request, previewer, on_progress, cancel, started, batch_index, group_size, groups,
+                                              steps_done_before, len(job.timesteps), stops)
+                latents = denoise(job, on_step)
+                if cancel.interrupt_pending and not stops:  # interrupted inside a step: the image is the last finished step's
+                    stops.append(EarlyStop(reason="interrupted", step=on_step.steps_done, total_steps=len(job.timesteps)))
                 interrupted = any(stop.reason == "interrupted" for stop in stops)
+                if interrupted:
+                    cancel.honour_interrupt()  # the image so far is still decoded; a second interrupt stops that too
                 # A stop after the last step leaves a finished image.
                 stopped_early = next((stop for stop in stops if stop.step < stop.total_steps), None)
                 steps_done_before += len(job.timesteps)
             denoise_time += time.perf_counter() - tick
 
             tick = time.perf_counter()
+            cancellation.entering("decoding")
             decoded = self._decode(model, latents)
             decode_time += time.perf_counter() - tick
+            cancellation.check()
             for image_seed, image in zip(seeds, decoded):
                 image_subseed = subseed + image_seed - seed
                 image = self._finish_image(image, prepared)
@@ -337,6 +369,7 @@ class Engine:
         total_all = steps_before + steps_per_group * (groups - group_index)
 
         def on_step(step: int, total: int, latents: torch.Tensor) -> bool:
+            on_step.steps_done = step  # read after sampling when an interrupt lands inside the next step
             if cancel.interrupted:
                 stops.append(EarlyStop(reason="interrupted", step=step, total_steps=total))
                 return True
@@ -353,6 +386,7 @@ class Engine:
                 on_progress(Progress(step, total, group_index * group_size, request.images_total, elapsed, eta, preview))
             return False
 
+        on_step.steps_done = 0
         return on_step
 
     @staticmethod

@@ -24,6 +24,10 @@ POLL_SECONDS = 0.2
 # preview images a second, on the cores the sampler needs, for a display that cannot show them. The
 # first step's tick and the result still go out the moment they exist.
 FRAME_SECONDS = 0.05
+# While nothing changes (a model load, a long prompt encode) the last tick is sent again this often.
+# Gradio learns that a browser has gone only when the stream yields; a stream that never yields
+# would never be closed, and the job of a closed tab would hold the queue.
+HEARTBEAT_SECONDS = 1.0
 
 
 @dataclass
@@ -93,28 +97,36 @@ def _next_event(job: Job, timeout: float) -> JobEvent | None:
         return None
 
 
-def follow(jobs: JobQueue, job: Job, poll: float = POLL_SECONDS, frame: float = FRAME_SECONDS) -> Iterator[Tick]:
+def follow(jobs: JobQueue, job: Job, poll: float = POLL_SECONDS, frame: float = FRAME_SECONDS,
+           heartbeat: float = HEARTBEAT_SECONDS) -> Iterator[Tick]:
     """Ticks for one job until its result or error; the caller owns cancelling it if it stops early.
 
     A job with others ahead says so at once. One that starts right away says "Starting…" only
     if no step has come back within ``poll``: sending that tick makes the web server work while
     the first step computes, and delays the first preview it would otherwise show. After a
     progress tick the next one waits for the ``frame`` to pass (the job finishing ends the wait),
-    and then shows the newest step.
+    and then shows the newest step. With nothing new for ``heartbeat`` seconds, the last text
+    goes out again, so the web server can notice a browser that has gone and close the stream.
     """
     ahead = jobs.position(job)
     clock = EtaClock()
     shown_image: int | None = None  # image_index of the preview on screen
     announced = ahead > 0
+    last = Tick("queued", queued_text(ahead))
+    sent_at = time.monotonic()
     if announced:
-        yield Tick("queued", queued_text(ahead))
+        yield last
     while True:
         event = _next_event(job, poll)
         if event is None:
             now_ahead = jobs.position(job) if job.state == QUEUED else 0
             if not announced or now_ahead != ahead:
                 ahead, announced = now_ahead, True
-                yield Tick("queued", queued_text(ahead))
+                last, sent_at = Tick("queued", queued_text(ahead)), time.monotonic()
+                yield last
+            elif time.monotonic() - sent_at >= heartbeat:
+                sent_at = time.monotonic()
+                yield Tick(last.kind, last.text)  # no preview: the one shown stays
             continue
         if event.kind == "progress":
             latest, final = event.progress, None
@@ -132,8 +144,9 @@ def follow(jobs: JobQueue, job: Job, poll: float = POLL_SECONDS, frame: float = 
                 shown_image = with_preview.image_index
             elif stale:
                 shown_image = None
-            frame_ends = time.monotonic() + frame
-            yield Tick("progress", progress_text(latest, clock.eta(latest)), preview=preview, clear_preview=stale)
+            frame_ends = (sent_at := time.monotonic()) + frame
+            last = Tick("progress", progress_text(latest, clock.eta(latest)), preview=preview, clear_preview=stale)
+            yield last
             if final is None:
                 job.wait_finished(max(0.0, frame_ends - time.monotonic()))
                 continue
