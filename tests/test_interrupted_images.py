@@ -40,10 +40,10 @@ def saved_files(studio) -> list:
 def test_an_interrupted_image_says_at_which_step_it_stopped_and_keeps_the_requested_steps(engine):
     result = generate_stopped(engine, "interrupt")
     assert result.interrupted and len(result.images) == 1
-    # the step running when the interrupt came still finishes: 3 of 20 steps are in the pixels
-    assert result.images[0].stopped_early == EarlyStop(reason="interrupted", step=3, total_steps=20)
+    # the interrupt stops step 3 at its next model block, so the picture is step 2's
+    assert result.images[0].stopped_early == EarlyStop(reason="interrupted", step=2, total_steps=20)
     parsed = parse_infotext(result.images[0].infotext)
-    assert parsed["Steps"] == "20" and parsed["Interrupted at step"] == "3/20"
+    assert parsed["Steps"] == "20" and parsed["Interrupted at step"] == "2/20"
     assert request_fields_from_infotext(parsed)["steps"] == 20  # reading it back asks for the full run again
 
 
@@ -60,7 +60,7 @@ def test_img2img_counts_the_steps_it_actually_runs(engine):
 
     init = Image.new("RGB", (64, 64), (200, 30, 30))
     result = generate_stopped(engine, "interrupt", init_image=init, denoising_strength=0.5)
-    assert result.images[0].stopped_early == EarlyStop(reason="interrupted", step=3, total_steps=10)
+    assert result.images[0].stopped_early == EarlyStop(reason="interrupted", step=2, total_steps=10)
 
 
 def test_a_finished_image_has_no_stop_mark(engine):
@@ -87,7 +87,7 @@ def test_with_the_setting_on_an_interrupted_image_is_saved_with_its_stop_step(st
 
     [path] = saved_files(studio)
     infotext = read_generation_info(path).infotext
-    assert "Steps: 20," in infotext and "Interrupted at step: 3/20" in infotext
+    assert "Steps: 20," in infotext and "Interrupted at step: 2/20" in infotext
 
 
 def test_the_setting_survives_a_restart_and_rejects_non_booleans(studio, tiny_models_dir):
