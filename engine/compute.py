@@ -12,22 +12,41 @@ long-lived thread, and keep a single team.
 
 The thread uses as many torch threads as the thread that asked it to run
 something (``torch.set_num_threads`` is per thread under OpenMP).
+
+A job's work that cannot notice its interrupt (one long C call, a blocked read)
+must not hold every later job: ``run_until_interrupted`` hands the compute
+role to a fresh thread when an interrupt has gone unanswered for a grace
+period. The old thread finishes that one call, meets the job's next
+checkpoint, and ends; until then two teams share the cores, which is slower,
+and only for that moment.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import queue
 import threading
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, TypeVar
 
 import torch
 
+from .errors import Interrupted
+from .request import CancelToken
+
 T = TypeVar("T")
+log = logging.getLogger("sfumato.compute")
+
+# How long an interrupt may go unanswered before the job is left to finish alone on a retired thread.
+# Checkpoints answer within one model block; only work that cannot check waits this long.
+INTERRUPT_GRACE_S = 1.0
+_POLL_S = 0.02
 
 _tasks: queue.SimpleQueue = queue.SimpleQueue()
 _thread: threading.Thread | None = None
 _start_lock = threading.Lock()
+_local = threading.local()  # .compute: this thread serves tasks (now or before it was retired); .retired: it stops after this task
 
 
 def run_on_compute_thread(fn: Callable[..., T], *args, **kwargs) -> T:
@@ -40,6 +59,32 @@ def run_on_compute_thread(fn: Callable[..., T], *args, **kwargs) -> T:
     return future.result()
 
 
+def run_until_interrupted(cancel: CancelToken, fn: Callable[..., T], *args, grace: float = INTERRUPT_GRACE_S, **kwargs) -> T:
+    """``run_on_compute_thread``, except that an interrupt of ``cancel`` left unanswered for ``grace``
+    seconds raises ``Interrupted`` here: the task is dropped if it has not started, else the compute
+    thread is retired with it and a fresh one serves the tasks after it."""
+    if is_compute_thread():
+        return fn(*args, **kwargs)
+    future: Future = Future()
+    _tasks.put((functools.partial(fn, *args, **kwargs), torch.get_num_threads(), future))
+    _ensure_started()
+    while True:
+        try:
+            return future.result(timeout=_POLL_S)
+        except FutureTimeout:
+            pass
+        waited = cancel.pending_for()
+        if waited is None or waited < grace:
+            continue
+        if future.cancel():
+            raise Interrupted("interrupted before it started")
+        with _start_lock:
+            if future.done():  # it answered after all
+                return future.result()
+            _retire_current_thread()
+        raise Interrupted(f"interrupted; the work it was doing did not stop within {grace:g} s and finishes in the background")
+
+
 def on_compute_thread(fn: Callable[..., T]) -> Callable[..., T]:
     """Decorator form of ``run_on_compute_thread``."""
     @functools.wraps(fn)
@@ -49,22 +94,39 @@ def on_compute_thread(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 def is_compute_thread() -> bool:
-    return threading.current_thread() is _thread
+    """True on the compute thread, and on a retired one finishing its last task (its calls back in run inline)."""
+    return getattr(_local, "compute", False)
 
 
 def _ensure_started() -> None:
-    global _thread
-    if _thread is not None:
-        return
     with _start_lock:
         if _thread is None:
-            _thread = threading.Thread(target=_serve, name="sfumato-compute", daemon=True)
-            _thread.start()  # after the assignment: a task that calls back in must see itself as the compute thread
+            _start_thread()
+
+
+def _start_thread() -> None:
+    """A new compute thread; the caller holds ``_start_lock``."""
+    global _thread
+    _thread = threading.Thread(target=_serve, name="sfumato-compute", daemon=True)
+    _thread.start()
+
+
+def _retire_current_thread() -> None:
+    """The caller holds ``_start_lock``. The current thread stops after its task; a fresh one takes the queue."""
+    retiring = _thread
+    retiring.retired = True  # read by that thread once its task returns
+    log.warning("the compute thread is busy with an interrupted job's work that cannot stop; a new one takes over")
+    _start_thread()
 
 
 def _serve() -> None:
-    while True:
+    _local.compute = True
+    me = threading.current_thread()
+    while not getattr(me, "retired", False):
         task, threads, future = _tasks.get()
+        if getattr(me, "retired", False):  # retired while waiting: leave the task to the new thread
+            _tasks.put((task, threads, future))
+            return
         if not future.set_running_or_notify_cancel():
             continue
         if torch.get_num_threads() != threads:

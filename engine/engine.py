@@ -7,7 +7,6 @@ and cancellation go through the callback and token the caller passes in.
 from __future__ import annotations
 
 import gc
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -17,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import image_ops, samplers
-from .compute import run_on_compute_thread
-from .errors import GenerationError, SfumatoError, ValidationError
+from . import cancellation, image_ops, samplers
+from .compute import run_until_interrupted
+from .errors import GenerationError, Interrupted, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
 from .previews import CheapPreviewer, VaePreviewer, parameter_dtype, pil_to_tensor
-from .request import CancelToken, GeneratedImage, GenerationRequest, GenerationResult, Progress
+from .request import CancelToken, EarlyStop, GeneratedImage, GenerationRequest, GenerationResult, Progress
 from .sampling import DenoiseJob, InpaintInputs, StepHook, denoise
 from .seeds import cpu_generator, resolve_seed, slerp
 
@@ -68,33 +67,58 @@ class Engine:
     def __init__(self, registry: ModelRegistry, extensions: ExtensionHost | None = None):
         self.registry = registry
         self.extensions = extensions
-        self._lock = threading.Lock()
 
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
-        """Runs on the compute thread (see ``engine.compute``); ``on_progress`` is called from there."""
-        return run_on_compute_thread(self._generate_safely, request, on_progress, cancel)
+        """Runs on the compute thread (see ``engine.compute``); ``on_progress`` is called from there.
+
+        An interrupt stops the job in any phase: between steps the sampler ends and the image so far
+        is decoded; elsewhere (model load, prompt encoding, decoding) it stops at the next checkpoint
+        and the result holds the images finished before. If the work cannot stop within the compute
+        thread's grace period, the result comes back at once, empty, and the next job runs.
+        """
+        cancel = cancel or CancelToken()
+        started = time.perf_counter()
+        try:
+            return run_until_interrupted(cancel, self._generate_safely, request, on_progress, cancel)
+        except Interrupted as stopped:
+            return GenerationResult(request=request, images=[], interrupted=True,
+                                    timings={"total": time.perf_counter() - started}, warnings=[str(stopped)])
 
     def _generate_safely(self, request: GenerationRequest, on_progress: ProgressCallback | None,
-                         cancel: CancelToken | None) -> GenerationResult:
-        with self._lock:
-            try:
-                return self._generate(request, on_progress, cancel or CancelToken())
-            except SfumatoError:
-                raise
-            except (torch.OutOfMemoryError, MemoryError) as error:
-                gc.collect()  # free what the failed job held before the next one starts
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                raise GenerationError(f"out of memory: try a smaller size or batch ({error})") from error
-            except Exception as error:
-                raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
+                         cancel: CancelToken) -> GenerationResult:
+        # No lock: jobs reach the engine one at a time through the compute thread, and a lock held by
+        # a job left behind on a retired compute thread would hold every later job too.
+        try:
+            with cancellation.running(cancel):
+                return self._generate(request, on_progress, cancel)
+        except SfumatoError:
+            raise
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            gc.collect()  # free what the failed job held before the next one starts
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise GenerationError(f"out of memory: try a smaller size or batch ({error})") from error
+        except Exception as error:
+            raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
 
     # -- the whole job -------------------------------------------------------
     def _generate(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken) -> GenerationResult:
         started = time.perf_counter()
+        timings: dict[str, float] = {}
+        images: list[GeneratedImage] = []
+        try:
+            return self._generate_images(request, on_progress, cancel, started, timings, images)
+        except Interrupted as stopped:
+            timings["total"] = time.perf_counter() - started
+            return GenerationResult(request=request, images=images, interrupted=True, timings=timings, warnings=[str(stopped)])
+
+    def _generate_images(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken,
+                         started: float, timings: dict[str, float], images: list[GeneratedImage]) -> GenerationResult:
+        """The job itself; ``timings`` and ``images`` fill as it goes, so an interrupt keeps what was finished."""
+        cancellation.entering("loading the model")
         model = self.registry.load(request.model)
-        timings = {"load": time.perf_counter() - started}
+        timings["load"] = time.perf_counter() - started
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, request, prepared.width, prepared.height)
         samplers.check_zero_snr_for_model(request.sampler, request.zero_terminal_snr, model.pipeline.scheduler.config.get("prediction_type", "epsilon"))
@@ -104,13 +128,13 @@ class Engine:
         request = request.with_changes(seed=seed, subseed=subseed, model=model.entry.name)  # the model's name, however it was asked for
 
         tick = time.perf_counter()
+        cancellation.entering("encoding the prompt")
         conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt)
         timings["encode"] = time.perf_counter() - tick
         do_cfg = request.cfg_scale > 1.0
         previewer = self._previewer(request, model)
         extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
 
-        images: list[GeneratedImage] = []
         interrupted = False
         denoise_time = decode_time = 0.0
         steps_done_before = 0
@@ -128,29 +152,41 @@ class Engine:
             noise = noise.to(model.device, model.dtype)
 
             tick = time.perf_counter()
+            cancellation.entering("sampling")
             job, start_latents_only = self._build_job(request, model, prepared, scheduler, noise, generators, conditioning, do_cfg)
             if job is not None and self.extensions:
                 context = HookContext(model, request, prepared.width, prepared.height, len(seeds), do_cfg, job.timesteps, prepared.source,
                                       prepared.crop_box, prepared.original.size if prepared.crop_box is not None else None)
                 job.hooks = self.extensions.step_hooks(context)
+            stopped_early: EarlyStop | None = None
             if job is None:
                 latents = start_latents_only
             else:
-                stop_reason: list[str] = []
-                latents = denoise(job, self._step_callback(request, previewer, on_progress, cancel, started, batch_index,
-                                                           group_size, groups, steps_done_before, len(job.timesteps), stop_reason))
-                interrupted = "interrupt" in stop_reason
+                stops: list[EarlyStop] = []
+                on_step = self._step_callback(request, previewer, on_progress, cancel, started, batch_index, group_size, groups,
+                                              steps_done_before, len(job.timesteps), stops)
+                latents = denoise(job, on_step)
+                if cancel.interrupt_pending and not stops:  # interrupted inside a step: the image is the last finished step's
+                    stops.append(EarlyStop(reason="interrupted", step=on_step.steps_done, total_steps=len(job.timesteps)))
+                interrupted = any(stop.reason == "interrupted" for stop in stops)
+                if interrupted:
+                    cancel.honour_interrupt()  # the image so far is still decoded; a second interrupt stops that too
+                # A stop after the last step leaves a finished image.
+                stopped_early = next((stop for stop in stops if stop.step < stop.total_steps), None)
                 steps_done_before += len(job.timesteps)
             denoise_time += time.perf_counter() - tick
 
             tick = time.perf_counter()
+            cancellation.entering("decoding")
             decoded = self._decode(model, latents)
             decode_time += time.perf_counter() - tick
+            cancellation.check()
             for image_seed, image in zip(seeds, decoded):
                 image_subseed = subseed + image_seed - seed
                 image = self._finish_image(image, prepared)
-                info = self._infotext(request, model, image_seed, image_subseed, prepared, extension_info)
-                images.append(GeneratedImage(image=image, seed=image_seed, subseed=image_subseed, infotext=info))
+                info = self._infotext(request, model, image_seed, image_subseed, prepared, extension_info, stopped_early)
+                images.append(GeneratedImage(image=image, seed=image_seed, subseed=image_subseed, infotext=info,
+                                             stopped_early=stopped_early))
             if interrupted:
                 break
         timings.update(denoise=denoise_time, decode=decode_time, total=time.perf_counter() - started)
@@ -194,24 +230,15 @@ class Engine:
         return self._prepare_inpaint(request, image, model)
 
     def _prepare_inpaint(self, request: GenerationRequest, image: Image.Image, model: LoadedModel) -> _Prepared:
-        if any(request.outpaint):
-            canvas = image_ops.extend_canvas(image, *request.outpaint, seed=max(0, request.seed))
-            image, hard = canvas.image, canvas.mask
-            if request.mask is not None:
-                user_hard, _ = image_ops.prepare_mask(request.mask, request.invert_mask, 0)
-                left, top, right, bottom = canvas.original_box
-                hard[top:bottom, left:right] = np.maximum(hard[top:bottom, left:right], user_hard)
-            soft = image_ops.soft_seam(hard, request.mask_blur, canvas.original_box)
-            if request.mask is not None:
-                soft = np.maximum(soft, np.where(hard > 0, image_ops.blur_mask(hard, request.mask_blur), 0)).astype(np.uint8)
-                soft[canvas.mask > 0] = np.maximum(soft[canvas.mask > 0], 128)
-        else:
-            hard, soft = image_ops.prepare_mask(request.mask, request.invert_mask, request.mask_blur)
+        canvas = image_ops.inpaint_canvas(image, request.mask, request.invert_mask, request.mask_blur, request.outpaint,
+                                          seed=max(0, request.seed))
+        image, backdrop, hard, soft = canvas.image, canvas.backdrop, canvas.hard_mask, canvas.soft_mask
         if request.width and request.height and request.inpaint_area == "Whole picture" and image.size != (request.width, request.height):
             image = image_ops.resize_image(image, request.width, request.height, request.resize_mode)
+            backdrop = image_ops.resize_image(backdrop, request.width, request.height, request.resize_mode)
             hard = np.array(Image.fromarray(hard).resize(image.size, Image.NEAREST))
             soft = np.array(Image.fromarray(soft).resize(image.size, Image.BILINEAR))
-        original = image
+        original = backdrop  # what the result is blended onto: outside the mask, these pixels are kept exactly
         if request.inpaint_area == "Only masked":
             gen_w, gen_h = request.width or model.family.native_size[0], request.height or model.family.native_size[1]
             box = image_ops.masked_region(np.maximum(hard, soft), request.inpaint_padding, gen_w / gen_h)
@@ -338,15 +365,16 @@ class Engine:
 
     @staticmethod
     def _step_callback(request, previewer, on_progress, cancel: CancelToken, started, group_index, group_size, groups,
-                       steps_before, steps_per_group, stop_reason):
+                       steps_before, steps_per_group, stops: list[EarlyStop]):
         total_all = steps_before + steps_per_group * (groups - group_index)
 
         def on_step(step: int, total: int, latents: torch.Tensor) -> bool:
+            on_step.steps_done = step  # read after sampling when an interrupt lands inside the next step
             if cancel.interrupted:
-                stop_reason.append("interrupt")
+                stops.append(EarlyStop(reason="interrupted", step=step, total_steps=total))
                 return True
             if cancel.take_skip():
-                stop_reason.append("skip")
+                stops.append(EarlyStop(reason="skipped", step=step, total_steps=total))
                 return True
             if on_progress is not None:
                 elapsed = time.perf_counter() - started
@@ -358,14 +386,17 @@ class Engine:
                 on_progress(Progress(step, total, group_index * group_size, request.images_total, elapsed, eta, preview))
             return False
 
+        on_step.steps_done = 0
         return on_step
 
     @staticmethod
-    def _infotext(request: GenerationRequest, model: LoadedModel, seed: int, subseed: int, prepared: _Prepared, extension_info: dict) -> str:
+    def _infotext(request: GenerationRequest, model: LoadedModel, seed: int, subseed: int, prepared: _Prepared, extension_info: dict,
+                  stopped_early: EarlyStop | None = None) -> str:
         from .infotext import build_infotext
 
         size = prepared.output_size or (prepared.width, prepared.height)
         if prepared.original is not None and prepared.crop_box is not None:
             size = prepared.original.size
         return build_infotext(request, seed=seed, model_name=model.entry.name, model_hash=model.short_hash,
-                              extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None, size=size)
+                              extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None, size=size,
+                              stopped_early=stopped_early)

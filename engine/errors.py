@@ -28,3 +28,7 @@ class UnsafeModelError(ModelError):
 
 class GenerationError(SfumatoError):
     """A generation failed while running (out of memory, a broken model...)."""
+
+
+class Interrupted(SfumatoError):
+    """The job was interrupted outside the sampler's steps; the engine returns what it has so far."""

@@ -89,32 +89,76 @@ def fill_masked(image: Image.Image, hard_mask: np.ndarray) -> Image.Image:
 
 @dataclass(frozen=True)
 class Canvas:
-    """An outpainting canvas: the grown image, the mask of new area and where the original sits."""
+    """An outpainting canvas: the grown image, the mask of new area and where the original sits.
+
+    ``image`` is what the model starts from: stretched edge pixels plus a little noise, so the
+    sampler has texture to work on. ``backdrop`` is the same canvas without the noise: the
+    generated pixels are blended over it, so where the blend fades out at the old edge the
+    picture continues the edge instead of showing that noise.
+    """
 
     image: Image.Image
+    backdrop: Image.Image
     mask: np.ndarray
     original_box: tuple[int, int, int, int]
 
 
 def extend_canvas(image: Image.Image, left: int, right: int, up: int, down: int, seed: int) -> Canvas:
-    """Grow the canvas; new area = stretched edge pixels plus a little noise, masked white."""
+    """Grow the canvas; new area = stretched edge pixels (plus a little noise in ``image``), masked white."""
     array = np.asarray(image.convert("RGB"))
-    grown = cv2.copyMakeBorder(array, up, down, left, right, cv2.BORDER_REPLICATE).astype(np.int16)
+    stretched = cv2.copyMakeBorder(array, up, down, left, right, cv2.BORDER_REPLICATE)
     height, width = array.shape[:2]
-    mask = np.full(grown.shape[:2], 255, np.uint8)
+    mask = np.full(stretched.shape[:2], 255, np.uint8)
     mask[up:up + height, left:left + width] = 0
-    noise = np.random.default_rng(seed).normal(0, 24, grown.shape).astype(np.int16)
-    grown = np.where(mask[..., None] > 0, np.clip(grown + noise, 0, 255), grown).astype(np.uint8)
-    return Canvas(Image.fromarray(grown, "RGB"), mask, (left, up, left + width, up + height))
+    noise = np.random.default_rng(seed).normal(0, 24, stretched.shape).astype(np.int16)
+    noisy = np.where(mask[..., None] > 0, np.clip(stretched.astype(np.int16) + noise, 0, 255), stretched).astype(np.uint8)
+    return Canvas(Image.fromarray(noisy, "RGB"), Image.fromarray(stretched, "RGB"), mask, (left, up, left + width, up + height))
 
 
-def soft_seam(mask: np.ndarray, blur: int, keep_box: tuple[int, int, int, int]) -> np.ndarray:
-    """Blur the outpaint mask into the new area only, so the original region stays exact."""
-    soft = blur_mask(mask, blur)
-    left, top, right, bottom = keep_box
-    soft[top:bottom, left:right] = 0
-    soft[mask > 0] = np.maximum(soft[mask > 0], 128)
-    return soft
+def soft_seam(mask: np.ndarray, blur: int) -> np.ndarray:
+    """The outpaint blend weight: 0 on the original, rising across the new area over ``2 × blur`` pixels.
+
+    Ramping from the old edge outward (rather than blurring the mask's step, which puts half the
+    generated picture right against the old edge) hides the seam while the original stays exact.
+    """
+    feather = 2 * max(0, blur) + 1
+    distance = cv2.distanceTransform((mask > 0).astype(np.uint8), cv2.DIST_L2, 3)  # pixels to the nearest original pixel
+    return np.clip(np.round(distance / feather * 255), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class InpaintCanvas:
+    """What inpainting works on: the picture to start from, the one to blend back onto, and the masks (255 = repaint)."""
+
+    image: Image.Image
+    backdrop: Image.Image
+    hard_mask: np.ndarray
+    soft_mask: np.ndarray
+
+
+def inpaint_canvas(image: Image.Image, mask: Image.Image | None, invert: bool, blur: int,
+                   outpaint: tuple[int, int, int, int] = (0, 0, 0, 0), seed: int = 0) -> InpaintCanvas:
+    """The canvas and masks for an inpaint or outpaint request; the engine and the UI's mask preview both use it.
+
+    ``outpaint`` is (left, right, up, down) pixels of new canvas. A painted ``mask`` (of the original
+    image) may come with it; without outpainting a mask is required.
+    """
+    image = image.convert("RGB")
+    if not any(outpaint):
+        if mask is None:
+            raise ValidationError("mask", "paint over the area to repaint, upload a mask, or set an outpainting amount")
+        hard, soft = prepare_mask(mask, invert, blur)
+        return InpaintCanvas(image, image, hard, soft)
+    canvas = extend_canvas(image, *outpaint, seed=seed)
+    hard, soft = canvas.mask.copy(), soft_seam(canvas.mask, blur)
+    if mask is not None:
+        user_hard, _ = prepare_mask(mask, invert, 0)
+        left, top, right, bottom = canvas.original_box
+        hard[top:bottom, left:right] = np.maximum(hard[top:bottom, left:right], user_hard)
+        painted = np.where(hard > 0, blur_mask(hard, blur), 0)
+        painted[canvas.mask > 0] = 0  # the new area keeps its ramp from the old edge
+        soft = np.maximum(soft, painted).astype(np.uint8)
+    return InpaintCanvas(canvas.image, canvas.backdrop, hard, soft)
 
 
 def masked_region(mask: np.ndarray, padding: int, target_aspect: float) -> tuple[int, int, int, int]:

@@ -23,11 +23,14 @@ from typing import Any, Callable, Mapping
 
 from . import samplers
 from .errors import ValidationError
-from .request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, GenerationRequest
+from .request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, EarlyStop, GenerationRequest
 
 VERSION = "sfumato-0.1"
 NEGATIVE_PREFIX = "Negative prompt:"
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+# An image whose sampling stopped early keeps ``Steps`` as requested and says where it stopped,
+# as done/total of its own sampling steps: "Interrupted at step: 2/20".
+STOPPED_EARLY_KEYS = {"interrupted": "Interrupted at step", "skipped": "Skipped at step"}
 
 # A1111's key pattern: a word character, then word characters, spaces, hyphens or slashes.
 _KEY = re.compile(r"\s*(\w[\w \-/]+):\s*")
@@ -75,6 +78,7 @@ def build_infotext(
     subseed: int | None = None,
     *,
     size: tuple[int, int] | None = None,
+    stopped_early: EarlyStop | None = None,
 ) -> str:
     """The infotext for one generated image.
 
@@ -83,6 +87,7 @@ def build_infotext(
     width/height, and ``Size`` is left out when neither is known.
     ``extra`` holds extension entries with values already formatted
     (``{"ControlNet 0": "Module: canny, Model: x, Weight: 1"}``).
+    ``stopped_early`` marks an unfinished image (see ``STOPPED_EARLY_KEYS``).
     """
     if size is None and request.width is not None and request.height is not None:
         size = (request.width, request.height)
@@ -117,9 +122,11 @@ def build_infotext(
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not _VALID_KEY.fullmatch(key):
             raise ValidationError("extra", f"infotext key {key!r} must be letters, digits, spaces, '-' or '/'")
-        if key in params or key == "Version":
+        if key in params or key == "Version" or key in STOPPED_EARLY_KEYS.values():
             raise ValidationError("extra", f"infotext key {key!r} is already written by the engine")
         params[key] = value
+    if stopped_early is not None:
+        params[STOPPED_EARLY_KEYS[stopped_early.reason]] = f"{stopped_early.step}/{stopped_early.total_steps}"
     params["Version"] = VERSION
 
     line = ", ".join(f"{key}: {quote(_value_text(value))}" for key, value in params.items() if value is not None and _value_text(value) != "")

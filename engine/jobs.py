@@ -7,6 +7,10 @@ request that submitted it; ``user`` names the login behind it (an opaque string,
 None on a server without logins), so a front end can show and stop each user
 only their own jobs. One worker thread runs jobs in order; a job that fails
 reports to its owner and the worker moves on.
+
+An interrupt frees the queue in every phase: the engine stops a generation
+itself (see ``Engine.generate``), and a save the interrupt catches goes on in
+the background while the next job starts.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -24,6 +30,7 @@ from .request import CancelToken, GenerationRequest, GenerationResult, Progress
 log = logging.getLogger("sfumato.jobs")
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+_SAVE_POLL_S = 0.02
 
 
 @dataclass
@@ -85,6 +92,7 @@ class JobQueue:
         self._pending: list[Job] = []
         self._current: Job | None = None
         self._lock = threading.Condition()
+        self._save_lock = threading.Lock()  # one save at a time; each on its own thread, so an interrupt can leave it behind
         self._worker = threading.Thread(target=self._run, name="sfumato-worker", daemon=True)
         self._worker.start()
 
@@ -151,10 +159,7 @@ class JobQueue:
         try:
             result = self.engine.generate(job.request, on_progress=on_progress, cancel=job.cancel)
             if job.save and self.save_result is not None:
-                try:
-                    self.save_result(result)
-                except SfumatoError as error:
-                    result.warnings.append(f"could not save: {error}")
+                self._save(job, result)
             job.result, job.state = result, DONE
             job._events.put(JobEvent("result", result=result))
         except SfumatoError as error:
@@ -167,3 +172,35 @@ class JobQueue:
         finally:
             job.finished_at = time.time()
             job._done.set()
+
+    def _save(self, job: Job, result: GenerationResult) -> None:
+        """Save the result, or, if the job is interrupted meanwhile, leave the save running and return."""
+        saving: Future = Future()
+
+        def write() -> None:
+            with self._save_lock:
+                try:
+                    saving.set_result(self.save_result(result))
+                except BaseException as error:  # noqa: BLE001 - handed to whoever waits for it
+                    saving.set_exception(error)
+
+        # A daemon thread: a save stuck on a stalled disk must not keep the server from exiting either.
+        threading.Thread(target=write, name=f"sfumato-save-{job.id}", daemon=True).start()
+        while True:
+            try:
+                saving.result(timeout=_SAVE_POLL_S)
+                return
+            except FutureTimeout:
+                if job.cancel.interrupt_pending:
+                    saving.add_done_callback(lambda done, job_id=job.id: _log_late_save(job_id, done))
+                    result.warnings.append("interrupted while saving: the images are still being written in the background")
+                    return
+            except SfumatoError as error:
+                result.warnings.append(f"could not save: {error}")
+                return
+
+
+def _log_late_save(job_id: int, saving: Future) -> None:
+    error = saving.exception()
+    if error is not None:
+        log.error("job %s: the save left running after its interrupt failed: %s", job_id, error)

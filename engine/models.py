@@ -30,12 +30,14 @@ import shutil
 import tempfile
 import threading
 from collections import Counter, OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from . import cancellation
 from . import checkpoint_convert as layout_keys
 from .compute import run_on_compute_thread
 from .performance import PerformanceOptions
@@ -449,6 +451,7 @@ class ModelRegistry:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._hashes: dict[tuple, str] = {}
         self._lock = threading.RLock()
+        self._loading: dict[str, Future] = {}  # name → the load in progress
         self.refresh()
 
     # -- discovery ---------------------------------------------------------
@@ -597,16 +600,40 @@ class ModelRegistry:
         return None
 
     def _load_and_cache(self, entry: ModelEntry) -> LoadedModel:
+        """Load once, cache, evict the least recently used. The lock is not held while loading: a load
+        left running by an interrupted job must not block the model list, nor a job that wants
+        another model; a job that wants the same one waits for that load (and may be interrupted)."""
         with self._lock:
             cached = self._cached(entry)  # it may have been loaded while this call waited for the compute thread
             if cached is not None:
                 return cached
+            loading = self._loading.get(entry.name)
+            if loading is None:
+                loading = self._loading[entry.name] = Future()
+                loads_here = True
+            else:
+                loads_here = False
+        if not loads_here:
+            try:
+                return cancellation.wait_for(loading, "waiting for another job's load of the model")
+            except Exception:  # noqa: BLE001 - that job reports its own error; this one tries for itself
+                cancellation.check("waiting for another job's load of the model")  # unless this job was interrupted
+                return self._load_and_cache(entry)
+        try:
             loaded = self._load_uncached(entry)
+        except BaseException as error:
+            with self._lock:
+                del self._loading[entry.name]
+            loading.set_exception(error)
+            raise
+        with self._lock:
+            del self._loading[entry.name]
             self._loaded[entry.name] = loaded
             evicted = False
             while len(self._loaded) > self.cache_size:
                 self._loaded.popitem(last=False)
                 evicted = True
+        loading.set_result(loaded)
         if evicted:
             gc.collect()
             if torch.cuda.is_available():
@@ -634,6 +661,7 @@ class ModelRegistry:
             module = getattr(pipeline, module_name, None)
             if module is not None:
                 module.eval().requires_grad_(False)
+                cancellation.install_checkpoints(module)
         family = detect_family(dict(pipeline.unet.config), family_folder)
         is_xl = getattr(pipeline, "text_encoder_2", None) is not None
         return LoadedModel(

@@ -1,8 +1,12 @@
 """Prompt text to conditioning tensors, with A1111 weighting syntax and a cache.
 
-Weighting and long-prompt chunking are done by compel. A1111 writes weights as
-``(word:1.2)``, ``(word)`` (×1.1) and ``[word]`` (÷1.1); compel writes
-``(word)1.2``. ``a1111_to_compel`` is the thin translation between the two.
+A1111 writes weights as ``(word:1.2)``, ``(word)`` (×1.1) and ``[word]`` (÷1.1);
+groups nest and their weights multiply. ``weighted_fragments`` reads that syntax
+in one pass into (text, weight) runs, and compel's embeddings provider turns the
+runs into embeddings and does the long-prompt chunking. Compel's own prompt
+grammar is never used: it backtracks on nested brackets, so its time grows
+exponentially with the nesting depth, and one short prompt held the whole job
+queue.
 """
 from __future__ import annotations
 
@@ -14,52 +18,87 @@ from dataclasses import dataclass
 import torch
 
 ROUND_BRACKET_WEIGHT = 1.1
-# Characters that A1111 or compel may read as syntax. Text without them, short enough for one
-# CLIP window, means exactly what diffusers' own ``encode_prompt`` computes.
-_SYNTAX = re.compile(r"[()\[\]\\+\-]")
+# Characters that A1111 reads as syntax. Text without them, short enough for one CLIP window,
+# means exactly what diffusers' own ``encode_prompt`` computes.
+_SYNTAX = re.compile(r"[()\[\]\\]")
+# A1111 reads ``:number`` right before a group's ``)`` as the group's weight (sign, digits and dots only).
+_WEIGHT = re.compile(r"\s*[+-]?[.\d]+\s*")
 
 
-def a1111_to_compel(prompt: str) -> str:
-    """Rewrite A1111 attention syntax as compel syntax; escaped brackets stay literal."""
-    out: list[str] = []
-    stack: list[tuple[str, int]] = []  # (opening bracket, index in out where its group starts)
+def weighted_fragments(prompt: str) -> list[tuple[str, float]]:
+    """The prompt as (text, weight) runs, in order, A1111's way; linear in the prompt's length.
+
+    ``\\(`` and friends are literal brackets, an unmatched closing bracket is text, and a group left
+    open weighs the rest of the prompt. Neighbouring runs of equal weight are merged.
+    """
+    # Pass 1: split into text and bracket tokens, match the brackets, and learn each group's weight
+    # (a round group's ``:number`` is only known at its close).
+    tokens: list[tuple[str, str | int]] = []  # ("text", str) | ("open", group) | ("close", group)
+    weights: list[float] = []
+    openers: list[tuple[str, int]] = []  # (bracket, group) of the groups still open
+    text: list[str] = []
+
+    def flush() -> str:
+        run = "".join(text)
+        text.clear()
+        return run
+
     i = 0
     while i < len(prompt):
         char = prompt[i]
-        if char == "\\" and i + 1 < len(prompt) and prompt[i + 1] in "()[]":
-            out.append("\\" + prompt[i + 1])
+        if char == "\\" and i + 1 < len(prompt) and prompt[i + 1] in "()[]\\":
+            text.append(prompt[i + 1])
             i += 2
             continue
         if char in "([":
-            stack.append((char, len(out)))
-            out.append("(")
-        elif char == ")" and stack and stack[-1][0] == "(":
-            _, start = stack.pop()
-            body = "".join(out[start + 1:])
-            weight = ROUND_BRACKET_WEIGHT
-            head, sep, tail = body.rpartition(":")
-            if sep and _is_number(tail):
-                body, weight = head, float(tail)
-            del out[start:]
-            out.append(f"({body}){_format_weight(weight)}")
-        elif char == "]" and stack and stack[-1][0] == "[":
-            _, start = stack.pop()
-            body = "".join(out[start + 1:])
-            del out[start:]
-            out.append(f"({body}){_format_weight(1 / ROUND_BRACKET_WEIGHT)}")
-        elif char in "()[]":
-            out.append("\\" + char)  # unbalanced bracket: keep it as text
+            tokens.append(("text", flush()))
+            openers.append((char, len(weights)))
+            tokens.append(("open", len(weights)))
+            weights.append(ROUND_BRACKET_WEIGHT if char == "(" else 1 / ROUND_BRACKET_WEIGHT)
+        elif char in ")]" and openers and openers[-1][0] == ("(" if char == ")" else "["):
+            _, group = openers.pop()
+            run = flush()
+            if char == ")":
+                head, colon, tail = run.rpartition(":")
+                if colon and _WEIGHT.fullmatch(tail) and _is_number(tail):
+                    run, weights[group] = head, float(tail)
+            tokens.append(("text", run))
+            tokens.append(("close", group))
         else:
-            out.append(char)
+            text.append(char)
         i += 1
-    # Unclosed groups: A1111 applies their weight to the rest of the prompt.
-    while stack:
-        opener, start = stack.pop()
-        body = "".join(out[start + 1:])
-        weight = ROUND_BRACKET_WEIGHT if opener == "(" else 1 / ROUND_BRACKET_WEIGHT
-        del out[start:]
-        out.append(f"({body}){_format_weight(weight)}")
-    return "".join(out)
+    tokens.append(("text", flush()))
+
+    # Pass 2: every run weighs the product of the groups around it.
+    fragments: list[tuple[str, float]] = []
+    products = [1.0]
+    for kind, value in tokens:
+        if kind == "open":
+            products.append(products[-1] * weights[value])
+        elif kind == "close":
+            products.pop()
+        elif value:
+            weight = products[-1]
+            if fragments and fragments[-1][1] == weight:
+                fragments[-1] = (fragments[-1][0] + value, weight)
+            else:
+                fragments.append((value, weight))
+    return fragments or [("", 1.0)]
+
+
+def weight_problem(prompt: str, limit: float) -> str | None:
+    """Why the prompt's weights cannot be used (a run weighing more than ``limit`` either way), or None.
+
+    Nested groups multiply: 100 levels of ``(`` weigh 1.1^100 ≈ 13,780, which turns the text
+    embedding into noise or, past float range, into NaN that only shows up at decode time.
+    """
+    if not _SYNTAX.search(prompt):
+        return None
+    for text, weight in weighted_fragments(prompt):
+        if not abs(weight) <= limit:  # also catches inf and NaN
+            shown = text.strip()[:40] or "(empty)"
+            return f"the brackets around {shown!r} multiply to a weight of {weight:.4g}; at most {limit:g} is allowed"
+    return None
 
 
 def _is_number(text: str) -> bool:
@@ -67,11 +106,7 @@ def _is_number(text: str) -> bool:
         float(text)
     except ValueError:
         return False
-    return text.strip() != ""
-
-
-def _format_weight(weight: float) -> str:
-    return f"{weight:.4f}".rstrip("0").rstrip(".")
+    return True
 
 
 @dataclass
@@ -162,12 +197,32 @@ class PromptEncoder:
         return encoded
 
     def _encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not _SYNTAX.search(text):
-            return self._encode_plain(text) if self._fits_one_window(text) else self._encode_unweighted_long(text)
-        if self.is_xl:
-            embeds, pooled = self._compel([a1111_to_compel(text)])
-            return embeds, pooled
-        return self._compel([a1111_to_compel(text)]), None
+        if _SYNTAX.search(text):
+            fragments = weighted_fragments(text)
+            if any(weight != 1.0 for _, weight in fragments):
+                return self._encode_weighted(fragments)
+            text = "".join(fragment for fragment, _ in fragments)  # only escapes or stray brackets: plain text
+        return self._encode_plain(text) if self._fits_one_window(text) else self._encode_unweighted_long(text)
+
+    def _encode_weighted(self, fragments: list[tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weighted runs through compel's embeddings providers (tokens, 75-token chunks, weights).
+
+        Every weight scales its tokens' distance from the empty prompt's embedding, under 1 as
+        over 1 (A1111 too scales both ways). Compel's own path also re-encodes the whole prompt
+        once per down-weighted run, a cost that grows with the square of the prompt's length;
+        here it is one text-encoder pass per chunk. SDXL's pooled embedding is read from the
+        text without its syntax, as A1111 does.
+        """
+        provider = self._compel.conditioning_provider
+        texts, weights = [text for text, _ in fragments], [weight for _, weight in fragments]
+        device = self._compel.device
+        parts = []
+        for one in getattr(provider, "embedding_providers", [provider]):  # SDXL: one per text encoder
+            tokens, token_weights, mask = one.get_token_ids_and_expand_weights(texts, weights, device=device)
+            embeds = one.build_weighted_embedding_tensor(tokens, token_weights, mask, device=device)
+            parts.append(embeds.to(one.text_encoder.device, dtype=one.text_encoder.dtype))
+        pooled = provider.get_pooled_embeddings(["".join(texts)], device=device) if self.is_xl else None
+        return torch.cat(parts, dim=-1), pooled
 
     def _fits_one_window(self, text: str) -> bool:
         """One CLIP window (start and end tokens included) for every tokenizer, and a pipeline to encode it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -12,6 +13,7 @@ from PIL import Image
 
 from . import samplers
 from .errors import ValidationError
+from .prompts import weight_problem
 from .seeds import MAX_SEED
 
 MODES = ("txt2img", "img2img", "inpaint")
@@ -33,6 +35,7 @@ LIMITS = {
     "outpaint": (0, 1024),
     "preview_every": (0, 150),
     "prompt_chars": 20_000,
+    "prompt_weight": 1000.0,  # the largest weight nested ``(...)`` groups may multiply to
     "image_pixels": 4096 * 4096,
 }
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -114,6 +117,8 @@ class GenerationRequest:
             if surrogate:  # JSON "\ud800" decodes to one; nothing downstream (tokenizer, PNG text) can encode it
                 raise ValidationError(name, f"contains an invalid character (an unpaired UTF-16 surrogate, "
                                             f"U+{ord(surrogate.group()):04X}, at position {surrogate.start()})")
+            if (problem := weight_problem(value, LIMITS["prompt_weight"])) is not None:
+                raise ValidationError(name, problem)
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip() or "\x00" in self.model):
             raise ValidationError("model", f"must be a model name, got {self.model!r}")
         if not isinstance(self.sampler, str):
@@ -192,6 +197,23 @@ class GenerationRequest:
         return [f.name for f in fields(cls)]
 
 
+STOP_REASONS = ("interrupted", "skipped")
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Where an image's sampling ended before its last step, and why: its pixels are unfinished noise."""
+
+    reason: str  # one of STOP_REASONS
+    step: int  # sampling steps done when it stopped
+    total_steps: int  # sampling steps this image would have run (fewer than ``steps`` in img2img)
+
+    @property
+    def description(self) -> str:
+        """'Interrupted at step 2/20', as the UI shows it."""
+        return f"{self.reason.capitalize()} at step {self.step}/{self.total_steps}"
+
+
 @dataclass
 class GeneratedImage:
     image: Image.Image
@@ -199,6 +221,7 @@ class GeneratedImage:
     subseed: int
     infotext: str
     path: str | None = None
+    stopped_early: EarlyStop | None = None  # None: every sampling step ran
 
 
 @dataclass
@@ -249,13 +272,22 @@ class Progress:
 
 
 class CancelToken:
-    """Held by whoever started a job. Interrupt stops the job; skip ends the current image only."""
+    """Held by whoever started a job. Interrupt stops the job; skip ends the current image only.
+
+    An interrupt is *pending* until the engine honours it. Between steps the engine honours it by
+    stopping the sampler and still decoding the image so far (as A1111 does); anywhere else, and
+    for a second interrupt during that last decode, a pending interrupt stops the work at once.
+    ``pending_for`` lets the compute thread's watchdog free the queue from work that cannot stop.
+    """
 
     def __init__(self) -> None:
         self._interrupt = threading.Event()
         self._skip = threading.Event()
+        self._pending_since: float | None = None  # time.monotonic() of the oldest interrupt not yet honoured
 
     def interrupt(self) -> None:
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
         self._interrupt.set()
 
     def skip(self) -> None:
@@ -264,6 +296,19 @@ class CancelToken:
     @property
     def interrupted(self) -> bool:
         return self._interrupt.is_set()
+
+    @property
+    def interrupt_pending(self) -> bool:
+        return self._pending_since is not None
+
+    def pending_for(self) -> float | None:
+        """Seconds since the oldest interrupt the engine has not honoured yet, or None."""
+        since = self._pending_since
+        return None if since is None else time.monotonic() - since
+
+    def honour_interrupt(self) -> None:
+        """The engine is stopping for the interrupt in its own way (the sampler ends, the image so far is decoded)."""
+        self._pending_since = None
 
     def take_skip(self) -> bool:
         """True once per skip request; the engine calls this between steps."""

@@ -14,6 +14,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from .errors import Interrupted
+
 
 class StepHook(Protocol):
     """What an extension may add to each UNet call (e.g. ControlNet residuals)."""
@@ -66,33 +68,45 @@ def denoise(job: DenoiseJob, on_step: StepCallback | None = None) -> torch.Tenso
     scheduler, unet, latents = job.scheduler, job.unet, job.latents
     step_kwargs = _step_kwargs(scheduler, job.generators)
     total = len(job.timesteps)
-    inpaint = job.inpaint
     for index, timestep in enumerate(job.timesteps):
-        model_input = torch.cat([latents] * 2) if job.do_cfg else latents
-        model_input = scheduler.scale_model_input(model_input, timestep)
-        if inpaint is not None and inpaint.masked_image_latents is not None:
-            extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)
-            model_input = torch.cat([model_input, torch.cat([extra] * 2) if job.do_cfg else extra], dim=1)
-        unet_kwargs: dict = {}
-        for hook in job.hooks:
-            unet_kwargs.update(_merge_residuals(unet_kwargs, hook.unet_kwargs(index, timestep, model_input, job.prompt_embeds, job.added_cond_kwargs)))
-        noise_pred = unet(
-            model_input, timestep, encoder_hidden_states=job.prompt_embeds,
-            added_cond_kwargs=job.added_cond_kwargs, return_dict=False, **unet_kwargs,
-        )[0]
-        if job.do_cfg:
-            noise_uncond, noise_cond = noise_pred.chunk(2)
-            noise_pred = noise_uncond + job.guidance_scale * (noise_cond - noise_uncond)
-        latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs, return_dict=False)[0]
-        if inpaint is not None and inpaint.masked_image_latents is None:
-            # 4-channel models: keep the known region on the noisy trajectory of the original
-            # (the blending diffusers' inpaint pipeline and A1111 use).
-            known = inpaint.image_latents
-            if index < total - 1:
-                known = scheduler.add_noise(known, inpaint.noise, job.timesteps[index + 1:index + 2])
-            latents = (1 - inpaint.mask) * known + inpaint.mask * latents
+        try:
+            latents = _step(job, scheduler, unet, latents, index, timestep, step_kwargs)
+        except Interrupted:
+            if index == 0:
+                raise  # nothing denoised yet: no image to show
+            break  # interrupted inside the step: the image so far is the last finished step's
         if on_step is not None and on_step(index + 1, total, latents):
             break
+    return latents
+
+
+def _step(job: DenoiseJob, scheduler, unet, latents: torch.Tensor, index: int, timestep, step_kwargs: dict) -> torch.Tensor:
+    """One sampler step: the latents after ``timestep``."""
+    total = len(job.timesteps)
+    inpaint = job.inpaint
+    model_input = torch.cat([latents] * 2) if job.do_cfg else latents
+    model_input = scheduler.scale_model_input(model_input, timestep)
+    if inpaint is not None and inpaint.masked_image_latents is not None:
+        extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)
+        model_input = torch.cat([model_input, torch.cat([extra] * 2) if job.do_cfg else extra], dim=1)
+    unet_kwargs: dict = {}
+    for hook in job.hooks:
+        unet_kwargs.update(_merge_residuals(unet_kwargs, hook.unet_kwargs(index, timestep, model_input, job.prompt_embeds, job.added_cond_kwargs)))
+    noise_pred = unet(
+        model_input, timestep, encoder_hidden_states=job.prompt_embeds,
+        added_cond_kwargs=job.added_cond_kwargs, return_dict=False, **unet_kwargs,
+    )[0]
+    if job.do_cfg:
+        noise_uncond, noise_cond = noise_pred.chunk(2)
+        noise_pred = noise_uncond + job.guidance_scale * (noise_cond - noise_uncond)
+    latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs, return_dict=False)[0]
+    if inpaint is not None and inpaint.masked_image_latents is None:
+        # 4-channel models: keep the known region on the noisy trajectory of the original
+        # (the blending diffusers' inpaint pipeline and A1111 use).
+        known = inpaint.image_latents
+        if index < total - 1:
+            known = scheduler.add_noise(known, inpaint.noise, job.timesteps[index + 1:index + 2])
+        latents = (1 - inpaint.mask) * known + inpaint.mask * latents
     return latents
 
 

@@ -31,6 +31,8 @@ class Settings:
     dtype: str = "auto"
     controlnet_units: int = 3
     save_outputs: bool = True
+    # Off, as A1111's "Save incomplete images": an interrupted or skipped image is shown but not saved.
+    save_interrupted_images: bool = False
 
     def problems(self) -> Iterator[tuple[str, str]]:
         """(field, what is wrong with it) for every unusable value."""
@@ -50,6 +52,8 @@ class Settings:
             yield "controlnet_units", "must be an integer from 1 to 8"
         if not isinstance(self.save_outputs, bool):
             yield "save_outputs", "must be true or false"
+        if not isinstance(self.save_interrupted_images, bool):
+            yield "save_interrupted_images", "must be true or false"
 
     def validate(self) -> "Settings":
         for name, problem in self.problems():

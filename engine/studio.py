@@ -98,9 +98,15 @@ class Studio:
         self.settings, self.writer = settings, writer
 
     def save_result(self, result: GenerationResult) -> None:
-        """Write every image of a result; the first failure is raised after trying them all."""
+        """Write the images of a result that should be kept; the first failure is raised after trying them all.
+
+        An image whose sampling stopped early (interrupt or skip) is saved only when the
+        "save interrupted images" setting is on; otherwise it is returned with no path.
+        """
         error = None
         for generated in result.images:
+            if generated.stopped_early is not None and not self.settings.save_interrupted_images:
+                continue
             try:
                 generated.path = str(self.writer.save(generated.image, generated.infotext, result.request.mode, generated.seed,
                                                       model=result.request.model))

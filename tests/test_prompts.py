@@ -4,24 +4,30 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.prompts import a1111_to_compel
+from engine.prompts import weighted_fragments
 
 
-@pytest.mark.parametrize("a1111,compel", [
-    ("a (red:1.5) circle", "a (red)1.5 circle"),
-    ("a (red) circle", "a (red)1.1 circle"),
-    ("a [red] circle", "a (red)0.9091 circle"),
-    ("((red))", "((red)1.1)1.1"),
-    (r"a \(literal\) bracket", r"a \(literal\) bracket"),
-    ("(red, blue:0.8) sky", "(red, blue)0.8 sky"),
-    ("unbalanced ) bracket", r"unbalanced \) bracket"),
-    ("(open group", "(open group)1.1"),
-    ("plain words", "plain words"),
-    ("(time: 12:30)", "(time: 12)30"),  # A1111 reads the last ":number" as the weight too
-    ("(red: 1.5 )", "(red)1.5"),
+@pytest.mark.parametrize("a1111,fragments", [
+    ("a (red:1.5) circle", [("a ", 1.0), ("red", 1.5), (" circle", 1.0)]),
+    ("a (red) circle", [("a ", 1.0), ("red", 1.1), (" circle", 1.0)]),
+    ("a [red] circle", [("a ", 1.0), ("red", 1 / 1.1), (" circle", 1.0)]),
+    ("((red))", [("red", 1.1 * 1.1)]),
+    (r"a \(literal\) bracket", [("a (literal) bracket", 1.0)]),
+    ("(red, blue:0.8) sky", [("red, blue", 0.8), (" sky", 1.0)]),
+    ("unbalanced ) bracket", [("unbalanced ) bracket", 1.0)]),
+    ("(open group", [("open group", 1.1)]),
+    ("plain words", [("plain words", 1.0)]),
+    ("(time: 12:30)", [("time: 12", 30.0)]),  # A1111 reads the last ":number" as the weight too
+    ("(red: 1.5 )", [("red", 1.5)]),
+    ("x (a (b:2) c:0.5) y", [("x ", 1.0), ("a ", 0.5), ("b", 1.0), (" c", 0.5), (" y", 1.0)]),
+    ("a(b)c", [("a", 1.0), ("b", 1.1), ("c", 1.0)]),
+    ("(a)(b)", [("ab", 1.1)]),  # neighbouring runs of one weight merge
+    ("()", [("", 1.0)]),
 ])
-def test_a1111_syntax_becomes_compel_syntax(a1111, compel):
-    assert a1111_to_compel(a1111) == compel
+def test_a1111_syntax_becomes_weighted_runs(a1111, fragments):
+    got = weighted_fragments(a1111)
+    assert [text for text, _ in got] == [text for text, _ in fragments]
+    assert [weight for _, weight in got] == pytest.approx([weight for _, weight in fragments])
 
 
 @pytest.fixture(scope="module", params=["tiny-sd1", "tiny-sdxl"])
@@ -56,12 +62,10 @@ def test_a_200_token_prompt_is_not_truncated(encoder):
 
 
 def test_long_unweighted_prompt_fast_path_equals_a_full_compel_call(encoder):
-    from engine.prompts import a1111_to_compel
-
     text = ", ".join(f"w{i % 10} v{i % 7}" for i in range(60))  # commas: compel picks split points on them
     assert len(encoder.tokenizer(text).input_ids) > 2 * 77
     fast, fast_pooled = encoder._encode_text(text)
-    full = encoder._compel([a1111_to_compel(text)])
+    full = encoder._compel([text])
     full, full_pooled = full if encoder.is_xl else (full, None)
     assert torch.equal(fast, full)
     assert (fast_pooled is None) == (full_pooled is None)

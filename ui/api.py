@@ -21,7 +21,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import anyio
@@ -69,7 +69,8 @@ _SCHEDULER_FACTS = {"Karras": {"default_rho": 7.0}, "SGM Uniform": {"need_inner_
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _POLL_START_S, _POLL_MAX_S, _DISCONNECT_CHECK_S = 0.005, 0.1, 0.5
 # A1111 option → (Sfumato setting, type) for the options POST /options can change besides the model.
-_OPTION_SETTINGS = {"show_progress_every_n_steps": ("preview_every", int), "samples_save": ("save_outputs", bool)}
+_OPTION_SETTINGS = {"show_progress_every_n_steps": ("preview_every", int), "samples_save": ("save_outputs", bool),
+                    "save_incomplete_images": ("save_interrupted_images", bool)}
 # Lists A1111 clients fetch while connecting, for features Sfumato does not have: honest empty answers.
 _EMPTY_LISTS = ("/sd-vae", "/upscalers", "/latent-upscale-modes", "/hypernetworks", "/face-restorers", "/realesrgan-models", "/loras")
 _ERROR_RESPONSES = {422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
@@ -334,6 +335,8 @@ def info_json(result: GenerationResult, body: GenerationParams, job_timestamp: s
         "clip_skip": 1,
         "is_using_inpainting_conditioning": request.mode == "inpaint",
         "interrupted": result.interrupted,
+        # per image: null when it ran every step, else {"reason": "interrupted"|"skipped", "step", "total_steps"}
+        "stopped_early": [asdict(image.stopped_early) if image.stopped_early else None for image in images],
         "warnings": list(result.warnings),
         "version": parsed.get("Version"),
     }
@@ -542,7 +545,8 @@ class SdApi:
         return OptionsModel(
             sd_model_checkpoint=title, sd_checkpoint_hash=short, samples_format="png",
             show_progress_every_n_steps=settings.preview_every, live_previews_enable=settings.preview_every > 0,
-            samples_save=settings.save_outputs, outdir_samples=str(self.studio.config.outputs_dir),
+            samples_save=settings.save_outputs, save_incomplete_images=settings.save_interrupted_images,
+            outdir_samples=str(self.studio.config.outputs_dir),
         )
 
     def set_options(self, options: dict[str, Any]) -> dict:

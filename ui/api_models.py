@@ -167,6 +167,7 @@ class OptionsModel(BaseModel):
     show_progress_every_n_steps: int = Field(1, description="Live preview every N steps (0 = off).")
     live_previews_enable: bool = True
     samples_save: bool = True
+    save_incomplete_images: bool = Field(False, description="Also save images stopped early by interrupt or skip.")
     outdir_samples: str = ""
 
 

@@ -14,6 +14,7 @@ import gradio as gr
 
 from engine.errors import SfumatoError
 
+from .demo_hint import build_demo_hint, wire_demo_hint
 from .errors import message_for
 from .extensions_tab import build_extensions_tab
 from .gallery_tab import build_gallery_tab
@@ -45,6 +46,7 @@ def build_app(studio) -> gr.Blocks:
             model_status = gr.Markdown(_loaded_text(studio, model), elem_id="model_status")
         untrained = gr.Markdown(model_note(entry_or_none(studio, model)), elem_id="model_untrained",
                                 elem_classes=["sfumato-untrained"], visible=bool(model_note(entry_or_none(studio, model))))
+        demo_hint = build_demo_hint(studio, model)
 
         tabs_by_mode: dict[str, GenerationTab] = {}
         with gr.Tabs(elem_id="tabs", overflow_behavior="wrap") as tabs:  # a narrow screen shows every tab, on two lines
@@ -71,6 +73,7 @@ def build_app(studio) -> gr.Blocks:
         gallery_tab_item.select(gallery["show_session"], session_gallery, gallery["outputs"], api_visibility="private")
 
         _wire_model_bar(studio, model_dropdown, refresh, model_status, untrained, current_model, list(tabs_by_mode.values()))
+        wire_demo_hint(studio, demo_hint, model_dropdown, tabs, tabs_by_mode["txt2img"].fields.components(["prompt"])[0])
         demo.load(None, js=load_js())
     return demo
 

@@ -17,7 +17,7 @@ from PIL import Image
 from engine import samplers
 from engine.errors import SfumatoError, ValidationError
 from engine.infotext import MASK_MODES
-from engine.request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, GenerationRequest, GenerationResult
+from engine.request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, EarlyStop, GenerationRequest, GenerationResult
 from engine.seeds import MAX_SEED
 
 from . import fields as F
@@ -26,11 +26,12 @@ from .event_inputs import preprocess_values
 from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
 from .image_formats import LOSSLESS, PREVIEW
 from .image_inputs import UploadImage, UploadImageEditor, reject_bad_uploads
-from .masks import inpaint_inputs, mask_preview
+from .masks import editor_image, inpaint_inputs, mask_preview
 from .presets_ui import PresetControls, build_presets_controls
 from .runner import follow
 from .session import interrupt_own, session_owner, session_user, skip_own
 from .streamed_outputs import LivePreview, ResultGallery, postprocess_values
+from .style import REMOVE_IMAGE_JS
 from .tool_buttons import RANDOM_SEED, RANDOM_SUBSEED, REUSE_SEED, REUSE_SUBSEED, SWAP_SIZE, ToolIcon, tool_button
 
 SESSION_GALLERY_LIMIT = 200
@@ -56,22 +57,37 @@ class ResultRecord:
     subseed: int
     path: str | None
     mode: str
+    stopped_early: EarlyStop | None = None  # interrupted or skipped before its last step
 
     def gallery_item(self) -> tuple[Image.Image, str]:
         image = self.image.copy()
         image.info["parameters"] = self.infotext  # kept when Gradio writes the PNG the browser downloads
-        return image, f"seed {self.seed}"
+        caption = f"seed {self.seed}"
+        if self.stopped_early is not None:
+            caption += f" · {self.stopped_early.description}"
+        return image, caption
 
 
 def records_from(result: GenerationResult) -> list[ResultRecord]:
-    return [ResultRecord(g.image, g.infotext, g.seed, g.subseed, g.path, result.request.mode) for g in result.images]
+    return [ResultRecord(image=g.image, infotext=g.infotext, seed=g.seed, subseed=g.subseed, path=g.path,
+                         mode=result.request.mode, stopped_early=g.stopped_early) for g in result.images]
 
 
 def saved_text(records: list[ResultRecord], index: int = 0) -> str:
     if not records:
         return ""
     record = records[min(index, len(records) - 1)]
-    return f"Saved to `{record.path}`" if record.path else "Not saved (saving is off in Settings, or the save failed)."
+    if record.path:
+        return f"Saved to `{record.path}`"
+    if record.stopped_early is not None:
+        return (f"Not saved: {record.stopped_early.description.lower()}, so it is unfinished. "
+                "Turn on \"Save images when interrupted\" in Settings to keep such images.")
+    return "Not saved (saving is off in Settings, or the save failed)."
+
+
+def finished_preview(records: list[ResultRecord]) -> Image.Image | None:
+    """What the live preview shows once a job ends: its first finished image, never a skipped or interrupted one's noise."""
+    return next((record.image for record in records if record.stopped_early is None), None)
 
 
 def selected_texts(records: list[ResultRecord], index: int = 0) -> tuple[str, str]:
@@ -224,7 +240,8 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
         for slider in (width, height):
             slider.input(lambda: False, None, own_size, api_visibility="private", queue=False)
     if mode == "inpaint":
-        preview_mask_button.click(_preview_mask_handler, [image, mask_upload, *fields.components(["invert_mask", "mask_blur"])],
+        preview_mask_button.click(_preview_mask_handler,
+                                  [image, mask_upload, *fields.components(["invert_mask", "mask_blur", "outpaint"])],
                                   mask_preview_image, api_visibility="private")
     gallery.select(_select_image, [results], [infotext, saved, selected], api_visibility="private", queue=False)
 
@@ -279,10 +296,18 @@ def _inpaint_canvas():
         brush=gr.Brush(default_size=8, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
         eraser=gr.Eraser(default_size=8), layers=False, transforms=(), format=LOSSLESS, height=420, elem_id="inpaint_editor",
     )
+    # The editor's own trash button would throw the picture away with the mask: ui/style.py makes it click
+    # "Clear mask", and "Remove image" is the one action that removes the picture.
+    with gr.Row():
+        clear_mask = gr.Button("Clear mask", size="sm", elem_id="inpaint_clear_mask")
+        remove_image = gr.Button("Remove image", size="sm", elem_id="inpaint_remove_image")
     with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
         mask_upload = UploadImage(label="Mask", type="pil", image_mode=None, sources=["upload", "clipboard"], format=LOSSLESS,
                                   height=200, elem_id="inpaint_mask_upload")
     reject_bad_uploads(editor, mask_upload)
+    clear_mask.click(_without_mask, editor, [editor, mask_upload], api_visibility="private", queue=False)
+    # Done in the browser by the editor's own clear: an empty value sent from the server leaves the editor stuck "pending".
+    remove_image.click(None, None, mask_upload, js=REMOVE_IMAGE_JS, api_visibility="private", queue=False)
     with gr.Row():
         mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode")
         mask_blur = gr.Slider(*LIMITS["mask_blur"], value=4, step=1, precision=0, label="Mask blur", elem_id="inpaint_mask_blur")
@@ -297,8 +322,8 @@ def _inpaint_canvas():
                                elem_id=f"inpaint_outpaint_{side}") for side in F.OUTPAINT_SIDES]
     with gr.Accordion("Preview the effective mask", open=False, elem_id="inpaint_mask_preview_box"):
         preview_button = gr.Button("Preview mask", size="sm", elem_id="inpaint_preview_mask")
-        mask_image = gr.Image(label="Effective mask (red: repainted, after blur and mode)", interactive=False, format=LOSSLESS, height=240,
-                              elem_id="inpaint_mask_preview")
+        mask_image = gr.Image(label="Effective mask (red: repainted, after blur, mode and outpainting)", interactive=False,
+                              format=LOSSLESS, height=240, elem_id="inpaint_mask_preview")
     bindings = [
         F.mask_mode(mask_mode), F.simple("mask_blur", mask_blur), F.simple("masked_content", masked_content),
         F.simple("inpaint_area", inpaint_area), F.simple("inpaint_padding", padding), F.outpaint(sides),
@@ -307,6 +332,15 @@ def _inpaint_canvas():
 
 
 # -- handlers ---------------------------------------------------------------------------------
+
+def _without_mask(editor_value):
+    """The editor with its picture and no painted strokes; an uploaded mask is cleared too."""
+    picture = editor_image(editor_value)
+    if picture is None:
+        return gr.skip(), None
+    # one transparent layer, as the editor (layers=False) keeps one: with none it stops taking new values
+    return {"background": picture, "layers": [Image.new("RGBA", picture.size, (0, 0, 0, 0))], "composite": picture}, None
+
 
 def _sampler_picked(sampler: str, schedule: str | None, zero_snr: bool):
     """Keep the schedule and zero SNR when the new sampler honours them; otherwise reset them and say why."""
@@ -337,14 +371,15 @@ def _select_image(records: list[ResultRecord], event: gr.SelectData):
     return *selected_texts(records, index), index
 
 
-def _preview_mask_handler(editor_value, mask_upload, mask_mode: str, blur: int):
+def _preview_mask_handler(editor_value, mask_upload, mask_mode: str, blur: int, *outpaint_sides):
     image, mask = inpaint_inputs(editor_value, mask_upload)
     if image is None:
         raise gr.Error("Upload an image to inpaint first.", print_exception=False)
-    if mask is None:
-        raise gr.Error("Paint over the area to repaint (or upload a mask) first.", print_exception=False)
+    outpaint = tuple(int(pixels or 0) for pixels in outpaint_sides)
+    if mask is None and not any(outpaint):
+        raise gr.Error("Paint over the area to repaint, upload a mask, or set an outpainting amount first.", print_exception=False)
     try:
-        return mask_preview(image, mask, mask_mode == MASK_MODES[1], int(blur))
+        return mask_preview(image, mask, mask_mode == MASK_MODES[1], int(blur), outpaint)
     except SfumatoError as error:
         raise ui_error(error, "Cannot preview the mask") from None
 
@@ -389,7 +424,9 @@ def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: l
     try:
         for tick in follow(studio.jobs, job):
             if tick.kind in ("queued", "progress"):
-                preview = tick.preview if tick.preview is not None else skip
+                preview = tick.preview
+                if preview is None and not tick.clear_preview:
+                    preview = skip  # keep what is shown
                 yield preview, tick.text, skip, shown_infotext, shown_saved, skip, skip, skip
             elif tick.kind == "error":
                 message = job_error_text(tick.error)
@@ -402,8 +439,7 @@ def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: l
                 records = records_from(result)
                 session = (list(gallery_so_far or []) + records)[-SESSION_GALLERY_LIMIT:]
                 gallery = [record.gallery_item() for record in records]
-                first = records[0] if records else None
-                yield (first.image if first else skip, tick.text, gallery, *selected_texts(records), records, 0, session)
+                yield (finished_preview(records), tick.text, gallery, *selected_texts(records), records, 0, session)
     finally:
         if not job.finished:
             studio.jobs.cancel(job)  # the browser went away: don't keep computing for nobody

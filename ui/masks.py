@@ -84,10 +84,16 @@ def effective_mask(mask: Image.Image, invert: bool, blur: int) -> Image.Image:
     return Image.fromarray(soft, "L")
 
 
-def mask_preview(image: Image.Image, mask: Image.Image, invert: bool, blur: int) -> Image.Image:
-    """The image with the effective mask shown as a red overlay."""
-    soft = np.asarray(effective_mask(mask, invert, blur), dtype=np.float32)[..., None] / 255.0
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+def mask_preview(image: Image.Image, mask: Image.Image | None, invert: bool, blur: int,
+                 outpaint: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Image.Image:
+    """The picture as the engine will blend onto it (grown when outpainting), with the effective mask as a red overlay.
+
+    Uses the engine's own ``image_ops.inpaint_canvas``, so it shows exactly what Generate repaints;
+    with outpainting alone no painted mask is needed.
+    """
+    canvas = image_ops.inpaint_canvas(image, mask, invert, blur, outpaint)
+    soft = canvas.soft_mask.astype(np.float32)[..., None] / 255.0
+    base = np.asarray(canvas.backdrop, dtype=np.float32)
     red = np.array([255.0, 40.0, 40.0])
     blended = base * (1 - 0.6 * soft) + red * 0.6 * soft
     return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8), "RGB")

@@ -40,6 +40,10 @@ def build_settings_tab(studio) -> dict[str, Any]:
                                     info="Fields: " + ", ".join("{" + name + "}" for name in PATTERN_FIELDS) + "; '/' makes folders",
                                     elem_id="settings_output_pattern")
         save_outputs = gr.Checkbox(current.save_outputs, label="Save every generated image to the outputs folder", elem_id="settings_save_outputs")
+        save_interrupted = gr.Checkbox(current.save_interrupted_images, label="Save images when interrupted",
+                                       info="Also save an image stopped by Interrupt or Skip before its last step; its infotext then "
+                                            "says where it stopped (\"Interrupted at step: 2/20\"). Such images are always shown.",
+                                       elem_id="settings_save_interrupted")
         default_model = gr.Dropdown(models, value=current.default_model or AUTOMATIC_MODEL, label="Default model at start",
                                     allow_custom_value=True, elem_id="settings_default_model")
         with gr.Row():
@@ -53,7 +57,7 @@ def build_settings_tab(studio) -> dict[str, Any]:
 
     components = {"preview_every": preview_every, "preview_method": preview_method, "output_pattern": output_pattern,
                   "default_model": default_model, "device": device, "dtype": dtype, "controlnet_units": units,
-                  "save_outputs": save_outputs}
+                  "save_outputs": save_outputs, "save_interrupted_images": save_interrupted}
     order = [f.name for f in dataclass_fields(Settings) if f.name in components]
 
     def save(*values):

@@ -58,6 +58,32 @@ if (!window.__sfumatoKeys) {
 }
 """
 
+# The inpaint editor's trash button ("Clear canvas") would throw the picture away with the mask: it clears
+# the mask only (it clicks "Clear mask"); "Remove image" lets one click through to remove the picture.
+_TRASH_CLEARS_MASK = """
+if (!window.__sfumatoTrash) {
+  window.__sfumatoTrash = true;
+  const trashOf = (event) => event.target.closest && event.target.closest('#inpaint_editor button[aria-label="Clear canvas"]');
+  document.addEventListener('click', (event) => {
+    const trash = trashOf(event);
+    if (!trash || window.__sfumatoRemovingImage) return;
+    event.preventDefault();
+    event.stopImmediatePropagation();
+    document.getElementById('inpaint_clear_mask')?.click();
+  }, true);
+  document.addEventListener('pointerover', (event) => {
+    const trash = trashOf(event);
+    if (trash) trash.title = 'Clear mask (keeps the picture)';
+  }, true);
+}
+"""
+REMOVE_IMAGE_JS = """() => {
+  window.__sfumatoRemovingImage = true;
+  try { document.querySelector('#inpaint_editor button[aria-label="Clear canvas"]')?.click(); }
+  finally { window.__sfumatoRemovingImage = false; }
+  return null;
+}"""
+
 
 def load_js() -> str:
     """The page-load JavaScript: add the stylesheet once, label the tool buttons, install the shortcut once."""
@@ -69,4 +95,4 @@ if (!document.getElementById('sfumato-style')) {{
   document.head.appendChild(style);
 }}
 """
-    return "() => {" + style + labels_js() + _KEYBINDING + "}"
+    return "() => {" + style + labels_js() + _KEYBINDING + _TRASH_CLEARS_MASK + "}"
