@@ -206,13 +206,12 @@ class Engine:
         """Refuse a size the model cannot draw, blaming what set it: width/height, or the init image when they were left out."""
         family = model.family
         for name, value in (("width", width), ("height", height)):
-            if family.min_size <= value <= family.max_size:
-                continue
-            if getattr(request, name) is None and request.init_image is not None:
-                image_w, image_h = request.init_image.size
-                raise ValidationError("init_image", f"the image is {image_w}x{image_h}; {model.entry.name} draws {family.min_size} to "
-                                                    f"{family.max_size} pixels a side; send a larger image or set width and height to resize it")
-            raise ValidationError(name, f"{value} is outside what {model.entry.name} supports ({family.min_size}..{family.max_size})")
+            if not family.min_size <= value <= family.max_size:
+                if getattr(request, name) is None and request.init_image is not None:
+                    image_w, image_h = request.init_image.size
+                    raise ValidationError("init_image", f"the image is {image_w}x{image_h}; {model.entry.name} draws {family.min_size} to "
+                                                        f"{family.max_size} pixels a side; send a larger image or set width and height to resize it")
+                raise ValidationError(name, f"{value} is outside what {model.entry.name} supports ({family.min_size}..{family.max_size})")
             if value % model.vae_scale_factor:
                 raise ValidationError(name, f"must be a multiple of {model.vae_scale_factor} for this model, got {value}")
 
