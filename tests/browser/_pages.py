@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import io
 import urllib.request
+from pathlib import Path
 
 from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+# The flags CI's Chromium needs: no sandbox as root, no GPU, and no calls home on a closed network.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 FINISHED = ("Done", "Interrupted", "Failed", "Not started")
 
@@ -27,6 +32,15 @@ WATCH_JS = """
   watch(mode + '_gallery', 'gallery', el => Array.from(el.querySelectorAll('img')).map(i => i.src).join(' '));
 }
 """
+
+
+def new_desktop_page(browser, url: str):
+    """A fresh browser context at a desktop size with the studio open; returns (context, page)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    open_app(page, url)
+    return context, page
 
 
 def open_app(page, url: str) -> None:

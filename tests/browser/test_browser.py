@@ -18,11 +18,10 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from _pages import (  # noqa: E402
-    choose, events, fetch_image, gallery_images, generate, open_app, open_tab, set_number, text_of, type_text, wait_finished,
+    CHROMIUM, choose, events, fetch_image, gallery_images, generate, open_app, open_tab, set_number, text_of, type_text, wait_finished,
     watch,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.timeout(240),
@@ -30,32 +29,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    studio = fx.make_studio(tmp_path_factory.mktemp("browser-studio"))
-    with fx.running_server(studio) as url:
-        yield url
 
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser, server_url):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    open_app(page, server_url)
-    yield page
-    context.close()
 
 
 def _small(page, mode: str, steps: int) -> None:

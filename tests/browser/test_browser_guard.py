@@ -15,10 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helper
 
 import pytest  # noqa: E402
 
+from _pages import CHROMIUM  # noqa: E402
+
 from _api_fixtures import running_server  # noqa: E402
 from test_http_guard import RecordingJobs, stub_ui  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.timeout(240),
@@ -33,16 +34,6 @@ fetch("{target}/sdapi/v1/interrupt", {{method: "POST", mode: "no-cors"}})
   .finally(() => {{ document.title = "sent"; }});
 </script></body>"""
 
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

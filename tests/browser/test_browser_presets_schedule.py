@@ -15,8 +15,7 @@ import _ui_fixtures as fx  # noqa: E402
 
 import pytest  # noqa: E402
 
-from _pages import choose, generate, open_app, set_number, text_of, type_text, watch  # noqa: E402
-from test_browser import CHROMIUM, browser  # noqa: E402,F401 - the shared Chromium fixture
+from _pages import CHROMIUM, choose, generate, new_desktop_page, set_number, text_of, type_text, watch  # noqa: E402
 
 from engine import samplers  # noqa: E402
 from engine.presets import validate_preset  # noqa: E402
@@ -48,11 +47,8 @@ def studio(studio_url):
 
 
 @pytest.fixture
-def page(browser, studio_url):  # noqa: F811 - uses the imported browser fixture
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    open_app(page, studio_url[1])
+def page(browser, studio_url):
+    context, page = new_desktop_page(browser, studio_url[1])
     yield page
     context.close()
 

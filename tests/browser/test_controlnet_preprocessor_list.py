@@ -13,7 +13,8 @@ import pytest  # noqa: E402
 
 from _annotator_weights import write_random_weights  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")
+from _pages import CHROMIUM, new_desktop_page  # noqa: E402
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.timeout(240),
@@ -35,18 +36,10 @@ def server_url(studio_root):
 
 
 @pytest.fixture
-def page(server_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(server_url)
-        page.wait_for_selector("#txt2img_generate", timeout=60_000)
-        yield page
-        browser.close()
+def page(browser, server_url):
+    context, page = new_desktop_page(browser, server_url)
+    yield page
+    context.close()
 
 
 def options(page) -> list[str]:

@@ -13,10 +13,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from _pages import choose, events, fetch_image, gallery_images, open_app, open_tab, set_number, text_of, wait_finished, watch  # noqa: E402
+from _pages import CHROMIUM, choose, events, fetch_image, gallery_images, open_tab, set_number, text_of, wait_finished, watch  # noqa: E402
 from test_browser import paint_stroke, upload_to_editor  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")
 DEMO_MODEL = "sfumato-demo"
 pytestmark = [
     pytest.mark.browser,
@@ -28,7 +27,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     """The tiny model (the default: a user model) beside the shipped demo model."""
-    from engine.studio import Studio, StudioConfig
+    from engine.studio import Studio
 
     base = fx.make_studio(tmp_path_factory.mktemp("interrupts-studio"))
     config = base.config
@@ -42,25 +41,6 @@ def server_url(studio):
         yield url
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser, server_url):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    open_app(page, server_url)
-    yield page
-    context.close()
 
 
 def _long_run(page, steps: int, count: int) -> None:

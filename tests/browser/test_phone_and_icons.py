@@ -14,8 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/_ui_fix
 
 import pytest  # noqa: E402
 
-from _pages import open_app  # noqa: E402
-from test_browser import CHROMIUM, browser, page, server_url  # noqa: E402,F401 - shared fixtures
+from _pages import CHROMIUM, open_app  # noqa: E402
 
 pytestmark = [
     pytest.mark.browser,

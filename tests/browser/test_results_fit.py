@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/_ui_fix
 import pytest  # noqa: E402
 
 from _pages import generate, set_number, watch  # noqa: E402
-from test_browser import CHROMIUM, browser, page, server_url  # noqa: E402,F401 - shared fixtures
+from _pages import CHROMIUM  # noqa: E402
 
 pytestmark = [
     pytest.mark.browser,

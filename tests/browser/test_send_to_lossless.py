@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from _pages import fetch_image, gallery_images, generate, open_tab, set_number, type_text, watch  # noqa: E402
-from test_browser import CHROMIUM, browser, page, paint_stroke, server_url  # noqa: E402,F401 - shared fixtures
+from _pages import CHROMIUM  # noqa: E402
+from test_browser import paint_stroke  # noqa: E402
 
 pytestmark = [
     pytest.mark.browser,

@@ -17,9 +17,8 @@ import _ui_fixtures as fx  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from _pages import open_app, open_tab  # noqa: E402
+from _pages import CHROMIUM, open_tab  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.timeout(240),
@@ -37,25 +36,6 @@ def server_url(tmp_path_factory):
         yield url
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser, server_url):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    open_app(page, server_url)
-    yield page
-    context.close()
 
 
 @pytest.fixture
