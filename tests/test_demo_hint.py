@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,7 @@ from engine import GenerationRequest
 from engine.models import ModelEntry
 from ui.demo_hint import example_prompts, hint_text, vocabulary
 
-from conftest import DEMO_MODEL
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "builtin" / "sfumato-demo"
 
 
 @pytest.fixture(scope="module")
