@@ -1,4 +1,4 @@
-"""What every browser test shares: one headless Debian Chromium, a studio server per module, a desktop-sized page.
+"""What every browser test shares: a headless Debian Chromium and a studio server per module, a desktop-sized page.
 
 A module that needs another studio (extensions, the demo model, its own folders) overrides ``server_url``;
 ``page`` then opens that server.
@@ -16,8 +16,10 @@ import _ui_fixtures as fx  # noqa: E402
 from _pages import CHROMIUM, CHROMIUM_ARGS, new_desktop_page  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    # Per module, not per session: sync Playwright keeps an asyncio loop running on the main thread while it is
+    # open, and later non-browser tests that call asyncio.run() would fail.
     from playwright.sync_api import sync_playwright
 
     if not CHROMIUM.exists():
