@@ -149,7 +149,7 @@ class Engine:
             scheduler.set_timesteps(request.steps, device=model.device)
             latent_shape = (1, pipe.unet.config.out_channels, prepared.height // model.vae_scale_factor, prepared.width // model.vae_scale_factor)
             noise = torch.cat([self._noise(g, latent_shape, request, subseed + s - seed) for g, s in zip(generators, seeds)])
-            noise = noise.to(model.device, model.dtype)
+            noise = noise.to(model.device)  # float32: sampling runs in float32 whatever the model's dtype (engine/sampling.py)
 
             tick = time.perf_counter()
             cancellation.entering("sampling")

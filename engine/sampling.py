@@ -85,7 +85,10 @@ def _step(job: DenoiseJob, scheduler, unet, latents: torch.Tensor, index: int, t
     total = len(job.timesteps)
     inpaint = job.inpaint
     model_input = torch.cat([latents] * 2) if job.do_cfg else latents
-    model_input = scheduler.scale_model_input(model_input, timestep)
+    # Only the model runs in its own dtype: the sampler's arithmetic, and the noise an ancestral or SDE step draws
+    # from the seeded CPU generators (diffusers draws it in the model output's dtype), stay float32 on every device,
+    # so a half-precision GPU gives the CPU's picture for the same seed.
+    model_input = scheduler.scale_model_input(model_input, timestep).to(job.prompt_embeds.dtype)
     if inpaint is not None and inpaint.masked_image_latents is not None:
         extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)
         model_input = torch.cat([model_input, torch.cat([extra] * 2) if job.do_cfg else extra], dim=1)
@@ -95,7 +98,7 @@ def _step(job: DenoiseJob, scheduler, unet, latents: torch.Tensor, index: int, t
     noise_pred = unet(
         model_input, timestep, encoder_hidden_states=job.prompt_embeds,
         added_cond_kwargs=job.added_cond_kwargs, return_dict=False, **unet_kwargs,
-    )[0]
+    )[0].float()
     if job.do_cfg:
         noise_uncond, noise_cond = noise_pred.chunk(2)
         noise_pred = noise_uncond + job.guidance_scale * (noise_cond - noise_uncond)
