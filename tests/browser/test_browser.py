@@ -69,16 +69,7 @@ def test_painted_stroke_is_repainted_and_far_pixels_are_untouched(page, tmp_path
     open_tab(page, "Inpaint")
     upload_to_editor(page, tmp_path / "source.png")
     page.get_by_text("Preview the effective mask").first.click()
-    for attempt in range(3):  # the editor may still be setting up its tools when the first stroke lands
-        paint_stroke(page)
-        page.locator("#inpaint_preview_mask").click()
-        shown = page.locator("#inpaint_mask_preview img")
-        try:
-            shown.wait_for(timeout=15_000)
-            break
-        except Exception:  # noqa: BLE001 - "paint over the area first": paint again
-            if attempt == 2:
-                raise
+    paint_until_mask_previewed(page)
     set_number(page, "inpaint_steps", 8)
     set_number(page, "inpaint_seed", 5)
     watch(page, "inpaint")
@@ -121,6 +112,22 @@ def paint_stroke(page) -> None:
     page.mouse.down()
     page.mouse.move(x + 40, y, steps=4)  # each pointer event redraws the canvas in software: keep them few
     page.mouse.up()
+
+
+def paint_until_mask_previewed(page):
+    """Paint a stroke and press "Preview mask" until the preview shows (the editor may still be setting up its
+    tools, or laying the picture out, when the first stroke lands); returns the preview image's locator."""
+    shown = page.locator("#inpaint_mask_preview img")
+    for attempt in range(3):
+        paint_stroke(page)
+        page.locator("#inpaint_preview_mask").click()
+        try:
+            shown.wait_for(timeout=15_000)
+            return shown
+        except Exception:  # noqa: BLE001 - "paint over the area first": paint again
+            if attempt == 2:
+                raise
+    return shown
 
 
 def test_a_saved_preset_survives_a_reload_and_restores_the_controls(page, server_url):

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 from _annotator_weights import write_random_weights  # noqa: E402
 
-from _pages import CHROMIUM, new_desktop_page  # noqa: E402
+from _pages import CHROMIUM  # noqa: E402
 
 pytestmark = [
     pytest.mark.browser,
@@ -33,13 +33,6 @@ def server_url(studio_root):
     studio = fx.make_studio(studio_root, extensions_dir=fx.REPO / "extensions")
     with fx.running_server(studio) as url:
         yield url
-
-
-@pytest.fixture
-def page(browser, server_url):
-    context, page = new_desktop_page(browser, server_url)
-    yield page
-    context.close()
 
 
 def options(page) -> list[str]:

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from _pages import CHROMIUM, choose, events, fetch_image, gallery_images, open_tab, set_number, text_of, wait_finished, watch  # noqa: E402
-from test_browser import paint_stroke, upload_to_editor  # noqa: E402
+from test_browser import paint_until_mask_previewed, upload_to_editor  # noqa: E402
 
 DEMO_MODEL = "sfumato-demo"
 pytestmark = [
@@ -126,18 +126,12 @@ def test_outpainting_alone_previews_its_mask_and_the_trash_button_keeps_the_pict
     open_tab(page, "Inpaint")
     upload_to_editor(page, tmp_path / "source.png")
     page.get_by_text("Preview the effective mask").first.click()
-    preview = page.locator("#inpaint_mask_preview img")
-    for attempt in range(3):  # the editor may still be setting up its tools when the first stroke lands
-        paint_stroke(page)
-        page.locator("#inpaint_preview_mask").click()
-        try:
-            preview.wait_for(timeout=15_000)
-            break
-        except Exception:  # noqa: BLE001 - "paint over the area first": paint again
-            if attempt == 2:
-                raise
+    preview = paint_until_mask_previewed(page)
     with_stroke = preview.first.get_attribute("src")
-    page.locator('#inpaint_editor button[aria-label="Clear canvas"]').click()  # the editor's trash button
+    # the editor's trash button; the cleared editor comes back from the server as its own event, so wait for it
+    with page.expect_response(lambda response: response.request.method == "POST"):
+        page.locator('#inpaint_editor button[aria-label="Clear canvas"]').click()
+    page.wait_for_timeout(300)  # the page applies the cleared value
 
     page.get_by_text("Outpainting: extend the canvas").first.click()
     set_number(page, "inpaint_outpaint_right", 16)

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 from _pages import fetch_image, gallery_images, generate, open_tab, set_number, type_text, watch  # noqa: E402
 from _pages import CHROMIUM  # noqa: E402
-from test_browser import paint_stroke  # noqa: E402
+from test_browser import paint_until_mask_previewed  # noqa: E402
 
 pytestmark = [
     pytest.mark.browser,
@@ -67,16 +67,7 @@ def _inpaint_sent_picture(page, source: np.ndarray) -> tuple[np.ndarray, np.ndar
     set_number(page, "inpaint_steps", 6)
     set_number(page, "inpaint_seed", 9)
     page.get_by_text("Preview the effective mask").first.click()
-    shown = page.locator("#inpaint_mask_preview img")
-    for attempt in range(3):  # the editor may still be laying the picture out when the first stroke lands
-        paint_stroke(page)
-        page.locator("#inpaint_preview_mask").click()
-        try:
-            shown.wait_for(timeout=15_000)
-            break
-        except Exception:  # noqa: BLE001 - "paint over the area first": paint again
-            if attempt == 2:
-                raise
+    shown = paint_until_mask_previewed(page)
     preview = _pixels(shown.get_attribute("src"))
     assert preview.shape == source.shape
     unmasked = (preview == source).all(axis=-1)
