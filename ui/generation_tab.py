@@ -228,8 +228,10 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     # -- small control behaviours ----------------------------------------------------------
     # Only the artist's own pick: presets, PNG Info and "send to" set sampler, schedule and zero SNR together through
     # the field map. A .change listener would also fire for those, reading the schedule before its new value landed.
+    # preprocess=False: under load a second pick can arrive carrying the schedule the first pick just took off the
+    # list, and Gradio's own check would answer with Error badges; _sampler_picked handles any schedule value itself.
     sampler.input(_sampler_picked, [sampler, schedule, zero_snr], [schedule, zero_snr, sampling_note],
-                  api_visibility="private", queue=False)
+                  api_visibility="private", queue=False, preprocess=False)
     schedule.input(lambda: gr.update(value="", visible=False), None, sampling_note, api_visibility="private", queue=False)
     swap.click(lambda w, h: (h, w), [width, height], [width, height], api_visibility="private", queue=False)
     seed_random.click(lambda: -1, None, seed, api_visibility="private", queue=False)
