@@ -9,7 +9,6 @@ import http.server
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helpers
 
@@ -18,7 +17,7 @@ import pytest  # noqa: E402
 from _pages import CHROMIUM  # noqa: E402
 
 from _api_fixtures import running_server  # noqa: E402
-from test_http_guard import RecordingJobs, stub_ui  # noqa: E402
+from test_http_guard import bare_studio, stub_ui  # noqa: E402,F401 - bare_studio: the stub studio fixture, shared
 
 pytestmark = [
     pytest.mark.browser,
@@ -34,14 +33,6 @@ fetch("{target}/sdapi/v1/interrupt", {{method: "POST", mode: "no-cors"}})
   .finally(() => {{ document.title = "sent"; }});
 </script></body>"""
 
-
-
-@pytest.fixture
-def studio(tmp_path):
-    registry = SimpleNamespace(refreshed=0)
-    registry.refresh = lambda: setattr(registry, "refreshed", registry.refreshed + 1)
-    return SimpleNamespace(config=SimpleNamespace(outputs_dir=tmp_path / "outputs"), extensions=None, jobs=RecordingJobs(),
-                           registry=registry)
 
 
 @contextlib.contextmanager
@@ -68,24 +59,24 @@ def other_site(html: str):
         server.shutdown()
 
 
-def test_a_page_on_another_site_cannot_interrupt_skip_or_refresh_but_the_studios_own_page_can(browser, studio):
-    with running_server(studio, api=True, ui_builder=stub_ui) as server, other_site(ATTACK_PAGE.format(target=server.url)) as attacker:
+def test_a_page_on_another_site_cannot_interrupt_skip_or_refresh_but_the_studios_own_page_can(browser, bare_studio):
+    with running_server(bare_studio, api=True, ui_builder=stub_ui) as server, other_site(ATTACK_PAGE.format(target=server.url)) as attacker:
         page = browser.new_context().new_page()
         page.goto(attacker)
         page.wait_for_function("document.title === 'sent'", timeout=30_000)
         with page.expect_navigation():
             page.evaluate("document.getElementById('f').submit()")  # a plain HTML form, the oldest cross-site POST
-        assert studio.jobs.stopped == [] and studio.registry.refreshed == 0
+        assert bare_studio.jobs.stopped == [] and bare_studio.registry.refreshed == 0
 
         page.goto(server.url)
         page.wait_for_selector("#go", timeout=60_000)
         status = page.evaluate("fetch('/sdapi/v1/interrupt', {method: 'POST'}).then(r => r.status)")
-        assert status == 200 and studio.jobs.stopped == ["interrupt"]
+        assert status == 200 and bare_studio.jobs.stopped == ["interrupt"]
         page.context.close()
 
 
-def test_with_a_login_the_browser_signs_in_and_uses_the_studio(browser, studio):
-    with running_server(studio, api=True, auth=[("artist", "pw")], ui_builder=stub_ui) as server:
+def test_with_a_login_the_browser_signs_in_and_uses_the_studio(browser, bare_studio):
+    with running_server(bare_studio, api=True, auth=[("artist", "pw")], ui_builder=stub_ui) as server:
         page = browser.new_context().new_page()
         page.set_default_timeout(60_000)
         page.goto(server.url)
