@@ -53,10 +53,15 @@ def run_on_compute_thread(fn: Callable[..., T], *args, **kwargs) -> T:
     """``fn(*args, **kwargs)`` on the compute thread; its result, or its exception re-raised here."""
     if is_compute_thread():
         return fn(*args, **kwargs)
+    return _submit(fn, *args, **kwargs).result()
+
+
+def _submit(fn: Callable[..., T], *args, **kwargs) -> Future:
+    """Queue ``fn`` for the compute thread, with the caller's torch thread count; its future."""
     future: Future = Future()
     _tasks.put((functools.partial(fn, *args, **kwargs), torch.get_num_threads(), future))
     _ensure_started()
-    return future.result()
+    return future
 
 
 def run_until_interrupted(cancel: CancelToken, fn: Callable[..., T], *args, grace: float = INTERRUPT_GRACE_S, **kwargs) -> T:
@@ -65,9 +70,7 @@ def run_until_interrupted(cancel: CancelToken, fn: Callable[..., T], *args, grac
     thread is retired with it and a fresh one serves the tasks after it."""
     if is_compute_thread():
         return fn(*args, **kwargs)
-    future: Future = Future()
-    _tasks.put((functools.partial(fn, *args, **kwargs), torch.get_num_threads(), future))
-    _ensure_started()
+    future = _submit(fn, *args, **kwargs)
     while True:
         try:
             return future.result(timeout=_POLL_S)
