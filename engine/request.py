@@ -21,6 +21,10 @@ RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 INPAINT_AREAS = ("Whole picture", "Only masked")
 PREVIEW_METHODS = ("cheap", "full", "taesd", "none")
+# Where the noise comes from, as A1111 names it: a CPU generator (the same on every machine), the GPU's own
+# (what A1111 uses by default, and what an infotext without an "RNG" key was made with), or "NV", a CPU
+# emulation of CUDA's Philox generator.
+RNG_SOURCES = ("CPU", "GPU", "NV")
 
 LIMITS = {
     "steps": (1, 150),
@@ -34,6 +38,9 @@ LIMITS = {
     "inpaint_padding": (0, 256),
     "outpaint": (0, 1024),
     "preview_every": (0, 150),
+    "clip_skip": (1, 12),
+    "eta": (0.0, 1.0),
+    "eta_noise_seed_delta": (0, 2**32 - 1),
     "prompt_chars": 20_000,
     "prompt_weight": 1000.0,  # the largest weight nested ``(...)`` groups may multiply to
     "image_pixels": 4096 * 4096,
@@ -102,6 +109,10 @@ class GenerationRequest:
     outpaint: tuple[int, int, int, int] = (0, 0, 0, 0)
     preview_every: int = 1
     preview_method: str = "cheap"
+    clip_skip: int = 1  # A1111's "Clip skip": 1 uses the text encoder's last layer, 2 the one before, ...
+    eta: float | None = None  # None: the sampler's own default (1 for ancestral and SDE samplers, 0 for DDIM)
+    eta_noise_seed_delta: int = 0  # A1111's ENSD: ancestral and SDE noise is drawn from seed + this after the first noise
+    rng: str = "CPU"  # one of RNG_SOURCES
     extensions: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -164,6 +175,11 @@ class GenerationRequest:
         object.__setattr__(self, "outpaint", tuple(self.outpaint))
         _check_range("preview_every", self.preview_every, *LIMITS["preview_every"], integer=True)
         _check_choice("preview_method", self.preview_method, PREVIEW_METHODS)
+        _check_range("clip_skip", self.clip_skip, *LIMITS["clip_skip"], integer=True)
+        if self.eta is not None:
+            _check_range("eta", self.eta, *LIMITS["eta"], integer=False)
+        _check_range("eta_noise_seed_delta", self.eta_noise_seed_delta, *LIMITS["eta_noise_seed_delta"], integer=True)
+        _check_choice("rng", self.rng, RNG_SOURCES)
         _check_image("init_image", self.init_image)
         _check_image("mask", self.mask)
         if (self.mask is not None or any(self.outpaint)) and self.init_image is None:

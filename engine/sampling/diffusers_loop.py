@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .errors import Interrupted
+from ..errors import Interrupted
 
 
 class StepHook(Protocol):
