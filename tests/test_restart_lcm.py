@@ -4,7 +4,6 @@ takes the raw model output at an integer LCM timestep as ε — on an analytic t
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
