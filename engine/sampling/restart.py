@@ -10,23 +10,13 @@ import math
 
 import torch
 
+from .schedules import karras_sigmas
 from .types import Denoiser, NoiseSource, StepCallback, StepInfo
 
 __all__ = ["restart_step_pairs", "sample_restart"]
 
 RESTART_MIN_SIGMA = 0.1  # the restart interval runs from the schedule's σ nearest these two values
 RESTART_MAX_SIGMA = 2.0
-
-
-def _karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. 2022 eq. 5, n values from σ_max to σ_min, then 0 (float32, as A1111 computes it).
-
-    Restart rebuilds its own schedule with this whatever schedule it was given, so it carries its own copy.
-    """
-    ramp = torch.linspace(0, 1, n)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros([1])])
 
 
 def _nearest_index(sigmas: torch.Tensor, value: float) -> int:
@@ -45,7 +35,7 @@ def restart_step_pairs(sigmas: torch.Tensor) -> list[tuple[torch.Tensor, torch.T
     restart: tuple[int, int, int] | None = None  # (index after which to restart, steps per restart, times)
     if steps >= 20:
         restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
-        sigmas = _karras_sigmas(steps - restart_steps * restart_times, float(sigmas[-2]), float(sigmas[0]))
+        sigmas = karras_sigmas(steps - restart_steps * restart_times, float(sigmas[-2]), float(sigmas[0]))
         restart = (_nearest_index(sigmas, RESTART_MIN_SIGMA), restart_steps + 1, restart_times)
     pairs = []
     for i in range(len(sigmas) - 1):
@@ -54,7 +44,7 @@ def restart_step_pairs(sigmas: torch.Tensor) -> list[tuple[torch.Tensor, torch.T
             min_index, points, times = restart
             max_index = _nearest_index(sigmas, RESTART_MAX_SIGMA)
             if max_index < min_index:
-                climb = _karras_sigmas(points, float(sigmas[min_index]), float(sigmas[max_index]))[:-1]
+                climb = karras_sigmas(points, float(sigmas[min_index]), float(sigmas[max_index]))[:-1]
                 pairs.extend(list(zip(climb[:-1], climb[1:])) * times)
     return pairs
 

@@ -47,11 +47,18 @@ def uniform(table: NoiseTable, steps: int) -> torch.Tensor:
 
 
 def karras(table: NoiseTable, steps: int, *, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022 over the model's whole σ range (see ``karras_sigmas``)."""
+    return karras_sigmas(steps, table.sigma_min, table.sigma_max, rho=rho)
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, *, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", eq. 5:
-    σ_i = (σ_max^(1/ρ) + i/(N−1) · (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ with ρ = 7, then 0."""
+    σ_i = (σ_max^(1/ρ) + i/(N−1) · (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ with ρ = 7, then 0.
+
+    Takes the range itself because Restart also walks Karras schedules over parts of it."""
     ramp = torch.linspace(0, 1, steps)
-    low = table.sigma_min ** (1 / rho)
-    high = table.sigma_max ** (1 / rho)
+    low = sigma_min ** (1 / rho)
+    high = sigma_max ** (1 / rho)
     return _with_final_zero((high + ramp * (low - high)) ** rho)
 
 
