@@ -135,3 +135,19 @@ def test_too_large_a_clip_skip_for_the_model_is_a_validation_error(engine):
     with pytest.raises(ValidationError) as error:
         picture(engine, "tiny-sd1", clip_skip=3)  # the tiny SD 1.x text encoder has two layers
     assert error.value.field == "clip_skip"
+
+
+@pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])
+def test_the_default_is_what_diffusers_encode_prompt_gives(registry, model):
+    """Clip skip 1 on SD 1.x and any Clip skip on SDXL: diffusers' own pipelines' embeddings, bit for bit."""
+    loaded = registry.load(model)
+    conditioning = loaded.prompt_encoder.encode("a blue square", "", 1)
+    pipeline = loaded.pipeline
+    if loaded.family.pooled_encoder is None:
+        expected, _ = pipeline.encode_prompt("a blue square", loaded.device, 1, False)
+        assert torch.equal(conditioning.prompt_embeds, expected)
+    else:
+        expected, _, pooled, _ = pipeline.encode_prompt(prompt="a blue square", device=loaded.device, num_images_per_prompt=1,
+                                                        do_classifier_free_guidance=False)
+        assert torch.equal(conditioning.prompt_embeds, expected) and torch.equal(conditioning.pooled, pooled)
+        assert loaded.prompt_encoder.encode("a blue square", "", 2) is conditioning
