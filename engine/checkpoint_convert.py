@@ -256,9 +256,9 @@ def _fused_away(converted: dict[str, torch.Tensor]) -> int:
 
 def _layout_components(pipeline) -> tuple[LayoutComponent, ...]:
     """The pipeline's family says where each of its components goes."""
-    from .families import detect_family  # the families build their layouts from this module
+    from .families import detect_pipeline  # the families build their layouts from this module
 
-    return detect_family(dict(pipeline.unet.config)).single_file.components
+    return detect_pipeline(pipeline).single_file.components
 
 
 def pipeline_to_single_file(pipeline) -> dict[str, torch.Tensor]:

@@ -668,7 +668,7 @@ class ModelRegistry:
         if entry.kind == "diffusers":
             pipeline = self._read_diffusers_folder(entry)
             try:
-                return pipeline, families.detect_family(dict(pipeline.unet.config), entry.path)
+                return pipeline, families.detect_pipeline(pipeline, entry.path)
             except ValueError as error:
                 raise ModelError(f"{entry.name}: {error}") from error
         return self._read_single_file(entry)

@@ -138,9 +138,16 @@ class TextLayer:
     final_norm: bool = True
 
     def read(self, text_encoder, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.from_end == 1 and self.final_norm:  # the encoder's own output: no hidden states to keep
-            return text_encoder(token_ids, attention_mask, return_dict=True).last_hidden_state
-        output = text_encoder(token_ids, attention_mask, output_hidden_states=True, return_dict=True)
+        return self.pick(text_encoder, self.run(text_encoder, token_ids, attention_mask))
+
+    def run(self, text_encoder, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """The encoder's output, with its hidden states when this layer needs them."""
+        keeps_hidden = not (self.from_end == 1 and self.final_norm)  # else the encoder's own output is the layer
+        return text_encoder(token_ids, attention_mask, output_hidden_states=keeps_hidden, return_dict=True)
+
+    def pick(self, text_encoder, output) -> torch.Tensor:
+        if self.from_end == 1 and self.final_norm:
+            return output.last_hidden_state
         hidden = output.hidden_states[-self.from_end]
         if self.final_norm:
             # transformers 5's CLIPTextModel holds the norm itself; ...WithProjection keeps it under text_model.
@@ -312,12 +319,15 @@ class PromptEncoder:
         """Plain text in one window, as diffusers' ``encode_prompt`` computes it (padded to the window,
         no attention mask): the same tensors compel computes, without compel's per-call grammar build
         and parse (several times the cost of a small text encoder; measured by bench/)."""
-        parts = []
-        for tokenizer, text_encoder, layer in zip(self._tokenizers, self._text_encoders, layers):
+        parts, pooled = [], None
+        for index, (tokenizer, text_encoder, layer) in enumerate(zip(self._tokenizers, self._text_encoders, layers)):
             ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids.to(text_encoder.device)
-            parts.append(layer.read(text_encoder, ids))
-        return torch.cat(parts, dim=-1), self._pooled(text, layers)
+            output = layer.run(text_encoder, ids)
+            parts.append(layer.pick(text_encoder, output))
+            if index == self.encoding.pooled_encoder:  # the pooled embedding from the same pass
+                pooled = output.text_embeds
+        return torch.cat(parts, dim=-1), pooled
 
     def _encode_unweighted_long(self, text: str, layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text without weighting syntax but longer than one window: one weight-1 fragment straight

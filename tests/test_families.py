@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from engine.checkpoint_convert import save_single_file
-from engine.families import (FAMILIES, SD1, SD2, SDXL, detect_checkpoint, detect_family, detect_unet_keys,
+from engine.families import (FAMILIES, SD1, SD2, SDXL, detect_checkpoint, detect_family, detect_pipeline, detect_unet_keys,
                              for_pipeline_class)
 from engine.prompts import Conditioning
 from engine.tiny_models import build_sd1, build_sdxl
@@ -187,3 +187,13 @@ def test_the_demo_models_family_file_overrides_name_size_and_preview_only():
     assert demo.latent_rgb_factors == tuple(tuple(row) for row in data["latent_rgb_factors"])
     assert demo.min_size <= 64 and demo.latent.scaling_factor == SD1.latent.scaling_factor
     assert demo.text_layers(2) == SD1.text_layers(2)
+
+
+def test_a_loaded_pipeline_is_told_by_its_denoisers_config(tiny):
+    from types import SimpleNamespace
+
+    for name, folder in tiny.items():
+        pipeline = SimpleNamespace(unet=SimpleNamespace(config=config(folder / "unet" / "config.json")))
+        assert detect_pipeline(pipeline).id == name
+    with pytest.raises(ValueError, match="none of the families"):
+        detect_pipeline(SimpleNamespace(transformer=SimpleNamespace(config={"joint_attention_dim": 4096})))

@@ -19,7 +19,7 @@ from .sdxl import SDXL
 FAMILIES: tuple[Family, ...] = (SDXL, SD2, SD1)
 
 __all__ = ["FAMILIES", "FAMILY_FILE", "Family", "LatentFormat", "ModelInputs", "SD1", "SD2", "SDXL", "SingleFileLayout",
-           "detect_checkpoint", "detect_family", "detect_unet_keys", "for_pipeline_class", "titles"]
+           "detect_checkpoint", "detect_family", "detect_pipeline", "detect_unet_keys", "for_pipeline_class", "titles"]
 
 
 def _with_overrides(family: Family, folder: Path | None) -> Family:
@@ -34,6 +34,15 @@ def detect_family(unet_config: dict, folder: Path | None = None) -> Family:
     if family is None:
         raise ValueError(f"a {unet_config.get('_class_name')!r} model is none of the families Sfumato runs ({titles()})")
     return _with_overrides(family, folder)
+
+
+def detect_pipeline(pipeline, folder: Path | None = None) -> Family:
+    """The family of a loaded diffusers pipeline, read from the config of the denoiser each family names."""
+    for family in FAMILIES:
+        denoiser = getattr(pipeline, family.denoiser, None)
+        if denoiser is not None and family.matches_config(dict(denoiser.config)):
+            return _with_overrides(family, folder)
+    raise ValueError(f"a {type(pipeline).__name__} is none of the families Sfumato runs ({titles()})")
 
 
 def detect_checkpoint(keys: list[str] | set[str], folder: Path | None = None) -> Family:

@@ -99,6 +99,7 @@ class Family:
     id: ClassVar[str]  # the family's folder name: engine/configs/<id>, extension config folders
     title: ClassVar[str]  # as the artist reads it: "SD 1.x"
     # Loading
+    denoiser: ClassVar[str] = "unet"  # the pipeline attribute holding the denoising model, whose config detection reads
     pipeline_classes: ClassVar[tuple[str, ...]]  # the diffusers pipelines whose folders hold this family (first: the one loaded)
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # a folder must have them
     load_options: ClassVar[dict[str, Any]] = {}  # extra keywords for the pipeline's from_single_file
@@ -116,7 +117,7 @@ class Family:
 
     # -- detection --------------------------------------------------------------------------
     def matches_config(self, unet_config: dict) -> bool:
-        """Whether a diffusers UNet config is this family's."""
+        """Whether a diffusers config of the family's denoiser (a UNet config here) is this family's."""
         raise NotImplementedError
 
     def matches_checkpoint(self, keys: set[str]) -> bool:
