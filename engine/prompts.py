@@ -294,7 +294,8 @@ class PromptEncoder:
             return None
         return self._layer_providers(layers)[index].get_pooled_embeddings([text], device=self._device())
 
-    def _encode_weighted(self, fragments: list[tuple[str, float]], layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode_weighted(self, fragments: list[tuple[str, float]],
+                         layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weighted runs through compel's embeddings providers (tokens, 75-token chunks, weights).
 
         Every weight scales its tokens' distance from the empty prompt's embedding, under 1 as
@@ -335,7 +336,8 @@ class PromptEncoder:
         building compel's prompt grammar, which is rebuilt on every call and costs more than a
         small text encoder."""
         device = self._device()
-        parts = [one.get_embeddings_for_weighted_prompt_fragments(text_batch=[[text]], fragment_weights_batch=[[1.0]], device=device)
+        parts = [one.get_embeddings_for_weighted_prompt_fragments(text_batch=[[text]], fragment_weights_batch=[[1.0]],
+                                                                  device=device)
                  for one in self._layer_providers(layers)]
         return torch.cat(parts, dim=-1), self._pooled(text, layers)
 

@@ -65,7 +65,8 @@ def test_sd1_clip_skip_applies_to_every_chunk_of_a_long_prompt(clip):
     from compel.embeddings_provider import EmbeddingsProvider, SplitLongTextMode
 
     text = " ".join(f"w{i % 10}" for i in range(60))
-    chunker = EmbeddingsProvider(clip.tokenizer, clip.text_encoder, truncate=False, split_long_text_mode=SplitLongTextMode.SENTENCES)
+    chunker = EmbeddingsProvider(clip.tokenizer, clip.text_encoder, truncate=False,
+                                 split_long_text_mode=SplitLongTextMode.SENTENCES)
     tokens, _, _ = chunker.get_token_ids_and_expand_weights([text], [1.0], device="cpu")
     chunks = tokens.reshape(-1, 77)
     assert chunks.shape[0] >= 2
@@ -79,8 +80,8 @@ def test_sd1_clip_skip_reaches_weighted_prompts(clip):
     weighted = "a (red:1.3) circle"
     assert not torch.equal(encoder.encode(weighted, "", 1).prompt_embeds, encoder.encode(weighted, "", 2).prompt_embeds)
     # A weight of exactly 1 changes nothing: the same embedding as the plain text at that skip.
-    assert torch.allclose(encoder.encode("a (red:1.0) circle", "", 3).prompt_embeds, reference(clip, window(clip, "a red circle"), 3),
-                          atol=1e-6)
+    plain = reference(clip, window(clip, "a red circle"), 3)
+    assert torch.allclose(encoder.encode("a (red:1.0) circle", "", 3).prompt_embeds, plain, atol=1e-6)
 
 
 def test_clip_skip_past_the_encoders_depth_is_refused_naming_the_field(clip):

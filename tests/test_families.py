@@ -112,9 +112,12 @@ def test_pipeline_classes_name_the_families_that_load_them():
 
 # -- latent format ------------------------------------------------------------------------------
 def test_latent_formats_carry_the_published_constants():
-    assert (SD1.latent.channels, SD1.latent.scaling_factor, SD1.latent.shift, SD1.latent.tiny_decoder) == (4, 0.18215, 0.0, "taesd")
+    def constants(family):
+        return family.latent.channels, family.latent.scaling_factor, family.latent.shift, family.latent.tiny_decoder
+
+    assert constants(SD1) == (4, 0.18215, 0.0, "taesd")
     assert SD2.latent == SD1.latent
-    assert (SDXL.latent.channels, SDXL.latent.scaling_factor, SDXL.latent.shift, SDXL.latent.tiny_decoder) == (4, 0.13025, 0.0, "taesdxl")
+    assert constants(SDXL) == (4, 0.13025, 0.0, "taesdxl")
     assert SD1.latent.rgb_factors[0] == (0.3512, 0.2297, 0.3227) and SD1.latent.rgb_bias == (0.0, 0.0, 0.0)
     assert SDXL.latent.rgb_factors[3] == (-0.3165, -0.2492, -0.2188) and SDXL.latent.rgb_bias == (0.1084, -0.0175, -0.0011)
     factors, bias = SDXL.latent_to_rgb_matrix()
@@ -174,7 +177,8 @@ def test_sdxl_gives_the_unet_pooled_text_and_size_numbers_laid_out_like_the_text
     added = SDXL.unet_kwargs(conditioning, width=96, height=64).batched(2, True, torch.device("cpu"), torch.float16)
     assert added["time_ids"].tolist() == [[64, 96, 0, 0, 64, 96]] * 4 and added["time_ids"].dtype == torch.float16
     assert added["text_embeds"][:, 0].tolist() == [-1, -1, 1, 1]  # [negative × batch, positive × batch]
-    assert SDXL.unet_kwargs(conditioning, 96, 64).batched(2, False, torch.device("cpu"), torch.float32)["text_embeds"][:, 0].tolist() == [1, 1]
+    without_cfg = SDXL.unet_kwargs(conditioning, 96, 64).batched(2, False, torch.device("cpu"), torch.float32)
+    assert without_cfg["text_embeds"][:, 0].tolist() == [1, 1]
     assert SD1.unet_kwargs(conditioning, 96, 64).batched(2, True, torch.device("cpu"), torch.float32) is None
 
 

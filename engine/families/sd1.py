@@ -35,7 +35,8 @@ class StableDiffusion1(Family):
     )
 
     def matches_config(self, unet_config: dict) -> bool:
-        """Any cross-attention UNet (or ControlNet copy of one) the more specific families do not claim, tiny test models included."""
+        """Any cross-attention UNet (or ControlNet copy of one) the more specific families do not claim,
+        tiny test models included."""
         return "cross_attention_dim" in unet_config
 
     def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:

@@ -46,7 +46,8 @@ class StableDiffusionXL(Family):
     missing_component_hints: ClassVar[dict[str, str]] = {"text_encoder": "an SDXL refiner cannot be the main model"}
     single_file: ClassVar[SingleFileLayout] = SingleFileLayout(
         marker=SDXL_OPENCLIP_PREFIX,
-        prefixes={"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": SDXL_CLIP_PREFIX, "text_encoder_2": SDXL_OPENCLIP_PREFIX},
+        prefixes={"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": SDXL_CLIP_PREFIX,
+                  "text_encoder_2": SDXL_OPENCLIP_PREFIX},
         components=(UNET, VAE, clip_component("text_encoder", SDXL_CLIP_PREFIX),
                     openclip_component("text_encoder_2", SDXL_OPENCLIP_PREFIX)),
     )
