@@ -41,13 +41,7 @@ def floor_runner(model, size: int, batch: int = 1, do_cfg: bool = True):
         embeds = torch.cat([conditioning.negative_embeds.repeat(batch, 1, 1), embeds])
     embeds = embeds.to(device, dtype)
     rows = embeds.shape[0]
-    added = None
-    if model.family.is_xl:
-        pooled = conditioning.pooled.repeat(batch, 1)
-        if do_cfg:
-            pooled = torch.cat([conditioning.negative_pooled.repeat(batch, 1), pooled])
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype, device=device).repeat(rows, 1)
-        added = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids}
+    added = model.family.unet_kwargs(conditioning, size, size).batched(batch, do_cfg, device, dtype)
     side = size // model.vae_scale_factor
     latents = torch.randn((rows, pipe.unet.config.in_channels, side, side), generator=torch.Generator("cpu").manual_seed(0)).to(device, dtype)
     decode_latents = latents[:batch, : pipe.vae.config.latent_channels]

@@ -32,14 +32,12 @@ def peer_pipeline(model):
     the engine's load-time changes (``engine.attention_calls``); other models share the engine's
     loaded modules, which can only flatter the peer.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     from engine.samplers import build_scheduler
 
-    cls = StableDiffusionXLPipeline if model.family.is_xl else StableDiffusionPipeline
+    cls = model.family.pipeline_class()
     if model.entry.kind == "diffusers":
-        extra = {} if model.family.is_xl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        pipe = cls.from_pretrained(model.entry.path, local_files_only=True, use_safetensors=True, dtype=model.dtype, **extra)
+        pipe = cls.from_pretrained(model.entry.path, local_files_only=True, use_safetensors=True, dtype=model.dtype,
+                                   **model.family.load_options)
         pipe.to(model.device)
     else:
         pipe = cls.from_pipe(model.pipeline)

@@ -21,8 +21,10 @@ mlfoundations/open_clip ``transformer.py``). ``save_single_file`` is the export
 direction (tests build tiny single files with it; it also turns a diffusers
 folder into a file A1111 and ComfyUI read). Before loading a single file, the
 registry uses ``ldm_key_names`` on the config's empty modules to check that the
-config and the file name exactly the same weights, and ``detect_layout`` to
-tell which family the file holds.
+config and the file name exactly the same weights. Which components a family's
+file holds, under which prefixes, is the family's to say
+(``engine.families.<family>.single_file``); ``engine.families.detect_checkpoint``
+tells the family from a file's keys.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ VAE_PREFIX = "first_stage_model."
 SD1_CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SD2_OPENCLIP_PREFIX = "cond_stage_model.model."
 
 # ResNet parameter names: diffusers -> LDM. UNet ResBlock (openaimodel.py) vs VAE ResnetBlock (model.py).
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -205,9 +208,15 @@ def openclip_tensors(state: dict[str, torch.Tensor], prefix: str = SDXL_OPENCLIP
 
 # -- whole pipelines -----------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Component:
-    attribute: str
-    convert: Callable[[object], dict[str, torch.Tensor]]
+class LayoutComponent:
+    """One diffusers component of a pipeline and how its weights are written in a single file."""
+
+    attribute: str  # the pipeline attribute holding the module
+    convert: Callable[[object], dict[str, torch.Tensor]]  # module -> tensors under their single-file names
+    names: Callable[[object], set[str]] | None = None  # the names alone, where converting would cost more (None: convert's keys)
+
+    def key_names(self, module) -> set[str]:
+        return self.names(module) if self.names is not None else set(self.convert(module))
 
 
 def _unet_tensors(unet) -> dict[str, torch.Tensor]:
@@ -224,40 +233,48 @@ def _vae_tensors(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def _clip_tensors(prefix: str) -> Callable[[object], dict[str, torch.Tensor]]:
-    return lambda model: {clip_key(key, prefix): tensor for key, tensor in model.state_dict().items()
-                          if not key.endswith("position_ids")}
+UNET = LayoutComponent("unet", _unet_tensors)
+VAE = LayoutComponent("vae", _vae_tensors)
 
 
-SD1_COMPONENTS = (_Component("unet", _unet_tensors), _Component("vae", _vae_tensors),
-                  _Component("text_encoder", _clip_tensors(SD1_CLIP_PREFIX)))
-SDXL_COMPONENTS = (_Component("unet", _unet_tensors), _Component("vae", _vae_tensors),
-                   _Component("text_encoder", _clip_tensors(SDXL_CLIP_PREFIX)),
-                   _Component("text_encoder_2", lambda model: openclip_tensors(model.state_dict())))
+def clip_component(attribute: str, prefix: str) -> LayoutComponent:
+    """A Hugging Face CLIP text model kept as it is under ``prefix`` (the original repos wrap the same module)."""
+    return LayoutComponent(attribute, lambda model: {clip_key(key, prefix): tensor for key, tensor in model.state_dict().items()
+                                                     if not key.endswith("position_ids")})
 
 
-def _fused_away(attribute: str, converted: dict[str, torch.Tensor]) -> int:
+def openclip_component(attribute: str, prefix: str) -> LayoutComponent:
+    """A text model stored in OpenCLIP's layout under ``prefix`` (q/k/v fused, projection transposed)."""
+    return LayoutComponent(attribute, lambda model: openclip_tensors(model.state_dict(), prefix),
+                           names=lambda model: {openclip_key(key, prefix) for key in model.state_dict()})
+
+
+def _fused_away(converted: dict[str, torch.Tensor]) -> int:
     """OpenCLIP fuses q/k/v: each ``in_proj_*`` name stands for three Hugging Face keys."""
-    if attribute != "text_encoder_2":
-        return 0
     return 2 * sum(name.endswith(("in_proj_weight", "in_proj_bias")) for name in converted)
 
 
+def _layout_components(pipeline) -> tuple[LayoutComponent, ...]:
+    """The pipeline's family says where each of its components goes."""
+    from .families import detect_pipeline  # the families build their layouts from this module
+
+    return detect_pipeline(pipeline).single_file.components
+
+
 def pipeline_to_single_file(pipeline) -> dict[str, torch.Tensor]:
-    """Every weight of an SD 1.x or SDXL diffusers pipeline under its original single-file name."""
-    components = SDXL_COMPONENTS if getattr(pipeline, "text_encoder_2", None) is not None else SD1_COMPONENTS
+    """Every weight of a diffusers pipeline under its original single-file name, in its family's layout."""
     tensors: dict[str, torch.Tensor] = {}
-    for component in components:
+    for component in _layout_components(pipeline):
         module = getattr(pipeline, component.attribute)
         converted = component.convert(module)
-        if len(converted) != len(module.state_dict()) - _fused_away(component.attribute, converted):
+        if len(converted) != len(module.state_dict()) - _fused_away(converted):
             raise ValueError(f"{component.attribute}: two weights map to one single-file name")
         tensors.update(converted)
     return {key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}
 
 
 def save_single_file(pipeline_or_folder, path: Path | str) -> Path:
-    """Write a diffusers SD 1.x/SDXL pipeline (object or folder) as one A1111-style ``.safetensors``."""
+    """Write a diffusers pipeline (object or folder) as one A1111-style ``.safetensors``."""
     from safetensors.torch import save_file
 
     pipeline = pipeline_or_folder
@@ -273,41 +290,15 @@ def save_single_file(pipeline_or_folder, path: Path | str) -> Path:
 
 def ldm_key_names(pipeline) -> dict[str, set[str]]:
     """Per component, the single-file names its weights come from (used to spot unused weights)."""
-    components = SDXL_COMPONENTS if getattr(pipeline, "text_encoder_2", None) is not None else SD1_COMPONENTS
-    names: dict[str, set[str]] = {}
-    for component in components:
-        module = getattr(pipeline, component.attribute)
-        if component.attribute == "text_encoder_2":  # names only: skip fusing q/k/v
-            names[component.attribute] = {openclip_key(key) for key in module.state_dict()}
-        else:
-            names[component.attribute] = set(component.convert(module))
-    return names
+    return {component.attribute: component.key_names(getattr(pipeline, component.attribute))
+            for component in _layout_components(pipeline)}
 
 
 # -- reading a single file's layout ------------------------------------------------------
-SD2_OPENCLIP_PREFIX = "cond_stage_model.model."
 UNET_INPUT_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
 # Weights a single file may carry that no diffusers module takes (buffers, CLIP's logit scale).
 IGNORABLE_SUFFIXES = ("position_ids", "logit_scale")
 
-
-@dataclass(frozen=True)
-class SingleFileLayout:
-    """Which model family a single file holds, told from its key names, and where each component lives."""
-
-    family: str  # a folder name under engine/configs
-    marker: str  # a key prefix only this family's files have
-    prefixes: dict[str, str]  # component -> key prefix, for the components whose weights are checked
-
-
-SINGLE_FILE_LAYOUTS = (
-    SingleFileLayout("sdxl", SDXL_OPENCLIP_PREFIX, {"unet": UNET_PREFIX, "vae": VAE_PREFIX,
-                                                    "text_encoder": SDXL_CLIP_PREFIX, "text_encoder_2": SDXL_OPENCLIP_PREFIX}),
-    # SD 2.x: diffusers drops the last OpenCLIP layer on purpose (SD 2 conditions on the penultimate one),
-    # so its text encoder is not compared name by name.
-    SingleFileLayout("sd2", SD2_OPENCLIP_PREFIX, {"unet": UNET_PREFIX, "vae": VAE_PREFIX}),
-    SingleFileLayout("sd1", SD1_CLIP_PREFIX, {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": SD1_CLIP_PREFIX}),
-)
 
 # Files that are not a full SD 1.x/2.x/SDXL checkpoint, told from their keys, and what to say about them.
 NOT_A_CHECKPOINT = (
@@ -317,25 +308,6 @@ NOT_A_CHECKPOINT = (
     ("control_model.", "a ControlNet, not a checkpoint: it belongs in models/ControlNet"),
     ("encoder.down.", "a VAE, not a checkpoint: it belongs in models/VAE"),
 )
-
-
-def detect_layout(keys: list[str] | set[str]) -> SingleFileLayout:
-    """The layout of an original-format checkpoint; ``ValueError`` with a readable reason when it is none we run."""
-    keys = set(keys)
-
-    def has(prefix: str) -> bool:
-        return any(key.startswith(prefix) for key in keys)
-
-    if has(UNET_PREFIX):
-        for layout in SINGLE_FILE_LAYOUTS:
-            if has(layout.marker):
-                return layout
-    for prefix, what in NOT_A_CHECKPOINT:
-        if has(prefix):
-            raise ValueError(f"this file looks like {what}")
-    if not has(UNET_PREFIX):
-        raise ValueError("this file has no UNet weights (model.diffusion_model.*), so it is not a Stable Diffusion checkpoint")
-    raise ValueError("this file has no text encoder weights Sfumato recognises (SD 1.x, SD 2.x or SDXL)")
 
 
 def ignorable(key: str) -> bool:

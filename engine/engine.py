@@ -121,6 +121,8 @@ class Engine:
         timings["load"] = time.perf_counter() - started
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, request, prepared.width, prepared.height)
+        if request.mode not in model.family.modes:
+            raise ValidationError("mode", f"{model.entry.name} draws only {', '.join(model.family.modes)}")
         samplers.check_zero_snr_for_model(request.sampler, request.zero_terminal_snr, model.pipeline.scheduler.config.get("prediction_type", "epsilon"))
         pipe = model.pipeline
         seed = resolve_seed(request.seed)
@@ -129,7 +131,7 @@ class Engine:
 
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")
-        conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt)
+        conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt, request.clip_skip)
         timings["encode"] = time.perf_counter() - tick
         do_cfg = request.cfg_scale > 1.0
         previewer = self._previewer(request, model)
@@ -258,14 +260,7 @@ class Engine:
         batch = noise.shape[0]
         cond = conditioning.prompt_embeds.repeat(batch, 1, 1)
         embeds = torch.cat([conditioning.negative_embeds.repeat(batch, 1, 1), cond]) if do_cfg else cond
-        added = None
-        if model.family.is_xl:
-            time_ids = torch.tensor([[prepared.height, prepared.width, 0, 0, prepared.height, prepared.width]], dtype=embeds.dtype, device=model.device).repeat(batch, 1)
-            pooled = conditioning.pooled.repeat(batch, 1)
-            if do_cfg:
-                pooled = torch.cat([conditioning.negative_pooled.repeat(batch, 1), pooled])
-                time_ids = torch.cat([time_ids, time_ids])
-            added = {"text_embeds": pooled.to(model.device, model.dtype), "time_ids": time_ids.to(model.dtype)}
+        added = model.family.unet_kwargs(conditioning, prepared.width, prepared.height).batched(batch, do_cfg, model.device, model.dtype)
         embeds = embeds.to(model.device, model.dtype)
         timesteps = scheduler.timesteps
         if prepared.source is None:

@@ -2,7 +2,8 @@
 
 The registry scans an A1111-style models directory (``models/Stable-diffusion``
 single files, diffusers folders anywhere below ``models/``) plus the repo's
-built-in models, and loads with diffusers from local files only. Loaded models
+built-in models, and loads with diffusers from local files only. Which family a
+model belongs to, and what that family loads, is ``engine.families``' to say. Loaded models
 live in a small LRU cache; a failed load leaves the cache as it was.
 
 Files are untrusted. Only safetensors weights are read: pickle checkpoints
@@ -44,7 +45,8 @@ from .performance import PerformanceOptions
 from .performance import apply as apply_performance
 from .devices import pick_device, pick_dtype
 from .errors import ModelError, UnsafeModelError
-from .families import ModelFamily, detect_family
+from . import families
+from .families import Family
 from .prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,6 @@ CONFIG_FILE_SUFFIXES = (".json", ".txt")  # what a config folder may hold; weigh
 CONVERT_HINT = ("Convert it to .safetensors with a tool you trust (for example diffusers' conversion scripts, "
                 "in an isolated environment) and put the result in models/Stable-diffusion.")
 
-# Pipelines Sfumato can run (class name -> is SDXL) and the components each one must have.
-SUPPORTED_PIPELINES = {
-    "StableDiffusionPipeline": False, "StableDiffusionImg2ImgPipeline": False, "StableDiffusionInpaintPipeline": False,
-    "StableDiffusionXLPipeline": True, "StableDiffusionXLImg2ImgPipeline": True, "StableDiffusionXLInpaintPipeline": True,
-}
 TEXT_ENCODERS = {"CLIPTextModel", "CLIPTextModelWithProjection"}
 TOKENIZERS = {"CLIPTokenizer", "CLIPTokenizerFast"}
 COMPONENT_CLASSES = {  # component -> (library, allowed class names); the scheduler is checked separately
@@ -78,8 +75,6 @@ COMPONENT_CLASSES = {  # component -> (library, allowed class names); the schedu
     "tokenizer": ("transformers", TOKENIZERS),
     "tokenizer_2": ("transformers", TOKENIZERS),
 }
-REQUIRED_SD = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-REQUIRED_XL = REQUIRED_SD + ("text_encoder_2", "tokenizer_2")
 NOT_LOADED = ("safety_checker", "feature_extractor", "image_encoder")  # never loaded, whatever the index says
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 WEIGHT_BASENAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
@@ -114,7 +109,7 @@ class ModelEntry:
 class LoadedModel:
     entry: ModelEntry
     pipeline: object
-    family: ModelFamily
+    family: Family
     device: torch.device
     dtype: torch.dtype
     prompt_encoder: PromptEncoder
@@ -234,8 +229,9 @@ def _is_scheduler_class(name: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)
 
 
-def check_model_index(folder: Path) -> bool:
-    """Refuse a diffusers folder whose pipeline or components Sfumato does not run; return whether it is SDXL.
+def check_model_index(folder: Path) -> Family:
+    """Refuse a diffusers folder whose pipeline or components Sfumato does not run; return the family its
+    pipeline class holds (SD 1.x stands for SD 2.x too until the UNet config is read).
 
     Checked before diffusers imports or instantiates anything the index names.
     """
@@ -244,15 +240,15 @@ def check_model_index(folder: Path) -> bool:
     if not isinstance(pipeline, str):
         raise ModelError(f"{folder.name}/model_index.json: the key _class_name must be the pipeline's class name as text "
                          f"(like \"StableDiffusionPipeline\"), not {_json_kind(pipeline)}")
-    if pipeline not in SUPPORTED_PIPELINES:
-        raise ModelError(f"{folder.name} is a {pipeline!r} model; Sfumato runs Stable Diffusion 1.x/2.x and SDXL "
-                         f"pipelines ({', '.join(SUPPORTED_PIPELINES)})")
-    is_xl = SUPPORTED_PIPELINES[pipeline]
-    for component in REQUIRED_XL if is_xl else REQUIRED_SD:
+    family = families.for_pipeline_class(pipeline)
+    if family is None:
+        raise ModelError(f"{folder.name} is a {pipeline!r} model; Sfumato runs {families.titles()} "
+                         f"pipelines ({', '.join(families.pipeline_classes())})")
+    for component in family.components:
         value = index.get(component)
         if not (isinstance(value, list) and len(value) == 2 and value[0] and value[1]):
-            refiner = " (an SDXL refiner cannot be the main model)" if is_xl and component == "text_encoder" else ""
-            raise ModelError(f"{folder.name} has no {component}{refiner}")
+            hint = family.missing_component_hints.get(component)
+            raise ModelError(f"{folder.name} has no {component}" + (f" ({hint})" if hint else ""))
     for component, value in index.items():
         if component.startswith("_") or component in NOT_LOADED or not isinstance(value, list):
             continue
@@ -269,7 +265,7 @@ def check_model_index(folder: Path) -> bool:
             ok = library == expected_library and class_name in classes
         if not ok:
             raise ModelError(f"{folder.name}: component {component} is {library}.{class_name}, which Sfumato does not load")
-    return is_xl
+    return family
 
 
 def _component_weight_keys(folder: Path, component: str, library: str) -> set[str] | None:
@@ -327,7 +323,7 @@ def _check_folder_weights(pipeline, folder: Path, file_keys: dict[str, set[str] 
 
 
 # -- single files -----------------------------------------------------------------------------
-def _materialise_config(source: Path, family: str, target: Path, unet_in_channels: int | None) -> Path:
+def _materialise_config(source: Path, family: Family, target: Path, unet_in_channels: int | None) -> Path:
     """A complete diffusers config folder in ``target``: the source's JSON/text files, the shared CLIP
     tokenizer where a tokenizer folder has no vocabulary, and the UNet's input channels as the file has them."""
     for path in source.rglob("*"):
@@ -344,7 +340,7 @@ def _materialise_config(source: Path, family: str, target: Path, unet_in_channel
         if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
             for name in ("vocab.json", "merges.txt"):
                 shutil.copyfile(SHARED_TOKENIZER / name, folder / name)
-        fallback = SINGLE_FILE_CONFIGS / family / component / "tokenizer_config.json"
+        fallback = family.config_folder / component / "tokenizer_config.json"
         if not (folder / "tokenizer_config.json").is_file() and fallback.is_file():
             shutil.copyfile(fallback, folder / "tokenizer_config.json")
     unet_config = target / "unet" / "config.json"
@@ -356,7 +352,7 @@ def _materialise_config(source: Path, family: str, target: Path, unet_in_channel
     return target
 
 
-def _empty_components(folder: Path, is_xl: bool) -> SimpleNamespace:
+def _empty_components(folder: Path, family: Family) -> SimpleNamespace:
     """The pipeline's weighted components built from ``folder``'s configs on the meta device (no memory, no weights)."""
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -366,7 +362,7 @@ def _empty_components(folder: Path, is_xl: bool) -> SimpleNamespace:
     with torch.device("meta"):
         components["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         components["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-        for name in ("text_encoder", "text_encoder_2") if is_xl else ("text_encoder",):
+        for _, name in family.text_encoders:
             class_name = (index.get(name) or [None, None])[1]
             if class_name not in TEXT_ENCODERS:
                 raise ModelError(f"{folder.name}: {name} is {class_name!r}; expected one of {', '.join(sorted(TEXT_ENCODERS))}")
@@ -375,13 +371,13 @@ def _empty_components(folder: Path, is_xl: bool) -> SimpleNamespace:
     return SimpleNamespace(**components)
 
 
-def _check_single_file_names(keys: list[str], layout: layout_keys.SingleFileLayout, folder: Path, shown: Path) -> None:
+def _check_single_file_names(keys: list[str], family: Family, folder: Path, shown: Path) -> None:
     """Before loading: the config must use every weight the file holds and find every weight it needs.
 
     diffusers' ``from_single_file`` only warns about unused weights and leaves missing ones empty.
     """
     try:
-        components = _empty_components(folder, layout.family == "sdxl")
+        components = _empty_components(folder, family)
     except ModelError:
         raise
     except Exception as error:
@@ -392,7 +388,7 @@ def _check_single_file_names(keys: list[str], layout: layout_keys.SingleFileLayo
         log.warning("weights of the checkpoint using %s not compared with its config: %s", shown, error)
         return
     problems = []
-    for component, prefix in layout.prefixes.items():
+    for component, prefix in family.single_file.prefixes.items():
         expected = expected_by_component.get(component, set())
         present = {key for key in keys if key.startswith(prefix) and not layout_keys.ignorable(key)}
         if expected != present:
@@ -425,10 +421,10 @@ def _problem_without_loading(path: Path, kind: str) -> str | None:
                 if isinstance(index.get(component), list) and index[component][0]:
                     _component_weight_keys(path, component, index[component][0])
         else:
-            layout_keys.detect_layout(_safetensors_keys(path, path.name))
+            families.detect_checkpoint(_safetensors_keys(path, path.name))
     except ModelError as error:
         return str(error)
-    except ValueError as error:  # detect_layout: not a checkpoint layout Sfumato knows
+    except ValueError as error:  # detect_checkpoint: not a checkpoint layout Sfumato knows
         return f"{path.name}: {error}"
     except OSError as error:
         return f"{path.name} cannot be read: {error.strerror or error}"
@@ -649,7 +645,7 @@ class ModelRegistry:
         if not entry.path.exists():
             raise ModelError(f"model {entry.name!r} is gone from disk; refresh the model list")
         try:
-            pipeline, family_folder = self._read_pipeline(entry)
+            pipeline, family = self._read_pipeline(entry)
             if self.performance.memory_mode == "normal" or self.device.type != "cuda":
                 pipeline.to(self.device)
             apply_performance(pipeline, self.device, self.performance)
@@ -662,17 +658,19 @@ class ModelRegistry:
             if module is not None:
                 module.eval().requires_grad_(False)
                 cancellation.install_checkpoints(module)
-        family = detect_family(dict(pipeline.unet.config), family_folder)
-        is_xl = getattr(pipeline, "text_encoder_2", None) is not None
         return LoadedModel(
             entry=entry, pipeline=pipeline, family=family, device=self.device, dtype=self.dtype,
-            prompt_encoder=PromptEncoder(pipeline, is_xl=is_xl), short_hash=self.short_hash(entry),
+            prompt_encoder=family.prompt_encoder(pipeline), short_hash=self.short_hash(entry),
         )
 
-    def _read_pipeline(self, entry: ModelEntry) -> tuple[object, Path | None]:
-        """The pipeline, on the CPU, plus the folder that may hold the model's ``sfumato.json``."""
+    def _read_pipeline(self, entry: ModelEntry) -> tuple[object, Family]:
+        """The pipeline, on the CPU, and its family (as the model's own ``sfumato.json`` adjusts it)."""
         if entry.kind == "diffusers":
-            return self._read_diffusers_folder(entry), entry.path
+            pipeline = self._read_diffusers_folder(entry)
+            try:
+                return pipeline, families.detect_pipeline(pipeline, entry.path)
+            except ValueError as error:
+                raise ModelError(f"{entry.name}: {error}") from error
         return self._read_single_file(entry)
 
     def _read_diffusers_folder(self, entry: ModelEntry):
@@ -693,37 +691,33 @@ class ModelRegistry:
         _check_folder_weights(pipeline, entry.path, file_keys)
         return pipeline
 
-    def _read_single_file(self, entry: ModelEntry) -> tuple[object, Path | None]:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+    def _read_single_file(self, entry: ModelEntry) -> tuple[object, Family]:
         keys = _safetensors_keys(entry.path, entry.path.name)
         try:
-            layout = layout_keys.detect_layout(keys)
+            family = families.detect_checkpoint(keys)
         except ValueError as error:
             raise ModelError(f"{entry.path.name}: {error}") from error
-        config_dir, beside = self._single_file_config(entry, layout.family)
+        config_dir, beside = self._single_file_config(entry, family)
         in_channels = None
         if layout_keys.UNET_INPUT_CONV in keys:
             in_channels = _safetensors_shape(entry.path, layout_keys.UNET_INPUT_CONV)[1]
-        cls = StableDiffusionXLPipeline if layout.family == "sdxl" else StableDiffusionPipeline
-        extra = {} if layout.family == "sdxl" else {"safety_checker": None, "feature_extractor": None,
-                                                     "requires_safety_checker": False}
         with tempfile.TemporaryDirectory(prefix="sfumato-config-") as scratch:
             try:
-                folder = _materialise_config(config_dir, layout.family, Path(scratch), in_channels)
+                folder = _materialise_config(config_dir, family, Path(scratch), in_channels)
             except (OSError, ValueError) as error:
                 raise ModelError(f"the config folder {config_dir} could not be read: {error}") from error
-            _check_single_file_names(keys, layout, folder, config_dir)
+            _check_single_file_names(keys, family, folder, config_dir)
             try:
-                pipeline = cls.from_single_file(str(entry.path), config=str(folder), local_files_only=True,
-                                                dtype=self.dtype, **extra)
+                pipeline = family.load_single_file(entry.path, folder, self.dtype)
             except Exception as error:
                 raise ModelError(f"could not load {entry.path.name} with the config folder {config_dir}: "
                                  f"{_explain(error)}") from error
-        return pipeline, config_dir if beside else None
+        if beside:  # the checkpoint's own config folder may carry a sfumato.json
+            family = families.detect_checkpoint(keys, config_dir)
+        return pipeline, family
 
     @staticmethod
-    def _single_file_config(entry: ModelEntry, family: str) -> tuple[Path, bool]:
+    def _single_file_config(entry: ModelEntry, family: Family) -> tuple[Path, bool]:
         """Configs live beside the checkpoint (``<name>.config/``) or in engine/configs/<family>.
 
         Returns the folder and whether it is the checkpoint's own.
@@ -731,10 +725,10 @@ class ModelRegistry:
         beside = entry.path.with_suffix(CONFIG_SUFFIX)
         if _is_diffusers_folder(beside):
             return beside, True
-        shipped = SINGLE_FILE_CONFIGS / family
+        shipped = family.config_folder
         if _is_diffusers_folder(shipped):
             return shipped, False
         raise ModelError(
-            f"{entry.path.name} is a single-file {family} checkpoint and Sfumato ships no config for that family; put "
+            f"{entry.path.name} is a single-file {family.title} checkpoint and Sfumato ships no config for that family; put "
             f"a diffusers config folder (model_index.json, */config.json, scheduler config, tokenizer files) at {beside}"
         )

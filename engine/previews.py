@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .families import ModelFamily
+from .families import Family
 
 PREVIEW_MAX_SIDE = 128
 
@@ -43,7 +43,7 @@ class DeferredPreview:
 class CheapPreviewer:
     """Latent → RGB through the family's fixed factors. Allocation-light, no model call."""
 
-    def __init__(self, family: ModelFamily):
+    def __init__(self, family: Family):
         factors, bias = family.latent_to_rgb_matrix()
         self._factors, self._bias = factors.numpy(), bias.numpy()
 

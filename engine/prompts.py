@@ -7,13 +7,19 @@ runs into embeddings and does the long-prompt chunking. Compel's own prompt
 grammar is never used: it backtracks on nested brackets, so its time grows
 exponentially with the nesting depth, and one short prompt held the whole job
 queue.
+
+Which layer of which text encoder becomes the conditioning (A1111's "Clip skip")
+is the model family's to say (``TextLayer``, ``engine.families``); this module
+only reads it.
 """
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -119,46 +125,96 @@ class Conditioning:
     negative_pooled: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class TextLayer:
+    """Which output of a CLIP text encoder conditions the model: the hidden state ``from_end`` layers from
+    the end (1 = the last layer's output), passed through the encoder's final layer norm or not.
+
+    A1111's "Clip skip" N picks ``from_end = N`` with the final norm for SD 1.x; each family says which
+    layer it reads (``Family.text_layers``).
+    """
+
+    from_end: int = 1
+    final_norm: bool = True
+
+    def read(self, text_encoder, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pick(text_encoder, self.run(text_encoder, token_ids, attention_mask))
+
+    def run(self, text_encoder, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """The encoder's output, with its hidden states when this layer needs them."""
+        keeps_hidden = not (self.from_end == 1 and self.final_norm)  # else the encoder's own output is the layer
+        return text_encoder(token_ids, attention_mask, output_hidden_states=keeps_hidden, return_dict=True)
+
+    def pick(self, text_encoder, output) -> torch.Tensor:
+        if self.from_end == 1 and self.final_norm:
+            return output.last_hidden_state
+        hidden = output.hidden_states[-self.from_end]
+        if self.final_norm:
+            # transformers 5's CLIPTextModel holds the norm itself; ...WithProjection keeps it under text_model.
+            hidden = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+        return hidden
+
+
+class TextEncoding(Protocol):
+    """What a prompt encoder needs to know about a model family (``engine.families.Family`` provides it)."""
+
+    text_encoders: tuple[tuple[str, str], ...]  # (tokenizer, text encoder) attribute names, in concatenation order
+    pooled_encoder: int | None  # the index of the encoder whose projected output is the pooled embedding
+
+    def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]: ...
+
+
+@functools.cache
+def _layer_provider_class():
+    """compel's embeddings provider (tokens, 75-token chunks, weights), reading the text encoder at a chosen layer."""
+    from compel.embeddings_provider import EmbeddingsProvider, SplitLongTextMode
+
+    class LayerEmbeddingsProvider(EmbeddingsProvider):
+        def __init__(self, tokenizer, text_encoder, layer: TextLayer):
+            # Compel's own defaults for a Compel object built with truncate_long_prompts=False.
+            super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, truncate=False,
+                             split_long_text_mode=SplitLongTextMode.SENTENCES)
+            self.layer = layer
+
+        def _encode_token_ids_to_embeddings(self, token_ids, attention_mask=None):
+            return self.layer.read(self.text_encoder, token_ids, attention_mask)
+
+    return LayerEmbeddingsProvider
+
+
 class PromptEncoder:
     """Encodes prompts for one loaded model; remembers recent results.
 
-    The cache key is (prompt, negative); one encoder belongs to one model, so a
-    model switch starts from an empty cache.
+    The cache key is (prompt, negative, the text layers Clip skip selects); one encoder belongs to
+    one model, so a model switch starts from an empty cache. A family that ignores Clip skip reads the
+    same layers for every value, so those values share cache entries.
     """
 
-    def __init__(self, components, is_xl: bool, cache_size: int = 32):
-        from compel import Compel, ReturnedEmbeddingsType
-
-        self.is_xl = is_xl
+    def __init__(self, components, encoding: TextEncoding, cache_size: int = 32):
+        self.encoding = encoding
         self.hits = 0
         self.misses = 0
-        self._cache: OrderedDict[tuple[str, str], Conditioning] = OrderedDict()
+        self._components = components
+        self._tokenizers = [getattr(components, tokenizer) for tokenizer, _ in encoding.text_encoders]
+        self._text_encoders = [getattr(components, encoder) for _, encoder in encoding.text_encoders]
+        self._cache: OrderedDict[tuple, Conditioning] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._empty: torch.Tensor | None = None
+        self._empty: dict[tuple[TextLayer, ...], torch.Tensor] = {}
+        self._providers: dict[tuple[TextLayer, ...], list] = {}
         # Each text is cached on its own too, as A1111 caches cond and uncond separately: a new
         # prompt with the usual negative encodes only the prompt.
-        self._texts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
-        self._pipeline = components if hasattr(components, "encode_prompt") else None
-        if is_xl:
-            self._compel = Compel(
-                tokenizer=[components.tokenizer, components.tokenizer_2],
-                text_encoder=[components.text_encoder, components.text_encoder_2],
-                returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
-                requires_pooled=[False, True],
-                truncate_long_prompts=False,
-            )
-        else:
-            self._compel = Compel(tokenizer=components.tokenizer, text_encoder=components.text_encoder, truncate_long_prompts=False)
+        self._texts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
 
-    def encode(self, prompt: str, negative: str) -> Conditioning:
-        key = (prompt, negative)
+    def encode(self, prompt: str, negative: str, clip_skip: int = 1) -> Conditioning:
+        layers = self._layers(clip_skip)
+        key = (prompt, negative, layers)
         with self._lock:
             if key in self._cache:
                 self.hits += 1
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        conditioning = self._encode_uncached(prompt, negative)
+        conditioning = self._encode_uncached(prompt, negative, layers)
         with self._lock:
             self.misses += 1
             self._cache[key] = conditioning
@@ -172,98 +228,130 @@ class PromptEncoder:
             self._cache.clear()
             self._texts.clear()
 
+    def _layers(self, clip_skip: int) -> tuple[TextLayer, ...]:
+        """The family's layers for this Clip skip, refused when an encoder has fewer layers than asked for."""
+        from .errors import ValidationError
+
+        layers = tuple(self.encoding.text_layers(clip_skip))
+        for layer, text_encoder in zip(layers, self._text_encoders):
+            depth = int(text_encoder.config.num_hidden_layers)
+            if layer.from_end > depth:
+                raise ValidationError("clip_skip", f"{clip_skip} skips more layers than this model's text encoder has "
+                                                   f"({depth}); use 1 to {depth}")
+        return layers
+
+    def _device(self) -> torch.device:
+        return self._text_encoders[0].device
+
     @torch.inference_mode()
-    def _encode_uncached(self, prompt: str, negative: str) -> Conditioning:
+    def _encode_uncached(self, prompt: str, negative: str, layers: tuple[TextLayer, ...] | None = None) -> Conditioning:
+        layers = layers if layers is not None else self._layers(1)
         # Encoded one at a time and padded here: compel's own padding of a batch with
         # different lengths fails for SDXL's two encoders.
-        positive, pooled = self._encode_one(prompt)
-        negative_embeds, negative_pooled = self._encode_one(negative)
+        positive, pooled = self._encode_one(prompt, layers)
+        negative_embeds, negative_pooled = self._encode_one(negative, layers)
         length = max(positive.shape[1], negative_embeds.shape[1])
         return Conditioning(
-            prompt_embeds=self._pad(positive, length), negative_embeds=self._pad(negative_embeds, length),
+            prompt_embeds=self._pad(positive, length, layers), negative_embeds=self._pad(negative_embeds, length, layers),
             pooled=pooled, negative_pooled=negative_pooled,
         )
 
-    def _encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode_one(self, text: str, layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (text, layers)
         with self._lock:
-            if text in self._texts:
-                self._texts.move_to_end(text)
-                return self._texts[text]
-        encoded = self._encode_text(text)
+            if key in self._texts:
+                self._texts.move_to_end(key)
+                return self._texts[key]
+        encoded = self._encode_text(text, layers)
         with self._lock:
-            self._texts[text] = encoded
+            self._texts[key] = encoded
             while len(self._texts) > 2 * self._cache_size:
                 self._texts.popitem(last=False)
         return encoded
 
-    def _encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode_text(self, text: str, layers: tuple[TextLayer, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layers = layers if layers is not None else self._layers(1)
         if _SYNTAX.search(text):
             fragments = weighted_fragments(text)
             if any(weight != 1.0 for _, weight in fragments):
-                return self._encode_weighted(fragments)
+                return self._encode_weighted(fragments, layers)
             text = "".join(fragment for fragment, _ in fragments)  # only escapes or stray brackets: plain text
-        return self._encode_plain(text) if self._fits_one_window(text) else self._encode_unweighted_long(text)
+        return self._encode_plain(text, layers) if self._fits_one_window(text) else self._encode_unweighted_long(text, layers)
 
-    def _encode_weighted(self, fragments: list[tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _layer_providers(self, layers: tuple[TextLayer, ...]) -> list:
+        """One compel embeddings provider per text encoder, reading that encoder's layer (built once per layer choice)."""
+        with self._lock:
+            if layers not in self._providers:
+                cls = _layer_provider_class()
+                self._providers[layers] = [cls(tokenizer, text_encoder, layer) for tokenizer, text_encoder, layer
+                                           in zip(self._tokenizers, self._text_encoders, layers)]
+            return self._providers[layers]
+
+    def _pooled(self, text: str, layers: tuple[TextLayer, ...]) -> torch.Tensor | None:
+        """The pooled embedding, read from the text without its weighting syntax, as A1111 does."""
+        index = self.encoding.pooled_encoder
+        if index is None:
+            return None
+        return self._layer_providers(layers)[index].get_pooled_embeddings([text], device=self._device())
+
+    def _encode_weighted(self, fragments: list[tuple[str, float]],
+                         layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weighted runs through compel's embeddings providers (tokens, 75-token chunks, weights).
 
         Every weight scales its tokens' distance from the empty prompt's embedding, under 1 as
         over 1 (A1111 too scales both ways). Compel's own path also re-encodes the whole prompt
         once per down-weighted run, a cost that grows with the square of the prompt's length;
-        here it is one text-encoder pass per chunk. SDXL's pooled embedding is read from the
-        text without its syntax, as A1111 does.
+        here it is one text-encoder pass per chunk.
         """
-        provider = self._compel.conditioning_provider
         texts, weights = [text for text, _ in fragments], [weight for _, weight in fragments]
-        device = self._compel.device
+        device = self._device()
         parts = []
-        for one in getattr(provider, "embedding_providers", [provider]):  # SDXL: one per text encoder
+        for one in self._layer_providers(layers):  # one per text encoder, concatenated along the features
             tokens, token_weights, mask = one.get_token_ids_and_expand_weights(texts, weights, device=device)
             embeds = one.build_weighted_embedding_tensor(tokens, token_weights, mask, device=device)
             parts.append(embeds.to(one.text_encoder.device, dtype=one.text_encoder.dtype))
-        pooled = provider.get_pooled_embeddings(["".join(texts)], device=device) if self.is_xl else None
-        return torch.cat(parts, dim=-1), pooled
+        return torch.cat(parts, dim=-1), self._pooled("".join(texts), layers)
 
     def _fits_one_window(self, text: str) -> bool:
-        """One CLIP window (start and end tokens included) for every tokenizer, and a pipeline to encode it."""
-        if self._pipeline is None:
-            return False
-        tokenizers = [self._pipeline.tokenizer] + ([self._pipeline.tokenizer_2] if self.is_xl else [])
-        return all(len(tokenizer(text).input_ids) <= tokenizer.model_max_length for tokenizer in tokenizers)
+        """One CLIP window (start and end tokens included) for every tokenizer."""
+        return all(len(tokenizer(text).input_ids) <= tokenizer.model_max_length for tokenizer in self._tokenizers)
 
-    def _encode_plain(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Plain text through diffusers' own ``encode_prompt``: the same tensors compel computes for
-        it, bit for bit, without compel's per-call grammar build and parse (~15 ms per text on one
-        CPU core, several times the text encoder itself; measured by bench/)."""
-        device = self._pipeline.text_encoder.device
-        if self.is_xl:
-            embeds, _, pooled, _ = self._pipeline.encode_prompt(prompt=text, device=device, num_images_per_prompt=1,
-                                                                 do_classifier_free_guidance=False)
-            return embeds, pooled
-        embeds, _ = self._pipeline.encode_prompt(text, device, 1, False)
-        return embeds, None
+    def _encode_plain(self, text: str, layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Plain text in one window, as diffusers' ``encode_prompt`` computes it (padded to the window,
+        no attention mask): the same tensors compel computes, without compel's per-call grammar build
+        and parse (several times the cost of a small text encoder; measured by bench/)."""
+        parts, pooled = [], None
+        for index, (tokenizer, text_encoder, layer) in enumerate(zip(self._tokenizers, self._text_encoders, layers)):
+            ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(text_encoder.device)
+            output = layer.run(text_encoder, ids)
+            parts.append(layer.pick(text_encoder, output))
+            if index == self.encoding.pooled_encoder:  # the pooled embedding from the same pass
+                pooled = output.text_embeds
+        return torch.cat(parts, dim=-1), pooled
 
-    def _encode_unweighted_long(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode_unweighted_long(self, text: str, layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text without weighting syntax but longer than one window: one weight-1 fragment straight
-        to compel's embeddings provider, which chunks it exactly as a full compel call would. Skips
+        to compel's embeddings providers, which chunk it exactly as a full compel call would. Skips
         building compel's prompt grammar, which is rebuilt on every call and costs more than a
         small text encoder."""
-        provider = self._compel.conditioning_provider
-        embeds = provider.get_embeddings_for_weighted_prompt_fragments(
-            text_batch=[[text]], fragment_weights_batch=[[1.0]], device=self._compel.device)
-        pooled = provider.get_pooled_embeddings([text], device=self._compel.device) if self.is_xl else None
-        return embeds, pooled
+        device = self._device()
+        parts = [one.get_embeddings_for_weighted_prompt_fragments(text_batch=[[text]], fragment_weights_batch=[[1.0]],
+                                                                  device=device)
+                 for one in self._layer_providers(layers)]
+        return torch.cat(parts, dim=-1), self._pooled(text, layers)
 
-    def _pad(self, embeds: torch.Tensor, length: int) -> torch.Tensor:
+    def _pad(self, embeds: torch.Tensor, length: int, layers: tuple[TextLayer, ...]) -> torch.Tensor:
         """Extend a conditioning with empty-prompt chunks, as A1111 pads the shorter of cond/uncond."""
         if embeds.shape[1] >= length:
             return embeds
-        if self._empty is None:
-            self._empty = self._encode_one("")[0]
+        if layers not in self._empty:
+            self._empty[layers] = self._encode_one("", layers)[0]
+        empty = self._empty[layers]
         pieces = [embeds]
         missing = length - embeds.shape[1]
         while missing > 0:
-            piece = self._empty[:, :missing]
+            piece = empty[:, :missing]
             pieces.append(piece)
             missing -= piece.shape[1]
         return torch.cat(pieces, dim=1)

@@ -385,7 +385,7 @@ def test_controlnets_are_found_in_the_a1111_folder_and_builtin_and_pickles_are_s
     assert models.skipped_pickles(tmp_path / "models") == [pickles / "control_sd15_canny.pth"]
 
 
-@pytest.mark.parametrize("family, cross_attention", [("sd15", 768), ("sd2", 1024), ("sdxl", 2048)])
+@pytest.mark.parametrize("family, cross_attention", [("sd1", 768), ("sd2", 1024), ("sdxl", 2048)])
 def test_shipped_single_file_configs_build_and_are_picked_by_the_file_keys(cn, tmp_path, family, cross_attention):
     import torch
     from diffusers import ControlNetModel

@@ -22,3 +22,43 @@ def test_core_never_names_an_extension():
     pattern = re.compile(r"^\s*(from|import)\s+extensions\b", re.M)
     offenders = [p for folder in ("engine", "ui") for p in (ROOT / folder).rglob("*.py") if pattern.search(p.read_text())]
     assert [p.relative_to(ROOT).as_posix() for p in offenders] == []
+
+
+# "Is this SDXL?" and its cousins: a name test, a family-name comparison, or a structural test that stands
+# for one (a second text encoder, SDXL's added conditioning, an SDXL pipeline class picked by hand).
+FAMILY_TESTS = re.compile(
+    r"\bis_xl\b"
+    r"|(==|!=)\s*[\"'](sd1|sd15|sd2|sdxl|sd3|flux)[\"']|[\"'](sd1|sd15|sd2|sdxl|sd3|flux)[\"']\s*(==|!=)"
+    r"|\bin\s*[\(\[{]\s*[\"'](sd1|sd15|sd2|sdxl)[\"']"
+    r"|family\.(id|name|title)\s*(==|!=|\bin\b)"
+    r"|[\"']text_encoder_2[\"']\s*,\s*None\)\s*is\s*(not\s*)?None"
+    r"|[\"']text_time[\"']|\baddition_embed_type\b|cross_attention_dim[\"']\)\s*==\s*\d"
+    r"|\bStableDiffusionXL\w*Pipeline\b"
+)
+# Files that may hold family facts: the family files themselves, and the tiny-model builders (which construct
+# each family's fixture, and so name its pipeline and conditioning).
+FAMILY_HOMES = ("engine/families/", "engine/tiny_models.py")
+
+
+def family_tests_in(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if FAMILY_TESTS.search(line)]
+
+
+def test_the_family_test_pattern_catches_the_ways_code_asked_is_it_sdxl():
+    caught = ['if model.family.is_xl:', 'cls = StableDiffusionXLPipeline if x else y', 'if layout.family == "sdxl":',
+              'xl = getattr(pipeline, "text_encoder_2", None) is not None', 'if config.get("addition_embed_type") == "text_time":',
+              'if family.name in ("sd1", "sd2"):', 'return "sdxl" == kind', 'if unet.get("cross_attention_dim") == 1024:',
+              'kwargs = {"added_cond_kwargs": added} if controlnet.config.get("addition_embed_type") else {}']
+    assert [line for line in caught if not family_tests_in(line)] == []
+    assert family_tests_in('prompt_encoder=family.prompt_encoder(pipeline)\nfolder = CONFIGS_DIR / family.id') == []
+
+
+def test_no_family_is_tested_outside_the_family_files():
+    offenders = []
+    for folder in ("engine", "ui", "extensions", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            relative = path.relative_to(ROOT).as_posix()
+            if relative.startswith(FAMILY_HOMES):
+                continue
+            offenders += [f"{relative}: {line}" for line in family_tests_in(path.read_text())]
+    assert offenders == []

@@ -19,6 +19,8 @@ import torch
 
 from engine import Engine, GenerationRequest, ModelError, ModelRegistry
 from engine.families import SD1, SD2, SDXL, detect_family
+
+FAMILIES = {"sd1": SD1, "sdxl": SDXL}
 from engine.models import SINGLE_FILE_CONFIGS
 from engine.tiny_models import build_sd1
 from tests._checkpoints import build_sd2_like, build_sdxl_two_widths, copy_configs, copy_model, write_single_file
@@ -197,7 +199,7 @@ def test_shipped_tokenizers_encode_like_real_clip(tmp_path, family):
     from engine.models import _materialise_config
     from transformers import CLIPTokenizer
 
-    folder = _materialise_config(SINGLE_FILE_CONFIGS / family, family, tmp_path, None)
+    folder = _materialise_config(SINGLE_FILE_CONFIGS / family, FAMILIES[family], tmp_path, None)
     names = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
     for name in names:
         tokenizer = CLIPTokenizer.from_pretrained(folder / name)
@@ -221,8 +223,8 @@ def shipped(tmp_path_factory) -> dict[str, object]:
 
     built = {}
     for family in ("sd1", "sdxl"):
-        folder = _materialise_config(SINGLE_FILE_CONFIGS / family, family, tmp_path_factory.mktemp(family), None)
-        built[family] = _empty_components(folder, family == "sdxl")
+        folder = _materialise_config(SINGLE_FILE_CONFIGS / family, FAMILIES[family], tmp_path_factory.mktemp(family), None)
+        built[family] = _empty_components(folder, FAMILIES[family])
     return built
 
 
@@ -242,11 +244,11 @@ def test_our_single_file_names_for_full_size_models_are_the_ones_diffusers_reads
     recognised by diffusers and maps back onto every weight of the shipped configs' modules."""
     from diffusers.loaders import single_file_utils as sfu
 
-    from engine.checkpoint_convert import SD1_COMPONENTS, SDXL_COMPONENTS, SDXL_OPENCLIP_PREFIX
+    from engine.checkpoint_convert import SDXL_OPENCLIP_PREFIX
 
     modules = shipped[family]
     ldm = {}
-    for component in SDXL_COMPONENTS if family == "sdxl" else SD1_COMPONENTS:
+    for component in FAMILIES[family].single_file.components:
         ldm.update(component.convert(getattr(modules, component.attribute)))
     assert sfu.infer_diffusers_model_type(ldm) == model_type
     back = {"unet": sfu.convert_ldm_unet_checkpoint(ldm, dict(modules.unet.config)),
@@ -265,7 +267,7 @@ def test_families_are_told_apart_and_carry_their_constants(registry, tmp_path):
     assert registry.load(SD1_FOLDER).family == SD1
     assert registry.load(SD1_FILE).family == SD1
     xl = registry.load(SDXL_FILE).family
-    assert xl == SDXL and xl.is_xl and xl.latent_rgb_bias == SDXL.latent_rgb_bias
+    assert xl == SDXL and xl.latent_rgb_bias == SDXL.latent_rgb_bias and xl.text_encoders[1] == ("tokenizer_2", "text_encoder_2")
     sd2 = ModelRegistry(build_sd2_like(tmp_path / "m" / "sd2").parent, builtin_dir=None, device="cpu").load("sd2")
     assert sd2.family == SD2 and sd2.family.native_size == (768, 768)
 

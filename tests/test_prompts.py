@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine.prompts import weighted_fragments
+from tests._compel import compel_for
 
 
 @pytest.mark.parametrize("a1111,fragments", [
@@ -65,8 +66,8 @@ def test_long_unweighted_prompt_fast_path_equals_a_full_compel_call(encoder):
     text = ", ".join(f"w{i % 10} v{i % 7}" for i in range(60))  # commas: compel picks split points on them
     assert len(encoder.tokenizer(text).input_ids) > 2 * 77
     fast, fast_pooled = encoder._encode_text(text)
-    full = encoder._compel([text])
-    full, full_pooled = full if encoder.is_xl else (full, None)
+    full = compel_for(encoder)([text])
+    full, full_pooled = full if isinstance(full, tuple) else (full, None)
     assert torch.equal(fast, full)
     assert (fast_pooled is None) == (full_pooled is None)
     if fast_pooled is not None:

@@ -28,7 +28,7 @@ def native_size(studio, name: str | None) -> tuple[int, int]:
         try:
             config = json.loads((entry.path / "unet" / "config.json").read_text())
             return detect_family(config, entry.path).native_size
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError, AttributeError):
             return SD1.native_size
     return SD1.native_size
 

@@ -102,9 +102,9 @@ class ControlNetHook:
             sample, text = sample[half:], text[half:]
             added = {key: value[half:] for key, value in added.items()} if added else added
         control = active.control.expand(sample.shape[0], -1, -1, -1)
-        kwargs = {"added_cond_kwargs": added} if controlnet.config.get("addition_embed_type") else {}
+        # The family's extra UNet inputs (None for families with none): a ControlNet fits only its own family.
         down, mid = controlnet(sample, timestep, encoder_hidden_states=text, controlnet_cond=control, conditioning_scale=1.0,
-                               return_dict=False, **kwargs)
+                               return_dict=False, added_cond_kwargs=added)
         scales = active.scales(len(down) + 1)
         down = [residual * scale for residual, scale in zip(down, scales)]
         mid = mid * scales[-1]

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from engine import families
 from engine.attention_calls import call_processors_directly
 from engine.errors import ModelError
 
@@ -103,18 +104,14 @@ def _single_file_keys(path: Path) -> tuple[list[str], Any]:
 
 
 def _original_family(keys: list[str], handle: Any) -> str:
-    """sd15 / sd2 / sdxl from an original-layout ControlNet's keys (SDXL has label_emb; SD2 attends to 1024-d text)."""
+    """The base model family an original-layout ControlNet was made for, asked of the families: the
+    ControlNet copies the UNet's encoder half, under ``control_model.`` or with no prefix."""
     prefix = "control_model." if any(key.startswith("control_model.") for key in keys) else ""
-    if f"{prefix}label_emb.0.0.weight" in keys:
-        return "sdxl"
-    probe = f"{prefix}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if probe in keys and handle.get_slice(probe).get_shape()[1] == 1024:
-        return "sd2"
-    return "sd15"
+    return families.detect_unet_keys(keys, lambda key: list(handle.get_slice(key).get_shape()), prefix).id
 
 
 def single_file_config(path: Path) -> Path:
-    """The diffusers config folder for a single-file ControlNet."""
+    """The diffusers config folder for a single-file ControlNet: ``configs/<family id>`` (engine.families)."""
     sibling = path.with_suffix(".config")
     if (sibling / "config.json").is_file():
         return sibling
@@ -133,10 +130,13 @@ def read_config(entry: ControlNetEntry) -> dict:
 
 
 def fits(config: dict, unet_config: Any) -> bool:
-    """Whether a ControlNet (by its config) was made for this UNet: same text width, same added conditioning."""
-    get = unet_config.get if isinstance(unet_config, dict) else lambda key, default=None: getattr(unet_config, key, default)
-    return (config.get("cross_attention_dim") == get("cross_attention_dim")
-            and (config.get("addition_embed_type") or None) == (get("addition_embed_type") or None))
+    """Whether a ControlNet (by its config) was made for this UNet: the same family, reading text of the same width."""
+    unet = dict(unet_config)
+    try:
+        same_family = type(families.detect_family(config)) is type(families.detect_family(unet))
+    except ValueError:
+        return False
+    return same_family and config.get("cross_attention_dim") == unet.get("cross_attention_dim")
 
 
 def fitting(entries: dict[str, ControlNetEntry], unet_config: Any) -> list[ControlNetEntry]:

@@ -1,0 +1,206 @@
+"""The shape every model family file fills in: one ``Family`` object per family.
+
+A family says how its models are told apart, loaded, sampled and conditioned, so the
+rest of the engine asks the family instead of testing the model's name (like
+ComfyUI's per-model latent formats, grown to cover the whole model). Facts that hold
+for every Stable Diffusion UNet family live here as defaults; each family file
+overrides what differs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+
+from ..checkpoint_convert import LayoutComponent
+from ..prompts import Conditioning, PromptEncoder, TextLayer
+
+if TYPE_CHECKING:
+    from ..sampling.noise_table import NoiseTable
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+FAMILY_FILE = "sfumato.json"  # a model folder's own overrides of its family's constants (the demo model ships one)
+MODES = ("txt2img", "img2img", "inpaint")
+# diffusers' prediction_type -> the parameterization the denoiser undoes.
+PARAMETERIZATIONS = {"epsilon": "eps", "v_prediction": "v"}
+# Loading an SD 1.x/2.x pipeline without the safety checker it may name.
+NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """The latent space a family's VAE encodes to (ComfyUI's ``LatentFormat``).
+
+    ``scaling_factor`` and ``shift`` are the published constants; a loaded model's own VAE config
+    wins where it has one. The preview factors map one latent pixel, as the model sees it, to RGB
+    in [-1, 1].
+    """
+
+    channels: int
+    scaling_factor: float
+    rgb_factors: tuple[tuple[float, float, float], ...]
+    rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    shift: float = 0.0
+    tiny_decoder: str = "taesd"  # the TAESD variant that decodes this latent (madebyollin/taesd*)
+
+    def to_rgb_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(self.rgb_factors, dtype=torch.float32), torch.tensor(self.rgb_bias, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class SingleFileLayout:
+    """Where a family's components live in an original-layout (CompVis/SGM) single file."""
+
+    marker: str  # a key prefix only this family's full checkpoints have (its text encoder)
+    prefixes: dict[str, str]  # component -> key prefix, for the components whose weights are compared with the config
+    components: tuple[LayoutComponent, ...]  # how each diffusers component is written out (engine.checkpoint_convert)
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """A family's extra inputs to the per-step model call, for one image of the positive and of the negative prompt."""
+
+    positive: dict[str, torch.Tensor] = field(default_factory=dict)
+    negative: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def batched(self, batch: int, do_cfg: bool, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """Laid out as the text embeddings are: ``[negative × batch, positive × batch]`` with CFG, else
+        ``positive × batch``; None when the family has none."""
+        if not self.positive:
+            return None
+        batched = {}
+        for key, positive in self.positive.items():
+            rows = positive.repeat(batch, 1)
+            if do_cfg:
+                rows = torch.cat([self.negative[key].repeat(batch, 1), rows])
+            batched[key] = rows.to(device, dtype)
+        return batched
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: detection, loading, latent format, parameterization, prompt encoding, model call, sizes.
+
+    Instances are constants (``SD1``, ``SD2``, ``SDXL``); a model folder's ``sfumato.json`` makes a
+    copy with its own name, native size and preview factors (``with_overrides``). What every model
+    of the family shares, whatever the overrides, is a class attribute.
+    """
+
+    name: str
+    native_size: tuple[int, int]
+    latent: LatentFormat
+    min_size: int = 64
+    max_size: int = 2048
+    modes: tuple[str, ...] = MODES
+
+    id: ClassVar[str]  # the family's folder name: engine/configs/<id>, extension config folders
+    title: ClassVar[str]  # as the artist reads it: "SD 1.x"
+    # Loading
+    denoiser: ClassVar[str] = "unet"  # the pipeline attribute holding the denoising model, whose config detection reads
+    pipeline_classes: ClassVar[tuple[str, ...]]  # the diffusers pipelines whose folders hold this family (first: the one loaded)
+    components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # a folder must have them
+    load_options: ClassVar[dict[str, Any]] = {}  # extra keywords for the pipeline's from_single_file
+    missing_component_hints: ClassVar[dict[str, str]] = {}  # component -> what its absence usually means
+    single_file: ClassVar[SingleFileLayout]
+    # Prompt encoding
+    text_encoders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
+    pooled_encoder: ClassVar[int | None] = None
+    # Parameterization
+    default_prediction_type: ClassVar[str] = "epsilon"
+    # NVIDIA's published Align Your Steps σs for this family: the constant's name in engine.sampling.noise_table,
+    # read when the table is built, so the sampling package loads only when sampling needs it. A1111 uses the
+    # SD 1.5 list for every model that is not SDXL.
+    align_your_steps: ClassVar[str] = "AYS_SD15"
+
+    # -- detection --------------------------------------------------------------------------
+    def matches_config(self, unet_config: dict) -> bool:
+        """Whether a diffusers config of the family's denoiser (a UNet config here) is this family's."""
+        raise NotImplementedError
+
+    def matches_checkpoint(self, keys: set[str]) -> bool:
+        """Whether an original-layout single file's key names hold this family's full checkpoint."""
+        return any(key.startswith(self.single_file.marker) for key in keys)
+
+    def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
+        """Whether original-layout UNet-shaped weights under ``prefix`` (a checkpoint's UNet, a ControlNet's
+        copy of its encoder half) were made for this family."""
+        raise NotImplementedError
+
+    # -- loading ----------------------------------------------------------------------------
+    @property
+    def config_folder(self) -> Path:
+        """The diffusers config folder shipped for this family's single files (engine/configs/<id>)."""
+        return CONFIGS_DIR / self.id
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
+    def load_single_file(self, path: Path, config: Path, dtype: torch.dtype):
+        """The pipeline from an original-layout single file, configured by the diffusers folder ``config``."""
+        return self.pipeline_class().from_single_file(str(path), config=str(config), local_files_only=True, dtype=dtype,
+                                                      **self.load_options)
+
+    def prompt_encoder(self, components) -> PromptEncoder:
+        return PromptEncoder(components, self)
+
+    def with_overrides(self, path: Path) -> "Family":
+        """This family as a model's own ``sfumato.json`` describes it: name, native size, preview factors."""
+        data = json.loads(path.read_text())
+        width = int(data.get("native_width", self.native_size[0]))
+        height = int(data.get("native_height", self.native_size[1]))
+        latent = replace(
+            self.latent,
+            rgb_factors=tuple(tuple(float(v) for v in row) for row in data.get("latent_rgb_factors", self.latent.rgb_factors)),
+            rgb_bias=tuple(float(v) for v in data.get("latent_rgb_bias", self.latent.rgb_bias)),
+        )
+        return replace(self, name=str(data.get("family", self.name)), native_size=(width, height), latent=latent,
+                       min_size=min(self.min_size, width, height))
+
+    # -- latent format (kept under the names the previewer has always read) -------------------
+    @property
+    def latent_rgb_factors(self) -> tuple[tuple[float, float, float], ...]:
+        return self.latent.rgb_factors
+
+    @property
+    def latent_rgb_bias(self) -> tuple[float, float, float]:
+        return self.latent.rgb_bias
+
+    def latent_to_rgb_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.latent.to_rgb_matrix()
+
+    # -- parameterization and noise ----------------------------------------------------------
+    def parameterization(self, scheduler_config: dict) -> str:
+        """What the model predicts, "eps" or "v", from its scheduler config's ``prediction_type``."""
+        prediction = scheduler_config.get("prediction_type") or self.default_prediction_type
+        if prediction not in PARAMETERIZATIONS:
+            raise ValueError(f"prediction_type {prediction!r} is not one Sfumato samples ({', '.join(PARAMETERIZATIONS)})")
+        return PARAMETERIZATIONS[prediction]
+
+    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None) -> "NoiseTable":
+        """The training noise table (σ per timestep) from the model's scheduler config: the β schedule of
+        Ho et al. 2020 as latent diffusion trains it. ``zero_terminal_snr`` None follows the config's
+        ``rescale_betas_zero_snr``."""
+        from ..sampling import noise_table
+
+        if zero_terminal_snr is None:
+            zero_terminal_snr = bool(scheduler_config.get("rescale_betas_zero_snr", False))
+        return noise_table.NoiseTable.for_betas(
+            float(scheduler_config.get("beta_start", 0.00085)), float(scheduler_config.get("beta_end", 0.012)),
+            str(scheduler_config.get("beta_schedule", "scaled_linear")), int(scheduler_config.get("num_train_timesteps", 1000)),
+            zero_terminal_snr=zero_terminal_snr, align_your_steps=getattr(noise_table, self.align_your_steps),
+        )
+
+    # -- prompt encoding -------------------------------------------------------------------------
+    def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]:
+        """Which layer of each text encoder conditions the model for A1111's "Clip skip" (1 = the default)."""
+        raise NotImplementedError
+
+    # -- the per-step model call ----------------------------------------------------------------
+    def unet_kwargs(self, conditioning: Conditioning, width: int, height: int) -> ModelInputs:
+        """Extra inputs of the UNet call beyond latents, timestep and text embeddings (none by default)."""
+        return ModelInputs()
