@@ -25,7 +25,12 @@ def test_every_sampler_schedule_generates_or_is_refused(engine, sampler, schedul
     assert schedule in samplers.schedules_for(sampler)
     result = engine.generate(make())
     pixels = np.asarray(result.images[0].image)
-    assert pixels.shape == (64, 64, 3) and np.isfinite(pixels).all()
+    assert pixels.shape == (64, 64, 3)
+    # A NaN or blown-up latent decodes to one flat or clipped colour. On this random-weight model every combination
+    # measured std 39-42 with 1-2% of channel values at 0 or 255. Whether a sampler draws the right picture is
+    # tests/test_sampler_pictures.py's job, on the demo model.
+    clipped = float(np.isin(pixels, (0, 255)).mean())
+    assert pixels.std() > 10 and clipped < 0.25, f"{sampler} + {schedule}: std {pixels.std():.2f}, clipped {clipped:.2f}"
     assert f"Sampler: {sampler}" in result.images[0].infotext
 
 
