@@ -320,3 +320,56 @@ def request_fields_from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
     if result.get("zero_terminal_snr") and "sampler" in result and not samplers.supports_zero_terminal_snr(result["sampler"]):
         del result["zero_terminal_snr"]
     return result
+
+
+# --- what loading an infotext cannot give ------------------------------------
+
+# Keys that describe the image rather than set the request: nothing to apply, nothing to warn about.
+_INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, SIZE_KEY, VERSION_KEY, *STOPPED_EARLY_KEYS.values()})
+
+
+def _made_by_us(params: Mapping[str, str]) -> bool:
+    return str(params.get(VERSION_KEY, "")).startswith("sfumato")
+
+
+def _is_known_key(key: str) -> bool:
+    """A key some declared field reads: a core field's own, or an extension's (``ControlNet`` covers ``ControlNet 0``)."""
+    field = FIELDS.by_infotext_key(key)
+    if field is not None:
+        return True
+    return any(key.startswith(f"{field.infotext} ") for field in FIELDS.owned_by_extensions() if field.infotext)
+
+
+def loading_notes(params: Mapping[str, str], applied: Mapping[str, Any]) -> list[str]:
+    """Sentences for the artist about what loading this infotext cannot reproduce: nothing is dropped silently.
+
+    ``applied`` is what ``request_fields_from_infotext`` made of ``params``. The notes say:
+    - that an A1111 infotext without "RNG" was made with A1111's default GPU noise, which our
+      CPU noise does not reproduce (the "RNG" setting);
+    - which keys no field of ours reads, and which values were refused, with their text.
+    """
+    if not isinstance(params, Mapping):
+        return []
+    notes: list[str] = []
+    rng = FIELDS["rng"]
+    steps_key = FIELDS["steps"].infotext
+    if rng.infotext not in params and steps_key in params and not _made_by_us(params):
+        notes.append(f'This infotext has no "{rng.infotext}" key, so A1111 made it with its default GPU noise. '
+                     f'Sfumato draws {rng.default} noise (the "{rng.label}" setting), so the same seed gives a different picture.')
+    refused, unknown = [], []
+    body = {FIELDS[name].infotext for name in _BODY_FIELDS}
+    for key, text in params.items():
+        if key in body or key in _INFORMATIONAL_KEYS:
+            continue
+        field = FIELDS.by_infotext_key(key)
+        if field is None:
+            split_from = key[:-2] if key.endswith(("-1", "-2")) else None  # the parser's copy of a "WxH" value
+            if split_from not in params and not _is_known_key(key):
+                unknown.append(f"{key}: {text}")
+        elif field.owner == CORE and field.name not in applied:
+            refused.append(f"{key}: {text}")
+    if unknown:
+        notes.append("Not applied (Sfumato has no such setting): " + ", ".join(unknown) + ".")
+    if refused:
+        notes.append("Not applied (a value Sfumato does not accept): " + ", ".join(refused) + ".")
+    return notes

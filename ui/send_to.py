@@ -13,7 +13,8 @@ import gradio as gr
 from PIL import Image
 
 from engine.errors import ValidationError
-from engine.infotext import parse_infotext, request_fields_from_infotext
+from engine.fields import FIELDS
+from engine.infotext import loading_notes, parse_infotext, request_fields_from_infotext
 from engine.untrusted_images import read_untrusted_image
 
 from .extension_ui import all_components
@@ -33,6 +34,17 @@ def fields_from_infotext(infotext: str | None, only: tuple[str, ...] | None = No
         return {}
     fields = request_fields_from_infotext(parse_infotext(infotext))
     return {key: value for key, value in fields.items() if only is None or key in only or key == "model"}
+
+
+def infotext_notes(infotext: str, target: GenerationTab, fields: dict[str, Any]) -> list[str]:
+    """What sending this infotext to ``target`` cannot reproduce: shown to the artist, never dropped silently."""
+    parameters = parse_infotext(infotext)
+    notes = loading_notes(parameters, request_fields_from_infotext(parameters))
+    unused = [FIELDS[name].infotext or name for name in fields
+              if name not in target.fields and name != "model" and name not in FULL_RESTORE_DEFAULTS and name in FIELDS]
+    if unused:
+        notes.append(f"Not used by {target.mode}: " + ", ".join(unused) + ".")
+    return notes
 
 
 def target_outputs(tabs: gr.Tabs, target: GenerationTab, model_dropdown) -> list:
@@ -124,6 +136,8 @@ def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generat
                 gr.Warning(f"The image cannot be sent: {error.message}.")
                 return [gr.skip()] * len(target_outputs(tabs, target, model_dropdown))
         fields = {**FULL_RESTORE_DEFAULTS, **fields_from_infotext(text)}
+        for note in infotext_notes(text, target, fields):
+            gr.Warning(note, title="Not everything in this infotext can be applied")
         return target_updates(studio, target, fields, image, extension_settings_from_infotext(studio, text))
 
     button.click(send, [infotext, image_path], target_outputs(tabs, target, model_dropdown), api_visibility="private")
