@@ -66,11 +66,14 @@ class GenerationParams(_Lenient):
     width: Int | None = Field(None, description="Output width (multiple of 8). Default: the model's native width (txt2img) or the init image's width (img2img).")
     height: Int | None = Field(None, description="Output height (multiple of 8). Default: the model's native height (txt2img) or the init image's height (img2img).")
     denoising_strength: Float | None = Field(None, description="img2img: how much to change the init image, 0..1 (default 0.75). Ignored by txt2img.")
-    override_settings: dict[str, Any] | None = Field(None, description="Per-request settings; 'sd_model_checkpoint' picks the model for this request only.")
+    eta: Float | None = Field(None, description="Noise multiplier of ancestral, SDE and DDIM samplers, 0..1; null: the sampler's own default.")
+    override_settings: dict[str, Any] | None = Field(None, description="Per-request settings: 'sd_model_checkpoint' picks the model for this request only; "
+                                                     "'CLIP_stop_at_last_layers' (clip skip), 'eta_noise_seed_delta' (ENSD) and 'randn_source' "
+                                                     "(RNG: CPU, GPU or NV) apply to this request.")
     override_settings_restore_afterwards: bool = Field(True, description="Accepted for compatibility; overrides never outlive the request in Sfumato.")
     send_images: bool = Field(True, description="Return the images as base64 PNG.")
     save_images: bool = Field(False, description="Also save the images to the outputs folder.")
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Extension arguments, e.g. {'controlnet': {'args': [unit, ...]}}; unknown scripts are ignored.")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Extension arguments, {'<extension name>': {'args': [...]}}; unknown scripts are ignored.")
 
 
 class Txt2ImgRequest(GenerationParams):
@@ -179,6 +182,8 @@ class PNGInfoResponse(BaseModel):
     info: str = Field("", description="The A1111 infotext found in the image, or ''.")
     items: dict[str, Any] = Field(default_factory=dict, description="Other text chunks (ComfyUI 'prompt'/'workflow' JSON, ...).")
     parameters: dict[str, Any] = Field(default_factory=dict, description="The infotext parsed into 'Key: value' pairs.")
+    notes: list[str] = Field(default_factory=list, description="What generating from this infotext cannot reproduce: keys Sfumato "
+                                                               "cannot apply, and A1111's GPU noise when the infotext has no 'RNG' key.")
 
 
 class ErrorResponse(BaseModel):

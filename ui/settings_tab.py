@@ -1,6 +1,7 @@
 """The Settings tab: persisted through ``studio.update_settings``; each change checked before anything is written."""
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, fields as dataclass_fields
 from typing import Any
 
@@ -17,6 +18,7 @@ from .errors import message_for
 
 # Read once at start: these take effect after a restart (extensions read their own settings when they load, too).
 RESTART_FIELDS = ("device", "dtype")
+log = logging.getLogger("sfumato.ui")
 AUTOMATIC_MODEL = "(automatic)"
 
 
@@ -28,9 +30,13 @@ def checked_settings(studio, values: dict[str, Any]) -> Settings:
 
 
 def extension_settings(studio) -> list[Field]:
-    """Each loaded extension's declared settings."""
-    manager = getattr(studio, "extensions", None)
-    return [declared for extension in (manager.loaded.values() if manager is not None else ()) for declared in extension.settings]
+    """Each loaded extension's declared settings; a manager that cannot say gives none (the tab still builds)."""
+    try:
+        loaded = studio.extensions.loaded
+        return [declared for extension in loaded.values() for declared in getattr(extension, "settings", ())]
+    except Exception:  # noqa: BLE001 - a broken extension must not take the Settings tab with it
+        log.exception("could not read the extensions' settings")
+        return []
 
 
 def _setting_control(declared: Field, value: Any):
