@@ -24,7 +24,7 @@ What an extension declares:
   raises ``engine.errors.ValidationError`` naming the bad field. It must accept
   its own output unchanged, so validating twice is harmless.
 - ``step_hooks(context, settings) -> [StepHook]``: per-step additions to the
-  UNet call (ControlNet residuals, ...).
+  UNet call (residuals for its down and mid blocks, ...).
 - ``infotext_fields(settings) -> {key: value}`` for the A1111 parameters line,
   and optionally ``parse_infotext(params) -> settings`` to read them back.
 - ``api_args(args) -> settings``: A1111's ``alwayson_scripts.<name>.args``.
@@ -105,7 +105,7 @@ class ExtensionEnv:
 
     name: str
     folder: Path  # the extension's own folder
-    models_dir: Path  # the A1111-style models folder (``<models_dir>/ControlNet``, ...)
+    models_dir: Path  # the A1111-style models folder (``<models_dir>/<kind of model>``, ...)
     builtin_dir: Path | None  # the repo's built-in models
     user_dir: Path  # where the app keeps user state
 
@@ -319,7 +319,7 @@ class ExtensionManager:
         return self._modules[name]
 
     def submodule(self, name: str, submodule: str) -> types.ModuleType:
-        """A module inside an enabled extension's package, e.g. ``submodule("controlnet", "api")``."""
+        """A module inside an enabled extension's package, e.g. ``submodule("<name>", "api")``."""
         if not NAME_PATTERN.fullmatch(submodule.replace(".", "_")):
             raise ValidationError("submodule", f"{submodule!r} is not a module name")
         return importlib.import_module(f"{self.module(name).__name__}.{submodule}")

@@ -90,7 +90,7 @@ def build_infotext(
     ``size`` is the size actually produced; it defaults to the request's
     width/height, and ``Size`` is left out when neither is known.
     ``extra`` holds extension entries with values already formatted
-    (``{"ControlNet 0": "Module: canny, Model: x, Weight: 1"}``).
+    (``{"<Extension key> 0": "Module: x, Weight: 1"}``).
     ``stopped_early`` marks an unfinished image (see ``STOPPED_EARLY_KEYS``).
     """
     if size is None and request.width is not None and request.height is not None:
@@ -333,7 +333,7 @@ def _made_by_us(params: Mapping[str, str]) -> bool:
 
 
 def _is_known_key(key: str) -> bool:
-    """A key some declared field reads: a core field's own, or an extension's (``ControlNet`` covers ``ControlNet 0``)."""
+    """A key some declared field reads: a core field's own, or an extension's (its key ``K`` also covers ``K 0``, ``K 1``...)."""
     field = FIELDS.by_infotext_key(key)
     if field is not None:
         return True

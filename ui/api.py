@@ -225,8 +225,8 @@ def copied_fields(body: GenerationParams, mode: str) -> dict[str, Any]:
 def extension_settings(studio, alwayson_scripts: dict[str, Any]) -> dict[str, Any]:
     """``alwayson_scripts`` → ``request.extensions``: each loaded extension parses its own payload.
 
-    Names match case-insensitively (A1111 clients write "controlnet" or
-    "ControlNet"); scripts that are not loaded extensions are ignored, as A1111
+    Names match case-insensitively (A1111 clients write an extension's name in
+    either case); scripts that are not loaded extensions are ignored, as A1111
     ignores unknown always-on scripts.
     """
     manager = getattr(studio, "extensions", None)
@@ -737,11 +737,13 @@ def install_api(app: FastAPI, studio) -> SdApi:
 
 
 def install_extension_routes(app: FastAPI, studio) -> list[str]:
-    """Let each loaded extension that declares ``api_routes(app, studio)`` add its endpoints (ControlNet's /controlnet/*).
+    """Let each loaded extension that declares ``api_routes(app, studio)`` add its endpoints (under ``/<its name>/``, say).
 
-    A broken extension is logged and skipped; the rest of the API still serves.
+    A broken extension is logged and skipped; the rest of the API still serves. The first path segments of
+    the routes they added go to ``app.state.extension_api_prefixes``, so the request guard protects them as the API.
     """
     manager = getattr(studio, "extensions", None)
+    before = {getattr(route, "path", "") for route in app.routes}
     installed = []
     for name, extension in (manager.loaded if manager is not None else {}).items():
         if extension.api_routes is None:
@@ -752,4 +754,6 @@ def install_extension_routes(app: FastAPI, studio) -> list[str]:
             log.exception("extension %s: could not add its API routes", name)
             continue
         installed.append(name)
+    added = {getattr(route, "path", "") for route in app.routes} - before
+    app.state.extension_api_prefixes = tuple(sorted({"/" + path.strip("/").split("/")[0] for path in added if path.strip("/")}))
     return installed
