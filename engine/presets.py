@@ -137,9 +137,12 @@ def _extension_settings_problem(settings: Any) -> str | None:
     return None
 
 
-def _check_fields(fields: Mapping[Any, Any], problems: list[tuple[str, str]]) -> dict[str, Any]:
+def _check_fields(fields: Mapping[Any, Any], problems: list[tuple[str, str]], set_aside: list[str] | None = None) -> dict[str, Any]:
     clean: dict[str, Any] = {}
     for name, value in fields.items():
+        if name not in FIELD_TYPES and set_aside is not None and isinstance(name, str) and name not in FIELDS:
+            set_aside.append(name)
+            continue
         if name not in FIELD_TYPES:
             problems.append((f"fields.{name}", f"unknown field; presets may set {', '.join(FIELD_TYPES)}"))
             continue
@@ -179,8 +182,12 @@ def _canonical_sampler(clean: dict[str, Any], problems: list[tuple[str, str]]) -
         clean["schedule"] = request.schedule
 
 
-def validate_preset(data: Any) -> Preset:
-    """A checked Preset from parsed JSON; raises PresetError (a ValidationError) listing every problem."""
+def validate_preset(data: Any, set_aside: list[str] | None = None) -> Preset:
+    """A checked Preset from parsed JSON; raises PresetError (a ValidationError) listing every problem.
+
+    With a ``set_aside`` list, fields nobody declares (those of an extension that is not loaded) are named
+    there and left out instead of refused: a stored preset still loads while its extension is disabled.
+    """
     if not isinstance(data, Mapping):
         raise PresetError([("preset", f"must be a JSON object with name, description and fields, got {type(data).__name__}")])
     problems: list[tuple[str, str]] = []
@@ -197,7 +204,7 @@ def validate_preset(data: Any) -> Preset:
     fields = data.get("fields", {})
     clean: dict[str, Any] = {}
     if isinstance(fields, Mapping):
-        clean = _check_fields(fields, problems)
+        clean = _check_fields(fields, problems, set_aside)
     else:
         problems.append(("fields", f"must be a JSON object of request fields, got {type(fields).__name__}"))
     if not problems and not _is_unicode(json.dumps(clean, ensure_ascii=False) + description):
@@ -357,11 +364,15 @@ class PresetStore:
         if not folder.is_dir():
             return presets
         for path in sorted(folder.glob("*.json")):
+            set_aside: list[str] = []
             try:
-                preset = validate_preset(json.loads(path.read_text(encoding="utf-8-sig")))
+                preset = validate_preset(json.loads(path.read_text(encoding="utf-8-sig")), set_aside)
             except (OSError, ValueError, RecursionError) as error:
                 self.problems.append(f"{path}: {error}")
                 continue
+            if set_aside:
+                self.problems.append(f"{path}: {', '.join(set_aside)} left out: no loaded extension declares "
+                                     f"{'it' if len(set_aside) == 1 else 'them'} (is its extension disabled?)")
             presets[preset.name] = Preset(preset.name, preset.description, preset.fields, builtin=builtin)
         return presets
 
