@@ -127,10 +127,6 @@ class FieldRegistry:
                 raise ValueError(f"field {field.name!r} is already declared by {current.owner}")
             self._fields[field.name] = field
 
-    def unregister_owner(self, owner: str) -> None:
-        with self._lock:
-            self._fields = {name: field for name, field in self._fields.items() if field.owner != owner or owner == CORE}
-
     def __getitem__(self, name: str) -> Field:
         return self._fields[name]
 
@@ -191,7 +187,7 @@ def _when_not_default(name: str, default: Any) -> Callable[[Any], bool]:
     return written
 
 
-_SAMPLING_HELP = "Not in A1111's main tab: it sits in A1111's Settings › Sampler parameters."
+_SAMPLING_HELP = "A1111 keeps it in Settings › Sampler parameters."
 
 CORE_FIELDS: tuple[Field, ...] = (
     Field("prompt", str, "", max_length=20_000, label="Prompt", help="What to draw; A1111 prompt syntax such as (word:1.2) works.",
@@ -211,12 +207,12 @@ CORE_FIELDS: tuple[Field, ...] = (
           control="number", infotext="Seed", api="seed", cli="--seed", preset=True),
     # The infotext writes the produced size as one "Size: WxH" entry; A1111's parser splits it into Size-1 and Size-2.
     Field("width", int, None, optional=True, range=(64, 4096), multiple_of=8, ui_range=(64, 2048), label="Width", control="slider",
-          step=8, help="None: the model's native width (txt2img) or the init image's (img2img).",
+          step=8, help="Default: the model's native width (txt2img), or the init image's (img2img).",
           infotext="Size-1", api="width", cli="--width", preset=True),
     Field("height", int, None, optional=True, range=(64, 4096), multiple_of=8, ui_range=(64, 2048), label="Height", control="slider",
-          step=8, help="None: the model's native height (txt2img) or the init image's (img2img).",
+          step=8, help="Default: the model's native height (txt2img), or the init image's (img2img).",
           infotext="Size-2", api="height", cli="--height", preset=True),
-    Field("model", str, None, optional=True, label="Model", help="None: the default model.", infotext="Model",
+    Field("model", str, None, optional=True, label="Model", help="A model name as the model list shows it; default: the default model.", infotext="Model",
           override="sd_model_checkpoint", cli="--model", preset=True),
     Field("subseed", int, -1, range=(-1, MAX_SEED), label="Variation seed", control="number", help="-1 picks one.",
           infotext="Variation seed", infotext_when=_when_variation, api="subseed", cli="--variation-seed"),
@@ -248,11 +244,11 @@ CORE_FIELDS: tuple[Field, ...] = (
           infotext="Zero terminal SNR", infotext_when=_when_not_default("zero_terminal_snr", False), cli="--zero-terminal-snr",
           preset=True),
     Field("clip_skip", int, 1, range=(1, 12), label="Clip skip", control="slider", step=1,
-          help="1 uses the text encoder's last layer, 2 the one before, ... " + _SAMPLING_HELP,
+          help="1 uses the text encoder's last layer, 2 the one before, ... A1111 keeps it in Settings › Stable Diffusion.",
           infotext="Clip skip", infotext_when=_when_not_default("clip_skip", 1), override="CLIP_stop_at_last_layers",
           cli="--clip-skip", preset=True),
     Field("eta", float, None, optional=True, range=(0.0, 1.0), label="Eta", control="number", step=0.01,
-          help="Noise multiplier of ancestral, SDE and DDIM samplers; empty: the sampler's own default.",
+          help="Noise multiplier of ancestral, SDE and DDIM samplers; empty: the sampler's own default. " + _SAMPLING_HELP,
           infotext="Eta", infotext_when=lambda request: request.eta is not None, api="eta", cli="--eta", preset=True),
     Field("eta_noise_seed_delta", int, 0, range=(0, 2**32 - 1), label="Eta noise seed delta (ENSD)", control="number",
           help="Ancestral and SDE noise is drawn from seed + this after the first noise. " + _SAMPLING_HELP,

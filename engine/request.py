@@ -21,8 +21,12 @@ from .fields import (  # noqa: F401 - the choice lists are declared with their f
 )
 from .prompts import weight_problem
 
-# Each request field's limits are declared in engine/fields.py; these are the limits that belong to no one field.
+# Each request field's limits are declared in engine/fields.py; this table reads them from there for older callers
+# (``LIMITS["steps"]``), and adds the limits that belong to no one field.
 LIMITS = {
+    **{declared.name: declared.range for declared in FIELDS.core() if declared.range is not None},
+    "size": FIELDS["width"].range,
+    "prompt_chars": FIELDS["prompt"].max_length,
     "prompt_weight": 1000.0,  # the largest weight nested ``(...)`` groups may multiply to
     "image_pixels": 4096 * 4096,
 }
