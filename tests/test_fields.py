@@ -171,12 +171,16 @@ def test_extension_fields_are_declared_by_their_extension(extensions_loaded):
 # --- the UI ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tabs(tmp_path_factory):
+def studio(tmp_path_factory):
+    return fx.make_studio(tmp_path_factory.mktemp("fields-studio"), extensions_dir=fx.REPO / "extensions")
+
+
+@pytest.fixture(scope="module")
+def tabs(studio):
     import gradio as gr
 
     from ui.generation_tab import build_generation_tab
 
-    studio = fx.make_studio(tmp_path_factory.mktemp("fields-studio"), extensions_dir=fx.REPO / "extensions")
     built = {}
     with gr.Blocks():
         model = gr.Dropdown(["m"], value="m")
@@ -232,6 +236,30 @@ def test_fields_without_a_plain_control_are_built_by_the_tab_itself(tabs):
     # images come from upload widgets, the model from the picker above the tabs; previews are Settings
     assert {field.name for field in FIELDS.core() if field.control is None} == {
         "model", "init_image", "mask", "preview_every", "preview_method", "extensions"}
+
+
+def test_extension_settings_get_a_settings_control_and_are_kept_under_the_extension(studio):
+    import json
+
+    import gradio as gr
+
+    from ui.settings_tab import build_settings_tab
+
+    declared = [setting for extension in studio.extensions.loaded.values() for setting in extension.settings]
+    assert declared, "the shipped extensions declare a setting"
+    with gr.Blocks() as demo:
+        controls = build_settings_tab(studio)
+    save = next(iter(demo.fns.values()))
+    for setting in declared:
+        control = controls[f"{setting.owner}.{setting.name}"]
+        assert (control.label, control.minimum, control.maximum, control.value) == (setting.label, *setting.range, setting.default)
+        values = [block.value for block in save.inputs]
+        values[save.inputs.index(control)] = sample_value(setting)
+        assert save.fn(*values).startswith("Saved.")
+        saved = json.loads(studio.settings_store.path.read_text())["extensions"]
+        assert saved[setting.owner][setting.name] == sample_value(setting)
+        values[save.inputs.index(control)] = setting.range[1] + 1
+        assert setting.label in save.fn(*values)
 
 
 def test_error_messages_name_the_declared_label():

@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 
 from engine.devices import DEVICE_CHOICES, DTYPE_CHOICES
-from engine.errors import SfumatoError
+from engine.errors import SfumatoError, ValidationError
 from engine.outputs import PATTERN_FIELDS, OutputWriter
 from engine.fields import FIELDS, Field
 from engine.request import check_declared
@@ -57,7 +57,10 @@ def _extension_value(declared: Field, value: Any) -> Any:
     """A control's value as the setting's type, checked against its declared limits (ValidationError naming it)."""
     if declared.type is int and isinstance(value, float) and value.is_integer():
         value = int(value)
-    return check_declared(declared, value)
+    try:
+        return check_declared(declared, value)
+    except ValidationError as error:
+        raise ValidationError(declared.label or f"{declared.owner}.{declared.name}", error.message) from None
 
 
 def build_settings_tab(studio) -> dict[str, Any]:
@@ -114,8 +117,8 @@ def build_settings_tab(studio) -> dict[str, Any]:
             gr.Warning(message_for(error), title="Settings not saved")
             return f"⚠️ Not saved: {message_for(error)}"
         later = [name for name in RESTART_FIELDS if before.get(name) != form[name]]
-        later += [extension_controls[key][0].label or key[1] for key in extension_keys
-                  if before["extensions"].get(key[0], {}).get(key[1]) != form["extensions"][key[0]][key[1]]]
+        later += [f"{owner}.{name}" for owner, name in extension_keys
+                  if before["extensions"].get(owner, {}).get(name) != form["extensions"][owner][name]]
         note = f" Restart Sfumato for {', '.join(later)} to take effect." if later else ""
         return f"Saved.{note}"
 
