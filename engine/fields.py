@@ -61,7 +61,8 @@ class Field:
     # -- limits
     optional: bool = False
     range: tuple[float, float] | None = None  # inclusive
-    choices: tuple[str, ...] | Callable[[], list[str]] | None = None  # a callable for lists that live elsewhere (samplers)
+    # A callable for a list that lives elsewhere (samplers, schedules); its module also resolves aliases in any case.
+    choices: tuple[str, ...] | Callable[[], list[str]] | None = None
     multiple_of: int | None = None
     max_length: int | None = None  # text
     # -- the UI

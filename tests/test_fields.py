@@ -282,7 +282,7 @@ def _flag_text(field: Field, value: Any, tmp_path) -> list[str]:
     if field.type is tuple:
         return [field.cli, ",".join(str(part) for part in value)]
     names = field.cli_choices()
-    if names is not None and field.name not in ("sampler", "schedule"):
+    if names is not None and not callable(field.choices):
         return [field.cli, next(flag for flag, choice in names.items() if choice == value)]
     return [field.cli, str(value)]
 

@@ -1,4 +1,6 @@
-"""Command line: serve the studio, run tests, generate headless, preprocess, bench.
+"""Command line: serve the studio, run tests, generate headless, bench, and the commands extensions add.
+
+``generate`` has one flag per request field that declares one in ``engine.fields``.
 
 ``launch.py`` sets up the environment and hands its arguments here.
 """
@@ -12,7 +14,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 7860
-
 
 
 class CliError(Exception):
@@ -103,7 +104,7 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(declared.cli, type=declared.type, default=declared.default, **common)
         elif (names := declared.cli_choices()) is not None:
             spelled = next((flag for flag, choice in names.items() if choice == declared.default), declared.default)
-            if declared.name in ("sampler", "schedule"):  # names and aliases in any case: the request resolves them
+            if callable(declared.choices):  # sampler and schedule names: aliases in any case, resolved by the request
                 parser.add_argument(declared.cli, default=declared.default, **common)
             else:
                 parser.add_argument(declared.cli, choices=tuple(names), default=spelled, type=_spelling, **common)
@@ -278,7 +279,7 @@ def build_request(args: argparse.Namespace, prompt: str):
             value = parse_outpaint(value)
         elif declared.type is Image.Image:
             value = open_image(value, declared.cli) if value else None
-        elif declared.type is str and declared.name not in ("sampler", "schedule") and (names := declared.cli_choices()):
+        elif declared.type is str and not callable(declared.choices) and (names := declared.cli_choices()):
             value = names.get(value, value)
         values[declared.name] = value
     return GenerationRequest(prompt=prompt, **values)
