@@ -462,6 +462,30 @@ def test_a1111_infotext_without_rng_says_it_was_gpu_noise_and_names_what_it_cann
                                                                  applied))
 
 
+A1111_IMG2IMG = ("a cat\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 64x64, "
+                 "Denoising strength: 0.5, Hires upscale: 2, Version: v1.10.1")
+
+
+def test_png_info_shows_what_an_infotext_cannot_reproduce(tmp_path):
+    from PIL import PngImagePlugin
+
+    from ui.png_info import read_image_info
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", A1111_IMG2IMG)
+    INIT.save(tmp_path / "a1111.png", pnginfo=info)
+    _, parsed, _, _, summary = read_image_info(str(tmp_path / "a1111.png"))
+    assert '"RNG"' in summary and "GPU" in summary and "Hires upscale: 2" in summary
+    assert parsed["notes"] and parsed["restores"]["denoising_strength"] == 0.5
+
+
+def test_sending_an_infotext_names_what_the_target_tab_cannot_use(tabs):
+    from ui.send_to import infotext_notes
+
+    assert any("Not used by txt2img: Denoising strength" in note for note in infotext_notes(A1111_IMG2IMG, tabs["txt2img"]))
+    assert not any("Not used by" in note for note in infotext_notes(A1111_IMG2IMG, tabs["img2img"]))
+
+
 # --- presets --------------------------------------------------------------------------------------
 
 def _json_value(field: Field) -> Any:
