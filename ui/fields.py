@@ -1,5 +1,8 @@
 """The map between GenerationRequest fields and the UI controls that hold them.
 
+Each control is built from its field's declaration in ``engine.fields`` (``control()``): label, help,
+range, step and default are read there, so a tab only lays controls out.
+
 Every generation tab registers its controls under request field names. Reading
 controls into a request, applying a preset, restoring an infotext and "send
 to" all go through this one table, so a field is wired once.
