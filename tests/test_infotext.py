@@ -31,13 +31,13 @@ def test_txt2img_infotext_has_exact_a1111_shape():
         "a cat\n"
         "Negative prompt: blurry\n"
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123, Size: 512x512, "
-        f"Model hash: 1a2b3c4d5e, Model: name, Version: {VERSION}"
+        f"Model hash: 1a2b3c4d5e, Model: name, RNG: CPU, Version: {VERSION}"
     )
 
 
 def test_negative_line_left_out_when_empty_and_empty_values_omitted():
     text = build_infotext(GenerationRequest(prompt="a cat"), seed=1, model_name=None, model_hash="")
-    assert text.splitlines() == ["a cat", f"Steps: 20, Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 7, Seed: 1, Version: {VERSION}"]
+    assert text.splitlines() == ["a cat", f"Steps: 20, Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 7, Seed: 1, RNG: CPU, Version: {VERSION}"]
     assert NEGATIVE_PREFIX not in text and "Model" not in text and "Size" not in text
 
 
@@ -166,6 +166,10 @@ def requests(draw):
         height=draw(st.integers(8, 512)) * 8,
         subseed_strength=draw(st.one_of(st.just(0.0), st.floats(0, 1))),
         subseed=draw(st.integers(0, MAX_SEED)),
+        clip_skip=draw(st.integers(1, 12)),
+        eta=draw(st.one_of(st.none(), st.floats(0, 1))),
+        eta_noise_seed_delta=draw(st.one_of(st.just(0), st.integers(0, 2**32 - 1))),
+        rng=draw(st.sampled_from(["CPU", "GPU", "NV"])),
     )
     if mode != "txt2img":
         values.update(init_image=INIT, denoising_strength=draw(st.floats(0, 1)), resize_mode=draw(st.sampled_from(RESIZE_MODES)))
@@ -194,6 +198,14 @@ def test_round_trip_reproduces_every_written_field(request, seed, model):
         expected.update(subseed=request.subseed, subseed_strength=request.subseed_strength)
     if request.zero_terminal_snr:
         expected["zero_terminal_snr"] = True
+    if request.clip_skip != 1:
+        expected["clip_skip"] = request.clip_skip
+    if request.eta is not None:
+        expected["eta"] = request.eta
+    if request.eta_noise_seed_delta:
+        expected["eta_noise_seed_delta"] = request.eta_noise_seed_delta
+    if request.rng != "GPU":  # A1111 leaves its default out, and so do we
+        expected["rng"] = request.rng
     if request.mode != "txt2img":
         expected.update(denoising_strength=request.denoising_strength, resize_mode=request.resize_mode)
     if request.mode == "inpaint":

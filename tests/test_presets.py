@@ -28,6 +28,14 @@ from engine.request import GenerationRequest
 SHIPPED = Path(__file__).resolve().parent.parent / "presets"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def extension_fields(tmp_path_factory):
+    """The shipped extensions loaded, so their preset fields (ControlNet's units) are declared, as in the app."""
+    from engine.extensions import ExtensionManager
+
+    ExtensionManager(SHIPPED.parent / "extensions", tmp_path_factory.mktemp("extensions") / "state.json")
+
+
 @pytest.fixture
 def store(tmp_path):
     builtin = tmp_path / "builtin"
