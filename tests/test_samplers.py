@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engine import GenerationRequest, ValidationError
-from engine import samplers
+from engine.sampling import table as samplers
 
 COMBINATIONS = [(s, k) for s in samplers.sampler_names() for k in samplers.schedule_names()]
 
