@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from .noise_table import NoiseTable
+from .noise_table import AYS_SD15, AYS_SDXL, NoiseTable
 
 EPS, V_PREDICTION, FLOW = "eps", "v", "flow"
 
@@ -32,7 +32,8 @@ def noise_table_for(model, zero_terminal_snr: bool = False) -> tuple[NoiseTable,
     config = model.pipeline.scheduler.config
     table = NoiseTable.for_betas(float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012)),
                                  config.get("beta_schedule", "scaled_linear"), int(config.get("num_train_timesteps", 1000)),
-                                 zero_terminal_snr=zero_terminal_snr)
+                                 zero_terminal_snr=zero_terminal_snr,
+                                 align_your_steps=AYS_SDXL if model.family.is_xl else AYS_SD15)
     prediction = config.get("prediction_type", "epsilon")
     parameterization = {"epsilon": EPS, "v_prediction": V_PREDICTION}.get(prediction)
     if parameterization is None:

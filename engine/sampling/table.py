@@ -169,7 +169,7 @@ def split_legacy_name(name: str) -> tuple[str, str | None]:
         return _SAMPLER_BY_KEY[key].name, None
     for schedule in schedule_names()[1:]:
         spec = schedules.find_schedule(schedule)
-        for alias in (spec.name, *getattr(spec, "aliases", ())):
+        for alias in (spec.name, spec.a1111_name, *spec.aliases):
             suffix = " " + _key(alias)
             if key.endswith(suffix) and key[: -len(suffix)] in _SAMPLER_BY_KEY:
                 return _SAMPLER_BY_KEY[key[: -len(suffix)]].name, spec.name
