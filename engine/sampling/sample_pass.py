@@ -99,9 +99,11 @@ def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_nois
     if eta_value is not None and "eta" in accepted:
         options["eta"] = eta_value
     if spec.model_sigma_range and init_latents is None:
-        # A1111 runs DPM fast / adaptive over the model's own σ range in txt2img, whatever the schedule.
-        options.update({key: value for key, value in (("sigma_min", float(noise_table.sigma_min)),
-                                                       ("sigma_max", float(noise_table.sigma_max))) if key in accepted})
+        # A1111 starts DPM fast / adaptive from noise · σ₀ of the schedule but solves over the model's own σ range
+        # in txt2img; these functions read that range from the ends of their σs (log-uniform, like their steps).
+        sigmas = schedules.exponential(noise_table, planned).to(sigmas.device, torch.float32)
+        if hasattr(denoiser, "schedule"):
+            denoiser.schedule = sigmas.cpu()
     noise = None
     if spec.noise == table.ANCESTRAL_NOISE:
         noise = noise_sources.ancestral_noise(image_noise)
