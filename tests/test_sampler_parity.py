@@ -33,6 +33,9 @@ REFERENCE = {
     "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", "exponential", "brownian", False, {"eta": 1.0}),
     "DPM++ 2M SDE Heun": ("sample_dpmpp_2m_sde", "exponential", "brownian", False, {"eta": 1.0, "solver_type": "heun"}),
     "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "exponential", "brownian", True, {"eta": 1.0}),
+    # A1111 runs these two over the model's own σ range in txt2img, with eta 1 and n = steps
+    "DPM fast": ("sample_dpm_fast", "model range", "ancestral", False, {"eta": 1.0}),
+    "DPM adaptive": ("sample_dpm_adaptive", "model range", "ancestral", False, {"eta": 1.0}),
 }
 
 
@@ -75,6 +78,8 @@ def _reference_latents(model, sampler: str, cfg_scale: float) -> torch.Tensor:
         sigmas = wrapped.get_sigmas(n)
     if discard:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    if schedule == "model range":
+        sigmas = wrapped.get_sigmas(n)  # the start latent still takes the (Automatic = Uniform) schedule's σ₀
     generator = torch.Generator().manual_seed(SEED)
     shape = (1, 4, 8, 8)
     x = torch.randn(shape, generator=generator) * sigmas[0]
@@ -84,6 +89,10 @@ def _reference_latents(model, sampler: str, cfg_scale: float) -> torch.Tensor:
     elif noise_kind == "brownian":
         kwargs["noise_sampler"] = k_sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[SEED])
     with torch.no_grad():
+        if schedule == "model range":
+            if function == "sample_dpm_fast":
+                kwargs["n"] = STEPS
+            return getattr(k_sampling, function)(guided, x, sigma_min, sigma_max, disable=True, **kwargs)
         return getattr(k_sampling, function)(guided, x, sigmas, disable=True, **kwargs)
 
 

@@ -124,6 +124,7 @@ def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_nois
         # A1111 starts DPM fast / adaptive from noise · σ₀ of the schedule but solves over the model's own σ range
         # in txt2img; these functions read that range from the ends of their σs (log-uniform, like their steps).
         sigmas = schedules.exponential(noise_table, planned).to(sigmas.device, torch.float32)
+        sigmas[0], sigmas[-2] = noise_table.sigma_max, noise_table.sigma_min  # exactly, not through exp(log(σ))
         if hasattr(denoiser, "schedule"):
             denoiser.schedule = sigmas.cpu()
     noise = None
