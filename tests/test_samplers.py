@@ -92,6 +92,10 @@ def test_schedules_span_the_models_whole_sigma_range(sampler, schedule):
     sigmas = sample_pass.pass_sigmas(samplers.find_sampler(sampler), table, schedule, 20, None)
     assert len(sigmas) == 21 and float(sigmas[-1]) == 0.0
     assert float(sigmas[0]) == pytest.approx(sigma_max, rel=1e-4)
+    if sampler == "LCM":  # A1111's LCM denoiser knows only its 50 distilled timesteps: its σ_min is at t = 19
+        betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+        alphas_cumprod = np.cumprod(1 - betas)
+        sigma_min = np.sqrt((1 - alphas_cumprod[19]) / alphas_cumprod[19])
     if not samplers.find_sampler(sampler).discard_next_to_last_sigma:  # those drop σ_min itself (see the DPM2 test)
         assert float(sigmas[-2]) == pytest.approx(sigma_min, rel=1e-3)
 
@@ -131,8 +135,9 @@ def test_eta_noise_seed_delta_changes_only_samplers_that_draw_noise_after_the_fi
         pytest.skip(f"{sampler} is not in this build")
     spec = samplers.find_sampler(sampler)
     eta = {} if spec.eta_default != 0 else {"eta": 1.0}  # DDIM draws no noise at its default eta 0
-    plain = engine.generate(request(sampler, steps=5, **eta)).images[0]
-    delta = engine.generate(request(sampler, steps=5, eta_noise_seed_delta=31337, **eta)).images[0]
+    steps = 20 if sampler == "Restart" else 5  # A1111's Restart plans its first restart from 20 steps on
+    plain = engine.generate(request(sampler, steps=steps, **eta)).images[0]
+    delta = engine.generate(request(sampler, steps=steps, eta_noise_seed_delta=31337, **eta)).images[0]
     if spec.noise == samplers.BROWNIAN_NOISE:  # the Brownian tree is seeded with the image seed alone
         assert np.array_equal(np.asarray(plain.image), np.asarray(delta.image))
     else:
