@@ -249,3 +249,20 @@ def test_zero_terminal_snr_runs_on_every_sampler_with_a_finite_first_sigma(engin
     table = NoiseTable.for_betas(0.00085, 0.012, "scaled_linear", 1000, zero_terminal_snr=True)
     sigmas = sample_pass.pass_sigmas(samplers.find_sampler("Euler"), table, "Karras", 10, None)
     assert np.isfinite(sigmas.numpy()).all() and float(sigmas[0]) > 1000  # A1111 keeps the last ᾱ just above 0
+
+
+def test_the_shipped_sd1_config_no_longer_narrows_the_karras_range():
+    """Its ``timestep_spacing: leading`` once gave Euler + Karras σ 11.03 → 0.041; only the β table counts now."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from engine.sampling.denoiser import noise_table_for
+
+    config = json.loads((Path(__file__).resolve().parent.parent / "engine/configs/sd1/scheduler/scheduler_config.json").read_text())
+    model = SimpleNamespace(family=SimpleNamespace(name="sd1"), pipeline=SimpleNamespace(scheduler=SimpleNamespace(config=config)))
+    noise_table, parameterization = noise_table_for(model)
+    sigmas = sample_pass.pass_sigmas(samplers.find_sampler("Euler"), noise_table, "Karras", 20, None)
+    sigma_min, sigma_max = _sd1_sigma_range()
+    assert parameterization == "eps"
+    assert float(sigmas[0]) == pytest.approx(sigma_max, rel=1e-4) and float(sigmas[-2]) == pytest.approx(sigma_min, rel=1e-3)
