@@ -177,7 +177,7 @@ def test_a_builtin_preset_is_refused_before_any_confirmation(page):
     assert not page.locator("#txt2img_preset_delete_confirm").is_visible()
 
 
-def test_picking_a_sampler_keeps_the_schedule_it_honours_and_says_why_otherwise(page):
+def test_picking_a_sampler_keeps_the_schedule_every_sampler_honours(page):
     note = page.locator("#txt2img_sampling_note")
     choose(page, "txt2img_sampler", "DPM++ 2M")
     choose(page, "txt2img_schedule", "Karras")
