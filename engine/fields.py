@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image
 
-from . import samplers
+from .sampling import table as samplers
 from .seeds import MAX_SEED
 
 CORE = "core"
@@ -181,6 +181,17 @@ def _when_only_masked(request: Any) -> bool:
     return request.inpaint_area == "Only masked"
 
 
+def _when_eta_differs(request: Any) -> bool:
+    """A1111 writes eta only when it is set and differs from the sampler's own default."""
+    spec = samplers.find_sampler(request.sampler)
+    return request.eta is not None and spec.eta_default is not None and request.eta != spec.eta_default
+
+
+def _when_ensd_applies(request: Any) -> bool:
+    """ENSD only changes samplers that draw noise after the first, so only they write it."""
+    return bool(request.eta_noise_seed_delta) and samplers.find_sampler(request.sampler).noise != samplers.NO_NOISE
+
+
 def _when_not_default(name: str, default: Any) -> Callable[[Any], bool]:
     def written(request: Any) -> bool:
         return getattr(request, name) != default
@@ -250,10 +261,10 @@ CORE_FIELDS: tuple[Field, ...] = (
           cli="--clip-skip", preset=True),
     Field("eta", float, None, optional=True, range=(0.0, 1.0), label="Eta", control="number", step=0.01,
           help="Noise multiplier of ancestral, SDE and DDIM samplers; empty: the sampler's own default. " + _SAMPLING_HELP,
-          infotext="Eta", infotext_when=lambda request: request.eta is not None, api="eta", cli="--eta", preset=True),
+          infotext="Eta", infotext_when=_when_eta_differs, api="eta", cli="--eta", preset=True),
     Field("eta_noise_seed_delta", int, 0, range=(0, 2**32 - 1), label="Eta noise seed delta (ENSD)", control="number",
           help="Ancestral and SDE noise is drawn from seed + this after the first noise. " + _SAMPLING_HELP,
-          infotext="ENSD", infotext_when=_when_not_default("eta_noise_seed_delta", 0), override="eta_noise_seed_delta",
+          infotext="ENSD", infotext_when=_when_ensd_applies, override="eta_noise_seed_delta",
           cli="--ensd"),
     # A1111 writes "RNG" only when it is not its default (GPU): an infotext without it was made with GPU noise.
     Field("rng", str, "CPU", choices=RNG_SOURCES, label="RNG",

@@ -21,7 +21,7 @@ import math
 import re
 from typing import Any, Callable, Mapping
 
-from . import samplers
+from .sampling import table as samplers
 from .errors import ValidationError
 from .fields import CORE, FIELDS, MASK_MODES, Field
 from .request import EarlyStop, GenerationRequest, check_declared
@@ -95,7 +95,9 @@ def build_infotext(
     """
     if size is None and request.width is not None and request.height is not None:
         size = (request.width, request.height)
-    resolved = {"seed": seed, "subseed": request.subseed if subseed is None else subseed, "model": model_name}
+    resolved = {"seed": seed, "subseed": request.subseed if subseed is None else subseed, "model": model_name,
+                # "Automatic" written resolved, as A1111 does; None for samplers that ignore the schedule type
+                "schedule": samplers.infotext_schedule(request.sampler, request.schedule)}
     params: dict[str, Any] = {}
     for field in FIELDS.with_infotext():
         if field.owner != CORE or field.name in _BODY_FIELDS or not field.written_for(request):
@@ -107,7 +109,7 @@ def build_infotext(
         if field.name == "model":
             params[MODEL_HASH_KEY] = model_hash
         value = resolved.get(field.name, getattr(request, field.name))
-        params[field.infotext] = None if value is None else _WRITERS.get(field.name, _value_text)(value)
+        params[_written_key(field, request)] = None if value is None else _WRITERS.get(field.name, _value_text)(value)
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not _VALID_KEY.fullmatch(key):
             raise ValidationError("extra", f"infotext key {key!r} must be letters, digits, spaces, '-' or '/'")
@@ -124,6 +126,19 @@ def build_infotext(
         lines.append(f"{NEGATIVE_PREFIX} {request.negative_prompt}")
     lines.append(line)
     return "\n".join(lines)
+
+
+def _noise_params(request: GenerationRequest) -> dict[str, Any]:
+    """Eta, ENSD and RNG, each only when it differs from what A1111 assumes when the key is missing."""
+    spec = samplers.find_sampler(request.sampler)
+    params: dict[str, Any] = {}
+    if request.eta is not None and spec.eta_default is not None and request.eta != spec.eta_default:
+        params[spec.eta_key] = request.eta
+    if request.eta_noise_seed_delta and spec.noise != samplers.NO_NOISE:
+        params["ENSD"] = request.eta_noise_seed_delta
+    if request.rng != "GPU":  # A1111 writes RNG unless it is its GPU default: a missing key means GPU noise
+        params["RNG"] = request.rng
+    return params
 
 
 # --- reading -----------------------------------------------------------------
@@ -250,8 +265,18 @@ def _reader(field: Field) -> Callable[[str], Any]:
     return {int: _to_int, float: _to_float, bool: _to_bool}.get(field.type, str)
 
 
+# Keys A1111 writes for a field under another name: eta is "Eta DDIM" for the DDIM family of samplers.
+_KEY_ALIASES = {"Eta DDIM": "Eta"}
+
+
+def _written_key(field: Field, request: GenerationRequest) -> str:
+    if field.name == "eta":
+        return samplers.find_sampler(request.sampler).eta_key
+    return field.infotext
+
+
 def _is_core_key(key: str) -> bool:
-    field = FIELDS.by_infotext_key(key)
+    field = FIELDS.by_infotext_key(_KEY_ALIASES.get(key, key))
     return field is not None and field.owner == CORE
 
 
@@ -303,6 +328,7 @@ def request_fields_from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
         if size:
             params = {**params, width_key: size.group(1), height_key: size.group(2)}
 
+    params = {_KEY_ALIASES.get(key, key): value for key, value in params.items()}
     result: dict[str, Any] = {}
     for field in FIELDS.with_infotext():
         if field.owner != CORE or field.name in _SAMPLING_FIELDS:
@@ -334,7 +360,7 @@ def _made_by_us(params: Mapping[str, str]) -> bool:
 
 def _is_known_key(key: str) -> bool:
     """A key some declared field reads: a core field's own, or an extension's (its key ``K`` also covers ``K 0``, ``K 1``...)."""
-    field = FIELDS.by_infotext_key(key)
+    field = FIELDS.by_infotext_key(_KEY_ALIASES.get(key, key))
     if field is not None:
         return True
     return any(key.startswith(f"{field.infotext} ") for field in FIELDS.owned_by_extensions() if field.infotext)
@@ -361,7 +387,7 @@ def loading_notes(params: Mapping[str, str], applied: Mapping[str, Any]) -> list
     for key, text in params.items():
         if key in body or key in _INFORMATIONAL_KEYS:
             continue
-        field = FIELDS.by_infotext_key(key)
+        field = FIELDS.by_infotext_key(_KEY_ALIASES.get(key, key))
         if field is None:
             split_from = key[:-2] if key.endswith(("-1", "-2")) else None  # the parser's copy of a "WxH" value
             if split_from not in params and not _is_known_key(key):

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from . import atomic_write, samplers
+from . import atomic_write
+from .sampling import table as samplers
 from .errors import ValidationError
 from .fields import CORE, FIELDS
 from .outputs import OutputError

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from PIL import Image
 
-from . import samplers
+from .sampling import table as samplers
 from .errors import ValidationError
 from .fields import (  # noqa: F401 - the choice lists are declared with their fields; re-exported for existing callers
     FIELDS, INPAINT_AREAS, MASKED_CONTENT, MODES, OUTPAINT_SIDES, PREVIEW_METHODS, RESIZE_MODES, RNG_SOURCES, Field, default,

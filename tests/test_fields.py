@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from engine import samplers
+from engine.sampling import table as samplers
 from engine.errors import ValidationError
 from engine.fields import CORE, FIELDS, MASK_MODES, Field
 from engine.request import GenerationRequest
@@ -407,7 +407,7 @@ def test_api_extension_settings_arrive_under_the_declared_name():
 # --- infotext -------------------------------------------------------------------------------------
 
 # Values that make a conditionally written key apply (a variation seed is written only with a strength, ...).
-_ENABLING = {"subseed_strength": 0.5, "inpaint_area": "Only masked"}
+_ENABLING = {"subseed_strength": 0.5, "inpaint_area": "Only masked", "sampler": "Euler a"}  # Euler a takes eta and draws noise (ENSD)
 
 
 def _written_request(field: Field) -> GenerationRequest | None:
