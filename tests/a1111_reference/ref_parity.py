@@ -1,0 +1,88 @@
+"""One sampler × schedule compared between the engine and the reference: shared by the parity test
+and ``scripts/a1111_parity_table.py``. Only the engine's public surface is used (Engine, ModelRegistry,
+GenerationRequest, and its prompt encoder's output as conditioning)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .ref_render import Params, decode, make_cond, sample_latents, to_uint8
+
+TOLERANCE = 2  # /255, max over pixels: issue #16's exactness target
+PROMPT, NEGATIVE = "a red circle", "blurry"
+SEED, STEPS, CFG = 1234, 20, 7.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    sampler: str
+    schedule: str
+    max_diff: int | None = None  # /255
+    refused: str | None = None  # the engine's reason
+    exact_truncation: bool = False  # bit-identical to A1111's truncating conversion
+    exact_rounding: bool = False  # bit-identical to the rounding variant
+
+    @property
+    def matched(self) -> bool:
+        return self.max_diff is not None and self.max_diff <= TOLERANCE
+
+    def cell(self) -> str:
+        if self.refused is not None:
+            return f"refused: {self.refused}"
+        return f"{self.max_diff}"
+
+
+def engine_conditioning(loaded, prompt: str, negative: str, width: int, height: int) -> tuple[dict, dict]:
+    """The engine's own prompt encoding, as the reference's conditioning dicts."""
+    encoder = getattr(loaded, "prompt_encoder", None)
+    if encoder is None and getattr(loaded, "family", None) is not None and hasattr(loaded.family, "encode"):
+        conditioning = loaded.family.encode(loaded, prompt, negative)
+    else:
+        conditioning = encoder.encode(prompt, negative)
+    return (make_cond(conditioning.prompt_embeds, conditioning.pooled, width, height),
+            make_cond(conditioning.negative_embeds, conditioning.negative_pooled, width, height))
+
+
+class ReferenceCache:
+    """Reference pictures per (model, sampler, resolved σs): "Automatic" and the schedule it resolves to,
+    and the schedule-blind timestep samplers, are computed once."""
+
+    def __init__(self):
+        self._images: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, registry, model: str, sampler: str, schedule: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+        loaded = registry.load(model)
+        pipe = loaded.pipeline
+        p = Params.from_infotext({"Prompt": PROMPT, "Negative prompt": NEGATIVE, "Steps": STEPS, "Sampler": sampler,
+                                  "Schedule type": schedule, "CFG scale": CFG, "Seed": SEED, "Size": f"{size}x{size}"})
+        from .ref_render import SAMPLERS, resolved_schedule
+
+        facts = SAMPLERS[sampler]
+        blind = facts.kind == "timesteps"
+        key = (model, sampler, "any" if blind else resolved_schedule(sampler, schedule), size)
+        if key not in self._images:
+            conditioning = engine_conditioning(loaded, PROMPT, NEGATIVE, size, size)
+            with torch.no_grad():
+                decoded = decode(pipe, sample_latents(pipe, p, conditioning))
+            self._images[key] = (to_uint8(decoded)[0], to_uint8(decoded, rounding=True)[0])
+        return self._images[key]
+
+
+def compare(engine, registry, model: str, sampler: str, schedule: str, size: int = 64, cache: ReferenceCache | None = None) -> Outcome:
+    from engine import GenerationRequest
+    from engine.errors import SfumatoError
+
+    cache = cache or ReferenceCache()
+    truncated, rounded = cache.get(registry, model, sampler, schedule, size)
+    try:
+        request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, model=model, sampler=sampler, schedule=schedule,
+                                    steps=STEPS, cfg_scale=CFG, width=size, height=size, seed=SEED, rng="CPU", preview_every=0)
+        result = engine.generate(request)
+    except (SfumatoError, ValueError) as error:
+        return Outcome(sampler, schedule, refused=str(error).splitlines()[0][:120])
+    ours = np.asarray(result.images[0].image.convert("RGB"), dtype=np.int16)
+    diff = int(np.abs(ours - truncated.astype(np.int16)).max())
+    return Outcome(sampler, schedule, max_diff=diff, exact_truncation=bool(np.array_equal(ours, truncated)),
+                   exact_rounding=bool(np.array_equal(ours, rounded)))
