@@ -58,7 +58,7 @@ from .models import BUILTIN_DIR, REPO_ROOT
 if TYPE_CHECKING:
     from .engine import HookContext
     from .request import GenerationRequest
-    from .sampling import StepHook
+    from .sampling.denoiser import StepHook
 
 log = logging.getLogger("sfumato.extensions")
 

@@ -21,9 +21,9 @@ import math
 import re
 from typing import Any, Callable, Mapping
 
-from . import samplers
+from .sampling import table as samplers
 from .errors import ValidationError
-from .request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, EarlyStop, GenerationRequest
+from .request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, RNG_SOURCES, EarlyStop, GenerationRequest
 
 VERSION = "sfumato-0.1"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -95,7 +95,7 @@ def build_infotext(
     params: dict[str, Any] = {
         "Steps": request.steps,
         "Sampler": request.sampler,
-        "Schedule type": request.schedule,
+        "Schedule type": samplers.infotext_schedule(request.sampler, request.schedule),  # "Automatic" resolved, as A1111 writes it
         "CFG scale": request.cfg_scale,
         "Seed": seed,
         "Size": f"{size[0]}x{size[1]}" if size else None,
@@ -119,6 +119,7 @@ def build_infotext(
             params["Outpaint"] = ",".join(str(pixels) for pixels in request.outpaint)
     if request.zero_terminal_snr:
         params["Zero terminal SNR"] = True
+    params.update(_noise_params(request))
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not _VALID_KEY.fullmatch(key):
             raise ValidationError("extra", f"infotext key {key!r} must be letters, digits, spaces, '-' or '/'")
@@ -135,6 +136,19 @@ def build_infotext(
         lines.append(f"{NEGATIVE_PREFIX} {request.negative_prompt}")
     lines.append(line)
     return "\n".join(lines)
+
+
+def _noise_params(request: GenerationRequest) -> dict[str, Any]:
+    """Eta, ENSD and RNG, each only when it differs from what A1111 assumes when the key is missing."""
+    spec = samplers.find_sampler(request.sampler)
+    params: dict[str, Any] = {}
+    if request.eta is not None and spec.eta_default is not None and request.eta != spec.eta_default:
+        params[spec.eta_key] = request.eta
+    if request.eta_noise_seed_delta and spec.noise != samplers.NO_NOISE:
+        params["ENSD"] = request.eta_noise_seed_delta
+    if request.rng != "GPU":  # A1111 writes RNG unless it is its GPU default: a missing key means GPU noise
+        params["RNG"] = request.rng
+    return params
 
 
 # --- reading -----------------------------------------------------------------
@@ -269,6 +283,10 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "Variation seed": ("subseed", _to_int),
     "Variation seed strength": ("subseed_strength", _to_float),
     "Zero terminal SNR": ("zero_terminal_snr", _to_bool),
+    "Eta": ("eta", _to_float),
+    "Eta DDIM": ("eta", _to_float),
+    "ENSD": ("eta_noise_seed_delta", _to_int),
+    "RNG": ("rng", _one_of(RNG_SOURCES)),
     "Model": ("model", str),
 }
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import atomic_write, samplers
+from . import atomic_write
+from .sampling import table as samplers
 from .errors import ValidationError
 from .outputs import OutputError
 from .request import GenerationRequest

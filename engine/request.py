@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from PIL import Image
 
-from . import samplers
+from .sampling import table as samplers
 from .errors import ValidationError
 from .prompts import weight_problem
 from .seeds import MAX_SEED

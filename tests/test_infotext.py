@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from engine import samplers
+from engine.sampling import table as samplers
 from engine.errors import ValidationError
 from engine.infotext import (
     NEGATIVE_PREFIX,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import samplers
+from engine.sampling import table as samplers
 from engine.errors import SfumatoError, ValidationError
 from engine.presets import (
     FIELD_TYPES,

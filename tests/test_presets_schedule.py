@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import samplers
+from engine.sampling import table as samplers
 from engine.presets import apply_preset, apply_style, load_preset, unmerge_prompt, validate_preset
 
 

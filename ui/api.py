@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from engine import samplers
+from engine.sampling import table as samplers
 from engine.errors import ModelError, SfumatoError, ValidationError
 from engine.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest, GenerationResult
 from engine.untrusted_images import read_untrusted_image
@@ -484,18 +484,24 @@ class SdApi:
 
     # -- lists ----------------------------------------------------------------------
     def samplers(self) -> list[SamplerItem]:
+        # A1111's options: the schedule "Automatic" resolves to, in its internal spelling, and the noise it draws.
         return [
             SamplerItem(name=spec.name, aliases=list(spec.aliases),
-                        options={"scheduler_class": spec.scheduler_class, **{key: str(value) for key, value in spec.options.items()}})
+                        options={"scheduler": spec.default_schedule.lower().replace(" ", "_"),
+                                 **({"brownian_noise": "True"} if spec.noise == samplers.BROWNIAN_NOISE else {}),
+                                 **({"discard_next_to_last_sigma": "True"} if spec.discard_next_to_last_sigma else {}),
+                                 **{key: str(value) for key, value in spec.options.items()}})
             for spec in samplers.SAMPLERS
         ]
 
     def schedulers(self) -> list[SchedulerItem]:
         items = []
-        for spec in samplers.SCHEDULES:
-            name = spec.aliases[0] if spec.aliases else spec.name.lower().replace(" ", "_")
-            facts = _SCHEDULER_FACTS.get(spec.name, {})
-            items.append(SchedulerItem(name=name, label=spec.name, aliases=list(spec.aliases[1:]) or None,
+        for label in samplers.schedule_names():
+            spec = samplers.find_schedule(label)
+            name = getattr(spec, "a1111_name", None) or label.lower().replace(" ", "_")
+            aliases = [alias for alias in getattr(spec, "aliases", ()) if alias != name]
+            facts = _SCHEDULER_FACTS.get(label, {})
+            items.append(SchedulerItem(name=name, label=label, aliases=aliases or None,
                                        default_rho=facts.get("default_rho", -1.0), need_inner_model=facts.get("need_inner_model", False)))
         return items
 

@@ -108,7 +108,7 @@ def schedule(component) -> Binding:
     """
     import gradio as gr
 
-    from engine import samplers
+    from engine.sampling import table as samplers
 
     def to_ui(value: Any, fields: Mapping[str, Any]) -> list:
         sampler = fields.get("sampler")
@@ -127,7 +127,7 @@ def zero_terminal_snr(component) -> Binding:
     """The zero-SNR box: shown only for samplers that can rescale their betas, and never ticked for others."""
     import gradio as gr
 
-    from engine import samplers
+    from engine.sampling import table as samplers
 
     def to_ui(value: Any, fields: Mapping[str, Any]) -> list:
         sampler = fields.get("sampler")

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import gradio as gr
 from PIL import Image
 
-from engine import samplers
+from engine.sampling import table as samplers
 from engine.errors import SfumatoError, ValidationError
 from engine.infotext import MASK_MODES
 from engine.request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, EarlyStop, GenerationRequest, GenerationResult

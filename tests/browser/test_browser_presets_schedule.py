@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 from _pages import CHROMIUM, choose, generate, new_desktop_page, set_number, text_of, type_text, watch  # noqa: E402
 
-from engine import samplers  # noqa: E402
+from engine.sampling import table as samplers  # noqa: E402
 from engine.presets import validate_preset  # noqa: E402
 
 pytestmark = [
