@@ -57,3 +57,22 @@ def test_demo_model_matches_a1111(demo_engine, reference_cache, case):
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_tiny_eps_and_sdxl_match_a1111_at_automatic(engine, registry, reference_cache, model, sampler):
     _assert_matches(compare(engine, registry, model, sampler, "Automatic", cache=reference_cache))
+
+
+def _init_image():
+    """A 64² picture with structure: a warm disc on a cool gradient."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    picture = np.stack([xx * 3, yy * 2 + 40, 200 - xx * 2], axis=-1).astype(np.float32)
+    picture[(xx - 30) ** 2 + (yy - 34) ** 2 < 15 ** 2] = (230, 60, 40)
+    return Image.fromarray(picture.clip(0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "UniPC"])
+def test_demo_img2img_matches_a1111(demo_engine, reference_cache, sampler):
+    outcome = compare(demo_engine, demo_engine.registry, "sfumato-demo", sampler, "Automatic", cache=reference_cache,
+                      init_image=_init_image(), strength=0.6)
+    _assert_matches(outcome)

@@ -52,33 +52,41 @@ class ReferenceCache:
     def __init__(self):
         self._images: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
-    def get(self, registry, model: str, sampler: str, schedule: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, registry, model: str, sampler: str, schedule: str, size: int, init_image=None,
+            strength: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
         loaded = registry.load(model)
         pipe = loaded.pipeline
         p = Params.from_infotext({"Prompt": PROMPT, "Negative prompt": NEGATIVE, "Steps": STEPS, "Sampler": sampler,
-                                  "Schedule type": schedule, "CFG scale": CFG, "Seed": SEED, "Size": f"{size}x{size}"})
-        from .ref_render import SAMPLERS, resolved_schedule
+                                  "Schedule type": schedule, "CFG scale": CFG, "Seed": SEED, "Size": f"{size}x{size}",
+                                  "Denoising strength": strength})
+        from .ref_render import SAMPLERS, encode_image, resolved_schedule
 
         facts = SAMPLERS[sampler]
         blind = facts.kind == "timesteps"
-        key = (model, sampler, "any" if blind else resolved_schedule(sampler, schedule), size)
+        key = (model, sampler, "any" if blind else resolved_schedule(sampler, schedule), size,
+               None if init_image is None else (init_image.tobytes(), strength))
         if key not in self._images:
             conditioning = engine_conditioning(loaded, PROMPT, NEGATIVE, size, size)
             with torch.no_grad():
-                decoded = decode(pipe, sample_latents(pipe, p, conditioning))
+                init = None if init_image is None else encode_image(pipe, init_image)
+                decoded = decode(pipe, sample_latents(pipe, p, conditioning, init))
             self._images[key] = (to_uint8(decoded)[0], to_uint8(decoded, rounding=True)[0])
         return self._images[key]
 
 
-def compare(engine, registry, model: str, sampler: str, schedule: str, size: int = 64, cache: ReferenceCache | None = None) -> Outcome:
+def compare(engine, registry, model: str, sampler: str, schedule: str, size: int = 64, cache: ReferenceCache | None = None,
+            init_image=None, strength: float = 0.75) -> Outcome:
+    """txt2img, or img2img from ``init_image`` (already ``size`` square, so neither side resizes it)."""
     from engine import GenerationRequest
     from engine.errors import SfumatoError
 
     cache = cache or ReferenceCache()
-    truncated, rounded = cache.get(registry, model, sampler, schedule, size)
+    truncated, rounded = cache.get(registry, model, sampler, schedule, size, init_image, strength)
+    img2img = {} if init_image is None else {"init_image": init_image, "denoising_strength": strength}
     try:
         request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, model=model, sampler=sampler, schedule=schedule,
-                                    steps=STEPS, cfg_scale=CFG, width=size, height=size, seed=SEED, rng="CPU", preview_every=0)
+                                    steps=STEPS, cfg_scale=CFG, width=size, height=size, seed=SEED, rng="CPU", preview_every=0,
+                                    **img2img)
         result = engine.generate(request)
     except (SfumatoError, ValueError) as error:
         return Outcome(sampler, schedule, refused=str(error).splitlines()[0][:120])
