@@ -223,3 +223,32 @@ def test_infotext_params_read_a1111s_keys_and_old_sampler_names():
     assert (p.sampler, p.schedule, p.width, p.height, p.ensd) == ("DPM++ 2M", "Karras", 96, 64, 31337)
     with pytest.raises(ValueError):
         Params.from_infotext({"Sampler": "Euler z"})
+
+
+def _fake_pipeline(unet):
+    from types import SimpleNamespace
+
+    unet.config = SimpleNamespace(in_channels=4)
+    return SimpleNamespace(unet=unet, scheduler=SimpleNamespace(config={**SD_CONFIG, "prediction_type": "epsilon"}),
+                           vae=SimpleNamespace(config=SimpleNamespace(block_out_channels=(8, 8, 8, 8), scaling_factor=0.18215)),
+                           text_encoder_2=None)
+
+
+@pytest.mark.parametrize("sampler, strength, calls, first_t", [
+    ("Euler", None, 20, 999.0),  # txt2img: one call per step, from the top of the table
+    ("DPM2", None, 39, 999.0),  # two calls a step but the last (to σ = 0)
+    ("Euler", 0.6, 13, None),  # img2img keeps t_enc + 1 = 13 steps
+    ("DDIM", 0.6, 11, 551.0),  # timesteps[:12] walked from t = 551 (noised to t = 601)
+    ("UniPC", None, 20, 999.0),
+])
+def test_model_calls_per_sampler_and_img2img_steps(sampler, strength, calls, first_t):
+    from tests.a1111_reference import sample_latents
+
+    unet = _RecordingUNet()
+    p = Params.from_infotext({"Sampler": sampler, "Steps": 20, "Size": "16x16", "Seed": 1, **(
+        {} if strength is None else {"Denoising strength": strength})})
+    init = None if strength is None else torch.zeros(1, 4, 2, 2)
+    sample_latents(_fake_pipeline(unet), p, (_cond(), _cond()), init)
+    assert len(unet.timesteps) == calls
+    if first_t is not None:
+        assert unet.timesteps[0][0].item() == pytest.approx(first_t, abs=1e-3)
