@@ -3,8 +3,8 @@ pixels, for every sampler × schedule A1111 offers. The oracle is tests/a1111_re
 re-implementation of A1111's sampling on k-diffusion and the papers), given the engine's own prompt
 encoding so that only sampling is compared.
 
-The demo model (v-prediction) runs every sampler at "Automatic" and every schedule type with a
-deterministic and an ancestral sampler; tiny eps SD 1.x and tiny SDXL run every sampler at
+The demo model (v-prediction) runs every sampler at "Automatic", every schedule type with DPM++ 2M,
+Euler a + Karras, and img2img with three samplers; tiny eps SD 1.x and tiny SDXL run every sampler at
 "Automatic". The full 20 × 12 demo matrix takes about ten minutes on one core: set
 SFUMATO_PARITY_FULL=1 to run it here, or run scripts/a1111_parity_table.py for the table.
 """
@@ -20,14 +20,15 @@ from tests.a1111_reference.ref_parity import TOLERANCE, ReferenceCache, compare
 pytest.importorskip("torchsde")
 
 FULL = os.environ.get("SFUMATO_PARITY_FULL") == "1"
-SCHEDULE_PROBES = ("DPM++ 2M", "Euler a")  # one deterministic multistep sampler, one drawing ancestral noise
+# Every schedule type with a deterministic multistep sampler; Euler a + Karras (ancestral noise on a non-default
+# schedule) as the issue's everyday example.
+SCHEDULE_PROBES = [("DPM++ 2M", schedule) for schedule in SCHEDULE_NAMES if schedule != "Automatic"] + [("Euler a", "Karras")]
 
 
 def _demo_cases():
     if FULL:
         return [(s, k) for s in SAMPLERS for k in SCHEDULE_NAMES]
-    automatic = [(s, "Automatic") for s in SAMPLERS]
-    return automatic + [(s, k) for k in SCHEDULE_NAMES if k != "Automatic" for s in SCHEDULE_PROBES]
+    return [(s, "Automatic") for s in SAMPLERS] + SCHEDULE_PROBES
 
 
 def _id(case):
@@ -71,7 +72,7 @@ def _init_image():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "UniPC"])
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M SDE", "DDIM"])
 def test_demo_img2img_matches_a1111(demo_engine, reference_cache, sampler):
     outcome = compare(demo_engine, demo_engine.registry, "sfumato-demo", sampler, "Automatic", cache=reference_cache,
                       init_image=_init_image(), strength=0.6)

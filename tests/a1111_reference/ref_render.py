@@ -8,7 +8,8 @@ sd_samplers_timesteps.py, sd_samplers_common.py, sd_schedulers.py; no code copie
 - DPM2, DPM2 a and DPM++ 3M SDE build a steps+1 schedule and drop its next-to-last σ.
 - DPM fast / DPM adaptive ignore the schedule's σs except σ₀ (which scales the start noise) and run
   between the table's own σ_min and σ_max; they get ``n = steps``.
-- ``eta`` goes to every function that takes one: the "Eta" param, else 1 (k samplers) or 0 (DDIM).
+- ``eta`` goes to every function that takes one: "Eta" (else 1) for k samplers, "Eta DDIM" (else 0) for
+  DDIM and DDIM CFG++; the two infotext keys override two separate A1111 settings.
   s_churn, s_tmin, s_tmax, s_noise stay at k-diffusion's defaults, as A1111's settings leave them.
 - SDE samplers ("brownian_noise") get k-diffusion's ``BrownianTreeNoiseSampler`` over
   [smallest non-zero σ, largest σ] seeded with the batch's image seeds; every other draw
@@ -98,7 +99,8 @@ class Params:
     batch_size: int = 1
     denoising_strength: float = 0.75
     ensd: int = 0
-    eta: float | None = None
+    eta: float | None = None  # "Eta": A1111's eta_ancestral setting (k samplers), default 1
+    eta_ddim: float | None = None  # "Eta DDIM": its eta_ddim setting (DDIM, DDIM CFG++), default 0
     subseed: int | None = None
     subseed_strength: float = 0.0
 
@@ -126,8 +128,8 @@ class Params:
         p.batch_size = int(values.get("Batch size", 1))
         p.denoising_strength = float(values.get("Denoising strength", p.denoising_strength))
         p.ensd = int(values.get("ENSD", 0))
-        eta = values.get("Eta", values.get("Eta DDIM"))
-        p.eta = None if eta is None else float(eta)
+        p.eta = None if values.get("Eta") is None else float(values["Eta"])
+        p.eta_ddim = None if values.get("Eta DDIM") is None else float(values["Eta DDIM"])
         if "Variation seed" in values:
             p.subseed = int(values["Variation seed"])
             p.subseed_strength = float(values.get("Variation seed strength", 0.0))
@@ -291,7 +293,7 @@ def _timestep_sample(facts, p, model, cond, uncond, noise, init_latent=None):
             extra["t_start"] = float(timesteps[-1] / 1000 + 1 / 1000)
     function = getattr(ref_timesteps, facts.function)
     if facts.function in ("ddim", "ddim_cfgpp"):
-        extra["eta"] = 0.0 if p.eta is None else p.eta
+        extra["eta"] = 0.0 if p.eta_ddim is None else p.eta_ddim
     return function(denoiser, x, timesteps, noise, **extra)
 
 
