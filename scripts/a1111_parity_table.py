@@ -5,7 +5,8 @@ difference from the independent reference (tests/a1111_reference) in /255, or wh
 
 The demo model runs the full matrix by default; the tiny eps SD 1.x and SDXL models are built on the fly.
 A cell is "matched" at ≤ 2/255; "=" after the number marks a bit-identical picture under A1111's
-truncating uint8 conversion, "~" under the rounding one.
+truncating uint8 conversion, "~" under the rounding one, "≡" a bit-identical decoded latent (the pixels then
+differ only by the uint8 conversion).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     def cell(o):
         if o.refused is not None:
             return "refused"
-        mark = "=" if o.exact_truncation else "~" if o.exact_rounding else ""
+        mark = "=" if o.exact_truncation else "~" if o.exact_rounding else "≡" if o.latent_diff == 0 else ""
         return f"{o.max_diff}{mark}" + ("" if o.matched else " ✗")
 
     if args.markdown:
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(outcomes) - len(measured)} refused; "
           + (f"worst measured diff {worst.max_diff}/255 ({worst.sampler} + {worst.schedule})" if worst else "nothing measured")
           + f"; exact under truncation {sum(o.exact_truncation for o in measured)}, under rounding {sum(o.exact_rounding for o in measured)}"
+          + f", bit-identical latent {sum(o.latent_diff == 0 for o in measured)}"
           + f"; {time.perf_counter() - started:.0f} s")
     return 0
 
