@@ -170,7 +170,8 @@ class Engine:
                 on_step = self._step_callback(request, previewer, on_progress, cancel, started, batch_index, group_size, groups,
                                               steps_done_before, planned, stops)
                 result = sample_pass.run(sampler=request.sampler, denoiser=denoiser, noise_table=noise_table, sigmas=sigmas,
-                                         first_noise=noise, image_noise=image_noise, seeds=seeds, init_latents=init_latents,
+                                         first_noise=noise, image_noise=image_noise, seeds=seeds, steps=request.steps,
+                                         init_latents=init_latents, denoising_strength=request.denoising_strength,
                                          eta=request.eta, on_step=on_step)
                 latents = result.latents
                 if denoiser.inpaint is not None and denoiser.inpaint.blend:
@@ -279,7 +280,8 @@ class Engine:
         embeds = embeds.to(model.device, model.dtype)
 
         def denoiser(inpaint: InpaintInputs | None) -> GuidedDenoiser:
-            return GuidedDenoiser(pipe.unet, noise_table, parameterization, embeds, request.cfg_scale, do_cfg, added, inpaint)
+            cfg_scale = request.cfg_scale * samplers.find_sampler(request.sampler).cfg_scale_factor
+            return GuidedDenoiser(pipe.unet, noise_table, parameterization, embeds, cfg_scale, do_cfg, added, inpaint)
 
         if prepared.source is None:
             return denoiser(self._whole_image_conditioning(model, prepared, noise)), None

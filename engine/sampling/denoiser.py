@@ -106,7 +106,7 @@ class GuidedDenoiser:
         copies = 2 if self.do_cfg else 1
         x_in = torch.cat([x] * copies)
         sigma_in = torch.cat([sigma] * copies)
-        c_in = (sigma_in ** 2 + 1) ** -0.5
+        c_in = 1 / (sigma_in ** 2 + 1) ** 0.5  # written as k-diffusion writes it, so results agree to the last bit
         timestep = self.table.sigma_to_t(sigma_in)
         # Only the model runs in its own dtype: the sampler's arithmetic and every noise draw stay float32 on every
         # device, so a half-precision GPU gives the CPU's picture for the same seed.
@@ -140,7 +140,7 @@ class GuidedDenoiser:
             return x + output * -sigma  # CompVisDenoiser: c_out = −σ
         if self.parameterization == V_PREDICTION:
             c_skip = 1 / (sigma ** 2 + 1)
-            c_out = -sigma * (sigma ** 2 + 1) ** -0.5
+            c_out = -sigma / (sigma ** 2 + 1) ** 0.5
             return output * c_out + x * c_skip  # CompVisVDenoiser, σ_data = 1
         raise NotImplementedError(f"parameterization {self.parameterization!r} (flow models come with their families)")
 

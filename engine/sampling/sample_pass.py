@@ -3,7 +3,8 @@
 - σs: the schedule's (``steps + 1`` values, or ``steps + 2`` with the next-to-last dropped for DPM2, DPM2 a and
   DPM++ 3M SDE); timestep samplers bring their own σs and ignore the schedule.
 - txt2img starts from ``noise · σ₀``. img2img keeps the last ``t_enc + 1`` steps, where
-  ``t_enc = int(min(denoising, 0.999) · steps)``, and starts from ``init + noise · σ₀``.
+  ``t_enc = int(min(denoising, 0.999) · steps)``, and starts from ``init + noise · σ₀``. Timestep samplers
+  follow their own start rule (``start_latent``).
 - The first noise and every later draw come from one ``ImageNoise`` per batch (per-image generators seeded with
   seed + i, variation seeds by slerp, ENSD reseeding); SDE samplers get a Brownian tree seeded per image.
 - eta is the request's, or the sampler's default.
@@ -75,20 +76,39 @@ class _StopPass(Exception):
     """Raised from the step callback to end the sampler's loop."""
 
 
+def start_latent(spec: table.SamplerSpec, noise_table, sigmas: torch.Tensor, noise: torch.Tensor,
+                 init_latents: torch.Tensor | None, steps: int, denoising_strength: float | None) -> torch.Tensor:
+    """The σ-space latent the sampler starts from.
+
+    k-samplers: ``noise · σ₀`` (txt2img) or ``init + noise · σ₀`` (img2img). A1111's timestep samplers start from
+    unscaled noise in ᾱ-space, which is ``noise · √(1 + σ₀²)`` here, and noise their img2img init to the grid entry
+    above the first kept one (``timestep_samplers.timestep_img2img_start``).
+    """
+    if spec.uses_schedule:
+        return noise * sigmas[0] if init_latents is None else init_latents.to(torch.float32) + noise * sigmas[0]
+    if init_latents is None:
+        return noise * (1 + sigmas[0] ** 2) ** 0.5
+    from .timestep_samplers import timestep_img2img_start
+
+    return timestep_img2img_start(noise_table, steps, denoising_strength, init_latents.to(torch.float32), noise).to(torch.float32)
+
+
 def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_noise: torch.Tensor,
-        image_noise: "noise_sources.ImageNoise", seeds: list[int], init_latents: torch.Tensor | None = None,
-        eta: float | None = None, on_step: StepCallback | None = None) -> PassResult:
+        image_noise: "noise_sources.ImageNoise", seeds: list[int], steps: int, init_latents: torch.Tensor | None = None,
+        denoising_strength: float | None = None, eta: float | None = None,
+        on_step: StepCallback | None = None) -> PassResult:
     """Run one pass of ``sampler`` over ``sigmas`` (from ``pass_sigmas``) and return the latent to decode.
 
     ``first_noise`` is ``image_noise.first()``, drawn by the caller (inpainting's "latent noise" uses it too);
-    later draws come from ``image_noise``. ``init_latents`` None is txt2img. ``denoiser.schedule`` is set to the
-    pass's σs so hooks can key on the fraction of the schedule done.
+    later draws come from ``image_noise``. ``init_latents`` None is txt2img; with them, ``denoising_strength`` is
+    the img2img strength ``sigmas`` were cut for. ``denoiser.schedule`` is set to the pass's σs so hooks can key
+    on the fraction of the schedule done.
     """
     spec = table.find_sampler(sampler)
     sigmas = sigmas.to(first_noise.device, torch.float32)
     planned = len(sigmas) - 1
     first = first_noise.to(torch.float32)
-    x = first * sigmas[0] if init_latents is None else init_latents.to(torch.float32) + first * sigmas[0]
+    x = start_latent(spec, noise_table, sigmas, first, init_latents, steps, denoising_strength)
     if hasattr(denoiser, "schedule"):
         denoiser.schedule = sigmas.cpu()
 
@@ -98,10 +118,13 @@ def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_nois
     eta_value = resolved_eta(spec, eta)
     if eta_value is not None and "eta" in accepted:
         options["eta"] = eta_value
+    if spec.needs_noise_table and "table" in accepted:
+        options["table"] = noise_table
     if spec.model_sigma_range and init_latents is None:
         # A1111 starts DPM fast / adaptive from noise · σ₀ of the schedule but solves over the model's own σ range
         # in txt2img; these functions read that range from the ends of their σs (log-uniform, like their steps).
         sigmas = schedules.exponential(noise_table, planned).to(sigmas.device, torch.float32)
+        sigmas[0], sigmas[-2] = noise_table.sigma_max, noise_table.sigma_min  # exactly, not through exp(log(σ))
         if hasattr(denoiser, "schedule"):
             denoiser.schedule = sigmas.cpu()
     noise = None
@@ -114,15 +137,16 @@ def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_nois
 
     def callback(info: StepInfo) -> None:
         last[:] = [info]
-        if on_step is not None and on_step(info.i + 1, planned, info):
-            raise _StopPass
+        # DPM adaptive reports every attempt, which may outnumber the planned steps: progress never passes the plan.
+        done = min(info.i + 1, planned)
+        if on_step is not None and on_step(done, planned, info) and info.i + 1 != planned:
+            raise _StopPass  # a stop after the last step lets the sampler return its finished latent
 
     try:
         latents = function(denoiser, x, sigmas, noise, callback=callback, **options)
     except (_StopPass, Interrupted):
         if not last:
             raise  # nothing denoised yet: no image to show
-        done = last[0].i + 1
-        # A stop after the last step keeps the finished x; earlier, the step's x̂₀ is the picture so far.
-        return PassResult(last[0].x if done >= planned else last[0].denoised, done, planned, stopped=True)
-    return PassResult(latents, last[0].i + 1 if last else planned, planned, stopped=False)
+        # The last finished step's x̂₀ is the picture so far (what A1111 decodes for an interrupted image).
+        return PassResult(last[0].denoised, min(last[0].i + 1, planned), planned, stopped=True)
+    return PassResult(latents, min(last[0].i + 1, planned) if last else planned, planned, stopped=False)

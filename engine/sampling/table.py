@@ -39,6 +39,8 @@ class SamplerSpec:
     discard_next_to_last_sigma: bool = False  # builds a steps+1 schedule and drops its next-to-last σ
     own_sigmas: str | None = None  # a σ function in ``module`` used instead of the schedule (A1111's timestep samplers)
     model_sigma_range: bool = False  # txt2img runs over the model's whole σ range (DPM fast / adaptive)
+    cfg_scale_factor: float = 1.0  # A1111 scales the CFG scale for DDIM CFG++ (÷ 12.5)
+    needs_noise_table: bool = False  # the function takes ``table=`` (UniPC's exact λs)
     note: str = ""
 
     @property
@@ -91,11 +93,12 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("DDIM", "sample_ddim", module="timestep_samplers", aliases=("ddim",), noise=ANCESTRAL_NOISE, eta_default=0.0,
                 eta_key="Eta DDIM", own_sigmas="timestep_sigmas", note="A1111's timestep sampler: ignores the schedule type"),
     SamplerSpec("DDIM CFG++", "sample_ddim_cfgpp", module="timestep_samplers", aliases=("ddim_cfgpp",), noise=ANCESTRAL_NOISE,
-                eta_default=0.0, eta_key="Eta DDIM", own_sigmas="timestep_sigmas",
+                eta_default=0.0, eta_key="Eta DDIM", own_sigmas="timestep_sigmas", cfg_scale_factor=1 / 12.5,
                 note="A1111's timestep sampler: ignores the schedule type"),
     SamplerSpec("PLMS", "sample_plms", module="timestep_samplers", aliases=("plms",), own_sigmas="timestep_sigmas",
                 note="A1111's timestep sampler: ignores the schedule type"),
     SamplerSpec("UniPC", "sample_unipc", module="timestep_samplers", aliases=("unipc",), own_sigmas="unipc_sigmas",
+                needs_noise_table=True,
                 note="A1111's timestep sampler: ignores the schedule type"),
     SamplerSpec("LCM", "sample_lcm", module="lcm", aliases=("k_lcm", "lcm"), noise=ANCESTRAL_NOISE,
                 note="meant for LCM-distilled weights"),
