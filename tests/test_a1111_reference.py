@@ -252,3 +252,22 @@ def test_model_calls_per_sampler_and_img2img_steps(sampler, strength, calls, fir
     assert len(unet.timesteps) == calls
     if first_t is not None:
         assert unet.timesteps[0][0].item() == pytest.approx(first_t, abs=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M SDE"])
+def test_batch_image_i_is_the_single_picture_at_seed_plus_i(sampler):
+    """A1111's batches: per-image generators and one Brownian tree per image seed, so batching changes nothing."""
+    from pathlib import Path
+
+    from tests.a1111_reference import render
+
+    DEMO_MODEL = Path(__file__).resolve().parent.parent / "builtin" / "sfumato-demo"
+    if not (DEMO_MODEL / "model_index.json").is_file():
+        pytest.skip("builtin/sfumato-demo is not present")
+    params = {"Prompt": "a red circle", "Negative prompt": "blurry", "Steps": 6, "Sampler": sampler, "Seed": 40, "Size": "64x64"}
+    batch = render(DEMO_MODEL, {**params, "Batch size": 2})
+    single = render(DEMO_MODEL, {**params, "Seed": 41})
+    other = render(DEMO_MODEL, {**params, "Seed": 42})
+    as_array = lambda image: np.asarray(image, dtype=np.int16)  # noqa: E731
+    assert np.abs(as_array(batch[1]) - as_array(single[0])).max() <= 1
+    assert np.abs(as_array(batch[1]) - as_array(other[0])).max() > 20

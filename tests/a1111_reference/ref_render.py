@@ -297,6 +297,15 @@ def _timestep_sample(facts, p, model, cond, uncond, noise, init_latent=None):
     return function(denoiser, x, timesteps, noise, **extra)
 
 
+def _repeat_cond(cond: dict, batch: int) -> dict:
+    """One prompt's conditioning for every image of the batch."""
+    def repeat(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(batch, *[1] * (t.dim() - 1))
+
+    return {key: None if value is None else tuple(map(repeat, value)) if isinstance(value, tuple) else repeat(value)
+            for key, value in cond.items()}
+
+
 @torch.no_grad()
 def sample_latents(pipe, p: Params, conditioning: tuple[dict, dict] | None = None, init_latent: torch.Tensor | None = None,
                    calls: list | None = None) -> torch.Tensor:
@@ -305,10 +314,7 @@ def sample_latents(pipe, p: Params, conditioning: tuple[dict, dict] | None = Non
     model = LatentModel(pipe.unet, pipe.scheduler.config, calls)
     cond, uncond = conditioning or plain_clip_conditioning(pipe, p.prompt, p.negative_prompt, p.width, p.height)
     batch = p.batch_size
-    cond = {k: (None if v is None else (tuple(t.repeat(batch, *[1] * (t.dim() - 1)) for t in v) if isinstance(v, tuple)
-                                           else v.repeat(batch, *[1] * (v.dim() - 1)))) for k, v in cond.items()}
-    uncond = {k: (None if v is None else (tuple(t.repeat(batch, *[1] * (t.dim() - 1)) for t in v) if isinstance(v, tuple)
-                                             else v.repeat(batch, *[1] * (v.dim() - 1)))) for k, v in uncond.items()}
+    cond, uncond = _repeat_cond(cond, batch), _repeat_cond(uncond, batch)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     shape = (pipe.unet.config.in_channels, p.height // factor, p.width // factor)
     seeds = [p.seed + i for i in range(batch)]
