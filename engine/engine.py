@@ -172,7 +172,8 @@ class Engine:
                 result = sample_pass.run(sampler=request.sampler, denoiser=denoiser, noise_table=noise_table, sigmas=sigmas,
                                          first_noise=noise, image_noise=image_noise, seeds=seeds, steps=request.steps,
                                          init_latents=init_latents, denoising_strength=request.denoising_strength,
-                                         eta=request.eta, on_step=on_step)
+                                         eta=request.eta, prediction_type=model.pipeline.scheduler.config.get("prediction_type"),
+                                         on_step=on_step)
                 latents = result.latents
                 if denoiser.inpaint is not None and denoiser.inpaint.blend:
                     # The known region ends exactly on the original latents (A1111 blends the samples once more).

@@ -182,7 +182,7 @@ def test_hooks_see_the_fraction_of_the_schedule_at_each_model_call(registry):
 
 # --- pictures: every sampler draws what the prompt says ------------------------------------------------------
 PROMPTS = (("a red circle", "colour", "red"), ("a large white circle on the left, black background", "position", "left"))
-USUAL_STEPS = {"DPM adaptive": 20, "DPM fast": 20, "LCM": 8}
+USUAL_STEPS = {"DPM fast": 30, "LCM": 8}  # DPM fast: 20 calls are too few for its third-order steps with eta 1
 
 
 @pytest.mark.parametrize("sampler", [s for s in samplers.sampler_names() if s != "LCM"])

@@ -24,7 +24,7 @@ from tests._kdiffusion import load
 torch.set_num_threads(1)
 
 STEP_COUNTS = (1, 2, 10, 11, 20, 50)
-SD1_CONFIG = Path(__file__).resolve().parent.parent / "engine" / "configs" / "sd1" / "scheduler" / "scheduler_config.json"
+SD1_CONFIG = Path(__file__).resolve().parents[1] / "engine" / "configs" / "sd1" / "scheduler" / "scheduler_config.json"
 # Published in NVIDIA's "Align Your Steps" how-to, typed in again here rather than imported.
 PUBLISHED_AYS_SD15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
 PUBLISHED_AYS_SDXL = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]

@@ -262,6 +262,21 @@ def test_unipc_matches_a1111(table, unet, model_name):
     assert diff <= TOLERANCE
 
 
+def test_unipc_reproduces_a1111s_truncated_timestep_for_v_models(table, unet):
+    eps = a1111_eps(unet, "v", table.alphas_cumprod)  # ᾱ at int(t), as A1111's CompVisTimestepsVDenoiser
+    noise = noises(1, seed=21)[0]
+    expected, _ = unipc_reference(eps, noise, 20, table.alphas_cumprod)
+    sigmas = unipc_sigmas(table, 20)
+    start = _start(table, sigmas, noise)
+    got = sample_unipc(SigmaDenoiser(unet, "v", table), start, sigmas, ListedNoise([]), table=table,
+                       prediction_type="v_prediction")
+    plain = sample_unipc(SigmaDenoiser(unet, "v", table), start, sigmas, ListedNoise([]), table=table)
+    diff, quirk = (got - expected).abs().max().item(), (plain - expected).abs().max().item()
+    print(f"unipc unet, A1111's int-timestep v→ε: max diff {diff:.2e} (σ-consistent ε is off by {quirk:.2e})")
+    assert quirk > 1e-3
+    assert diff <= TOLERANCE
+
+
 def _v_as_eps(model, table):
     """ε from a v-model with ᾱ interpolated at the fractional timestep (as the σ-space denoiser sees it)."""
     def eps(x, t):

@@ -1,7 +1,7 @@
 """A model's training noise table: σ_t for every training timestep t, and the maps between σ and t.
 
-A DDPM-style model is trained at discrete timesteps t = 0 … T−1 with cumulative signal fractions ᾱ_t
-(Ho et al. 2020). In k-diffusion's σ-space (Karras et al. 2022) timestep t has noise level
+A DDPM-style model is trained at discrete timesteps t = 0 … T−1 with cumulative signal fractions
+ᾱ_t (Ho et al. 2020). In k-diffusion's σ-space (Karras et al. 2022) timestep t has noise level
 σ_t = √((1 − ᾱ_t) / ᾱ_t). Every noise schedule picks its σs from this one table, so the table is built once per
 model family and handed to the schedule functions in ``schedules.py``.
 
@@ -45,7 +45,8 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 
 def _betas(beta_start: float, beta_end: float, beta_schedule: str, num_train_timesteps: int) -> torch.Tensor:
-    """Training βs in float64, as latent-diffusion's ``make_beta_schedule`` (its "linear" is diffusers' "scaled_linear")."""
+    """Training βs in float64, as latent-diffusion's ``make_beta_schedule`` builds them (its "linear" is
+    diffusers' "scaled_linear")."""
     if beta_schedule == "scaled_linear":
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
     if beta_schedule == "linear":

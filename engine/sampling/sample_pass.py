@@ -30,10 +30,22 @@ StepCallback = Callable[[int, int, StepInfo], bool]
 """Called after each step with (steps done, steps planned, the step's record); return True to stop the pass."""
 
 
+def schedule_table(spec: table.SamplerSpec, noise_table):
+    """The noise table schedules read for this sampler: the model's, or the part a distilled sampler knows
+    (LCM's 50 timesteps, which A1111's LCM denoiser carries as its own σ table)."""
+    if spec.schedule_timesteps is None:
+        return noise_table
+    from .noise_table import NoiseTable
+
+    timesteps = spec.schedule_timestep_function(len(noise_table.sigmas))
+    return NoiseTable(noise_table.sigmas[timesteps], noise_table.align_your_steps)
+
+
 def schedule_sigmas(spec: table.SamplerSpec, noise_table, schedule: str, steps: int) -> torch.Tensor:
     """The whole txt2img σ sequence for ``steps`` steps (before img2img trims it)."""
     if not spec.uses_schedule:
         return spec.own_sigma_function(noise_table, steps).to(torch.float32)
+    noise_table = schedule_table(spec, noise_table)
     function = schedules.find_schedule(table.resolve_schedule(spec.name, schedule)).function
     if spec.discard_next_to_last_sigma:
         sigmas = function(noise_table, steps + 1)
@@ -95,13 +107,14 @@ def start_latent(spec: table.SamplerSpec, noise_table, sigmas: torch.Tensor, noi
 
 def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_noise: torch.Tensor,
         image_noise: "noise_sources.ImageNoise", seeds: list[int], steps: int, init_latents: torch.Tensor | None = None,
-        denoising_strength: float | None = None, eta: float | None = None,
+        denoising_strength: float | None = None, eta: float | None = None, prediction_type: str | None = None,
         on_step: StepCallback | None = None) -> PassResult:
     """Run one pass of ``sampler`` over ``sigmas`` (from ``pass_sigmas``) and return the latent to decode.
 
     ``first_noise`` is ``image_noise.first()``, drawn by the caller (inpainting's "latent noise" uses it too);
     later draws come from ``image_noise``. ``init_latents`` None is txt2img; with them, ``denoising_strength`` is
-    the img2img strength ``sigmas`` were cut for. ``denoiser.schedule`` is set to the pass's σs so hooks can key
+    the img2img strength ``sigmas`` were cut for. ``prediction_type`` is the model's, in diffusers' words
+    ("epsilon", "v_prediction"). ``denoiser.schedule`` is set to the pass's σs so hooks can key
     on the fraction of the schedule done.
     """
     spec = table.find_sampler(sampler)
@@ -118,8 +131,12 @@ def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_nois
     eta_value = resolved_eta(spec, eta)
     if eta_value is not None and "eta" in accepted:
         options["eta"] = eta_value
-    if spec.needs_noise_table and "table" in accepted:
+    # Samplers that work on training timesteps (UniPC's λs, LCM's snapping) get the model's table, and those that
+    # form ε from the model's output as A1111 does get its prediction type.
+    if "table" in accepted:
         options["table"] = noise_table
+    if "prediction_type" in accepted and prediction_type is not None:
+        options["prediction_type"] = prediction_type
     if spec.model_sigma_range and init_latents is None:
         # A1111 starts DPM fast / adaptive from noise · σ₀ of the schedule but solves over the model's own σ range
         # in txt2img; these functions read that range from the ends of their σs (log-uniform, like their steps).

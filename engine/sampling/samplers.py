@@ -51,17 +51,13 @@ def _ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float
 def _with_noise(x: torch.Tensor, noise: NoiseSource | None, sigma, sigma_next, *scales) -> torch.Tensor:
     """x + noise(σ, σ_next)·scale₁·scale₂…; draws even when a scale is zero, so later draws keep their places."""
     if noise is None:
-        if any(_is_zero(scale) for scale in scales):
+        if any(bool(scale == 0) for scale in scales):
             return x
         raise ValueError("this sampler adds noise here: pass a noise source")
     fresh = noise(sigma, sigma_next)
     for scale in scales:
         fresh = fresh * scale
     return x + fresh
-
-
-def _is_zero(value) -> bool:
-    return bool(value == 0)
 
 
 def _churn(sigmas: torch.Tensor, i: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
@@ -121,7 +117,8 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, nois
 def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                            noise: NoiseSource | None = None, callback: StepCallback | None = None, *,
                            eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
-    """Ancestral sampling with Euler steps: an Euler step down to σ_down, then fresh noise of size σ_up."""
+    """Ancestral sampling with Euler steps: Karras et al. 2022's Euler step down to σ_down, then fresh noise of σ_up
+    (the ancestral split of Song et al. 2021's DDIM η, η = 1 by default)."""
     s_in = _per_image(x)
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
@@ -223,7 +220,7 @@ def _lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
 @torch.no_grad()
 def sample_lms(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource | None = None,
                callback: StepCallback | None = None, *, order: int = 4) -> torch.Tensor:
-    """Linear multistep (Adams–Bashforth) on the probability-flow ODE in σ, as in Karras et al.'s k-diffusion.
+    """Linear multistep (Adams–Bashforth with variable steps) on Karras et al. 2022's probability-flow ODE in σ.
 
     Each step integrates the Lagrange polynomial through the last ``order`` derivatives over [σᵢ, σᵢ₊₁]; the
     order ramps up from 1 while there are fewer derivatives. The integrals are exact polynomial integrals.
@@ -508,7 +505,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, n
 def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource | None = None,
                         callback: StepCallback | None = None, *, eta: float = 1.0, s_noise: float = 1.0,
                         solver_type: str = "midpoint") -> torch.Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022b, the SDE solver of §5), as k-diffusion's "DPM++ 2M SDE".
+    """DPM-Solver++(2M) SDE: the stochastic second-order multistep variant of DPM-Solver++ (Lu et al. 2022b).
 
     ``solver_type`` picks the second-order correction: "midpoint", or "heun" (A1111's "DPM++ 2M SDE Heun").
     The step to σ = 0 returns the denoised estimate. A1111 feeds it a Brownian tree (``brownian_noise``).

@@ -76,16 +76,17 @@ def _timestep_range(table: NoiseTable) -> tuple[float, float]:
 
 
 def sgm_uniform(table: NoiseTable, steps: int) -> torch.Tensor:
-    """steps + 1 timesteps evenly spaced from σ_max's to σ_min's, the last dropped, then 0: the "trailing" grid of
-    Stability's generative-models (SGM) discretization, discussed by Lin et al. 2023 (sample steps, §3.3)."""
+    """steps + 1 timesteps evenly spaced from σ_max's to σ_min's, the last dropped, then 0: Stability's
+    generative-models (SGM) uniform discretization, which starts at the last training timestep as the "trailing"
+    spacing of Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps Are Flawed") does."""
     start, end = _timestep_range(table)
     timesteps = torch.linspace(start, end, steps + 1)[:-1]
     return _with_final_zero(table.t_to_sigma(timesteps))
 
 
 def kl_optimal(table: NoiseTable, steps: int) -> torch.Tensor:
-    """σ_i = tan((1 − i/N) · atan σ_max + i/N · atan σ_min) for i = 0 … N: the KL-optimal schedule of
-    Sabour, Fidler & Kreis 2024, "Align Your Steps" (Theorem 3.1). Ends at σ_min, not 0, as A1111 does."""
+    """σ_i = tan((1 − i/N) · atan σ_max + i/N · atan σ_min) for i = 0 … N: the KL-divergence-optimal schedule
+    derived in Sabour, Fidler & Kreis 2024, "Align Your Steps". Ends at σ_min, not 0, as A1111's does."""
     arctan_min = torch.arctan(torch.tensor(table.sigma_min))
     arctan_max = torch.arctan(torch.tensor(table.sigma_max))
     fraction = torch.arange(steps + 1) / steps
@@ -133,8 +134,8 @@ def ddim(table: NoiseTable, steps: int) -> torch.Tensor:
 
 
 def beta(table: NoiseTable, steps: int, *, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
-    """Lee et al. 2024, "Beta Sampling is All You Need" (arXiv:2407.12173): σ = σ_min + F⁻¹(u) · (σ_max − σ_min)
-    with F the Beta(α, β) CDF and u going linearly from 1 to 0, then 0."""
+    """Lee et al. 2024, "Beta Sampling is All You Need" (arXiv:2407.12173):
+    σ = σ_min + F⁻¹(u) · (σ_max − σ_min) with F the Beta(α, β) CDF and u going linearly from 1 to 0, then 0."""
     quantiles = stats.beta.ppf(1 - np.linspace(0, 1, steps), alpha, beta)
     sigma_min, sigma_max = table.sigma_min, table.sigma_max
     return _with_final_zero(_as_sigmas(sigma_min + quantiles * (sigma_max - sigma_min)))

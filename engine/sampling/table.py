@@ -40,7 +40,7 @@ class SamplerSpec:
     own_sigmas: str | None = None  # a σ function in ``module`` used instead of the schedule (A1111's timestep samplers)
     model_sigma_range: bool = False  # txt2img runs over the model's whole σ range (DPM fast / adaptive)
     cfg_scale_factor: float = 1.0  # A1111 scales the CFG scale for DDIM CFG++ (÷ 12.5)
-    needs_noise_table: bool = False  # the function takes ``table=`` (UniPC's exact λs)
+    schedule_timesteps: str | None = None  # a function in ``module`` giving the training timesteps schedules read
     note: str = ""
 
     @property
@@ -51,6 +51,10 @@ class SamplerSpec:
     @property
     def own_sigma_function(self) -> Callable | None:
         return _lookup(self.module, self.own_sigmas) if self.own_sigmas else None
+
+    @property
+    def schedule_timestep_function(self) -> Callable | None:
+        return _lookup(self.module, self.schedule_timesteps) if self.schedule_timesteps else None
 
     @property
     def uses_schedule(self) -> bool:
@@ -98,10 +102,11 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("PLMS", "sample_plms", module="timestep_samplers", aliases=("plms",), own_sigmas="timestep_sigmas",
                 note="A1111's timestep sampler: ignores the schedule type"),
     SamplerSpec("UniPC", "sample_unipc", module="timestep_samplers", aliases=("unipc",), own_sigmas="unipc_sigmas",
-                needs_noise_table=True,
                 note="A1111's timestep sampler: ignores the schedule type"),
     SamplerSpec("LCM", "sample_lcm", module="lcm", aliases=("k_lcm", "lcm"), noise=ANCESTRAL_NOISE,
-                note="meant for LCM-distilled weights"),
+                schedule_timesteps="lcm_timesteps",
+                note="meant for LCM-distilled weights; schedules span LCM's 50 timesteps, and like A1111 it takes a "
+                     "v-model's output as ε"),
     SamplerSpec("DDPM", "sample_ddpm", module="timestep_samplers", aliases=("ddpm",), noise=ANCESTRAL_NOISE,
                 own_sigmas="timestep_sigmas", note="not in A1111: Ho et al.'s ancestral sampler, on A1111's DDIM timesteps"),
 )

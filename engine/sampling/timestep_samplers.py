@@ -300,12 +300,14 @@ class _VPTimes:
     """
 
     def __init__(self, sigmas: list[float], table: Any | None):
+        self.times: list[float] | None = None
         if table is None:
             self.alpha = [1.0 / math.sqrt(1.0 + s * s) for s in sigmas]
         else:
             log_sigmas = table.sigmas.to(torch.float64).log()
             half_log_alpha_bar = 0.5 * table.alphas_cumprod.to(torch.float64).log()
-            times = torch.tensor([_timestep_of(log_sigmas, s) for s in sigmas], dtype=torch.float64)
+            self.times = [_timestep_of(log_sigmas, s) for s in sigmas]
+            times = torch.tensor(self.times, dtype=torch.float64)
             self.alpha = _log_sigma_at(half_log_alpha_bar, times).exp().tolist()
         self.sigma_vp = [math.sqrt(1.0 - a * a) for a in self.alpha]
         self.lam = [math.log(a) - math.log(s) for a, s in zip(self.alpha, self.sigma_vp)]
@@ -349,13 +351,16 @@ def _unipc_bh_coefficients(h: float, rks: list[float], order: int, variant: str)
 
 def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource,
                  callback: StepCallback | None = None, order: int = 3, variant: str = "bh1",
-                 lower_order_final: bool = True, table: Any | None = None) -> torch.Tensor:
+                 lower_order_final: bool = True, table: Any | None = None,
+                 prediction_type: str = "epsilon") -> torch.Tensor:
     """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework"), multistep, data prediction.
 
     Start: noise·√(1+σ₀²) (unscaled noise in ᾱ-space); img2img: :func:`timestep_img2img_start`.
     A1111's defaults: order 3, variant bh1, lower-order final steps, no corrector after the last step, one model
     call per σ but the last (the corrector's evaluation is reused by the next step). Pass ``table`` (the model's
-    noise table) with :func:`unipc_sigmas` to use A1111's exact λ's; without it λ = −log σ. Orders above the step
+    noise table) with :func:`unipc_sigmas` to use A1111's exact λ's; without it λ = −log σ. With a table and
+    ``prediction_type="v_prediction"`` a v-model's ε is formed as A1111 does, with ᾱ at the model's fractional
+    timestep truncated to an integer (the denoiser's σ-consistent ε differs by ~1e-3). Orders above the step
     count are lowered (A1111 refuses them). The final σ must be > 0. Deterministic: ``noise`` is unused.
     Returns x in ᾱ-space at the last σ (A1111: t = 1/N).
     """
@@ -365,13 +370,24 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, nois
         raise ValueError("UniPC ends at a σ above 0 (use unipc_sigmas)")
     order = max(1, min(order, steps))
     vp = _VPTimes(sigma_list, table)
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unknown prediction type {prediction_type!r}")
+    truncated_v = prediction_type == "v_prediction" and vp.times is not None
     x = _to_alpha_space(x, sigma_list[0])  # the solver's state is A1111's x, in ᾱ-space
 
     def data_prediction(x_vp: torch.Tensor, index: int) -> torch.Tensor:
         # The model sees x_vp exactly; its ε is turned into x̂₀ with the solver's own α and σ_VP.
         sigma = sigma_list[index]
         x_sigma = x_vp * math.sqrt(1.0 + sigma * sigma)
-        eps = (x_sigma - denoiser(x_sigma, _per_image(sigma, x_vp))) / sigma
+        denoised = denoiser(x_sigma, _per_image(sigma, x_vp))
+        if truncated_v:
+            # Recover v from x̂₀ = x/(σ²+1) − v·σ/√(σ²+1), then ε = √ᾱ·v + √(1−ᾱ)·x at ⌊t⌋ (A1111's int cast;
+            # the small margin absorbs float32 noise in t at whole timesteps).
+            v = (x_sigma / (1.0 + sigma * sigma) - denoised) * (math.sqrt(1.0 + sigma * sigma) / sigma)
+            a = float(table.alphas_cumprod[int(math.floor(vp.times[index] + 1e-4))])
+            eps = math.sqrt(a) * v + math.sqrt(1.0 - a) * x_vp
+        else:
+            eps = (x_sigma - denoised) / sigma
         return (x_vp - vp.sigma_vp[index] * eps) / vp.alpha[index]
 
     def update(x_vp: torch.Tensor, history: list[tuple[int, torch.Tensor]], target: int, step_order: int,
