@@ -38,11 +38,7 @@ class Outcome:
 
 def engine_conditioning(loaded, prompt: str, negative: str, width: int, height: int) -> tuple[dict, dict]:
     """The engine's own prompt encoding, as the reference's conditioning dicts."""
-    encoder = getattr(loaded, "prompt_encoder", None)
-    if encoder is None and getattr(loaded, "family", None) is not None and hasattr(loaded.family, "encode"):
-        conditioning = loaded.family.encode(loaded, prompt, negative)
-    else:
-        conditioning = encoder.encode(prompt, negative)
+    conditioning = loaded.prompt_encoder.encode(prompt, negative)
     return (make_cond(conditioning.prompt_embeds, conditioning.pooled, width, height),
             make_cond(conditioning.negative_embeds, conditioning.negative_pooled, width, height))
 
