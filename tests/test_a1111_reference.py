@@ -81,9 +81,11 @@ def test_table_schedules_follow_a1111s_formulas():
     # KL Optimal ends at σ_min (A1111 appends no zero), AYS resamples the published 11 σs
     kl = ref_schedules.kl_optimal(20, lo, hi)
     assert len(kl) == 21 and kl[-1].item() == pytest.approx(lo, rel=1e-5) and kl[0].item() == pytest.approx(hi, rel=1e-5)
+    # AYS: 10 steps resample the published 11 σs log-linearly (ends kept); 11 steps take them as they are
     ays = ref_schedules.align_your_steps(10, lo, hi)
-    assert ays[:-1].tolist() == pytest.approx(ref_schedules.AYS_SD1[:10] if False else list(np.exp(np.interp(
-        np.linspace(0, 1, 10), np.linspace(0, 1, 11), np.log(ref_schedules.AYS_SD1[::-1])))[::-1]), rel=1e-6)
+    assert len(ays) == 11 and ays[-1] == 0
+    assert ays[0].item() == pytest.approx(14.615, rel=1e-6) and ays[-2].item() == pytest.approx(0.029, rel=1e-5)
+    assert ays[5].item() == pytest.approx(math.exp(np.interp(4 / 9, np.linspace(0, 1, 11), np.log(ref_schedules.AYS_SD1[::-1]))), rel=1e-5)
     assert ref_schedules.align_your_steps(11, lo, hi)[:-1].tolist() == pytest.approx(ref_schedules.AYS_SD1, rel=1e-6)
     # Beta(0.6, 0.6): symmetric, so the middle of an odd count sits halfway between σ_min and σ_max
     beta = ref_schedules.beta(21, lo, hi)
