@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f"worst measured diff {worst.max_diff}/255 ({worst.sampler} + {worst.schedule})" if worst else "nothing measured")
           + f"; exact under truncation {sum(o.exact_truncation for o in measured)}, under rounding {sum(o.exact_rounding for o in measured)}"
           + f", bit-identical latent {sum(o.latent_diff == 0 for o in measured)}"
+          + (f", worst latent diff {max(latents):.1e} of the latent's std" if (latents := [o.latent_diff for o in measured
+                                                                                         if o.latent_diff is not None]) else "")
           + f"; {time.perf_counter() - started:.0f} s")
     return 0
 
