@@ -92,6 +92,10 @@ def test_schedules_span_the_models_whole_sigma_range(sampler, schedule):
     sigmas = sample_pass.pass_sigmas(samplers.find_sampler(sampler), table, schedule, 20, None)
     assert len(sigmas) == 21 and float(sigmas[-1]) == 0.0
     assert float(sigmas[0]) == pytest.approx(sigma_max, rel=1e-4)
+    if sampler == "LCM":  # A1111's LCM denoiser knows only its 50 distilled timesteps: its σ_min is at t = 19
+        betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+        alphas_cumprod = np.cumprod(1 - betas)
+        sigma_min = np.sqrt((1 - alphas_cumprod[19]) / alphas_cumprod[19])
     if not samplers.find_sampler(sampler).discard_next_to_last_sigma:  # those drop σ_min itself (see the DPM2 test)
         assert float(sigmas[-2]) == pytest.approx(sigma_min, rel=1e-3)
 
@@ -131,8 +135,9 @@ def test_eta_noise_seed_delta_changes_only_samplers_that_draw_noise_after_the_fi
         pytest.skip(f"{sampler} is not in this build")
     spec = samplers.find_sampler(sampler)
     eta = {} if spec.eta_default != 0 else {"eta": 1.0}  # DDIM draws no noise at its default eta 0
-    plain = engine.generate(request(sampler, steps=5, **eta)).images[0]
-    delta = engine.generate(request(sampler, steps=5, eta_noise_seed_delta=31337, **eta)).images[0]
+    steps = 20 if sampler == "Restart" else 5  # A1111's Restart plans its first restart from 20 steps on
+    plain = engine.generate(request(sampler, steps=steps, **eta)).images[0]
+    delta = engine.generate(request(sampler, steps=steps, eta_noise_seed_delta=31337, **eta)).images[0]
     if spec.noise == samplers.BROWNIAN_NOISE:  # the Brownian tree is seeded with the image seed alone
         assert np.array_equal(np.asarray(plain.image), np.asarray(delta.image))
     else:
@@ -244,3 +249,20 @@ def test_zero_terminal_snr_runs_on_every_sampler_with_a_finite_first_sigma(engin
     table = NoiseTable.for_betas(0.00085, 0.012, "scaled_linear", 1000, zero_terminal_snr=True)
     sigmas = sample_pass.pass_sigmas(samplers.find_sampler("Euler"), table, "Karras", 10, None)
     assert np.isfinite(sigmas.numpy()).all() and float(sigmas[0]) > 1000  # A1111 keeps the last ᾱ just above 0
+
+
+def test_the_shipped_sd1_config_no_longer_narrows_the_karras_range():
+    """Its ``timestep_spacing: leading`` once gave Euler + Karras σ 11.03 → 0.041; only the β table counts now."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from engine.sampling.denoiser import noise_table_for
+
+    config = json.loads((Path(__file__).resolve().parent.parent / "engine/configs/sd1/scheduler/scheduler_config.json").read_text())
+    model = SimpleNamespace(family=SimpleNamespace(name="sd1"), pipeline=SimpleNamespace(scheduler=SimpleNamespace(config=config)))
+    noise_table, parameterization = noise_table_for(model)
+    sigmas = sample_pass.pass_sigmas(samplers.find_sampler("Euler"), noise_table, "Karras", 20, None)
+    sigma_min, sigma_max = _sd1_sigma_range()
+    assert parameterization == "eps"
+    assert float(sigmas[0]) == pytest.approx(sigma_max, rel=1e-4) and float(sigmas[-2]) == pytest.approx(sigma_min, rel=1e-3)

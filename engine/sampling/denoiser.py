@@ -23,17 +23,24 @@ from .noise_table import AYS_SD15, AYS_SDXL, NoiseTable
 EPS, V_PREDICTION, FLOW = "eps", "v", "flow"
 
 
-def noise_table_for(model, zero_terminal_snr: bool = False) -> tuple[NoiseTable, str]:
-    """The model's noise table and parameterization, read from its diffusers scheduler config.
+# Align Your Steps lists by family name, for families that do not yet say which list is theirs.
+_ALIGN_YOUR_STEPS = {"sdxl": AYS_SDXL}
 
-    Only the training facts are read (β range and shape, prediction type); how diffusers would space timesteps
-    no longer matters. The model's family will own this when families carry their behaviour (issue #16).
+
+def noise_table_for(model, zero_terminal_snr: bool = False) -> tuple[NoiseTable, str]:
+    """The model's noise table and parameterization ("eps" or "v").
+
+    A family that carries its behaviour answers both (``Family.noise_table`` / ``Family.parameterization``, issue
+    #16); until then they are read here from the pipeline's scheduler config: only the training facts (β range and
+    shape, prediction type), never how diffusers would space timesteps.
     """
-    config = model.pipeline.scheduler.config
+    family, config = model.family, model.pipeline.scheduler.config
+    if hasattr(family, "noise_table") and hasattr(family, "parameterization"):
+        return family.noise_table(config, zero_terminal_snr), family.parameterization(config)
     table = NoiseTable.for_betas(float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012)),
                                  config.get("beta_schedule", "scaled_linear"), int(config.get("num_train_timesteps", 1000)),
                                  zero_terminal_snr=zero_terminal_snr,
-                                 align_your_steps=AYS_SDXL if model.family.is_xl else AYS_SD15)
+                                 align_your_steps=_ALIGN_YOUR_STEPS.get(getattr(family, "name", ""), AYS_SD15))
     prediction = config.get("prediction_type", "epsilon")
     parameterization = {"epsilon": EPS, "v_prediction": V_PREDICTION}.get(prediction)
     if parameterization is None:

@@ -160,7 +160,8 @@ def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_nois
             raise _StopPass  # a stop after the last step lets the sampler return its finished latent
 
     try:
-        latents = function(denoiser, x, sigmas, noise, callback=callback, **options)
+        with torch.inference_mode():  # no autograd bookkeeping anywhere in the pass (cheaper than no_grad per op)
+            latents = function(denoiser, x, sigmas, noise, callback=callback, **options)
     except (_StopPass, Interrupted):
         if not last:
             raise  # nothing denoised yet: no image to show

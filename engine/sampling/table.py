@@ -204,11 +204,6 @@ def unsupported_reason(sampler: str, schedule: str, zero_terminal_snr: bool = Fa
     return None
 
 
-def check_zero_snr_for_model(sampler: str, zero_terminal_snr: bool, prediction_type: str) -> None:
-    """Zero terminal SNR runs on every sampler: like A1111, the last ᾱ is kept just above 0 so σ_max stays finite."""
-    find_sampler(sampler)
-
-
 def schedules_for(sampler: str) -> list[str]:
     """The schedule types the UI should offer for a sampler."""
     return [name for name in schedule_names() if unsupported_reason(sampler, name) is None]
