@@ -175,6 +175,8 @@ class Engine:
                                          first_noise=noise, image_noise=image_noise, seeds=seeds, steps=request.steps,
                                          init_latents=init_latents, denoising_strength=request.denoising_strength,
                                          eta=request.eta, prediction_type=model.pipeline.scheduler.config.get("prediction_type"),
+                                         full_sigmas=sample_pass.schedule_sigmas(samplers.find_sampler(request.sampler), noise_table,
+                                                                                 request.schedule, request.steps),
                                          on_step=on_step)
                 latents = result.latents
                 if denoiser.inpaint is not None and denoiser.inpaint.blend:

@@ -43,6 +43,14 @@ def reference_cache():
     return ReferenceCache()
 
 
+# Where A1111 itself is broken for the model, Sfumato draws the picture instead (README, "Exceptions"). Each entry
+# must still differ from A1111's picture: an exception that no longer holds is a stale one.
+A1111_BROKEN = {
+    ("sfumato-demo", "LCM"): "A1111's LCM denoiser takes every model's output as ε, so on a v-prediction model it "
+                             "paints noise; Sfumato honours the model's parameterization",
+}
+
+
 def _assert_matches(outcome):
     assert outcome.refused is None, f"{outcome.sampler} + {outcome.schedule}: A1111 offers it, the engine refused: {outcome.refused}"
     assert outcome.max_diff <= TOLERANCE, (f"{outcome.sampler} + {outcome.schedule}: max |diff| {outcome.max_diff}/255 "
@@ -53,7 +61,11 @@ def _assert_matches(outcome):
 @pytest.mark.parametrize("case", _demo_cases(), ids=_id)
 def test_demo_model_matches_a1111(demo_engine, reference_cache, case):
     sampler, schedule = case
-    _assert_matches(compare(demo_engine, demo_engine.registry, "sfumato-demo", sampler, schedule, cache=reference_cache))
+    outcome = compare(demo_engine, demo_engine.registry, "sfumato-demo", sampler, schedule, cache=reference_cache)
+    if ("sfumato-demo", sampler) in A1111_BROKEN:
+        assert outcome.refused is None and outcome.max_diff > TOLERANCE, A1111_BROKEN[("sfumato-demo", sampler)]
+        return
+    _assert_matches(outcome)
 
 
 @pytest.mark.slow

@@ -108,14 +108,15 @@ def start_latent(spec: table.SamplerSpec, noise_table, sigmas: torch.Tensor, noi
 def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_noise: torch.Tensor,
         image_noise: "noise_sources.ImageNoise", seeds: list[int], steps: int, init_latents: torch.Tensor | None = None,
         denoising_strength: float | None = None, eta: float | None = None, prediction_type: str | None = None,
-        on_step: StepCallback | None = None) -> PassResult:
+        full_sigmas: torch.Tensor | None = None, on_step: StepCallback | None = None) -> PassResult:
     """Run one pass of ``sampler`` over ``sigmas`` (from ``pass_sigmas``) and return the latent to decode.
 
     ``first_noise`` is ``image_noise.first()``, drawn by the caller (inpainting's "latent noise" uses it too);
     later draws come from ``image_noise``. ``init_latents`` None is txt2img; with them, ``denoising_strength`` is
     the img2img strength ``sigmas`` were cut for. ``prediction_type`` is the model's, in diffusers' words
     ("epsilon", "v_prediction"). ``denoiser.schedule`` is set to the pass's σs so hooks can key
-    on the fraction of the schedule done.
+    on the fraction of the schedule done. ``full_sigmas`` is the whole schedule an img2img pass was cut from: A1111
+    spans the SDE samplers' Brownian tree over it, not over the cut σs (default: ``sigmas``).
     """
     spec = table.find_sampler(sampler)
     sigmas = sigmas.to(first_noise.device, torch.float32)
@@ -148,7 +149,8 @@ def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_nois
     if spec.noise == table.ANCESTRAL_NOISE:
         noise = noise_sources.ancestral_noise(image_noise)
     elif spec.noise == table.BROWNIAN_NOISE:
-        noise = noise_sources.brownian_noise(x, sigmas, seeds)
+        tree_sigmas = sigmas if full_sigmas is None else full_sigmas.to(sigmas.device, torch.float32)
+        noise = noise_sources.brownian_noise(x, tree_sigmas, seeds)
 
     last: list[StepInfo] = []
 
