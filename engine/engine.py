@@ -6,6 +6,7 @@ and cancellation go through the callback and token the caller passes in.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from . import cancellation, image_ops, samplers
 from .compute import run_until_interrupted
 from .errors import GenerationError, Interrupted, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
+from .networks import vae_files
+from .networks.embeddings import ti_hashes
 from .previews import CheapPreviewer, VaePreviewer, parameter_dtype, pil_to_tensor
 from .request import CancelToken, EarlyStop, GeneratedImage, GenerationRequest, GenerationResult, Progress
 from .sampling import DenoiseJob, InpaintInputs, StepHook, denoise
@@ -108,16 +111,19 @@ class Engine:
         timings: dict[str, float] = {}
         images: list[GeneratedImage] = []
         try:
-            return self._generate_images(request, on_progress, cancel, started, timings, images)
+            with contextlib.ExitStack() as job_scope:  # undoes the job's swaps (its VAE) however the job ends
+                return self._generate_images(request, on_progress, cancel, started, timings, images, job_scope)
         except Interrupted as stopped:
             timings["total"] = time.perf_counter() - started
             return GenerationResult(request=request, images=images, interrupted=True, timings=timings, warnings=[str(stopped)])
 
     def _generate_images(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken,
-                         started: float, timings: dict[str, float], images: list[GeneratedImage]) -> GenerationResult:
+                         started: float, timings: dict[str, float], images: list[GeneratedImage],
+                         job_scope: contextlib.ExitStack) -> GenerationResult:
         """The job itself; ``timings`` and ``images`` fill as it goes, so an interrupt keeps what was finished."""
         cancellation.entering("loading the model")
         model = self.registry.load(request.model)
+        vae = self._job_vae(request, model, job_scope)
         timings["load"] = time.perf_counter() - started
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, request, prepared.width, prepared.height)
@@ -131,11 +137,13 @@ class Engine:
 
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")
-        conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt, request.clip_skip)
+        conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt, request.clip_skip,
+                                                   getattr(self.registry, "embeddings", None))
         timings["encode"] = time.perf_counter() - tick
         do_cfg = request.cfg_scale > 1.0
         previewer = self._previewer(request, model)
         extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
+        extension_info = {**self._network_infotext(conditioning, vae), **extension_info}
 
         interrupted = False
         denoise_time = decode_time = 0.0
@@ -195,6 +203,24 @@ class Engine:
         return GenerationResult(request=request, images=images, interrupted=interrupted, timings=timings)
 
     # -- pieces ------------------------------------------------------------------
+    def _job_vae(self, request: GenerationRequest, model: LoadedModel, job_scope: contextlib.ExitStack) -> vae_files.VaeChoice:
+        """The VAE the request asks for, swapped into the model until the job ends (the checkpoint's own after)."""
+        vaes = getattr(self.registry, "vaes", None)
+        if vaes is None:
+            return vae_files.VaeChoice()
+        cancellation.entering("loading the VAE")
+        choice = vaes.choose(request.vae, model)
+        job_scope.enter_context(vae_files.swapped(model.pipeline, choice.module))
+        return choice
+
+    @staticmethod
+    def _network_infotext(conditioning, vae: vae_files.VaeChoice) -> dict[str, str]:
+        """A1111's infotext keys for the extra networks a job used: ``TI hashes``, ``VAE``, ``VAE hash``."""
+        info = dict(vae.infotext())
+        if (hashes := ti_hashes(conditioning.embeddings)) is not None:
+            info["TI hashes"] = hashes
+        return info
+
     @staticmethod
     def _noise(generator, shape, request, subseed: int) -> torch.Tensor:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)

@@ -47,6 +47,8 @@ from .devices import pick_device, pick_dtype
 from .errors import ModelError, UnsafeModelError
 from . import families
 from .families import Family
+from .networks.embeddings import EMBEDDINGS_SUBDIR, EmbeddingLibrary
+from .networks.vae_files import VAE_SUBDIR, VaeLibrary
 from .prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -448,6 +450,9 @@ class ModelRegistry:
         self._hashes: dict[tuple, str] = {}
         self._lock = threading.RLock()
         self._loading: dict[str, Future] = {}  # name → the load in progress
+        # Textual-inversion embeddings and VAE files: used per job, never loaded into the cached models.
+        self.embeddings = EmbeddingLibrary(self.models_dir / EMBEDDINGS_SUBDIR if self.models_dir else None)
+        self.vaes = VaeLibrary(self.models_dir / VAE_SUBDIR if self.models_dir else None)
         self.refresh()
 
     # -- discovery ---------------------------------------------------------
@@ -495,6 +500,7 @@ class ModelRegistry:
                 log.warning("model %s cannot be used: %s", entry.name, entry.problem)
         with self._lock:
             self._entries = entries
+        self.vaes.refresh()
         return self.list()
 
     def list(self) -> list[ModelEntry]:

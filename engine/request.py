@@ -113,6 +113,7 @@ class GenerationRequest:
     eta: float | None = None  # None: the sampler's own default (1 for ancestral and SDE samplers, 0 for DDIM)
     eta_noise_seed_delta: int = 0  # A1111's ENSD: ancestral and SDE noise is drawn from seed + this after the first noise
     rng: str = "CPU"  # one of RNG_SOURCES
+    vae: str = "Automatic"  # A1111's "SD VAE": "Automatic", "None" (the checkpoint's own) or a file in models/VAE
     extensions: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -180,6 +181,8 @@ class GenerationRequest:
             _check_range("eta", self.eta, *LIMITS["eta"], integer=False)
         _check_range("eta_noise_seed_delta", self.eta_noise_seed_delta, *LIMITS["eta_noise_seed_delta"], integer=True)
         _check_choice("rng", self.rng, RNG_SOURCES)
+        if not isinstance(self.vae, str) or not self.vae.strip() or "\x00" in self.vae or len(self.vae) > 1000:
+            raise ValidationError("vae", f"must be Automatic, None or a VAE file's name, got {self.vae!r}")
         _check_image("init_image", self.init_image)
         _check_image("mask", self.mask)
         if (self.mask is not None or any(self.outpaint)) and self.init_image is None:
