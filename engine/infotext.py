@@ -270,6 +270,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "Variation seed strength": ("subseed_strength", _to_float),
     "Zero terminal SNR": ("zero_terminal_snr", _to_bool),
     "Model": ("model", str),
+    "VAE": ("vae", str),  # the file's name; "VAE hash" is read by whoever matches the file (engine.networks.vae_files)
 }
 
 

@@ -1,0 +1,124 @@
+"""VAE files chosen per job: an override decodes with the file's weights, "None" is the checkpoint's own
+bit for bit, "Automatic" finds the file named like the checkpoint, and a bad file changes nothing.
+
+The reference for an override is diffusers' own ``AutoencoderKL`` loaded from the diffusers folder the
+VAE file was written from, put in the pipeline by hand.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from engine.errors import ModelError, SfumatoError, ValidationError
+
+CHECKPOINT = "vae-sd1"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from engine import Engine, ModelRegistry
+    from engine.checkpoint_convert import save_single_file
+    from engine.tiny_models import build_sd1
+
+    root = tmp_path_factory.mktemp("vae-models")
+    build_sd1(root / "Stable-diffusion" / CHECKPOINT, seed=3)
+    donor = build_sd1(root / "donor" / "vae-donor", seed=21)  # a same-shaped model whose VAE differs
+    single = save_single_file(donor, root / "donor.safetensors") or root / "donor.safetensors"
+    ldm = {key: value for key, value in load_file(str(single)).items() if key.startswith("first_stage_model.")}
+    (root / "VAE").mkdir()
+    save_file(ldm, str(root / "VAE" / "other.safetensors"))  # A1111's layout, prefix kept
+    save_file({k.removeprefix("first_stage_model."): v for k, v in ldm.items()}, str(root / "VAE" / "bare.safetensors"))
+    registry = ModelRegistry(root, builtin_dir=None, device="cpu", cache_size=2)
+    return root, registry, Engine(registry), donor
+
+
+def generate(engine, vae: str, seed: int = 5) -> np.ndarray:
+    from engine.request import GenerationRequest
+
+    result = engine.generate(GenerationRequest(prompt="abc", model=CHECKPOINT, steps=2, width=64, height=64, seed=seed,
+                                               vae=vae, preview_every=0))
+    return np.asarray(result.images[0].image), result.images[0].infotext
+
+
+def test_override_decodes_with_the_file_and_none_restores(setup):
+    from diffusers import AutoencoderKL
+
+    root, registry, engine, donor = setup
+    own, own_info = generate(engine, "None")
+    other, other_info = generate(engine, "other.safetensors")
+    assert np.abs(own.astype(int) - other.astype(int)).max() > 10
+    assert "VAE" not in own_info.split("\n")[-1].replace("VAE hash", "")
+
+    model = registry.load(CHECKPOINT)
+    own_vae = model.pipeline.vae
+    model.pipeline.vae = AutoencoderKL.from_pretrained(donor / "vae").eval()
+    try:
+        reference, _ = generate(engine, "None")
+    finally:
+        model.pipeline.vae = own_vae
+    assert np.array_equal(other, reference)
+
+    bare, _ = generate(engine, "bare")  # diffusers-less spelling: the stem, and a file without the prefix
+    assert np.array_equal(bare, reference)
+    again, _ = generate(engine, "None")
+    assert np.array_equal(again, own)
+    assert registry.load(CHECKPOINT).pipeline.vae is own_vae
+
+
+def test_automatic_picks_the_file_named_like_the_checkpoint(setup):
+    root, registry, engine, _ = setup
+    own, _ = generate(engine, "None")
+    assert np.array_equal(generate(engine, "Automatic")[0], own)
+    named = root / "VAE" / f"{CHECKPOINT}.vae.safetensors"
+    named.write_bytes((root / "VAE" / "other.safetensors").read_bytes())
+    registry.vaes.refresh()
+    try:
+        automatic, info = generate(engine, "Automatic")
+        assert np.array_equal(automatic, generate(engine, "other.safetensors")[0])
+        assert f"VAE: {named.name}" in info
+    finally:
+        named.unlink()
+        registry.vaes.refresh()
+
+
+def test_infotext_round_trip(setup):
+    from engine.infotext import parse_infotext, request_fields_from_infotext
+
+    root, registry, engine, _ = setup
+    _, info = generate(engine, "other.safetensors")
+    params = parse_infotext(info)
+    expected_hash = hashlib.sha256((root / "VAE" / "other.safetensors").read_bytes()).hexdigest()[:10]
+    assert params["VAE"] == "other.safetensors"
+    assert params["VAE hash"] == expected_hash
+    assert request_fields_from_infotext(params)["vae"] == "other.safetensors"
+
+
+def test_bad_files_are_clear_errors_and_change_nothing(setup):
+    root, registry, engine, _ = setup
+    own, _ = generate(engine, "None")
+    own_vae = registry.load(CHECKPOINT).pipeline.vae
+    data = (root / "VAE" / "other.safetensors").read_bytes()
+    (root / "VAE" / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    partial = load_file(str(root / "VAE" / "other.safetensors"))
+    partial.pop(sorted(partial)[0])
+    save_file(partial, str(root / "VAE" / "partial.safetensors"))
+    registry.vaes.refresh()
+    with pytest.raises(ModelError, match=r"cut\.safetensors.*(corrupt or truncated)"):
+        generate(engine, "cut.safetensors")
+    with pytest.raises(ModelError, match=r"partial\.safetensors does not fit"):
+        generate(engine, "partial.safetensors")
+    with pytest.raises(ValidationError, match="no VAE named 'missing.safetensors'"):
+        generate(engine, "missing.safetensors")
+    assert registry.load(CHECKPOINT).pipeline.vae is own_vae
+    assert np.array_equal(generate(engine, "None")[0], own)
+
+
+def test_the_request_refuses_a_non_name():
+    from engine.request import GenerationRequest
+
+    with pytest.raises(SfumatoError):
+        GenerationRequest(vae="")
