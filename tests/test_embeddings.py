@@ -201,3 +201,34 @@ def test_infotext_ti_hashes_round_trip(registry, models_dir):
     info = result.images[0].infotext
     assert f'TI hashes: "hashme: {expected}"' in info
     assert parse_infotext(info)["TI hashes"] == f"hashme: {expected}"
+
+
+def api_client(registry, default_model: str):
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from engine.settings import Settings
+    from ui.api import install_api
+
+    studio = SimpleNamespace(registry=registry, default_model=lambda: default_model, presets=SimpleNamespace(list=lambda: []),
+                             settings=Settings(), extensions=None)
+    app = FastAPI()
+    install_api(app, studio)
+    return TestClient(app)
+
+
+def test_api_lists_embeddings_in_a1111_shape(registry, models_dir):
+    write_safetensors(models_dir / "embeddings" / "apione.safetensors", emb_params=vectors(2, 32, seed=13))
+    write_safetensors(models_dir / "embeddings" / "apixl.safetensors", clip_l=vectors(1, 32, seed=14),
+                      clip_g=vectors(1, 48, seed=15))
+    registry.load("ti-sd1")
+    client = api_client(registry, "ti-sd1")
+    body = client.get("/sdapi/v1/embeddings").json()
+    assert body["loaded"]["apione"] == {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 32,
+                                        "vectors": 2}
+    assert body["skipped"]["apixl"]["vectors"] == 1 and "apixl" not in body["loaded"]
+    (models_dir / "embeddings" / "apione.safetensors").unlink()
+    assert client.post("/sdapi/v1/refresh-embeddings").status_code == 200
+    assert "apione" not in client.get("/sdapi/v1/embeddings").json()["loaded"]

@@ -122,3 +122,27 @@ def test_the_request_refuses_a_non_name():
 
     with pytest.raises(SfumatoError):
         GenerationRequest(vae="")
+
+
+def test_api_lists_vaes_and_reads_override_settings(setup):
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from engine.settings import Settings
+    from ui.api import install_api, txt2img_request
+    from ui.api_models import Txt2ImgRequest
+
+    root, registry, _, _ = setup
+    studio = SimpleNamespace(registry=registry, default_model=lambda: CHECKPOINT, presets=SimpleNamespace(list=lambda: []),
+                             settings=Settings(), extensions=None)
+    app = FastAPI()
+    install_api(app, studio)
+    client = TestClient(app)
+    listed = client.get("/sdapi/v1/sd-vae").json()
+    assert {"model_name": "other.safetensors", "filename": str(root / "VAE" / "other.safetensors")} in listed
+    assert client.post("/sdapi/v1/refresh-vae").status_code == 200
+    request = txt2img_request(studio, Txt2ImgRequest(prompt="x", override_settings={"sd_vae": "other.safetensors"}))
+    assert request.vae == "other.safetensors"
+    assert txt2img_request(studio, Txt2ImgRequest(prompt="x")).vae == "Automatic"

@@ -56,12 +56,13 @@ API_FIELD_NAMES = {
     "inpaint_padding": "inpaint_full_res_padding",
     "invert_mask": "inpainting_mask_invert",
     "model": "override_settings.sd_model_checkpoint",
+    "vae": "override_settings.sd_vae",
     "preset": "styles",
     "extensions": "alwayson_scripts",
 }
 # A1111 request field → the engine fields it decides, so a style (preset) never overrides what a client sent.
 _DECIDES = {"n_iter": ("batch_count",), "sampler_name": ("sampler", "schedule"), "sampler_index": ("sampler",),
-            "scheduler": ("schedule",), "override_settings": ("model",)}
+            "scheduler": ("schedule",), "override_settings": ("model", "vae")}
 _COPIED = ("prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "batch_size", "steps", "cfg_scale", "width", "height")
 INPAINT_AREAS_BY_FULL_RES = {False: "Whole picture", True: "Only masked"}
 # A1111 schedulers' internal names and the two per-schedule facts its /schedulers reports.
@@ -72,7 +73,7 @@ _POLL_START_S, _POLL_MAX_S, _DISCONNECT_CHECK_S = 0.005, 0.1, 0.5
 _OPTION_SETTINGS = {"show_progress_every_n_steps": ("preview_every", int), "samples_save": ("save_outputs", bool),
                     "save_incomplete_images": ("save_interrupted_images", bool)}
 # Lists A1111 clients fetch while connecting, for features Sfumato does not have: honest empty answers.
-_EMPTY_LISTS = ("/sd-vae", "/upscalers", "/latent-upscale-modes", "/hypernetworks", "/face-restorers", "/realesrgan-models", "/loras")
+_EMPTY_LISTS = ("/upscalers", "/latent-upscale-modes", "/hypernetworks", "/face-restorers", "/realesrgan-models", "/loras")
 _ERROR_RESPONSES = {422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
 
 
@@ -171,6 +172,17 @@ def resolve_model(studio, body: GenerationParams) -> str:
         raise ApiError(422, "ValidationError", f"override_settings.sd_model_checkpoint: {error}", "override_settings.sd_model_checkpoint") from None
 
 
+def resolve_vae(body: GenerationParams) -> str | None:
+    """``override_settings.sd_vae``: the job's VAE (None: the request's default, "Automatic")."""
+    wanted = (body.override_settings or {}).get("sd_vae")
+    if wanted in (None, ""):
+        return None
+    if not isinstance(wanted, str):
+        raise ApiError(422, "ValidationError", "override_settings.sd_vae: must be Automatic, None or a VAE file's name",
+                       "override_settings.sd_vae")
+    return wanted
+
+
 def _apply_styles(studio, body: GenerationParams, fields: dict[str, Any]) -> dict[str, Any]:
     """Presets named in ``styles``, in order; fields the client set explicitly win over a preset's."""
     if not body.styles:
@@ -223,6 +235,8 @@ def _common_fields(studio, body: GenerationParams) -> dict[str, Any]:
     sampler, schedule = resolve_sampler(body)
     fields: dict[str, Any] = {name: getattr(body, name) for name in _COPIED}
     fields.update(batch_count=body.n_iter, sampler=sampler, schedule=schedule, model=resolve_model(studio, body))
+    if (vae := resolve_vae(body)) is not None:
+        fields["vae"] = vae
     fields = _apply_styles(studio, body, fields)
     fields["extensions"] = extension_settings(studio, body.alwayson_scripts)
     previews = studio.settings
@@ -528,6 +542,32 @@ class SdApi:
         self.studio.registry.refresh()
         return {}
 
+    # -- extra networks: embeddings and VAEs ---------------------------------------------
+    def embeddings(self) -> dict:
+        """A1111's shape: ``loaded`` (usable with the default model, when it is loaded; else every readable file)
+        and ``skipped`` (made for another kind of model), each name → step, checkpoint, shape, vectors."""
+        from engine.networks.embeddings import api_listing
+
+        registry = self.studio.registry
+        try:
+            name = self.studio.default_model()
+            model = registry.load(name) if name in registry.loaded_names() else None
+        except SfumatoError:
+            model = None
+        return api_listing(registry.embeddings, model)
+
+    def refresh_embeddings(self) -> dict:
+        self.studio.registry.embeddings.refresh()
+        return {}
+
+    def sd_vae(self) -> list[dict[str, str]]:
+        return [{"model_name": file.name, "filename": str(file.path)} for file in self.studio.registry.vaes.files()
+                if file.problem is None]
+
+    def refresh_vae(self) -> dict:
+        self.studio.registry.vaes.refresh()
+        return {}
+
     def prompt_styles(self) -> list[PromptStyleItem]:
         return [
             PromptStyleItem(name=preset.name, prompt=preset.fields.get("prompt", ""), negative_prompt=preset.fields.get("negative_prompt", ""))
@@ -638,16 +678,15 @@ class SdApi:
         router.add_api_route("/png-info", self.png_info, methods=["POST"], response_model=PNGInfoResponse)
         for path in _EMPTY_LISTS:
             router.add_api_route(path, _empty_list, methods=["GET"], response_model=list[dict[str, Any]])
-        router.add_api_route("/embeddings", _no_embeddings, methods=["GET"])
+        router.add_api_route("/embeddings", self.embeddings, methods=["GET"])
+        router.add_api_route("/refresh-embeddings", self.refresh_embeddings, methods=["POST"])
+        router.add_api_route("/sd-vae", self.sd_vae, methods=["GET"])
+        router.add_api_route("/refresh-vae", self.refresh_vae, methods=["POST"])
         return router
 
 
 def _empty_list() -> list:
     return []
-
-
-def _no_embeddings() -> dict:
-    return {"loaded": {}, "skipped": {}}
 
 
 # --- errors ----------------------------------------------------------------------------

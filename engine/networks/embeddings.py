@@ -349,6 +349,33 @@ class EmbeddingTokenCache:
         return built
 
 
+def api_listing(library: EmbeddingLibrary, model=None) -> dict:
+    """``/sdapi/v1/embeddings`` in A1111's shape: ``{"loaded": {name: item}, "skipped": {name: item}}``, an item
+    being ``step``, ``sd_checkpoint``, ``sd_checkpoint_name``, ``shape`` (a vector's width) and ``vectors``.
+
+    With ``model`` (an ``engine.models.LoadedModel``) an embedding made for another kind of model is skipped;
+    without one, every readable file is listed as loaded. Unreadable files are in neither (A1111 leaves them out too).
+    """
+    readable, _ = library.all()
+    keys = widths = None
+    if model is not None:
+        keys = model.family.embedding_keys
+        widths = [int(getattr(model.pipeline, encoder).get_input_embeddings().weight.shape[1])
+                  for _, encoder in model.family.text_encoders]
+    listing: dict[str, dict] = {"loaded": {}, "skipped": {}}
+    for embedding in readable:
+        item = {"step": embedding.step, "sd_checkpoint": embedding.sd_checkpoint,
+                "sd_checkpoint_name": embedding.sd_checkpoint_name, "shape": embedding.shape, "vectors": embedding.count}
+        fits = True
+        if keys is not None:
+            try:
+                embedding.vectors_for(keys, widths, model.family.title)
+            except ModelError:
+                fits = False
+        listing["loaded" if fits else "skipped"][embedding.name] = item
+    return listing
+
+
 def ti_hashes(embeddings: Sequence[Embedding]) -> str | None:
     """A1111's ``TI hashes`` infotext value: ``name: <12 hex>`` for each embedding used, comma-separated."""
     if not embeddings:
