@@ -146,3 +146,15 @@ def test_api_lists_vaes_and_reads_override_settings(setup):
     request = txt2img_request(studio, Txt2ImgRequest(prompt="x", override_settings={"sd_vae": "other.safetensors"}))
     assert request.vae == "other.safetensors"
     assert txt2img_request(studio, Txt2ImgRequest(prompt="x")).vae == "Automatic"
+
+
+def test_the_ui_picker_reaches_the_request(setup):
+    from types import SimpleNamespace
+
+    from engine.settings import Settings
+    from ui.generation_tab import _build_request
+
+    studio = SimpleNamespace(settings=Settings())
+    request = _build_request(studio, "txt2img", CHECKPOINT, {"prompt": "x"}, {"vae": "other.safetensors"}, {})
+    assert request.vae == "other.safetensors"
+    assert _build_request(studio, "txt2img", CHECKPOINT, {"prompt": "x"}, {}, {}).vae == "Automatic"

@@ -99,10 +99,14 @@ def read_vae_state(path: Path, config: dict) -> dict[str, torch.Tensor]:
                          f"{type(error).__name__}: {error}") from error
 
 
-def load_vae(path: Path, like) -> object:
-    """An ``AutoencoderKL`` shaped like ``like`` (the checkpoint's VAE) with the file's weights, on ``like``'s
-    device and dtype; ModelError naming the file when its weights do not fit that shape."""
+def load_vae(path: Path, like, device: torch.device | None = None) -> object:
+    """An ``AutoencoderKL`` shaped like ``like`` (the checkpoint's VAE) with the file's weights, in ``like``'s
+    dtype on ``device`` (default: ``like``'s), prepared as the model loader prepares the checkpoint's own;
+    ModelError naming the file when its weights do not fit that shape."""
     from diffusers import AutoencoderKL
+
+    from .. import cancellation
+    from ..attention_calls import call_processors_directly
 
     state = read_vae_state(path, like.config)
     with torch.device("meta"):
@@ -121,7 +125,12 @@ def load_vae(path: Path, like) -> object:
         vae.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:  # shapes: a VAE of another architecture (latent channels, widths)
         raise ModelError(f"the VAE {path.name} does not fit this model's VAE: {error}") from error
-    return vae.to(reference.device, reference.dtype).eval().requires_grad_(False)
+    vae = vae.to(device or reference.device, reference.dtype).eval().requires_grad_(False)
+    call_processors_directly(vae)
+    if getattr(like, "use_tiling", False):
+        vae.enable_tiling()
+    cancellation.install_checkpoints(vae)
+    return vae
 
 
 class VaeLibrary:
@@ -199,20 +208,20 @@ class VaeLibrary:
                 self._hashes[key] = _sha256(file.path)[:SHORT_HASH_LENGTH]
             return self._hashes[key]
 
-    def load(self, file: VaeFile, like) -> object:
-        """The file's VAE shaped like ``like``, from the cache when the file is unchanged."""
+    def load(self, file: VaeFile, like, device: torch.device | None = None) -> object:
+        """The file's VAE shaped like ``like`` on ``device``, from the cache when the file is unchanged."""
         if file.problem:
             raise ModelError(file.problem)
         try:
             key = _stat_key(file.path) + (json.dumps(dict(like.config), sort_keys=True, default=str),
-                                          str(next(like.parameters()).device), str(next(like.parameters()).dtype))
+                                          str(device or next(like.parameters()).device), str(next(like.parameters()).dtype))
         except OSError as error:
             raise ModelError(f"the VAE {file.name} cannot be read: {error.strerror or error}") from error
         with self._lock:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
                 return self._loaded[key]
-        vae = load_vae(file.path, like)
+        vae = load_vae(file.path, like, device)
         with self._lock:
             self._loaded[key] = vae
             while len(self._loaded) > self.cache_size:
@@ -225,7 +234,9 @@ class VaeLibrary:
         file = self.resolve(choice, entry.name, entry.path if entry.kind != "diffusers" else None)
         if file is None:
             return VaeChoice()
-        module = self.load(file, model.pipeline.vae)
+        # On the model's device even when the checkpoint's components are offloaded to the CPU between uses
+        # (no offload hooks move this one), as the decode runs there.
+        module = self.load(file, model.pipeline.vae, model.device)
         return VaeChoice(file, module, self.short_hash(file))
 
 
