@@ -169,7 +169,8 @@ def test_wrong_width_names_the_file(registry, models_dir):
     write_safetensors(models_dir / "embeddings" / "narrowthing.safetensors", emb_params=vectors(1, 16, seed=10))
     with pytest.raises(ModelError, match=r"narrowthing\.safetensors"):
         registry.load("ti-sd1").prompt_encoder.encode("x", "narrowthing", 1, registry.embeddings)
-    write_safetensors(models_dir / "embeddings" / "oddformat.safetensors", weights=vectors(1, 32, seed=10))
+    write_safetensors(models_dir / "embeddings" / "oddformat.safetensors", weights=vectors(1, 32, seed=10),
+                      biases=vectors(1, 32, seed=11))
     with pytest.raises(ModelError, match=r"oddformat\.safetensors is not a known embedding format"):
         registry.load("ti-sd1").prompt_encoder.encode("oddformat", "", 1, registry.embeddings)
 
@@ -232,3 +233,19 @@ def test_api_lists_embeddings_in_a1111_shape(registry, models_dir):
     (models_dir / "embeddings" / "apione.safetensors").unlink()
     assert client.post("/sdapi/v1/refresh-embeddings").status_code == 200
     assert "apione" not in client.get("/sdapi/v1/embeddings").json()["loaded"]
+
+
+def test_diffusers_single_tensor_format_and_infotext_checks(registry, models_dir):
+    from engine.networks.embeddings import infotext_problems, parse_ti_hashes
+
+    emb = vectors(1, 32, seed=16)
+    path = write_safetensors(models_dir / "embeddings" / "learned.safetensors", **{"<learned>": emb})
+    model = registry.load("ti-sd1")
+    got = model.prompt_encoder.encode("learned", "", 1, registry.embeddings).prompt_embeds
+    torch.testing.assert_close(got, sd1_reference(model, [EMB], emb), atol=1e-5, rtol=1e-5)
+
+    short = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert parse_ti_hashes(f"learned: {short}, other thing: 0123456789ab") == {"learned": short, "other thing": "0123456789ab"}
+    assert infotext_problems({"TI hashes": f"learned: {short}"}, registry.embeddings) == []
+    problems = infotext_problems({"TI hashes": "learned: 0123456789ab, nowhere: 0123456789ab"}, registry.embeddings)
+    assert len(problems) == 2 and "not the file the picture used" in problems[0] and "nowhere" in problems[1]

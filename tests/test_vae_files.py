@@ -158,3 +158,28 @@ def test_the_ui_picker_reaches_the_request(setup):
     request = _build_request(studio, "txt2img", CHECKPOINT, {"prompt": "x"}, {"vae": "other.safetensors"}, {})
     assert request.vae == "other.safetensors"
     assert _build_request(studio, "txt2img", CHECKPOINT, {"prompt": "x"}, {}, {}).vae == "Automatic"
+
+
+def test_png_info_checks_the_vae_hash(setup):
+    from engine.networks.vae_files import infotext_problems
+
+    root, registry, _, _ = setup
+    right = hashlib.sha256((root / "VAE" / "other.safetensors").read_bytes()).hexdigest()[:10]
+    assert infotext_problems({"VAE": "other.safetensors", "VAE hash": right}, registry.vaes) == []
+    assert "not the file the picture used" in infotext_problems({"VAE": "other.safetensors", "VAE hash": "0" * 10},
+                                                                registry.vaes)[0]
+    assert "not in models/VAE" in infotext_problems({"VAE": "gone.safetensors"}, registry.vaes)[0]
+
+
+def test_png_info_send_notes(setup):
+    from types import SimpleNamespace
+
+    from ui.send_to import network_notes
+
+    root, registry, _, _ = setup
+    studio = SimpleNamespace(registry=registry)
+    right = hashlib.sha256((root / "VAE" / "other.safetensors").read_bytes()).hexdigest()[:10]
+    assert "choose it in the SD VAE picker" in network_notes(studio, f"p\nSteps: 2, VAE hash: {right}, VAE: other.safetensors")[0]
+    notes = network_notes(studio, 'p\nSteps: 2, TI hashes: "absent: 0123456789ab", VAE: gone.safetensors')
+    assert any("absent" in note for note in notes) and any("gone.safetensors" in note for note in notes)
+    assert network_notes(studio, "p\nSteps: 2") == []

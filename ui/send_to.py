@@ -35,6 +35,18 @@ def fields_from_infotext(infotext: str | None, only: tuple[str, ...] | None = No
     return {key: value for key, value in fields.items() if only is None or key in only or key == "model"}
 
 
+def network_notes(studio, infotext: str) -> list[str]:
+    """What PNG Info cannot reproduce from the picture's extra networks (embeddings, VAE), and the VAE to pick."""
+    from engine.networks import embeddings, vae_files
+
+    params = parse_infotext(infotext)
+    registry = studio.registry
+    notes = embeddings.infotext_problems(params, registry.embeddings) + vae_files.infotext_problems(params, registry.vaes)
+    if not notes and params.get("VAE"):
+        notes.append(f"The image was decoded with the VAE {params['VAE']}; choose it in the SD VAE picker.")
+    return notes
+
+
 def target_outputs(tabs: gr.Tabs, target: GenerationTab, model_dropdown) -> list:
     extra = [component for component in (target.image, target.own_size) if component is not None]
     return [tabs, model_dropdown, *target.fields.components(), *extra, *all_components(target.extensions)]
@@ -124,6 +136,8 @@ def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generat
                 gr.Warning(f"The image cannot be sent: {error.message}.")
                 return [gr.skip()] * len(target_outputs(tabs, target, model_dropdown))
         fields = {**FULL_RESTORE_DEFAULTS, **fields_from_infotext(text)}
+        for note in network_notes(studio, text):
+            gr.Warning(note)
         return target_updates(studio, target, fields, image, extension_settings_from_infotext(studio, text))
 
     button.click(send, [infotext, image_path], target_outputs(tabs, target, model_dropdown), api_visibility="private")

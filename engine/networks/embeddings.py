@@ -9,7 +9,8 @@ Formats read:
 - ``.safetensors`` with ``emb_params`` [vectors, width] (SD 1.x and 2.x);
 - ``.safetensors`` with ``clip_l`` and ``clip_g`` (SDXL: one tensor per text encoder);
 - A1111's ``.pt``/``.bin`` with ``string_to_param`` (``{"*": tensor}``), read with
-  ``torch.load(weights_only=True)``, which refuses to run code from the pickle.
+  ``torch.load(weights_only=True)``, which refuses to run code from the pickle;
+- diffusers' ``learned_embeds.bin``/``.safetensors``: one tensor under the placeholder token's name.
 
 How a prompt uses them (``EmbeddingTokens``): for one job, the model's tokenizers are copied and
 given one placeholder token per vector, the name in the text becomes those placeholders, and the
@@ -144,6 +145,8 @@ def read_embedding(path: Path) -> Embedding:
         vectors = {key: _as_matrix(data[key], path, key) for key in SDXL_KEYS}
         if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
             raise ModelError(f"the embedding {path.name}: clip_l and clip_g hold different numbers of vectors")
+    elif len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):  # diffusers: {"<token>": tensor}
+        vectors = {SINGLE: _as_matrix(next(iter(data.values())), path, "its one tensor")}
     else:
         raise ModelError(f"the embedding {path.name} is not a known embedding format: it has "
                          f"{', '.join(sorted(map(str, data))[:5]) or 'no tensors'}; expected emb_params, clip_l/clip_g "
@@ -377,7 +380,39 @@ def api_listing(library: EmbeddingLibrary, model=None) -> dict:
 
 
 def ti_hashes(embeddings: Sequence[Embedding]) -> str | None:
-    """A1111's ``TI hashes`` infotext value: ``name: <12 hex>`` for each embedding used, comma-separated."""
+    """A1111's ``TI hashes`` infotext value: ``name: <12 hex>`` for each embedding used, comma-separated
+    (A1111 drops colons and commas from the names so the list reads back)."""
     if not embeddings:
         return None
-    return ", ".join(f"{e.name}: {e.short_hash}" for e in embeddings)
+    return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.short_hash}" for e in embeddings)
+
+
+def parse_ti_hashes(value: str) -> dict[str, str]:
+    """``TI hashes`` read back: name -> short hash."""
+    pairs = {}
+    for part in value.split(","):
+        name, colon, short = part.rpartition(":")
+        if colon and name.strip():
+            pairs[name.strip()] = short.strip().lower()
+    return pairs
+
+
+def infotext_problems(params: dict[str, str], library: EmbeddingLibrary) -> list[str]:
+    """What a picture's ``TI hashes`` say that this studio cannot reproduce: embeddings missing here, or
+    present under the name with other contents (a different hash)."""
+    value = params.get("TI hashes")
+    if not isinstance(value, str):
+        return []
+    problems = []
+    for name, short in parse_ti_hashes(value).items():
+        if library.path(name) is None and name not in library.names():
+            problems.append(f"the embedding {name} is not in models/embeddings; the prompt will read it as a word")
+            continue
+        try:
+            here = library.get(name).short_hash
+        except ModelError as error:
+            problems.append(str(error))
+            continue
+        if short and not here.startswith(short):
+            problems.append(f"the embedding {name} here (hash {here}) is not the file the picture used (hash {short})")
+    return problems

@@ -252,3 +252,21 @@ def swapped(pipeline, vae) -> Iterator[None]:
         yield
     finally:
         pipeline.vae = own
+
+
+def infotext_problems(params: dict[str, str], library: VaeLibrary) -> list[str]:
+    """What a picture's ``VAE`` and ``VAE hash`` say that this studio cannot reproduce: the file missing
+    here, or a file of that name with other contents."""
+    name = params.get("VAE")
+    if not isinstance(name, str) or name in (AUTOMATIC, NONE, ""):
+        return []
+    try:
+        file = library.find(name)
+    except ValidationError:
+        return [f"the VAE {name} is not in models/VAE"]
+    wanted = params.get("VAE hash")
+    if isinstance(wanted, str) and wanted.strip():
+        here = library.short_hash(file)
+        if here != wanted.strip().lower()[:SHORT_HASH_LENGTH]:
+            return [f"the VAE {name} here (hash {here}) is not the file the picture used (hash {wanted.strip()})"]
+    return []
