@@ -130,6 +130,10 @@ def test_sdxl_clip_l_clip_g_pair(registry, models_dir):
     torch.testing.assert_close(got.pooled, pooled, atol=1e-5, rtol=1e-5)
     plain = model.prompt_encoder.encode("a xlthing", "", 1, None)
     assert (plain.pooled - got.pooled).abs().max() > 1e-3
+    # Weighted, the pooled output comes through compel's provider and is read without the weights, as A1111 reads it.
+    weighted = model.prompt_encoder.encode("a (xlthing:1.2)", "", 1, registry.embeddings)
+    torch.testing.assert_close(weighted.pooled, pooled, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(weighted.prompt_embeds, got.prompt_embeds)
 
 
 def test_a1111_pt_file_on_the_demo_model(registry, models_dir):

@@ -125,7 +125,11 @@ def load_vae(path: Path, like, device: torch.device | None = None) -> object:
         vae.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:  # shapes: a VAE of another architecture (latent channels, widths)
         raise ModelError(f"the VAE {path.name} does not fit this model's VAE: {error}") from error
-    vae = vae.to(device or reference.device, reference.dtype).eval().requires_grad_(False)
+    target = torch.device(device or reference.device)
+    loaded = next(vae.parameters())
+    if loaded.device != target or loaded.dtype != reference.dtype:  # diffusers warns on every .to(), needed or not
+        vae = vae.to(target, reference.dtype)
+    vae = vae.eval().requires_grad_(False)
     call_processors_directly(vae)
     if getattr(like, "use_tiling", False):
         vae.enable_tiling()
