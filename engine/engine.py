@@ -209,8 +209,9 @@ class Engine:
         if vaes is None:
             return vae_files.VaeChoice()
         cancellation.entering("loading the VAE")
+        own = model.extras.setdefault("checkpoint_vae", model.pipeline.vae)  # remembered before any swap
         choice = vaes.choose(request.vae, model)
-        job_scope.enter_context(vae_files.swapped(model.pipeline, choice.module))
+        job_scope.enter_context(vae_files.swapped(model.pipeline, choice.module or own, own))
         return choice
 
     @staticmethod

@@ -207,7 +207,7 @@ class PromptEncoder:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._empty: dict[tuple[TextLayer, ...], torch.Tensor] = {}
-        self._providers: dict[tuple[TextLayer, ...], list] = {}
+        self._providers: dict[tuple, list] = {}  # (layers, embedding set) -> one provider per text encoder
         # Each text is cached on its own too, as A1111 caches cond and uncond separately: a new
         # prompt with the usual negative encodes only the prompt.
         self._texts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()

@@ -53,14 +53,14 @@ def test_override_decodes_with_the_file_and_none_restores(setup):
     assert np.abs(own.astype(int) - other.astype(int)).max() > 10
     assert "VAE" not in own_info.split("\n")[-1].replace("VAE hash", "")
 
-    model = registry.load(CHECKPOINT)
-    own_vae = model.pipeline.vae
-    model.pipeline.vae = AutoencoderKL.from_pretrained(donor / "vae").eval()
-    try:
-        reference, _ = generate(engine, "None")
-    finally:
-        model.pipeline.vae = own_vae
+    # The reference: the same checkpoint, in a fresh registry, whose own VAE is the donor's as diffusers loads it.
+    from engine import Engine, ModelRegistry
+
+    fresh = ModelRegistry(root, builtin_dir=None, device="cpu", cache_size=1)
+    fresh.load(CHECKPOINT).pipeline.vae = AutoencoderKL.from_pretrained(donor / "vae").eval()
+    reference, _ = generate(Engine(fresh), "None")
     assert np.array_equal(other, reference)
+    own_vae = registry.load(CHECKPOINT).pipeline.vae
 
     bare, _ = generate(engine, "bare")  # diffusers-less spelling: the stem, and a file without the prefix
     assert np.array_equal(bare, reference)
@@ -115,6 +115,10 @@ def test_bad_files_are_clear_errors_and_change_nothing(setup):
         generate(engine, "missing.safetensors")
     assert registry.load(CHECKPOINT).pipeline.vae is own_vae
     assert np.array_equal(generate(engine, "None")[0], own)
+    # A VAE left in the pipeline by a job that never finished is not taken for the checkpoint's own.
+    registry.load(CHECKPOINT).pipeline.vae = registry.vaes.load(registry.vaes.find("other.safetensors"), own_vae)
+    assert np.array_equal(generate(engine, "None")[0], own)
+    assert registry.load(CHECKPOINT).pipeline.vae is own_vae
 
 
 def test_the_request_refuses_a_non_name():

@@ -240,23 +240,21 @@ class VaeLibrary:
             return VaeChoice()
         # On the model's device even when the checkpoint's components are offloaded to the CPU between uses
         # (no offload hooks move this one), as the decode runs there.
-        module = self.load(file, model.pipeline.vae, model.device)
+        module = self.load(file, model.extras.get("checkpoint_vae", model.pipeline.vae), model.device)
         return VaeChoice(file, module, self.short_hash(file))
 
 
 @contextmanager
-def swapped(pipeline, vae) -> Iterator[None]:
-    """``pipeline.vae`` is ``vae`` inside the block (unchanged when ``vae`` is None), and the pipeline's own after."""
-    if vae is None:
-        yield
-        return
-    own = pipeline.vae
+def swapped(pipeline, vae, own) -> Iterator[None]:
+    """``pipeline.vae`` is ``vae`` inside the block and ``own`` (the checkpoint's VAE) after it.
+
+    Both are set outright rather than remembered from the pipeline, so a job never takes over a VAE
+    another job left in place (one abandoned on a stalled compute thread, say)."""
     pipeline.vae = vae
     try:
         yield
     finally:
         pipeline.vae = own
-
 
 def infotext_problems(params: dict[str, str], library: VaeLibrary) -> list[str]:
     """What a picture's ``VAE`` and ``VAE hash`` say that this studio cannot reproduce: the file missing
