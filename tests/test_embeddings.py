@@ -253,3 +253,16 @@ def test_diffusers_single_tensor_format_and_infotext_checks(registry, models_dir
     assert infotext_problems({"TI hashes": f"learned: {short}"}, registry.embeddings) == []
     problems = infotext_problems({"TI hashes": "learned: 0123456789ab, nowhere: 0123456789ab"}, registry.embeddings)
     assert len(problems) == 2 and "not the file the picture used" in problems[0] and "nowhere" in problems[1]
+
+
+def test_a_long_prompt_keeps_an_embedding_in_one_chunk(registry, models_dir):
+    """Where the 75-token chunk would cut through the name's vectors, the chunk ends before them and they start
+    the next chunk together (A1111's rule too): compel splits only at word ends or punctuation, and a vector's
+    slot is neither."""
+    emb = vectors(3, 32, seed=17)
+    write_safetensors(models_dir / "embeddings" / "longy.safetensors", emb_params=emb)
+    model = registry.load("ti-sd1")
+    got = model.prompt_encoder.encode("a " * 73 + "longy", "", 1, registry.embeddings).prompt_embeds
+    assert got.shape[1] == 2 * 77
+    second = sd1_reference(model, [EMB], emb)
+    torch.testing.assert_close(got[:, 77 + 1:], second[:, 1:], atol=1e-5, rtol=1e-5)  # position 0: compel copies chunk 1's
