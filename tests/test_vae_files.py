@@ -187,3 +187,14 @@ def test_png_info_send_notes(setup):
     notes = network_notes(studio, 'p\nSteps: 2, TI hashes: "absent: 0123456789ab", VAE: gone.safetensors')
     assert any("absent" in note for note in notes) and any("gone.safetensors" in note for note in notes)
     assert network_notes(studio, "p\nSteps: 2") == []
+
+
+def test_the_cli_option_reaches_the_request():
+    import argparse
+
+    from ui.cli import add_generate_args, build_request
+
+    parser = argparse.ArgumentParser()
+    add_generate_args(parser)
+    assert build_request(parser.parse_args(["--prompt", "x", "--out", "o", "--vae", "None"]), "x").vae == "None"
+    assert build_request(parser.parse_args(["--prompt", "x", "--out", "o"]), "x").vae == "Automatic"

@@ -77,6 +77,7 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts-file", help="one generation per line of this file, same settings")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--model", help="model name (see the UI's model list); default: the default model")
+    parser.add_argument("--vae", default="Automatic", help="Automatic, None (the checkpoint's own) or a file in models/VAE")
     parser.add_argument("--sampler", default="DPM++ 2M")
     parser.add_argument("--schedule", default="Automatic")
     parser.add_argument("--zero-terminal-snr", action="store_true")
@@ -252,6 +253,7 @@ def build_request(args: argparse.Namespace, prompt: str):
         mask=open_image(args.mask, "--mask") if args.mask else None, mask_blur=args.mask_blur,
         invert_mask=args.invert_mask, masked_content=MASKED_CONTENT[args.masked_content],
         inpaint_area=INPAINT_AREAS[args.inpaint_area], inpaint_padding=args.padding, outpaint=parse_outpaint(args.outpaint),
+        vae=args.vae,
     )
 
 
