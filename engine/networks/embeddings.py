@@ -330,6 +330,9 @@ class EmbeddingTokenCache:
             if key in self._built:
                 self._built.move_to_end(key)
                 return self._built[key]
+        if len(self._keys) != len(self._text_encoders):  # a family that has not said where its encoders' vectors are
+            names = ", ".join(e.path.name for e in embeddings)
+            raise ModelError(f"{self._model} models cannot use textual-inversion embeddings ({names})")
         widths = [int(encoder.get_input_embeddings().weight.shape[1]) for encoder in self._text_encoders]
         per_encoder = [e.vectors_for(self._keys, widths, self._model) for e in embeddings]  # checked before building
         placeholders = {e.name: "".join(placeholder(i, v) for v in range(e.count)) for i, e in enumerate(embeddings)}
