@@ -83,6 +83,21 @@ def test_automatic_picks_the_file_named_like_the_checkpoint(setup):
     finally:
         named.unlink()
         registry.vaes.refresh()
+    # A1111's rule is a name prefix; *.vae.* files among the checkpoints count too, and a pickle never does.
+    beside = root / "Stable-diffusion" / f"{CHECKPOINT}-b.vae.safetensors"
+    beside.write_bytes((root / "VAE" / "other.safetensors").read_bytes())
+    (root / "Stable-diffusion" / f"{CHECKPOINT}-a.vae.pt").write_bytes(b"not loaded")
+    registry.vaes.refresh()
+    try:
+        assert f"{CHECKPOINT}-b.vae.safetensors" in registry.vaes.choices()
+        assert f"{CHECKPOINT}-a.vae.pt" not in registry.vaes.choices()
+        assert not any(".vae" in name for name in (entry.name for entry in registry.refresh()))  # not checkpoints
+        automatic, info = generate(engine, "Automatic")
+        assert f"VAE: {beside.name}" in info and not np.array_equal(automatic, own)
+    finally:
+        beside.unlink()
+        (root / "Stable-diffusion" / f"{CHECKPOINT}-a.vae.pt").unlink()
+        registry.vaes.refresh()
 
 
 def test_infotext_round_trip(setup):

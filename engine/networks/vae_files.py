@@ -1,8 +1,10 @@
 """VAE files in ``models/VAE``, chosen per job as A1111's "SD VAE" setting chooses them.
 
-A choice is "Automatic" (a VAE file named like the checkpoint, ``<checkpoint>.safetensors`` or
-``<checkpoint>.vae.safetensors``, in ``models/VAE`` or beside the checkpoint; else the checkpoint's own),
-"None" (the checkpoint's own) or a file's name (``name.safetensors``, as A1111 lists it, or its stem).
+The files are those in ``models/VAE`` and, as A1111 lists them too, ``*.vae.safetensors`` files among the
+checkpoints. A choice is "Automatic" (A1111 1.x's rule: the first file, in natural name order, whose name
+begins with the checkpoint's name, so ``my-model.vae.safetensors`` or ``my-model-vae.safetensors`` for
+``my-model``; else the checkpoint's own), "None" (the checkpoint's own) or a file's name
+(``name.safetensors``, as A1111 lists it, or its stem).
 
 A file holds an ``AutoencoderKL`` in the original (CompVis ``ldm``) key layout, with or without the
 ``first_stage_model.`` prefix, or in diffusers' layout. It is converted with diffusers' own single-file
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -71,6 +74,10 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
 def _stat_key(path: Path) -> tuple:
@@ -140,8 +147,9 @@ def load_vae(path: Path, like, device: torch.device | None = None) -> object:
 class VaeLibrary:
     """The VAE files under ``models/VAE``; loaded VAEs are cached (``cache_size`` of them)."""
 
-    def __init__(self, folder: Path | str | None, cache_size: int = 2):
+    def __init__(self, folder: Path | str | None, cache_size: int = 2, checkpoints: Path | str | None = None):
         self.folder = Path(folder) if folder else None
+        self.checkpoints = Path(checkpoints) if checkpoints else None  # where ``*.vae.safetensors`` files count too
         self.cache_size = max(1, cache_size)
         self._lock = threading.Lock()
         self._files: dict[str, VaeFile] = {}
@@ -151,25 +159,29 @@ class VaeLibrary:
 
     def refresh(self) -> list[VaeFile]:
         files: dict[str, VaeFile] = {}
-        if self.folder and self.folder.is_dir():
-            for path in sorted(self.folder.rglob("*")):
-                relative = path.relative_to(self.folder)
-                suffix = path.suffix.lower()
-                if not path.is_file() or any(part.startswith(".") for part in relative.parts):
-                    continue
-                if suffix in SAFE_SUFFIXES:
-                    files.setdefault(path.name, VaeFile(path.name, path))
-                elif suffix in PICKLE_SUFFIXES:
-                    files.setdefault(path.name, VaeFile(path.name, path, problem=(
-                        f"{path.name} is a pickle, which can run code when loaded, so Sfumato never loads it; "
-                        "convert it to .safetensors")))
+        found = []
+        for root, pattern in ((self.folder, "*"), (self.checkpoints, "*.vae.*")):
+            if root and root.is_dir():
+                found += [(root, path) for path in sorted(root.rglob(pattern))]
+        for root, path in found:
+            relative = path.relative_to(root)
+            suffix = path.suffix.lower()
+            if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+                continue
+            if suffix in SAFE_SUFFIXES:
+                files.setdefault(path.name, VaeFile(path.name, path))
+            elif suffix in PICKLE_SUFFIXES:
+                files.setdefault(path.name, VaeFile(path.name, path, problem=(
+                    f"{path.name} is a pickle, which can run code when loaded, so Sfumato never loads it; "
+                    "convert it to .safetensors")))
         with self._lock:
             self._files = files
         return self.files()
 
     def files(self) -> list[VaeFile]:
+        """In A1111's natural order: by name, numbers by value (``v2`` before ``v10``)."""
         with self._lock:
-            return sorted(self._files.values(), key=lambda file: file.name.lower())
+            return sorted(self._files.values(), key=lambda file: _natural_key(file.name))
 
     def names(self) -> list[str]:
         return [file.name for file in self.files()]
@@ -183,7 +195,8 @@ class VaeLibrary:
         files = self.files()
         for candidate in files:
             if name in (candidate.name, candidate.stem) or (
-                    self.folder and name == candidate.path.relative_to(self.folder).as_posix()):
+                    self.folder and candidate.path.is_relative_to(self.folder)
+                    and name == candidate.path.relative_to(self.folder).as_posix()):
                 return candidate
         raise ValidationError("vae", f"no VAE named {name!r} in models/VAE; choose {AUTOMATIC}, {NONE}"
                                      + (f" or one of {', '.join(file.name for file in files)}" if files else ""))
@@ -195,13 +208,9 @@ class VaeLibrary:
             return None
         if choice != AUTOMATIC:
             return self.find(choice)
-        wanted = {checkpoint_name, f"{checkpoint_name}.vae"}
-        if checkpoint_path is not None and checkpoint_path.is_file():  # A1111's "VAE near the checkpoint"
-            beside = checkpoint_path.with_name(checkpoint_path.name.rsplit(".", 1)[0] + ".vae.safetensors")
-            if beside.is_file():
-                return VaeFile(beside.name, beside)
+        stem = checkpoint_path.name.rsplit(".", 1)[0] if checkpoint_path is not None else checkpoint_name
         for file in self.files():
-            if file.problem is None and file.stem in wanted:
+            if file.problem is None and file.name.startswith(stem):
                 return file
         return None
 
