@@ -12,8 +12,8 @@ Formats read:
   ``torch.load(weights_only=True)``, which refuses to run code from the pickle;
 - diffusers' ``learned_embeds.bin``/``.safetensors``: one tensor under the placeholder token's name.
 
-How a prompt uses them (``EmbeddingTokens``): for one job, the model's tokenizers are copied and
-given one placeholder token per vector, the name in the text becomes those placeholders, and the
+How a prompt uses them (``EmbeddingTokens``): a copy of the model's tokenizers (made once per model)
+holds one placeholder token per vector, the name in the text becomes those placeholders, and the
 text encoder is called through ``EmbeddingTextEncoder``, which hands the encoder token id 0 at those
 slots (as A1111 does, so the pooled output still finds the end token) and overwrites the token
 embedding there with the vectors through a forward hook removed after the call. The model's own
@@ -309,7 +309,12 @@ def placeholder(index: int, vector: int) -> str:
 
 
 class EmbeddingTokenCache:
-    """Builds ``EmbeddingTokens`` for a model, remembering the last few sets (a tokenizer copy costs ~0.4 s)."""
+    """Builds ``EmbeddingTokens`` for a model, remembering the last few sets.
+
+    The model's tokenizers are copied once (a copy of CLIP's costs ~0.25 s), the first time a prompt
+    uses an embedding; every embedding met since has its placeholder tokens in that copy, so a new set
+    costs only the tokens it adds. Each set's encoders see the vectors of every placeholder so far.
+    """
 
     def __init__(self, tokenizers: list, text_encoders: list, keys: Sequence[str], model: str, size: int = 4):
         self._tokenizers = tokenizers
@@ -319,6 +324,10 @@ class EmbeddingTokenCache:
         self._size = size
         self._lock = threading.Lock()
         self._built: OrderedDict[tuple, EmbeddingTokens] = OrderedDict()
+        self._extended: list | None = None  # the tokenizer copies holding every placeholder so far
+        self._first_ids: list[int] = []  # per encoder: the id of the first placeholder
+        self._placeholders: dict[tuple[str, str], str] = {}  # (name, sha256) -> its placeholder tokens, joined
+        self._vectors: list[list[torch.Tensor]] = [[] for _ in text_encoders]  # per encoder, in placeholder id order
         self.plain = EmbeddingTokens(list(tokenizers), list(text_encoders))
 
     def tokens(self, embeddings: Sequence[Embedding]) -> EmbeddingTokens:
@@ -334,25 +343,37 @@ class EmbeddingTokenCache:
             names = ", ".join(e.path.name for e in embeddings)
             raise ModelError(f"{self._model} models cannot use textual-inversion embeddings ({names})")
         widths = [int(encoder.get_input_embeddings().weight.shape[1]) for encoder in self._text_encoders]
-        per_encoder = [e.vectors_for(self._keys, widths, self._model) for e in embeddings]  # checked before building
-        placeholders = {e.name: "".join(placeholder(i, v) for v in range(e.count)) for i, e in enumerate(embeddings)}
-        tokens = [placeholder(i, v) for i, e in enumerate(embeddings) for v in range(e.count)]
-        tokenizers, encoders = [], []
-        for index, (tokenizer, encoder) in enumerate(zip(self._tokenizers, self._text_encoders)):
-            copied = copy.deepcopy(tokenizer)
-            first_id = len(copied)
-            copied.add_tokens(tokens)
-            if len(copied) != first_id + len(tokens):
-                raise ModelError("the tokenizer refused the embeddings' placeholder tokens")
-            vectors = torch.cat([vectors[index] for vectors in per_encoder])
-            tokenizers.append(copied)
-            encoders.append(EmbeddingTextEncoder(encoder, first_id, vectors))
-        built = EmbeddingTokens(tokenizers, encoders, key, embeddings, placeholders, names_pattern(placeholders))
+        per_embedding = [e.vectors_for(self._keys, widths, self._model) for e in embeddings]  # checked before any change
         with self._lock:
+            if self._extended is None:
+                self._extended = [copy.deepcopy(tokenizer) for tokenizer in self._tokenizers]
+                self._first_ids = [len(tokenizer) for tokenizer in self._extended]
+            for embedding, vectors in zip(embeddings, per_embedding):
+                self._register(embedding, vectors)
+            encoders = [EmbeddingTextEncoder(encoder, first_id, torch.cat(table))
+                        for encoder, first_id, table in zip(self._text_encoders, self._first_ids, self._vectors)]
+            placeholders = {e.name: self._placeholders[(e.name, e.sha256)] for e in embeddings}
+            built = EmbeddingTokens(list(self._extended), encoders, key, embeddings, placeholders,
+                                    names_pattern(placeholders))
             self._built[key] = built
             while len(self._built) > self._size:
                 self._built.popitem(last=False)
         return built
+
+    def _register(self, embedding: Embedding, vectors: list[torch.Tensor]) -> None:
+        """Placeholder tokens for an embedding not met before, in every tokenizer copy, and its vectors in the tables."""
+        identity = (embedding.name, embedding.sha256)
+        if identity in self._placeholders:
+            return
+        serial = len(self._placeholders)
+        tokens = [placeholder(serial, v) for v in range(embedding.count)]
+        for index, tokenizer in enumerate(self._extended):
+            before = len(tokenizer)
+            tokenizer.add_tokens(tokens)
+            if len(tokenizer) != before + len(tokens):
+                raise ModelError(f"the tokenizer refused the placeholder tokens of the embedding {embedding.path.name}")
+            self._vectors[index].append(vectors[index])
+        self._placeholders[identity] = "".join(tokens)
 
 
 def api_listing(library: EmbeddingLibrary, model=None) -> dict:
