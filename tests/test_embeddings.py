@@ -266,3 +266,33 @@ def test_a_long_prompt_keeps_an_embedding_in_one_chunk(registry, models_dir):
     assert got.shape[1] == 2 * 77
     second = sd1_reference(model, [EMB], emb)
     torch.testing.assert_close(got[:, 77 + 1:], second[:, 1:], atol=1e-5, rtol=1e-5)  # position 0: compel copies chunk 1's
+
+
+def reference_many(text_encoder, tokenizer, pieces: list) -> torch.Tensor:
+    """Like ``reference``, with each embedding given in ``pieces`` as its own [vectors, width] tensor."""
+    encoder = copy.deepcopy(text_encoder)
+    table = encoder.get_input_embeddings().weight.detach()
+    ids = [tokenizer.bos_token_id]
+    for piece in pieces:
+        if isinstance(piece, torch.Tensor):
+            ids += list(range(table.shape[0], table.shape[0] + piece.shape[0]))
+            table = torch.cat([table, piece])
+        else:
+            ids += tokenizer(piece, add_special_tokens=False).input_ids
+    ids += [tokenizer.eos_token_id]
+    ids += [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(ids))
+    encoder.set_input_embeddings(torch.nn.Embedding.from_pretrained(table))
+    with torch.no_grad():
+        return encoder(torch.tensor([ids])).last_hidden_state
+
+
+def test_several_embeddings_and_sets_in_turn(registry, models_dir):
+    first, second = vectors(2, 32, seed=18), vectors(1, 32, seed=19)
+    write_safetensors(models_dir / "embeddings" / "duoone.safetensors", emb_params=first)
+    write_safetensors(models_dir / "embeddings" / "duotwo.safetensors", emb_params=second)
+    model = registry.load("ti-sd1")
+    pipe = model.pipeline
+    for prompt, pieces in (("duotwo x", [second, "x"]), ("duoone y duotwo", [first, "y", second]),
+                           ("duoone", [first]), ("duotwo duoone duotwo", [second, first, second])):
+        got = model.prompt_encoder.encode(prompt, "", 1, registry.embeddings).prompt_embeds
+        torch.testing.assert_close(got, reference_many(pipe.text_encoder, pipe.tokenizer, pieces), atol=1e-5, rtol=1e-5)
