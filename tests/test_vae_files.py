@@ -7,7 +7,6 @@ VAE file was written from, put in the pipeline by hand.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -14,7 +14,8 @@ left over is an error naming the file, never a silently random layer. Loaded VAE
 swaps one in for its own duration (``swapped``) and the checkpoint's own is put back after, whatever
 happens, so the checkpoint is never reloaded and "None" is the checkpoint's VAE bit for bit.
 
-Only safetensors files are read; pickled ``.pt``/``.ckpt`` VAEs are listed with the reason they are refused.
+Only safetensors files are read; a pickled ``.pt``/``.ckpt`` VAE is known by name (so asking for it says why it
+is refused) but never offered in the picker or ``/sd-vae``.
 """
 from __future__ import annotations
 
