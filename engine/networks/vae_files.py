@@ -66,7 +66,7 @@ class VaeChoice:
         """A1111's ``VAE`` and ``VAE hash`` keys; written only when a VAE file replaced the checkpoint's."""
         if self.file is None:
             return {}
-        return {"VAE": self.file.name, "VAE hash": self.short_hash}
+        return {"VAE hash": self.short_hash, "VAE": self.file.name}  # in A1111's order
 
 
 def _sha256(path: Path) -> str:
