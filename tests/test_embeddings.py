@@ -195,7 +195,7 @@ def test_truncated_file_is_an_error_and_the_state_is_kept(registry, models_dir):
 
 def test_infotext_ti_hashes_round_trip(registry, models_dir):
     from engine import Engine
-    from engine.infotext import parse_infotext
+    from engine.infotext import loading_notes, parse_infotext, request_fields_from_infotext
     from engine.request import GenerationRequest
 
     path = models_dir / "embeddings" / "hashme.pt"
@@ -206,6 +206,8 @@ def test_infotext_ti_hashes_round_trip(registry, models_dir):
     info = result.images[0].infotext
     assert f'TI hashes: "hashme: {expected}"' in info
     assert parse_infotext(info)["TI hashes"] == f"hashme: {expected}"
+    params = parse_infotext(info)
+    assert not loading_notes(params, request_fields_from_infotext(params))  # a fact about the image, not a setting to apply
 
 
 def api_client(registry, default_model: str):

@@ -100,7 +100,7 @@ def test_automatic_picks_the_file_named_like_the_checkpoint(setup):
 
 
 def test_infotext_round_trip(setup):
-    from engine.infotext import parse_infotext, request_fields_from_infotext
+    from engine.infotext import loading_notes, parse_infotext, request_fields_from_infotext
 
     root, registry, engine, _ = setup
     _, info = generate(engine, "other.safetensors")
@@ -109,6 +109,9 @@ def test_infotext_round_trip(setup):
     assert params["VAE"] == "other.safetensors"
     assert params["VAE hash"] == expected_hash
     assert request_fields_from_infotext(params)["vae"] == "other.safetensors"
+    line = info.split("\n")[-1]
+    assert line.index("Model: ") < line.index("VAE hash: ") < line.index("VAE: ")  # A1111's order
+    assert not loading_notes(params, request_fields_from_infotext(params))  # the hash is a fact about the image, not a setting
 
 
 def test_bad_files_are_clear_errors_and_change_nothing(setup):

@@ -13,6 +13,7 @@ from typing import Iterator
 import gradio as gr
 
 from engine.errors import SfumatoError
+from engine.fields import FIELDS
 from engine.networks.vae_files import AUTOMATIC as AUTOMATIC_VAE
 
 from .demo_hint import build_demo_hint, wire_demo_hint
@@ -44,7 +45,7 @@ def build_app(studio) -> gr.Blocks:
             model_dropdown = gr.Dropdown(model_choices(studio), value=model, label="Stable Diffusion checkpoint",
                                          elem_id="model_dropdown", scale=4)
             refresh = tool_button(REFRESH_MODELS, "model_refresh")
-            vae_dropdown = gr.Dropdown(studio.registry.vaes.choices(), value=AUTOMATIC_VAE, label="SD VAE",
+            vae_dropdown = gr.Dropdown(studio.registry.vaes.choices(), value=AUTOMATIC_VAE, label=FIELDS["vae"].label,
                                        elem_id="vae_dropdown", scale=2)
             model_status = gr.Markdown(_loaded_text(studio, model), elem_id="model_status")
         untrained = gr.Markdown(model_note(entry_or_none(studio, model)), elem_id="model_untrained",

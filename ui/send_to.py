@@ -13,7 +13,8 @@ import gradio as gr
 from PIL import Image
 
 from engine.errors import ValidationError
-from engine.infotext import parse_infotext, request_fields_from_infotext
+from engine.fields import FIELDS
+from engine.infotext import loading_notes, parse_infotext, request_fields_from_infotext
 from engine.untrusted_images import read_untrusted_image
 
 from .extension_ui import all_components
@@ -24,8 +25,14 @@ from .model_info import installed_name
 RESULT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "zero_terminal_snr", "steps", "cfg_scale", "seed",
                  "width", "height")
 
-# PNG Info restores everything: fields an infotext leaves out because they were off go back to "off".
-FULL_RESTORE_DEFAULTS = {"subseed_strength": 0.0, "zero_terminal_snr": False}
+# PNG Info restores everything: a field an infotext leaves out because it was off (its declaration writes it only
+# when set) goes back to its default. Not the RNG: A1111 leaves out its default, GPU noise, which the note explains.
+FULL_RESTORE_DEFAULTS = {field.name: field.default for field in FIELDS.core()
+                         if field.infotext_when is not None and field.name != "rng"}
+
+
+# Fields whose pickers sit above the tabs: the model is sent with the tab's fields, the VAE by a note (network_notes).
+_ABOVE_THE_TABS = ("model", "vae")
 
 
 def fields_from_infotext(infotext: str | None, only: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -42,8 +49,20 @@ def network_notes(studio, infotext: str) -> list[str]:
     params = parse_infotext(infotext)
     registry = studio.registry
     notes = embeddings.infotext_problems(params, registry.embeddings) + vae_files.infotext_problems(params, registry.vaes)
-    if not notes and params.get("VAE"):
-        notes.append(f"The image was decoded with the VAE {params['VAE']}; choose it in the SD VAE picker.")
+    vae = params.get(FIELDS["vae"].infotext)
+    if not notes and vae:
+        notes.append(f"The image was decoded with the VAE {vae}; choose it in the SD VAE picker.")
+    return notes
+
+
+def infotext_notes(infotext: str, target: GenerationTab) -> list[str]:
+    """What sending this infotext to ``target`` cannot reproduce: shown to the artist, never dropped silently."""
+    parameters = parse_infotext(infotext)
+    applied = request_fields_from_infotext(parameters)
+    notes = loading_notes(parameters, applied)
+    unused = [FIELDS[name].infotext or name for name in applied if name not in target.fields and name not in _ABOVE_THE_TABS and name in FIELDS]
+    if unused:
+        notes.append(f"Not used by {target.mode}: " + ", ".join(unused) + ".")
     return notes
 
 
@@ -136,8 +155,10 @@ def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generat
                 gr.Warning(f"The image cannot be sent: {error.message}.")
                 return [gr.skip()] * len(target_outputs(tabs, target, model_dropdown))
         fields = {**FULL_RESTORE_DEFAULTS, **fields_from_infotext(text)}
+        for note in infotext_notes(text, target):
+            gr.Warning(note, title="Not everything in this infotext can be applied")
         for note in network_notes(studio, text):
-            gr.Warning(note)
+            gr.Warning(note, title="Extra networks")
         return target_updates(studio, target, fields, image, extension_settings_from_infotext(studio, text))
 
     button.click(send, [infotext, image_path], target_outputs(tabs, target, model_dropdown), api_visibility="private")

@@ -39,6 +39,7 @@ EMBEDDINGS_SUBDIR = "embeddings"
 SUFFIXES = (".safetensors", ".pt", ".bin")
 SDXL_KEYS = ("clip_l", "clip_g")
 SINGLE = ""  # the key of a one-encoder embedding's vectors
+TI_HASHES_KEY = "TI hashes"  # A1111's infotext key: "name: <short hash>" for each embedding the prompts used
 SHORT_HASH_LENGTH = 12  # A1111's "TI hashes" show the first 12 hex digits of the file's SHA-256
 _LETTER = r"[^\W\d_]"
 
@@ -424,7 +425,7 @@ def parse_ti_hashes(value: str) -> dict[str, str]:
 def infotext_problems(params: dict[str, str], library: EmbeddingLibrary) -> list[str]:
     """What a picture's ``TI hashes`` say that this studio cannot reproduce: embeddings missing here, or
     present under the name with other contents (a different hash)."""
-    value = params.get("TI hashes")
+    value = params.get(TI_HASHES_KEY)
     if not isinstance(value, str):
         return []
     problems = []

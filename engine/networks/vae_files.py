@@ -32,14 +32,15 @@ from typing import Iterator
 import torch
 
 from ..errors import ModelError, ValidationError
+from ..fields import FIELDS, VAE_AUTOMATIC, VAE_NONE
 
 VAE_SUBDIR = "VAE"
-AUTOMATIC = "Automatic"
-NONE = "None"
+AUTOMATIC, NONE = VAE_AUTOMATIC, VAE_NONE  # the "SD VAE" values that name no file (declared with the field)
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 LDM_PREFIX = "first_stage_model."
 IGNORED_KEYS = ("model_ema.decay", "model_ema.num_updates")  # A1111 drops these and the training loss's weights
+VAE_HASH_KEY = "VAE hash"  # A1111's infotext key, written just before "VAE" when a file replaced the checkpoint's own
 SHORT_HASH_LENGTH = 10  # A1111's "VAE hash": the first 10 hex digits of the file's SHA-256
 
 
@@ -61,12 +62,6 @@ class VaeChoice:
     file: VaeFile | None = None
     module: object | None = None
     short_hash: str | None = None
-
-    def infotext(self) -> dict[str, str]:
-        """A1111's ``VAE`` and ``VAE hash`` keys; written only when a VAE file replaced the checkpoint's."""
-        if self.file is None:
-            return {}
-        return {"VAE hash": self.short_hash, "VAE": self.file.name}  # in A1111's order
 
 
 def _sha256(path: Path) -> str:
@@ -269,14 +264,14 @@ def swapped(pipeline, vae, own) -> Iterator[None]:
 def infotext_problems(params: dict[str, str], library: VaeLibrary) -> list[str]:
     """What a picture's ``VAE`` and ``VAE hash`` say that this studio cannot reproduce: the file missing
     here, or a file of that name with other contents."""
-    name = params.get("VAE")
+    name = params.get(FIELDS["vae"].infotext)
     if not isinstance(name, str) or name in (AUTOMATIC, NONE, ""):
         return []
     try:
         file = library.find(name)
     except ValidationError:
         return [f"the VAE {name} is not in models/VAE"]
-    wanted = params.get("VAE hash")
+    wanted = params.get(VAE_HASH_KEY)
     if isinstance(wanted, str) and wanted.strip():
         here = library.short_hash(file)
         if here != wanted.strip().lower()[:SHORT_HASH_LENGTH]:
