@@ -6,6 +6,7 @@ and cancellation go through the callback and token the caller passes in.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from . import cancellation, image_ops
 from .compute import run_until_interrupted
 from .errors import GenerationError, Interrupted, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
+from .networks import vae_files
+from .networks.embeddings import TI_HASHES_KEY, ti_hashes
 from .previews import CheapPreviewer, VaePreviewer, parameter_dtype, pil_to_tensor
 from .request import CancelToken, EarlyStop, GeneratedImage, GenerationRequest, GenerationResult, Progress
 from .sampling import sample_pass
@@ -111,16 +114,19 @@ class Engine:
         timings: dict[str, float] = {}
         images: list[GeneratedImage] = []
         try:
-            return self._generate_images(request, on_progress, cancel, started, timings, images)
+            with contextlib.ExitStack() as job_scope:  # undoes the job's swaps (its VAE) however the job ends
+                return self._generate_images(request, on_progress, cancel, started, timings, images, job_scope)
         except Interrupted as stopped:
             timings["total"] = time.perf_counter() - started
             return GenerationResult(request=request, images=images, interrupted=True, timings=timings, warnings=[str(stopped)])
 
     def _generate_images(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken,
-                         started: float, timings: dict[str, float], images: list[GeneratedImage]) -> GenerationResult:
+                         started: float, timings: dict[str, float], images: list[GeneratedImage],
+                         job_scope: contextlib.ExitStack) -> GenerationResult:
         """The job itself; ``timings`` and ``images`` fill as it goes, so an interrupt keeps what was finished."""
         cancellation.entering("loading the model")
         model = self.registry.load(request.model)
+        vae = self._job_vae(request, model, job_scope)
         timings["load"] = time.perf_counter() - started
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, request, prepared.width, prepared.height)
@@ -129,16 +135,21 @@ class Engine:
         pipe = model.pipeline
         seed = resolve_seed(request.seed)
         subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else request.subseed
-        request = request.with_changes(seed=seed, subseed=subseed, model=model.entry.name)  # the model's name, however it was asked for
+        # The model's name, however it was asked for; the VAE file's name when one decodes (an Automatic match included).
+        request = request.with_changes(seed=seed, subseed=subseed, model=model.entry.name,
+                                       vae=vae.file.name if vae.file is not None else request.vae)
         noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr)
 
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")
-        conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt, request.clip_skip)
+        conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt, request.clip_skip,
+                                                   getattr(self.registry, "embeddings", None))
         timings["encode"] = time.perf_counter() - tick
         do_cfg = request.cfg_scale > 1.0
         previewer = self._previewer(request, model)
         extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
+        if (hashes := ti_hashes(conditioning.embeddings)) is not None:
+            extension_info = {TI_HASHES_KEY: hashes, **extension_info}
         sigmas = self._pass_sigmas(request, noise_table, prepared)
 
         interrupted = False
@@ -200,7 +211,8 @@ class Engine:
             for image_seed, image in zip(seeds, decoded):
                 image_subseed = subseed + image_seed - seed
                 image = self._finish_image(image, prepared)
-                info = self._infotext(request, model, image_seed, image_subseed, prepared, extension_info, stopped_early)
+                info = self._infotext(request, model, image_seed, image_subseed, prepared, extension_info, stopped_early,
+                                      vae_hash=vae.short_hash)
                 images.append(GeneratedImage(image=image, seed=image_seed, subseed=image_subseed, infotext=info,
                                              stopped_early=stopped_early))
             if interrupted:
@@ -209,6 +221,17 @@ class Engine:
         return GenerationResult(request=request, images=images, interrupted=interrupted, timings=timings)
 
     # -- pieces ------------------------------------------------------------------
+    def _job_vae(self, request: GenerationRequest, model: LoadedModel, job_scope: contextlib.ExitStack) -> vae_files.VaeChoice:
+        """The VAE the request asks for, swapped into the model until the job ends (the checkpoint's own after)."""
+        vaes = getattr(self.registry, "vaes", None)
+        if vaes is None:
+            return vae_files.VaeChoice()
+        cancellation.entering("loading the VAE")
+        own = model.extras.setdefault("checkpoint_vae", model.pipeline.vae)  # remembered before any swap
+        choice = vaes.choose(request.vae, model)
+        job_scope.enter_context(vae_files.swapped(model.pipeline, choice.module or own, own))
+        return choice
+
     @staticmethod
     def _check_size(model: LoadedModel, request: GenerationRequest, width: int, height: int) -> None:
         """Refuse a size the model cannot draw, blaming what set it: width/height, or the init image when they were left out."""
@@ -391,7 +414,7 @@ class Engine:
 
     @staticmethod
     def _infotext(request: GenerationRequest, model: LoadedModel, seed: int, subseed: int, prepared: _Prepared, extension_info: dict,
-                  stopped_early: EarlyStop | None = None) -> str:
+                  stopped_early: EarlyStop | None = None, vae_hash: str | None = None) -> str:
         from .infotext import build_infotext
 
         size = prepared.output_size or (prepared.width, prepared.height)
@@ -399,4 +422,4 @@ class Engine:
             size = prepared.original.size
         return build_infotext(request, seed=seed, model_name=model.entry.name, model_hash=model.short_hash,
                               extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None, size=size,
-                              stopped_early=stopped_early)
+                              stopped_early=stopped_early, vae_hash=vae_hash)

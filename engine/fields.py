@@ -44,6 +44,8 @@ PREVIEW_METHODS = ("cheap", "full", "taesd", "none")
 # emulation of CUDA's Philox generator.
 RNG_SOURCES = ("CPU", "GPU", "NV")
 OUTPAINT_SIDES = ("left", "right", "up", "down")
+# A1111's "SD VAE" values besides a file's name: the file named after the checkpoint (else its own), and its own.
+VAE_AUTOMATIC, VAE_NONE = "Automatic", "None"
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,11 @@ def _when_only_masked(request: Any) -> bool:
     return request.inpaint_area == "Only masked"
 
 
+def _when_vae_file(request: Any) -> bool:
+    """A1111 writes "VAE" only when a file replaced the checkpoint's own; the engine puts the resolved file's name in the request."""
+    return request.vae not in (VAE_AUTOMATIC, VAE_NONE)
+
+
 def _when_eta_differs(request: Any) -> bool:
     """A1111 writes eta only when it is set and differs from the sampler's own default."""
     spec = samplers.find_sampler(request.sampler)
@@ -226,6 +233,11 @@ CORE_FIELDS: tuple[Field, ...] = (
           infotext="Size-2", api="height", cli="--height", preset=True),
     Field("model", str, None, optional=True, label="Model", help="A model name as the model list shows it; default: the default model.", infotext="Model",
           override="sd_model_checkpoint", cli="--model", preset=True),
+    # A1111's "SD VAE" setting. Presets never hold it: A1111 keeps it in Settings, outside any style or preset.
+    Field("vae", str, VAE_AUTOMATIC, max_length=1000, label="SD VAE",
+          help="Automatic (a file in models/VAE named after the checkpoint, else its own), None (the checkpoint's own) "
+               "or a file in models/VAE.",
+          infotext="VAE", infotext_when=_when_vae_file, override="sd_vae", cli="--vae"),
     Field("subseed", int, -1, range=(-1, MAX_SEED), label="Variation seed", control="number", help="-1 picks one.",
           infotext="Variation seed", infotext_when=_when_variation, api="subseed", cli="--variation-seed"),
     Field("subseed_strength", float, 0.0, range=(0.0, 1.0), label="Variation strength", control="slider", step=0.01,

@@ -24,6 +24,8 @@ from typing import Any, Callable, Mapping
 from .sampling import table as samplers
 from .errors import ValidationError
 from .fields import CORE, FIELDS, MASK_MODES, Field
+from .networks.embeddings import TI_HASHES_KEY
+from .networks.vae_files import VAE_HASH_KEY
 from .request import EarlyStop, GenerationRequest, check_declared
 
 VERSION = "sfumato-0.1"
@@ -83,6 +85,7 @@ def build_infotext(
     *,
     size: tuple[int, int] | None = None,
     stopped_early: EarlyStop | None = None,
+    vae_hash: str | None = None,
 ) -> str:
     """The infotext for one generated image.
 
@@ -92,6 +95,7 @@ def build_infotext(
     ``extra`` holds extension entries with values already formatted
     (``{"<Extension key> 0": "Module: x, Weight: 1"}``).
     ``stopped_early`` marks an unfinished image (see ``STOPPED_EARLY_KEYS``).
+    ``vae_hash`` is the short hash of the VAE file the request's ``vae`` names, when a file decoded the image.
     """
     if size is None and request.width is not None and request.height is not None:
         size = (request.width, request.height)
@@ -108,6 +112,8 @@ def build_infotext(
             continue
         if field.name == "model":
             params[MODEL_HASH_KEY] = model_hash
+        if field.name == "vae":
+            params[VAE_HASH_KEY] = vae_hash
         value = resolved.get(field.name, getattr(request, field.name))
         params[_written_key(field, request)] = None if value is None else _WRITERS.get(field.name, _value_text)(value)
     for key, value in (extra or {}).items():
@@ -351,7 +357,8 @@ def request_fields_from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
 # --- what loading an infotext cannot give ------------------------------------
 
 # Keys that describe the image rather than set the request: nothing to apply, nothing to warn about.
-_INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, SIZE_KEY, VERSION_KEY, *STOPPED_EARLY_KEYS.values()})
+# Hashes are checked against the files here by engine.networks (ui.send_to shows what they find).
+_INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, VAE_HASH_KEY, TI_HASHES_KEY, SIZE_KEY, VERSION_KEY, *STOPPED_EARLY_KEYS.values()})
 
 
 def _made_by_us(params: Mapping[str, str]) -> bool:

@@ -47,6 +47,8 @@ from .devices import pick_device, pick_dtype
 from .errors import ModelError, UnsafeModelError
 from . import families
 from .families import Family
+from .networks.embeddings import EMBEDDINGS_SUBDIR, EmbeddingLibrary
+from .networks.vae_files import VAE_SUBDIR, VaeLibrary
 from .prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -448,6 +450,10 @@ class ModelRegistry:
         self._hashes: dict[tuple, str] = {}
         self._lock = threading.RLock()
         self._loading: dict[str, Future] = {}  # name → the load in progress
+        # Textual-inversion embeddings and VAE files: used per job, never loaded into the cached models.
+        self.embeddings = EmbeddingLibrary(self.models_dir / EMBEDDINGS_SUBDIR if self.models_dir else None)
+        self.vaes = VaeLibrary(self.models_dir / VAE_SUBDIR if self.models_dir else None,
+                               checkpoints=self.models_dir / CHECKPOINT_SUBDIR if self.models_dir else None)
         self.refresh()
 
     # -- discovery ---------------------------------------------------------
@@ -472,6 +478,7 @@ class ModelRegistry:
                     relative = path.relative_to(checkpoints)
                     inside = relative.parts[:-1]
                     if (path.suffix.lower() not in SAFE_SUFFIXES + PICKLE_SUFFIXES or not path.is_file()
+                            or path.stem.lower().endswith(".vae")  # a VAE kept beside its checkpoint (A1111 skips these too)
                             or any(part.startswith(".") or part.endswith(CONFIG_SUFFIX) for part in inside)
                             or any(parent in folders for parent in path.parents)):  # a diffusers folder's own weights
                         continue
@@ -495,6 +502,7 @@ class ModelRegistry:
                 log.warning("model %s cannot be used: %s", entry.name, entry.problem)
         with self._lock:
             self._entries = entries
+        self.vaes.refresh()
         return self.list()
 
     def list(self) -> list[ModelEntry]:

@@ -23,6 +23,8 @@ from typing import Protocol
 
 import torch
 
+from .networks.embeddings import EmbeddingLibrary, EmbeddingTokenCache, EmbeddingTokens
+
 ROUND_BRACKET_WEIGHT = 1.1
 # Characters that A1111 reads as syntax. Text without them, short enough for one CLIP window,
 # means exactly what diffusers' own ``encode_prompt`` computes.
@@ -123,6 +125,7 @@ class Conditioning:
     negative_embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     negative_pooled: torch.Tensor | None = None
+    embeddings: tuple = ()  # the textual-inversion embeddings the prompts used (engine.networks.embeddings.Embedding)
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,8 @@ class TextEncoding(Protocol):
 
     text_encoders: tuple[tuple[str, str], ...]  # (tokenizer, text encoder) attribute names, in concatenation order
     pooled_encoder: int | None  # the index of the encoder whose projected output is the pooled embedding
+    embedding_keys: tuple[str, ...]  # each text encoder's key in an embedding file ("" = a one-encoder file)
+    title: str
 
     def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]: ...
 
@@ -185,9 +190,10 @@ def _layer_provider_class():
 class PromptEncoder:
     """Encodes prompts for one loaded model; remembers recent results.
 
-    The cache key is (prompt, negative, the text layers Clip skip selects); one encoder belongs to
-    one model, so a model switch starts from an empty cache. A family that ignores Clip skip reads the
-    same layers for every value, so those values share cache entries.
+    The cache key is (prompt, negative, the text layers Clip skip selects, the embedding files the
+    prompts use, by name and hash); one encoder belongs to one model, so a model switch starts from an
+    empty cache. A family that ignores Clip skip reads the same layers for every value, so those values
+    share cache entries.
     """
 
     def __init__(self, components, encoding: TextEncoding, cache_size: int = 32):
@@ -201,20 +207,26 @@ class PromptEncoder:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._empty: dict[tuple[TextLayer, ...], torch.Tensor] = {}
-        self._providers: dict[tuple[TextLayer, ...], list] = {}
+        self._providers: dict[tuple, list] = {}  # (layers, embedding set) -> one provider per text encoder
         # Each text is cached on its own too, as A1111 caches cond and uncond separately: a new
         # prompt with the usual negative encodes only the prompt.
         self._texts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._embedding_tokens = EmbeddingTokenCache(self._tokenizers, self._text_encoders, encoding.embedding_keys,
+                                                     encoding.title)
 
-    def encode(self, prompt: str, negative: str, clip_skip: int = 1) -> Conditioning:
+    def encode(self, prompt: str, negative: str, clip_skip: int = 1,
+               embeddings: EmbeddingLibrary | None = None) -> Conditioning:
+        """``embeddings``: the textual-inversion files whose names the prompts may use (none when None)."""
         layers = self._layers(clip_skip)
-        key = (prompt, negative, layers)
+        used = embeddings.used_in(prompt, negative) if embeddings is not None else ()
+        tokens = self._embedding_tokens.tokens(used)
+        key = (prompt, negative, layers, tokens.key)
         with self._lock:
             if key in self._cache:
                 self.hits += 1
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        conditioning = self._encode_uncached(prompt, negative, layers)
+        conditioning = self._encode_uncached(prompt, negative, layers, tokens)
         with self._lock:
             self.misses += 1
             self._cache[key] = conditioning
@@ -244,58 +256,72 @@ class PromptEncoder:
         return self._text_encoders[0].device
 
     @torch.inference_mode()
-    def _encode_uncached(self, prompt: str, negative: str, layers: tuple[TextLayer, ...] | None = None) -> Conditioning:
+    def _encode_uncached(self, prompt: str, negative: str, layers: tuple[TextLayer, ...] | None = None,
+                         tokens: EmbeddingTokens | None = None) -> Conditioning:
         layers = layers if layers is not None else self._layers(1)
+        tokens = tokens or self._embedding_tokens.plain
         # Encoded one at a time and padded here: compel's own padding of a batch with
         # different lengths fails for SDXL's two encoders.
-        positive, pooled = self._encode_one(prompt, layers)
-        negative_embeds, negative_pooled = self._encode_one(negative, layers)
+        positive, pooled = self._encode_one(prompt, layers, tokens)
+        negative_embeds, negative_pooled = self._encode_one(negative, layers, tokens)
         length = max(positive.shape[1], negative_embeds.shape[1])
         return Conditioning(
             prompt_embeds=self._pad(positive, length, layers), negative_embeds=self._pad(negative_embeds, length, layers),
-            pooled=pooled, negative_pooled=negative_pooled,
+            pooled=pooled, negative_pooled=negative_pooled, embeddings=tokens.embeddings,
         )
 
-    def _encode_one(self, text: str, layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = (text, layers)
+    def _encode_one(self, text: str, layers: tuple[TextLayer, ...],
+                    tokens: EmbeddingTokens | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = tokens or self._embedding_tokens.plain
+        key = (text, layers, tokens.key)
         with self._lock:
             if key in self._texts:
                 self._texts.move_to_end(key)
                 return self._texts[key]
-        encoded = self._encode_text(text, layers)
+        encoded = self._encode_text(text, layers, tokens)
         with self._lock:
             self._texts[key] = encoded
             while len(self._texts) > 2 * self._cache_size:
                 self._texts.popitem(last=False)
         return encoded
 
-    def _encode_text(self, text: str, layers: tuple[TextLayer, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode_text(self, text: str, layers: tuple[TextLayer, ...] | None = None,
+                     tokens: EmbeddingTokens | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         layers = layers if layers is not None else self._layers(1)
+        tokens = tokens or self._embedding_tokens.plain
+        text = tokens.substitute(text)  # embedding names become their placeholder tokens
         if _SYNTAX.search(text):
             fragments = weighted_fragments(text)
             if any(weight != 1.0 for _, weight in fragments):
-                return self._encode_weighted(fragments, layers)
+                return self._encode_weighted(fragments, layers, tokens)
             text = "".join(fragment for fragment, _ in fragments)  # only escapes or stray brackets: plain text
-        return self._encode_plain(text, layers) if self._fits_one_window(text) else self._encode_unweighted_long(text, layers)
+        if self._fits_one_window(text, tokens):
+            return self._encode_plain(text, layers, tokens)
+        return self._encode_unweighted_long(text, layers, tokens)
 
-    def _layer_providers(self, layers: tuple[TextLayer, ...]) -> list:
-        """One compel embeddings provider per text encoder, reading that encoder's layer (built once per layer choice)."""
+    def _layer_providers(self, layers: tuple[TextLayer, ...], tokens: EmbeddingTokens | None = None) -> list:
+        """One compel embeddings provider per text encoder, reading that encoder's layer (built once per layer
+        choice and embedding set)."""
+        tokens = tokens or self._embedding_tokens.plain
+        key = (layers, tokens.key)
         with self._lock:
-            if layers not in self._providers:
+            if key not in self._providers:
                 cls = _layer_provider_class()
-                self._providers[layers] = [cls(tokenizer, text_encoder, layer) for tokenizer, text_encoder, layer
-                                           in zip(self._tokenizers, self._text_encoders, layers)]
-            return self._providers[layers]
+                self._providers[key] = [cls(tokenizer, text_encoder, layer) for tokenizer, text_encoder, layer
+                                        in zip(tokens.tokenizers, tokens.text_encoders, layers)]
+                while len(self._providers) > 8:  # each embedding set holds tokenizer copies
+                    self._providers.pop(next(iter(self._providers)))
+            return self._providers[key]
 
-    def _pooled(self, text: str, layers: tuple[TextLayer, ...]) -> torch.Tensor | None:
+    def _pooled(self, text: str, layers: tuple[TextLayer, ...], tokens: EmbeddingTokens | None = None) -> torch.Tensor | None:
         """The pooled embedding, read from the text without its weighting syntax, as A1111 does."""
         index = self.encoding.pooled_encoder
         if index is None:
             return None
-        return self._layer_providers(layers)[index].get_pooled_embeddings([text], device=self._device())
+        return self._layer_providers(layers, tokens)[index].get_pooled_embeddings([text], device=self._device())
 
-    def _encode_weighted(self, fragments: list[tuple[str, float]],
-                         layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode_weighted(self, fragments: list[tuple[str, float]], layers: tuple[TextLayer, ...],
+                         tokens: EmbeddingTokens | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weighted runs through compel's embeddings providers (tokens, 75-token chunks, weights).
 
         Every weight scales its tokens' distance from the empty prompt's embedding, under 1 as
@@ -306,22 +332,25 @@ class PromptEncoder:
         texts, weights = [text for text, _ in fragments], [weight for _, weight in fragments]
         device = self._device()
         parts = []
-        for one in self._layer_providers(layers):  # one per text encoder, concatenated along the features
-            tokens, token_weights, mask = one.get_token_ids_and_expand_weights(texts, weights, device=device)
-            embeds = one.build_weighted_embedding_tensor(tokens, token_weights, mask, device=device)
+        for one in self._layer_providers(layers, tokens):  # one per text encoder, concatenated along the features
+            ids, token_weights, mask = one.get_token_ids_and_expand_weights(texts, weights, device=device)
+            embeds = one.build_weighted_embedding_tensor(ids, token_weights, mask, device=device)
             parts.append(embeds.to(one.text_encoder.device, dtype=one.text_encoder.dtype))
-        return torch.cat(parts, dim=-1), self._pooled("".join(texts), layers)
+        return torch.cat(parts, dim=-1), self._pooled("".join(texts), layers, tokens)
 
-    def _fits_one_window(self, text: str) -> bool:
+    def _fits_one_window(self, text: str, tokens: EmbeddingTokens | None = None) -> bool:
         """One CLIP window (start and end tokens included) for every tokenizer."""
-        return all(len(tokenizer(text).input_ids) <= tokenizer.model_max_length for tokenizer in self._tokenizers)
+        tokenizers = (tokens or self._embedding_tokens.plain).tokenizers
+        return all(len(tokenizer(text).input_ids) <= tokenizer.model_max_length for tokenizer in tokenizers)
 
-    def _encode_plain(self, text: str, layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode_plain(self, text: str, layers: tuple[TextLayer, ...],
+                      tokens: EmbeddingTokens | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Plain text in one window, as diffusers' ``encode_prompt`` computes it (padded to the window,
         no attention mask): the same tensors compel computes, without compel's per-call grammar build
         and parse (several times the cost of a small text encoder; measured by bench/)."""
         parts, pooled = [], None
-        for index, (tokenizer, text_encoder, layer) in enumerate(zip(self._tokenizers, self._text_encoders, layers)):
+        tokens = tokens or self._embedding_tokens.plain
+        for index, (tokenizer, text_encoder, layer) in enumerate(zip(tokens.tokenizers, tokens.text_encoders, layers)):
             ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids.to(text_encoder.device)
             output = layer.run(text_encoder, ids)
@@ -330,7 +359,8 @@ class PromptEncoder:
                 pooled = output.text_embeds
         return torch.cat(parts, dim=-1), pooled
 
-    def _encode_unweighted_long(self, text: str, layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode_unweighted_long(self, text: str, layers: tuple[TextLayer, ...],
+                                tokens: EmbeddingTokens | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text without weighting syntax but longer than one window: one weight-1 fragment straight
         to compel's embeddings providers, which chunk it exactly as a full compel call would. Skips
         building compel's prompt grammar, which is rebuilt on every call and costs more than a
@@ -338,8 +368,8 @@ class PromptEncoder:
         device = self._device()
         parts = [one.get_embeddings_for_weighted_prompt_fragments(text_batch=[[text]], fragment_weights_batch=[[1.0]],
                                                                   device=device)
-                 for one in self._layer_providers(layers)]
-        return torch.cat(parts, dim=-1), self._pooled(text, layers)
+                 for one in self._layer_providers(layers, tokens)]
+        return torch.cat(parts, dim=-1), self._pooled(text, layers, tokens)
 
     def _pad(self, embeds: torch.Tensor, length: int, layers: tuple[TextLayer, ...]) -> torch.Tensor:
         """Extend a conditioning with empty-prompt chunks, as A1111 pads the shorter of cond/uncond."""

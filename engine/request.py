@@ -17,7 +17,8 @@ from PIL import Image
 from .sampling import table as samplers
 from .errors import ValidationError
 from .fields import (  # noqa: F401 - the choice lists are declared with their fields; re-exported for existing callers
-    FIELDS, INPAINT_AREAS, MASKED_CONTENT, MODES, OUTPAINT_SIDES, PREVIEW_METHODS, RESIZE_MODES, RNG_SOURCES, Field, default,
+    FIELDS, INPAINT_AREAS, MASKED_CONTENT, MODES, OUTPAINT_SIDES, PREVIEW_METHODS, RESIZE_MODES, RNG_SOURCES, VAE_AUTOMATIC, VAE_NONE,
+    Field, default,
 )
 from .prompts import weight_problem
 
@@ -142,6 +143,7 @@ class GenerationRequest:
     eta: float | None = default("eta")
     eta_noise_seed_delta: int = default("eta_noise_seed_delta")
     rng: str = default("rng")
+    vae: str = default("vae")
     extensions: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -174,6 +176,8 @@ class GenerationRequest:
             if declared.name in _CHECKED_ABOVE or declared.name not in _DATACLASS_FIELDS:
                 continue
             object.__setattr__(self, declared.name, check_declared(declared, getattr(self, declared.name)))
+        if not self.vae.strip():
+            raise ValidationError("vae", f"must be {VAE_AUTOMATIC}, {VAE_NONE} or a VAE file's name, got {self.vae!r}")
         if (self.mask is not None or any(self.outpaint)) and self.init_image is None:
             raise ValidationError("init_image", "inpainting and outpainting need an init image")
         if self.mask is not None and self.mask.size != self.init_image.size:

@@ -233,9 +233,9 @@ def test_each_tab_builds_the_declared_control(name, tabs):
 
 
 def test_fields_without_a_plain_control_are_built_by_the_tab_itself(tabs):
-    # images come from upload widgets, the model from the picker above the tabs; previews are Settings
+    # images come from upload widgets, the model and VAE from the pickers above the tabs; previews are Settings
     assert {field.name for field in FIELDS.core() if field.control is None} == {
-        "model", "init_image", "mask", "preview_every", "preview_method", "extensions"}
+        "model", "vae", "init_image", "mask", "preview_every", "preview_method", "extensions"}
 
 
 def test_extension_settings_get_a_settings_control_and_are_kept_under_the_extension(studio):

@@ -68,7 +68,7 @@ _POLL_START_S, _POLL_MAX_S, _DISCONNECT_CHECK_S = 0.005, 0.1, 0.5
 _OPTION_SETTINGS = {"show_progress_every_n_steps": ("preview_every", int), "samples_save": ("save_outputs", bool),
                     "save_incomplete_images": ("save_interrupted_images", bool)}
 # Lists A1111 clients fetch while connecting, for features Sfumato does not have: honest empty answers.
-_EMPTY_LISTS = ("/sd-vae", "/upscalers", "/latent-upscale-modes", "/hypernetworks", "/face-restorers", "/realesrgan-models", "/loras")
+_EMPTY_LISTS = ("/upscalers", "/latent-upscale-modes", "/hypernetworks", "/face-restorers", "/realesrgan-models", "/loras")
 _ERROR_RESPONSES = {422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
 
 
@@ -562,6 +562,32 @@ class SdApi:
         self.studio.registry.refresh()
         return {}
 
+    # -- extra networks: embeddings and VAEs ---------------------------------------------
+    def embeddings(self) -> dict:
+        """A1111's shape: ``loaded`` (usable with the default model, when it is loaded; else every readable file)
+        and ``skipped`` (made for another kind of model), each name → step, checkpoint, shape, vectors."""
+        from engine.networks.embeddings import api_listing
+
+        registry = self.studio.registry
+        try:
+            name = self.studio.default_model()
+            model = registry.load(name) if name in registry.loaded_names() else None
+        except SfumatoError:
+            model = None
+        return api_listing(registry.embeddings, model)
+
+    def refresh_embeddings(self) -> dict:
+        self.studio.registry.embeddings.refresh()
+        return {}
+
+    def sd_vae(self) -> list[dict[str, str]]:
+        return [{"model_name": file.name, "filename": str(file.path)} for file in self.studio.registry.vaes.files()
+                if file.problem is None]
+
+    def refresh_vae(self) -> dict:
+        self.studio.registry.vaes.refresh()
+        return {}
+
     def prompt_styles(self) -> list[PromptStyleItem]:
         return [
             PromptStyleItem(name=preset.name, prompt=preset.fields.get("prompt", ""), negative_prompt=preset.fields.get("negative_prompt", ""))
@@ -674,16 +700,15 @@ class SdApi:
         router.add_api_route("/png-info", self.png_info, methods=["POST"], response_model=PNGInfoResponse)
         for path in _EMPTY_LISTS:
             router.add_api_route(path, _empty_list, methods=["GET"], response_model=list[dict[str, Any]])
-        router.add_api_route("/embeddings", _no_embeddings, methods=["GET"])
+        router.add_api_route("/embeddings", self.embeddings, methods=["GET"])
+        router.add_api_route("/refresh-embeddings", self.refresh_embeddings, methods=["POST"])
+        router.add_api_route("/sd-vae", self.sd_vae, methods=["GET"])
+        router.add_api_route("/refresh-vae", self.refresh_vae, methods=["POST"])
         return router
 
 
 def _empty_list() -> list:
     return []
-
-
-def _no_embeddings() -> dict:
-    return {"loaded": {}, "skipped": {}}
 
 
 # --- errors ----------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from typing import Iterator
 import gradio as gr
 
 from engine.errors import SfumatoError
+from engine.fields import FIELDS
+from engine.networks.vae_files import AUTOMATIC as AUTOMATIC_VAE
 
 from .demo_hint import build_demo_hint, wire_demo_hint
 from .errors import message_for
@@ -43,6 +45,8 @@ def build_app(studio) -> gr.Blocks:
             model_dropdown = gr.Dropdown(model_choices(studio), value=model, label="Stable Diffusion checkpoint",
                                          elem_id="model_dropdown", scale=4)
             refresh = tool_button(REFRESH_MODELS, "model_refresh")
+            vae_dropdown = gr.Dropdown(studio.registry.vaes.choices(), value=AUTOMATIC_VAE, label=FIELDS["vae"].label,
+                                       elem_id="vae_dropdown", scale=2)
             model_status = gr.Markdown(_loaded_text(studio, model), elem_id="model_status")
         untrained = gr.Markdown(model_note(entry_or_none(studio, model)), elem_id="model_untrained",
                                 elem_classes=["sfumato-untrained"], visible=bool(model_note(entry_or_none(studio, model))))
@@ -52,7 +56,8 @@ def build_app(studio) -> gr.Blocks:
         with gr.Tabs(elem_id="tabs", overflow_behavior="wrap") as tabs:  # a narrow screen shows every tab, on two lines
             for mode, label in GENERATION_TABS:
                 with gr.Tab(label, id=mode, elem_id=f"tab_{mode}"):
-                    tabs_by_mode[mode] = build_generation_tab(studio, mode, model_dropdown, session_gallery, size)
+                    tabs_by_mode[mode] = build_generation_tab(studio, mode, model_dropdown, session_gallery, size,
+                                                                vae_dropdown=vae_dropdown)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png_info = build_png_info_tab()
             with gr.Tab("Gallery", id="gallery", elem_id="tab_gallery") as gallery_tab_item:
@@ -73,6 +78,9 @@ def build_app(studio) -> gr.Blocks:
         gallery_tab_item.select(gallery["show_session"], session_gallery, gallery["outputs"], api_visibility="private")
 
         _wire_model_bar(studio, model_dropdown, refresh, model_status, untrained, current_model, list(tabs_by_mode.values()))
+        refresh.click(lambda value: gr.update(choices=studio.registry.vaes.choices(),  # the VAE list is rescanned with the models
+                                              value=value if value in studio.registry.vaes.choices() else AUTOMATIC_VAE),
+                      vae_dropdown, vae_dropdown, api_visibility="private")
         wire_demo_hint(studio, demo_hint, model_dropdown, tabs, tabs_by_mode["txt2img"].fields.components(["prompt"])[0])
         demo.load(None, js=load_js())
     return demo

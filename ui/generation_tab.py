@@ -128,7 +128,8 @@ def _seed_row(mode: str, name: str, random_icon: ToolIcon, reuse_icon: ToolIcon)
     return number, random_button, reuse_button
 
 
-def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.State, default_size: tuple[int, int]) -> GenerationTab:
+def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.State, default_size: tuple[int, int],
+                         vae_dropdown=None) -> GenerationTab:
     """Lay out one tab's controls inside the current gr.Tab and wire its own events."""
     fields = F.FieldMap()
     width0, height0 = default_size
@@ -257,7 +258,8 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     # -- generate, interrupt, skip -----------------------------------------------------------
     # Keyword inputs give the API readable parameter names: Client.submit(prompt=..., steps=30, api_name="/txt2img").
     keyed = {"model": model_dropdown, **fields.keyed_components()}
-    extras = {name: component for name, component in (("own_size", own_size), ("image", image), ("mask_upload", mask_upload))
+    extras = {name: component for name, component in (("own_size", own_size), ("image", image), ("mask_upload", mask_upload),
+                                                                    ("vae", vae_dropdown))
               if component is not None}
     extension_keys = {f"ext_{index}": component for index, component in enumerate(all_components(extensions))}
     outputs = [preview, progress, gallery, infotext, saved, results, selected, session_gallery]
@@ -396,6 +398,8 @@ def _build_request(studio, mode: str, model: str | None, values: dict[str, Any],
     """The request for one click of Generate; raises ValidationError naming the field."""
     settings = studio.settings
     values = dict(values)
+    if extras.get("vae"):  # the "SD VAE" picker beside the checkpoint
+        values["vae"] = extras["vae"]
     if mode != "txt2img":
         if extras.get("own_size"):
             values["width"] = values["height"] = None

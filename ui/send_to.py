@@ -31,6 +31,10 @@ FULL_RESTORE_DEFAULTS = {field.name: field.default for field in FIELDS.core()
                          if field.infotext_when is not None and field.name != "rng"}
 
 
+# Fields whose pickers sit above the tabs: the model is sent with the tab's fields, the VAE by a note (network_notes).
+_ABOVE_THE_TABS = ("model", "vae")
+
+
 def fields_from_infotext(infotext: str | None, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     if not infotext:
         return {}
@@ -38,12 +42,25 @@ def fields_from_infotext(infotext: str | None, only: tuple[str, ...] | None = No
     return {key: value for key, value in fields.items() if only is None or key in only or key == "model"}
 
 
+def network_notes(studio, infotext: str) -> list[str]:
+    """What PNG Info cannot reproduce from the picture's extra networks (embeddings, VAE), and the VAE to pick."""
+    from engine.networks import embeddings, vae_files
+
+    params = parse_infotext(infotext)
+    registry = studio.registry
+    notes = embeddings.infotext_problems(params, registry.embeddings) + vae_files.infotext_problems(params, registry.vaes)
+    vae = params.get(FIELDS["vae"].infotext)
+    if not notes and vae:
+        notes.append(f"The image was decoded with the VAE {vae}; choose it in the SD VAE picker.")
+    return notes
+
+
 def infotext_notes(infotext: str, target: GenerationTab) -> list[str]:
     """What sending this infotext to ``target`` cannot reproduce: shown to the artist, never dropped silently."""
     parameters = parse_infotext(infotext)
     applied = request_fields_from_infotext(parameters)
     notes = loading_notes(parameters, applied)
-    unused = [FIELDS[name].infotext or name for name in applied if name not in target.fields and name != "model" and name in FIELDS]
+    unused = [FIELDS[name].infotext or name for name in applied if name not in target.fields and name not in _ABOVE_THE_TABS and name in FIELDS]
     if unused:
         notes.append(f"Not used by {target.mode}: " + ", ".join(unused) + ".")
     return notes
@@ -140,6 +157,8 @@ def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generat
         fields = {**FULL_RESTORE_DEFAULTS, **fields_from_infotext(text)}
         for note in infotext_notes(text, target):
             gr.Warning(note, title="Not everything in this infotext can be applied")
+        for note in network_notes(studio, text):
+            gr.Warning(note, title="Extra networks")
         return target_updates(studio, target, fields, image, extension_settings_from_infotext(studio, text))
 
     button.click(send, [infotext, image_path], target_outputs(tabs, target, model_dropdown), api_visibility="private")

@@ -108,6 +108,7 @@ class Family:
     # Prompt encoding
     text_encoders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
     pooled_encoder: ClassVar[int | None] = None
+    embedding_keys: ClassVar[tuple[str, ...]] = ("",)  # each text encoder's key in a textual-inversion file ("": one tensor)
     # Parameterization
     default_prediction_type: ClassVar[str] = "epsilon"
     # NVIDIA's published Align Your Steps σs for this family: the constant's name in engine.sampling.noise_table,

@@ -53,6 +53,7 @@ class StableDiffusionXL(Family):
     )
     text_encoders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     pooled_encoder: ClassVar[int | None] = 1
+    embedding_keys: ClassVar[tuple[str, ...]] = ("clip_l", "clip_g")  # the two tensors of an SDXL embedding file
     align_your_steps: ClassVar[str] = "AYS_SDXL"
 
     def matches_config(self, unet_config: dict) -> bool:
