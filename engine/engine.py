@@ -6,6 +6,7 @@ and cancellation go through the callback and token the caller passes in.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import cancellation, image_ops, samplers
+from . import cancellation, image_ops, networks, samplers
 from .compute import run_until_interrupted
 from .errors import GenerationError, Interrupted, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
@@ -67,6 +68,7 @@ class Engine:
     def __init__(self, registry: ModelRegistry, extensions: ExtensionHost | None = None):
         self.registry = registry
         self.extensions = extensions
+        self.networks = networks.NetworkLibrary(registry.models_dir)  # models/Lora and models/LyCORIS
 
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
@@ -108,16 +110,20 @@ class Engine:
         timings: dict[str, float] = {}
         images: list[GeneratedImage] = []
         try:
-            return self._generate_images(request, on_progress, cancel, started, timings, images)
+            with contextlib.ExitStack() as job_scope:  # what the job puts on a cached model (LoRAs) comes off when it ends
+                return self._generate_images(request, on_progress, cancel, started, timings, images, job_scope)
         except Interrupted as stopped:
             timings["total"] = time.perf_counter() - started
             return GenerationResult(request=request, images=images, interrupted=True, timings=timings, warnings=[str(stopped)])
 
     def _generate_images(self, request: GenerationRequest, on_progress: ProgressCallback | None, cancel: CancelToken,
-                         started: float, timings: dict[str, float], images: list[GeneratedImage]) -> GenerationResult:
+                         started: float, timings: dict[str, float], images: list[GeneratedImage],
+                         job_scope: contextlib.ExitStack) -> GenerationResult:
         """The job itself; ``timings`` and ``images`` fill as it goes, so an interrupt keeps what was finished."""
         cancellation.entering("loading the model")
+        job_networks = networks.prepare(self.networks, request.prompt)  # <lora:…> tags out of the text to encode
         model = self.registry.load(request.model)
+        job_scope.enter_context(networks.active(model, job_networks))
         timings["load"] = time.perf_counter() - started
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, request, prepared.width, prepared.height)
@@ -131,11 +137,13 @@ class Engine:
 
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")
-        conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt, request.clip_skip)
+        conditioning = model.prompt_encoder.encode(job_networks.prompt, request.negative_prompt, request.clip_skip,
+                                                   job_networks.text_encoder_key)
         timings["encode"] = time.perf_counter() - tick
         do_cfg = request.cfg_scale > 1.0
         previewer = self._previewer(request, model)
         extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
+        extension_info = {**extension_info, **job_networks.infotext_fields()}
 
         interrupted = False
         denoise_time = decode_time = 0.0

@@ -185,8 +185,8 @@ def _layer_provider_class():
 class PromptEncoder:
     """Encodes prompts for one loaded model; remembers recent results.
 
-    The cache key is (prompt, negative, the text layers Clip skip selects); one encoder belongs to
-    one model, so a model switch starts from an empty cache. A family that ignores Clip skip reads the
+    The cache key is (prompt, negative, the text layers Clip skip selects, the networks on the text
+    encoders); one encoder belongs to one model, so a model switch starts from an empty cache. A family that ignores Clip skip reads the
     same layers for every value, so those values share cache entries.
     """
 
@@ -200,21 +200,23 @@ class PromptEncoder:
         self._cache: OrderedDict[tuple, Conditioning] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._empty: dict[tuple[TextLayer, ...], torch.Tensor] = {}
+        self._empty: dict[tuple, torch.Tensor] = {}  # (layers, networks) -> the empty prompt's embedding
         self._providers: dict[tuple[TextLayer, ...], list] = {}
         # Each text is cached on its own too, as A1111 caches cond and uncond separately: a new
         # prompt with the usual negative encodes only the prompt.
         self._texts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
 
-    def encode(self, prompt: str, negative: str, clip_skip: int = 1) -> Conditioning:
+    def encode(self, prompt: str, negative: str, clip_skip: int = 1, networks: tuple = ()) -> Conditioning:
+        """``networks``: what the text encoders carry for this job (``JobNetworks.text_encoder_key``); a LoRA
+        changes the embeddings, so it is part of every cache key."""
         layers = self._layers(clip_skip)
-        key = (prompt, negative, layers)
+        key = (prompt, negative, layers, networks)
         with self._lock:
             if key in self._cache:
                 self.hits += 1
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        conditioning = self._encode_uncached(prompt, negative, layers)
+        conditioning = self._encode_uncached(prompt, negative, layers, networks)
         with self._lock:
             self.misses += 1
             self._cache[key] = conditioning
@@ -244,20 +246,22 @@ class PromptEncoder:
         return self._text_encoders[0].device
 
     @torch.inference_mode()
-    def _encode_uncached(self, prompt: str, negative: str, layers: tuple[TextLayer, ...] | None = None) -> Conditioning:
+    def _encode_uncached(self, prompt: str, negative: str, layers: tuple[TextLayer, ...] | None = None,
+                         networks: tuple = ()) -> Conditioning:
         layers = layers if layers is not None else self._layers(1)
         # Encoded one at a time and padded here: compel's own padding of a batch with
         # different lengths fails for SDXL's two encoders.
-        positive, pooled = self._encode_one(prompt, layers)
-        negative_embeds, negative_pooled = self._encode_one(negative, layers)
+        positive, pooled = self._encode_one(prompt, layers, networks)
+        negative_embeds, negative_pooled = self._encode_one(negative, layers, networks)
         length = max(positive.shape[1], negative_embeds.shape[1])
         return Conditioning(
-            prompt_embeds=self._pad(positive, length, layers), negative_embeds=self._pad(negative_embeds, length, layers),
+            prompt_embeds=self._pad(positive, length, layers, networks),
+            negative_embeds=self._pad(negative_embeds, length, layers, networks),
             pooled=pooled, negative_pooled=negative_pooled,
         )
 
-    def _encode_one(self, text: str, layers: tuple[TextLayer, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = (text, layers)
+    def _encode_one(self, text: str, layers: tuple[TextLayer, ...], networks: tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (text, layers, networks)
         with self._lock:
             if key in self._texts:
                 self._texts.move_to_end(key)
@@ -341,13 +345,13 @@ class PromptEncoder:
                  for one in self._layer_providers(layers)]
         return torch.cat(parts, dim=-1), self._pooled(text, layers)
 
-    def _pad(self, embeds: torch.Tensor, length: int, layers: tuple[TextLayer, ...]) -> torch.Tensor:
+    def _pad(self, embeds: torch.Tensor, length: int, layers: tuple[TextLayer, ...], networks: tuple = ()) -> torch.Tensor:
         """Extend a conditioning with empty-prompt chunks, as A1111 pads the shorter of cond/uncond."""
         if embeds.shape[1] >= length:
             return embeds
-        if layers not in self._empty:
-            self._empty[layers] = self._encode_one("", layers)[0]
-        empty = self._empty[layers]
+        if (layers, networks) not in self._empty:
+            self._empty[layers, networks] = self._encode_one("", layers, networks)[0]
+        empty = self._empty[layers, networks]
         pieces = [embeds]
         missing = length - embeds.shape[1]
         while missing > 0:

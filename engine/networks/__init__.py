@@ -1,0 +1,19 @@
+"""LoRA and LyCORIS networks, as A1111 users keep and write them.
+
+- ``library``: finding files in ``models/Lora`` and ``models/LyCORIS``, A1111's names and short hashes;
+- ``syntax``: ``<lora:name:te:unet>`` tags in a prompt;
+- ``formats``: what a file holds (kohya LoRA/LoCon, diffusers/PEFT, LyCORIS LoHa/LoKr) and refusing the rest;
+- ``job``: one job's tags resolved to files, with the prompt to encode and the infotext entry;
+- ``apply``: the networks on the model for one job, and off again after it.
+
+The engine calls ``prepare(library, prompt)`` and runs the job inside ``active(model, job)``.
+"""
+from .apply import active
+from .formats import NetworkError, NetworkWeights, detect_format, read_network
+from .job import LORA_HASHES_KEY, JobNetwork, JobNetworks, prepare
+from .library import NETWORK_FOLDERS, NetworkFile, NetworkLibrary, addnet_hash, read_metadata
+from .syntax import NetworkUse, ParsedPrompt, parse_prompt
+
+__all__ = ["LORA_HASHES_KEY", "NETWORK_FOLDERS", "JobNetwork", "JobNetworks", "NetworkError", "NetworkFile", "NetworkLibrary",
+           "NetworkUse", "NetworkWeights", "ParsedPrompt", "active", "addnet_hash", "detect_format", "parse_prompt", "prepare",
+           "read_metadata", "read_network"]

@@ -1,0 +1,61 @@
+"""The networks one job asks for: its prompt's tags, resolved to files, read and hashed.
+
+Everything that can fail on the artist's input (an unknown name, a bad multiplier, an unreadable
+file) fails here, before anything touches the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .formats import NetworkWeights, read_network
+from .library import NetworkFile, NetworkLibrary
+from .syntax import NetworkUse, parse_prompt
+
+LORA_HASHES_KEY = "Lora hashes"  # A1111's infotext key: "name: <12 hex>, name2: <12 hex>"
+
+
+@dataclass(frozen=True)
+class JobNetwork:
+    file: NetworkFile
+    use: NetworkUse
+    weights: NetworkWeights
+    short_hash: str
+
+
+@dataclass(frozen=True)
+class JobNetworks:
+    """The prompt to encode (tags removed) and the networks to apply while the job runs."""
+
+    prompt: str
+    networks: tuple[JobNetwork, ...] = ()
+
+    @property
+    def applied(self) -> tuple[JobNetwork, ...]:
+        """Networks that change anything: a tag whose multipliers are both 0 is not applied at all."""
+        return tuple(network for network in self.networks if not network.use.silent)
+
+    @property
+    def text_encoder_key(self) -> tuple:
+        """What the text encoders carry in this job, for the prompt-embedding cache's keys."""
+        return tuple((network.file.identity, network.use.te_weight) for network in self.applied if network.use.te_weight != 0)
+
+    def infotext_fields(self) -> dict[str, str]:
+        """A1111's ``Lora hashes`` entry: each network as the prompt names it (',' and ':' dropped) with its short hash."""
+        if not self.networks:
+            return {}
+        named = dict.fromkeys(f"{network.use.name.replace(':', '').replace(',', '')}: {network.short_hash}"
+                              for network in self.networks)
+        return {LORA_HASHES_KEY: ", ".join(named)}
+
+
+def prepare(library: NetworkLibrary, prompt: str) -> JobNetworks:
+    """The prompt's ``<lora:…>`` tags resolved: ``ValidationError`` on ``prompt`` for an unknown name or a bad
+    multiplier, ``NetworkError`` for a file that cannot be read."""
+    parsed = parse_prompt(prompt)
+    networks = []
+    for use in parsed.uses:
+        file = library.get(use.name)
+        identity = file.identity
+        networks.append(JobNetwork(file=file, use=use, weights=read_network(file.path, identity),
+                                   short_hash=library.short_hash(file)))
+    return JobNetworks(prompt=parsed.text, networks=tuple(networks))
