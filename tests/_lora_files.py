@@ -103,7 +103,7 @@ def loha(pipeline, path: Path, seed: int = 0, rank: int = 2, alpha: float = 1.0,
     return tensors
 
 
-def lokr(pipeline, path: Path, seed: int = 0, rank: int = 1, alpha: float = 1.0, scale: float = 0.3) -> dict[str, torch.Tensor]:
+def lokr(pipeline, path: Path, seed: int = 0, rank: int = 1, alpha: float = 1.0, scale: float = 0.6) -> dict[str, torch.Tensor]:
     """LyCORIS LoKr on Linear layers: ``lokr_w1`` [a, c] whole, ``lokr_w2_a`` [b, r] and ``lokr_w2_b`` [r, d], ``.alpha``;
     out = a·b, in = c·d, split as LyCORIS's ``factorization(dim, -1)`` splits them (the smaller factor first)."""
     from peft.tuners.lokr.layer import factorization

@@ -144,9 +144,14 @@ def _module_names(module: torch.nn.Module) -> dict[str, str]:
     transformers 5's ``CLIPTextModel`` no longer nests its layers under ``text_model``, which kohya's
     names (made with older transformers) still include; both spellings are accepted.
     """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     names = {}
     for path, layer in module.named_modules():
-        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+        # A layer another network of this job already wraps counts under its own path; the wrapped
+        # layer (``base_layer``) and the adapters' own layers are not targets.
+        inside_adapter = any(part == "base_layer" or part.startswith(("lora_", "hada_", "lokr_")) for part in path.split("."))
+        if isinstance(layer, BaseTunerLayer) or (isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and not inside_adapter):
             flat = path.replace(".", "_")
             names[flat] = path
             names.setdefault("text_model_" + flat, path)
