@@ -33,7 +33,10 @@ def text_layers(text_encoder) -> dict[str, torch.nn.Module]:
             if isinstance(module, torch.nn.Linear) and path.endswith(TEXT_LAYERS)}
 
 
-def kohya_name(prefix: str, path: str, text: bool) -> str:
+def kohya_name(prefix: str, path: str, text: bool, original=None) -> str:
+    """kohya's name of a layer; ``original`` maps a UNet path to its SGM-layout name (kohya's SDXL files)."""
+    if original is not None and not text:
+        path = original(path)
     flat = path.replace(".", "_")
     if text and not flat.startswith("text_model_"):
         flat = "text_model_" + flat
@@ -55,15 +58,25 @@ def _randn(generator, *shape, scale=1.0):
     return torch.randn(*shape, generator=generator) * scale
 
 
+def sgm_names(unet):
+    """SDXL's SGM layout name of each UNet layer, as the single-file writer (checked against diffusers' loader) names it."""
+    from engine.checkpoint_convert import UNET_PREFIX, unet_key_mapper
+
+    mapper = unet_key_mapper(dict(unet.config))
+    return lambda path: mapper(f"{path}.weight").removeprefix(UNET_PREFIX).removesuffix(".weight")
+
+
 def kohya_lora(pipeline, path: Path, seed: int = 0, rank: int = 2, alpha: float = 1.0, conv: bool = False,
-               scale: float = 0.3, text: bool = True, unet: bool = True) -> dict[str, torch.Tensor]:
-    """kohya's LoRA (LoCon with ``conv``): ``.lora_down.weight`` [r, in(, kh, kw)], ``.lora_up.weight`` [out, r(, 1, 1)], ``.alpha``."""
+               scale: float = 0.3, text: bool = True, unet: bool = True, sgm: bool = False) -> dict[str, torch.Tensor]:
+    """kohya's LoRA (LoCon with ``conv``): ``.lora_down.weight`` [r, in(, kh, kw)], ``.lora_up.weight`` [out, r(, 1, 1)], ``.alpha``.
+    ``sgm``: UNet layers named in the SGM layout, as kohya's SDXL trainer names them."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
+    original = sgm_names(pipeline.unet) if sgm else None
     for prefix, component, module_path, module in targets(pipeline, conv, text):
         if component == "unet" and not unet:
             continue
-        name = kohya_name(prefix, module_path, component != "unet")
+        name = kohya_name(prefix, module_path, component != "unet", original)
         weight = module.weight
         if weight.ndim == 4:
             tensors[f"{name}.lora_down.weight"] = _randn(generator, rank, weight.shape[1], *weight.shape[2:], scale=scale)

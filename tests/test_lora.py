@@ -24,10 +24,13 @@ from tests import _lora_files as lora_files
 
 DEMO = Path(__file__).resolve().parent.parent / "builtin" / "sfumato-demo"
 TINY = ("tiny-sd1", "tiny-sdxl")
-FORMATS = ("kohya", "locon", "peft", "loha", "lokr")
+FORMATS = ("kohya", "locon", "peft", "loha", "lokr", "sgm-locon")
 BUILDERS = {
     "kohya": lambda pipeline, path: lora_files.kohya_lora(pipeline, path, seed=1, alpha=1.0),
     "locon": lambda pipeline, path: lora_files.kohya_lora(pipeline, path, seed=2, alpha=4.0, conv=True),
+    # kohya's SDXL trainer names UNet layers in the SGM layout (input_blocks_4_1_…, in_layers_2); SD 1.x files never do,
+    # but the names are accepted on any UNet.
+    "sgm-locon": lambda pipeline, path: lora_files.kohya_lora(pipeline, path, seed=6, alpha=2.0, conv=True, sgm=True),
     "peft": lambda pipeline, path: lora_files.peft_lora(pipeline, path, seed=3),
     "loha": lambda pipeline, path: lora_files.loha(pipeline, path, seed=4, alpha=1.0),
     "lokr": lambda pipeline, path: lora_files.lokr(pipeline, path, seed=5, alpha=1.0),
@@ -182,7 +185,7 @@ def test_switching_loras_does_not_reload_the_model(lora_engine, monkeypatch):
 # -- the weight math, against the published formulas --------------------------------------------------------
 def delta(kind: str, tensors: dict[str, torch.Tensor], name: str, weight: torch.Tensor) -> torch.Tensor:
     """ΔW of one layer at multiplier 1, written from each format's published formula."""
-    if kind in ("kohya", "locon", "kohya-b", "text-only"):
+    if kind in ("kohya", "locon", "kohya-b", "text-only", "sgm-locon"):
         down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
         rank = down.shape[0]
         product = (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)).reshape(weight.shape)
@@ -206,12 +209,13 @@ def merged_reference(pipeline, networks: list[tuple[str, dict, float, float]]):
     copies = {name: copy.deepcopy(getattr(pipeline, name)) for name in ("unet", "text_encoder", "text_encoder_2")
               if getattr(pipeline, name, None) is not None}
     for kind, tensors, te_weight, unet_weight in networks:
+        original = lora_files.sgm_names(pipeline.unet) if kind == "sgm-locon" else None
         for prefix, component, path, _ in lora_files.targets(pipeline, conv=True):
             if kind == "peft":
                 name = f"{component}.{path}"
                 present = f"{name}.lora_A.weight" in tensors
             else:
-                name = lora_files.kohya_name(prefix, path, component != "unet")
+                name = lora_files.kohya_name(prefix, path, component != "unet", original)
                 present = any(key.startswith(name + ".") for key in tensors)
             if not present:
                 continue

@@ -7,9 +7,9 @@ hundred layers; the base model is never reloaded.
 
 LoRA and LoCon files load through diffusers' pipeline loader (``load_lora_weights``, peft LoRA
 layers). kohya's layer names are resolved here against the model's own modules first (SDXL's SGM
-block names through diffusers' converter), with alpha/rank folded into the up matrix: diffusers'
-own kohya converter names CLIP's attention layers as transformers 4 did, and with transformers 5
-it drops them without an error. LyCORIS LoHa and LoKr load through peft's LoHa and LoKr layers
+names through the single-file layout of ``engine.checkpoint_convert``), with alpha/rank folded into
+the up matrix: diffusers' own kohya converter names CLIP's attention layers as transformers 4 did,
+and with transformers 5 it drops them without an error. LyCORIS LoHa and LoKr load through peft's LoHa and LoKr layers
 (diffusers reads neither for UNet families), with the same name resolution.
 
 Multipliers follow kohya's formula, ΔW = up·down·(alpha/rank)·multiplier (LoHa: (w1a·w1b)⊙(w2a·w2b);
@@ -138,14 +138,39 @@ def _detach(model, components: dict[str, torch.nn.Module]) -> None:
 
 
 # -- LyCORIS (LoHa, LoKr) through peft -----------------------------------------------------------
+def _original_layout_names(module: torch.nn.Module):
+    """For a diffusers UNet, a function from a module path to its name in the original (CompVis/SGM) layout;
+    None for other modules. kohya trains SDXL on the SGM UNet, so SDXL files name layers that way
+    (``input_blocks_4_1_…``, ``in_layers_2``); SD 1.x files use diffusers' names."""
+    from ..checkpoint_convert import UNET_PREFIX, unet_key_mapper
+
+    config = getattr(module, "config", None)
+    if config is None or "layers_per_block" not in config or "up_block_types" not in config:
+        return None
+    try:
+        mapper = unet_key_mapper(dict(config))
+    except (KeyError, ValueError):
+        return None
+
+    def original(path: str) -> str | None:
+        try:
+            return mapper(f"{path}.weight").removeprefix(UNET_PREFIX).removesuffix(".weight")
+        except (KeyError, ValueError, IndexError):
+            return None
+
+    return original
+
+
 def _module_names(module: torch.nn.Module) -> dict[str, str]:
     """kohya's flattened module names ('.' → '_') → the module's path, for every Linear and Conv2d.
 
     transformers 5's ``CLIPTextModel`` no longer nests its layers under ``text_model``, which kohya's
-    names (made with older transformers) still include; both spellings are accepted.
+    names (made with older transformers) still include; both spellings are accepted. A UNet's layers
+    are also found under their original-layout (SGM) names.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    original = _original_layout_names(module)
     names = {}
     for path, layer in module.named_modules():
         # A layer another network of this job already wraps counts under its own path; the wrapped
@@ -155,22 +180,19 @@ def _module_names(module: torch.nn.Module) -> dict[str, str]:
             flat = path.replace(".", "_")
             names[flat] = path
             names.setdefault("text_model_" + flat, path)
+            sgm = original(path) if original is not None else None
+            if sgm:
+                names.setdefault(sgm.replace(".", "_"), path)
     return names
 
 
 def _by_component(model, components: dict[str, torch.nn.Module], weights: NetworkWeights) -> dict[str, dict[str, torch.Tensor]]:
     """The file's tensors per component, renamed to ``<module path>.<parameter>`` (and ``<module path>.alpha``)."""
-    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
-
     prefixes = model.family.network_components()
     grouped: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     unknown = []
-    tensors = dict(weights.tensors)
-    denoiser = components.get(model.family.denoiser)
-    if denoiser is not None and hasattr(denoiser, "config"):  # SDXL's kohya files name UNet blocks the SGM way
-        tensors = _maybe_map_sgm_blocks_to_diffusers(tensors, denoiser.config)
     names = {component: _module_names(module) for component, module in components.items()}
-    for key, tensor in tensors.items():
+    for key, tensor in weights.tensors.items():
         flat, _, parameter = key.partition(".")
         prefix = next((prefix for prefix in sorted(prefixes, key=len, reverse=True) if flat.startswith(prefix)), None)
         component = prefixes.get(prefix)
