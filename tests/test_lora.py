@@ -353,3 +353,39 @@ def test_the_hash_ignores_metadata_edits(lora_engine, models_root, tmp_path):
     save_file(load_file(str(source)), str(copy_path), metadata={"ss_output_name": "something else entirely"})
     library = lora_engine.networks
     assert library.short_hash(NetworkFile("renamed", copy_path, tmp_path)) == a1111_short_hash(copy_path) == a1111_short_hash(source)
+
+
+# -- the HTTP API ----------------------------------------------------------------------------------------------
+def test_api_lists_loras_in_a1111s_shape_and_refresh_finds_new_ones(tmp_path):
+    import requests
+
+    from _api_fixtures import make_studio, running_server
+    from engine.tiny_models import build_sd1
+    from safetensors.torch import save_file
+
+    models = tmp_path / "models"
+    build_sd1(models / "Stable-diffusion" / "tiny", seed=0)
+    (models / "Lora" / "sub").mkdir(parents=True)
+    tensors = {"lora_unet_x.lora_down.weight": torch.ones(1, 2), "lora_unet_x.lora_up.weight": torch.ones(2, 1)}
+    save_file(tensors, str(models / "Lora" / "sub" / "detail.safetensors"),
+              metadata={"ss_output_name": "detail_v2", "ss_tag_frequency": json.dumps({"set": {"outline": 3}})})
+    studio = make_studio(tmp_path / "studio", models)
+    with running_server(studio, api=True) as server:
+        items = requests.get(server.url + "/sdapi/v1/loras", timeout=10).json()
+        assert items == [{"name": "detail", "alias": "detail_v2", "path": str(models / "Lora" / "sub" / "detail.safetensors"),
+                          "metadata": {"ss_output_name": "detail_v2", "ss_tag_frequency": {"set": {"outline": 3}}}}]
+        (models / "LyCORIS").mkdir()
+        save_file(tensors, str(models / "LyCORIS" / "later.safetensors"))
+        assert requests.post(server.url + "/sdapi/v1/refresh-loras", timeout=10).status_code == 200
+        names = {item["name"] for item in requests.get(server.url + "/sdapi/v1/loras", timeout=10).json()}
+        assert names == {"detail", "later"}
+
+        lora_files.kohya_lora(studio.registry.load("tiny").pipeline, models / "Lora" / "real.safetensors", seed=1)
+        requests.post(server.url + "/sdapi/v1/refresh-loras", timeout=10)
+        payload = {"prompt": "a cat <lora:real:0.9>", "steps": 3, "width": 64, "height": 64, "seed": 3}
+        response = requests.post(server.url + "/sdapi/v1/txt2img", json=payload, timeout=120)
+        assert response.status_code == 200, response.text
+        infotext = json.loads(response.json()["info"])["infotexts"][0]
+        assert infotext.startswith("a cat <lora:real:0.9>") and 'Lora hashes: "real: ' in infotext
+        unknown = requests.post(server.url + "/sdapi/v1/txt2img", json={**payload, "prompt": "<lora:reel:1>"}, timeout=120)
+        assert unknown.status_code == 422 and unknown.json()["field"] == "prompt" and "real" in unknown.json()["detail"]

@@ -15,6 +15,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ValidationError
 
@@ -51,8 +52,10 @@ def addnet_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors header (kohya's ``ss_*`` training notes), or {} when unreadable."""
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors header (kohya's ``ss_*`` training notes), or {} when unreadable.
+
+    Values that hold a JSON object (``ss_tag_frequency``, ``ss_dataset_dirs``) are decoded, as A1111 decodes them."""
     try:
         with open(path, "rb") as handle:
             length = struct.unpack("<Q", handle.read(HEADER_LENGTH_BYTES))[0]
@@ -62,7 +65,17 @@ def read_metadata(path: Path) -> dict[str, str]:
     except (OSError, ValueError, struct.error):
         return {}
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return {str(key): str(value) for key, value in metadata.items()} if isinstance(metadata, dict) else {}
+    if not isinstance(metadata, dict):
+        return {}
+    decoded: dict[str, Any] = {}
+    for key, value in metadata.items():
+        decoded[str(key)] = value
+        if isinstance(value, str) and value.startswith("{"):
+            try:
+                decoded[str(key)] = json.loads(value)
+            except ValueError:
+                pass
+    return decoded
 
 
 class NetworkLibrary:
