@@ -30,6 +30,7 @@ NEGATIVE_PREFIX = "Negative prompt:"
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
 # An image whose sampling stopped early keeps ``Steps`` as requested and says where it stopped,
 # as done/total of its own sampling steps: "Interrupted at step: 2/20".
+LORA_HASHES_KEY = "Lora hashes"  # A1111's: the networks of the prompt's <lora:…> tags, "name: <12 hex>, name2: <12 hex>"
 STOPPED_EARLY_KEYS = {"interrupted": "Interrupted at step", "skipped": "Skipped at step"}
 
 # A1111's key pattern: a word character, then word characters, spaces, hyphens or slashes.
@@ -138,6 +139,21 @@ def build_infotext(
 
 
 # --- reading -----------------------------------------------------------------
+
+def format_name_hashes(hashes: Mapping[str, str]) -> str:
+    """A1111's ``name: hash, name2: hash`` list (``Lora hashes``, ``TI hashes``); ':' and ',' leave the names, as in A1111."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in hashes.items())
+
+
+def parse_name_hashes(value: str) -> dict[str, str]:
+    """The names and hashes of a ``Lora hashes`` / ``TI hashes`` value (already unquoted); malformed entries are skipped."""
+    pairs = {}
+    for entry in value.split(","):
+        name, colon, digest = entry.rpartition(":")
+        if colon and name.strip() and digest.strip():
+            pairs[name.strip()] = digest.strip()
+    return pairs
+
 
 def unquote(value: str) -> str:
     """A1111's ``unquote()``: undo ``quote()``; anything that is not valid JSON stays as is."""

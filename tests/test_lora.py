@@ -332,7 +332,7 @@ def a1111_short_hash(path: Path) -> str:
 
 
 def test_infotext_keeps_the_tags_and_writes_lora_hashes(lora_engine, models_root):
-    from engine.infotext import parse_infotext
+    from engine.infotext import parse_infotext, parse_name_hashes
 
     prompt = "a red circle <lora:tiny-sd1-kohya:0.8> <lora:lyco-loha:0.4>"
     info = generate(lora_engine, prompt).images[0].infotext
@@ -340,7 +340,7 @@ def test_infotext_keeps_the_tags_and_writes_lora_hashes(lora_engine, models_root
     kohya = a1111_short_hash(models_root / "Lora" / "tiny-sd1" / "tiny-sd1-kohya.safetensors")
     loha = a1111_short_hash(models_root / "LyCORIS" / "styles" / "lyco-loha.safetensors")
     assert f'Lora hashes: "tiny-sd1-kohya: {kohya}, lyco-loha: {loha}"' in info
-    assert parse_infotext(info)["Lora hashes"] == f"tiny-sd1-kohya: {kohya}, lyco-loha: {loha}"
+    assert parse_name_hashes(parse_infotext(info)["Lora hashes"]) == {"tiny-sd1-kohya": kohya, "lyco-loha": loha}
 
 
 def test_the_hash_ignores_metadata_edits(lora_engine, models_root, tmp_path):

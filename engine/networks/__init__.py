@@ -10,10 +10,10 @@ The engine calls ``prepare(library, prompt)`` and runs the job inside ``active(m
 """
 from .apply import active
 from .formats import NetworkError, NetworkWeights, detect_format, read_network
-from .job import LORA_HASHES_KEY, JobNetwork, JobNetworks, prepare
+from .job import JobNetwork, JobNetworks, prepare
 from .library import NETWORK_FOLDERS, NetworkFile, NetworkLibrary, addnet_hash, read_metadata
 from .syntax import NetworkUse, ParsedPrompt, parse_prompt
 
-__all__ = ["LORA_HASHES_KEY", "NETWORK_FOLDERS", "JobNetwork", "JobNetworks", "NetworkError", "NetworkFile", "NetworkLibrary",
+__all__ = ["NETWORK_FOLDERS", "JobNetwork", "JobNetworks", "NetworkError", "NetworkFile", "NetworkLibrary",
            "NetworkUse", "NetworkWeights", "ParsedPrompt", "active", "addnet_hash", "detect_format", "parse_prompt", "prepare",
            "read_metadata", "read_network"]

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..infotext import LORA_HASHES_KEY, format_name_hashes
 from .formats import NetworkWeights, read_network
 from .library import NetworkFile, NetworkLibrary
 from .syntax import NetworkUse, parse_prompt
 
-LORA_HASHES_KEY = "Lora hashes"  # A1111's infotext key: "name: <12 hex>, name2: <12 hex>"
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,10 @@ class JobNetworks:
         return tuple((network.file.identity, network.use.te_weight) for network in self.applied if network.use.te_weight != 0)
 
     def infotext_fields(self) -> dict[str, str]:
-        """A1111's ``Lora hashes`` entry: each network as the prompt names it (',' and ':' dropped) with its short hash."""
+        """A1111's ``Lora hashes`` entry: each network as the prompt names it, with its short hash."""
         if not self.networks:
             return {}
-        named = dict.fromkeys(f"{network.use.name.replace(':', '').replace(',', '')}: {network.short_hash}"
-                              for network in self.networks)
-        return {LORA_HASHES_KEY: ", ".join(named)}
+        return {LORA_HASHES_KEY: format_name_hashes({network.use.name: network.short_hash for network in self.networks})}
 
 
 def prepare(library: NetworkLibrary, prompt: str) -> JobNetworks:
