@@ -89,10 +89,10 @@ def _attach(model, components: dict[str, torch.nn.Module], network: JobNetwork, 
         if weights.lycoris:
             _attach_lycoris(model, components, weights, adapter)
         elif weights.format in (KOHYA_LORA, KOHYA_LOCON):
-            model.pipeline.load_lora_weights(_kohya_as_peft(model, components, weights), adapter_name=adapter)
+            model.pipeline.load_lora_weights(_kohya_as_peft(model, components, weights), adapter_name=adapter, low_cpu_mem_usage=True)
         else:
             # diffusers pops what it converts: hand it a copy of the (cached) file's dict.
-            model.pipeline.load_lora_weights(dict(weights.tensors), adapter_name=adapter)
+            model.pipeline.load_lora_weights(dict(weights.tensors), adapter_name=adapter, low_cpu_mem_usage=True)
     except NetworkError as error:
         raise NetworkError(f"LoRA file {name} ({weights.format}): {error}") from error
     except Exception as error:  # diffusers and peft raise many kinds for a file that does not fit
@@ -123,12 +123,18 @@ def _activate(model, components: dict[str, torch.nn.Module], uses: dict) -> None
 def _detach(model, components: dict[str, torch.nn.Module]) -> None:
     """Every adapter wrapper replaced by the layer it wraps, and peft's bookkeeping removed: the modules are the
     ones the model had before the job, with their untouched weights."""
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in components.values():
         if not _tuner_layers(module):
             continue
-        recurse_remove_peft_layers(module)
+        unwrapped: list[str] = []
+        for path, layer in list(module.named_modules()):  # outer wrappers come before the layers they wrap
+            if not isinstance(layer, BaseTunerLayer) or any(path.startswith(done + ".") for done in unwrapped):
+                continue
+            parent, _, child = path.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, layer.get_base_layer())
+            unwrapped.append(path)
         if hasattr(module, "peft_config"):
             del module.peft_config
         if getattr(module, "_hf_peft_config_loaded", None):
