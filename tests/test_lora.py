@@ -172,6 +172,28 @@ def test_after_a_lora_job_the_next_plain_job_matches_a_fresh_engine(lora_engine,
     assert before.keys() == now.keys() and all(torch.equal(before[key], now[key]) for key in before)
 
 
+def test_an_interrupted_or_failed_lora_job_leaves_no_network_behind(lora_engine):
+    from engine import CancelToken
+
+    pipeline = lora_engine.registry.load("tiny-sd1").pipeline
+    plain = pixels(generate(lora_engine, "a red circle"))
+    token = CancelToken()
+
+    def on_progress(progress):
+        if progress.step == 2:
+            token.interrupt()
+
+    stopped = lora_engine.generate(GenerationRequest(prompt="a red circle <lora:tiny-sd1-locon:1>", negative_prompt="blurry",
+                                                     model="tiny-sd1", steps=8, cfg_scale=5.0, seed=77, width=64, height=64),
+                                   on_progress=on_progress, cancel=token)
+    assert stopped.interrupted and not carries_adapters(pipeline)
+    with pytest.raises(ValidationError) as caught:  # fails after the networks are on: the tiny text encoder has 2 layers
+        generate(lora_engine, "a red circle <lora:tiny-sd1-loha:1>", clip_skip=5)
+    assert caught.value.field == "clip_skip"
+    assert not carries_adapters(pipeline)
+    assert np.array_equal(pixels(generate(lora_engine, "a red circle")), plain)
+
+
 def test_switching_loras_does_not_reload_the_model(lora_engine, monkeypatch):
     model = lora_engine.registry.load("tiny-sd1")
     loads = []
