@@ -130,6 +130,23 @@ def test_files_are_found_in_lora_and_lycoris_subfolders(lora_engine):
     assert {"tiny-sd1-kohya", "tiny-sdxl-lokr", "lyco-loha"} <= names
 
 
+def test_a_network_is_found_by_its_training_name_too(tmp_path):
+    """A1111 resolves a tag by the file's stem or by its alias (``ss_output_name``); an alias two files share names neither."""
+    from engine.networks import NetworkLibrary
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    tensors = {"lora_unet_x.lora_down.weight": torch.ones(1, 2)}
+    save_file(tensors, str(folder / "file-a.safetensors"), metadata={"ss_output_name": "trained-name"})
+    save_file(tensors, str(folder / "file-b.safetensors"), metadata={"ss_output_name": "twin"})
+    save_file(tensors, str(folder / "file-c.safetensors"), metadata={"ss_output_name": "twin"})
+    library = NetworkLibrary(tmp_path)
+    assert library.get("trained-name").name == "file-a" and library.get("file-a").alias == "trained-name"
+    with pytest.raises(ValidationError):
+        library.get("twin")
+
+
 # -- each format on each model ------------------------------------------------------------------------
 @pytest.mark.parametrize("model", TINY)
 @pytest.mark.parametrize("kind", FORMATS)

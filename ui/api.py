@@ -608,8 +608,7 @@ class SdApi:
         items = []
         for network in self.studio.engine.networks.list():
             metadata = read_metadata(network.path)
-            items.append(LoraItem(name=network.name, alias=str(metadata.get("ss_output_name") or network.name),
-                                  path=str(network.path), metadata=metadata))
+            items.append(LoraItem(name=network.name, alias=network.alias, path=str(network.path), metadata=metadata))
         return items
 
     def refresh_loras(self) -> dict:

@@ -62,7 +62,8 @@ def active(model, job: JobNetworks) -> Iterator[None]:
 def _components(model) -> dict[str, torch.nn.Module]:
     """The modules networks patch, by pipeline attribute: the family's denoiser and text encoders."""
     names = dict.fromkeys(model.family.network_components().values())
-    return {name: getattr(model.pipeline, name) for name in names if getattr(model.pipeline, name, None) is not None}
+    modules = {name: getattr(model.pipeline, name) for name in names if getattr(model.pipeline, name, None) is not None}
+    return {name: getattr(module, "_orig_mod", module) for name, module in modules.items()}  # under torch.compile: the model inside
 
 
 def _tuner_layers(module: torch.nn.Module):

@@ -30,6 +30,7 @@ class NetworkFile:
     name: str  # how a prompt names it: the file's stem (its path under the folder when stems clash)
     path: Path
     folder: Path  # the models/Lora or models/LyCORIS folder it was found in
+    alias: str = ""  # the name its training metadata gives it (kohya's ss_output_name); a prompt may use it too
 
     @property
     def identity(self) -> tuple[str, int, int]:
@@ -84,6 +85,7 @@ class NetworkLibrary:
     def __init__(self, models_dir: Path | str | None):
         self.models_dir = Path(models_dir) if models_dir else None
         self._files: dict[str, NetworkFile] = {}
+        self._aliases: dict[str, NetworkFile] = {}
         self._hashes: dict[tuple, str] = {}
         self._lock = threading.Lock()
         self.refresh()
@@ -103,9 +105,13 @@ class NetworkLibrary:
         files = {}
         for path, folder in found:
             name = path.stem if stems[path.stem] == 1 else path.relative_to(folder).with_suffix("").as_posix()
-            files[name] = NetworkFile(name=name, path=path, folder=folder)
+            alias = str(read_metadata(path).get("ss_output_name") or name)
+            files[name] = NetworkFile(name=name, path=path, folder=folder, alias=alias)
+        # A1111 also finds a network by its alias; an alias that is another file's name, or that two files share, names none.
+        shared = Counter(network.alias for network in files.values())
+        aliases = {network.alias: network for network in files.values() if network.alias not in files and shared[network.alias] == 1}
         with self._lock:
-            self._files = files
+            self._files, self._aliases = files, aliases
         return self.list()
 
     def list(self) -> list[NetworkFile]:
@@ -115,7 +121,7 @@ class NetworkLibrary:
     def get(self, name: str) -> NetworkFile:
         """The file a prompt's tag names; a ``ValidationError`` on ``prompt`` naming the closest matches otherwise."""
         with self._lock:
-            found = self._files.get(name)
+            found = self._files.get(name) or self._aliases.get(name)
             names = list(self._files)
         if found is not None:
             return found
