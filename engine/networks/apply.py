@@ -84,16 +84,25 @@ def _expected_layers(weights: NetworkWeights) -> int:
     return sum(1 for key in weights.tensors if key.endswith(_LORA_DOWN_MARKERS))
 
 
+@contextmanager
+def _quiet_loaders() -> Iterator[None]:
+    """No "Loading weights" progress bar from transformers for every job that loads a text-encoder LoRA."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def _attach(model, components: dict[str, torch.nn.Module], network: JobNetwork, adapter: str) -> None:
     name, weights = network.file.path.name, network.weights
     try:
-        if weights.lycoris:
-            _attach_lycoris(model, components, weights, adapter)
-        elif weights.format in (KOHYA_LORA, KOHYA_LOCON):
-            model.pipeline.load_lora_weights(_kohya_as_peft(model, components, weights), adapter_name=adapter, low_cpu_mem_usage=True)
-        else:
-            # diffusers pops what it converts: hand it a copy of the (cached) file's dict.
-            model.pipeline.load_lora_weights(dict(weights.tensors), adapter_name=adapter, low_cpu_mem_usage=True)
+        with _quiet_loaders():
+            _load(model, components, weights, adapter)
     except NetworkError as error:
         raise NetworkError(f"LoRA file {name} ({weights.format}): {error}") from error
     except Exception as error:  # diffusers and peft raise many kinds for a file that does not fit
@@ -104,6 +113,17 @@ def _attach(model, components: dict[str, torch.nn.Module], network: JobNetwork, 
     if loaded != expected:
         raise NetworkError(f"LoRA file {name} ({weights.format}) patches {expected} layers but only {loaded} exist in "
                            f"{model.entry.name} ({model.family.title}); was it made for another base model?")
+
+
+def _load(model, components: dict[str, torch.nn.Module], weights: NetworkWeights, adapter: str) -> None:
+    if weights.lycoris:
+        _attach_lycoris(model, components, weights, adapter)
+    elif weights.format in (KOHYA_LORA, KOHYA_LOCON):
+        # low_cpu_mem_usage: no random initialisation of adapter weights the file overwrites anyway.
+        model.pipeline.load_lora_weights(_kohya_as_peft(model, components, weights), adapter_name=adapter, low_cpu_mem_usage=True)
+    else:
+        # diffusers pops what it converts: hand it a copy of the (cached) file's dict.
+        model.pipeline.load_lora_weights(dict(weights.tensors), adapter_name=adapter, low_cpu_mem_usage=True)
 
 
 def _activate(model, components: dict[str, torch.nn.Module], uses: dict) -> None:

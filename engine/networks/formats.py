@@ -80,7 +80,7 @@ def detect_format(tensors: dict[str, torch.Tensor]) -> str:
                      f"{KOHYA_LORA}, {KOHYA_LOCON}, {DIFFUSERS_LORA}, {LOHA} and {LOKR} files")
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)  # an SDXL LoRA can be hundreds of MB: a few files, enough to switch between
 def _read(path: str, identity: tuple) -> NetworkWeights:
     from safetensors.torch import load_file
 
