@@ -55,7 +55,7 @@ def _use(args: str, tag: str) -> NetworkUse:
     positional, named = [], {}
     for arg in args.split(":"):
         key, equals, value = arg.partition("=")
-        if equals and key.strip() in ("te", "unet", "dyn"):
+        if equals:  # A1111: any key=value argument is a named one (te, unet; others, like dyn, change nothing here)
             named[key.strip()] = value.strip()
         else:
             positional.append(arg.strip())
