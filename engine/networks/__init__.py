@@ -4,6 +4,8 @@
 - ``syntax``: ``<lora:name:te:unet>`` tags in a prompt;
 - ``formats``: what a file holds (kohya LoRA/LoCon, diffusers/PEFT, LyCORIS LoHa/LoKr) and refusing the rest;
 - ``job``: one job's tags resolved to files, with the prompt to encode and the infotext entry;
+- ``layer_names``: kohya's layer names resolved against the loaded model's modules;
+- ``lycoris``: LoHa and LoKr through peft's layers;
 - ``apply``: the networks on the model for one job, and off again after it.
 
 The engine calls ``prepare(library, prompt)`` and runs the job inside ``active(model, job)``.
