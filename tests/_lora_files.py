@@ -101,13 +101,14 @@ def peft_lora(pipeline, path: Path, seed: int = 0, rank: int = 2, scale: float =
     return tensors
 
 
-def loha(pipeline, path: Path, seed: int = 0, rank: int = 2, alpha: float = 1.0, scale: float = 0.5) -> dict[str, torch.Tensor]:
-    """LyCORIS LoHa on Linear layers: ``hada_w1_a`` [out, r], ``hada_w1_b`` [r, in], same for w2, and ``.alpha``."""
+def loha(pipeline, path: Path, seed: int = 0, rank: int = 2, alpha: float = 1.0, scale: float = 0.5,
+         conv: bool = False) -> dict[str, torch.Tensor]:
+    """LyCORIS LoHa: ``hada_w1_a`` [out, r], ``hada_w1_b`` [r, in] (a convolution: [r, in·kh·kw]), same for w2, and ``.alpha``."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for prefix, component, module_path, module in targets(pipeline):
+    for prefix, component, module_path, module in targets(pipeline, conv):
         name = kohya_name(prefix, module_path, component != "unet")
-        out_dim, in_dim = module.weight.shape
+        out_dim, in_dim = module.weight.shape[0], module.weight[0].numel()
         for factor in ("w1", "w2"):
             tensors[f"{name}.hada_{factor}_a"] = _randn(generator, out_dim, rank, scale=scale)
             tensors[f"{name}.hada_{factor}_b"] = _randn(generator, rank, in_dim, scale=scale)

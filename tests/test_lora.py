@@ -32,7 +32,7 @@ BUILDERS = {
     # but the names are accepted on any UNet.
     "sgm-locon": lambda pipeline, path: lora_files.kohya_lora(pipeline, path, seed=6, alpha=2.0, conv=True, sgm=True),
     "peft": lambda pipeline, path: lora_files.peft_lora(pipeline, path, seed=3),
-    "loha": lambda pipeline, path: lora_files.loha(pipeline, path, seed=4, alpha=1.0),
+    "loha": lambda pipeline, path: lora_files.loha(pipeline, path, seed=4, alpha=1.0, conv=True),
     "lokr": lambda pipeline, path: lora_files.lokr(pipeline, path, seed=5, alpha=1.0),
 }
 
@@ -235,7 +235,7 @@ def delta(kind: str, tensors: dict[str, torch.Tensor], name: str, weight: torch.
         rank = tensors[f"{name}.hada_w1_b"].shape[0]
         w1 = tensors[f"{name}.hada_w1_a"] @ tensors[f"{name}.hada_w1_b"]
         w2 = tensors[f"{name}.hada_w2_a"] @ tensors[f"{name}.hada_w2_b"]
-        return w1 * w2 * (float(tensors[f"{name}.alpha"]) / rank)
+        return (w1 * w2).reshape(weight.shape) * (float(tensors[f"{name}.alpha"]) / rank)
     if kind == "lokr":
         rank = tensors[f"{name}.lokr_w2_b"].shape[0]
         w2 = tensors[f"{name}.lokr_w2_a"] @ tensors[f"{name}.lokr_w2_b"]
@@ -339,13 +339,14 @@ def _bad_files(lora_engine, models_root) -> dict[str, Path]:
 
     save_file({"some.random.tensor": torch.ones(3), "another.one": torch.zeros(2)}, str(folder / "mystery.safetensors"))
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks": torch.ones(2, 2, 2)}, str(folder / "oft.safetensors"))
+    save_file({"lora_unet_down_blocks_0_resnets_0_conv1.lokr_w1": torch.ones(4, 4),
+               "lora_unet_down_blocks_0_resnets_0_conv1.lokr_w2": torch.ones(4, 4, 3, 3)}, str(folder / "lokr-conv.safetensors"))
     lora_engine.networks.refresh()
-    return {"truncated": folder / "truncated.safetensors", "made-for-sdxl": folder / "made-for-sdxl.safetensors",
-            "mystery": folder / "mystery.safetensors", "oft": folder / "oft.safetensors"}
+    return {name: folder / f"{name}.safetensors" for name in ("truncated", "made-for-sdxl", "mystery", "oft", "lokr-conv")}
 
 
 @pytest.mark.parametrize("bad, words", [("truncated", "truncated"), ("made-for-sdxl", "another base model"),
-                                        ("mystery", "no LoRA format"), ("oft", "OFT")])
+                                        ("mystery", "no LoRA format"), ("oft", "OFT"), ("lokr-conv", "convolution")])
 def test_a_bad_file_is_a_clear_error_and_leaves_the_model_as_it_was(lora_engine, models_root, bad, words):
     _bad_files(lora_engine, models_root)
     pipeline = lora_engine.registry.load("tiny-sd1").pipeline

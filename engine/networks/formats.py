@@ -68,6 +68,9 @@ def detect_format(tensors: dict[str, torch.Tensor]) -> str:
     if any(".hada_w1_a" in key for key in keys):
         return LOHA
     if any(".lokr_w1" in key for key in keys):
+        if any(".lokr_" in key and tensors[key].ndim == 4 for key in keys):
+            raise ValueError("it is a LyCORIS LoKr with convolution layers, which Sfumato does not load yet (LoKr on "
+                             "Linear layers loads)")
         return LOKR
     downs = [key for key in keys if key.endswith(".lora_down.weight")]
     if downs and all(key.startswith(("lora_unet_", "lora_te")) for key in downs):
