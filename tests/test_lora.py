@@ -363,6 +363,17 @@ def test_a_bad_file_is_a_clear_error_and_leaves_the_model_as_it_was(lora_engine,
     assert np.array_equal(pixels(generate(lora_engine, "a red circle")), plain)
 
 
+def test_a_file_gone_since_the_scan_is_a_clear_error(lora_engine, models_root):
+    folder = models_root / "Lora" / "gone"
+    folder.mkdir(exist_ok=True)
+    shutil.copyfile(models_root / "Lora" / "tiny-sd1" / "tiny-sd1-kohya.safetensors", folder / "vanishing.safetensors")
+    lora_engine.networks.refresh()
+    (folder / "vanishing.safetensors").unlink()
+    with pytest.raises(NetworkError, match="vanishing.safetensors.*refresh"):
+        generate(lora_engine, "a red circle <lora:vanishing:1>")
+    lora_engine.networks.refresh()
+
+
 # -- infotext --------------------------------------------------------------------------------------------------
 def a1111_short_hash(path: Path) -> str:
     """A1111's LoRA hash, from its description: SHA-256 of the safetensors file after its header, first 12 hex."""

@@ -8,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..infotext import LORA_HASHES_KEY, format_name_hashes
-from .formats import NetworkWeights, read_network
+from .formats import NetworkError, NetworkWeights, read_network
 from .library import NetworkFile, NetworkLibrary
 from .syntax import NetworkUse, parse_prompt
-
 
 
 @dataclass(frozen=True)
@@ -20,6 +19,7 @@ class JobNetwork:
     use: NetworkUse
     weights: NetworkWeights
     short_hash: str
+    identity: tuple  # the file's version as it was read (``NetworkFile.identity``)
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class JobNetworks:
     @property
     def text_encoder_key(self) -> tuple:
         """What the text encoders carry in this job, for the prompt-embedding cache's keys."""
-        return tuple((network.file.identity, network.use.te_weight) for network in self.applied if network.use.te_weight != 0)
+        return tuple((network.identity, network.use.te_weight) for network in self.applied if network.use.te_weight != 0)
 
     def infotext_fields(self) -> dict[str, str]:
         """A1111's ``Lora hashes`` entry: each network as the prompt names it, with its short hash."""
@@ -53,7 +53,11 @@ def prepare(library: NetworkLibrary, prompt: str) -> JobNetworks:
     networks = []
     for use in parsed.uses:
         file = library.get(use.name)
-        identity = file.identity
-        networks.append(JobNetwork(file=file, use=use, weights=read_network(file.path, identity),
-                                   short_hash=library.short_hash(file)))
+        try:
+            identity = file.identity
+            short_hash = library.short_hash(file)
+        except OSError as error:
+            raise NetworkError(f"LoRA file {file.path.name} cannot be read ({error.strerror or error}); refresh the LoRA list") from error
+        networks.append(JobNetwork(file=file, use=use, weights=read_network(file.path, identity), short_hash=short_hash,
+                                   identity=identity))
     return JobNetworks(prompt=parsed.text, networks=tuple(networks))
