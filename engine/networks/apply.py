@@ -1,9 +1,10 @@
 """Putting a job's networks on a loaded model, and taking them off when the job ends.
 
-Adapters are peft layers wrapped around the model's own Linear and Conv2d layers: the base weights
-are never changed, and taking the wrappers off (``_detach``) leaves exactly the modules that were
-there before, so the next job computes bit-identical pixels. Switching networks re-wraps a few
-hundred layers; the base model is never reloaded.
+Adapters are peft layers wrapped around the model's own Linear and Conv2d layers. For the job they
+are merged into the weights they adapt (no extra work per step), after a copy of each of those
+weights is kept; when the job ends the copies are put back and the wrappers taken off, leaving
+exactly the modules and weights that were there before, so the next job computes bit-identical
+pixels. Switching networks re-wraps a few hundred layers; the base model is never reloaded.
 
 LoRA and LoCon files load through diffusers' pipeline loader (``load_lora_weights``, peft LoRA
 layers). kohya's layer names are first resolved against the model's own modules (``layer_names``),
@@ -47,6 +48,7 @@ def active(model: LoadedModel, job: JobNetworks) -> Iterator[None]:
         yield
         return
     components = _components(model)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         uses = {}
         for index, network in enumerate(applied):
@@ -54,8 +56,10 @@ def active(model: LoadedModel, job: JobNetworks) -> Iterator[None]:
             _attach(model, components, network, adapter)
             uses[adapter] = network.use
         _activate(model, components, uses)
+        kept = _merge(components)
         yield
     finally:
+        _restore(kept)
         _detach(model, components)
 
 
@@ -139,6 +143,34 @@ def _activate(model: LoadedModel, components: dict[str, torch.nn.Module], uses: 
             for adapter in live:
                 layer.set_scale(adapter, scales[adapter])
         module.requires_grad_(False)
+
+
+def _merge(components: dict[str, torch.nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each active adapter's ΔW·multiplier added into the weight it adapts, for the job: no per-step cost.
+
+    Every adapted weight is copied first (to the CPU, as A1111 keeps its backups) and ``_restore`` copies it
+    back, so the base weights come back bit for bit; subtracting ΔW again would not (float rounding).
+    Returns (weight, its copy) pairs.
+    """
+    layers = [layer for module in components.values() for layer in _tuner_layers(module)]
+    kept, seen = [], set()
+    for layer in layers:  # every copy before any merge: nested wrappers of one layer share its weight
+        for parameter in (layer.get_base_layer().weight, getattr(layer.get_base_layer(), "bias", None)):
+            if parameter is not None and id(parameter) not in seen:
+                seen.add(id(parameter))
+                kept.append((parameter, parameter.detach().to("cpu", copy=True)))
+    with torch.no_grad():
+        for layer in layers:
+            live = [adapter for adapter in layer.active_adapters if _holds(layer, adapter)]
+            if live:
+                layer.merge(adapter_names=live)
+    return kept
+
+
+def _restore(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for parameter, original in kept:
+            parameter.copy_(original)
 
 
 def _detach(model: LoadedModel, components: dict[str, torch.nn.Module]) -> None:
