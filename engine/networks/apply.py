@@ -153,6 +153,8 @@ def _merge(components: dict[str, torch.nn.Module]) -> list[tuple[torch.Tensor, t
     Returns (weight, its copy) pairs.
     """
     layers = [layer for module in components.values() for layer in _tuner_layers(module)]
+    if any(layer.get_base_layer().weight.is_meta for layer in layers):
+        return []  # sequential CPU offload (--lowvram) keeps the weights elsewhere: the adapters run unmerged
     kept, seen = [], set()
     for layer in layers:  # every copy before any merge: nested wrappers of one layer share its weight
         for parameter in (layer.get_base_layer().weight, getattr(layer.get_base_layer(), "bias", None)):
