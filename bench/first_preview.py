@@ -33,7 +33,7 @@ POLL_S = 0.005
 TIMEOUT_S = 120.0
 # Gradio input labels → the value the bench sends; every other input keeps its default.
 UI_LABELS = {"Prompt": "prompt", "Negative prompt": "negative", "Sampling steps": "steps", "Width": "size", "Height": "size",
-             "Seed (-1 = random)": "seed", "Stable Diffusion checkpoint": "model", "CFG Scale": "cfg"}
+             "Seed": "seed", "Stable Diffusion checkpoint": "model", "CFG Scale": "cfg"}
 
 
 def http_first_preview(url: str, payload: dict, job_seconds: list[float] | None = None) -> float:

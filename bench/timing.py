@@ -116,7 +116,7 @@ def time_inside(cls, method: str = "__call__") -> Iterator[_Timer]:
     (the previewer's, the sampler step's), which an end-to-end ratio shows only through the noise."""
     timer, original = _Timer(), getattr(cls, method)
 
-    def timed(instance, *args, **kwargs):
+    def timed(instance, *args, **kwargs):  # for a module's function, ``instance`` is simply its first argument
         tick = clock()
         try:
             return original(instance, *args, **kwargs)

@@ -305,7 +305,8 @@ NOT_A_CHECKPOINT = (
     ("conditioner.embedders.0.model.", "an SDXL refiner (it has no first text encoder), which cannot be used as the main model"),
     ("lora_unet_", "a LoRA, not a checkpoint: it belongs in models/Lora"),
     ("lora_te", "a LoRA, not a checkpoint: it belongs in models/Lora"),
-    ("control_model.", "a ControlNet, not a checkpoint: it belongs in models/ControlNet"),
+    # a control model for an extension: A1111 keeps those in models/<the extension's folder>, not with checkpoints
+    ("control_model.", "a control model, not a checkpoint: it belongs in the models folder of the extension that uses it"),
     ("encoder.down.", "a VAE, not a checkpoint: it belongs in models/VAE"),
 )
 

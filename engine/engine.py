@@ -17,14 +17,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import cancellation, image_ops, networks, samplers
+from . import cancellation, image_ops, networks
 from .compute import run_until_interrupted
 from .errors import GenerationError, Interrupted, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
 from .previews import CheapPreviewer, VaePreviewer, parameter_dtype, pil_to_tensor
 from .request import CancelToken, EarlyStop, GeneratedImage, GenerationRequest, GenerationResult, Progress
-from .sampling import DenoiseJob, InpaintInputs, StepHook, denoise
-from .seeds import cpu_generator, resolve_seed, slerp
+from .sampling import sample_pass
+from .sampling import table as samplers
+from .sampling.denoiser import GuidedDenoiser, InpaintInputs, StepHook, noise_table_for
+from .sampling.noise import ImageNoise
+from .seeds import resolve_seed
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -39,7 +42,7 @@ class HookContext:
     height: int
     batch_size: int
     do_cfg: bool
-    timesteps: torch.Tensor
+    sigmas: torch.Tensor  # the σs this pass runs (steps + 1 values, descending); hooks key on σ or on the fraction done
     source_image: Image.Image | None  # the img2img/inpaint image at generation size
     crop_box: tuple[int, int, int, int] | None = None  # "Only masked": the region of the full image being generated
     full_size: tuple[int, int] | None = None  # the full image's size when crop_box is set
@@ -129,11 +132,11 @@ class Engine:
         self._check_size(model, request, prepared.width, prepared.height)
         if request.mode not in model.family.modes:
             raise ValidationError("mode", f"{model.entry.name} draws only {', '.join(model.family.modes)}")
-        samplers.check_zero_snr_for_model(request.sampler, request.zero_terminal_snr, model.pipeline.scheduler.config.get("prediction_type", "epsilon"))
         pipe = model.pipeline
         seed = resolve_seed(request.seed)
         subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else request.subseed
         request = request.with_changes(seed=seed, subseed=subseed, model=model.entry.name)  # the model's name, however it was asked for
+        noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr)
 
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")
@@ -144,6 +147,7 @@ class Engine:
         previewer = self._previewer(request, model)
         extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
         extension_info = {**extension_info, **job_networks.infotext_fields()}
+        sigmas = self._pass_sigmas(request, noise_table, prepared)
 
         interrupted = False
         denoise_time = decode_time = 0.0
@@ -154,36 +158,44 @@ class Engine:
         groups = request.images_total // group_size
         for batch_index in range(groups):
             seeds = [seed + batch_index * group_size + i for i in range(group_size)]
-            generators = [cpu_generator(s) for s in seeds]
-            scheduler = samplers.build_scheduler(pipe.scheduler.config, request.sampler, request.schedule, request.zero_terminal_snr)
-            scheduler.set_timesteps(request.steps, device=model.device)
-            latent_shape = (1, pipe.unet.config.out_channels, prepared.height // model.vae_scale_factor, prepared.width // model.vae_scale_factor)
-            noise = torch.cat([self._noise(g, latent_shape, request, subseed + s - seed) for g, s in zip(generators, seeds)])
-            noise = noise.to(model.device)  # float32: sampling runs in float32 whatever the model's dtype (engine/sampling.py)
+            latent_shape = (pipe.unet.config.out_channels, prepared.height // model.vae_scale_factor, prepared.width // model.vae_scale_factor)
+            # Sampling runs in float32 whatever the model's dtype (see sampling/denoiser.py).
+            image_noise = ImageNoise(latent_shape, seeds, [subseed + s - seed for s in seeds], request.subseed_strength,
+                                     source=request.rng, eta_noise_seed_delta=request.eta_noise_seed_delta, device=model.device)
+            noise = image_noise.first()
 
             tick = time.perf_counter()
             cancellation.entering("sampling")
-            job, start_latents_only = self._build_job(request, model, prepared, scheduler, noise, generators, conditioning, do_cfg)
-            if job is not None and self.extensions:
-                context = HookContext(model, request, prepared.width, prepared.height, len(seeds), do_cfg, job.timesteps, prepared.source,
-                                      prepared.crop_box, prepared.original.size if prepared.crop_box is not None else None)
-                job.hooks = self.extensions.step_hooks(context)
+            denoiser, init_latents = self._build_denoiser(request, model, prepared, noise_table, parameterization, noise, conditioning, do_cfg)
             stopped_early: EarlyStop | None = None
-            if job is None:
-                latents = start_latents_only
+            if denoiser is None:
+                latents = init_latents
             else:
+                if self.extensions:
+                    context = HookContext(model, request, prepared.width, prepared.height, len(seeds), do_cfg, sigmas, prepared.source,
+                                          prepared.crop_box, prepared.original.size if prepared.crop_box is not None else None)
+                    denoiser.hooks = self.extensions.step_hooks(context)
                 stops: list[EarlyStop] = []
+                planned = len(sigmas) - 1
                 on_step = self._step_callback(request, previewer, on_progress, cancel, started, batch_index, group_size, groups,
-                                              steps_done_before, len(job.timesteps), stops)
-                latents = denoise(job, on_step)
+                                              steps_done_before, planned, stops)
+                result = sample_pass.run(sampler=request.sampler, denoiser=denoiser, noise_table=noise_table, sigmas=sigmas,
+                                         first_noise=noise, image_noise=image_noise, seeds=seeds, steps=request.steps,
+                                         init_latents=init_latents, denoising_strength=request.denoising_strength,
+                                         eta=request.eta, prediction_type=model.pipeline.scheduler.config.get("prediction_type"),
+                                         on_step=on_step)
+                latents = result.latents
+                if denoiser.inpaint is not None and denoiser.inpaint.blend:
+                    # The known region ends exactly on the original latents (A1111 blends the samples once more).
+                    latents = latents * denoiser.inpaint.mask + denoiser.inpaint.image_latents * (1 - denoiser.inpaint.mask)
                 if cancel.interrupt_pending and not stops:  # interrupted inside a step: the image is the last finished step's
-                    stops.append(EarlyStop(reason="interrupted", step=on_step.steps_done, total_steps=len(job.timesteps)))
+                    stops.append(EarlyStop(reason="interrupted", step=result.steps_done, total_steps=planned))
                 interrupted = any(stop.reason == "interrupted" for stop in stops)
                 if interrupted:
                     cancel.honour_interrupt()  # the image so far is still decoded; a second interrupt stops that too
                 # A stop after the last step leaves a finished image.
                 stopped_early = next((stop for stop in stops if stop.step < stop.total_steps), None)
-                steps_done_before += len(job.timesteps)
+                steps_done_before += result.steps_done
             denoise_time += time.perf_counter() - tick
 
             tick = time.perf_counter()
@@ -203,14 +215,6 @@ class Engine:
         return GenerationResult(request=request, images=images, interrupted=interrupted, timings=timings)
 
     # -- pieces ------------------------------------------------------------------
-    @staticmethod
-    def _noise(generator, shape, request, subseed: int) -> torch.Tensor:
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        if request.subseed_strength > 0:
-            sub = torch.randn(shape, generator=cpu_generator(subseed), dtype=torch.float32)
-            noise = slerp(request.subseed_strength, noise, sub)
-        return noise
-
     @staticmethod
     def _check_size(model: LoadedModel, request: GenerationRequest, width: int, height: int) -> None:
         """Refuse a size the model cannot draw, blaming what set it: width/height, or the init image when they were left out."""
@@ -262,42 +266,41 @@ class Engine:
         return _Prepared(padded.width, padded.height, source=source, original=original, soft_mask=soft, gen_hard_mask=gen_hard,
                          output_size=size)
 
-    def _build_job(self, request, model: LoadedModel, prepared: _Prepared, scheduler, noise, generators, conditioning, do_cfg):
-        """The DenoiseJob for one batch, or (None, latents) when nothing is left to denoise (strength 0)."""
+    @staticmethod
+    def _pass_sigmas(request: GenerationRequest, noise_table, prepared: _Prepared) -> torch.Tensor:
+        """The σs the sample pass runs: the whole schedule in txt2img, A1111's img2img tail otherwise."""
+        spec = samplers.find_sampler(request.sampler)
+        strength = None if prepared.source is None else request.denoising_strength
+        return sample_pass.pass_sigmas(spec, noise_table, request.schedule, request.steps, strength)
+
+    def _build_denoiser(self, request, model: LoadedModel, prepared: _Prepared, noise_table, parameterization: str, noise,
+                        conditioning, do_cfg) -> tuple[GuidedDenoiser | None, torch.Tensor | None]:
+        """The denoiser for one batch and the init latents (None in txt2img); no denoiser when strength 0 leaves nothing to do."""
         pipe = model.pipeline
         batch = noise.shape[0]
         cond = conditioning.prompt_embeds.repeat(batch, 1, 1)
         embeds = torch.cat([conditioning.negative_embeds.repeat(batch, 1, 1), cond]) if do_cfg else cond
         added = model.family.unet_kwargs(conditioning, prepared.width, prepared.height).batched(batch, do_cfg, model.device, model.dtype)
         embeds = embeds.to(model.device, model.dtype)
-        timesteps = scheduler.timesteps
-        if prepared.source is None:
-            latents = noise * scheduler.init_noise_sigma
-            job = DenoiseJob(pipe.unet, scheduler, latents, timesteps, embeds, request.cfg_scale, do_cfg, generators, added)
-            job.inpaint = self._whole_image_conditioning(model, prepared, noise)
-            return job, None
 
-        image_latents = self._encode(model, prepared.source).repeat(batch, 1, 1, 1)
+        def denoiser(inpaint: InpaintInputs | None) -> GuidedDenoiser:
+            cfg_scale = request.cfg_scale * samplers.find_sampler(request.sampler).cfg_scale_factor
+            return GuidedDenoiser(pipe.unet, noise_table, parameterization, embeds, cfg_scale, do_cfg, added, inpaint)
+
+        if prepared.source is None:
+            return denoiser(self._whole_image_conditioning(model, prepared, noise)), None
+
+        image_latents = self._encode(model, prepared.source).repeat(batch, 1, 1, 1).float()
         latent_mask = None
         if prepared.gen_hard_mask is not None:
             mask = torch.from_numpy(prepared.gen_hard_mask.astype(np.float32) / 255.0)[None, None]
-            latent_mask = F.max_pool2d(mask, model.vae_scale_factor).to(model.device, model.dtype).repeat(batch, 1, 1, 1)
+            latent_mask = F.max_pool2d(mask, model.vae_scale_factor).to(model.device).repeat(batch, 1, 1, 1)
             if request.masked_content == "latent noise":
                 image_latents = image_latents * (1 - latent_mask) + noise * latent_mask
             elif request.masked_content == "latent nothing":
                 image_latents = image_latents * (1 - latent_mask)
-        steps_to_run = min(request.steps, round(request.denoising_strength * request.steps))
-        if steps_to_run == 0:
+        if request.denoising_strength == 0:
             return None, image_latents
-        order = getattr(scheduler, "order", 1)
-        start = (request.steps - steps_to_run) * order
-        timesteps = timesteps[start:]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
-        if steps_to_run == request.steps:
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
         inpaint = None if latent_mask is not None else self._whole_image_conditioning(model, prepared, noise)
         if latent_mask is not None:
             masked_latents = None
@@ -305,8 +308,8 @@ class Engine:
                 hard = torch.from_numpy(prepared.gen_hard_mask < 128)[None, None].to(torch.float32)
                 masked_pixels = pil_to_tensor(prepared.source) * hard
                 masked_latents = self._encode_tensor(model, masked_pixels).repeat(batch, 1, 1, 1)
-            inpaint = InpaintInputs(latent_mask, image_latents, noise, masked_latents)
-        return DenoiseJob(pipe.unet, scheduler, latents, timesteps, embeds, request.cfg_scale, do_cfg, generators, added, inpaint), None
+            inpaint = InpaintInputs(latent_mask, image_latents, masked_latents)
+        return denoiser(inpaint), image_latents
 
     def _whole_image_conditioning(self, model: LoadedModel, prepared: _Prepared, noise: torch.Tensor) -> InpaintInputs | None:
         """A 9-channel inpainting UNet used without a mask: everything is "masked" and the masked
@@ -316,7 +319,7 @@ class Engine:
         batch, _, height, width = noise.shape
         blank = self._encode_tensor(model, torch.zeros(1, 3, prepared.height, prepared.width)).repeat(batch, 1, 1, 1)
         ones = torch.ones(batch, 1, height, width, device=model.device, dtype=model.dtype)
-        return InpaintInputs(mask=ones, image_latents=blank, noise=noise, masked_image_latents=blank)
+        return InpaintInputs(mask=ones, image_latents=blank, masked_image_latents=blank, blend=False)
 
     def _encode(self, model: LoadedModel, image: Image.Image) -> torch.Tensor:
         return self._encode_tensor(model, pil_to_tensor(image))
@@ -370,7 +373,7 @@ class Engine:
                        steps_before, steps_per_group, stops: list[EarlyStop]):
         total_all = steps_before + steps_per_group * (groups - group_index)
 
-        def on_step(step: int, total: int, latents: torch.Tensor) -> bool:
+        def on_step(step: int, total: int, info) -> bool:
             on_step.steps_done = step  # read after sampling when an interrupt lands inside the next step
             if cancel.interrupted:
                 stops.append(EarlyStop(reason="interrupted", step=step, total_steps=total))
@@ -384,7 +387,8 @@ class Engine:
                 eta = elapsed / done * (total_all - done) if done else 0.0
                 preview = None
                 if previewer is not None and (step % request.preview_every == 0 or step == total):
-                    preview = previewer.deferred(latents)
+                    # x̂₀ while sampling, as A1111 previews; the last step's latent is the finished image itself.
+                    preview = previewer.deferred(info.x if step == total else info.denoised)
                 on_progress(Progress(step, total, group_index * group_size, request.images_total, elapsed, eta, preview))
             return False
 

@@ -8,14 +8,23 @@ declaration (like a ComfyUI node: inputs, outputs and the function that runs).
 
 What an extension declares:
 
-- ``fields``: the settings it adds to a request, with defaults. They live in
-  ``GenerationRequest.extensions[<name>]``.
+- ``request_fields``: its request fields, declared as ``engine.fields.Field``
+  with ``owner`` set to its name; the manager registers them in the field
+  registry when it loads the extension, so presets, the CLI and the API know
+  them. Their values live in ``GenerationRequest.extensions[<name>]``.
+- ``fields``: the settings it holds inside its request field, with defaults
+  (documentation for API clients).
+- ``cli_args(values, studio, model) -> settings``: what its fields' CLI flags
+  gave (each flag may be repeated), turned into settings.
+- ``cli_commands``: ``{command: CliCommand}``, subcommands of ``launch.py``.
+- ``settings``: its own persistent settings, declared as ``Field``s; the
+  Settings tab shows them and ``settings.json`` keeps them under its name.
 - ``validate(raw) -> settings``: turns raw settings (plain dicts from the UI,
   API or CLI, or settings it validated before) into its own validated form, and
   raises ``engine.errors.ValidationError`` naming the bad field. It must accept
   its own output unchanged, so validating twice is harmless.
 - ``step_hooks(context, settings) -> [StepHook]``: per-step additions to the
-  UNet call (ControlNet residuals, ...).
+  UNet call (residuals for its down and mid blocks, ...).
 - ``infotext_fields(settings) -> {key: value}`` for the A1111 parameters line,
   and optionally ``parse_infotext(params) -> settings`` to read them back.
 - ``api_args(args) -> settings``: A1111's ``alwayson_scripts.<name>.args``.
@@ -53,12 +62,13 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import atomic_write
 from .errors import GenerationError, SfumatoError, ValidationError
+from .fields import FIELDS, Field
 from .models import BUILTIN_DIR, REPO_ROOT
 
 if TYPE_CHECKING:
     from .engine import HookContext
     from .request import GenerationRequest
-    from .sampling import StepHook
+    from .sampling.denoiser import StepHook
 
 log = logging.getLogger("sfumato.extensions")
 
@@ -81,12 +91,21 @@ class ExtensionField:
 
 
 @dataclass(frozen=True)
+class CliCommand:
+    """A ``launch.py`` subcommand an extension adds: ``add_arguments(parser)`` then ``run(args, config) -> exit status``."""
+
+    help: str
+    add_arguments: Callable[[Any], None]
+    run: Callable[[Any, Any], int]
+
+
+@dataclass(frozen=True)
 class ExtensionEnv:
     """What an extension may use, handed to its ``setup`` at start-up."""
 
     name: str
     folder: Path  # the extension's own folder
-    models_dir: Path  # the A1111-style models folder (``<models_dir>/ControlNet``, ...)
+    models_dir: Path  # the A1111-style models folder (``<models_dir>/<kind of model>``, ...)
     builtin_dir: Path | None  # the repo's built-in models
     user_dir: Path  # where the app keeps user state
 
@@ -103,6 +122,10 @@ class Extension:
     title: str
     description: str = ""
     fields: tuple[ExtensionField, ...] = ()
+    request_fields: tuple[Field, ...] = ()
+    settings: tuple[Field, ...] = ()
+    cli_args: Callable[..., Any] | None = None
+    cli_commands: Mapping[str, CliCommand] = field(default_factory=dict)
     validate: Callable[[Any], Any] = _identity
     step_hooks: Callable[["HookContext", Any], list["StepHook"]] | None = None
     infotext_fields: Callable[[Any], dict[str, str]] | None = None
@@ -189,6 +212,11 @@ class ExtensionManager:
                 raise TypeError("its __init__.py must define EXTENSION = engine.extensions.Extension(...)")
             if extension.name != name:
                 raise ValueError(f"it declares the name {extension.name!r} but lives in the folder {name!r}")
+            for declared in (*extension.request_fields, *extension.settings):
+                if declared.owner != name:
+                    raise ValueError(f"its field {declared.name!r} must name the extension as its owner, not {declared.owner!r}")
+            for declared in extension.request_fields:
+                FIELDS.register(declared)
             if extension.setup is not None:
                 extension.setup(ExtensionEnv(name, folder, self.models_dir, self.builtin_dir, self.state_file.parent))
         except (Exception, SystemExit) as error:  # noqa: BLE001 - a broken extension must not stop the app
@@ -291,7 +319,7 @@ class ExtensionManager:
         return self._modules[name]
 
     def submodule(self, name: str, submodule: str) -> types.ModuleType:
-        """A module inside an enabled extension's package, e.g. ``submodule("controlnet", "api")``."""
+        """A module inside an enabled extension's package, e.g. ``submodule("<name>", "api")``."""
         if not NAME_PATTERN.fullmatch(submodule.replace(".", "_")):
             raise ValidationError("submodule", f"{submodule!r} is not a module name")
         return importlib.import_module(f"{self.module(name).__name__}.{submodule}")
@@ -304,6 +332,13 @@ class ExtensionManager:
     def default_settings(self, name: str) -> Any:
         extension = self.get(name)
         return extension.default_settings() if extension.default_settings else None
+
+    def cli_args(self, name: str, values: list[str], **context: Any) -> Any:
+        """Settings from an extension's CLI flags (``context``: the studio and the model in use)."""
+        extension = self.get(name)
+        if extension.cli_args is None:
+            raise ValidationError(name, "this extension takes no command-line flags")
+        return extension.cli_args(values, **context)
 
     def api_args(self, name: str, args: Any) -> Any:
         """Settings from A1111's ``alwayson_scripts.<name>.args``."""

@@ -21,16 +21,22 @@ import math
 import re
 from typing import Any, Callable, Mapping
 
-from . import samplers
+from .sampling import table as samplers
 from .errors import ValidationError
-from .request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, EarlyStop, GenerationRequest
+from .fields import CORE, FIELDS, MASK_MODES, Field
+from .request import EarlyStop, GenerationRequest, check_declared
 
 VERSION = "sfumato-0.1"
 NEGATIVE_PREFIX = "Negative prompt:"
-MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+# Keys written beside the fields' own (declared in engine/fields.py): facts about the image, not request settings.
+MODEL_HASH_KEY = "Model hash"
+SIZE_KEY = "Size"  # "WxH"; read back as Size-1 (width) and Size-2 (height), the fields' declared keys
+VERSION_KEY = "Version"
+# Written by the engine from the job's networks (engine/networks/job.py), not a request field: the <lora:…> tags
+# stay in the prompt, so loading an infotext applies the LoRAs by name. A1111's form: "name: <12 hex>, name2: <12 hex>".
+LORA_HASHES_KEY = "Lora hashes"
 # An image whose sampling stopped early keeps ``Steps`` as requested and says where it stopped,
 # as done/total of its own sampling steps: "Interrupted at step: 2/20".
-LORA_HASHES_KEY = "Lora hashes"  # A1111's: the networks of the prompt's <lora:…> tags, "name: <12 hex>, name2: <12 hex>"
 STOPPED_EARLY_KEYS = {"interrupted": "Interrupted at step", "skipped": "Skipped at step"}
 
 # A1111's key pattern: a word character, then word characters, spaces, hyphens or slashes.
@@ -87,48 +93,35 @@ def build_infotext(
     ``size`` is the size actually produced; it defaults to the request's
     width/height, and ``Size`` is left out when neither is known.
     ``extra`` holds extension entries with values already formatted
-    (``{"ControlNet 0": "Module: canny, Model: x, Weight: 1"}``).
+    (``{"<Extension key> 0": "Module: x, Weight: 1"}``).
     ``stopped_early`` marks an unfinished image (see ``STOPPED_EARLY_KEYS``).
     """
     if size is None and request.width is not None and request.height is not None:
         size = (request.width, request.height)
-    mode = request.mode
-    params: dict[str, Any] = {
-        "Steps": request.steps,
-        "Sampler": request.sampler,
-        "Schedule type": request.schedule,
-        "CFG scale": request.cfg_scale,
-        "Seed": seed,
-        "Size": f"{size[0]}x{size[1]}" if size else None,
-        "Model hash": model_hash,
-        "Model": model_name,
-    }
-    if request.subseed_strength > 0:
-        params["Variation seed"] = request.subseed if subseed is None else subseed
-        params["Variation seed strength"] = request.subseed_strength
-    if mode in ("img2img", "inpaint"):
-        params["Denoising strength"] = request.denoising_strength
-        params["Resize mode"] = request.resize_mode
-    if mode == "inpaint":
-        params["Mask blur"] = request.mask_blur
-        params["Mask mode"] = MASK_MODES[1] if request.invert_mask else MASK_MODES[0]
-        params["Masked content"] = request.masked_content
-        params["Inpaint area"] = request.inpaint_area
-        if request.inpaint_area == "Only masked":
-            params["Masked area padding"] = request.inpaint_padding
-        if any(request.outpaint):
-            params["Outpaint"] = ",".join(str(pixels) for pixels in request.outpaint)
-    if request.zero_terminal_snr:
-        params["Zero terminal SNR"] = True
+    resolved = {"seed": seed, "subseed": request.subseed if subseed is None else subseed, "model": model_name,
+                # "Automatic" written resolved, as A1111 does; None for samplers that ignore the schedule type
+                "schedule": samplers.infotext_schedule(request.sampler, request.schedule)}
+    params: dict[str, Any] = {}
+    for field in FIELDS.with_infotext():
+        if field.owner != CORE or field.name in _BODY_FIELDS or not field.written_for(request):
+            continue  # extensions write their own entries (``extra``); prompts are the text above the line
+        if field.name in _SIZE_FIELDS:
+            if size is not None:
+                params[SIZE_KEY] = f"{size[0]}x{size[1]}"
+            continue
+        if field.name == "model":
+            params[MODEL_HASH_KEY] = model_hash
+        value = resolved.get(field.name, getattr(request, field.name))
+        params[_written_key(field, request)] = None if value is None else _WRITERS.get(field.name, _value_text)(value)
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not _VALID_KEY.fullmatch(key):
             raise ValidationError("extra", f"infotext key {key!r} must be letters, digits, spaces, '-' or '/'")
-        if key in params or key == "Version" or key in STOPPED_EARLY_KEYS.values():
+        if key in params or key == VERSION_KEY or key in STOPPED_EARLY_KEYS.values() or _is_core_key(key):
             raise ValidationError("extra", f"infotext key {key!r} is already written by the engine")
         params[key] = value
     if stopped_early is not None:
         params[STOPPED_EARLY_KEYS[stopped_early.reason]] = f"{stopped_early.step}/{stopped_early.total_steps}"
-    params["Version"] = VERSION
+    params[VERSION_KEY] = VERSION
 
     line = ", ".join(f"{key}: {quote(_value_text(value))}" for key, value in params.items() if value is not None and _value_text(value) != "")
     lines = [request.prompt] if request.prompt else []
@@ -136,6 +129,19 @@ def build_infotext(
         lines.append(f"{NEGATIVE_PREFIX} {request.negative_prompt}")
     lines.append(line)
     return "\n".join(lines)
+
+
+def _noise_params(request: GenerationRequest) -> dict[str, Any]:
+    """Eta, ENSD and RNG, each only when it differs from what A1111 assumes when the key is missing."""
+    spec = samplers.find_sampler(request.sampler)
+    params: dict[str, Any] = {}
+    if request.eta is not None and spec.eta_default is not None and request.eta != spec.eta_default:
+        params[spec.eta_key] = request.eta
+    if request.eta_noise_seed_delta and spec.noise != samplers.NO_NOISE:
+        params["ENSD"] = request.eta_noise_seed_delta
+    if request.rng != "GPU":  # A1111 writes RNG unless it is its GPU default: a missing key means GPU noise
+        params["RNG"] = request.rng
+    return params
 
 
 # --- reading -----------------------------------------------------------------
@@ -245,53 +251,59 @@ def _to_bool(text: str) -> bool:
     return lowered == "true"
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def convert(text: str) -> str:
-        if text not in choices:
-            raise ValueError(text)
-        return text
-    return convert
-
-
 def _mask_mode(text: str) -> bool:
-    return _one_of(MASK_MODES)(text) == MASK_MODES[1]
+    if text not in MASK_MODES:
+        raise ValueError(text)
+    return text == MASK_MODES[1]
 
 
 def _outpaint(text: str) -> tuple[int, int, int, int]:
     values = tuple(int(part) for part in text.split(","))
-    low, high = LIMITS["outpaint"]
-    if len(values) != 4 or not all(low <= value <= high for value in values):
+    if len(values) != 4:
         raise ValueError(text)
     return values  # type: ignore[return-value]
 
 
-# infotext key → (request field, converter). Each value is also checked by the
-# request's own validation, so an out-of-range value is skipped like a garbled one.
-_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "Prompt": ("prompt", str),
-    "Negative prompt": ("negative_prompt", str),
-    "Steps": ("steps", _to_int),
-    "CFG scale": ("cfg_scale", _to_float),
-    "Seed": ("seed", _to_int),
-    "Size-1": ("width", _to_int),
-    "Size-2": ("height", _to_int),
-    "Denoising strength": ("denoising_strength", _to_float),
-    "Resize mode": ("resize_mode", _one_of(RESIZE_MODES)),
-    "Mask blur": ("mask_blur", _to_int),
-    "Mask mode": ("invert_mask", _mask_mode),
-    "Masked content": ("masked_content", _one_of(MASKED_CONTENT)),
-    "Inpaint area": ("inpaint_area", _one_of(INPAINT_AREAS)),
-    "Masked area padding": ("inpaint_padding", _to_int),
-    "Variation seed": ("subseed", _to_int),
-    "Variation seed strength": ("subseed_strength", _to_float),
-    "Zero terminal SNR": ("zero_terminal_snr", _to_bool),
-    "Model": ("model", str),
+_BODY_FIELDS = ("prompt", "negative_prompt")  # the text above the parameters line
+_SIZE_FIELDS = ("width", "height")  # one "Size: WxH" entry
+_SAMPLING_FIELDS = ("sampler", "schedule")
+_NEEDS_OTHER_FIELDS = ("outpaint",)  # a request with outpainting needs an init image  # read together: a legacy "DPM++ 2M Karras" holds both
+# Fields whose infotext value is not the request value written as text.
+_WRITERS: dict[str, Callable[[Any], str]] = {
+    "invert_mask": lambda invert: MASK_MODES[1] if invert else MASK_MODES[0],
+    "outpaint": lambda pixels: ",".join(str(value) for value in pixels),
 }
+_READERS: dict[str, Callable[[str], Any]] = {"invert_mask": _mask_mode, "outpaint": _outpaint}
 
 
-def _accepted_by_request(field: str, value: Any) -> bool:
+def _reader(field: Field) -> Callable[[str], Any]:
+    """Infotext text -> a value of the field's type; the field's declared limits are checked after."""
+    if field.name in _READERS:
+        return _READERS[field.name]
+    return {int: _to_int, float: _to_float, bool: _to_bool}.get(field.type, str)
+
+
+# Keys A1111 writes for a field under another name: eta is "Eta DDIM" for the DDIM family of samplers.
+_KEY_ALIASES = {"Eta DDIM": "Eta"}
+
+
+def _written_key(field: Field, request: GenerationRequest) -> str:
+    if field.name == "eta":
+        return samplers.find_sampler(request.sampler).eta_key
+    return field.infotext
+
+
+def _is_core_key(key: str) -> bool:
+    field = FIELDS.by_infotext_key(_KEY_ALIASES.get(key, key))
+    return field is not None and field.owner == CORE
+
+
+def _accepted(field: Field, value: Any) -> bool:
+    """Whether the request takes this value: its declared limits, and the request's own checks where one field alone can pass them."""
     try:
-        GenerationRequest(**{field: value})
+        check_declared(field, value)
+        if field.name not in _NEEDS_OTHER_FIELDS:
+            GenerationRequest(**{field.name: value})
     except (ValidationError, ValueError, TypeError):
         return False
     return True
@@ -300,7 +312,7 @@ def _accepted_by_request(field: str, value: Any) -> bool:
 def _sampler_fields(params: Mapping[str, str]) -> dict[str, str]:
     """Sampler and schedule, splitting a legacy "DPM++ 2M Karras" when no "Schedule type" is given."""
     result: dict[str, str] = {}
-    sampler_text, schedule_text = params.get("Sampler"), params.get("Schedule type")
+    sampler_text, schedule_text = params.get(FIELDS["sampler"].infotext), params.get(FIELDS["schedule"].infotext)
     legacy_schedule = None
     if isinstance(sampler_text, str):
         try:
@@ -328,29 +340,88 @@ def request_fields_from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
     """
     if not isinstance(params, Mapping):
         return {}
-    if "Size-1" not in params and isinstance(params.get("Size"), str):
-        size = _IMAGE_SIZE.fullmatch(params["Size"].strip())
+    width_key, height_key = FIELDS["width"].infotext, FIELDS["height"].infotext
+    if width_key not in params and isinstance(params.get(SIZE_KEY), str):
+        size = _IMAGE_SIZE.fullmatch(params[SIZE_KEY].strip())
         if size:
-            params = {**params, "Size-1": size.group(1), "Size-2": size.group(2)}
+            params = {**params, width_key: size.group(1), height_key: size.group(2)}
 
+    params = {_KEY_ALIASES.get(key, key): value for key, value in params.items()}
     result: dict[str, Any] = {}
-    for key, (field, convert) in _FIELDS.items():
-        text = params.get(key)
+    for field in FIELDS.with_infotext():
+        if field.owner != CORE or field.name in _SAMPLING_FIELDS:
+            continue  # extensions read their own entries (ExtensionManager.parse_infotext)
+        text = params.get(field.infotext)
         if not isinstance(text, str):
             continue
         try:
-            value = convert(text)
+            value = _reader(field)(text)
         except (ValueError, TypeError, OverflowError):
             continue
-        if _accepted_by_request(field, value):
-            result[field] = value
-    outpaint = params.get("Outpaint")
-    if isinstance(outpaint, str):
-        try:
-            result["outpaint"] = _outpaint(outpaint)
-        except ValueError:
-            pass
+        if _accepted(field, value):
+            result[field.name] = value
     result.update(_sampler_fields(params))
     if result.get("zero_terminal_snr") and "sampler" in result and not samplers.supports_zero_terminal_snr(result["sampler"]):
         del result["zero_terminal_snr"]
     return result
+
+
+# --- what loading an infotext cannot give ------------------------------------
+
+# Keys that describe the image rather than set the request: nothing to apply, nothing to warn about.
+_INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, SIZE_KEY, VERSION_KEY, LORA_HASHES_KEY, *STOPPED_EARLY_KEYS.values()})
+
+
+def _made_by_us(params: Mapping[str, str]) -> bool:
+    return str(params.get(VERSION_KEY, "")).startswith("sfumato")
+
+
+def _is_known_key(key: str) -> bool:
+    """A key some declared field reads: a core field's own, or an extension's (its key ``K`` also covers ``K 0``, ``K 1``...)."""
+    field = FIELDS.by_infotext_key(_KEY_ALIASES.get(key, key))
+    if field is not None:
+        return True
+    return any(key.startswith(f"{field.infotext} ") for field in FIELDS.owned_by_extensions() if field.infotext)
+
+
+def loading_notes(params: Mapping[str, str], applied: Mapping[str, Any],
+                  local_lora_hash: Callable[[str], str | None] | None = None) -> list[str]:
+    """Sentences for the artist about what loading this infotext cannot reproduce: nothing is dropped silently.
+
+    ``applied`` is what ``request_fields_from_infotext`` made of ``params``. The notes say:
+    - that an A1111 infotext without "RNG" was made with A1111's default GPU noise, which our
+      CPU noise does not reproduce (the "RNG" setting);
+    - which keys no field of ours reads, and which values were refused, with their text;
+    - with ``local_lora_hash`` (a LoRA name -> the short hash of the local file, None when there is none):
+      which LoRAs of "Lora hashes" the local files differ from (the tags apply them by name).
+    """
+    if not isinstance(params, Mapping):
+        return []
+    notes: list[str] = []
+    rng = FIELDS["rng"]
+    steps_key = FIELDS["steps"].infotext
+    if rng.infotext not in params and steps_key in params and not _made_by_us(params):
+        notes.append(f'This infotext has no "{rng.infotext}" key, so A1111 made it with its default GPU noise. '
+                     f'Sfumato draws {rng.default} noise (the "{rng.label}" setting), so the same seed gives a different picture.')
+    refused, unknown = [], []
+    body = {FIELDS[name].infotext for name in _BODY_FIELDS}
+    for key, text in params.items():
+        if key in body or key in _INFORMATIONAL_KEYS:
+            continue
+        field = FIELDS.by_infotext_key(_KEY_ALIASES.get(key, key))
+        if field is None:
+            split_from = key[:-2] if key.endswith(("-1", "-2")) else None  # the parser's copy of a "WxH" value
+            if split_from not in params and not _is_known_key(key):
+                unknown.append(f"{key}: {text}")
+        elif field.owner == CORE and field.name not in applied:
+            refused.append(f"{key}: {text}")
+    if unknown:
+        notes.append("Not applied (Sfumato has no such setting): " + ", ".join(unknown) + ".")
+    if refused:
+        notes.append("Not applied (a value Sfumato does not accept): " + ", ".join(refused) + ".")
+    if local_lora_hash is not None and isinstance(params.get(LORA_HASHES_KEY), str):
+        differ = [name for name, digest in parse_name_hashes(params[LORA_HASHES_KEY]).items()
+                  if (local := local_lora_hash(name)) is not None and local != digest]
+        if differ:
+            notes.append("Other LoRA files than the image's (their hashes differ): " + ", ".join(differ) + ".")
+    return notes

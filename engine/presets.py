@@ -23,10 +23,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-from . import atomic_write, samplers
+from . import atomic_write
+from .sampling import table as samplers
 from .errors import ValidationError
+from .fields import CORE, FIELDS
 from .outputs import OutputError
 from .request import GenerationRequest
 
@@ -35,24 +37,26 @@ MAX_NAME_LENGTH = 100
 MAX_DESCRIPTION_LENGTH = 2_000
 MAX_IMPORT_BYTES = 1_000_000
 
-# Preset field → the Python types it accepts. Numbers accept ints too; bools are never numbers.
-FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "prompt": (str,),
-    "negative_prompt": (str,),
-    "model": (str,),
-    "sampler": (str,),
-    "schedule": (str,),
-    "steps": (int,),
-    "cfg_scale": (int, float),
-    "width": (int,),
-    "height": (int,),
-    "seed": (int,),
-    "batch_size": (int,),
-    "batch_count": (int,),
-    "denoising_strength": (int, float),
-    "zero_terminal_snr": (bool,),
-    "controlnet": (list,),
-}
+
+
+class _PresetFieldTypes(Mapping[str, tuple[type, ...]]):
+    """Preset field → the Python types it accepts: every field declared preset-saveable (``engine.fields``),
+    the loaded extensions' included, read when asked. Numbers accept ints too; bools are never numbers."""
+
+    def __getitem__(self, name: str) -> tuple[type, ...]:
+        field = FIELDS.get(name)
+        if field is None or not field.preset:
+            raise KeyError(name)
+        return field.preset_types
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([field.name for field in FIELDS.saved_in_presets()])
+
+    def __len__(self) -> int:
+        return len(FIELDS.saved_in_presets())
+
+
+FIELD_TYPES: Mapping[str, tuple[type, ...]] = _PresetFieldTypes()
 _TOP_LEVEL_KEYS = ("name", "description", "fields")
 _UNSAFE_FILENAME_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 
@@ -118,19 +122,28 @@ def _request_problem(name: str, value: Any) -> str | None:
     return None
 
 
-def _controlnet_problem(units: list[Any]) -> str | None:
-    if not all(isinstance(unit, dict) for unit in units):
-        return "must be a list of unit settings (JSON objects)"
+def _is_extension_field(name: str) -> bool:
+    field = FIELDS.get(name)
+    return field is not None and field.owner != CORE
+
+
+def _extension_settings_problem(settings: Any) -> str | None:
+    """An extension's saved settings must be plain JSON (its own checks run when they are used); a list holds objects."""
+    if isinstance(settings, list) and not all(isinstance(item, dict) for item in settings):
+        return "must be a list of settings (JSON objects)"
     try:
-        json.dumps(units, allow_nan=False)
+        json.dumps(settings, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as error:
         return f"must hold plain JSON values only ({error})"
     return None
 
 
-def _check_fields(fields: Mapping[Any, Any], problems: list[tuple[str, str]]) -> dict[str, Any]:
+def _check_fields(fields: Mapping[Any, Any], problems: list[tuple[str, str]], set_aside: list[str] | None = None) -> dict[str, Any]:
     clean: dict[str, Any] = {}
     for name, value in fields.items():
+        if name not in FIELD_TYPES and set_aside is not None and isinstance(name, str) and name not in FIELDS:
+            set_aside.append(name)
+            continue
         if name not in FIELD_TYPES:
             problems.append((f"fields.{name}", f"unknown field; presets may set {', '.join(FIELD_TYPES)}"))
             continue
@@ -139,7 +152,7 @@ def _check_fields(fields: Mapping[Any, Any], problems: list[tuple[str, str]]) ->
             wanted = " or ".join("true/false" if kind is bool else kind.__name__ for kind in types)
             problems.append((f"fields.{name}", f"must be {wanted}, got {type(value).__name__}"))
             continue
-        problem = _controlnet_problem(value) if name == "controlnet" else _request_problem(name, value)
+        problem = _extension_settings_problem(value) if _is_extension_field(name) else _request_problem(name, value)
         if problem:
             problems.append((f"fields.{name}", problem))
             continue
@@ -170,8 +183,12 @@ def _canonical_sampler(clean: dict[str, Any], problems: list[tuple[str, str]]) -
         clean["schedule"] = request.schedule
 
 
-def validate_preset(data: Any) -> Preset:
-    """A checked Preset from parsed JSON; raises PresetError (a ValidationError) listing every problem."""
+def validate_preset(data: Any, set_aside: list[str] | None = None) -> Preset:
+    """A checked Preset from parsed JSON; raises PresetError (a ValidationError) listing every problem.
+
+    With a ``set_aside`` list, fields nobody declares (those of an extension that is not loaded) are named
+    there and left out instead of refused: a stored preset still loads while its extension is disabled.
+    """
     if not isinstance(data, Mapping):
         raise PresetError([("preset", f"must be a JSON object with name, description and fields, got {type(data).__name__}")])
     problems: list[tuple[str, str]] = []
@@ -188,7 +205,7 @@ def validate_preset(data: Any) -> Preset:
     fields = data.get("fields", {})
     clean: dict[str, Any] = {}
     if isinstance(fields, Mapping):
-        clean = _check_fields(fields, problems)
+        clean = _check_fields(fields, problems, set_aside)
     else:
         problems.append(("fields", f"must be a JSON object of request fields, got {type(fields).__name__}"))
     if not problems and not _is_unicode(json.dumps(clean, ensure_ascii=False) + description):
@@ -292,8 +309,8 @@ def _restore_settings(preset: Preset, current: Mapping[str, Any]) -> dict[str, A
     for name, value in preset.fields.items():
         if name in PROMPT_FIELDS:
             continue
-        # ControlNet units are nested: a copy the caller may change freely
-        result[name] = json.loads(json.dumps(value)) if name == "controlnet" else value
+        # an extension's settings are nested: a copy the caller may change freely
+        result[name] = json.loads(json.dumps(value)) if _is_extension_field(name) else value
     return result
 
 
@@ -348,11 +365,15 @@ class PresetStore:
         if not folder.is_dir():
             return presets
         for path in sorted(folder.glob("*.json")):
+            set_aside: list[str] = []
             try:
-                preset = validate_preset(json.loads(path.read_text(encoding="utf-8-sig")))
+                preset = validate_preset(json.loads(path.read_text(encoding="utf-8-sig")), set_aside)
             except (OSError, ValueError, RecursionError) as error:
                 self.problems.append(f"{path}: {error}")
                 continue
+            if set_aside:
+                self.problems.append(f"{path}: {', '.join(set_aside)} left out: no loaded extension declares "
+                                     f"{'it' if len(set_aside) == 1 else 'them'} (is its extension disabled?)")
             presets[preset.name] = Preset(preset.name, preset.description, preset.fields, builtin=builtin)
         return presets
 

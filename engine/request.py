@@ -1,4 +1,7 @@
-"""The one immutable, validated request the engine accepts, and what it returns."""
+"""The one immutable, validated request the engine accepts, and what it returns.
+
+Its fields are declared (type, default, limits) in ``engine.fields``; this module checks a request against them.
+"""
 from __future__ import annotations
 
 import math
@@ -11,37 +14,19 @@ from typing import Any, Mapping
 
 from PIL import Image
 
-from . import samplers
+from .sampling import table as samplers
 from .errors import ValidationError
+from .fields import (  # noqa: F401 - the choice lists are declared with their fields; re-exported for existing callers
+    FIELDS, INPAINT_AREAS, MASKED_CONTENT, MODES, OUTPAINT_SIDES, PREVIEW_METHODS, RESIZE_MODES, RNG_SOURCES, Field, default,
+)
 from .prompts import weight_problem
-from .seeds import MAX_SEED
 
-MODES = ("txt2img", "img2img", "inpaint")
-RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")
-MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
-INPAINT_AREAS = ("Whole picture", "Only masked")
-PREVIEW_METHODS = ("cheap", "full", "taesd", "none")
-# Where the noise comes from, as A1111 names it: a CPU generator (the same on every machine), the GPU's own
-# (what A1111 uses by default, and what an infotext without an "RNG" key was made with), or "NV", a CPU
-# emulation of CUDA's Philox generator.
-RNG_SOURCES = ("CPU", "GPU", "NV")
-
+# Each request field's limits are declared in engine/fields.py; this table reads them from there for older callers
+# (``LIMITS["steps"]``), and adds the limits that belong to no one field.
 LIMITS = {
-    "steps": (1, 150),
-    "cfg_scale": (0.0, 30.0),
-    "size": (64, 4096),
-    "batch_size": (1, 8),
-    "batch_count": (1, 100),
-    "denoising_strength": (0.0, 1.0),
-    "subseed_strength": (0.0, 1.0),
-    "mask_blur": (0, 64),
-    "inpaint_padding": (0, 256),
-    "outpaint": (0, 1024),
-    "preview_every": (0, 150),
-    "clip_skip": (1, 12),
-    "eta": (0.0, 1.0),
-    "eta_noise_seed_delta": (0, 2**32 - 1),
-    "prompt_chars": 20_000,
+    **{declared.name: declared.range for declared in FIELDS.core() if declared.range is not None},
+    "size": FIELDS["width"].range,
+    "prompt_chars": FIELDS["prompt"].max_length,
     "prompt_weight": 1000.0,  # the largest weight nested ``(...)`` groups may multiply to
     "image_pixels": 4096 * 4096,
 }
@@ -58,7 +43,7 @@ def _check_range(name: str, value: Any, low: float, high: float, integer: bool) 
         raise ValidationError(name, f"must be between {low} and {high}, got {value!r}")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def _check_choice(name: str, value: Any, choices: list[str] | tuple[str, ...]) -> None:
     if value not in choices:
         raise ValidationError(name, f"must be one of {', '.join(choices)}; got {value!r}")
 
@@ -73,57 +58,96 @@ def _check_image(name: str, value: Any) -> None:
         raise ValidationError(name, f"image is {width}x{height}; it must be non-empty and at most {LIMITS['image_pixels']} pixels")
 
 
+def _check_text(name: str, value: Any, max_length: int | None) -> None:
+    if not isinstance(value, str):
+        raise ValidationError(name, f"must be text, got {type(value).__name__}")
+    if max_length is not None and len(value) > max_length:
+        raise ValidationError(name, f"is {len(value)} characters; at most {max_length} are allowed")
+    if "\x00" in value:
+        raise ValidationError(name, "must not contain NUL characters")
+
+
+def check_declared(field: Field, value: Any) -> Any:
+    """``value`` checked against ``field``'s declared type and limits; returns it (a tuple for ``outpaint``).
+
+    Raises ValidationError naming the field. Checks that need other fields (a mask needs an
+    init image) or another module's knowledge (sampler names) are the request's own.
+    """
+    name = field.name
+    if value is None and field.optional:
+        return value
+    if field.type is bool:
+        if not isinstance(value, bool):
+            raise ValidationError(name, "must be true or false")
+    elif field.type in (int, float):
+        _check_range(name, value, *field.range, integer=field.type is int)
+        if field.multiple_of and value % field.multiple_of:
+            raise ValidationError(name, f"must be a multiple of {field.multiple_of}, got {value}")
+    elif field.type is tuple:
+        if not isinstance(value, (tuple, list)) or len(value) != len(OUTPAINT_SIDES):
+            raise ValidationError(name, "must be four pixel counts: " + ", ".join(OUTPAINT_SIDES))
+        for side, part in zip(OUTPAINT_SIDES, value):
+            _check_range(f"{name}.{side}", part, *field.range, integer=True)
+        return tuple(value)
+    elif field.type is str:
+        choices = field.choice_list()
+        if choices is not None:
+            _check_choice(name, value, choices)
+        else:
+            _check_text(name, value, field.max_length)
+    elif field.type is Image.Image:
+        _check_image(name, value)
+    return value
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """Everything one generation needs. Validated when constructed; never mutated.
 
+    Each field is declared, with its type, default, limits and meaning, in
+    ``engine.fields``; the defaults below are read from there.
     ``width``/``height`` of None mean the model's native size. ``init_image``
     makes it img2img; a ``mask`` or a non-zero ``outpaint`` makes it inpaint.
     ``extensions`` maps an extension name to that extension's own settings.
     """
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    model: str | None = None
-    sampler: str = samplers.DEFAULT_SAMPLER
-    schedule: str = samplers.DEFAULT_SCHEDULE
-    zero_terminal_snr: bool = False
-    steps: int = 20
-    cfg_scale: float = 7.0
-    width: int | None = None
-    height: int | None = None
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0.0
-    batch_size: int = 1
-    batch_count: int = 1
-    init_image: Image.Image | None = None
-    denoising_strength: float = 0.75
-    resize_mode: str = "Just resize"
-    mask: Image.Image | None = None
-    mask_blur: int = 4
-    invert_mask: bool = False
-    masked_content: str = "original"
-    inpaint_area: str = "Whole picture"
-    inpaint_padding: int = 32
-    outpaint: tuple[int, int, int, int] = (0, 0, 0, 0)
-    preview_every: int = 1
-    preview_method: str = "cheap"
-    clip_skip: int = 1  # A1111's "Clip skip": 1 uses the text encoder's last layer, 2 the one before, ...
-    eta: float | None = None  # None: the sampler's own default (1 for ancestral and SDE samplers, 0 for DDIM)
-    eta_noise_seed_delta: int = 0  # A1111's ENSD: ancestral and SDE noise is drawn from seed + this after the first noise
-    rng: str = "CPU"  # one of RNG_SOURCES
+    prompt: str = default("prompt")
+    negative_prompt: str = default("negative_prompt")
+    model: str | None = default("model")
+    sampler: str = default("sampler")
+    schedule: str = default("schedule")
+    zero_terminal_snr: bool = default("zero_terminal_snr")
+    steps: int = default("steps")
+    cfg_scale: float = default("cfg_scale")
+    width: int | None = default("width")
+    height: int | None = default("height")
+    seed: int = default("seed")
+    subseed: int = default("subseed")
+    subseed_strength: float = default("subseed_strength")
+    batch_size: int = default("batch_size")
+    batch_count: int = default("batch_count")
+    init_image: Image.Image | None = default("init_image")
+    denoising_strength: float = default("denoising_strength")
+    resize_mode: str = default("resize_mode")
+    mask: Image.Image | None = default("mask")
+    mask_blur: int = default("mask_blur")
+    invert_mask: bool = default("invert_mask")
+    masked_content: str = default("masked_content")
+    inpaint_area: str = default("inpaint_area")
+    inpaint_padding: int = default("inpaint_padding")
+    outpaint: tuple[int, int, int, int] = default("outpaint")
+    preview_every: int = default("preview_every")
+    preview_method: str = default("preview_method")
+    clip_skip: int = default("clip_skip")
+    eta: float | None = default("eta")
+    eta_noise_seed_delta: int = default("eta_noise_seed_delta")
+    rng: str = default("rng")
     extensions: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
-            if not isinstance(value, str):
-                raise ValidationError(name, f"must be text, got {type(value).__name__}")
-            if len(value) > LIMITS["prompt_chars"]:
-                raise ValidationError(name, f"is {len(value)} characters; at most {LIMITS['prompt_chars']} are allowed")
-            if "\x00" in value:
-                raise ValidationError(name, "must not contain NUL characters")
+            _check_text(name, value, FIELDS[name].max_length)
             surrogate = _LONE_SURROGATE.search(value)
             if surrogate:  # JSON "\ud800" decodes to one; nothing downstream (tokenizer, PNG text) can encode it
                 raise ValidationError(name, f"contains an invalid character (an unpaired UTF-16 surrogate, "
@@ -146,42 +170,10 @@ class GenerationRequest:
             raise ValidationError("zero_terminal_snr", "must be true or false")
         samplers.check_combination(sampler, schedule, self.zero_terminal_snr)
 
-        _check_range("steps", self.steps, *LIMITS["steps"], integer=True)
-        _check_range("cfg_scale", self.cfg_scale, *LIMITS["cfg_scale"], integer=False)
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is None:
+        for declared in FIELDS.core():
+            if declared.name in _CHECKED_ABOVE or declared.name not in _DATACLASS_FIELDS:
                 continue
-            _check_range(name, value, *LIMITS["size"], integer=True)
-            if value % 8:
-                raise ValidationError(name, f"must be a multiple of 8, got {value}")
-        for name in ("seed", "subseed"):
-            _check_range(name, getattr(self, name), -1, MAX_SEED, integer=True)
-        _check_range("subseed_strength", self.subseed_strength, *LIMITS["subseed_strength"], integer=False)
-        _check_range("batch_size", self.batch_size, *LIMITS["batch_size"], integer=True)
-        _check_range("batch_count", self.batch_count, *LIMITS["batch_count"], integer=True)
-        _check_range("denoising_strength", self.denoising_strength, *LIMITS["denoising_strength"], integer=False)
-        _check_choice("resize_mode", self.resize_mode, RESIZE_MODES)
-        _check_range("mask_blur", self.mask_blur, *LIMITS["mask_blur"], integer=True)
-        if not isinstance(self.invert_mask, bool):
-            raise ValidationError("invert_mask", "must be true or false")
-        _check_choice("masked_content", self.masked_content, MASKED_CONTENT)
-        _check_choice("inpaint_area", self.inpaint_area, INPAINT_AREAS)
-        _check_range("inpaint_padding", self.inpaint_padding, *LIMITS["inpaint_padding"], integer=True)
-        if not isinstance(self.outpaint, (tuple, list)) or len(self.outpaint) != 4:
-            raise ValidationError("outpaint", "must be four pixel counts: left, right, up, down")
-        for side, value in zip(("left", "right", "up", "down"), self.outpaint):
-            _check_range(f"outpaint.{side}", value, *LIMITS["outpaint"], integer=True)
-        object.__setattr__(self, "outpaint", tuple(self.outpaint))
-        _check_range("preview_every", self.preview_every, *LIMITS["preview_every"], integer=True)
-        _check_choice("preview_method", self.preview_method, PREVIEW_METHODS)
-        _check_range("clip_skip", self.clip_skip, *LIMITS["clip_skip"], integer=True)
-        if self.eta is not None:
-            _check_range("eta", self.eta, *LIMITS["eta"], integer=False)
-        _check_range("eta_noise_seed_delta", self.eta_noise_seed_delta, *LIMITS["eta_noise_seed_delta"], integer=True)
-        _check_choice("rng", self.rng, RNG_SOURCES)
-        _check_image("init_image", self.init_image)
-        _check_image("mask", self.mask)
+            object.__setattr__(self, declared.name, check_declared(declared, getattr(self, declared.name)))
         if (self.mask is not None or any(self.outpaint)) and self.init_image is None:
             raise ValidationError("init_image", "inpainting and outpainting need an init image")
         if self.mask is not None and self.mask.size != self.init_image.size:
@@ -211,6 +203,12 @@ class GenerationRequest:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+_DATACLASS_FIELDS = frozenset(GenerationRequest.field_names())
+# Checked in __post_init__ before the declared checks: prompts (surrogates, weights), the model name, and the
+# sampler and schedule (resolved from aliases and legacy names first); extensions are checked by their owners.
+_CHECKED_ABOVE = frozenset({"prompt", "negative_prompt", "model", "sampler", "schedule", "zero_terminal_snr", "extensions"})
 
 
 STOP_REASONS = ("interrupted", "skipped")

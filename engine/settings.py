@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from . import atomic_write
 from .devices import DEVICE_CHOICES, DTYPE_CHOICES
 from .errors import SfumatoError, ValidationError
 from .outputs import DEFAULT_PATTERN, pattern_problem
-from .request import PREVIEW_METHODS
+from .fields import FIELDS
 
 log = logging.getLogger("sfumato")
 
@@ -29,17 +30,19 @@ class Settings:
     default_model: str = ""
     device: str = "auto"
     dtype: str = "auto"
-    controlnet_units: int = 3
+    # Each extension's own settings, by extension name (declared by the extension; the Settings tab shows them).
+    extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
     save_outputs: bool = True
     # Off, as A1111's "Save incomplete images": an interrupted or skipped image is shown but not saved.
     save_interrupted_images: bool = False
 
     def problems(self) -> Iterator[tuple[str, str]]:
         """(field, what is wrong with it) for every unusable value."""
-        if not _is_int(self.preview_every) or not 0 <= self.preview_every <= 150:
-            yield "preview_every", "must be an integer from 0 (off) to 150"
-        if self.preview_method not in PREVIEW_METHODS:
-            yield "preview_method", f"must be one of {', '.join(PREVIEW_METHODS)}"
+        low, high = FIELDS["preview_every"].range
+        if not _is_int(self.preview_every) or not low <= self.preview_every <= high:
+            yield "preview_every", f"must be an integer from {low} (off) to {high}"
+        if self.preview_method not in FIELDS["preview_method"].choice_list():
+            yield "preview_method", f"must be one of {', '.join(FIELDS['preview_method'].choice_list())}"
         if (problem := pattern_problem(self.output_pattern)) is not None:
             yield "output_pattern", problem
         if not isinstance(self.default_model, str):
@@ -48,8 +51,14 @@ class Settings:
             yield "device", f"must be one of {', '.join(DEVICE_CHOICES)}"
         if self.dtype not in DTYPE_CHOICES:
             yield "dtype", f"must be one of {', '.join(DTYPE_CHOICES)}"
-        if not _is_int(self.controlnet_units) or not 1 <= self.controlnet_units <= 8:
-            yield "controlnet_units", "must be an integer from 1 to 8"
+        if not isinstance(self.extensions, dict) or not all(isinstance(name, str) and isinstance(values, dict)
+                                                            for name, values in self.extensions.items()):
+            yield "extensions", "must map extension names to their settings (JSON objects)"
+        else:
+            try:
+                json.dumps(self.extensions, allow_nan=False)
+            except (TypeError, ValueError) as error:
+                yield "extensions", f"must hold plain JSON values only ({error})"
         if not isinstance(self.save_outputs, bool):
             yield "save_outputs", "must be true or false"
         if not isinstance(self.save_interrupted_images, bool):

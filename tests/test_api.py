@@ -129,8 +129,8 @@ def test_only_masked_inpainting_from_a1111_defaults(server):
 
 @pytest.mark.parametrize("payload, sampler, schedule", [
     ({"sampler_name": "DPM++ 2M Karras"}, "DPM++ 2M", "Karras"),
-    ({"sampler_name": "k_euler_a"}, "Euler a", "Automatic"),
-    ({"sampler_index": "euler"}, "Euler", "Automatic"),
+    ({"sampler_name": "k_euler_a"}, "Euler a", "Uniform"),  # "Automatic" is written resolved, as A1111 writes it
+    ({"sampler_index": "euler"}, "Euler", "Uniform"),
     ({"sampler_name": "dpm++ 2m", "scheduler": "karras"}, "DPM++ 2M", "Karras"),
 ])
 def test_sampler_names_match_as_a1111_matches_them(server, payload, sampler, schedule):

@@ -43,13 +43,15 @@ def test_smoke_mode_uses_tiny_models_only(ctx):
     assert ctx.models.sd1 == "tiny-sd1" and ctx.models.sdxl == "tiny-sdxl"
 
 
-def test_engine_matches_diffusers_pixel_for_pixel_and_reports_both_prompt_ratios(ctx):
+def test_engine_draws_diffusers_picture_within_a_few_levels_and_reports_both_prompt_ratios(ctx):
+    """Both run DPM-Solver++(2M) over the same Karras σs; diffusers rounds the model's timesteps to integers and
+    takes a first-order last step, A1111 (and the engine) do neither, so the pictures agree closely, not exactly."""
     result = peer.run(ctx)
     assert result.skipped is None
     for family in ("sd1", "sdxl"):
         figures = result.figures[family]
         assert figures["cold_prompt"] > 0 and figures["warm_prompt"] > 0
-        assert figures["max_pixel_diff"] == 0, f"{family}: engine and diffusers disagree at the same seed"
+        assert figures["max_pixel_diff"] <= 4, f"{family}: engine and diffusers disagree at the same seed"
 
 
 def test_compute_floor_bench_reports_ratio_and_step_time(ctx):

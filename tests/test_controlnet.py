@@ -352,6 +352,24 @@ def test_soft_injection_scales_are_a1111s(cn):
     assert cn.hook.step_window(1.0, 1.0, 20) is None
 
 
+def test_the_guidance_window_is_keyed_by_the_schedule_fraction_for_samplers_that_call_twice_per_step(cn_engine, cn, monkeypatch):
+    """Heun calls the model at σ_i and σ_(i+1): each call counts where its own σ lies in the schedule, so a unit
+    guided over [0.2, 0.5] of 6 steps runs at the calls made at fractions 2/6 and 3/6, and at no other."""
+    seen: list[tuple[float, bool]] = []
+    original = cn.hook.ControlNetHook.unet_kwargs
+
+    def recording(self, point, *args):
+        kwargs = original(self, point, *args)
+        seen.append((point.fraction, bool(kwargs)))
+        return kwargs
+
+    monkeypatch.setattr(cn.hook.ControlNetHook, "unet_kwargs", recording)
+    cn_engine.generate(request(sampler="Heun", schedule="Karras", extensions={"controlnet": [unit(guidance_start=0.2, guidance_end=0.5)]}))
+    assert len(seen) == 2 * 6 - 1  # Heun's last step, to σ = 0, is a single Euler call
+    assert sorted({round(fraction * 6) for fraction, active in seen if active}) == [2, 3]
+    assert all(active == (0.2 <= fraction <= 0.5) for fraction, active in seen)
+
+
 def test_single_file_controlnet_matches_its_folder(cn_engine):
     folder = pixels(cn_engine.generate(request(extensions={"controlnet": [unit("tiny-cn-sd1")]})))
     single = pixels(cn_engine.generate(request(extensions={"controlnet": [unit("tiny-cn-single")]})))

@@ -22,7 +22,7 @@ class Hook:
     def __init__(self, settings):
         self.settings = settings
 
-    def unet_kwargs(self, step_index, timestep, latent_model_input, encoder_hidden_states, added_cond_kwargs):
+    def unet_kwargs(self, point, latent_model_input, encoder_hidden_states, added_cond_kwargs):
         return {}
 
 

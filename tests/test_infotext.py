@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from engine import samplers
+from engine.sampling import table as samplers
 from engine.errors import ValidationError
 from engine.infotext import (
     NEGATIVE_PREFIX,
@@ -31,13 +31,15 @@ def test_txt2img_infotext_has_exact_a1111_shape():
         "a cat\n"
         "Negative prompt: blurry\n"
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123, Size: 512x512, "
-        f"Model hash: 1a2b3c4d5e, Model: name, Version: {VERSION}"
+        f"Model hash: 1a2b3c4d5e, Model: name, RNG: CPU, Version: {VERSION}"
     )
 
 
 def test_negative_line_left_out_when_empty_and_empty_values_omitted():
     text = build_infotext(GenerationRequest(prompt="a cat"), seed=1, model_name=None, model_hash="")
-    assert text.splitlines() == ["a cat", f"Steps: 20, Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 7, Seed: 1, Version: {VERSION}"]
+    # "Automatic" is written resolved, as A1111 writes it (DPM++ 2M's default is Karras); RNG is written unless it is
+    # A1111's GPU default, since a missing key means GPU noise
+    assert text.splitlines() == ["a cat", f"Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, RNG: CPU, Version: {VERSION}"]
     assert NEGATIVE_PREFIX not in text and "Model" not in text and "Size" not in text
 
 
@@ -132,9 +134,14 @@ def test_invalid_and_unknown_values_are_skipped():
     assert request_fields_from_infotext("not a dict") == {}  # type: ignore[arg-type]
 
 
-def test_schedule_the_sampler_cannot_use_is_dropped():
+def test_euler_a_with_karras_is_read_as_written():
     fields = request_fields_from_infotext(parse_infotext("p\nSteps: 20, Sampler: Euler a, Schedule type: Karras, Seed: 1"))
-    assert fields["sampler"] == "Euler a" and "schedule" not in fields
+    assert fields["sampler"] == "Euler a" and fields["schedule"] == "Karras"
+
+
+def test_a_timestep_sampler_writes_no_schedule_type():
+    text = build_infotext(GenerationRequest(prompt="p", sampler="DDIM", schedule="Karras"), seed=1, model_name=None, model_hash=None)
+    assert "Schedule type" not in text  # A1111's DDIM, PLMS and UniPC ignore the schedule and do not name one
 
 
 # --- property tests ------------------------------------------------------------
@@ -166,6 +173,10 @@ def requests(draw):
         height=draw(st.integers(8, 512)) * 8,
         subseed_strength=draw(st.one_of(st.just(0.0), st.floats(0, 1))),
         subseed=draw(st.integers(0, MAX_SEED)),
+        clip_skip=draw(st.integers(1, 12)),
+        eta=draw(st.one_of(st.none(), st.floats(0, 1))),
+        eta_noise_seed_delta=draw(st.one_of(st.just(0), st.integers(0, 2**32 - 1))),
+        rng=draw(st.sampled_from(["CPU", "GPU", "NV"])),
     )
     if mode != "txt2img":
         values.update(init_image=INIT, denoising_strength=draw(st.floats(0, 1)), resize_mode=draw(st.sampled_from(RESIZE_MODES)))
@@ -185,15 +196,26 @@ def test_round_trip_reproduces_every_written_field(request, seed, model):
     fields = request_fields_from_infotext(parse_infotext(build_infotext(request, seed, model, "abcdef0123")))
     expected = {
         "prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
-        "sampler": request.sampler, "schedule": request.schedule, "cfg_scale": float(request.cfg_scale), "seed": seed,
+        "sampler": request.sampler, "cfg_scale": float(request.cfg_scale), "seed": seed,
         "width": request.width, "height": request.height,
     }
+    written_schedule = samplers.infotext_schedule(request.sampler, request.schedule)  # Automatic comes back resolved
+    if written_schedule is not None:
+        expected["schedule"] = written_schedule
     if model is not None:
         expected["model"] = model
     if request.subseed_strength > 0:
         expected.update(subseed=request.subseed, subseed_strength=request.subseed_strength)
     if request.zero_terminal_snr:
         expected["zero_terminal_snr"] = True
+    if request.clip_skip != 1:
+        expected["clip_skip"] = request.clip_skip
+    if request.eta is not None and samplers.find_sampler(request.sampler).eta_default not in (None, request.eta):
+        expected["eta"] = request.eta  # A1111 writes eta only when it differs from the sampler's default
+    if request.eta_noise_seed_delta and samplers.find_sampler(request.sampler).noise != samplers.NO_NOISE:
+        expected["eta_noise_seed_delta"] = request.eta_noise_seed_delta  # only samplers that draw noise write ENSD
+    if request.rng != "GPU":  # A1111 leaves its default out, and so do we
+        expected["rng"] = request.rng
     if request.mode != "txt2img":
         expected.update(denoising_strength=request.denoising_strength, resize_mode=request.resize_mode)
     if request.mode == "inpaint":

@@ -60,7 +60,8 @@ def test_img2img_counts_the_steps_it_actually_runs(engine):
 
     init = Image.new("RGB", (64, 64), (200, 30, 30))
     result = generate_stopped(engine, "interrupt", init_image=init, denoising_strength=0.5)
-    assert result.images[0].stopped_early == EarlyStop(reason="interrupted", step=2, total_steps=10)
+    # A1111's img2img runs t_enc + 1 steps, t_enc = int(0.5 · 20) = 10
+    assert result.images[0].stopped_early == EarlyStop(reason="interrupted", step=2, total_steps=11)
 
 
 def test_a_finished_image_has_no_stop_mark(engine):

@@ -62,3 +62,48 @@ def test_no_family_is_tested_outside_the_family_files():
                 continue
             offenders += [f"{relative}: {line}" for line in family_tests_in(path.read_text())]
     assert offenders == []
+
+
+# Files another branch is replacing as this test lands (the sampling rewrite drops diffusers' loop): they may still
+# mention an extension until then. Nothing else may; a listed file that no longer does is simply clean.
+_BEING_REPLACED = {"engine/sampling/diffusers_loop.py"}
+
+
+def extension_names() -> list[str]:
+    """Every extension the repository ships: a folder under extensions/ holding a package."""
+    return sorted(entry.name for entry in (ROOT / "extensions").iterdir() if (entry / "__init__.py").is_file())
+
+
+def naming_pattern(names: list[str]) -> re.Pattern:
+    """An extension's name anywhere in the text (code, strings, comments), in any case, as a word of its own.
+
+    Underscores and other punctuation separate words, so ``controlnet_units`` and ``/controlnet/`` count;
+    a longer word that merely contains the name does not.
+    """
+    return re.compile(r"(?<![A-Za-z0-9])(" + "|".join(re.escape(name) for name in names) + r")(?![A-Za-z0-9])", re.I)
+
+
+def core_files_naming(names: list[str]) -> dict[str, list[str]]:
+    pattern = naming_pattern(names)
+    found: dict[str, list[str]] = {}
+    for folder in ("engine", "ui"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if pattern.search(line):
+                    found.setdefault(path.relative_to(ROOT).as_posix(), []).append(f"{number}: {line.strip()}")
+    return found
+
+
+def test_core_files_never_name_an_extension_in_code_strings_or_comments():
+    names = extension_names()
+    assert names, "the repository ships at least one extension to check against"
+    offenders = {path: lines for path, lines in core_files_naming(names).items() if path not in _BEING_REPLACED}
+    assert offenders == {}
+
+
+def test_the_name_check_sees_strings_comments_and_identifiers():
+    pattern = naming_pattern(["myext"])
+    for line in ('x = "myext"', "# the MyExt units", "myext_units: int = 3", 'API = ("/myext/",)', "MyExt 0: ..."):
+        assert pattern.search(line), line
+    for line in ("myextension = 1", "notmyext", "my ext"):
+        assert not pattern.search(line), line

@@ -394,6 +394,23 @@ def test_infotext_keeps_the_tags_and_writes_lora_hashes(lora_engine, models_root
     assert parse_name_hashes(parse_infotext(info)["Lora hashes"]) == {"tiny-sd1-kohya": kohya, "lyco-loha": loha}
 
 
+def test_loading_an_infotext_with_lora_hashes_notes_only_files_that_differ(lora_engine, models_root):
+    """"Lora hashes" is no setting to apply (the tags in the prompt apply the LoRAs): never an unknown key; a note
+    names a LoRA only when the local file's hash differs from the image's."""
+    from engine.infotext import loading_notes, parse_infotext, request_fields_from_infotext
+
+    kohya = a1111_short_hash(models_root / "Lora" / "tiny-sd1" / "tiny-sd1-kohya.safetensors")
+    loha = a1111_short_hash(models_root / "LyCORIS" / "styles" / "lyco-loha.safetensors")
+    other = "0123456789ab" if loha != "0123456789ab" else "ba9876543210"
+    text = ("a cat <lora:tiny-sd1-kohya:1> <lora:lyco-loha:1> <lora:elsewhere:1>\nSteps: 4, Sampler: Euler, Seed: 1, "
+            f'Lora hashes: "tiny-sd1-kohya: {kohya}, lyco-loha: {other}, elsewhere: 111111111111", Version: v1.10.1')
+    params = parse_infotext(text)
+    applied = request_fields_from_infotext(params)
+    assert not any("Lora hashes" in note for note in loading_notes(params, applied))
+    differ = [note for note in loading_notes(params, applied, lora_engine.networks.short_hash_of) if "hashes differ" in note]
+    assert len(differ) == 1 and "lyco-loha" in differ[0] and "tiny-sd1-kohya" not in differ[0] and "elsewhere" not in differ[0]
+
+
 def test_the_hash_ignores_metadata_edits(lora_engine, models_root, tmp_path):
     """A1111's "addnet" hash covers the tensors only: the same tensors with other metadata hash the same."""
     from engine.networks import NetworkFile

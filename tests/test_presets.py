@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import samplers
+from engine.sampling import table as samplers
 from engine.errors import SfumatoError, ValidationError
 from engine.presets import (
     FIELD_TYPES,
@@ -26,6 +26,14 @@ from engine.presets import (
 from engine.request import GenerationRequest
 
 SHIPPED = Path(__file__).resolve().parent.parent / "presets"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def extension_fields(tmp_path_factory):
+    """The shipped extensions loaded, so their preset fields (ControlNet's units) are declared, as in the app."""
+    from engine.extensions import ExtensionManager
+
+    ExtensionManager(SHIPPED.parent / "extensions", tmp_path_factory.mktemp("extensions") / "state.json")
 
 
 @pytest.fixture
@@ -57,7 +65,11 @@ def test_range_errors_come_from_the_request_rules():
     assert error.value.field == "fields.width" and "multiple of 8" in error.value.message
 
 
-def test_sampler_and_schedule_are_checked_together():
+def test_sampler_and_schedule_are_checked_together(monkeypatch):
+    assert validate_preset({"name": "x", "fields": {"sampler": "Euler a", "schedule": "Karras"}})  # A1111 offers it
+    real = samplers.unsupported_reason
+    monkeypatch.setattr(samplers, "unsupported_reason", lambda sampler, schedule, zero_snr=False: (
+        "not available in this build" if (sampler, schedule) == ("Euler a", "Karras") else real(sampler, schedule, zero_snr)))
     with pytest.raises(ValidationError) as error:
         validate_preset({"name": "x", "fields": {"sampler": "Euler a", "schedule": "Karras"}})
     assert error.value.field == "fields.schedule"
@@ -86,8 +98,11 @@ def test_apply_merges_prompts_and_replaces_other_fields_without_touching_current
     assert current == {"prompt": "a cat", "negative_prompt": "lowres", "steps": 20, "seed": 5}
 
 
-def test_apply_resets_a_schedule_the_new_sampler_cannot_use():
+def test_apply_resets_a_schedule_the_new_sampler_cannot_use(monkeypatch):
     preset = validate_preset({"name": "E", "fields": {"sampler": "Euler a"}})
+    real = samplers.unsupported_reason
+    monkeypatch.setattr(samplers, "unsupported_reason", lambda sampler, schedule, zero_snr=False: (
+        "not available in this build" if (sampler, schedule) == ("Euler a", "Karras") else real(sampler, schedule, zero_snr)))
     assert apply_preset(preset, {"sampler": "DPM++ 2M", "schedule": "Karras"})["schedule"] == "Automatic"
     assert apply_preset(preset, {"sampler": "DPM++ 2M", "schedule": "Uniform"})["schedule"] == "Uniform"
 

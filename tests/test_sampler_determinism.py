@@ -17,10 +17,7 @@ import torch
 
 from engine import GenerationRequest
 
-try:  # the sampler table's new home, once sampling is rewritten
-    from engine.sampling.table import sampler_names
-except ImportError:
-    from engine.samplers import sampler_names
+from engine.sampling.table import sampler_names
 
 PROMPT = "a large orange circle at the bottom, purple background"
 SEED = 41

@@ -44,10 +44,7 @@ from engine import GenerationRequest
 from training.evaluate import classify, palette_labels
 from training.world import HELD_OUT_COMBOS, PALETTE, POSITION_PHRASES
 
-try:  # the sampler table's new home, once sampling is rewritten
-    from engine.sampling.table import sampler_names
-except ImportError:
-    from engine.samplers import sampler_names
+from engine.sampling.table import sampler_names
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ def test_settings_survive_a_restart(tmp_path, tiny_models_dir):
     cfg = config(tmp_path)
     cfg.models_dir = tiny_models_dir
     first = Studio(cfg)
-    first.update_settings(Settings(preview_every=3, preview_method="full", output_pattern="{mode}/{seed}", controlnet_units=2))
+    first.update_settings(Settings(preview_every=3, preview_method="full", output_pattern="{mode}/{seed}",
+                                   extensions={"controlnet": {"units": 2}}))
     second = Studio(cfg)
-    assert (second.settings.preview_every, second.settings.preview_method, second.settings.controlnet_units) == (3, "full", 2)
+    assert (second.settings.preview_every, second.settings.preview_method, second.settings.extensions) == (3, "full", {"controlnet": {"units": 2}})
     assert second.settings.output_pattern == "{mode}/{seed}"

@@ -30,9 +30,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from engine import samplers
+from engine.sampling import table as samplers
 from engine.errors import ModelError, SfumatoError, ValidationError
-from engine.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest, GenerationResult
+from engine.fields import CORE, FIELDS, INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
+from engine.request import GenerationRequest, GenerationResult
 from engine.untrusted_images import read_untrusted_image
 
 from .api_models import (
@@ -45,25 +46,20 @@ from .session import sees_job
 
 log = logging.getLogger("sfumato.api")
 
-# Engine field → the A1111 field a client sent, so a 422 names what the client can change.
-API_FIELD_NAMES = {
-    "sampler": "sampler_name",
-    "schedule": "scheduler",
-    "batch_count": "n_iter",
-    "init_image": "init_images",
-    "masked_content": "inpainting_fill",
-    "inpaint_area": "inpaint_full_res",
-    "inpaint_padding": "inpaint_full_res_padding",
-    "invert_mask": "inpainting_mask_invert",
-    "model": "override_settings.sd_model_checkpoint",
-    "preset": "styles",
-    "extensions": "alwayson_scripts",
-}
-# A1111 request field → the engine fields it decides, so a style (preset) never overrides what a client sent.
-_DECIDES = {"n_iter": ("batch_count",), "sampler_name": ("sampler", "schedule"), "sampler_index": ("sampler",),
-            "scheduler": ("schedule",), "override_settings": ("model",)}
-_COPIED = ("prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "batch_size", "steps", "cfg_scale", "width", "height")
-INPAINT_AREAS_BY_FULL_RES = {False: "Whole picture", True: "Only masked"}
+OVERRIDES = "override_settings"
+# Request fields whose A1111 value is not the request value as sent; each has its own reader below.
+_CONVERTED = ("sampler", "schedule", "model", "init_image", "mask", "resize_mode", "masked_content", "inpaint_area",
+              "invert_mask", "extensions")
+
+
+def api_field_names() -> dict[str, str]:
+    """Engine field → the A1111 name a client sent (a payload name or ``override_settings.<key>``), from the declarations."""
+    names = {field.name: field.api if field.api else f"{OVERRIDES}.{field.override}" for field in FIELDS.with_api() if field.owner == CORE}
+    names["preset"] = "styles"
+    return names
+
+
+INPAINT_AREAS_BY_FULL_RES = {False: INPAINT_AREAS[0], True: INPAINT_AREAS[1]}
 # A1111 schedulers' internal names and the two per-schedule facts its /schedulers reports.
 _SCHEDULER_FACTS = {"Karras": {"default_rho": 7.0}, "SGM Uniform": {"need_inner_model": True}}
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
@@ -92,7 +88,7 @@ class ApiError(Exception):
 
 def api_field(engine_field: str) -> str:
     head, _, rest = engine_field.partition(".")
-    name = API_FIELD_NAMES.get(head, head)
+    name = api_field_names().get(head, head)
     return f"{name}.{rest}" if rest else name
 
 
@@ -160,7 +156,7 @@ def resolve_sampler(body: GenerationParams) -> tuple[str, str]:
 
 
 def resolve_model(studio, body: GenerationParams) -> str:
-    wanted = (body.override_settings or {}).get("sd_model_checkpoint")
+    wanted = (body.override_settings or {}).get(FIELDS["model"].override)
     if wanted in (None, ""):
         return studio.default_model()
     if not isinstance(wanted, str):
@@ -177,7 +173,7 @@ def _apply_styles(studio, body: GenerationParams, fields: dict[str, Any]) -> dic
         return fields
     from engine.presets import apply_preset
 
-    explicit = {field for name in body.model_fields_set for field in _DECIDES.get(name, (name,))}
+    explicit = explicit_fields(body)
     for name in body.styles:
         try:
             preset = studio.presets.get(name)
@@ -188,15 +184,49 @@ def _apply_styles(studio, body: GenerationParams, fields: dict[str, Any]) -> dic
         for key, value in applied.items():
             if key in ("prompt", "negative_prompt") or key not in explicit:
                 fields[key] = value
-    fields.pop("controlnet", None)  # preset ControlNet units belong to the UI; API clients send alwayson_scripts
+    for declared in FIELDS.owned_by_extensions():
+        fields.pop(declared.name, None)  # a preset's extension settings belong to the UI; API clients send alwayson_scripts
+    return fields
+
+
+def explicit_fields(body: GenerationParams) -> set[str]:
+    """Request fields the client set itself (a style never overrides them)."""
+    sent = body.model_fields_set
+    overrides = body.override_settings or {}
+    explicit = {field.name for field in FIELDS.with_api()
+                if field.owner == CORE and (field.api in sent or (field.override and field.override in overrides))}
+    if "sampler_name" in sent or "sampler_index" in sent:
+        explicit.add("sampler")
+    if "sampler_name" in sent:
+        explicit.add("schedule")  # a legacy name such as "DPM++ 2M Karras" holds the schedule
+    return explicit
+
+
+def copied_fields(body: GenerationParams, mode: str) -> dict[str, Any]:
+    """The request fields a client sends under their declared A1111 names as they are: payload names, then overrides.
+
+    A field that does not apply to ``mode`` is left out; a null means the field's default.
+    """
+    fields: dict[str, Any] = {}
+    overrides = body.override_settings or {}
+    for field in FIELDS.with_api():
+        if field.owner != CORE or field.name in _CONVERTED or mode not in field.modes:
+            continue
+        if field.api and field.api in type(body).model_fields:
+            value = getattr(body, field.api)
+        elif field.override and field.override in overrides:
+            value = overrides[field.override]
+        else:
+            continue
+        fields[field.name] = field.default if value is None and not field.optional else value
     return fields
 
 
 def extension_settings(studio, alwayson_scripts: dict[str, Any]) -> dict[str, Any]:
     """``alwayson_scripts`` → ``request.extensions``: each loaded extension parses its own payload.
 
-    Names match case-insensitively (A1111 clients write "controlnet" or
-    "ControlNet"); scripts that are not loaded extensions are ignored, as A1111
+    Names match case-insensitively (A1111 clients write an extension's name in
+    either case); scripts that are not loaded extensions are ignored, as A1111
     ignores unknown always-on scripts.
     """
     manager = getattr(studio, "extensions", None)
@@ -219,10 +249,10 @@ def extension_settings(studio, alwayson_scripts: dict[str, Any]) -> dict[str, An
     return settings
 
 
-def _common_fields(studio, body: GenerationParams) -> dict[str, Any]:
+def _common_fields(studio, body: GenerationParams, mode: str) -> dict[str, Any]:
     sampler, schedule = resolve_sampler(body)
-    fields: dict[str, Any] = {name: getattr(body, name) for name in _COPIED}
-    fields.update(batch_count=body.n_iter, sampler=sampler, schedule=schedule, model=resolve_model(studio, body))
+    fields = copied_fields(body, mode)
+    fields.update(sampler=sampler, schedule=schedule, model=resolve_model(studio, body))
     fields = _apply_styles(studio, body, fields)
     fields["extensions"] = extension_settings(studio, body.alwayson_scripts)
     previews = studio.settings
@@ -238,7 +268,7 @@ def _build(fields: dict[str, Any]) -> GenerationRequest:
 
 
 def txt2img_request(studio, body: Txt2ImgRequest) -> GenerationRequest:
-    return _build(_common_fields(studio, body))
+    return _build(_common_fields(studio, body, "txt2img"))
 
 
 def _choice(table: tuple[str, ...], value: Any, field: str, meaning: str) -> str:
@@ -255,7 +285,7 @@ def _flag(value: Any, field: str) -> bool:
 
 
 def img2img_request(studio, body: Img2ImgRequest) -> GenerationRequest:
-    fields = _common_fields(studio, body)
+    fields = _common_fields(studio, body, "inpaint" if body.mask else "img2img")
     if len(body.init_images) != 1:
         raise ApiError(422, "ValidationError", f"init_images: exactly one image is needed, got {len(body.init_images)}", "init_images")
     try:
@@ -266,16 +296,14 @@ def img2img_request(studio, body: Img2ImgRequest) -> GenerationRequest:
     if mask is not None and mask.size != init_image.size:
         # A1111 resizes image and mask together to the output size; matching the mask to the image is the same.
         mask = mask.resize(init_image.size, Image.LANCZOS)
+    names = api_field_names()
     fields.update(
         init_image=init_image,
         mask=mask,
-        denoising_strength=0.75 if body.denoising_strength is None else body.denoising_strength,
-        resize_mode=_choice(RESIZE_MODES, body.resize_mode, "resize_mode", "a resize mode"),
-        mask_blur=4 if body.mask_blur is None else body.mask_blur,
-        masked_content=_choice(MASKED_CONTENT, body.inpainting_fill, "inpainting_fill", "a masked-content mode"),
-        inpaint_area=INPAINT_AREAS_BY_FULL_RES[_flag(body.inpaint_full_res, "inpaint_full_res")],
-        inpaint_padding=body.inpaint_full_res_padding,
-        invert_mask=_flag(body.inpainting_mask_invert, "inpainting_mask_invert"),
+        resize_mode=_choice(RESIZE_MODES, body.resize_mode, names["resize_mode"], "a resize mode"),
+        masked_content=_choice(MASKED_CONTENT, body.inpainting_fill, names["masked_content"], "a masked-content mode"),
+        inpaint_area=INPAINT_AREAS_BY_FULL_RES[_flag(body.inpaint_full_res, names["inpaint_area"])],
+        invert_mask=_flag(body.inpainting_mask_invert, names["invert_mask"]),
     )
     return _build(fields)
 
@@ -332,7 +360,7 @@ def info_json(result: GenerationResult, body: GenerationParams, job_timestamp: s
         "infotexts": infotexts,
         "styles": list(body.styles or []),
         "job_timestamp": job_timestamp,
-        "clip_skip": 1,
+        "clip_skip": request.clip_skip,
         "is_using_inpainting_conditioning": request.mode == "inpaint",
         "interrupted": result.interrupted,
         # per image: null when it ran every step, else {"reason": "interrupted"|"skipped", "step", "total_steps"}
@@ -484,18 +512,24 @@ class SdApi:
 
     # -- lists ----------------------------------------------------------------------
     def samplers(self) -> list[SamplerItem]:
+        # A1111's options: the schedule "Automatic" resolves to, in its internal spelling, and the noise it draws.
         return [
             SamplerItem(name=spec.name, aliases=list(spec.aliases),
-                        options={"scheduler_class": spec.scheduler_class, **{key: str(value) for key, value in spec.options.items()}})
+                        options={"scheduler": spec.default_schedule.lower().replace(" ", "_"),
+                                 **({"brownian_noise": "True"} if spec.noise == samplers.BROWNIAN_NOISE else {}),
+                                 **({"discard_next_to_last_sigma": "True"} if spec.discard_next_to_last_sigma else {}),
+                                 **{key: str(value) for key, value in spec.options.items()}})
             for spec in samplers.SAMPLERS
         ]
 
     def schedulers(self) -> list[SchedulerItem]:
         items = []
-        for spec in samplers.SCHEDULES:
-            name = spec.aliases[0] if spec.aliases else spec.name.lower().replace(" ", "_")
-            facts = _SCHEDULER_FACTS.get(spec.name, {})
-            items.append(SchedulerItem(name=name, label=spec.name, aliases=list(spec.aliases[1:]) or None,
+        for label in samplers.schedule_names():
+            spec = samplers.find_schedule(label)
+            name = getattr(spec, "a1111_name", None) or label.lower().replace(" ", "_")
+            aliases = [alias for alias in getattr(spec, "aliases", ()) if alias != name]
+            facts = _SCHEDULER_FACTS.get(label, {})
+            items.append(SchedulerItem(name=name, label=label, aliases=aliases or None,
                                        default_rho=facts.get("default_rho", -1.0), need_inner_model=facts.get("need_inner_model", False)))
         return items
 
@@ -618,7 +652,7 @@ class SdApi:
     # -- png info ---------------------------------------------------------------------
     def png_info(self, body: PNGInfoRequest) -> PNGInfoResponse:
         from engine.image_metadata import read_generation_info
-        from engine.infotext import parse_infotext
+        from engine.infotext import loading_notes, parse_infotext, request_fields_from_infotext
 
         if not body.image.strip():
             return PNGInfoResponse(info="", items={}, parameters={})
@@ -631,7 +665,10 @@ class SdApi:
             if value is not None:
                 items[key] = value
         text = info.infotext or ""
-        return PNGInfoResponse(info=text, items=items, parameters=parse_infotext(text) if text else {})
+        parameters = parse_infotext(text) if text else {}
+        notes = (loading_notes(parameters, request_fields_from_infotext(parameters), self.studio.engine.networks.short_hash_of)
+                 if text else [])
+        return PNGInfoResponse(info=text, items=items, parameters=parameters, notes=notes)
 
     # -- routing ------------------------------------------------------------------------
     def router(self) -> APIRouter:
@@ -723,11 +760,13 @@ def install_api(app: FastAPI, studio) -> SdApi:
 
 
 def install_extension_routes(app: FastAPI, studio) -> list[str]:
-    """Let each loaded extension that declares ``api_routes(app, studio)`` add its endpoints (ControlNet's /controlnet/*).
+    """Let each loaded extension that declares ``api_routes(app, studio)`` add its endpoints (under ``/<its name>/``, say).
 
-    A broken extension is logged and skipped; the rest of the API still serves.
+    A broken extension is logged and skipped; the rest of the API still serves. The first path segments of
+    the routes they added go to ``app.state.extension_api_prefixes``, so the request guard protects them as the API.
     """
     manager = getattr(studio, "extensions", None)
+    before = {getattr(route, "path", "") for route in app.routes}
     installed = []
     for name, extension in (manager.loaded if manager is not None else {}).items():
         if extension.api_routes is None:
@@ -738,4 +777,6 @@ def install_extension_routes(app: FastAPI, studio) -> list[str]:
             log.exception("extension %s: could not add its API routes", name)
             continue
         installed.append(name)
+    added = {getattr(route, "path", "") for route in app.routes} - before
+    app.state.extension_api_prefixes = tuple(sorted({"/" + path.strip("/").split("/")[0] for path in added if path.strip("/")}))
     return installed

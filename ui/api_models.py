@@ -21,6 +21,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from engine.fields import FIELDS
+
 
 def _not_a_flag(value: Any) -> Any:
     """JSON true/false is not a number: pydantic would read ``"steps": true`` as 1 step."""
@@ -65,12 +67,15 @@ class GenerationParams(_Lenient):
     cfg_scale: Float = Field(7.0, description="Classifier-free guidance scale.")
     width: Int | None = Field(None, description="Output width (multiple of 8). Default: the model's native width (txt2img) or the init image's width (img2img).")
     height: Int | None = Field(None, description="Output height (multiple of 8). Default: the model's native height (txt2img) or the init image's height (img2img).")
-    denoising_strength: Float | None = Field(None, description="img2img: how much to change the init image, 0..1 (default 0.75). Ignored by txt2img.")
-    override_settings: dict[str, Any] | None = Field(None, description="Per-request settings; 'sd_model_checkpoint' picks the model for this request only.")
+    denoising_strength: Float | None = Field(None, description=f"img2img: how much to change the init image, 0..1 (default {FIELDS['denoising_strength'].default}). Ignored by txt2img.")
+    eta: Float | None = Field(None, description="Noise multiplier of ancestral, SDE and DDIM samplers, 0..1; null: the sampler's own default.")
+    override_settings: dict[str, Any] | None = Field(None, description="Per-request settings: 'sd_model_checkpoint' picks the model for this request only; "
+                                                     "'CLIP_stop_at_last_layers' (clip skip), 'eta_noise_seed_delta' (ENSD) and 'randn_source' "
+                                                     "(RNG: CPU, GPU or NV) apply to this request.")
     override_settings_restore_afterwards: bool = Field(True, description="Accepted for compatibility; overrides never outlive the request in Sfumato.")
     send_images: bool = Field(True, description="Return the images as base64 PNG.")
     save_images: bool = Field(False, description="Also save the images to the outputs folder.")
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Extension arguments, e.g. {'controlnet': {'args': [unit, ...]}}; unknown scripts are ignored.")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Extension arguments, {'<extension name>': {'args': [...]}}; unknown scripts are ignored.")
 
 
 class Txt2ImgRequest(GenerationParams):
@@ -82,9 +87,9 @@ class Img2ImgRequest(GenerationParams):
 
     init_images: list[str] = Field(default_factory=list, description="Exactly one base64 image (PNG/JPEG/WebP; a data: URL prefix is accepted).")
     resize_mode: Int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill.")
-    denoising_strength: Float | None = Field(0.75, description="How much to change the init image, 0..1.")
+    denoising_strength: Float | None = Field(FIELDS["denoising_strength"].default, description="How much to change the init image, 0..1.")
     mask: str | None = Field(None, description="Base64 mask image, white = regenerate. Makes the request an inpaint.")
-    mask_blur: Int | None = Field(4, description="Blur of the mask edge in pixels.")
+    mask_blur: Int | None = Field(FIELDS["mask_blur"].default, description="Blur of the mask edge in pixels.")
     inpainting_fill: Int = Field(0, description="Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing.")
     inpaint_full_res: bool | int = Field(True, description="Inpaint area: true/1 only masked (at full resolution), false/0 whole picture.")
     inpaint_full_res_padding: Int = Field(0, description="Only masked: padding around the mask in pixels.")
@@ -188,6 +193,8 @@ class PNGInfoResponse(BaseModel):
     info: str = Field("", description="The A1111 infotext found in the image, or ''.")
     items: dict[str, Any] = Field(default_factory=dict, description="Other text chunks (ComfyUI 'prompt'/'workflow' JSON, ...).")
     parameters: dict[str, Any] = Field(default_factory=dict, description="The infotext parsed into 'Key: value' pairs.")
+    notes: list[str] = Field(default_factory=list, description="What generating from this infotext cannot reproduce: keys Sfumato "
+                                                               "cannot apply, and A1111's GPU noise when the infotext has no 'RNG' key.")
 
 
 class ErrorResponse(BaseModel):

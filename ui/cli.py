@@ -1,4 +1,6 @@
-"""Command line: serve the studio, run tests, generate headless, preprocess, bench.
+"""Command line: serve the studio, run tests, generate headless, bench, and the commands extensions add.
+
+``generate`` has one flag per request field that declares one in ``engine.fields``.
 
 ``launch.py`` sets up the environment and hands its arguments here.
 """
@@ -13,26 +15,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 7860
 
-# Request field -> the flag that sets it, so a validation error names what the user typed.
-FLAG_FOR_FIELD = {
-    "prompt": "--prompt", "negative_prompt": "--negative", "model": "--model", "sampler": "--sampler",
-    "schedule": "--schedule", "steps": "--steps", "cfg_scale": "--cfg", "width": "--width", "height": "--height",
-    "seed": "--seed", "batch_size": "--batch-size", "batch_count": "--batch-count", "init_image": "--init-image",
-    "denoising_strength": "--strength", "resize_mode": "--resize-mode", "mask": "--mask", "mask_blur": "--mask-blur",
-    "masked_content": "--masked-content", "inpaint_area": "--inpaint-area", "inpaint_padding": "--padding",
-    "invert_mask": "--invert-mask", "outpaint": "--outpaint", "zero_terminal_snr": "--zero-terminal-snr",
-    "subseed": "--variation-seed", "subseed_strength": "--variation-strength", "controlnet": "--control",
-}
-RESIZE_MODES = {"just-resize": "Just resize", "crop-and-resize": "Crop and resize", "resize-and-fill": "Resize and fill"}
-MASKED_CONTENT = {"fill": "fill", "original": "original", "latent-noise": "latent noise", "latent-nothing": "latent nothing"}
-INPAINT_AREAS = {"whole": "Whole picture", "masked": "Only masked"}
-
 
 class CliError(Exception):
     """A one-line message for the user; exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def flag_for(field_name: str) -> str:
+    """The flag that sets a request field, so a validation error names what the user typed."""
+    from engine.fields import FIELDS
+
+    declared = FIELDS.get(field_name.split(".")[0])
+    return declared.cli if declared is not None and declared.cli else field_name
+
+
+def build_parser(extensions=None) -> argparse.ArgumentParser:
+    """The launcher's parser; ``extensions`` (an ExtensionManager) adds the loaded extensions' flags and commands."""
     parser = argparse.ArgumentParser(prog="launch.py", description="Sfumato: a local image-generation studio.")
     add_common(parser)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port for the UI and API (default 7860)")
@@ -51,12 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate images without the UI")
     add_common(generate)
     add_generate_args(generate)
-    preprocess = commands.add_parser("preprocess", help="write a ControlNet preprocessor's map")
-    add_common(preprocess)
-    preprocess.add_argument("--module", required=True, help="preprocessor name, e.g. canny")
-    preprocess.add_argument("image", help="input image")
-    preprocess.add_argument("--out", required=True, help="output PNG path")
-    preprocess.add_argument("--resolution", type=int, default=512, help="preprocessor resolution")
+    for name, command in extension_commands(extensions).items():
+        extra = commands.add_parser(name, help=command.help)
+        add_common(extra)
+        command.add_arguments(extra)
     commands.add_parser("bench", help="run the benchmarks (extra arguments go to bench)")
     commands.add_parser("train-demo", help="train the built-in demo model (extra arguments go to the trainer)")
     return parser
@@ -72,34 +67,50 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile the UNet (slow first run)")
 
 
+def extension_commands(extensions) -> dict:
+    """Subcommands the loaded extensions add, by name."""
+    if extensions is None:
+        return {}
+    return {name: command for extension in extensions.loaded.values() for name, command in extension.cli_commands.items()}
+
+
+def _flag_help(declared) -> str:
+    text = declared.help or declared.label
+    if declared.range is not None and declared.type in (int, float):
+        text += f" ({declared.range[0]}..{declared.range[1]}"
+        return text + (f", default {declared.default})" if declared.default is not None else ")")
+    if declared.default not in (None, "", False) and declared.type is not tuple:
+        text += f" (default {declared.default})"
+    return text
+
+
+def _spelling(text: str) -> str:
+    """A choice as flags spell it: "Just resize" and "just-resize" both work."""
+    return text.strip().lower().replace(" ", "-")
+
+
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", default=None, help="the prompt")
+    """One flag per request field that declares one (``engine.fields``), the loaded extensions' included."""
+    from engine.fields import CORE, FIELDS
+
     parser.add_argument("--prompts-file", help="one generation per line of this file, same settings")
-    parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--model", help="model name (see the UI's model list); default: the default model")
-    parser.add_argument("--sampler", default="DPM++ 2M")
-    parser.add_argument("--schedule", default="Automatic")
-    parser.add_argument("--zero-terminal-snr", action="store_true")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=7.0)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--seed", type=int, default=-1)
-    parser.add_argument("--variation-seed", type=int, default=-1)
-    parser.add_argument("--variation-strength", type=float, default=0.0)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--batch-count", type=int, default=1)
-    parser.add_argument("--init-image", help="img2img/inpaint source image")
-    parser.add_argument("--strength", type=float, default=0.75, help="denoising strength 0..1")
-    parser.add_argument("--resize-mode", choices=tuple(RESIZE_MODES), default="just-resize")
-    parser.add_argument("--mask", help="inpaint mask image (white = repaint)")
-    parser.add_argument("--mask-blur", type=int, default=4)
-    parser.add_argument("--masked-content", choices=tuple(MASKED_CONTENT), default="original")
-    parser.add_argument("--inpaint-area", choices=tuple(INPAINT_AREAS), default="whole")
-    parser.add_argument("--padding", type=int, default=32, help="only-masked padding in pixels")
-    parser.add_argument("--invert-mask", action="store_true", help="inpaint what is NOT masked")
-    parser.add_argument("--outpaint", help="grow the canvas: left,right,up,down in pixels")
-    parser.add_argument("--control", action="append", default=[], help="ControlNet unit IMAGE,MODULE[,MODEL[,WEIGHT[,START,END]]] (repeatable)")
+    for declared in FIELDS.with_cli():
+        common = {"dest": declared.name, "help": _flag_help(declared)}
+        if declared.owner != CORE:  # an extension's flag may be repeated; the extension reads the values
+            parser.add_argument(declared.cli, action="append", default=[], **common)
+        elif declared.type is bool:
+            parser.add_argument(declared.cli, action="store_true", **common)
+        elif declared.type in (int, float):
+            parser.add_argument(declared.cli, type=declared.type, default=declared.default, **common)
+        elif (names := declared.cli_choices()) is not None:
+            spelled = next((flag for flag, choice in names.items() if choice == declared.default), declared.default)
+            if callable(declared.choices):  # sampler and schedule names: aliases in any case, resolved by the request
+                parser.add_argument(declared.cli, default=declared.default, **common)
+            else:
+                parser.add_argument(declared.cli, choices=tuple(names), default=spelled, type=_spelling, **common)
+        else:  # text, a file path or outpaint's four numbers
+            text_default = declared.default if declared.type is str and declared.name != "prompt" else None
+            parser.add_argument(declared.cli, default=text_default, **common)
     parser.add_argument("--out", required=True, help="folder for the PNGs")
 
 
@@ -120,14 +131,29 @@ def studio_config(args: argparse.Namespace):
     return config
 
 
+def load_extensions(argv: list[str]):
+    """The extensions the folders given on the command line hold, loaded before parsing: they add flags and commands."""
+    from engine.extensions import ExtensionManager
+
+    early = argparse.ArgumentParser(add_help=False)
+    add_common(early)
+    known, _ = early.parse_known_args(argv)
+    config = studio_config(known)
+    return ExtensionManager(config.extensions_dir, config.user_dir / "extensions.json", models_dir=config.models_dir,
+                            builtin_dir=config.builtin_models_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    extensions = load_extensions(argv)
+    parser = build_parser(extensions)
     args, extra = parser.parse_known_args(argv)
     command = args.command or "serve"
     if extra and command not in ("test", "bench", "train-demo"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if command in extension_commands(extensions):
+            return run_extension_command(extension_commands(extensions)[command], args)
         if command == "test":
             return run_tests(extra)
         if command == "bench":
@@ -136,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
             return subprocess.call([sys.executable, "-m", "training.demo_model", *extra], cwd=ROOT)
         if command == "generate":
             return run_generate(args)
-        if command == "preprocess":
-            return run_preprocess(args)
         return run_server(args)
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -165,7 +189,7 @@ def run_generate(args: argparse.Namespace) -> int:
         try:
             requests.append(build_request(args, prompt))
         except ValidationError as error:
-            raise CliError(f"{FLAG_FOR_FIELD.get(error.field.split('.')[0], error.field)}: {error.message}") from None
+            raise CliError(f"{flag_for(error.field)}: {error.message}") from None
     from engine.studio import Studio
 
     studio = Studio(studio_config(args))
@@ -180,7 +204,7 @@ def run_generate(args: argparse.Namespace) -> int:
         try:
             result = studio.engine.generate(request)
         except ValidationError as error:
-            raise CliError(f"{FLAG_FOR_FIELD.get(error.field.split('.')[0], error.field)}: {error.message}") from None
+            raise CliError(f"{flag_for(error.field)}: {error.message}") from None
         except SfumatoError as error:
             raise CliError(str(error)) from None
         for generated in result.images:
@@ -240,55 +264,54 @@ def parse_outpaint(text: str | None) -> tuple[int, int, int, int]:
 
 
 def build_request(args: argparse.Namespace, prompt: str):
-    from engine import GenerationRequest
+    """The request the core flags describe (each converted as its field's declaration says)."""
+    from PIL import Image
 
-    return GenerationRequest(
-        prompt=prompt, negative_prompt=args.negative, model=args.model, sampler=args.sampler, schedule=args.schedule,
-        zero_terminal_snr=args.zero_terminal_snr, steps=args.steps, cfg_scale=args.cfg, width=args.width, height=args.height,
-        seed=args.seed, subseed=args.variation_seed, subseed_strength=args.variation_strength,
-        batch_size=args.batch_size, batch_count=args.batch_count,
-        init_image=open_image(args.init_image, "--init-image") if args.init_image else None,
-        denoising_strength=args.strength, resize_mode=RESIZE_MODES[args.resize_mode],
-        mask=open_image(args.mask, "--mask") if args.mask else None, mask_blur=args.mask_blur,
-        invert_mask=args.invert_mask, masked_content=MASKED_CONTENT[args.masked_content],
-        inpaint_area=INPAINT_AREAS[args.inpaint_area], inpaint_padding=args.padding, outpaint=parse_outpaint(args.outpaint),
-    )
+    from engine import GenerationRequest
+    from engine.fields import CORE, FIELDS
+
+    values = {}
+    for declared in FIELDS.with_cli():
+        if declared.owner != CORE or declared.name == "prompt":
+            continue
+        value = getattr(args, declared.name)
+        if declared.name == "outpaint":
+            value = parse_outpaint(value)
+        elif declared.type is Image.Image:
+            value = open_image(value, declared.cli) if value else None
+        elif declared.type is str and not callable(declared.choices) and (names := declared.cli_choices()):
+            value = names.get(value, value)
+        values[declared.name] = value
+    return GenerationRequest(prompt=prompt, **values)
 
 
 def resolve_extensions(studio, request, args: argparse.Namespace):
-    """Turn --control flags into the ControlNet extension's settings."""
-    if not args.control:
-        return request
-    if "controlnet" not in studio.extensions.loaded:
-        raise CliError("--control: the ControlNet extension is not loaded (see the Extensions tab)")
+    """Turn each extension field's flags (``--control ...``) into that extension's settings."""
     from engine import ValidationError
+    from engine.fields import FIELDS
 
-    try:
-        parse_control_arg = studio.extensions.submodule("controlnet", "cli").parse_control_arg
-        units = [parse_control_arg(text, studio=studio, model=request.model) for text in args.control]
-        settings = studio.extensions.validate("controlnet", units)
-    except ValidationError as error:
-        raise CliError(f"--control: {error.message}") from None
-    return request.with_changes(extensions={**request.extensions, "controlnet": settings})
+    settings = dict(request.extensions)
+    for declared in FIELDS.owned_by_extensions():
+        values = getattr(args, declared.name, None) if declared.cli else None
+        if not values:
+            continue
+        if declared.owner not in studio.extensions.loaded:
+            raise CliError(f"{declared.cli}: the {declared.owner} extension is not loaded (see the Extensions tab)")
+        try:
+            raw = studio.extensions.cli_args(declared.owner, values, studio=studio, model=request.model)
+            settings[declared.owner] = studio.extensions.validate(declared.owner, raw)
+        except ValidationError as error:
+            raise CliError(f"{declared.cli}: {error.message}") from None
+    return request.with_changes(extensions=settings)
 
 
-def run_preprocess(args: argparse.Namespace) -> int:
+def run_extension_command(command, args: argparse.Namespace) -> int:
     from engine import SfumatoError
-    from engine.extensions import ExtensionManager
 
-    config = studio_config(args)
-    manager = ExtensionManager(config.extensions_dir, config.user_dir / "extensions.json", models_dir=config.models_dir,
-                               builtin_dir=config.builtin_models_dir)
-    if "controlnet" not in manager.loaded:
-        reason = manager.failed.get("controlnet", "it is disabled")
-        raise CliError(f"the ControlNet extension is not available: {reason}")
     try:
-        preprocess = manager.submodule("controlnet", "cli").run_preprocess
-        preprocess(args.module, args.image, args.out, args.resolution, models_dir=config.models_dir)
+        return command.run(args, studio_config(args))
     except SfumatoError as error:
         raise CliError(str(error)) from None
-    print(args.out)
-    return 0
 
 
 # -- serve ----------------------------------------------------------------------

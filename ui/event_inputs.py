@@ -3,7 +3,7 @@
 Gradio preprocesses an event's inputs one at a time, each on a worker thread and
 back through the event loop: about 0.3 ms a round trip on an idle 2-core machine,
 more while a generation runs. A generate click has 55 inputs (every sampling
-control and every ControlNet unit's controls), so that came to 15 ms or more
+control and every extension control, such as each control unit's), so that came to 15 ms or more
 between the click and the job's submission. Declared with ``preprocess=False``,
 the handler receives the values as Gradio validated them and calls
 ``preprocess_values``:
@@ -12,8 +12,8 @@ the handler receives the values as Gradio validated them and calls
   and preprocessed by the component, as Gradio does;
 - numbers and text are preprocessed by the component;
 - choice controls and sliders pass their value through. A session can change their
-  choices or bounds (refreshing the model list, a ControlNet preprocessor's own
-  slider range), which the app-level component does not know about; the request's
+  choices or bounds (refreshing the model list, an extension's control whose
+  range depends on another), which the app-level component does not know about; the request's
   own validation checks these values and names the field in its error.
 """
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The map between GenerationRequest fields and the UI controls that hold them.
 
+Each control is built from its field's declaration in ``engine.fields`` (``control()``): label, help,
+range, step and default are read there, so a tab only lays controls out.
+
 Every generation tab registers its controls under request field names. Reading
 controls into a request, applying a preset, restoring an infotext and "send
 to" all go through this one table, so a field is wired once.
@@ -16,48 +19,78 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from engine.errors import ValidationError
-from engine.infotext import MASK_MODES
+from engine.fields import FIELDS, MASK_MODES, OUTPAINT_SIDES
 
-# Request fields whose controls deliver numbers that must reach the request as ints.
-INT_FIELDS = frozenset({
-    "steps", "width", "height", "seed", "subseed", "batch_size", "batch_count",
-    "mask_blur", "inpaint_padding",
-})
-FLOAT_FIELDS = frozenset({"cfg_scale", "denoising_strength", "subseed_strength"})
-OUTPAINT_SIDES = ("left", "right", "up", "down")
+# What the artist sees for a name that is a setting rather than a request field.
+_SETTING_LABELS = {"output_pattern": "Output file pattern"}
 
-# What the artist sees for each request field; used in error messages so they name the control.
-LABELS: dict[str, str] = {
-    "prompt": "Prompt",
-    "negative_prompt": "Negative prompt",
-    "model": "Model",
-    "sampler": "Sampling method",
-    "schedule": "Schedule type",
-    "zero_terminal_snr": "Zero terminal SNR",
-    "steps": "Sampling steps",
-    "cfg_scale": "CFG Scale",
-    "width": "Width",
-    "height": "Height",
-    "seed": "Seed",
-    "subseed": "Variation seed",
-    "subseed_strength": "Variation strength",
-    "batch_size": "Batch size",
-    "batch_count": "Batch count",
-    "init_image": "Image",
-    "denoising_strength": "Denoising strength",
-    "resize_mode": "Resize mode",
-    "mask": "Mask",
-    "mask_blur": "Mask blur",
-    "invert_mask": "Mask mode",
-    "masked_content": "Masked content",
-    "inpaint_area": "Inpaint area",
-    "inpaint_padding": "Only masked padding, pixels",
-    "outpaint": "Outpainting",
-    "preview_every": "Preview every N steps",
-    "preview_method": "Preview method",
-    "output_pattern": "Output file pattern",
-    "extensions": "Extensions",
-}
+
+class _Labels(Mapping[str, str]):
+    """Field name → the label its control shows (declared in ``engine.fields``); used so error messages name the control."""
+
+    def __getitem__(self, name: str) -> str:
+        label = FIELDS.label(name) or _SETTING_LABELS.get(name)
+        if label is None:
+            raise KeyError(name)
+        return label
+
+    def __iter__(self):
+        return iter([field.name for field in FIELDS if field.label] + list(_SETTING_LABELS))
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+LABELS: Mapping[str, str] = _Labels()
+
+
+def _is_type(name: str, kind: type) -> bool:
+    field = FIELDS.get(name)
+    return field is not None and field.type is kind
+
+
+def control(name: str, mode: str, elem: str | None = None, **layout):
+    """The Gradio control of one request field, built from its declaration: label, help, limits, step and default.
+
+    ``elem`` names it in ``elem_id`` (``<mode>_<elem>``, default the field name); ``layout`` passes Gradio's layout
+    arguments through, and may set ``value`` (a default that depends on the model), ``choices`` (fewer than declared)
+    or ``info=None`` (no help line).
+    """
+    import gradio as gr
+
+    declared = FIELDS[name]
+    choices = layout.pop("choices", None) or declared.choice_list()  # a caller may narrow them (the default sampler's schedules)
+    options = {"label": declared.label, "info": declared.help or None, "elem_id": f"{mode}_{elem or name}",
+               "value": declared.default, **layout}
+    integer = declared.type is int
+    if declared.control == "slider":
+        return gr.Slider(*declared.limits, step=declared.step, precision=0 if integer else None, **options)
+    if declared.control == "number":
+        low, high = declared.range or (None, None)
+        return gr.Number(minimum=low, maximum=high, precision=0 if integer else None, step=declared.step or 1, **options)
+    if declared.control == "dropdown":
+        return gr.Dropdown(choices, **options)
+    if declared.control == "radio":
+        if name == "invert_mask":  # a bool shown as A1111's "Mask mode" radio
+            choices = list(MASK_MODES)
+            options["value"] = MASK_MODES[1] if options["value"] else MASK_MODES[0]
+        return gr.Radio(choices, **options)
+    if declared.control == "checkbox":
+        return gr.Checkbox(**options)
+    if declared.control == "textbox":
+        return gr.Textbox(**options)
+    raise ValueError(f"field {name!r} declares no plain control")
+
+
+def outpaint_controls(mode: str) -> list:
+    """Outpainting's four sliders (left, right, up, down), from its one declaration."""
+    import gradio as gr
+
+    declared = FIELDS["outpaint"]
+    low, high = declared.limits
+    return [gr.Slider(low, high, value=declared.default[index], step=declared.step, precision=0,
+                      label=f"{side.capitalize()} (px)", elem_id=f"{mode}_outpaint_{side}")
+            for index, side in enumerate(OUTPAINT_SIDES)]
 
 
 def describe_error(field: str, message: str) -> str:
@@ -89,9 +122,9 @@ class Binding:
 def _coerce(name: str, value: Any) -> Any:
     if value is None:
         return value
-    if name in INT_FIELDS and isinstance(value, float) and value.is_integer():
+    if _is_type(name, int) and isinstance(value, float) and value.is_integer():
         return int(value)
-    if name in FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+    if _is_type(name, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 
@@ -108,7 +141,7 @@ def schedule(component) -> Binding:
     """
     import gradio as gr
 
-    from engine import samplers
+    from engine.sampling import table as samplers
 
     def to_ui(value: Any, fields: Mapping[str, Any]) -> list:
         sampler = fields.get("sampler")
@@ -127,7 +160,7 @@ def zero_terminal_snr(component) -> Binding:
     """The zero-SNR box: shown only for samplers that can rescale their betas, and never ticked for others."""
     import gradio as gr
 
-    from engine import samplers
+    from engine.sampling import table as samplers
 
     def to_ui(value: Any, fields: Mapping[str, Any]) -> list:
         sampler = fields.get("sampler")

@@ -14,11 +14,10 @@ from typing import Any, Iterator
 import gradio as gr
 from PIL import Image
 
-from engine import samplers
+from engine.sampling import table as samplers
 from engine.errors import SfumatoError, ValidationError
 from engine.infotext import MASK_MODES
-from engine.request import INPAINT_AREAS, LIMITS, MASKED_CONTENT, RESIZE_MODES, EarlyStop, GenerationRequest, GenerationResult
-from engine.seeds import MAX_SEED
+from engine.request import EarlyStop, GenerationRequest, GenerationResult
 
 from . import fields as F
 from .errors import job_error_text, message_for, ui_error
@@ -36,7 +35,6 @@ from .tool_buttons import RANDOM_SEED, RANDOM_SUBSEED, REUSE_SEED, REUSE_SUBSEED
 
 SESSION_GALLERY_LIMIT = 200
 RESULTS_HEIGHT = 400  # px: one result large, nine still whole (ui/style.py fits the rows into it)
-SIZE_STEP = 8
 TEXT_KEYS = ("prompt", "negative_prompt")
 
 
@@ -122,9 +120,9 @@ class GenerationTab:
     sampling_note: Any = None
 
 
-def _seed_row(mode: str, name: str, label: str, random_icon: ToolIcon, reuse_icon: ToolIcon, value: int = -1):
+def _seed_row(mode: str, name: str, random_icon: ToolIcon, reuse_icon: ToolIcon):
     with gr.Row(equal_height=True):
-        number = gr.Number(value=value, label=label, precision=0, minimum=-1, maximum=MAX_SEED, elem_id=f"{mode}_{name}", scale=4)
+        number = F.control(name, mode, scale=4)
         random_button = tool_button(random_icon, f"{mode}_{name}_random")
         reuse_button = tool_button(reuse_icon, f"{mode}_{name}_reuse")
     return number, random_button, reuse_button
@@ -137,8 +135,8 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
 
     with gr.Row(elem_id=f"{mode}_toprow"):
         with gr.Column(scale=6):
-            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Prompt (Ctrl+Enter to generate)", elem_id=f"{mode}_prompt")
-            negative = gr.Textbox(label="Negative prompt", lines=2, placeholder="Negative prompt", elem_id=f"{mode}_negative")
+            prompt = F.control("prompt", mode, lines=3, placeholder="Prompt (Ctrl+Enter to generate)", info=None)
+            negative = F.control("negative_prompt", mode, "negative", lines=2, placeholder="Negative prompt", info=None)
         with gr.Column(scale=1, min_width=200):
             generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}_generate", elem_classes=["sfumato-generate"])
             with gr.Row():
@@ -159,32 +157,40 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
             if mode == "inpaint":
                 image, mask_upload, inpaint_bindings, preview_mask = _inpaint_canvas()
             with gr.Row():
-                sampler = gr.Dropdown(samplers.sampler_names(), value=samplers.DEFAULT_SAMPLER, label="Sampling method", elem_id=f"{mode}_sampler")
-                schedule = gr.Dropdown(samplers.schedules_for(samplers.DEFAULT_SAMPLER), value=samplers.DEFAULT_SCHEDULE,
-                                       label="Schedule type", elem_id=f"{mode}_schedule")
+                sampler = F.control("sampler", mode, info=None)
+                # the schedules the default sampler can use, not every schedule
+                schedule = F.control("schedule", mode, choices=samplers.schedules_for(F.FIELDS["sampler"].default))
             # Says what picking a sampler changed in the schedule or zero-SNR box, and why; hidden otherwise.
             sampling_note = gr.Markdown("", visible=False, elem_id=f"{mode}_sampling_note")
-            zero_snr = gr.Checkbox(False, label="Zero terminal SNR (rescale betas; for v-prediction models)", elem_id=f"{mode}_zero_snr",
-                                   visible=samplers.supports_zero_terminal_snr(samplers.DEFAULT_SAMPLER))
-            steps = gr.Slider(*LIMITS["steps"], value=20, step=1, precision=0, label="Sampling steps", elem_id=f"{mode}_steps")
+            zero_snr = F.control("zero_terminal_snr", mode, "zero_snr",
+                                 visible=samplers.supports_zero_terminal_snr(F.FIELDS["sampler"].default))
+            steps = F.control("steps", mode)
             if mode != "txt2img":
                 own_size = gr.Checkbox(True, label="Keep the image's own size (untick to resize to width × height)", elem_id=f"{mode}_own_size")
             with gr.Row(equal_height=True):
                 with gr.Column(scale=4):
-                    width = gr.Slider(64, 2048, value=width0, step=SIZE_STEP, precision=0, label="Width", elem_id=f"{mode}_width")
-                    height = gr.Slider(64, 2048, value=height0, step=SIZE_STEP, precision=0, label="Height", elem_id=f"{mode}_height")
+                    width = F.control("width", mode, value=width0, info=None)
+                    height = F.control("height", mode, value=height0, info=None)
                 swap = tool_button(SWAP_SIZE, f"{mode}_swap_size")
                 with gr.Column(scale=2):
-                    batch_count = gr.Slider(*LIMITS["batch_count"], value=1, step=1, precision=0, label="Batch count", elem_id=f"{mode}_batch_count")
-                    batch_size = gr.Slider(*LIMITS["batch_size"], value=1, step=1, precision=0, label="Batch size", elem_id=f"{mode}_batch_size")
-            cfg = gr.Slider(*LIMITS["cfg_scale"], value=7.0, step=0.5, label="CFG Scale", elem_id=f"{mode}_cfg")
+                    batch_count = F.control("batch_count", mode)
+                    batch_size = F.control("batch_size", mode)
+            cfg = F.control("cfg_scale", mode, "cfg", info=None)
             if mode != "txt2img":
-                denoising = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{mode}_denoising")
-                resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode", elem_id=f"{mode}_resize_mode")
-            seed, seed_random, seed_reuse = _seed_row(mode, "seed", "Seed (-1 = random)", RANDOM_SEED, REUSE_SEED)
-            with gr.Accordion("Variation seed", open=False, elem_id=f"{mode}_variation"):
-                subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", "Variation seed", RANDOM_SUBSEED, REUSE_SUBSEED)
-                subseed_strength = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Variation strength", elem_id=f"{mode}_subseed_strength")
+                denoising = F.control("denoising_strength", mode, "denoising", info=None)
+                resize_mode = F.control("resize_mode", mode)
+            seed, seed_random, seed_reuse = _seed_row(mode, "seed", RANDOM_SEED, REUSE_SEED)
+            with gr.Accordion(F.FIELDS["subseed"].label, open=False, elem_id=f"{mode}_variation"):
+                subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", RANDOM_SUBSEED, REUSE_SUBSEED)
+                subseed_strength = F.control("subseed_strength", mode, info=None)
+            # A1111 keeps these in its Settings; here they belong to the request, so an infotext restores them.
+            with gr.Accordion("Advanced sampling: clip skip, eta, ENSD, RNG", open=False, elem_id=f"{mode}_advanced_sampling"):
+                with gr.Row():
+                    clip_skip = F.control("clip_skip", mode)
+                    eta = F.control("eta", mode)
+                with gr.Row():
+                    ensd = F.control("eta_noise_seed_delta", mode, "ensd")
+                    rng = F.control("rng", mode)
             if mode == "inpaint":
                 preview_mask_button, mask_preview_image = preview_mask
             extensions, _ = build_extension_controls(studio, mode)
@@ -212,7 +218,8 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     fields.add(F.zero_terminal_snr(zero_snr))
     for name, component in (("steps", steps), ("width", width), ("height", height),
                             ("batch_count", batch_count), ("batch_size", batch_size), ("cfg_scale", cfg), ("seed", seed),
-                            ("subseed", subseed), ("subseed_strength", subseed_strength)):
+                            ("subseed", subseed), ("subseed_strength", subseed_strength), ("clip_skip", clip_skip), ("eta", eta),
+                            ("eta_noise_seed_delta", ensd), ("rng", rng)):
         fields.add(F.simple(name, component))
     if mode != "txt2img":
         fields.add(F.simple("denoising_strength", denoising))
@@ -311,17 +318,15 @@ def _inpaint_canvas():
     # Done in the browser by the editor's own clear: an empty value sent from the server leaves the editor stuck "pending".
     remove_image.click(None, None, mask_upload, js=REMOVE_IMAGE_JS, api_visibility="private", queue=False)
     with gr.Row():
-        mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode")
-        mask_blur = gr.Slider(*LIMITS["mask_blur"], value=4, step=1, precision=0, label="Mask blur", elem_id="inpaint_mask_blur")
-    masked_content = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content", elem_id="inpaint_masked_content")
+        mask_mode = F.control("invert_mask", "inpaint", "mask_mode", info=None)
+        mask_blur = F.control("mask_blur", "inpaint")
+    masked_content = F.control("masked_content", "inpaint")
     with gr.Row():
-        inpaint_area = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], label="Inpaint area", elem_id="inpaint_area")
-        padding = gr.Slider(*LIMITS["inpaint_padding"], value=32, step=4, precision=0, label="Only masked padding, pixels",
-                            elem_id="inpaint_padding")
+        inpaint_area = F.control("inpaint_area", "inpaint", "area")
+        padding = F.control("inpaint_padding", "inpaint", "padding")
     with gr.Accordion("Outpainting: extend the canvas", open=False, elem_id="inpaint_outpaint"):
         with gr.Row():
-            sides = [gr.Slider(0, LIMITS["outpaint"][1], value=0, step=SIZE_STEP, precision=0, label=f"{side.capitalize()} (px)",
-                               elem_id=f"inpaint_outpaint_{side}") for side in F.OUTPAINT_SIDES]
+            sides = F.outpaint_controls("inpaint")
     with gr.Accordion("Preview the effective mask", open=False, elem_id="inpaint_mask_preview_box"):
         preview_button = gr.Button("Preview mask", size="sm", elem_id="inpaint_preview_mask")
         mask_image = gr.Image(label="Effective mask (red: repainted, after blur, mode and outpainting)", interactive=False,

@@ -32,7 +32,7 @@ ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaita
 SessionLookup = Callable[[Mapping[str, str]], "str | None"]  # cookies → the logged-in user, or None
 
 DEFAULT_MAX_BODY_BYTES = 50 * 1024 * 1024
-API_PREFIXES = ("/sdapi/", "/controlnet/")
+API_PREFIXES = ("/sdapi/",)  # the extensions' own routes are added per server (``RequestGuard(api_prefixes=...)``)
 API_DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
 LOGIN_PATHS = ("/login", "/login/")
 # What Gradio's login page loads before anyone has logged in (measured in Chromium).
@@ -42,8 +42,11 @@ USER_SCOPE_KEY = "sfumato.user"
 _READ_METHODS = ("GET", "HEAD")
 
 
-def is_api_path(path: str) -> bool:
-    return path.startswith(API_PREFIXES) or path in API_DOC_PATHS
+def is_api_path(path: str, extension_prefixes: tuple[str, ...] = ()) -> bool:
+    """The A1111 API, its docs, or a route an extension added (``extension_prefixes``: their first path segments, "/name")."""
+    if path.startswith(API_PREFIXES) or path in API_DOC_PATHS:
+        return True
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in extension_prefixes)
 
 
 def is_login_page(path: str, method: str) -> bool:
@@ -103,6 +106,7 @@ class RequestGuard:
         session_user: SessionLookup | None = None,
         limiter: LoginLimiter | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        api_prefixes: tuple[str, ...] = (),
     ):
         self.app = app
         self.hosts = hosts
@@ -112,6 +116,7 @@ class RequestGuard:
         self.session_user = session_user or (lambda _cookies: None)
         self.limiter = limiter or LoginLimiter()
         self.max_body_bytes = max_body_bytes
+        self.api_prefixes = tuple(api_prefixes)  # where the extensions' routes live: guarded as the API is
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -130,7 +135,7 @@ class RequestGuard:
                          f"refused a request from the page at {origin!r}: only Sfumato's own pages (at {host}) may send it")
             return
         path, method = scope.get("path", ""), scope.get("method", "GET")
-        if is_api_path(path):
+        if is_api_path(path, self.api_prefixes):
             await self._api(scope, receive, send, headers)
         elif self.ui_credentials:
             await self._ui(scope, receive, send, headers, path, method)

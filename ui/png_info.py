@@ -12,7 +12,7 @@ import gradio as gr
 
 from engine.errors import SfumatoError
 from engine.image_metadata import read_generation_info
-from engine.infotext import parse_infotext, request_fields_from_infotext
+from engine.infotext import loading_notes, parse_infotext, request_fields_from_infotext
 
 from .errors import message_for
 from .image_formats import LOSSLESS
@@ -28,17 +28,22 @@ def read_image_info(path: str | None) -> tuple[str, dict[str, Any], str, str, st
     except SfumatoError as error:
         return "", {}, "", "", f"⚠️ {message_for(error)}"
     parsed: dict[str, Any] = {}
+    notes: list[str] = []
     if info.infotext:
         parameters = parse_infotext(info.infotext)
         understood = request_fields_from_infotext(parameters)
+        notes = loading_notes(parameters, understood)
         parsed = {"parameters": parameters, "restores": {key: list(value) if isinstance(value, tuple) else value
                                                          for key, value in understood.items()}}
+        if notes:
+            parsed["notes"] = notes
     if info.other_chunks:
         parsed["other chunks"] = info.other_chunks
     found = [label for label, value in (("generation parameters", info.infotext), ("ComfyUI prompt", info.comfy_prompt),
                                          ("ComfyUI workflow", info.comfy_workflow)) if value]
     size = f"{info.size[0]}×{info.size[1]}" if info.size else "?"
     summary = f"{info.format or 'image'} {size}: " + (", ".join(found) if found else "no generation info found")
+    summary += "".join(f"\n\n⚠️ {note}" for note in notes)
     return info.infotext or "", parsed, info.comfy_prompt or "", info.comfy_workflow or "", summary
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from engine.errors import SfumatoError
+from engine.fields import CORE, FIELDS
 from engine.presets import FIELD_TYPES, PROMPT_FIELDS, PresetError, apply_style, has_style_text, load_preset, preset_filename
 
 from .errors import message_for
@@ -27,9 +28,8 @@ from .model_info import installed_name
 if TYPE_CHECKING:
     from .generation_tab import GenerationTab
 
-# Fields saved by "Save current as preset" (the model only when asked; the seed only when fixed).
-SAVED_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "zero_terminal_snr", "steps", "cfg_scale",
-                "width", "height", "batch_count", "batch_size", "denoising_strength", "seed")
+# A value that means "nothing chosen" is left out of a saved preset: no prompt, a random seed, a box left unticked.
+_UNSET = ("", -1, False, None)
 
 
 def _problems_text(error: SfumatoError) -> str:
@@ -50,19 +50,14 @@ def preset_fields_for(tab: "GenerationTab") -> list[str]:
 
 
 def saved_fields(tab_mode: str, values: dict[str, Any], model: str | None, include_model: bool) -> dict[str, Any]:
-    """What a new preset stores from the current controls."""
+    """What a new preset stores from the current controls: each field declared preset-saveable that this tab holds."""
     fields: dict[str, Any] = {}
-    for name in SAVED_FIELDS:
-        if name not in values:
-            continue
+    for declared in FIELDS.saved_in_presets():
+        name = declared.name
+        if declared.owner != CORE or name == "model" or name not in values or tab_mode not in declared.modes:
+            continue  # the model only when asked (below); extensions' settings are theirs to fill in
         value = values[name]
-        if name in ("prompt", "negative_prompt") and not value:
-            continue
-        if name == "seed" and value == -1:
-            continue
-        if name == "zero_terminal_snr" and not value:
-            continue
-        if name == "denoising_strength" and tab_mode == "txt2img":
+        if value is None or (value == declared.default and declared.default in _UNSET and type(value) is type(declared.default)):
             continue
         fields[name] = value
     if include_model and model:
@@ -138,7 +133,7 @@ def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_d
     """Connect a tab's presets row to its field controls and the model picker."""
     mode = tab.mode
     names = preset_fields_for(tab)
-    # Extensions whose settings a preset may hold (ControlNet units) and that can fill their controls back in.
+    # Extensions whose settings a preset may hold and that can fill their controls back in.
     preset_extensions = [control for control in tab.extensions if control.name in FIELD_TYPES and control.from_settings]
     field_components = tab.fields.components(names)
     prompt_components = tab.fields.components(list(PROMPT_FIELDS))
@@ -168,7 +163,8 @@ def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_d
             preset = studio.presets.get(preset_name)
         except SfumatoError:
             return ""
-        settings = ", ".join(f"{key}: {value}" for key, value in preset.fields.items() if key != "controlnet")
+        settings = ", ".join(f"{key}: {value}" for key, value in preset.fields.items()
+                             if key not in FIELDS or FIELDS[key].owner == CORE)  # an extension's nested settings would swamp the line
         return f"{preset.description}\n\n`{settings}`" if preset.description else f"`{settings}`"
 
     def chosen(preset_name, action: str):

@@ -13,7 +13,8 @@ import gradio as gr
 from PIL import Image
 
 from engine.errors import ValidationError
-from engine.infotext import parse_infotext, request_fields_from_infotext
+from engine.fields import FIELDS
+from engine.infotext import loading_notes, parse_infotext, request_fields_from_infotext
 from engine.untrusted_images import read_untrusted_image
 
 from .extension_ui import all_components
@@ -24,8 +25,10 @@ from .model_info import installed_name
 RESULT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "zero_terminal_snr", "steps", "cfg_scale", "seed",
                  "width", "height")
 
-# PNG Info restores everything: fields an infotext leaves out because they were off go back to "off".
-FULL_RESTORE_DEFAULTS = {"subseed_strength": 0.0, "zero_terminal_snr": False}
+# PNG Info restores everything: a field an infotext leaves out because it was off (its declaration writes it only
+# when set) goes back to its default. Not the RNG: A1111 leaves out its default, GPU noise, which the note explains.
+FULL_RESTORE_DEFAULTS = {field.name: field.default for field in FIELDS.core()
+                         if field.infotext_when is not None and field.name != "rng"}
 
 
 def fields_from_infotext(infotext: str | None, only: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -33,6 +36,17 @@ def fields_from_infotext(infotext: str | None, only: tuple[str, ...] | None = No
         return {}
     fields = request_fields_from_infotext(parse_infotext(infotext))
     return {key: value for key, value in fields.items() if only is None or key in only or key == "model"}
+
+
+def infotext_notes(infotext: str, target: GenerationTab) -> list[str]:
+    """What sending this infotext to ``target`` cannot reproduce: shown to the artist, never dropped silently."""
+    parameters = parse_infotext(infotext)
+    applied = request_fields_from_infotext(parameters)
+    notes = loading_notes(parameters, applied)
+    unused = [FIELDS[name].infotext or name for name in applied if name not in target.fields and name != "model" and name in FIELDS]
+    if unused:
+        notes.append(f"Not used by {target.mode}: " + ", ".join(unused) + ".")
+    return notes
 
 
 def target_outputs(tabs: gr.Tabs, target: GenerationTab, model_dropdown) -> list:
@@ -124,6 +138,8 @@ def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generat
                 gr.Warning(f"The image cannot be sent: {error.message}.")
                 return [gr.skip()] * len(target_outputs(tabs, target, model_dropdown))
         fields = {**FULL_RESTORE_DEFAULTS, **fields_from_infotext(text)}
+        for note in infotext_notes(text, target):
+            gr.Warning(note, title="Not everything in this infotext can be applied")
         return target_updates(studio, target, fields, image, extension_settings_from_infotext(studio, text))
 
     button.click(send, [infotext, image_path], target_outputs(tabs, target, model_dropdown), api_visibility="private")

@@ -1,7 +1,7 @@
 """One server, one port: the Gradio UI at ``/`` and, with ``--api``, the A1111 API beside it.
 
     FastAPI app ── RequestGuard (Host, Origin, loopback rule, logins and their back-off, body limit)
-                       ├── /sdapi/v1/*, /controlnet/*, /docs, /openapi.json
+                       ├── /sdapi/v1/*, the extensions' routes, /docs, /openapi.json
                        └── Gradio Blocks mounted at "/" (Gradio's login page when --auth is set)
 
 ``create_server_app`` builds the ASGI app; ``serve`` runs it with uvicorn in a
@@ -78,7 +78,7 @@ def create_server_app(
     """
     app = FastAPI(
         title="Sfumato",
-        description="Sfumato's AUTOMATIC1111-compatible HTTP API (/sdapi/v1) and ControlNet endpoints.",
+        description="Sfumato's AUTOMATIC1111-compatible HTTP API (/sdapi/v1) and its extensions' endpoints.",
         version="1.10-compatible",
         docs_url="/docs" if api else None,
         redoc_url=None,
@@ -91,7 +91,8 @@ def create_server_app(
     sessions = _GradioSessions()
     hosts = HostRules.for_binding(bind_host or server_name, listen, allowed_hosts)
     app.add_middleware(RequestGuard, hosts=hosts, listen=listen, api_credentials=api_auth or auth, ui_credentials=auth,
-                       session_user=sessions.user, max_body_bytes=max_body_bytes)
+                       session_user=sessions.user, max_body_bytes=max_body_bytes,
+                       api_prefixes=getattr(app.state, "extension_api_prefixes", ()))
 
     builder = _default_ui_builder() if ui_builder is None else ui_builder
     if builder is False:

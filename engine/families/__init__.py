@@ -47,7 +47,7 @@ def detect_pipeline(pipeline, folder: Path | None = None) -> Family:
 
 def detect_checkpoint(keys: list[str] | set[str], folder: Path | None = None) -> Family:
     """The family of an original-layout single file, from its key names; ``ValueError`` with a readable
-    reason when it is no checkpoint Sfumato runs (a LoRA, a VAE, a ControlNet, an SDXL refiner...)."""
+    reason when it is no checkpoint Sfumato runs (a LoRA, a VAE, a control model, an SDXL refiner...)."""
     keys = set(keys)
     has_unet = any(key.startswith(UNET_PREFIX) for key in keys)
     if has_unet:
@@ -63,7 +63,7 @@ def detect_checkpoint(keys: list[str] | set[str], folder: Path | None = None) ->
 
 
 def detect_unet_keys(keys: list[str] | set[str], shape_of: Callable[[str], list[int]], prefix: str = UNET_PREFIX) -> Family:
-    """The family original-layout UNet weights under ``prefix`` were made for (a ControlNet copies the
+    """The family original-layout UNet weights under ``prefix`` were made for (a control model copies the
     UNet's encoder half under ``control_model.``); ``shape_of(key)`` reads one weight's shape."""
     keys = set(keys)
     return next(family for family in FAMILIES if family.matches_unet_keys(keys, shape_of, prefix))

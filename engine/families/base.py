@@ -125,7 +125,7 @@ class Family:
         return any(key.startswith(self.single_file.marker) for key in keys)
 
     def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
-        """Whether original-layout UNet-shaped weights under ``prefix`` (a checkpoint's UNet, a ControlNet's
+        """Whether original-layout UNet-shaped weights under ``prefix`` (a checkpoint's UNet, a control model's
         copy of its encoder half) were made for this family."""
         raise NotImplementedError
 

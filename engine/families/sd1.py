@@ -35,7 +35,7 @@ class StableDiffusion1(Family):
     )
 
     def matches_config(self, unet_config: dict) -> bool:
-        """Any cross-attention UNet (or ControlNet copy of one) the more specific families do not claim,
+        """Any cross-attention UNet (or a control model's copy of one) the more specific families do not claim,
         tiny test models included."""
         return "cross_attention_dim" in unet_config
 

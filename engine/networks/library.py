@@ -130,6 +130,13 @@ class NetworkLibrary:
         folders = " or ".join(f"models/{folder}" for folder in NETWORK_FOLDERS)
         raise ValidationError("prompt", f"no LoRA named {name!r} in {folders}{hint}")
 
+    def short_hash_of(self, name: str) -> str | None:
+        """The short hash of the file a tag names, None when no file has that name or it cannot be read."""
+        try:
+            return self.short_hash(self.get(name))
+        except (ValidationError, OSError):
+            return None
+
     def short_hash(self, network: NetworkFile) -> str:
         """A1111's short hash (12 hex digits), computed once per version of the file."""
         key = network.identity

@@ -1,8 +1,7 @@
 """Sampling: a denoiser D(x, σ) → x̂₀, samplers as plain functions over a σ sequence, schedules as functions.
 
-``types`` holds the contract every piece shares. ``diffusers_loop`` is the old loop over diffusers
-scheduler classes, kept only until the σ-based pass replaces it.
+``types`` holds the contract every piece shares; ``table`` says which function, schedule and noise each sampler
+uses; ``sample_pass`` runs one pass of a sampler for the engine; ``denoiser`` hides the model's parameterization.
+Import the modules themselves: this package imports nothing eagerly, so the request can read the table
+without loading torch-heavy code.
 """
-from .diffusers_loop import DenoiseJob, InpaintInputs, StepHook, denoise
-
-__all__ = ["DenoiseJob", "InpaintInputs", "StepHook", "denoise"]

@@ -53,15 +53,18 @@ def lcm_sigmas(table: Any, steps: int) -> torch.Tensor:
 
 
 def sample_lcm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource,
-               callback: StepCallback | None = None, *, table: Any, prediction_type: str = "epsilon") -> torch.Tensor:
+               callback: StepCallback | None = None, *, table: Any, output_as_eps: bool = False) -> torch.Tensor:
     """LCM multistep sampling (Luo et al. 2023, Algorithm 1) as A1111 runs it.
 
     Start: noise·σ₀ (a k-sampler; A1111's "Automatic" schedule for it is :func:`lcm_sigmas`).
     Per step: snap σ to the nearest LCM timestep t (in log σ), run the model at t on the input scaled for the
-    unsnapped σ, take its output as ε (A1111 does so for every model, so a v-model's v is used as ε: pass
-    ``prediction_type="v_prediction"`` to reproduce that), form x̂ = x − σ·ε, blend
+    unsnapped σ, form ε from the model's x̂₀ and x̂ = x − σ·ε, blend
     ``c_out(t)·x̂ + c_skip(t)·x`` and re-noise with σ_next·z (z from ``noise``) unless σ_next = 0.
     The denoiser is called at ``table.sigmas[t]`` (an exact integer timestep) with x rescaled to match.
+
+    A1111 takes every model's raw output as ε, so on a v-prediction model it paints noise; ``output_as_eps=True``
+    reproduces that for v-models (the tests compare with A1111 that way). By default the model's own
+    parameterization is honoured, and LCM on a v-model draws the picture (the README lists this exception).
     """
     log_lcm_sigmas = _lcm_log_sigmas(table)
     lcm_t = lcm_timesteps(len(table.sigmas))
@@ -73,13 +76,11 @@ def sample_lcm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise:
         # The model must see x/√(σ²+1); the denoiser divides by √(σ_t²+1), so hand it x scaled by the ratio.
         x_model = x * (math.sqrt(1.0 + sigma_t ** 2) / math.sqrt(1.0 + sigma ** 2))
         guided = denoiser(x_model, torch.full((x.shape[0],), sigma_t, dtype=torch.float32, device=x.device))
-        if prediction_type == "epsilon":
-            eps = (x_model - guided) / sigma_t
-        elif prediction_type == "v_prediction":
-            # Undo the v → x̂₀ conversion to get the raw output, which A1111 then takes as ε.
+        if output_as_eps:
+            # Undo a v-model's v → x̂₀ conversion to get the raw output, which A1111 then takes as ε.
             eps = (x_model / (1.0 + sigma_t ** 2) - guided) * (math.sqrt(1.0 + sigma_t ** 2) / sigma_t)
         else:
-            raise ValueError(f"unknown prediction type {prediction_type!r}")
+            eps = (x_model - guided) / sigma_t
         scaled_t = t * LCM_TIMESTEP_SCALING
         c_skip = LCM_SIGMA_DATA ** 2 / (scaled_t ** 2 + LCM_SIGMA_DATA ** 2)
         c_out = scaled_t / math.sqrt(scaled_t ** 2 + LCM_SIGMA_DATA ** 2)

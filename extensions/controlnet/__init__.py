@@ -7,7 +7,8 @@ validated :class:`~.units.ControlNetUnit` objects.
 """
 from __future__ import annotations
 
-from engine.extensions import Extension, ExtensionEnv, ExtensionField
+from engine.extensions import CliCommand, Extension, ExtensionEnv, ExtensionField
+from engine.fields import Field
 
 from . import units
 from .hook import ControlNetRuntime
@@ -25,15 +26,26 @@ def _step_hooks(context, settings: list[units.ControlNetUnit]):
     return runtime.step_hooks(context, settings)
 
 
+NAME = "controlnet"
+
+UNITS_SETTING = Field(
+    "units", int, units.DEFAULT_UNIT_COUNT, range=(1, 8), label="ControlNet units (after restart)", control="slider", step=1,
+    help="How many ControlNet units each generation tab shows.", owner=NAME,
+)
+
+
 def _saved_unit_count(user_dir) -> int:
-    """The "ControlNet units" setting from the studio's settings file (Settings tab)."""
+    """The "ControlNet units" setting from the studio's settings file (Settings tab keeps it under this extension's name)."""
     import json
 
     try:
-        count = json.loads((user_dir / "settings.json").read_text()).get("controlnet_units", units.DEFAULT_UNIT_COUNT)
+        data = json.loads((user_dir / "settings.json").read_text())
+        mine = data.get("extensions", {}).get(NAME, {})
+        count = mine.get(UNITS_SETTING.name, data.get("controlnet_units", UNITS_SETTING.default))  # older files: top level
     except (OSError, ValueError, AttributeError):
-        return units.DEFAULT_UNIT_COUNT
-    return count if isinstance(count, int) and 1 <= count <= 8 else units.DEFAULT_UNIT_COUNT
+        return UNITS_SETTING.default
+    low, high = UNITS_SETTING.range
+    return count if isinstance(count, int) and not isinstance(count, bool) and low <= count <= high else UNITS_SETTING.default
 
 
 def _build_ui(tab: str):
@@ -48,10 +60,38 @@ def _api_routes(app, studio) -> None:
     add_routes(app, runtime)
 
 
+def _cli_args(values: list[str], studio=None, model: str | None = None):
+    from .cli import parse_control_arg
+
+    return [parse_control_arg(text, studio=studio, model=model) for text in values]
+
+
+def _add_preprocess_arguments(parser) -> None:
+    parser.add_argument("--module", required=True, help="preprocessor name, e.g. canny")
+    parser.add_argument("image", help="input image")
+    parser.add_argument("--out", required=True, help="output PNG path")
+    parser.add_argument("--resolution", type=int, default=512, help="preprocessor resolution")
+
+
+def _run_preprocess(args, config) -> int:
+    from .cli import run_preprocess
+
+    run_preprocess(args.module, args.image, args.out, args.resolution, models_dir=config.models_dir)
+    print(args.out)
+    return 0
+
+
 _DEFAULT = units.ControlNetUnit()
 
+UNITS_FIELD = Field(
+    NAME, list, None, optional=True, label="ControlNet",
+    help="ControlNet unit IMAGE,MODULE[,MODEL[,WEIGHT[,START,END]]] (repeatable).",
+    infotext="ControlNet",  # one "ControlNet <slot>" entry per enabled unit
+    api="alwayson_scripts.controlnet", cli="--control", preset=True, owner=NAME,
+)
+
 EXTENSION = Extension(
-    name="controlnet",
+    name=NAME,
     title="ControlNet",
     description="Guide composition with control images: edges, lines, scribbles, depth... (sd-webui-controlnet compatible).",
     fields=(
@@ -69,6 +109,10 @@ EXTENSION = Extension(
         ExtensionField("threshold_a", _DEFAULT.threshold_a, "Preprocessor slider 1 (e.g. canny low threshold); -1 means its default."),
         ExtensionField("threshold_b", _DEFAULT.threshold_b, "Preprocessor slider 2 (e.g. canny high threshold); -1 means its default."),
     ),
+    request_fields=(UNITS_FIELD,),
+    settings=(UNITS_SETTING,),
+    cli_args=_cli_args,
+    cli_commands={"preprocess": CliCommand("write a ControlNet preprocessor's map", _add_preprocess_arguments, _run_preprocess)},
     validate=units.validate_units,
     step_hooks=_step_hooks,
     infotext_fields=units.infotext_fields,

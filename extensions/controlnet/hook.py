@@ -1,7 +1,8 @@
 """The per-step hook: run each active ControlNet and hand its residuals to the UNet.
 
 For every unit that is enabled, has weight > 0 and whose guidance window
-covers the step, the ControlNet runs on the same scaled latents, timestep and
+covers the model call (keyed by the fraction of the schedule done at the call's
+σ, so both calls of a second-order step agree with σ), the ControlNet runs on the same scaled latents, timestep and
 text embeddings as the UNet (only the first 4 channels for 9-channel inpainting
 UNets; SDXL's added conditioning passed through). Residuals of several units
 are summed. Control modes follow sd-webui-controlnet (``scripts/hook.py``):
@@ -49,14 +50,17 @@ def step_window(start: float, end: float, total: int) -> tuple[int, int] | None:
     return (steps[0], steps[-1]) if steps else None
 
 
+def in_window(start: float, end: float, fraction: float) -> bool:
+    """sd-webui-controlnet's guidance test, on the fraction of the schedule done at the model call."""
+    return start <= fraction <= end
+
+
 @dataclass
 class ActiveUnit:
     index: int
     unit: ControlNetUnit
     controlnet: torch.nn.Module
     control: torch.Tensor  # (1, 3, H, W) in [0, 1]
-    first_step: int
-    last_step: int
     do_cfg: bool  # the batch is [unconditional; conditional]
     _scales: list[float] | None = field(default=None, repr=False)
 
@@ -73,14 +77,14 @@ class ControlNetHook:
     def __init__(self, units: list[ActiveUnit]):
         self.units = units
 
-    def unet_kwargs(self, step_index: int, timestep: torch.Tensor, latent_model_input: torch.Tensor,
-                    encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict | None) -> dict:
+    def unet_kwargs(self, point, latent_model_input: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    added_cond_kwargs: dict | None) -> dict:
         down_total: list[torch.Tensor] | None = None
         mid_total: torch.Tensor | None = None
         for active in self.units:
-            if not active.first_step <= step_index <= active.last_step:
+            if not in_window(active.unit.guidance_start, active.unit.guidance_end, point.fraction):
                 continue
-            down, mid = self._run(active, timestep, latent_model_input, encoder_hidden_states, added_cond_kwargs)
+            down, mid = self._run(active, point.timestep, latent_model_input, encoder_hidden_states, added_cond_kwargs)
             if down_total is None:
                 down_total, mid_total = list(down), mid
             else:
@@ -100,6 +104,7 @@ class ControlNetHook:
         if cond_only:
             half = batch // 2
             sample, text = sample[half:], text[half:]
+            timestep = timestep[half:] if timestep.ndim and timestep.shape[0] == batch else timestep
             added = {key: value[half:] for key, value in added.items()} if added else added
         control = active.control.expand(sample.shape[0], -1, -1, -1)
         # The family's extra UNet inputs (None for families with none): a ControlNet fits only its own family.
@@ -165,16 +170,15 @@ class ControlNetRuntime:
 
     def step_hooks(self, context, units: list[ControlNetUnit]) -> list[ControlNetHook]:
         """The extension's ``step_hooks``: one hook for all units that do something in this run, or none."""
-        total = len(context.timesteps)
+        total = len(context.sigmas) - 1
         model = context.model
         unet_config = model.pipeline.unet.config
         active: list[ActiveUnit] = []
         for index, unit in enumerate(units):
             if not unit.active:
                 continue
-            window = step_window(unit.guidance_start, unit.guidance_end, total)
-            if window is None:
-                continue
+            if step_window(unit.guidance_start, unit.guidance_end, total) is None:
+                continue  # no step of this pass falls in the window
             where = f"units[{index}]"
             entry = self.model_for(unit, where, unet_config)
             image = unit.image if unit.image is not None else context.source_image
@@ -189,5 +193,5 @@ class ControlNetRuntime:
             control = self.control_map(unit, image, context.width, context.height)
             controlnet = self.cache.load(entry, model.device, model.dtype)
             control_tensor = maps.map_tensor(control, model.device, model.dtype)
-            active.append(ActiveUnit(index, unit, controlnet, control_tensor, *window, do_cfg=context.do_cfg))
+            active.append(ActiveUnit(index, unit, controlnet, control_tensor, do_cfg=context.do_cfg))
         return [ControlNetHook(active)] if active else []

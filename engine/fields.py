@@ -1,0 +1,300 @@
+"""Every request field, declared once: what it holds and how each surface shows it.
+
+A ``Field`` says everything the studio needs to know about one request field:
+
+- its Python type and default, and its limits (a range, or a list of choices);
+- the label and help the UI shows, and how its control steps;
+- its key in A1111's infotext, its A1111 API name (a txt2img/img2img payload
+  name and/or an ``override_settings`` key) and its command-line flag;
+- whether presets save it, the modes it applies to, and its owner: ``"core"``
+  or the extension that declared it.
+
+The request's validation (``engine.request``), the infotext writer and parser
+(``engine.infotext``), presets (``engine.presets``), the UI tabs, the CLI and
+the A1111 API all read these declarations; ``tests/test_fields.py`` walks the
+registry and checks each surface a field declares. Adding a field means one
+declaration here (or in an extension's folder) plus the code that gives it meaning.
+
+An extension declares its own fields with ``owner`` set to its name; the
+extension manager registers them when it loads the extension. Such a field's
+value is the extension's settings, kept in ``GenerationRequest.extensions[owner]``.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Iterator
+
+from PIL import Image
+
+from .sampling import table as samplers
+from .seeds import MAX_SEED
+
+CORE = "core"
+MODES = ("txt2img", "img2img", "inpaint")
+IMAGE_MODES = ("img2img", "inpaint")
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+INPAINT_AREAS = ("Whole picture", "Only masked")
+MASK_MODES = ("Inpaint masked", "Inpaint not masked")  # A1111's "Mask mode" radio: invert_mask False / True
+PREVIEW_METHODS = ("cheap", "full", "taesd", "none")
+# Where the noise comes from, as A1111 names it: a CPU generator (the same on every machine), the GPU's own
+# (what A1111 uses by default, and what an infotext without an "RNG" key was made with), or "NV", a CPU
+# emulation of CUDA's Philox generator.
+RNG_SOURCES = ("CPU", "GPU", "NV")
+OUTPAINT_SIDES = ("left", "right", "up", "down")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request field and every surface it appears on. Only ``name``, ``type`` and ``default`` are required.
+
+    ``type`` is the Python type a value has (``float`` fields also take ints; ``tuple`` is
+    ``outpaint``'s four pixel counts; ``Image.Image`` an image; ``list``/``dict`` an extension's
+    settings). ``optional``: None is a valid value (meaning is in ``help``).
+    """
+
+    name: str
+    type: type
+    default: Any
+    # -- limits
+    optional: bool = False
+    range: tuple[float, float] | None = None  # inclusive
+    # A callable for a list that lives elsewhere (samplers, schedules); its module also resolves aliases in any case.
+    choices: tuple[str, ...] | Callable[[], list[str]] | None = None
+    multiple_of: int | None = None
+    max_length: int | None = None  # text
+    # -- the UI
+    label: str = ""
+    help: str = ""
+    control: str | None = None  # "slider", "number", "dropdown", "radio", "checkbox", "textbox"; None: no plain control
+    step: float | None = None
+    ui_range: tuple[float, float] | None = None  # a slider narrower than ``range`` (the API and CLI still take all of it)
+    # -- other surfaces
+    infotext: str | None = None  # A1111 infotext key
+    infotext_when: Callable[[Any], bool] | None = None  # (request) -> write it? None: whenever the request's mode is in ``modes``
+    api: str | None = None  # A1111 txt2img/img2img payload name
+    override: str | None = None  # A1111 ``override_settings`` key
+    cli: str | None = None  # flag of ``launch.py generate``
+    cli_names: dict[str, str] | None = None  # flag value -> choice, when the flag spells choices its own way
+    preset: bool = False  # presets may save and restore it
+    modes: tuple[str, ...] = MODES
+    owner: str = CORE
+
+    def choice_list(self) -> list[str] | None:
+        if self.choices is None:
+            return None
+        return list(self.choices()) if callable(self.choices) else list(self.choices)
+
+    @property
+    def limits(self) -> tuple[float, float] | None:
+        """The range a UI slider spans."""
+        return self.ui_range or self.range
+
+    @property
+    def preset_types(self) -> tuple[type, ...]:
+        """Types a preset file may hold for it (JSON numbers: a float field takes ints too; bools are never numbers)."""
+        return (int, float) if self.type is float else (self.type,)
+
+    def written_for(self, request: Any) -> bool:
+        """Whether the infotext of this request carries this field."""
+        if self.infotext is None or request.mode not in self.modes:
+            return False
+        return self.infotext_when(request) if self.infotext_when is not None else True
+
+    def cli_choices(self) -> dict[str, str] | None:
+        """Flag value -> choice: the declared spelling, or each choice in lower case with dashes ("just-resize")."""
+        if self.cli_names is not None:
+            return dict(self.cli_names)
+        choices = self.choice_list()
+        return None if choices is None else {choice.lower().replace(" ", "-"): choice for choice in choices}
+
+
+class FieldRegistry:
+    """The declared fields, in declaration order (which is also the order of the infotext line)."""
+
+    def __init__(self, fields: tuple[Field, ...] = ()) -> None:
+        self._lock = threading.Lock()
+        self._fields: dict[str, Field] = {}
+        for field in fields:
+            self.register(field)
+
+    def register(self, field: Field) -> None:
+        """Add a field; an owner may declare its field again (an extension loaded twice), nobody may take another's."""
+        with self._lock:
+            current = self._fields.get(field.name)
+            if current is not None and current.owner != field.owner:
+                raise ValueError(f"field {field.name!r} is already declared by {current.owner}")
+            self._fields[field.name] = field
+
+    def __getitem__(self, name: str) -> Field:
+        return self._fields[name]
+
+    def get(self, name: str) -> Field | None:
+        return self._fields.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._fields
+
+    def __iter__(self) -> Iterator[Field]:
+        with self._lock:
+            return iter(list(self._fields.values()))
+
+    def core(self) -> list[Field]:
+        return [field for field in self if field.owner == CORE]
+
+    def owned_by_extensions(self) -> list[Field]:
+        return [field for field in self if field.owner != CORE]
+
+    def with_infotext(self) -> list[Field]:
+        return [field for field in self if field.infotext]
+
+    def with_api(self) -> list[Field]:
+        return [field for field in self if field.api or field.override]
+
+    def with_cli(self) -> list[Field]:
+        return [field for field in self if field.cli]
+
+    def saved_in_presets(self) -> list[Field]:
+        return [field for field in self if field.preset]
+
+    def by_infotext_key(self, key: str) -> Field | None:
+        return next((field for field in self if field.infotext == key), None)
+
+    def by_api_name(self, name: str) -> Field | None:
+        return next((field for field in self if field.api == name), None)
+
+    def by_override(self, key: str) -> Field | None:
+        return next((field for field in self if field.override == key), None)
+
+    def label(self, name: str) -> str | None:
+        field = self.get(name)
+        return field.label or None if field is not None else None
+
+
+def _when_variation(request: Any) -> bool:
+    return request.subseed_strength > 0
+
+
+def _when_only_masked(request: Any) -> bool:
+    return request.inpaint_area == "Only masked"
+
+
+def _when_eta_differs(request: Any) -> bool:
+    """A1111 writes eta only when it is set and differs from the sampler's own default."""
+    spec = samplers.find_sampler(request.sampler)
+    return request.eta is not None and spec.eta_default is not None and request.eta != spec.eta_default
+
+
+def _when_ensd_applies(request: Any) -> bool:
+    """ENSD only changes samplers that draw noise after the first, so only they write it."""
+    return bool(request.eta_noise_seed_delta) and samplers.find_sampler(request.sampler).noise != samplers.NO_NOISE
+
+
+def _when_not_default(name: str, default: Any) -> Callable[[Any], bool]:
+    def written(request: Any) -> bool:
+        return getattr(request, name) != default
+    written.__doc__ = f"written when {name} is not {default!r}"
+    return written
+
+
+_SAMPLING_HELP = "A1111 keeps it in Settings › Sampler parameters."
+
+CORE_FIELDS: tuple[Field, ...] = (
+    Field("prompt", str, "", max_length=20_000, label="Prompt", help="What to draw; A1111 prompt syntax such as (word:1.2) works.",
+          control="textbox", infotext="Prompt", api="prompt", cli="--prompt", preset=True),
+    Field("negative_prompt", str, "", max_length=20_000, label="Negative prompt", help="What to avoid.",
+          control="textbox", infotext="Negative prompt", api="negative_prompt", cli="--negative", preset=True),
+    Field("steps", int, 20, range=(1, 150), label="Sampling steps", control="slider", step=1, infotext="Steps", api="steps",
+          cli="--steps", preset=True),
+    Field("sampler", str, samplers.DEFAULT_SAMPLER, choices=samplers.sampler_names, label="Sampling method", control="dropdown",
+          help="A1111 sampler name or alias; a legacy name such as 'DPM++ 2M Karras' also sets the schedule.",
+          infotext="Sampler", api="sampler_name", cli="--sampler", preset=True),
+    Field("schedule", str, samplers.DEFAULT_SCHEDULE, choices=samplers.schedule_names, label="Schedule type", control="dropdown",
+          infotext="Schedule type", api="scheduler", cli="--schedule", preset=True),
+    Field("cfg_scale", float, 7.0, range=(0.0, 30.0), label="CFG Scale", control="slider", step=0.5,
+          help="Classifier-free guidance scale.", infotext="CFG scale", api="cfg_scale", cli="--cfg", preset=True),
+    Field("seed", int, -1, range=(-1, MAX_SEED), label="Seed", help="-1 picks a random seed; image i of the job uses seed + i.",
+          control="number", infotext="Seed", api="seed", cli="--seed", preset=True),
+    # The infotext writes the produced size as one "Size: WxH" entry; A1111's parser splits it into Size-1 and Size-2.
+    Field("width", int, None, optional=True, range=(64, 4096), multiple_of=8, ui_range=(64, 2048), label="Width", control="slider",
+          step=8, help="Default: the model's native width (txt2img), or the init image's (img2img).",
+          infotext="Size-1", api="width", cli="--width", preset=True),
+    Field("height", int, None, optional=True, range=(64, 4096), multiple_of=8, ui_range=(64, 2048), label="Height", control="slider",
+          step=8, help="Default: the model's native height (txt2img), or the init image's (img2img).",
+          infotext="Size-2", api="height", cli="--height", preset=True),
+    Field("model", str, None, optional=True, label="Model", help="A model name as the model list shows it; default: the default model.", infotext="Model",
+          override="sd_model_checkpoint", cli="--model", preset=True),
+    Field("subseed", int, -1, range=(-1, MAX_SEED), label="Variation seed", control="number", help="-1 picks one.",
+          infotext="Variation seed", infotext_when=_when_variation, api="subseed", cli="--variation-seed"),
+    Field("subseed_strength", float, 0.0, range=(0.0, 1.0), label="Variation strength", control="slider", step=0.01,
+          help="How far to move towards the variation seed's noise.", infotext="Variation seed strength",
+          infotext_when=_when_variation, api="subseed_strength", cli="--variation-strength"),
+    Field("denoising_strength", float, 0.75, range=(0.0, 1.0), label="Denoising strength", control="slider", step=0.01,
+          help="How much to change the init image.", infotext="Denoising strength", api="denoising_strength",
+          cli="--strength", preset=True, modes=IMAGE_MODES),
+    Field("resize_mode", str, "Just resize", choices=RESIZE_MODES, label="Resize mode", control="radio",
+          infotext="Resize mode", api="resize_mode", cli="--resize-mode", modes=IMAGE_MODES),
+    Field("mask_blur", int, 4, range=(0, 64), label="Mask blur", control="slider", step=1, infotext="Mask blur", api="mask_blur",
+          cli="--mask-blur", modes=("inpaint",)),
+    Field("invert_mask", bool, False, label="Mask mode", control="radio", help="Inpaint what is not masked.",
+          infotext="Mask mode", api="inpainting_mask_invert", cli="--invert-mask", modes=("inpaint",)),
+    Field("masked_content", str, "original", choices=MASKED_CONTENT, label="Masked content", control="radio",
+          infotext="Masked content", api="inpainting_fill", cli="--masked-content", modes=("inpaint",)),
+    Field("inpaint_area", str, "Whole picture", choices=INPAINT_AREAS, label="Inpaint area", control="radio",
+          infotext="Inpaint area", api="inpaint_full_res", cli="--inpaint-area",
+          cli_names={"whole": "Whole picture", "masked": "Only masked"}, modes=("inpaint",)),
+    Field("inpaint_padding", int, 32, range=(0, 256), label="Only masked padding, pixels", control="slider", step=4,
+          infotext="Masked area padding", infotext_when=_when_only_masked, api="inpaint_full_res_padding", cli="--padding",
+          modes=("inpaint",)),
+    Field("outpaint", tuple, (0, 0, 0, 0), range=(0, 1024), label="Outpainting", control="slider", step=8,
+          help="Grow the canvas: left, right, up, down in pixels.", infotext="Outpaint",
+          infotext_when=lambda request: any(request.outpaint), cli="--outpaint", modes=("inpaint",)),
+    Field("zero_terminal_snr", bool, False, label="Zero terminal SNR", control="checkbox",
+          help="Rescale betas so the last step is pure noise; for v-prediction models.",
+          infotext="Zero terminal SNR", infotext_when=_when_not_default("zero_terminal_snr", False), cli="--zero-terminal-snr",
+          preset=True),
+    Field("clip_skip", int, 1, range=(1, 12), label="Clip skip", control="slider", step=1,
+          help="1 uses the text encoder's last layer, 2 the one before, ... A1111 keeps it in Settings › Stable Diffusion.",
+          infotext="Clip skip", infotext_when=_when_not_default("clip_skip", 1), override="CLIP_stop_at_last_layers",
+          cli="--clip-skip", preset=True),
+    Field("eta", float, None, optional=True, range=(0.0, 1.0), label="Eta", control="number", step=0.01,
+          help="Noise multiplier of ancestral, SDE and DDIM samplers; empty: the sampler's own default. " + _SAMPLING_HELP,
+          infotext="Eta", infotext_when=_when_eta_differs, api="eta", cli="--eta", preset=True),
+    Field("eta_noise_seed_delta", int, 0, range=(0, 2**32 - 1), label="Eta noise seed delta (ENSD)", control="number",
+          help="Ancestral and SDE noise is drawn from seed + this after the first noise. " + _SAMPLING_HELP,
+          infotext="ENSD", infotext_when=_when_ensd_applies, override="eta_noise_seed_delta",
+          cli="--ensd"),
+    # A1111 writes "RNG" only when it is not its default (GPU): an infotext without it was made with GPU noise.
+    Field("rng", str, "CPU", choices=RNG_SOURCES, label="RNG",
+          help="Where noise comes from: CPU (the same on every machine), GPU (A1111's default), NV (CUDA's generator "
+               "emulated on the CPU; experimental). " + _SAMPLING_HELP,
+          control="radio", infotext="RNG", infotext_when=_when_not_default("rng", "GPU"), override="randn_source", cli="--rng"),
+    Field("batch_count", int, 1, range=(1, 100), label="Batch count", control="slider", step=1, api="n_iter",
+          cli="--batch-count", preset=True),
+    Field("batch_size", int, 1, range=(1, 8), label="Batch size", control="slider", step=1, api="batch_size",
+          cli="--batch-size", preset=True),
+    Field("init_image", Image.Image, None, optional=True, label="Image", api="init_images", cli="--init-image",
+          modes=IMAGE_MODES),
+    Field("mask", Image.Image, None, optional=True, label="Mask", api="mask", cli="--mask", modes=("inpaint",)),
+    Field("preview_every", int, 1, range=(0, 150), label="Preview every N steps", help="0: no live preview."),
+    Field("preview_method", str, "cheap", choices=PREVIEW_METHODS, label="Preview method"),
+    Field("extensions", dict, MappingProxyType({}), label="Extensions", api="alwayson_scripts",
+          help="Each extension's settings, by extension name."),
+)
+
+FIELDS = FieldRegistry(CORE_FIELDS)
+"""The registry every surface reads: the core's fields, and those of each extension loaded so far."""
+
+
+def default(name: str) -> Any:
+    """A field's declared default."""
+    return FIELDS[name].default
+
+
+def register(field: Field) -> None:
+    """Declare an extension's field (its ``owner`` must be the extension's name)."""
+    if field.owner == CORE:
+        raise ValueError(f"field {field.name!r}: an extension's field must name the extension as its owner")
+    FIELDS.register(field)
