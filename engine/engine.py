@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import cancellation, image_ops
+from . import cancellation, image_ops, networks
 from .compute import run_until_interrupted
 from .errors import GenerationError, Interrupted, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
@@ -73,6 +73,7 @@ class Engine:
     def __init__(self, registry: ModelRegistry, extensions: ExtensionHost | None = None):
         self.registry = registry
         self.extensions = extensions
+        self.networks = networks.NetworkLibrary(registry.models_dir)  # models/Lora and models/LyCORIS
 
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:
@@ -114,7 +115,7 @@ class Engine:
         timings: dict[str, float] = {}
         images: list[GeneratedImage] = []
         try:
-            with contextlib.ExitStack() as job_scope:  # undoes the job's swaps (its VAE) however the job ends
+            with contextlib.ExitStack() as job_scope:  # undoes the job's swaps (its VAE, its LoRAs) however the job ends
                 return self._generate_images(request, on_progress, cancel, started, timings, images, job_scope)
         except Interrupted as stopped:
             timings["total"] = time.perf_counter() - started
@@ -125,8 +126,10 @@ class Engine:
                          job_scope: contextlib.ExitStack) -> GenerationResult:
         """The job itself; ``timings`` and ``images`` fill as it goes, so an interrupt keeps what was finished."""
         cancellation.entering("loading the model")
+        job_networks = networks.prepare(self.networks, request.prompt)  # <lora:…> tags out of the text to encode
         model = self.registry.load(request.model)
         vae = self._job_vae(request, model, job_scope)
+        job_scope.enter_context(networks.active(model, job_networks))
         timings["load"] = time.perf_counter() - started
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, request, prepared.width, prepared.height)
@@ -142,14 +145,15 @@ class Engine:
 
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")
-        conditioning = model.prompt_encoder.encode(request.prompt, request.negative_prompt, request.clip_skip,
-                                                   getattr(self.registry, "embeddings", None))
+        conditioning = model.prompt_encoder.encode(job_networks.prompt, request.negative_prompt, request.clip_skip,
+                                                   getattr(self.registry, "embeddings", None), job_networks.text_encoder_key)
         timings["encode"] = time.perf_counter() - tick
         do_cfg = request.cfg_scale > 1.0
         previewer = self._previewer(request, model)
         extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
         if (hashes := ti_hashes(conditioning.embeddings)) is not None:
             extension_info = {TI_HASHES_KEY: hashes, **extension_info}
+        extension_info = {**extension_info, **job_networks.infotext_fields()}
         sigmas = self._pass_sigmas(request, noise_table, prepared)
 
         interrupted = False

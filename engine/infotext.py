@@ -34,6 +34,9 @@ NEGATIVE_PREFIX = "Negative prompt:"
 MODEL_HASH_KEY = "Model hash"
 SIZE_KEY = "Size"  # "WxH"; read back as Size-1 (width) and Size-2 (height), the fields' declared keys
 VERSION_KEY = "Version"
+# Written by the engine from the job's networks (engine/networks/job.py), not a request field: the <lora:…> tags
+# stay in the prompt, so loading an infotext applies the LoRAs by name. A1111's form: "name: <12 hex>, name2: <12 hex>".
+LORA_HASHES_KEY = "Lora hashes"
 # An image whose sampling stopped early keeps ``Steps`` as requested and says where it stopped,
 # as done/total of its own sampling steps: "Interrupted at step: 2/20".
 STOPPED_EARLY_KEYS = {"interrupted": "Interrupted at step", "skipped": "Skipped at step"}
@@ -148,6 +151,21 @@ def _noise_params(request: GenerationRequest) -> dict[str, Any]:
 
 
 # --- reading -----------------------------------------------------------------
+
+def format_name_hashes(hashes: Mapping[str, str]) -> str:
+    """A1111's ``name: hash, name2: hash`` list (``Lora hashes``, ``TI hashes``); ':' and ',' leave the names, as in A1111."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in hashes.items())
+
+
+def parse_name_hashes(value: str) -> dict[str, str]:
+    """The names and hashes of a ``Lora hashes`` / ``TI hashes`` value (already unquoted); malformed entries are skipped."""
+    pairs = {}
+    for entry in value.split(","):
+        name, colon, digest = entry.rpartition(":")
+        if colon and name.strip() and digest.strip():
+            pairs[name.strip()] = digest.strip()
+    return pairs
+
 
 def unquote(value: str) -> str:
     """A1111's ``unquote()``: undo ``quote()``; anything that is not valid JSON stays as is."""
@@ -357,8 +375,10 @@ def request_fields_from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
 # --- what loading an infotext cannot give ------------------------------------
 
 # Keys that describe the image rather than set the request: nothing to apply, nothing to warn about.
-# Hashes are checked against the files here by engine.networks (ui.send_to shows what they find).
-_INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, VAE_HASH_KEY, TI_HASHES_KEY, SIZE_KEY, VERSION_KEY, *STOPPED_EARLY_KEYS.values()})
+# Hashes are checked against the files here by engine.networks (ui.send_to shows what they find); the LoRA tags
+# stay in the prompt, so LoRAs are applied by name.
+_INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, VAE_HASH_KEY, TI_HASHES_KEY, LORA_HASHES_KEY, SIZE_KEY, VERSION_KEY,
+                                 *STOPPED_EARLY_KEYS.values()})
 
 
 def _made_by_us(params: Mapping[str, str]) -> bool:
@@ -373,13 +393,16 @@ def _is_known_key(key: str) -> bool:
     return any(key.startswith(f"{field.infotext} ") for field in FIELDS.owned_by_extensions() if field.infotext)
 
 
-def loading_notes(params: Mapping[str, str], applied: Mapping[str, Any]) -> list[str]:
+def loading_notes(params: Mapping[str, str], applied: Mapping[str, Any],
+                  local_lora_hash: Callable[[str], str | None] | None = None) -> list[str]:
     """Sentences for the artist about what loading this infotext cannot reproduce: nothing is dropped silently.
 
     ``applied`` is what ``request_fields_from_infotext`` made of ``params``. The notes say:
     - that an A1111 infotext without "RNG" was made with A1111's default GPU noise, which our
       CPU noise does not reproduce (the "RNG" setting);
-    - which keys no field of ours reads, and which values were refused, with their text.
+    - which keys no field of ours reads, and which values were refused, with their text;
+    - with ``local_lora_hash`` (a LoRA name -> the short hash of the local file, None when there is none):
+      which LoRAs of "Lora hashes" the local files differ from (the tags apply them by name).
     """
     if not isinstance(params, Mapping):
         return []
@@ -405,4 +428,9 @@ def loading_notes(params: Mapping[str, str], applied: Mapping[str, Any]) -> list
         notes.append("Not applied (Sfumato has no such setting): " + ", ".join(unknown) + ".")
     if refused:
         notes.append("Not applied (a value Sfumato does not accept): " + ", ".join(refused) + ".")
+    if local_lora_hash is not None and isinstance(params.get(LORA_HASHES_KEY), str):
+        differ = [name for name, digest in parse_name_hashes(params[LORA_HASHES_KEY]).items()
+                  if (local := local_lora_hash(name)) is not None and local != digest]
+        if differ:
+            notes.append("Other LoRA files than the image's (their hashes differ): " + ", ".join(differ) + ".")
     return notes

@@ -191,9 +191,9 @@ class PromptEncoder:
     """Encodes prompts for one loaded model; remembers recent results.
 
     The cache key is (prompt, negative, the text layers Clip skip selects, the embedding files the
-    prompts use, by name and hash); one encoder belongs to one model, so a model switch starts from an
-    empty cache. A family that ignores Clip skip reads the same layers for every value, so those values
-    share cache entries.
+    prompts use, by name and hash, the networks on the text encoders); one encoder belongs to one model, so a
+    model switch starts from an empty cache. A family that ignores Clip skip reads the same layers for every
+    value, so those values share cache entries.
     """
 
     def __init__(self, components, encoding: TextEncoding, cache_size: int = 32):
@@ -206,7 +206,7 @@ class PromptEncoder:
         self._cache: OrderedDict[tuple, Conditioning] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._empty: dict[tuple[TextLayer, ...], torch.Tensor] = {}
+        self._empty: dict[tuple, torch.Tensor] = {}  # (layers, networks) -> the empty prompt's embedding
         self._providers: dict[tuple, list] = {}  # (layers, embedding set) -> one provider per text encoder
         # Each text is cached on its own too, as A1111 caches cond and uncond separately: a new
         # prompt with the usual negative encodes only the prompt.
@@ -215,18 +215,20 @@ class PromptEncoder:
                                                      encoding.title)
 
     def encode(self, prompt: str, negative: str, clip_skip: int = 1,
-               embeddings: EmbeddingLibrary | None = None) -> Conditioning:
-        """``embeddings``: the textual-inversion files whose names the prompts may use (none when None)."""
+               embeddings: EmbeddingLibrary | None = None, networks: tuple = ()) -> Conditioning:
+        """``embeddings``: the textual-inversion files whose names the prompts may use (none when None).
+        ``networks``: what the text encoders carry for this job (``JobNetworks.text_encoder_key``); a LoRA
+        changes the embeddings, so it is part of every cache key."""
         layers = self._layers(clip_skip)
         used = embeddings.used_in(prompt, negative) if embeddings is not None else ()
         tokens = self._embedding_tokens.tokens(used)
-        key = (prompt, negative, layers, tokens.key)
+        key = (prompt, negative, layers, tokens.key, networks)
         with self._lock:
             if key in self._cache:
                 self.hits += 1
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        conditioning = self._encode_uncached(prompt, negative, layers, tokens)
+        conditioning = self._encode_uncached(prompt, negative, layers, tokens, networks)
         with self._lock:
             self.misses += 1
             self._cache[key] = conditioning
@@ -257,23 +259,24 @@ class PromptEncoder:
 
     @torch.inference_mode()
     def _encode_uncached(self, prompt: str, negative: str, layers: tuple[TextLayer, ...] | None = None,
-                         tokens: EmbeddingTokens | None = None) -> Conditioning:
+                         tokens: EmbeddingTokens | None = None, networks: tuple = ()) -> Conditioning:
         layers = layers if layers is not None else self._layers(1)
         tokens = tokens or self._embedding_tokens.plain
         # Encoded one at a time and padded here: compel's own padding of a batch with
         # different lengths fails for SDXL's two encoders.
-        positive, pooled = self._encode_one(prompt, layers, tokens)
-        negative_embeds, negative_pooled = self._encode_one(negative, layers, tokens)
+        positive, pooled = self._encode_one(prompt, layers, tokens, networks)
+        negative_embeds, negative_pooled = self._encode_one(negative, layers, tokens, networks)
         length = max(positive.shape[1], negative_embeds.shape[1])
         return Conditioning(
-            prompt_embeds=self._pad(positive, length, layers), negative_embeds=self._pad(negative_embeds, length, layers),
+            prompt_embeds=self._pad(positive, length, layers, networks),
+            negative_embeds=self._pad(negative_embeds, length, layers, networks),
             pooled=pooled, negative_pooled=negative_pooled, embeddings=tokens.embeddings,
         )
 
-    def _encode_one(self, text: str, layers: tuple[TextLayer, ...],
-                    tokens: EmbeddingTokens | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode_one(self, text: str, layers: tuple[TextLayer, ...], tokens: EmbeddingTokens | None = None,
+                    networks: tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokens = tokens or self._embedding_tokens.plain
-        key = (text, layers, tokens.key)
+        key = (text, layers, tokens.key, networks)
         with self._lock:
             if key in self._texts:
                 self._texts.move_to_end(key)
@@ -371,13 +374,13 @@ class PromptEncoder:
                  for one in self._layer_providers(layers, tokens)]
         return torch.cat(parts, dim=-1), self._pooled(text, layers, tokens)
 
-    def _pad(self, embeds: torch.Tensor, length: int, layers: tuple[TextLayer, ...]) -> torch.Tensor:
+    def _pad(self, embeds: torch.Tensor, length: int, layers: tuple[TextLayer, ...], networks: tuple = ()) -> torch.Tensor:
         """Extend a conditioning with empty-prompt chunks, as A1111 pads the shorter of cond/uncond."""
         if embeds.shape[1] >= length:
             return embeds
-        if layers not in self._empty:
-            self._empty[layers] = self._encode_one("", layers)[0]
-        empty = self._empty[layers]
+        if (layers, networks) not in self._empty:
+            self._empty[layers, networks] = self._encode_one("", layers, networks=networks)[0]
+        empty = self._empty[layers, networks]
         pieces = [embeds]
         missing = length - embeds.shape[1]
         while missing > 0:

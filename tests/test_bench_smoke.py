@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest
 import torch
 
-from bench import caching, first_preview, limit, peer, previews, scaling
+from bench import caching, first_preview, limit, networks, peer, previews, scaling
 from bench.fixtures import BenchContext, BenchModels, quiet_libraries
 from bench.report import README_END, README_START, BenchResult, Row, write_readme
 from bench.server import unavailable_reason
@@ -77,6 +77,12 @@ def test_cache_bench_sees_prompt_hits_and_fast_model_reselect(ctx):
     assert prompt["encoder_misses"] >= SMOKE.repetitions + 1
     switch = result.figures["model_switch"]
     assert switch["cached_ms"] < switch["cold_load_ms"] / 2
+
+
+def test_lora_switch_bench_switches_without_reloading_the_model(ctx):
+    figures = networks.run(ctx).figures["lora_switch"]
+    assert figures["model_reloaded"] is False
+    assert figures["switching_ms"] > 0 and figures["on_off_ms"] > 0 and figures["read_file_ms"] > 0
 
 
 def test_scaling_bench_measures_sizes_batches_memory_and_plots(ctx):

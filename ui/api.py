@@ -37,7 +37,7 @@ from engine.request import GenerationRequest, GenerationResult
 from engine.untrusted_images import read_untrusted_image
 
 from .api_models import (
-    ErrorResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, OptionsModel, OptionsUpdateResponse, PNGInfoRequest,
+    ErrorResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, LoraItem, OptionsModel, OptionsUpdateResponse, PNGInfoRequest,
     PNGInfoResponse, ProgressResponse, ProgressState, PromptStyleItem, SamplerItem, SchedulerItem, SDModelItem, TextToImageResponse,
     Txt2ImgRequest,
 )
@@ -68,7 +68,7 @@ _POLL_START_S, _POLL_MAX_S, _DISCONNECT_CHECK_S = 0.005, 0.1, 0.5
 _OPTION_SETTINGS = {"show_progress_every_n_steps": ("preview_every", int), "samples_save": ("save_outputs", bool),
                     "save_incomplete_images": ("save_interrupted_images", bool)}
 # Lists A1111 clients fetch while connecting, for features Sfumato does not have: honest empty answers.
-_EMPTY_LISTS = ("/upscalers", "/latent-upscale-modes", "/hypernetworks", "/face-restorers", "/realesrgan-models", "/loras")
+_EMPTY_LISTS = ("/upscalers", "/latent-upscale-modes", "/hypernetworks", "/face-restorers", "/realesrgan-models")
 _ERROR_RESPONSES = {422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
 
 
@@ -661,6 +661,20 @@ class SdApi:
                     option = next((name for name, (setting, _) in _OPTION_SETTINGS.items() if setting == error.field), error.field)
                     raise validation_error(error, option) from None
 
+    # -- networks -----------------------------------------------------------------------
+    def loras(self) -> list[LoraItem]:
+        from engine.networks import read_metadata
+
+        items = []
+        for network in self.studio.engine.networks.list():
+            metadata = read_metadata(network.path)
+            items.append(LoraItem(name=network.name, alias=network.alias, path=str(network.path), metadata=metadata))
+        return items
+
+    def refresh_loras(self) -> dict:
+        self.studio.engine.networks.refresh()
+        return {}
+
     # -- png info ---------------------------------------------------------------------
     def png_info(self, body: PNGInfoRequest) -> PNGInfoResponse:
         from engine.image_metadata import read_generation_info
@@ -678,7 +692,8 @@ class SdApi:
                 items[key] = value
         text = info.infotext or ""
         parameters = parse_infotext(text) if text else {}
-        notes = loading_notes(parameters, request_fields_from_infotext(parameters)) if text else []
+        notes = (loading_notes(parameters, request_fields_from_infotext(parameters), self.studio.engine.networks.short_hash_of)
+                 if text else [])
         return PNGInfoResponse(info=text, items=items, parameters=parameters, notes=notes)
 
     # -- routing ------------------------------------------------------------------------
@@ -698,6 +713,8 @@ class SdApi:
                              response_model_exclude_none=True)
         router.add_api_route("/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
         router.add_api_route("/png-info", self.png_info, methods=["POST"], response_model=PNGInfoResponse)
+        router.add_api_route("/loras", self.loras, methods=["GET"], response_model=list[LoraItem])
+        router.add_api_route("/refresh-loras", self.refresh_loras, methods=["POST"])
         for path in _EMPTY_LISTS:
             router.add_api_route(path, _empty_list, methods=["GET"], response_model=list[dict[str, Any]])
         router.add_api_route("/embeddings", self.embeddings, methods=["GET"])

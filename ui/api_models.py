@@ -155,6 +155,15 @@ class SDModelItem(BaseModel):
     broken: str | None = Field(None, description="Why this model cannot be loaded (found by checking its files or by a failed load); null when it can.")
 
 
+class LoraItem(BaseModel):
+    """One file of ``/sdapi/v1/loras``, in A1111's shape."""
+
+    name: str
+    alias: str = Field(description="The name the file's training metadata gives it (ss_output_name), else its name.")
+    path: str
+    metadata: dict[str, Any] = Field(default_factory=dict, description="The safetensors header's training metadata (kohya's ss_*).")
+
+
 class PromptStyleItem(BaseModel):
     name: str
     prompt: str | None = None

@@ -201,6 +201,16 @@ class Family:
         """Which layer of each text encoder conditions the model for A1111's "Clip skip" (1 = the default)."""
         raise NotImplementedError
 
+    # -- networks (LoRA) ----------------------------------------------------------------------------
+    def network_components(self) -> dict[str, str]:
+        """kohya's LoRA key prefix → the pipeline component it patches: the denoiser and each text encoder
+        (SDXL-style ``lora_te1_`` / ``lora_te2_`` for a second encoder)."""
+        encoders = [encoder for _, encoder in self.text_encoders]
+        prefixes = {"lora_unet_": self.denoiser, "lora_te_": encoders[0]}
+        for index, encoder in enumerate(encoders, start=1):
+            prefixes[f"lora_te{index}_"] = encoder
+        return prefixes
+
     # -- the per-step model call ----------------------------------------------------------------
     def unet_kwargs(self, conditioning: Conditioning, width: int, height: int) -> ModelInputs:
         """Extra inputs of the UNet call beyond latents, timestep and text embeddings (none by default)."""

@@ -1,0 +1,149 @@
+"""Finding LoRA and LyCORIS files, naming them as A1111 does, and hashing them.
+
+Files live in ``models/Lora`` and ``models/LyCORIS`` under the models root the checkpoint
+registry reads, subfolders included. A network's name is its file's stem; when two files share a
+stem, each is named by its path under its folder (without the extension), so a name means one file.
+Only ``.safetensors`` files are read: pickles (``.pt``, ``.ckpt``) can run code when loaded.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import struct
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ValidationError
+
+NETWORK_FOLDERS = ("Lora", "LyCORIS")
+SUFFIXES = (".safetensors",)
+SHORT_HASH_LENGTH = 12  # A1111's "shorthash" of a network
+HEADER_LENGTH_BYTES = 8  # safetensors: a little-endian u64 header length, then the JSON header
+
+
+@dataclass(frozen=True)
+class NetworkFile:
+    name: str  # how a prompt names it: the file's stem (its path under the folder when stems clash)
+    path: Path
+    folder: Path  # the models/Lora or models/LyCORIS folder it was found in
+    alias: str = ""  # the name its training metadata gives it (kohya's ss_output_name); a prompt may use it too
+
+    @property
+    def identity(self) -> tuple[str, int, int]:
+        """Changes whenever the file does: the key of every cache of what was read from it."""
+        stat = self.path.stat()
+        return (str(self.path), stat.st_size, stat.st_mtime_ns)
+
+
+def addnet_hash(path: Path) -> str:
+    """A1111's hash of a safetensors network (``hashes.py``, "addnet hash", from the Additional Networks
+    extension): the SHA-256 of the bytes after the header, so editing the metadata keeps the hash."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        header = handle.read(HEADER_LENGTH_BYTES)
+        if len(header) < HEADER_LENGTH_BYTES:
+            raise OSError(f"{path.name} is too short to be a safetensors file")
+        handle.seek(HEADER_LENGTH_BYTES + struct.unpack("<Q", header)[0])
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors header (kohya's ``ss_*`` training notes), or {} when unreadable.
+
+    Values that hold a JSON object (``ss_tag_frequency``, ``ss_dataset_dirs``) are decoded, as A1111 decodes them."""
+    try:
+        with open(path, "rb") as handle:
+            length = struct.unpack("<Q", handle.read(HEADER_LENGTH_BYTES))[0]
+            if length > 100_000_000:
+                return {}
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        return {}
+    decoded: dict[str, Any] = {}
+    for key, value in metadata.items():
+        decoded[str(key)] = value
+        if isinstance(value, str) and value.startswith("{"):
+            try:
+                decoded[str(key)] = json.loads(value)
+            except ValueError:
+                pass
+    return decoded
+
+
+class NetworkLibrary:
+    """The network files under a models root; rescanned by ``refresh``."""
+
+    def __init__(self, models_dir: Path | str | None):
+        self.models_dir = Path(models_dir) if models_dir else None
+        self._files: dict[str, NetworkFile] = {}
+        self._aliases: dict[str, NetworkFile] = {}
+        self._hashes: dict[tuple, str] = {}
+        self._lock = threading.Lock()
+        self.refresh()
+
+    def refresh(self) -> list[NetworkFile]:
+        found: list[tuple[Path, Path]] = []
+        for folder_name in NETWORK_FOLDERS:
+            folder = self.models_dir / folder_name if self.models_dir else None
+            if folder is None or not folder.is_dir():
+                continue
+            for path in sorted(folder.rglob("*")):
+                relative = path.relative_to(folder)
+                if (path.is_file() and path.suffix.lower() in SUFFIXES
+                        and not any(part.startswith(".") for part in relative.parts)):
+                    found.append((path, folder))
+        stems = Counter(path.stem for path, _ in found)
+        files = {}
+        for path, folder in found:
+            name = path.stem if stems[path.stem] == 1 else path.relative_to(folder).with_suffix("").as_posix()
+            alias = str(read_metadata(path).get("ss_output_name") or name)
+            files[name] = NetworkFile(name=name, path=path, folder=folder, alias=alias)
+        # A1111 also finds a network by its alias; an alias that is another file's name, or that two files share, names none.
+        shared = Counter(network.alias for network in files.values())
+        aliases = {network.alias: network for network in files.values() if network.alias not in files and shared[network.alias] == 1}
+        with self._lock:
+            self._files, self._aliases = files, aliases
+        return self.list()
+
+    def list(self) -> list[NetworkFile]:
+        with self._lock:
+            return list(self._files.values())
+
+    def get(self, name: str) -> NetworkFile:
+        """The file a prompt's tag names; a ``ValidationError`` on ``prompt`` naming the closest matches otherwise."""
+        with self._lock:
+            found = self._files.get(name) or self._aliases.get(name)
+            names = list(self._files)
+        if found is not None:
+            return found
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ("; none are installed" if not names else "")
+        folders = " or ".join(f"models/{folder}" for folder in NETWORK_FOLDERS)
+        raise ValidationError("prompt", f"no LoRA named {name!r} in {folders}{hint}")
+
+    def short_hash_of(self, name: str) -> str | None:
+        """The short hash of the file a tag names, None when no file has that name or it cannot be read."""
+        try:
+            return self.short_hash(self.get(name))
+        except (ValidationError, OSError):
+            return None
+
+    def short_hash(self, network: NetworkFile) -> str:
+        """A1111's short hash (12 hex digits), computed once per version of the file."""
+        key = network.identity
+        with self._lock:
+            cached = self._hashes.get(key)
+        if cached is None:
+            cached = addnet_hash(network.path)[:SHORT_HASH_LENGTH]
+            with self._lock:
+                self._hashes[key] = cached
+        return cached
