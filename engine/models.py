@@ -38,6 +38,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .file_hashes import file_sha256
 from . import cancellation
 from . import checkpoint_convert as layout_keys
 from .compute import run_on_compute_thread
@@ -147,11 +148,7 @@ def _is_single_file_config(folder: Path) -> bool:
 
 def file_short_hash(path: Path) -> str:
     """A1111's "Model hash": the first 10 hex digits of the file's SHA-256 (``sd_models.py``, ``sha256[0:10]``)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
+    return file_sha256(path)[:10]
 
 
 def model_short_hash(entry: ModelEntry) -> str:

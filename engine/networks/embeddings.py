@@ -22,7 +22,6 @@ tokenizer and text encoder are never changed.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import re
 import threading
@@ -34,6 +33,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ModelError
+from ..file_hashes import file_sha256
 
 EMBEDDINGS_SUBDIR = "embeddings"
 SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -42,14 +42,6 @@ SINGLE = ""  # the key of a one-encoder embedding's vectors
 TI_HASHES_KEY = "TI hashes"  # A1111's infotext key: "name: <short hash>" for each embedding the prompts used
 SHORT_HASH_LENGTH = 12  # A1111's "TI hashes" show the first 12 hex digits of the file's SHA-256
 _LETTER = r"[^\W\d_]"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def names_pattern(names) -> re.Pattern:

@@ -8,7 +8,6 @@ Only ``.safetensors`` files are read: pickles (``.pt``, ``.ckpt``) can run code 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import struct
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ValidationError
+from ..file_hashes import file_sha256
 
 NETWORK_FOLDERS = ("Lora", "LyCORIS")
 SUFFIXES = (".safetensors",)
@@ -42,15 +42,11 @@ class NetworkFile:
 def addnet_hash(path: Path) -> str:
     """A1111's hash of a safetensors network (``hashes.py``, "addnet hash", from the Additional Networks
     extension): the SHA-256 of the bytes after the header, so editing the metadata keeps the hash."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
         header = handle.read(HEADER_LENGTH_BYTES)
-        if len(header) < HEADER_LENGTH_BYTES:
-            raise OSError(f"{path.name} is too short to be a safetensors file")
-        handle.seek(HEADER_LENGTH_BYTES + struct.unpack("<Q", header)[0])
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    if len(header) < HEADER_LENGTH_BYTES:
+        raise OSError(f"{path.name} is too short to be a safetensors file")
+    return file_sha256(path, skip=HEADER_LENGTH_BYTES + struct.unpack("<Q", header)[0])
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -19,7 +19,6 @@ is refused) but never offered in the picker or ``/sd-vae``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import threading
@@ -33,6 +32,7 @@ import torch
 
 from ..errors import ModelError, ValidationError
 from ..fields import FIELDS, VAE_AUTOMATIC, VAE_NONE
+from ..file_hashes import file_sha256
 
 VAE_SUBDIR = "VAE"
 AUTOMATIC, NONE = VAE_AUTOMATIC, VAE_NONE  # the "SD VAE" values that name no file (declared with the field)
@@ -62,14 +62,6 @@ class VaeChoice:
     file: VaeFile | None = None
     module: object | None = None
     short_hash: str | None = None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _natural_key(name: str) -> list:
@@ -214,7 +206,7 @@ class VaeLibrary:
         key = _stat_key(file.path)
         with self._lock:
             if key not in self._hashes:
-                self._hashes[key] = _sha256(file.path)[:SHORT_HASH_LENGTH]
+                self._hashes[key] = file_sha256(file.path)[:SHORT_HASH_LENGTH]
             return self._hashes[key]
 
     def load(self, file: VaeFile, like, device: torch.device | None = None) -> object:
