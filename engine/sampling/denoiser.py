@@ -75,6 +75,7 @@ class GuidedDenoiser:
     inpaint: InpaintInputs | None = None
     hooks: list[StepHook] = field(default_factory=list)
     schedule: torch.Tensor | None = None  # the pass's σs, for hooks' schedule fraction
+    flow_timestep_scale: float = 1000.0  # flow models: the timestep the model sees is σ times this (the family's)
     uncond_denoised: torch.Tensor | None = field(default=None, init=False)
     calls: int = field(default=0, init=False)
 
@@ -96,8 +97,7 @@ class GuidedDenoiser:
         copies = 2 if self.do_cfg else 1
         x_in = torch.cat([x] * copies)
         sigma_in = torch.cat([sigma] * copies)
-        c_in = 1 / (sigma_in ** 2 + 1) ** 0.5  # written as k-diffusion writes it, so results agree to the last bit
-        timestep = self.table.sigma_to_t(sigma_in)
+        c_in, timestep = self._model_scalings(sigma_in)
         # Only the model runs in its own dtype: the sampler's arithmetic and every noise draw stay float32 on every
         # device, so a half-precision GPU gives the CPU's picture for the same seed.
         model_input = (x_in * c_in[:, None, None, None]).to(self.prompt_embeds.dtype)
@@ -124,15 +124,29 @@ class GuidedDenoiser:
             denoised = denoised * inpaint.mask + inpaint.image_latents * keep
         return denoised
 
+    def _model_scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's input scale and timestep for each σ.
+
+        eps and v (k-diffusion's CompVis denoisers): x/√(σ²+1) at the fractional training timestep whose σ
+        this is. Flow (rectified flow, Liu et al. 2022; Esser et al. 2024): x as it is, where x = (1−σ)·x₀ + σ·ε,
+        at t = σ times the family's timestep scale (1000 for SD3 and Flux).
+        """
+        if self.parameterization == FLOW:
+            return torch.ones_like(sigma), sigma * self.flow_timestep_scale
+        c_in = 1 / (sigma ** 2 + 1) ** 0.5  # written as k-diffusion writes it, so results agree to the last bit
+        return c_in, self.table.sigma_to_t(sigma)
+
     def _to_denoised(self, x: torch.Tensor, sigma: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         sigma = sigma[:, None, None, None]
+        if self.parameterization == FLOW:
+            return x - output * sigma  # the model predicts the velocity v = ε − x₀
         if self.parameterization == EPS:
             return x + output * -sigma  # CompVisDenoiser: c_out = −σ
         if self.parameterization == V_PREDICTION:
             c_skip = 1 / (sigma ** 2 + 1)
             c_out = -sigma / (sigma ** 2 + 1) ** 0.5
             return output * c_out + x * c_skip  # CompVisVDenoiser, σ_data = 1
-        raise NotImplementedError(f"parameterization {self.parameterization!r} (flow models come with their families)")
+        raise ValueError(f"unknown parameterization {self.parameterization!r}; one of {EPS}, {V_PREDICTION}, {FLOW}")
 
 
 def _merge_residuals(current: dict, new: dict) -> dict:
