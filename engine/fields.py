@@ -265,7 +265,7 @@ CORE_FIELDS: tuple[Field, ...] = (
           infotext_when=lambda request: any(request.outpaint), cli="--outpaint", modes=("inpaint",)),
     Field("zero_terminal_snr", bool, False, label="Zero terminal SNR", control="checkbox",
           help="Rescale betas so the last step is pure noise; for v-prediction models.",
-          infotext="Zero terminal SNR", infotext_when=_when_not_default("zero_terminal_snr", False), cli="--zero-terminal-snr",
+          infotext="Noise Schedule", infotext_when=_when_not_default("zero_terminal_snr", False), cli="--zero-terminal-snr",
           preset=True),
     Field("clip_skip", int, 1, range=(1, 12), label="Clip skip", control="slider", step=1,
           help="1 uses the text encoder's last layer, 2 the one before, ... A1111 keeps it in Settings › Stable Diffusion.",

@@ -21,6 +21,7 @@ import math
 import re
 from typing import Any, Callable, Mapping
 
+from .sampling import schedules
 from .sampling import table as samplers
 from .errors import ValidationError
 from .fields import CORE, FIELDS, MASK_MODES, Field
@@ -119,6 +120,7 @@ def build_infotext(
             params[VAE_HASH_KEY] = vae_hash
         value = resolved.get(field.name, getattr(request, field.name))
         params[_written_key(field, request)] = None if value is None else _WRITERS.get(field.name, _value_text)(value)
+    params.update(_schedule_extras(request))
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not _VALID_KEY.fullmatch(key):
             raise ValidationError("extra", f"infotext key {key!r} must be letters, digits, spaces, '-' or '/'")
@@ -257,6 +259,18 @@ def _to_bool(text: str) -> bool:
     return lowered == "true"
 
 
+# A1111's "Noise schedule" setting (sd_noise_schedule) and its infotext values; "Zero terminal SNR: True" is how
+# Sfumato wrote it before, still read.
+ZERO_TERMINAL_SNR = "Zero Terminal SNR"
+
+
+def _noise_schedule(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in (ZERO_TERMINAL_SNR.lower(), "default"):
+        return lowered != "default"
+    return _to_bool(text)
+
+
 def _mask_mode(text: str) -> bool:
     if text not in MASK_MODES:
         raise ValueError(text)
@@ -278,8 +292,10 @@ _NEEDS_OTHER_FIELDS = ("outpaint",)  # a request with outpainting needs an init 
 _WRITERS: dict[str, Callable[[Any], str]] = {
     "invert_mask": lambda invert: MASK_MODES[1] if invert else MASK_MODES[0],
     "outpaint": lambda pixels: ",".join(str(value) for value in pixels),
+    "zero_terminal_snr": lambda on: ZERO_TERMINAL_SNR if on else "Default",
 }
-_READERS: dict[str, Callable[[str], Any]] = {"invert_mask": _mask_mode, "outpaint": _outpaint}
+_READERS: dict[str, Callable[[str], Any]] = {"invert_mask": _mask_mode, "outpaint": _outpaint,
+                                             "zero_terminal_snr": _noise_schedule}
 
 
 def _reader(field: Field) -> Callable[[str], Any]:
@@ -290,7 +306,13 @@ def _reader(field: Field) -> Callable[[str], Any]:
 
 
 # Keys A1111 writes for a field under another name: eta is "Eta DDIM" for the DDIM family of samplers.
-_KEY_ALIASES = {"Eta DDIM": "Eta"}
+_KEY_ALIASES = {"Eta DDIM": "Eta", "Zero terminal SNR": "Noise Schedule"}
+
+
+def _schedule_extras(request: Any) -> dict[str, object]:
+    """What a schedule records beside "Schedule type" (A1111 writes Beta's alpha and beta), at the values we run."""
+    resolved = samplers.infotext_schedule(request.sampler, request.schedule)
+    return {} if resolved is None else schedules.find_schedule(resolved).infotext_extras()
 
 
 def _written_key(field: Field, request: GenerationRequest) -> str:
@@ -381,6 +403,13 @@ _INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, VAE_HASH_KEY, TI_HASHES_KEY, LO
                                  *STOPPED_EARLY_KEYS.values()})
 
 
+def _to_float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
 def _made_by_us(params: Mapping[str, str]) -> bool:
     return str(params.get(VERSION_KEY, "")).startswith("sfumato")
 
@@ -414,8 +443,13 @@ def loading_notes(params: Mapping[str, str], applied: Mapping[str, Any],
                      f'Sfumato draws {rng.default} noise (the "{rng.label}" setting), so the same seed gives a different picture.')
     refused, unknown = [], []
     body = {FIELDS[name].infotext for name in _BODY_FIELDS}
+    schedule_extras = {key: str(value) for spec in schedules.SCHEDULES for key, value in spec.infotext_extras().items()}
     for key, text in params.items():
         if key in body or key in _INFORMATIONAL_KEYS:
+            continue
+        if key in schedule_extras:  # fixed here at A1111's defaults
+            if _to_float_or_none(text) != float(schedule_extras[key]):
+                refused.append(f"{key}: {text}")
             continue
         field = FIELDS.by_infotext_key(_KEY_ALIASES.get(key, key))
         if field is None:

@@ -13,6 +13,7 @@ from engine.infotext import (
     VERSION,
     build_infotext,
     format_number,
+    loading_notes,
     parse_infotext,
     quote,
     request_fields_from_infotext,
@@ -81,7 +82,7 @@ def test_inpaint_options_written_with_a1111_keys():
     text = build_infotext(request, 9, None, None)
     for part in (
         "Denoising strength: 0.6", "Mask blur: 8", "Mask mode: Inpaint not masked", "Masked content: latent noise",
-        "Inpaint area: Only masked", "Masked area padding: 48", 'Outpaint: "0,64,0,0"', "Zero terminal SNR: True",
+        "Inpaint area: Only masked", "Masked area padding: 48", 'Outpaint: "0,64,0,0"', "Noise Schedule: Zero Terminal SNR",
         "Resize mode: Just resize",
     ):
         assert part in text
@@ -246,3 +247,25 @@ def test_parse_of_a_huge_garbage_line_is_fast():
     start = time.perf_counter()
     parse_infotext("a" * 200_000 + "\n" + "word " * 100_000)
     assert time.perf_counter() - start < 2
+
+
+def test_a1111s_noise_schedule_key_reads_as_zero_terminal_snr():
+    """A1111 1.10 writes its "Noise schedule" setting as "Noise Schedule: Zero Terminal SNR"; older Sfumato PNGs say
+    "Zero terminal SNR: True"."""
+    for line in ("Noise Schedule: Zero Terminal SNR", "Zero terminal SNR: True"):
+        fields = request_fields_from_infotext(parse_infotext(f"a cat\nSteps: 20, Sampler: Euler, {line}"))
+        assert fields["zero_terminal_snr"] is True, line
+    fields = request_fields_from_infotext(parse_infotext("a cat\nSteps: 20, Sampler: Euler, Noise Schedule: Default"))
+    assert fields["zero_terminal_snr"] is False
+
+
+def test_beta_schedule_writes_and_reads_a1111s_alpha_and_beta():
+    """A1111 writes "Beta schedule alpha/beta" beside "Schedule type: Beta"; its defaults are what we run, others are
+    reported as not applied."""
+    text = build_infotext(GenerationRequest(prompt="a cat", sampler="Euler", schedule="Beta"), 1, None, None)
+    assert "Schedule type: Beta" in text and "Beta schedule alpha: 0.6, Beta schedule beta: 0.6" in text
+    params = parse_infotext(text)
+    assert loading_notes(params, request_fields_from_infotext(params)) == []
+    other = parse_infotext(text.replace("Beta schedule alpha: 0.6", "Beta schedule alpha: 0.5"))
+    notes = loading_notes(other, request_fields_from_infotext(other))
+    assert any("Beta schedule alpha: 0.5" in note for note in notes)
