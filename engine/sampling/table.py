@@ -105,8 +105,8 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
                 note="A1111's timestep sampler: ignores the schedule type"),
     SamplerSpec("LCM", "sample_lcm", module="lcm", aliases=("k_lcm", "lcm"), noise=ANCESTRAL_NOISE,
                 schedule_timesteps="lcm_timesteps",
-                note="meant for LCM-distilled weights; schedules span LCM's 50 timesteps, and like A1111 it takes a "
-                     "v-model's output as ε"),
+                note="meant for LCM-distilled weights; schedules span LCM's 50 timesteps. Unlike A1111, which takes "
+                     "every model's output as ε, it honours a v-model's parameterization (README: exceptions)"),
     SamplerSpec("DDPM", "sample_ddpm", module="timestep_samplers", aliases=("ddpm",), noise=ANCESTRAL_NOISE,
                 own_sigmas="timestep_sigmas", note="not in A1111: Ho et al.'s ancestral sampler, on A1111's DDIM timesteps"),
 )
