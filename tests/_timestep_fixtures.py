@@ -144,3 +144,8 @@ class ListedNoise:
 def noises(count: int, shape=(1, 4, 8, 8), seed: int = 3) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+def model_for(name: str, demo_unet):
+    """(model, parameterization) for a test id: the analytic toy ε-model ("toy") or the demo UNet (v)."""
+    return (toy_eps_model, "eps") if name == "toy" else (demo_unet, "v")

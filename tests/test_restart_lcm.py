@@ -12,7 +12,7 @@ from engine.sampling.lcm import lcm_sigma_range, lcm_sigmas, sample_lcm
 from engine.sampling.restart import restart_step_pairs, sample_restart
 from tests._kdiffusion import load
 from tests._timestep_fixtures import (
-    CFG_SCALE, ListedNoise, SigmaDenoiser, demo_unet_model, noise_table, noises, toy_eps_model,
+    CFG_SCALE, ListedNoise, SigmaDenoiser, demo_unet_model, model_for, noise_table, noises, toy_eps_model,
 )
 
 TOLERANCE = 1e-5
@@ -26,10 +26,6 @@ def table():
 @pytest.fixture(scope="module")
 def unet():
     return demo_unet_model()
-
-
-def _models(name, unet_fixture):
-    return (toy_eps_model, "eps") if name == "toy" else (unet_fixture, "v")
 
 
 def _karras(k_sampling, steps, table):
@@ -92,7 +88,7 @@ def test_restart_model_calls_follow_a1111s_rule(table, steps, expected_calls, ex
 @pytest.mark.parametrize("steps", [12, 20, 36])
 def test_restart_matches_reference(table, unet, model_name, steps):
     k_sampling, _ = load()
-    model, prediction = _models(model_name, unet)
+    model, prediction = model_for(model_name, unet)
     sigmas = _karras(k_sampling, steps, table)
     x0, step_noise = noises(1, seed=2)[0] * sigmas[0], noises(3, seed=4)
     expected, _, drawn = restart_reference(k_sampling, SigmaDenoiser(model, prediction, table), x0, sigmas, step_noise)

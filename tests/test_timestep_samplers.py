@@ -15,7 +15,7 @@ from engine.sampling.timestep_samplers import (
     timestep_sigmas, unipc_sigmas,
 )
 from tests._timestep_fixtures import (
-    ListedNoise, SigmaDenoiser, a1111_eps, demo_unet_model, noise_table, noises, toy_eps_model,
+    ListedNoise, SigmaDenoiser, a1111_eps, demo_unet_model, model_for, noise_table, noises, toy_eps_model,
 )
 
 TOLERANCE = 1e-5
@@ -163,10 +163,6 @@ def unet():
     return demo_unet_model()
 
 
-def _models(request_model, unet_fixture):
-    return (toy_eps_model, "eps") if request_model == "toy" else (unet_fixture, "v")
-
-
 def _start(table, sigmas, noise):
     """Start: noise·√(1+σ₀²), i.e. unscaled noise in ᾱ-space."""
     return noise * math.sqrt(1 + float(sigmas[0]) ** 2)
@@ -206,7 +202,7 @@ def test_unipc_model_times_are_a1111_continuous_time_grid(table):
 @pytest.mark.parametrize("model_name", ["toy", "unet"])
 @pytest.mark.parametrize("variant", ["ddim", "ddim_eta", "ddim_cfgpp", "plms", "ddpm"])
 def test_timestep_samplers_match_a1111_in_alpha_space(table, unet, model_name, variant):
-    model, prediction = _models(model_name, unet)
+    model, prediction = model_for(model_name, unet)
     eps = a1111_eps(model, prediction, table.alphas_cumprod)
     timesteps = a1111_timesteps(20)
     sigmas = timestep_sigmas(table, 20)
@@ -245,7 +241,7 @@ def test_ddpm_is_ddim_at_eta_one(table):
 
 @pytest.mark.parametrize("model_name", ["toy", "unet"])
 def test_unipc_matches_a1111(table, unet, model_name):
-    model, prediction = _models(model_name, unet)
+    model, prediction = model_for(model_name, unet)
     # A1111 turns a v-model's output into ε with ᾱ at the truncated timestep; UniPC calls fractional timesteps,
     # where that differs from the σ-consistent conversion every denoiser here does, so the reference uses eps.
     eps = a1111_eps(model, "eps", table.alphas_cumprod) if prediction == "eps" else _v_as_eps(model, table)
