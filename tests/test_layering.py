@@ -64,11 +64,6 @@ def test_no_family_is_tested_outside_the_family_files():
     assert offenders == []
 
 
-# Files another branch is replacing as this test lands (the sampling rewrite drops diffusers' loop): they may still
-# mention an extension until then. Nothing else may; a listed file that no longer does is simply clean.
-_BEING_REPLACED = {"engine/sampling/diffusers_loop.py"}
-
-
 def extension_names() -> list[str]:
     """Every extension the repository ships: a folder under extensions/ holding a package."""
     return sorted(entry.name for entry in (ROOT / "extensions").iterdir() if (entry / "__init__.py").is_file())
@@ -97,8 +92,7 @@ def core_files_naming(names: list[str]) -> dict[str, list[str]]:
 def test_core_files_never_name_an_extension_in_code_strings_or_comments():
     names = extension_names()
     assert names, "the repository ships at least one extension to check against"
-    offenders = {path: lines for path, lines in core_files_naming(names).items() if path not in _BEING_REPLACED}
-    assert offenders == {}
+    assert core_files_naming(names) == {}
 
 
 def test_the_name_check_sees_strings_comments_and_identifiers():
