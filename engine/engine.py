@@ -155,6 +155,9 @@ class Engine:
             extension_info = {TI_HASHES_KEY: hashes, **extension_info}
         extension_info = {**extension_info, **job_networks.infotext_fields()}
         sigmas = self._pass_sigmas(request, noise_table, prepared)
+        # img2img cuts the schedule; A1111 still spans the SDE samplers' Brownian tree over the whole of it.
+        full_sigmas = None if prepared.source is None else sample_pass.schedule_sigmas(
+            samplers.find_sampler(request.sampler), noise_table, request.schedule, request.steps)
 
         interrupted = False
         denoise_time = decode_time = 0.0
@@ -190,8 +193,7 @@ class Engine:
                                          first_noise=noise, image_noise=image_noise, seeds=seeds, steps=request.steps,
                                          init_latents=init_latents, denoising_strength=request.denoising_strength,
                                          eta=request.eta, prediction_type=model.pipeline.scheduler.config.get("prediction_type"),
-                                         full_sigmas=sample_pass.schedule_sigmas(samplers.find_sampler(request.sampler), noise_table,
-                                                                                 request.schedule, request.steps),
+                                         full_sigmas=full_sigmas,
                                          on_step=on_step)
                 latents = result.latents
                 if denoiser.inpaint is not None and denoiser.inpaint.blend:
