@@ -48,6 +48,9 @@ class Job:
     request: GenerationRequest
     save: bool = True
     user: str | None = None
+    # What runs instead of one ``engine.generate(request)``: (engine, on_progress, cancel) -> result. An X/Y/Z
+    # plot runs its cells this way, ``request`` then being its base request.
+    work: Callable[..., GenerationResult] | None = None
     state: str = QUEUED
     cancel: CancelToken = field(default_factory=CancelToken)
     progress: Progress | None = None
@@ -96,8 +99,10 @@ class JobQueue:
         self._worker = threading.Thread(target=self._run, name="sfumato-worker", daemon=True)
         self._worker.start()
 
-    def submit(self, request: GenerationRequest, owner: str = "local", save: bool = True, user: str | None = None) -> Job:
-        job = Job(id=next(self._ids), owner=owner, request=request, save=save, user=user)
+    def submit(self, request: GenerationRequest, owner: str = "local", save: bool = True, user: str | None = None,
+               work: Callable[..., GenerationResult] | None = None) -> Job:
+        """Queue one generation of ``request``, or ``work`` (an X/Y/Z plot's ``run``) with ``request`` as its base."""
+        job = Job(id=next(self._ids), owner=owner, request=request, save=save, user=user, work=work)
         with self._lock:
             self._pending.append(job)
             self._lock.notify()
@@ -157,7 +162,10 @@ class JobQueue:
             job._events.put(JobEvent("progress", progress=progress))
 
         try:
-            result = self.engine.generate(job.request, on_progress=on_progress, cancel=job.cancel)
+            if job.work is not None:
+                result = job.work(self.engine, on_progress, job.cancel)
+            else:
+                result = self.engine.generate(job.request, on_progress=on_progress, cancel=job.cancel)
             if job.save and self.save_result is not None:
                 self._save(job, result)
             job.result, job.state = result, DONE

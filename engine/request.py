@@ -240,6 +240,7 @@ class GeneratedImage:
     infotext: str
     path: str | None = None
     stopped_early: EarlyStop | None = None  # None: every sampling step ran
+    grid: bool = False  # an X/Y/Z plot's grid (saved among the grids), not one generated image
 
 
 @dataclass

@@ -108,7 +108,8 @@ class Studio:
             if generated.stopped_early is not None and not self.settings.save_interrupted_images:
                 continue
             try:
-                generated.path = str(self.writer.save(generated.image, generated.infotext, result.request.mode, generated.seed,
+                mode = f"{result.request.mode}-grids" if generated.grid else result.request.mode  # A1111's grids folder
+                generated.path = str(self.writer.save(generated.image, generated.infotext, mode, generated.seed,
                                                       model=result.request.model))
             except Exception as exc:  # noqa: BLE001 - reported to the caller, image still returned
                 error = error or exc
