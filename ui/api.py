@@ -35,6 +35,8 @@ from engine.errors import ModelError, SfumatoError, ValidationError
 from engine.fields import CORE, FIELDS, INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
 from engine.request import GenerationRequest, GenerationResult
 from engine.untrusted_images import read_untrusted_image
+from engine.xyz.axes import installed_in
+from engine.xyz.script_args import ScriptPlot, is_xyz_script, read_script_args, response_images
 
 from .api_models import (
     ErrorResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, LoraItem, OptionsModel, OptionsUpdateResponse, PNGInfoRequest,
@@ -308,6 +310,20 @@ def img2img_request(studio, body: Img2ImgRequest) -> GenerationRequest:
     return _build(fields)
 
 
+def script_plot(studio, body: GenerationParams, request: GenerationRequest) -> ScriptPlot | None:
+    """The X/Y/Z plot ``script_name``/``script_args`` ask for, or None without a script; any other script is a 422."""
+    if not body.script_name:
+        return None
+    if not is_xyz_script(body.script_name):
+        raise ApiError(422, "ValidationError", f"script_name: Sfumato has no script {body.script_name!r}; it runs 'x/y/z plot'",
+                       "script_name")
+    tab = "txt2img" if request.mode == "txt2img" else "img2img"
+    try:
+        return read_script_args(request, tab, body.script_args, installed_in(studio.registry))
+    except ValidationError as error:
+        raise validation_error(error, error.field) from None
+
+
 # --- GenerationResult → A1111 JSON -----------------------------------------------
 
 _STANDARD_INFOTEXT_KEYS = {
@@ -415,11 +431,12 @@ class SdApi:
         self._options_lock = threading.Lock()
 
     # -- generation ---------------------------------------------------------------
-    async def run(self, http_request: Request, request: GenerationRequest, save: bool) -> tuple[GenerationResult, str]:
-        """Queue the request with the UI's jobs and wait for it; a client that goes away cancels its job."""
+    async def run(self, http_request: Request, request: GenerationRequest, save: bool,
+                  work=None) -> tuple[GenerationResult, str]:
+        """Queue the request (or ``work`` on it: a plot) with the UI's jobs and wait for it; a client that goes away cancels its job."""
         host = http_request.client.host if http_request.client else "unknown"
         job = self.studio.jobs.submit(request, owner=f"api:{host}:{next(self._job_numbers)}", save=save,
-                                      user=authenticated_user(http_request.scope))
+                                      user=authenticated_user(http_request.scope), work=work)
         await self._wait(http_request, job)
         self._previews.pop(job.id, None)
         try:
@@ -446,7 +463,11 @@ class SdApi:
 
     async def _generate(self, http_request: Request, body: GenerationParams, build) -> dict[str, Any]:
         request = await anyio.to_thread.run_sync(build, self.studio, body)
-        result, stamp = await self.run(http_request, request, save=body.save_images)
+        script = await anyio.to_thread.run_sync(script_plot, self.studio, body, request)
+        result, stamp = await self.run(http_request, request, save=body.save_images,
+                                       work=script.plot.run if script is not None else None)
+        if script is not None:  # A1111's order: the grid, then the Z grids and the cells when asked for
+            result = replace(result, images=response_images(script, result))
         images = [encode_png(image.image, image.infotext) for image in result.images] if body.send_images else []
         info = info_json(result, body, stamp)
         return {"images": images, "parameters": parameters_json(body, request, result), "info": json.dumps(info)}

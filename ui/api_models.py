@@ -76,6 +76,11 @@ class GenerationParams(_Lenient):
     send_images: bool = Field(True, description="Return the images as base64 PNG.")
     save_images: bool = Field(False, description="Also save the images to the outputs folder.")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Extension arguments, {'<extension name>': {'args': [...]}}; unknown scripts are ignored.")
+    script_name: str | None = Field(None, description="'x/y/z plot' runs A1111's X/Y/Z plot with script_args; any other script is a 422.")
+    script_args: list[Any] = Field(default_factory=list, description="The X/Y/Z plot's arguments in A1111 1.10's order: x_type, x_values, "
+                                   "x_values_dropdown, y_type, ..., z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, "
+                                   "no_fixed_seeds, vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode; axis types are "
+                                   "indices into A1111's axis list for the tab.")
 
 
 class Txt2ImgRequest(GenerationParams):

@@ -111,6 +111,12 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
         else:  # text, a file path or outpaint's four numbers
             text_default = declared.default if declared.type is str and declared.name != "prompt" else None
             parser.add_argument(declared.cli, default=text_default, **common)
+    parser.add_argument("--xyz", action="append", default=[], metavar="'AXIS: VALUES'",
+                        help="an X/Y/Z plot axis, e.g. --xyz 'Steps: 10-30 (+10)' --xyz 'Sampler: Euler, DPM++ 2M': "
+                             "the first is X, then Y, then Z; values in A1111's syntax (ranges, quoted commas)")
+    parser.add_argument("--xyz-no-legend", action="store_true", help="X/Y/Z plot: draw the grid without its labels")
+    parser.add_argument("--xyz-keep-random-seeds", action="store_true",
+                        help="X/Y/Z plot: each cell draws its own seed for -1 (A1111's 'Keep -1 for seeds')")
     parser.add_argument("--out", required=True, help="folder for the PNGs")
 
 
@@ -202,7 +208,10 @@ def run_generate(args: argparse.Namespace) -> int:
     for request in requests:
         request = resolve_extensions(studio, request, args)
         try:
-            result = studio.engine.generate(request)
+            if args.xyz:
+                result = plan_xyz(args, request, studio).run(studio.engine)
+            else:
+                result = studio.engine.generate(request)
         except ValidationError as error:
             raise CliError(f"{flag_for(error.field)}: {error.message}") from None
         except SfumatoError as error:
@@ -213,6 +222,31 @@ def run_generate(args: argparse.Namespace) -> int:
             index += 1
             print(f"{path} {generated.seed}", flush=True)
     return 0
+
+
+def parse_xyz_axis(text: str) -> tuple[str, str]:
+    """``--xyz 'Steps: 10,20'`` → ("Steps", "10,20"): the axis is named before the first colon."""
+    name, colon, values = text.partition(":")
+    if not colon or not name.strip():
+        raise CliError(f"--xyz: {text!r} must be 'AXIS: VALUES', e.g. 'Steps: 10,20'")
+    return name.strip(), values.strip()
+
+
+def plan_xyz(args: argparse.Namespace, request, studio=None):
+    """The X/Y/Z plot the ``--xyz`` flags describe on this request (its axes checked before anything runs)."""
+    from engine import ValidationError
+    from engine.xyz import PlotOptions, XyzPlot, find_axis
+    from engine.xyz.axes import installed_in
+
+    if len(args.xyz) > 3:
+        raise CliError(f"--xyz: a plot has at most three axes (X, Y, Z), got {len(args.xyz)}")
+    tab = "txt2img" if request.mode == "txt2img" else "img2img"
+    options = PlotOptions(draw_legend=not args.xyz_no_legend, keep_random_seeds=args.xyz_keep_random_seeds)
+    try:
+        axes = [(find_axis(name, tab), values) for name, values in map(parse_xyz_axis, args.xyz)]
+        return XyzPlot.plan(request, axes, options, installed_in(studio.registry) if studio is not None else None)
+    except ValidationError as error:
+        raise CliError(f"--xyz: {error}") from None
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

@@ -32,6 +32,9 @@ from .session import interrupt_own, session_owner, session_user, skip_own
 from .streamed_outputs import LivePreview, ResultGallery, postprocess_values
 from .style import REMOVE_IMAGE_JS
 from .tool_buttons import RANDOM_SEED, RANDOM_SUBSEED, REUSE_SEED, REUSE_SUBSEED, SWAP_SIZE, ToolIcon, tool_button
+from .xyz_controls import XyzControls, build_xyz_controls, read_plot
+
+SCRIPT_MODES = ("txt2img", "img2img")  # the tabs with A1111's "Script" dropdown
 
 SESSION_GALLERY_LIMIT = 200
 RESULTS_HEIGHT = 400  # px: one result large, nine still whole (ui/style.py fits the rows into it)
@@ -118,6 +121,7 @@ class GenerationTab:
     extensions: list[ExtensionControls] = field(default_factory=list)
     presets: PresetControls | None = None
     sampling_note: Any = None
+    xyz: XyzControls | None = None
 
 
 def _seed_row(mode: str, name: str, random_icon: ToolIcon, reuse_icon: ToolIcon):
@@ -195,6 +199,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
             if mode == "inpaint":
                 preview_mask_button, mask_preview_image = preview_mask
             extensions, _ = build_extension_controls(studio, mode)
+            xyz = build_xyz_controls(mode) if mode in SCRIPT_MODES else None
 
         with gr.Column(scale=6, elem_id=f"{mode}_results", elem_classes=["sfumato-outputs"]):
             preview = LivePreview(label="Live preview", interactive=False, format=PREVIEW, height=320, elem_id=f"{mode}_preview",
@@ -231,7 +236,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
 
     tab = GenerationTab(mode, fields, generate, interrupt, skip, preview, progress, gallery, infotext, saved, results, selected,
                         send_buttons, image=image, mask_upload=mask_upload, own_size=own_size, extensions=extensions,
-                        presets=presets, sampling_note=sampling_note)
+                        presets=presets, sampling_note=sampling_note, xyz=xyz)
 
     # -- small control behaviours ----------------------------------------------------------
     # Only the artist's own pick: presets, PNG Info and "send to" set sampler, schedule and zero SNR together through
@@ -262,6 +267,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                                                                     ("vae", vae_dropdown))
               if component is not None}
     extension_keys = {f"ext_{index}": component for index, component in enumerate(all_components(extensions))}
+    script_keys = xyz.keyed() if xyz is not None else {}
     outputs = [preview, progress, gallery, infotext, saved, results, selected, session_gallery]
 
     def run(request: gr.Request, **values):
@@ -271,15 +277,17 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
             generation = _build_request(studio, mode, values["model"], fields.read_keyed(values),
                                         {name: values[name] for name in extras},
                                         read_settings(extensions, [values[key] for key in extension_keys]))
+            plot = read_plot(studio, mode, values, generation) if script_keys else None
         except SfumatoError as error:
             not_started = (gr.skip(), f"Not started: {message_for(error)}", *[gr.skip()] * (len(outputs) - 2))
             yield postprocess_values(outputs, not_started)
             raise ui_error(error) from None
         for values_out in _stream(studio, generation, session_owner(request), values["session_gallery"],
-                                  values["shown_results"], values["shown_index"], user=session_user(request)):
+                                  values["shown_results"], values["shown_index"], user=session_user(request),
+                                  work=plot.run if plot is not None else None):
             yield postprocess_values(outputs, values_out)
 
-    all_inputs = {**keyed, **extras, **extension_keys, "session_gallery": session_gallery, "shown_results": results,
+    all_inputs = {**keyed, **extras, **extension_keys, **script_keys, "session_gallery": session_gallery, "shown_results": results,
                   "shown_index": selected}
     run.__signature__ = _optional_keywords(run, all_inputs)
     # run() pre- and postprocesses its values itself, in one pass on its own thread (ui/event_inputs.py,
@@ -422,8 +430,9 @@ def _build_request(studio, mode: str, model: str | None, values: dict[str, Any],
 
 
 def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: list, shown: list[ResultRecord],
-            shown_index: int, user: str | None = None) -> Iterator[tuple]:
-    """Submit the job and yield (preview, progress, gallery, infotext, saved, results, selected, session gallery).
+            shown_index: int, user: str | None = None, work=None) -> Iterator[tuple]:
+    """Submit the job (``work``: an X/Y/Z plot's run, with ``generation`` its base) and yield (preview, progress, gallery,
+    infotext, saved, results, selected, session gallery).
 
     Until the result, the infotext and "saved" lines are sent as they already read (from the records shown and
     the selected index) rather than skipped: Gradio rebuilds every skipped output component on every yield, which
@@ -431,7 +440,7 @@ def _stream(studio, generation: GenerationRequest, owner: str, gallery_so_far: l
     """
     skip = gr.skip()
     shown_infotext, shown_saved = selected_texts(shown or [], shown_index or 0)
-    job = studio.jobs.submit(generation, owner=owner, save=studio.settings.save_outputs, user=user)
+    job = studio.jobs.submit(generation, owner=owner, save=studio.settings.save_outputs, user=user, work=work)
     try:
         for tick in follow(studio.jobs, job):
             if tick.kind in ("queued", "progress"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from ..errors import ValidationError
+from ..errors import SfumatoError, ValidationError
 from ..fields import FIELDS, Field
 from ..request import GenerationRequest
 from ..seeds import resolve_seed
@@ -302,10 +302,11 @@ def read_values(axis: AxisType, text: str | Sequence[Any], which: str) -> list[A
 
 
 def check_values(axis: AxisType, values: Sequence[Any], base: GenerationRequest, which: str,
-                 known: Callable[[str], Sequence[str]] | None = None) -> None:
+                 known: Callable[[str, str], str | None] | None = None) -> None:
     """Every value applied to the base request and validated as the field declares, before any cell runs.
 
-    ``known(kind)`` lists the installed "model" or "vae" names, where the caller has them.
+    ``known(kind, name)`` says what is wrong with a "model" or "vae" name (None: it is installed), where the
+    caller can tell; the engine would otherwise find out only when that cell runs.
     """
     where = f"{which.upper()} axis ({axis.label})"
     for value in values:
@@ -315,8 +316,20 @@ def check_values(axis: AxisType, values: Sequence[Any], base: GenerationRequest,
         except ValidationError as error:
             raise ValidationError(where, f"{value!r}: {error.message}") from None
         if axis.name in (CHECKPOINT, VAE) and known is not None:
-            names = known("model" if axis.name == CHECKPOINT else "vae")
-            if axis.name == VAE and value in ("Automatic", "None"):
-                continue
-            if value not in names:
-                raise ValidationError(where, f"{value!r} is not installed; choose one of: {', '.join(names)}")
+            problem = known("model" if axis.name == CHECKPOINT else "vae", value)
+            if problem is not None:
+                raise ValidationError(where, f"{value!r}: {problem}")
+
+
+def installed_in(registry: Any) -> Callable[[str, str], str | None]:
+    """``known`` for ``check_values``: what is wrong with a model or VAE name in this model registry, or None."""
+    def known(kind: str, name: str) -> str | None:
+        try:
+            if kind == "model":
+                registry.get(name)
+            else:
+                registry.vaes.find(name)
+        except SfumatoError as error:
+            return getattr(error, "message", None) or str(error)
+        return None
+    return known

@@ -5,8 +5,8 @@ quotes (``"a, b", c``), and each value is stripped of surrounding spaces. On a n
 a range, which expands in place:
 
 - ``1-5`` → 1, 2, 3, 4, 5 (both ends included, step 1);
-- ``1-10 (+3)`` → 1, 4, 7, 10: a signed step in round brackets (``10-1 (-3)`` counts down, and as in
-  A1111 the end is then passed by one: ``5-1 (-1)`` is 5, 4, 3, 2);
+- ``1-10 (+3)`` → 1, 4, 7, 10: a signed step in round brackets. As in A1111 the values are
+  ``range(start, end + 1, step)``, so counting down stops early: ``5-1 (-1)`` is 5, 4, 3;
 - ``1-10 [4]`` → 4 values spread evenly from 1 to 10 (numpy ``linspace``; a whole-number axis truncates
   them: 1, 4, 7, 10);
 - on a decimal axis ``0.5-1.5 (+0.25)`` steps with numpy ``arange(start, end + step, step)``, so, as in
@@ -92,6 +92,8 @@ def parse_values(text: str, kind: type, axis: str) -> list:
     if not isinstance(text, str):
         raise ValidationError(axis, f"values must be text, got {type(text).__name__}")
     values = split_values(text)
+    if not any(values):  # nothing typed, or only spaces and commas
+        values = []
     if kind is int:
         parsed: list = [number for value in values for number in _int_values(value, axis)]
     elif kind is float:
