@@ -176,6 +176,13 @@ def test_a_2x2x2_plot_gives_8_cells_each_with_its_own_infotext(plot_2x2x2):
     assert [image.grid for image in result.images] == [True] * 3 + [False] * 8
 
 
+def test_a_cell_is_the_picture_its_own_request_draws(plot_2x2x2, demo_engine):
+    _, result, _ = plot_2x2x2
+    alone = demo_engine.generate(GenerationRequest(prompt="a red circle", steps=4, cfg_scale=3.0, sampler="DPM++ 2M",
+                                                   width=SIZE, height=SIZE, seed=11))
+    assert np.array_equal(np.asarray(result.cells[1 + 0 * 2 + 1 * 4].image), np.asarray(alone.images[0].image))
+
+
 def test_each_z_value_gets_a_labelled_grid_of_the_right_size(plot_2x2x2):
     plot, result, _ = plot_2x2x2
     combined, *z_grids = result.grids

@@ -35,6 +35,7 @@ from .ranges import join_values
 
 SCRIPT_TITLE = "X/Y/Z plot"
 AXIS_NAMES = ("x", "y", "z")
+SEED_AXES = (SEED, "subseed")  # A1111 fixes each -1 of its Seed and Var. seed axes once
 
 
 class Generator(Protocol):
@@ -112,7 +113,7 @@ class XyzPlot:
         planned = []
         for which, (axis_type, text) in zip(AXIS_NAMES, axes):
             values = read_values(axis_type, text, which)
-            if axis_type.name == SEED:
+            if axis_type.name in SEED_AXES:
                 values = seed_values(values, options.keep_random_seeds)
             if axis_type.name != NOTHING:
                 check_values(axis_type, values, base, which, known)
@@ -222,7 +223,7 @@ class XyzPlot:
                 continue
             entries[f"{letter} Type"] = axis.type.label
             entries[f"{letter} Values"] = axis.text
-            if axis.type.name == SEED and not self.options.keep_random_seeds:
+            if axis.type.name in SEED_AXES and not self.options.keep_random_seeds:
                 entries[f"Fixed {letter} Values"] = ", ".join(str(value) for value in axis.values)
         lines = first.infotext.split("\n")
         lines[-1] += "".join(f", {key}: {quote(value)}" for key, value in entries.items())
