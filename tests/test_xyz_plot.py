@@ -93,6 +93,24 @@ def test_every_plain_field_is_an_axis_and_a_new_field_becomes_one(monkeypatch):
     assert (axis.name, axis.label, axis.value_type) == ("hr_second_pass_steps", "Hires steps", int)
     assert find_axis("hires steps").name == "hr_second_pass_steps"
     assert "hr_second_pass_steps" not in {axis.name for axis in axis_types("img2img")}
+    # An extension's field is its own settings inside request.extensions, never a request attribute: not an axis.
+    owned = Field("cn_weight", float, 1.0, range=(0, 2), label="Control weight", control="slider", owner="controlnet")
+    monkeypatch.setitem(FIELDS._fields, owned.name, owned)
+    assert "cn_weight" not in {axis.name for axis in axis_types("txt2img")}
+
+
+def test_checkpoint_and_vae_values_are_checked_against_what_is_installed(demo_engine):
+    from engine.xyz.axes import installed_in
+
+    base = GenerationRequest(prompt="x", seed=1)
+    known = installed_in(demo_engine.registry)
+    plot = XyzPlot.plan(base, [(find_axis("Checkpoint name"), "sfumato-demo"), (find_axis("VAE"), "Automatic, None")], known=known)
+    assert [cell.request.vae for cell in plot.cells()] == ["Automatic", "None"]
+    with pytest.raises(ValidationError) as error:
+        XyzPlot.plan(base, [(find_axis("Checkpoint name"), "sfumato-demo, nowhere")], known=known)
+    assert error.value.field == "X axis (Checkpoint name)" and "'nowhere'" in error.value.message
+    with pytest.raises(ValidationError, match="no VAE named 'missing.safetensors'"):
+        XyzPlot.plan(base, [(find_axis("VAE"), "missing.safetensors")], known=known)
 
 
 def test_a1111_indices_follow_its_1_10_axis_list():

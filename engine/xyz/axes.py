@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import SfumatoError, ValidationError
-from ..fields import FIELDS, Field
+from ..fields import CORE, FIELDS, VAE_AUTOMATIC, VAE_NONE, Field
 from ..request import GenerationRequest
 from ..seeds import resolve_seed
 from .ranges import parse_values
@@ -116,8 +116,13 @@ def _tabs(field: Field) -> tuple[str, ...]:
 
 
 def is_axis_field(field: Field) -> bool:
-    """A field an artist sets with one plain control: a number, a checkbox, or a choice from a list."""
+    """A request attribute an artist sets with one plain control: a number, a checkbox, or a choice from a list.
+
+    An extension's own fields live inside ``request.extensions``, which the extension reads; they are not axes.
+    """
     if field.name in _NOT_AXES or field.type not in _PLAIN_TYPES or field.control not in _CONTROLS:
+        return False
+    if field.owner != CORE:
         return False
     return field.type is not str or field.choices is not None
 
@@ -324,6 +329,8 @@ def check_values(axis: AxisType, values: Sequence[Any], base: GenerationRequest,
 def installed_in(registry: Any) -> Callable[[str, str], str | None]:
     """``known`` for ``check_values``: what is wrong with a model or VAE name in this model registry, or None."""
     def known(kind: str, name: str) -> str | None:
+        if kind == "vae" and name in (VAE_AUTOMATIC, VAE_NONE):
+            return None
         try:
             if kind == "model":
                 registry.get(name)
