@@ -149,6 +149,12 @@ def test_minus_one_seeds_are_drawn_once_unless_kept():
     assert [cell.request.seed for cell in varied.cells()] == [10, 11, 12]
 
 
+def test_a_plot_too_large_to_draw_is_refused_before_it_runs():
+    base = GenerationRequest(prompt="x", seed=1, width=1024, height=1024)
+    with pytest.raises(ValidationError, match="would be 210 megapixels"):  # 200 cells of 1024² (A1111's limit: 200)
+        XyzPlot.plan(base, [(find_axis("Steps"), "1-20"), (find_axis("CFG Scale"), "1-10")])
+
+
 def test_the_costliest_axis_runs_outermost():
     base = GenerationRequest(prompt="x", seed=1)
     plot = XyzPlot.plan(base, [(find_axis("Checkpoint name"), "a, b"), (find_axis("Steps"), "2,3")])
@@ -323,6 +329,20 @@ def test_the_api_runs_a1111_script_args_and_returns_the_grid_then_the_cells(api_
 
     only_grid = api_client.post("/sdapi/v1/txt2img", json={**body, "script_args": script_args[:10]})  # A1111's defaults for the rest
     assert only_grid.status_code == 200 and len(only_grid.json()["images"]) == 1
+
+
+def test_the_img2img_api_reads_its_own_axis_list(api_client):
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), (200, 40, 40)).save(buffer, format="PNG")
+    init = base64.b64encode(buffer.getvalue()).decode()
+    # On img2img, A1111's index 25 is "Denoising" (txt2img's list has 26 there: it holds Hires steps and Hires sampler).
+    body = {"prompt": "a red circle", "steps": 4, "seed": 3, "init_images": [init], "script_name": "x/y/z plot",
+            "script_args": [25, "0.25, 0.75", [], 0, "", [], 0, "", [], True, True]}
+    response = api_client.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 200, response.text
+    infotexts = json.loads(response.json()["info"])["infotexts"]
+    assert [parse_infotext(text)["Denoising strength"] for text in infotexts[1:]] == ["0.25", "0.75"]
+    assert parse_infotext(infotexts[0])["X Type"] == "Denoising"
 
 
 @pytest.mark.parametrize("script_args, field, says", [

@@ -35,6 +35,7 @@ from .ranges import join_values
 
 SCRIPT_TITLE = "X/Y/Z plot"
 AXIS_NAMES = ("x", "y", "z")
+MAX_GRID_MEGAPIXELS = 200
 SEED_AXES = (SEED, "subseed")  # A1111 fixes each -1 of its Seed and Var. seed axes once
 
 
@@ -119,7 +120,14 @@ class XyzPlot:
                 check_values(axis_type, values, base, which, known)
             shown = text if isinstance(text, str) else join_values([str(value) for value in text])
             planned.append(Axis(axis_type, tuple(values), shown))
-        return cls(base, planned, options)
+        plot = cls(base, planned, options)
+        width, height = plot._cell_size()
+        columns, rows, layers = plot.shape
+        megapixels = round(columns * rows * layers * width * height / 1_000_000)
+        if megapixels >= MAX_GRID_MEGAPIXELS:  # A1111's default "img_max_size_mp" limit, checked as it does
+            raise ValidationError("xyz", f"the grid would be {megapixels} megapixels ({columns}×{rows}×{layers} cells of "
+                                         f"{width}×{height}); the limit is {MAX_GRID_MEGAPIXELS}: use fewer values or a smaller size")
+        return plot
 
     @property
     def axes(self) -> tuple[Axis, Axis, Axis]:
