@@ -19,6 +19,7 @@ from engine.networks.vae_files import AUTOMATIC as AUTOMATIC_VAE
 from .demo_hint import build_demo_hint, wire_demo_hint
 from .errors import message_for
 from .extensions_tab import build_extensions_tab
+from .extra_networks import wire_checkpoint_cards
 from .gallery_tab import build_gallery_tab
 from .generation_tab import GenerationTab, build_generation_tab
 from .model_info import default_model_name, entry_or_none, model_choices, model_note, native_size
@@ -129,6 +130,10 @@ def _wire_model_bar(studio, dropdown, refresh, status, untrained, current_model,
 
     dropdown.input(switch, [dropdown, current_model, *sizes], [status, dropdown, current_model, untrained, *sizes],
                    api_visibility="private", show_progress="minimal")
+    for tab in tabs:  # a checkpoint card in the extra-networks browser loads its model as the picker does
+        if tab.extra_networks is not None:
+            wire_checkpoint_cards(tab.extra_networks, switch, [current_model, *sizes],
+                                  [status, dropdown, current_model, untrained, *sizes])
 
     def refreshed(value):
         names = [entry.name for entry in studio.registry.refresh()]
