@@ -160,3 +160,27 @@ def test_embedding_cards_insert_the_name(tmp_path):
     assert cards["bad-hands"].folder == "embeddings/negative"
     assert cards["bad-hands"].preview == folder / "bad-hands.preview.png"
     assert cards["bad-hands"].problem is None and "too short" in cards["broken"].problem
+
+
+def test_png_info_names_the_loras_missing_here_or_with_other_contents(tmp_path):
+    """Sending an infotext lists each "Lora hashes" entry this studio cannot reproduce, with A1111's hash worked
+    out here from the format (SHA-256 of the bytes after the safetensors header, 12 digits)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from engine.networks.vae_files import VaeLibrary
+    from ui.send_to import network_notes
+
+    same = _lora(tmp_path / "Lora" / "same.safetensors")
+    _lora(tmp_path / "Lora" / "changed.safetensors")
+    data = same.read_bytes()
+    right = hashlib.sha256(data[8 + struct.unpack("<Q", data[:8])[0]:]).hexdigest()[:12]
+    studio = SimpleNamespace(engine=SimpleNamespace(networks=NetworkLibrary(tmp_path)),
+                             registry=SimpleNamespace(embeddings=EmbeddingLibrary(None), vaes=VaeLibrary(None)))
+    text = ("a <lora:same:1> <lora:changed:1> <lora:gone:1>\n"
+            f'Steps: 2, Seed: 1, Lora hashes: "same: {right}, changed: 0123456789ab, gone: {right}"')
+    notes = network_notes(studio, text)
+    assert len(notes) == 2
+    assert "changed" in notes[0] and "0123456789ab" in notes[0] and "not the file the picture used" in notes[0]
+    assert "gone" in notes[1] and "not in models/Lora or models/LyCORIS" in notes[1]
+    assert network_notes(studio, f'a\nSteps: 2, Seed: 1, Lora hashes: "same: {right}"') == []

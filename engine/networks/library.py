@@ -172,3 +172,22 @@ class NetworkLibrary:
             with self._lock:
                 self._hashes[key] = cached
         return cached
+
+
+def infotext_problems(params: dict[str, str], library: NetworkLibrary) -> list[str]:
+    """What a picture's ``Lora hashes`` say that this studio cannot reproduce: LoRAs missing here (their tags in
+    the prompt would stop Generate), or present under the name with other contents (a different hash)."""
+    from ..infotext import LORA_HASHES_KEY, parse_name_hashes  # the infotext module imports this package
+
+    value = params.get(LORA_HASHES_KEY)
+    if not isinstance(value, str):
+        return []
+    problems = []
+    folders = " or ".join(f"models/{folder}" for folder in NETWORK_FOLDERS)
+    for name, short in parse_name_hashes(value).items():
+        here = library.short_hash_of(name)
+        if here is None:
+            problems.append(f"the LoRA {name} is not in {folders} (or cannot be read); its tag in the prompt will stop Generate")
+        elif short and not here.startswith(short.lower()):
+            problems.append(f"the LoRA {name} here (hash {here}) is not the file the picture used (hash {short})")
+    return problems
