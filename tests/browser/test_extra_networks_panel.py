@@ -18,7 +18,10 @@ from safetensors.torch import save_file  # noqa: E402
 
 from _pages import CHROMIUM, generate, set_number, text_of, type_text, watch  # noqa: E402
 
+from engine.tiny_models import build_sd1  # noqa: E402
+
 LORA_NAME = "browser-lora"
+SECOND_MODEL = "zz-second"  # after the tiny model in name order, so the tiny model stays the default
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.timeout(300),
@@ -46,6 +49,8 @@ def studio(lora_path):
     Image.new("RGB", (48, 48), (20, 160, 60)).save(folder / f"{LORA_NAME}.preview.png")
     lora_files.kohya_lora(studio.registry.load(fx.MODEL_NAME).pipeline, lora_path / "models" / "Lora" / "decoy.safetensors")
     studio.engine.networks.refresh()
+    build_sd1(lora_path / "models" / "Stable-diffusion" / SECOND_MODEL, seed=5)  # for the checkpoint cards
+    studio.registry.refresh()
     return studio
 
 
@@ -62,9 +67,13 @@ def a1111_short_hash(path: Path) -> str:
     return hashlib.sha256(data[8 + header_length:]).hexdigest()[:12]
 
 
+def open_panel(page, mode: str) -> None:
+    page.locator(f"#{mode}_extra_networks").get_by_text("Extra networks", exact=False).first.click()
+
+
 def test_a_lora_card_inserts_its_tag_at_the_cursor_and_generate_applies_it(page, lora_path):
     cards = page.locator("#txt2img_extra_cards_lora .sfumato-card")
-    page.locator("#txt2img_extra_networks").get_by_text("Extra networks", exact=False).first.click()
+    open_panel(page, "txt2img")
     page.wait_for_function("() => document.querySelectorAll('#txt2img_extra_cards_lora .sfumato-card').length === 2")
 
     type_text(page, "txt2img_extra_search", "sparkle")  # a trigger word from the training notes
@@ -106,3 +115,12 @@ def test_a_lora_card_inserts_its_tag_at_the_cursor_and_generate_applies_it(page,
     cards.first.locator(".sfumato-card-name").click()
     page.wait_for_function("(text) => document.querySelector('#txt2img_prompt textarea').value === text",
                            arg=f"<lora:{LORA_NAME}:0.5> sparkle")
+
+
+def test_a_checkpoint_card_loads_its_model(page):
+    page.get_by_role("tab", name="img2img", exact=True).click()
+    open_panel(page, "img2img")
+    page.locator("#img2img_extra_tabs").get_by_role("tab", name="Checkpoints").click()
+    page.locator(f'#img2img_extra_cards_checkpoint .sfumato-card[data-key="checkpoint:{SECOND_MODEL}"]').click()
+    page.locator("#model_status", has_text=f"Model {SECOND_MODEL}").wait_for(timeout=120_000)
+    assert page.locator("#model_dropdown input").first.input_value() == SECOND_MODEL
