@@ -142,20 +142,29 @@ def render(studio, kind: str, search: str = "", folder: str = C.ALL_FOLDERS) -> 
 
 
 def build_extra_networks_panel(studio, mode: str) -> ExtraNetworksPanel:
-    """The browser inside the current layout (the generation tab puts it in an accordion under the prompts)."""
-    with gr.Row(equal_height=True):
-        search = gr.Textbox(label="Search", placeholder="Search names, folders, trigger words and notes", scale=6,
-                            elem_id=f"{mode}_extra_search")
-        refresh = tool_button(REFRESH_MODELS, f"{mode}_extra_refresh")
+    """The browser, closed, in an accordion at the current place of the layout. Opening it lists the cards as they
+    are now (nothing is read while it stays closed); the refresh button rescans the folders."""
+    with gr.Accordion("Extra networks: Lora, Textual Inversion, Checkpoints", open=False,
+                      elem_id=f"{mode}_extra_networks") as accordion:
+        with gr.Row(equal_height=True):
+            search = gr.Textbox(label="Search", placeholder="Search names, folders, trigger words and notes", scale=6,
+                                elem_id=f"{mode}_extra_search")
+            refresh = tool_button(REFRESH_MODELS, f"{mode}_extra_refresh")
+        grids, folder_pickers, editor_parts = _panel_body(mode)
+    _wire_panel(studio, accordion, search, refresh, grids, folder_pickers, *editor_parts)
+    return ExtraNetworksPanel(grids=grids, search=search, refresh=refresh)
+
+
+def _panel_body(mode: str):
     grids: dict[str, gr.HTML] = {}
     folder_pickers: dict[str, gr.Dropdown] = {}
     with gr.Tabs(elem_id=f"{mode}_extra_tabs"):
         for kind in C.KINDS:
             with gr.Tab(TAB_LABELS[kind], id=f"{mode}_extra_{kind}", elem_id=f"{mode}_extra_tab_{kind}"):
-                folder_pickers[kind] = gr.Dropdown(C.folders(cards_of(studio, kind)), value=C.ALL_FOLDERS, label="Folder",
+                folder_pickers[kind] = gr.Dropdown([C.ALL_FOLDERS], value=C.ALL_FOLDERS, label="Folder",
                                                    elem_id=f"{mode}_extra_folder_{kind}")
-                grids[kind] = gr.HTML(functools.partial(render, studio, kind), elem_id=f"{mode}_extra_cards_{kind}",
-                                      js_on_load=_CARDS_JS.replace("MODE", mode), max_height=520)
+                grids[kind] = gr.HTML("", elem_id=f"{mode}_extra_cards_{kind}", js_on_load=_CARDS_JS.replace("MODE", mode),
+                                      max_height=520)
     with gr.Group(visible=False, elem_id=f"{mode}_extra_editor") as editor:
         editing = gr.State(None)
         editor_title = gr.Markdown()
@@ -166,7 +175,11 @@ def build_extra_networks_panel(studio, mode: str) -> ExtraNetworksPanel:
         with gr.Row():
             save = gr.Button("Save", variant="primary", size="sm", elem_id=f"{mode}_extra_save")
             cancel = gr.Button("Cancel", size="sm", elem_id=f"{mode}_extra_cancel")
+    return grids, folder_pickers, (editor, editing, editor_title, weight, activation, notes, save, cancel)
 
+
+def _wire_panel(studio, accordion, search, refresh, grids, folder_pickers, editor, editing, editor_title, weight, activation,
+                notes, save, cancel) -> None:
     kinds = list(C.KINDS)
     grid_outputs = [grids[kind] for kind in kinds]
     picker_inputs = [folder_pickers[kind] for kind in kinds]
@@ -174,15 +187,18 @@ def build_extra_networks_panel(studio, mode: str) -> ExtraNetworksPanel:
     def render_all(text, *chosen_folders):
         return [render(studio, kind, text, folder) for kind, folder in zip(kinds, chosen_folders)]
 
-    def rescan(text, *chosen_folders):
-        studio.engine.networks.refresh()
-        studio.registry.embeddings.refresh()
-        studio.registry.refresh()
+    def listed(text, *chosen_folders):
         pickers = []
         for kind, folder in zip(kinds, chosen_folders):
             choices = C.folders(cards_of(studio, kind))
             pickers.append(gr.update(choices=choices, value=folder if folder in choices else C.ALL_FOLDERS))
         return [*render_all(text, *chosen_folders), *pickers]
+
+    def rescan(text, *chosen_folders):
+        studio.engine.networks.refresh()
+        studio.registry.embeddings.refresh()
+        studio.registry.refresh()
+        return listed(text, *chosen_folders)
 
     search.change(render_all, [search, *picker_inputs], grid_outputs, api_visibility="private", trigger_mode="always_last",
                   show_progress="hidden")
@@ -190,6 +206,8 @@ def build_extra_networks_panel(studio, mode: str) -> ExtraNetworksPanel:
         folder_pickers[kind].change(functools.partial(render, studio, kind), [search, folder_pickers[kind]], grids[kind],
                                     api_visibility="private", show_progress="hidden")
     refresh.click(rescan, [search, *picker_inputs], [*grid_outputs, *picker_inputs], api_visibility="private")
+    accordion.expand(listed, [search, *picker_inputs], [*grid_outputs, *picker_inputs], api_visibility="private",
+                     show_progress="hidden")
 
     def open_editor(event: gr.EventData):
         card = card_by_key(studio, getattr(event, "key", None))
@@ -217,7 +235,6 @@ def build_extra_networks_panel(studio, mode: str) -> ExtraNetworksPanel:
     save.click(save_notes, [editing, weight, activation, notes, search, *picker_inputs], [editor, editing, *grid_outputs],
                api_visibility="private")
     cancel.click(lambda: (gr.update(visible=False), None), None, [editor, editing], api_visibility="private", queue=False)
-    return ExtraNetworksPanel(grids=grids, search=search, refresh=refresh)
 
 
 def wire_checkpoint_cards(panel: ExtraNetworksPanel, switch: Callable, inputs: list, outputs: list) -> None:

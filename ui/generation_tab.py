@@ -147,8 +147,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 skip = gr.Button("Skip", elem_id=f"{mode}_skip", min_width=60)
     with gr.Column(elem_id=f"{mode}_presets"):
         presets = build_presets_controls(studio, mode)
-    with gr.Accordion("Extra networks: Lora, Textual Inversion, Checkpoints", open=False, elem_id=f"{mode}_extra_networks"):
-        extra_networks = build_extra_networks_panel(studio, mode)
+    extra_networks = build_extra_networks_panel(studio, mode)
     fields.add(F.simple("prompt", prompt))
     fields.add(F.simple("negative_prompt", negative))
 
