@@ -70,7 +70,7 @@ def test_training_notes_are_read_from_the_header_without_the_tensors(tmp_path, m
     import safetensors.torch
 
     monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("the tensors were loaded"))
-    assert C.training_notes(path)[0] == "sdxl_base_v1-0"
+    assert C.training_notes(path).base_model == "sdxl_base_v1-0"
 
 
 def test_the_sidecar_round_trips_in_a1111s_format_and_keeps_keys_it_does_not_know(tmp_path):

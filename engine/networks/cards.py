@@ -6,8 +6,9 @@ Beside a file ``name.safetensors`` (or a diffusers folder ``name/``) an A1111 us
   "preferred weight", "negative text", "sd version", "notes". A card edits it; keys it does not know are kept.
 
 A LoRA's card also shows what kohya's trainer wrote in the safetensors header (read without the tensors): the
-base model (``ss_base_model_version``, else ``ss_sd_model_name``) and the trigger words, the most frequent tags
-of ``ss_tag_frequency`` summed over its datasets, as A1111's LoRA metadata editor orders them. A file that cannot
+base model (``ss_base_model_version``, else ``ss_sd_model_name``) and the trigger words: the tags of
+``ss_tag_frequency`` summed over its datasets, most frequent first, as A1111's LoRA metadata editor counts them
+(A1111 also splits long caption-like tags into words; these are shown whole). A file that cannot
 be read still gets a card, whose ``problem`` says why, so one bad download never hides the others.
 
 The UI (``ui/extra_networks.py``) renders the cards and inserts ``Card.prompt_text`` into the prompt.
@@ -19,7 +20,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from ..atomic_write import write_file
 from .library import HeaderError, NetworkLibrary, read_header
@@ -193,6 +194,12 @@ def base_model(metadata: dict[str, Any]) -> str:
     return ""
 
 
+class TrainingNotes(NamedTuple):
+    base_model: str = ""
+    trigger_words: tuple[str, ...] = ()
+    problem: str | None = None  # why the header cannot be read
+
+
 def _header_metadata(path: Path) -> dict[str, Any]:
     """The header's ``__metadata__`` (raises ``HeaderError``/``OSError`` for an unreadable file)."""
     metadata = read_header(path).get("__metadata__")
@@ -200,23 +207,23 @@ def _header_metadata(path: Path) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _training_notes(path: str, size: int, mtime_ns: int) -> tuple[str, tuple[str, ...], str | None]:
-    """(base model, trigger words, problem) of one version of a safetensors file (the key changes with the file)."""
+def _training_notes(path: str, size: int, mtime_ns: int) -> TrainingNotes:
+    """The notes of one version of a safetensors file (the cache key changes with the file)."""
     try:
         metadata = _header_metadata(Path(path))
     except HeaderError as error:
-        return "", (), str(error)
+        return TrainingNotes(problem=str(error))
     except OSError as error:
-        return "", (), f"{Path(path).name} cannot be read: {error.strerror or error}"
-    return base_model(metadata), trigger_words(metadata), None
+        return TrainingNotes(problem=f"{Path(path).name} cannot be read: {error.strerror or error}")
+    return TrainingNotes(base_model=base_model(metadata), trigger_words=trigger_words(metadata))
 
 
-def training_notes(path: Path) -> tuple[str, tuple[str, ...], str | None]:
-    """(base model, trigger words, problem) of a safetensors file, read from its header once per version."""
+def training_notes(path: Path) -> TrainingNotes:
+    """What kohya wrote in a safetensors file's header, or why it cannot be read; read once per version of the file."""
     try:
         stat = path.stat()
     except OSError as error:
-        return "", (), f"{path.name} cannot be read: {error.strerror or error}"
+        return TrainingNotes(problem=f"{path.name} cannot be read: {error.strerror or error}")
     return _training_notes(str(path), stat.st_size, stat.st_mtime_ns)
 
 
@@ -230,11 +237,12 @@ def _folder_label(path: Path, root: Path, root_label: str) -> str:
 def lora_cards(library: NetworkLibrary) -> list[Card]:
     cards = []
     for network in library.list():
-        base, words, problem = training_notes(network.path)
+        notes = training_notes(network.path)
         cards.append(Card(kind=LORA, name=network.name, path=network.path,
                           folder=_folder_label(network.path, network.folder, network.folder.name),
-                          preview=find_preview(network.path), sidecar=read_sidecar(network.path), base_model=base,
-                          trigger_words=words, alias=network.alias if network.alias != network.name else "", problem=problem))
+                          preview=find_preview(network.path), sidecar=read_sidecar(network.path), base_model=notes.base_model,
+                          trigger_words=notes.trigger_words, alias=network.alias if network.alias != network.name else "",
+                          problem=notes.problem))
     return sorted(cards, key=lambda card: card.name.lower())
 
 
@@ -246,7 +254,7 @@ def embedding_cards(library) -> list[Card]:
         path = library.path(name)
         if path is None:
             continue
-        problem = training_notes(path)[2] if path.suffix.lower() == ".safetensors" else None
+        problem = training_notes(path).problem if path.suffix.lower() == ".safetensors" else None
         cards.append(Card(kind=EMBEDDING, name=name, path=path,
                           folder=_folder_label(path, library.folder, library.folder.name),
                           preview=find_preview(path), sidecar=read_sidecar(path), problem=problem))
