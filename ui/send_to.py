@@ -175,10 +175,9 @@ def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generat
         fields = {**FULL_RESTORE_DEFAULTS, **fields_from_infotext(text)}
         for note in infotext_notes(text, target):
             gr.Warning(note, title="Not everything in this infotext can be applied")
-        problems = network_notes(studio, text)
-        if problems:
-            text_of_problems = "; ".join(problems)
-            gr.Warning(text_of_problems[:1].upper() + text_of_problems[1:] + ".", title="Extra networks differ from the picture's")
+        problems = "; ".join(network_notes(studio, text))
+        if problems:  # one note listing them all
+            gr.Warning(problems[:1].upper() + problems[1:] + ".", title="Extra networks differ from the picture's")
         updates = target_updates(studio, target, fields, image, extension_settings_from_infotext(studio, text))
         if vae_dropdown is not None:
             updates.append(vae_choice(studio, text) or gr.skip())
