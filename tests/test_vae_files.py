@@ -195,12 +195,17 @@ def test_png_info_checks_the_vae_hash(setup):
 def test_png_info_send_notes(setup):
     from types import SimpleNamespace
 
-    from ui.send_to import network_notes
+    from ui.send_to import network_notes, vae_choice
 
     root, registry, _, _ = setup
     studio = SimpleNamespace(registry=registry)
     right = hashlib.sha256((root / "VAE" / "other.safetensors").read_bytes()).hexdigest()[:10]
-    assert "choose it in the SD VAE picker" in network_notes(studio, f"p\nSteps: 2, VAE hash: {right}, VAE: other.safetensors")[0]
+    matching = f"p\nSteps: 2, VAE hash: {right}, VAE: other.safetensors"
+    assert network_notes(studio, matching) == []
+    assert vae_choice(studio, matching) == "other.safetensors"  # sending it sets the SD VAE picker
+    assert vae_choice(studio, "p\nSteps: 2, Seed: 1, VAE: other") == "other.safetensors"  # its stem names it too
+    assert vae_choice(studio, "p\nSteps: 2, Seed: 1, VAE: gone.safetensors") is None
+    assert vae_choice(studio, "p\nSteps: 2") is None
     notes = network_notes(studio, 'p\nSteps: 2, TI hashes: "absent: 0123456789ab", VAE: gone.safetensors')
     assert any("absent" in note for note in notes) and any("gone.safetensors" in note for note in notes)
     assert network_notes(studio, "p\nSteps: 2") == []

@@ -19,6 +19,7 @@ from engine.networks.vae_files import AUTOMATIC as AUTOMATIC_VAE
 from .demo_hint import build_demo_hint, wire_demo_hint
 from .errors import message_for
 from .extensions_tab import build_extensions_tab
+from .extra_networks import wire_checkpoint_cards
 from .gallery_tab import build_gallery_tab
 from .generation_tab import GenerationTab, build_generation_tab
 from .model_info import default_model_name, entry_or_none, model_choices, model_note, native_size
@@ -72,7 +73,8 @@ def build_app(studio) -> gr.Blocks:
             for target_mode, button in tab.send_buttons.items():
                 wire_result_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, tab.results, tab.selected)
         for target_mode, button in png_info["send"].items():
-            wire_infotext_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, png_info["infotext"], png_info["image"])
+            wire_infotext_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, png_info["infotext"], png_info["image"],
+                           vae_dropdown=vae_dropdown)
         for target_mode, button in gallery["send"].items():
             wire_result_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, gallery["records"], gallery["selected"])
         gallery_tab_item.select(gallery["show_session"], session_gallery, gallery["outputs"], api_visibility="private")
@@ -129,6 +131,10 @@ def _wire_model_bar(studio, dropdown, refresh, status, untrained, current_model,
 
     dropdown.input(switch, [dropdown, current_model, *sizes], [status, dropdown, current_model, untrained, *sizes],
                    api_visibility="private", show_progress="minimal")
+    for tab in tabs:  # a checkpoint card in the extra-networks browser loads its model as the picker does
+        if tab.extra_networks is not None:
+            wire_checkpoint_cards(tab.extra_networks, switch, [current_model, *sizes],
+                                  [status, dropdown, current_model, untrained, *sizes])
 
     def refreshed(value):
         names = [entry.name for entry in studio.registry.refresh()]

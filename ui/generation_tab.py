@@ -23,6 +23,7 @@ from . import fields as F
 from .errors import job_error_text, message_for, ui_error
 from .event_inputs import preprocess_values
 from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
+from .extra_networks import ExtraNetworksPanel, build_extra_networks_panel
 from .image_formats import LOSSLESS, PREVIEW
 from .image_inputs import UploadImage, UploadImageEditor, reject_bad_uploads
 from .masks import editor_image, inpaint_inputs, mask_preview
@@ -122,6 +123,7 @@ class GenerationTab:
     presets: PresetControls | None = None
     sampling_note: Any = None
     xyz: XyzControls | None = None
+    extra_networks: ExtraNetworksPanel | None = None
 
 
 def _seed_row(mode: str, name: str, random_icon: ToolIcon, reuse_icon: ToolIcon):
@@ -149,6 +151,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 skip = gr.Button("Skip", elem_id=f"{mode}_skip", min_width=60)
     with gr.Column(elem_id=f"{mode}_presets"):
         presets = build_presets_controls(studio, mode)
+    extra_networks = build_extra_networks_panel(studio, mode)
     fields.add(F.simple("prompt", prompt))
     fields.add(F.simple("negative_prompt", negative))
 
@@ -236,7 +239,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
 
     tab = GenerationTab(mode, fields, generate, interrupt, skip, preview, progress, gallery, infotext, saved, results, selected,
                         send_buttons, image=image, mask_upload=mask_upload, own_size=own_size, extensions=extensions,
-                        presets=presets, sampling_note=sampling_note, xyz=xyz)
+                        presets=presets, sampling_note=sampling_note, xyz=xyz, extra_networks=extra_networks)
 
     # -- small control behaviours ----------------------------------------------------------
     # Only the artist's own pick: presets, PNG Info and "send to" set sampler, schedule and zero SNR together through

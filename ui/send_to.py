@@ -31,7 +31,7 @@ FULL_RESTORE_DEFAULTS = {field.name: field.default for field in FIELDS.core()
                          if field.infotext_when is not None and field.name != "rng"}
 
 
-# Fields whose pickers sit above the tabs: the model is sent with the tab's fields, the VAE by a note (network_notes).
+# Fields whose pickers sit above the tabs: the model is sent with the tab's fields, the VAE to its own picker.
 _ABOVE_THE_TABS = ("model", "vae")
 
 
@@ -43,16 +43,31 @@ def fields_from_infotext(infotext: str | None, only: tuple[str, ...] | None = No
 
 
 def network_notes(studio, infotext: str) -> list[str]:
-    """What PNG Info cannot reproduce from the picture's extra networks (embeddings, VAE), and the VAE to pick."""
-    from engine.networks import embeddings, vae_files
+    """What PNG Info cannot reproduce from the picture's extra networks: LoRAs, embeddings and the VAE missing
+    here, or here under their names with other contents (their hashes differ)."""
+    from engine.networks import embeddings, library, vae_files
 
     params = parse_infotext(infotext)
     registry = studio.registry
-    notes = embeddings.infotext_problems(params, registry.embeddings) + vae_files.infotext_problems(params, registry.vaes)
-    vae = params.get(FIELDS["vae"].infotext)
-    if not notes and vae:
-        notes.append(f"The image was decoded with the VAE {vae}; choose it in the SD VAE picker.")
-    return notes
+    engine = getattr(studio, "engine", None)
+    loras = library.infotext_problems(params, engine.networks) if engine is not None else []
+    return loras + embeddings.infotext_problems(params, registry.embeddings) + vae_files.infotext_problems(params, registry.vaes)
+
+
+def vae_choice(studio, infotext: str) -> str | None:
+    """The SD VAE picker's value for the VAE file an infotext names ("VAE: name.safetensors"), None when it names
+    none or that file is not here (``network_notes`` says so)."""
+    name = parse_infotext(infotext).get(FIELDS["vae"].infotext)
+    if not isinstance(name, str) or not name.strip():
+        return None
+    vaes = studio.registry.vaes
+    if name in vaes.choices():
+        return name
+    try:
+        found = vaes.find(name).name
+    except ValidationError:
+        return None
+    return found if found in vaes.choices() else None
 
 
 def infotext_notes(infotext: str, target: GenerationTab) -> list[str]:
@@ -141,24 +156,31 @@ def wire_result_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generatio
     button.click(send, [records, selected], target_outputs(tabs, target, model_dropdown), api_visibility="private")
 
 
-def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: GenerationTab, model_dropdown, infotext, image_path) -> None:
-    """PNG Info's 'send to': every field the infotext holds, plus the image for img2img/inpaint."""
+def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: GenerationTab, model_dropdown, infotext, image_path,
+                       vae_dropdown=None) -> None:
+    """PNG Info's 'send to': every field the infotext holds, plus the image for img2img/inpaint and the VAE it names."""
+    outputs = target_outputs(tabs, target, model_dropdown) + ([vae_dropdown] if vae_dropdown is not None else [])
+
     def send(text, path):
         if not text:
             gr.Warning("This image has no generation parameters to send.")
-            return [gr.skip()] * len(target_outputs(tabs, target, model_dropdown))
+            return [gr.skip()] * len(outputs)
         image = None
         if path and target.image is not None:
             try:
                 image = read_untrusted_image(path, "image").convert("RGB")
             except ValidationError as error:
                 gr.Warning(f"The image cannot be sent: {error.message}.")
-                return [gr.skip()] * len(target_outputs(tabs, target, model_dropdown))
+                return [gr.skip()] * len(outputs)
         fields = {**FULL_RESTORE_DEFAULTS, **fields_from_infotext(text)}
         for note in infotext_notes(text, target):
             gr.Warning(note, title="Not everything in this infotext can be applied")
-        for note in network_notes(studio, text):
-            gr.Warning(note, title="Extra networks")
-        return target_updates(studio, target, fields, image, extension_settings_from_infotext(studio, text))
+        problems = "; ".join(network_notes(studio, text))
+        if problems:  # one note listing them all
+            gr.Warning(problems[:1].upper() + problems[1:] + ".", title="Extra networks differ from the picture's")
+        updates = target_updates(studio, target, fields, image, extension_settings_from_infotext(studio, text))
+        if vae_dropdown is not None:
+            updates.append(vae_choice(studio, text) or gr.skip())
+        return updates
 
-    button.click(send, [infotext, image_path], target_outputs(tabs, target, model_dropdown), api_visibility="private")
+    button.click(send, [infotext, image_path], outputs, api_visibility="private")

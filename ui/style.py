@@ -28,6 +28,19 @@ CSS = """
   height: 100%; box-sizing: border-box; grid-template-rows: none; grid-auto-rows: minmax(96px, 1fr);
 }
 .sfumato-results .grid-wrap .thumbnail-item { aspect-ratio: auto; }
+/* The extra-networks browser: cards as in A1111, a picture above the name and what the file's notes say. */
+.sfumato-cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(9.5em, 1fr)); gap: 0.6em; padding: 0.3em; }
+.sfumato-card { position: relative; cursor: pointer; border: 1px solid var(--border-color-primary); border-radius: 8px;
+  padding: 0.3em; font-size: 0.85em; overflow-wrap: anywhere; background: var(--block-background-fill); }
+.sfumato-card:hover { border-color: var(--color-accent); }
+.sfumato-card-picture img, .sfumato-card-placeholder { width: 100%; aspect-ratio: 1; object-fit: cover; border-radius: 6px; display: block; }
+.sfumato-card-placeholder { display: flex; align-items: center; justify-content: center; font-size: 2em; opacity: 0.5;
+  background: var(--background-fill-secondary); }
+.sfumato-card-name { font-weight: 600; margin-top: 0.2em; }
+.sfumato-card-line { opacity: 0.8; }
+.sfumato-card-problem { color: #b91c1c; }
+.sfumato-card-edit { position: absolute; top: 0.4em; right: 0.4em; padding: 0 0.35em; border-radius: 4px;
+  background: var(--background-fill-primary); opacity: 0.85; }
 /* A narrow screen (a phone): the preview and results come right under Generate, the settings after them. */
 @media (max-width: 767px) {
   .sfumato-workspace { flex-direction: column; flex-wrap: nowrap; }

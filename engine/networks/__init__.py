@@ -8,7 +8,8 @@
 - ``lycoris``: LoHa and LoKr through peft's layers;
 - ``apply``: the networks on the model for one job, and off again after it;
 - ``embeddings``: textual-inversion files in ``models/embeddings``;
-- ``vae_files``: VAE files in ``models/VAE``, picked per job.
+- ``vae_files``: VAE files in ``models/VAE``, picked per job;
+- ``cards``: the extra-networks browser's cards (previews, A1111 sidecars, kohya's training notes).
 
 The engine calls ``prepare(library, prompt)`` and runs the job inside ``active(model, job)``.
 """

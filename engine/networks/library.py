@@ -23,6 +23,7 @@ NETWORK_FOLDERS = ("Lora", "LyCORIS")
 SUFFIXES = (".safetensors",)
 SHORT_HASH_LENGTH = 12  # A1111's "shorthash" of a network
 HEADER_LENGTH_BYTES = 8  # safetensors: a little-endian u64 header length, then the JSON header
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
 
 
 @dataclass(frozen=True)
@@ -49,19 +50,47 @@ def addnet_hash(path: Path) -> str:
     return file_sha256(path, skip=HEADER_LENGTH_BYTES + struct.unpack("<Q", header)[0])
 
 
+class HeaderError(ValueError):
+    """A safetensors file whose header cannot be read; the message says why, for a person."""
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's JSON header, read without its tensors; ``HeaderError`` saying what is wrong
+    when the file is too short, its header is not JSON, or the tensors it lists run past its end (truncated)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(HEADER_LENGTH_BYTES)
+        if len(prefix) < HEADER_LENGTH_BYTES:
+            raise HeaderError(f"{path.name} is too short to be a safetensors file ({size} bytes)")
+        length = struct.unpack("<Q", prefix)[0]
+        if length > min(MAX_HEADER_BYTES, size - HEADER_LENGTH_BYTES):
+            raise HeaderError(f"{path.name} is not a safetensors file, or it is truncated: its header would be {length} bytes "
+                              f"in a file of {size}")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except ValueError as error:
+        raise HeaderError(f"{path.name} is not a safetensors file (its header is not JSON: {error})") from None
+    if not isinstance(header, dict):
+        raise HeaderError(f"{path.name} is not a safetensors file (its header is not a JSON object)")
+    ends = [entry.get("data_offsets", [0, 0])[-1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)]
+    needed = HEADER_LENGTH_BYTES + length + max((end for end in ends if isinstance(end, int)), default=0)
+    if needed > size:
+        raise HeaderError(f"{path.name} is truncated: its tensors need {needed} bytes and the file has {size} "
+                          "(an interrupted download?)")
+    return header
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """The ``__metadata__`` of a safetensors header (kohya's ``ss_*`` training notes), or {} when unreadable.
 
     Values that hold a JSON object (``ss_tag_frequency``, ``ss_dataset_dirs``) are decoded, as A1111 decodes them."""
     try:
-        with open(path, "rb") as handle:
-            length = struct.unpack("<Q", handle.read(HEADER_LENGTH_BYTES))[0]
-            if length > 100_000_000:
-                return {}
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error):
+        header = read_header(path)
+    except (OSError, HeaderError):
         return {}
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    metadata = header.get("__metadata__")
     if not isinstance(metadata, dict):
         return {}
     decoded: dict[str, Any] = {}
@@ -143,3 +172,22 @@ class NetworkLibrary:
             with self._lock:
                 self._hashes[key] = cached
         return cached
+
+
+def infotext_problems(params: dict[str, str], library: NetworkLibrary) -> list[str]:
+    """What a picture's ``Lora hashes`` say that this studio cannot reproduce: LoRAs missing here (their tags in
+    the prompt would stop Generate), or present under the name with other contents (a different hash)."""
+    from ..infotext import LORA_HASHES_KEY, parse_name_hashes  # the infotext module imports this package
+
+    value = params.get(LORA_HASHES_KEY)
+    if not isinstance(value, str):
+        return []
+    problems = []
+    folders = " or ".join(f"models/{folder}" for folder in NETWORK_FOLDERS)
+    for name, short in parse_name_hashes(value).items():
+        here = library.short_hash_of(name)
+        if here is None:
+            problems.append(f"the LoRA {name} is not in {folders} (or cannot be read); its tag in the prompt will stop Generate")
+        elif short and not here.startswith(short.lower()):
+            problems.append(f"the LoRA {name} here (hash {here}) is not the file the picture used (hash {short})")
+    return problems
