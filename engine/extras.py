@@ -8,8 +8,9 @@ Facts from A1111 1.10 (``scripts/postprocessing_upscale.py``, ``modules/postproc
   its visibility is above 0, and the two are mixed as ``Image.blend(first, second, visibility)``;
 - the image is converted to RGB first;
 - the record is a ``Postprocess …`` infotext (``Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos``),
-  stored in the PNG's ``postprocessing`` and ``extras`` text chunks beside the source's own chunks, its
-  ``parameters`` (or JPEG/WebP EXIF infotext) kept as it was.
+  stored in the PNG's ``postprocessing`` text chunk beside the source's own chunks, its ``parameters`` (or
+  JPEG/WebP EXIF infotext) kept as it was; a saved file has it once more in an ``extras`` chunk (A1111's
+  ``save_image`` section), an API answer does not.
 
 The request's field names are A1111's API names, so an error names the field an API client sent.
 """
@@ -142,7 +143,7 @@ def run_extras(sources: list[ExtrasSource], request: ExtrasRequest, library: Ups
                 chunks[key] = value
         upscaled, infotext = upscale_image(image, request, library)
         if infotext:
-            chunks[POSTPROCESSING_CHUNK] = chunks[EXTRAS_CHUNK] = infotext
+            chunks[POSTPROCESSING_CHUNK] = infotext
         results.append(ExtrasResult(upscaled, infotext, chunks, name=source.name))
     return results
 
@@ -154,8 +155,11 @@ def source_seed(result: ExtrasResult) -> int:
 
 
 def save_extras(writer, result: ExtrasResult) -> Path:
-    """Write a result to the outputs folder (``{mode}`` = extras) with all its text chunks."""
+    """Write a result to the outputs folder (``{mode}`` = extras) with its text chunks and, as A1111's saved
+    files have it, the record once more in an ``extras`` chunk."""
     chunks = {key: value for key, value in result.chunks.items() if key != "parameters"}
+    if result.infotext:
+        chunks[EXTRAS_CHUNK] = result.infotext
     path = writer.save(result.image, result.source_infotext, OUTPUT_MODE, source_seed(result), extra_chunks=chunks)
     result.path = str(path)
     return path
