@@ -249,7 +249,7 @@ def run_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor
             y, x = top * scale, left * scale
             canvas[:, y:y + out.shape[-2], x:x + out.shape[-1]] += out * weight
             total[:, y:y + out.shape[-2], x:x + out.shape[-1]] += weight
-    return (canvas / total).unsqueeze(0)
+    return canvas.div_(total).unsqueeze(0)
 
 
 class ModelUpscaler:
