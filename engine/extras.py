@@ -26,7 +26,7 @@ from PIL import Image
 from .errors import ValidationError
 from .image_metadata import read_generation_info
 from .infotext import parse_infotext, quote
-from .untrusted_images import check_size, read_untrusted_image
+from .untrusted_images import MAX_PIXELS, read_untrusted_image
 from .upscalers.library import NONE, UpscalerLibrary
 
 SCALE_BY, SCALE_TO = 0, 1  # A1111's resize_mode
@@ -100,9 +100,10 @@ def _upscale(image: Image.Image, upscaler, request: ExtrasRequest, info: dict[st
         factor = float(request.upscaling_resize)
         info["Postprocess upscale by"] = factor
     width, height = upscaled_size(image.width, image.height, factor)
-    if width < 1 or height < 1:
-        raise ValidationError("upscaling_resize", f"scales the {image.width}×{image.height} image to nothing")
-    check_size(width, height, "upscaling_resize")
+    field = "upscaling_resize_w" if request.resize_mode == SCALE_TO else "upscaling_resize"
+    if width < 1 or height < 1 or width * height > MAX_PIXELS:
+        raise ValidationError(field, f"would make the {image.width}×{image.height} picture {width}×{height}; the result "
+                                     f"may have 1 to {MAX_PIXELS:,} pixels")
     result = upscaler.upscale(image, width, height)
     if request.resize_mode == SCALE_TO and request.upscaling_crop:
         canvas = Image.new("RGB", (request.upscaling_resize_w, request.upscaling_resize_h))

@@ -229,3 +229,30 @@ def test_spandrel_imports_without_leaving_a_torchvision_behind():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True", "True", "True"]
+
+
+@pytest.mark.parametrize("length", [193, 300, 383, 384, 385, 1000, 4097])
+def test_tiles_cover_every_pixel_and_overlap_by_at_least_the_overlap(length):
+    from engine.upscalers.model_files import tile_starts
+
+    starts = tile_starts(length, 192, 8)
+    assert starts[0] == 0 and starts[-1] + 192 == length
+    assert all(0 < later - earlier <= 192 - 8 for earlier, later in zip(starts, starts[1:]))
+    assert len(starts) == -(-(length - 8) // (192 - 8))  # the fewest tiles that can overlap by 8
+
+
+def test_none_is_a_plain_lanczos_resize_outside_extras(library):
+    image = picture(30, 20)
+    none = library.find("None")
+    assert none.upscale(image, 30, 20) is image
+    expected = np.asarray(image.resize((61, 41), Image.Resampling.LANCZOS))
+    assert np.array_equal(np.asarray(none.upscale(image, 61, 41)), expected)
+
+
+def test_a_result_too_large_is_refused_naming_the_field(library):
+    from engine.errors import ValidationError
+    from engine.extras import ExtrasRequest, upscale_image
+
+    with pytest.raises(ValidationError) as refused:
+        upscale_image(picture(1200, 1200), ExtrasRequest(upscaler_1="Lanczos", upscaling_resize=4), library)
+    assert refused.value.field == "upscaling_resize" and "4800×4800" in refused.value.message

@@ -22,12 +22,13 @@ NONE = "None"
 
 
 class NoUpscale:
-    """A1111's "None": the image comes back as it is (the caller decides whether that is the size it wanted)."""
+    """A1111's "None": no upscaler, only a plain Lanczos resize to the size asked for (what A1111's
+    ``resize_image`` does with no upscaler; the Extras tab skips the upscale altogether for it)."""
 
     name, native_scale = NONE, None
 
     def upscale(self, image: Image.Image, width: int, height: int) -> Image.Image:
-        return image
+        return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
 
 
 class UpscalerLibrary:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import cancellation
 from ..errors import ModelError
 from .torchvision_stand_in import import_spandrel
 
@@ -202,9 +203,10 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     spread evenly from 0 to ``length - tile`` (A1111's ``split_grid`` placement)."""
     if length <= tile:
         return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"the tile overlap ({overlap}) must be smaller than the tile ({tile})")
     count = math.ceil((length - overlap) / (tile - overlap))
-    step = (length - tile) / (count - 1)
-    return [int(index * step) for index in range(count)]
+    return [index * (length - tile) // (count - 1) for index in range(count)]  # integers: the last one ends at the edge
 
 
 def _ramp(length: int, starts: list[int], index: int, tile: int, scale: int) -> torch.Tensor:
@@ -242,6 +244,7 @@ def run_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor
     total = torch.zeros(1, height * scale, width * scale)
     for row, top in enumerate(rows):
         for col, left in enumerate(cols):
+            cancellation.check("upscaling")  # a job's interrupt stops a large upscale between tiles
             out = apply(image[:, :, top:top + tile, left:left + tile])[0]
             if out.shape[-2:] != (min(tile, height) * scale, min(tile, width) * scale):
                 raise ModelError(f"the upscaler's output tile is {tuple(out.shape[-2:])}, not {scale}× its input")
