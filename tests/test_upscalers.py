@@ -35,6 +35,9 @@ def models_dir(tmp_path_factory) -> Path:
 
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(broken / "not-an-upscaler.safetensors"))
     torch.save(_Trap(), broken / "code.pth")
+    misshapen = esrgan_state()
+    misshapen["model.0.weight"] = misshapen["model.0.weight"][:, :, :2, :2].contiguous()  # ESRGAN's keys, wrong shapes
+    save_file(misshapen, str(root / "upscale_models" / "4x-misshapen.safetensors"))
     return root
 
 
@@ -49,7 +52,7 @@ class _Trap:
 def library(models_dir):
     from engine.upscalers.library import UpscalerLibrary
 
-    return UpscalerLibrary(models_dir)
+    return UpscalerLibrary(models_dir, torch.device("cpu"), torch.float32)
 
 
 def picture(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
@@ -92,9 +95,10 @@ def esrgan_reference(state: dict, x: torch.Tensor, blocks: int = 1) -> torch.Ten
 
 
 def test_files_are_found_in_both_folders_and_listed_after_the_resamplers(library):
-    assert library.names() == ["None", "Lanczos", "Nearest", ESRGAN, COMPACT]
+    # A1111's folders, then ComfyUI's; within one, by path ("4x-misshapen" is not known broken until built)
+    assert library.names() == ["None", "Lanczos", "Nearest", ESRGAN, "4x-misshapen", COMPACT]
     architectures = {file.name: file.architecture for file in library.files() if file.problem is None}
-    assert architectures == {ESRGAN: "ESRGAN", COMPACT: "Compact"}
+    assert architectures == {ESRGAN: "ESRGAN", COMPACT: "Compact", "4x-misshapen": "ESRGAN"}
 
 
 def test_broken_files_are_listed_with_their_reason_and_refused_by_name(library):
@@ -213,7 +217,7 @@ def test_the_registry_offers_the_library(models_dir):
     (models_dir / "upscale_models" / "sub" / f"{COMPACT}.safetensors").rename(models_dir / "DAT" / "2x-moved.safetensors")
     try:
         registry.refresh()
-        assert registry.upscalers.names()[-1] == "2x-moved"
+        assert registry.upscalers.names()[3:] == [ESRGAN, "2x-moved", "4x-misshapen"]  # DAT comes before upscale_models
     finally:
         (models_dir / "DAT" / "2x-moved.safetensors").rename(models_dir / "upscale_models" / "sub" / f"{COMPACT}.safetensors")
 
@@ -256,3 +260,16 @@ def test_a_result_too_large_is_refused_naming_the_field(library):
     with pytest.raises(ValidationError) as refused:
         upscale_image(picture(1200, 1200), ExtrasRequest(upscaler_1="Lanczos", upscaling_resize=4), library)
     assert refused.value.field == "upscaling_resize" and "4800×4800" in refused.value.message
+
+
+def test_a_file_that_fails_to_load_is_an_error_naming_it_and_is_listed_broken_after(models_dir):
+    from engine.errors import ModelError, ValidationError
+    from engine.upscalers.library import UpscalerLibrary
+
+    library = UpscalerLibrary(models_dir, torch.device("cpu"), torch.float32)
+    assert "4x-misshapen" in library.names()  # its keys look like ESRGAN's: only building it tells
+    with pytest.raises(ModelError, match="4x-misshapen.safetensors could not be built"):
+        library.find("4x-misshapen").upscale(picture(), 160, 120)
+    assert "4x-misshapen" not in library.names()
+    with pytest.raises(ValidationError, match="could not be built"):
+        library.find("4x-misshapen", "upscaler_1")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..devices import pick_device, pick_dtype
 from ..errors import ValidationError
 from .model_files import ModelUpscaler, UpscalerFile, find_files, inspect_file
 from .pixel import RESAMPLERS, PixelUpscaler
@@ -37,8 +38,8 @@ class UpscalerLibrary:
     def __init__(self, models_dir: Path | str | None, device: torch.device | None = None,
                  dtype: torch.dtype | None = None):
         self.models_dir = Path(models_dir) if models_dir else None
-        self.device = device or torch.device("cpu")
-        self.dtype = dtype or torch.float32
+        self.device = device or pick_device()
+        self.dtype = dtype or pick_dtype(self.device)
         self._lock = threading.Lock()
         self._files: dict[str, UpscalerFile] = {}
         self._inspected: dict[tuple, UpscalerFile] = {}  # by (path, size, mtime): a refresh re-reads changed files only
@@ -90,4 +91,11 @@ class UpscalerLibrary:
             raise ValidationError(field, f"no upscaler named {name!r}; {hint}choose one of {', '.join(known)}")
         if file.problem:
             raise ValidationError(field, file.problem)
-        return ModelUpscaler(file, self.device, self.dtype)
+        return ModelUpscaler(file, self.device, self.dtype, on_failure=self._mark_broken)
+
+    def _mark_broken(self, file: UpscalerFile, problem: str) -> None:
+        """A file that looked right but failed to load is listed with the reason from then on (until it changes)."""
+        broken = UpscalerFile(file.name, file.path, file.architecture, problem=problem)
+        with self._lock:
+            self._files = {name: broken if known is file else known for name, known in self._files.items()}
+            self._inspected = {key: broken if known is file else known for key, known in self._inspected.items()}

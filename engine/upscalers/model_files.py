@@ -259,15 +259,22 @@ class ModelUpscaler:
     """A ``PixelUpscaler`` running one model file."""
 
     def __init__(self, file: UpscalerFile, device: torch.device, dtype: torch.dtype,
-                 tile: int = TILE_SIZE, overlap: int = TILE_OVERLAP):
+                 tile: int = TILE_SIZE, overlap: int = TILE_OVERLAP,
+                 on_failure: Callable[[UpscalerFile, str], None] | None = None):
         self.file, self.name, self.device, self.dtype = file, file.name, device, dtype
         self.tile, self.overlap = tile, overlap
+        self._on_failure = on_failure  # told when the file fails to load, so the list can mark it
 
     @property
     def descriptor(self):
         if self.file.problem:
             raise ModelError(self.file.problem)
-        return cached_model(self.file.path, self.device, self.dtype)
+        try:
+            return cached_model(self.file.path, self.device, self.dtype)
+        except ModelError as error:
+            if self._on_failure:
+                self._on_failure(self.file, str(error))
+            raise
 
     @property
     def native_scale(self) -> int:
