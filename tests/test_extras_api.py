@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from _api_fixtures import check_against_schema, response_schema
 from _upscaler_files import write_upscalers
 
 torch.set_num_threads(1)
@@ -51,6 +52,7 @@ def _image(text: str) -> Image.Image:
 
 def test_upscalers_are_listed_in_a1111s_shape(client):
     listed = client.get(f"{V1}/upscalers").json()
+    check_against_schema(listed, response_schema(client.get("/openapi.json").json(), f"{V1}/upscalers", "get", 200))
     assert [item["name"] for item in listed] == ["None", "Lanczos", "Nearest", "4x-tiny-esrgan", "2x-tiny-compact"]
     assert listed[0] == {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": None}
     assert listed[3] == {"name": "4x-tiny-esrgan", "model_name": "4x-tiny-esrgan",
@@ -71,6 +73,7 @@ def test_single_image_round_trip_keeps_the_infotext_and_adds_the_record(client):
         "upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 0.5})
     assert response.status_code == 200, response.text
     body = response.json()
+    check_against_schema(body, response_schema(client.get("/openapi.json").json(), f"{V1}/extra-single-image", "post", 200))
     record = "Postprocess upscale by: 2.0, Postprocess upscaler: 4x-tiny-esrgan, Postprocess upscaler 2: Lanczos"
     assert body["html_info"] == f"<p>{record}</p>"
     image = _image(body["image"])
@@ -99,4 +102,5 @@ def test_batch_scales_each_image_to_the_size(client):
 def test_bad_requests_are_422s_naming_the_field(client, body, field, says):
     response = client.post(f"{V1}/extra-single-image", json={"image": _b64_png(), **body})
     assert response.status_code == 422, response.text
+    check_against_schema(response.json(), response_schema(client.get("/openapi.json").json(), f"{V1}/extra-single-image", "post", 422))
     assert response.json()["field"] == field and says in response.json()["detail"]
