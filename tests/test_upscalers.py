@@ -34,6 +34,10 @@ def models_dir(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(broken / "not-an-upscaler.safetensors"))
+    # the names spandrel knows GFPGAN (a face restorer) and LaMa (an inpainter) by, on placeholder tensors
+    save_file({"toRGB.0.weight": torch.zeros(1), "stylegan_decoder.style_mlp.1.weight": torch.zeros(1)},
+              str(broken / "face.safetensors"))
+    save_file({"generator.model.1.bn_l.running_mean": torch.zeros(1)}, str(broken / "inpaint.safetensors"))
     torch.save(_Trap(), broken / "code.pth")
     misshapen = esrgan_state()
     misshapen["model.0.weight"] = misshapen["model.0.weight"][:, :, :2, :2].contiguous()  # ESRGAN's keys, wrong shapes
@@ -103,7 +107,9 @@ def test_files_are_found_in_both_folders_and_listed_after_the_resamplers(library
 
 def test_broken_files_are_listed_with_their_reason_and_refused_by_name(library):
     problems = {file.name: file.problem for file in library.files() if file.problem}
-    assert set(problems) == {"truncated", "not-an-upscaler", "code"}
+    assert set(problems) == {"truncated", "not-an-upscaler", "code", "face", "inpaint"}
+    assert problems["face"].endswith("face.safetensors is a face restorer (GFPGAN), not an upscaler")
+    assert problems["inpaint"].endswith("inpaint.safetensors is an inpainting model (LaMa), not an upscaler")
     assert "truncated.pth cannot be read" in problems["truncated"]
     assert "not-an-upscaler.safetensors is no architecture spandrel" in problems["not-an-upscaler"]
     assert "code.pth is a pickle holding more than weights" in problems["code"]
