@@ -57,7 +57,8 @@ def compact_state(filters: int = 4, convs: int = 1, scale: int = 2, seed: int = 
 
 
 def write_upscalers(models_dir: Path) -> dict[str, Path]:
-    """``models/ESRGAN/4x-tiny-esrgan.pth`` (a zip pickle of tensors) and
+    """``models/ESRGAN/4x-tiny-esrgan.pth`` (a zip pickle of tensors), ``models/ESRGAN/legacy/2x-legacy-esrgan.pth``
+    (torch's pre-1.6 pickle format, as the original ESRGAN releases are) and
     ``models/upscale_models/sub/2x-tiny-compact.safetensors``; returns the paths by name."""
     from safetensors.torch import save_file
 
@@ -66,5 +67,8 @@ def write_upscalers(models_dir: Path) -> dict[str, Path]:
     esrgan.parent.mkdir(parents=True, exist_ok=True)
     compact.parent.mkdir(parents=True, exist_ok=True)
     torch.save(esrgan_state(), esrgan)
+    legacy = models_dir / "ESRGAN" / "legacy" / "2x-legacy-esrgan.pth"
+    legacy.parent.mkdir(exist_ok=True)
+    torch.save(esrgan_state(scale=2, seed=2), legacy, _use_new_zipfile_serialization=False)
     save_file(compact_state(), str(compact))
-    return {"4x-tiny-esrgan": esrgan, "2x-tiny-compact": compact}
+    return {"4x-tiny-esrgan": esrgan, "2x-legacy-esrgan": legacy, "2x-tiny-compact": compact}

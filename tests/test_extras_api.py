@@ -53,11 +53,12 @@ def _image(text: str) -> Image.Image:
 def test_upscalers_are_listed_in_a1111s_shape(client):
     listed = client.get(f"{V1}/upscalers").json()
     check_against_schema(listed, response_schema(client.get("/openapi.json").json(), f"{V1}/upscalers", "get", 200))
-    assert [item["name"] for item in listed] == ["None", "Lanczos", "Nearest", "4x-tiny-esrgan", "2x-tiny-compact"]
+    assert [item["name"] for item in listed] == ["None", "Lanczos", "Nearest", "4x-tiny-esrgan",
+                                                     "2x-legacy-esrgan", "2x-tiny-compact"]
     assert listed[0] == {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": None}
     assert listed[3] == {"name": "4x-tiny-esrgan", "model_name": "4x-tiny-esrgan",
                          "model_path": str(client.paths["4x-tiny-esrgan"]), "model_url": None, "scale": 4.0}
-    assert listed[4]["scale"] == 2.0
+    assert listed[4]["scale"] == listed[5]["scale"] == 2.0
 
 
 def test_latent_upscale_modes_are_a1111s(client):

@@ -19,7 +19,7 @@ from _upscaler_files import esrgan_state, write_upscalers
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
-ESRGAN, COMPACT = "4x-tiny-esrgan", "2x-tiny-compact"
+ESRGAN, LEGACY, COMPACT = "4x-tiny-esrgan", "2x-legacy-esrgan", "2x-tiny-compact"
 # Tiled and whole runs differ where a tile's zero-padded border leaks into the blend; measured on a 130×100
 # image with 48-pixel tiles: max 0.0003 (ESRGAN) and 0.004 (Compact) in [0, 1] units, i.e. at most one 8-bit level.
 TILED_TOLERANCE = 2 / 255
@@ -74,7 +74,7 @@ def png_bytes(image: Image.Image, infotext: str | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def esrgan_reference(state: dict, x: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+def esrgan_reference(state: dict, x: torch.Tensor, blocks: int = 1, scale: int = 4) -> torch.Tensor:
     """RRDBNet (Wang et al. 2018): dense blocks with LeakyReLU(0.2) and 0.2 residual scaling, nearest ×2 upsampling."""
     def conv(value, key):
         return F.conv2d(value, state[f"{key}.weight"], state[f"{key}.bias"], padding=1)
@@ -93,16 +93,17 @@ def esrgan_reference(state: dict, x: torch.Tensor, blocks: int = 1) -> torch.Ten
             trunk = conv(torch.cat(parts, 1), f"model.1.sub.{block}.RDB{rdb}.conv5.0") * 0.2 + trunk
         trunk = trunk * 0.2 + block_in
     features = features + conv(trunk, f"model.1.sub.{blocks}")
-    for key in ("model.3", "model.6"):
-        features = lrelu(conv(F.interpolate(features, scale_factor=2, mode="nearest"), key))
-    return conv(lrelu(conv(features, "model.8")), "model.10")
+    doublings = {2: 1, 4: 2}[scale]
+    for step in range(doublings):  # [Upsample, conv, LeakyReLU] at model.2-4, model.5-7
+        features = lrelu(conv(F.interpolate(features, scale_factor=2, mode="nearest"), f"model.{3 + 3 * step}"))
+    return conv(lrelu(conv(features, f"model.{3 * doublings + 2}")), f"model.{3 * doublings + 4}")
 
 
 def test_files_are_found_in_both_folders_and_listed_after_the_resamplers(library):
     # A1111's folders, then ComfyUI's; within one, by path ("4x-misshapen" is not known broken until built)
-    assert library.names() == ["None", "Lanczos", "Nearest", ESRGAN, "4x-misshapen", COMPACT]
+    assert library.names() == ["None", "Lanczos", "Nearest", ESRGAN, LEGACY, "4x-misshapen", COMPACT]
     architectures = {file.name: file.architecture for file in library.files() if file.problem is None}
-    assert architectures == {ESRGAN: "ESRGAN", COMPACT: "Compact", "4x-misshapen": "ESRGAN"}
+    assert architectures == {ESRGAN: "ESRGAN", LEGACY: "ESRGAN", COMPACT: "Compact", "4x-misshapen": "ESRGAN"}
 
 
 def test_broken_files_are_listed_with_their_reason_and_refused_by_name(library):
@@ -124,16 +125,17 @@ def test_broken_files_are_listed_with_their_reason_and_refused_by_name(library):
     assert unknown.value.field == "hr_upscaler" and f"did you mean {ESRGAN}" in unknown.value.message
 
 
-def test_esrgan_runs_as_the_published_network_with_a1111s_bgr_and_rounding(library):
+@pytest.mark.parametrize("name, scale, seed", [(ESRGAN, 4, 0), (LEGACY, 2, 2)])
+def test_esrgan_runs_as_the_published_network_with_a1111s_bgr_and_rounding(library, name, scale, seed):
     image = picture()
-    upscaler = library.find(ESRGAN)
-    assert upscaler.native_scale == 4
+    upscaler = library.find(name)
+    assert upscaler.native_scale == scale
     out = np.asarray(upscaler.upscale_once(image), dtype=np.int16)
     bgr = torch.from_numpy(np.asarray(image, dtype=np.float32)[:, :, ::-1].copy() / 255).permute(2, 0, 1)[None]
     with torch.no_grad():
-        expected = esrgan_reference(esrgan_state(), bgr)[0].clamp(0, 1).mul(255).round()
+        expected = esrgan_reference(esrgan_state(scale=scale, seed=seed), bgr, scale=scale)[0].clamp(0, 1).mul(255).round()
     expected = expected.numpy()[::-1].transpose(1, 2, 0)
-    assert out.shape == (120, 160, 3)
+    assert out.shape == (30 * scale, 40 * scale, 3)
     assert np.abs(out - expected).max() <= 1
     assert out.std() > 1  # the tiny model draws something, not a flat field
 
@@ -223,7 +225,7 @@ def test_the_registry_offers_the_library(models_dir):
     (models_dir / "upscale_models" / "sub" / f"{COMPACT}.safetensors").rename(models_dir / "DAT" / "2x-moved.safetensors")
     try:
         registry.refresh()
-        assert registry.upscalers.names()[3:] == [ESRGAN, "2x-moved", "4x-misshapen"]  # DAT comes before upscale_models
+        assert registry.upscalers.names()[3:] == [ESRGAN, LEGACY, "2x-moved", "4x-misshapen"]  # DAT comes before upscale_models
     finally:
         (models_dir / "DAT" / "2x-moved.safetensors").rename(models_dir / "upscale_models" / "sub" / f"{COMPACT}.safetensors")
 

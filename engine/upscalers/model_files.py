@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,19 @@ class _SafetensorsKeys(Mapping):
         return len(self._keys)
 
 
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+)")
+
+
+def _reason(error: Exception) -> str:
+    """The useful line of a loader's error (torch's weights-only refusal wraps it in a page of advice)."""
+    text = str(error)
+    match = _UNPICKLER_REASON.search(text)
+    line = match.group(1).strip() if match else text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(error).__name__}: {line[:300]}"
+
+
 def _unreadable(path: Path, error: Exception) -> ModelError:
-    return ModelError(f"the upscaler {path.name} cannot be read (corrupt, truncated, or not a weights file): "
-                      f"{type(error).__name__}: {error}")
+    return ModelError(f"the upscaler {path.name} cannot be read (corrupt, truncated, or not a weights file): {_reason(error)}")
 
 
 def read_state_dict(path: Path, lazy: bool = False) -> Mapping[str, torch.Tensor]:
@@ -115,9 +126,12 @@ def read_state_dict(path: Path, lazy: bool = False) -> Mapping[str, torch.Tensor
         except Exception as error:  # noqa: BLE001 - safetensors raises several kinds for a damaged file
             raise _unreadable(path, error) from error
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=lazy)
+        # mmap reads only what is touched, but only the zip format (torch ≥ 1.6) can be mapped: the original
+        # ESRGAN releases are older, and are read whole
+        mappable = lazy and zipfile.is_zipfile(path)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mappable)
     except Exception as error:  # noqa: BLE001 - torch.load raises many kinds for damaged or unsafe files
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        if "Unsupported global" in str(error):  # a class or function to call: refused before running it
             raise ModelError(f"the upscaler {path.name} is a pickle holding more than weights (code or custom "
                              "classes), which Sfumato never unpickles; convert it to .safetensors") from error
         raise _unreadable(path, error) from error
@@ -157,8 +171,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype):
     try:
         descriptor = spandrel.ModelLoader(device="cpu").load_from_state_dict(state)
     except Exception as error:  # noqa: BLE001 - an architecture's loader indexes and reshapes the weights it expects
-        raise ModelError(f"the upscaler {path.name} could not be built from its weights: "
-                         f"{type(error).__name__}: {error}") from error
+        raise ModelError(f"the upscaler {path.name} could not be built from its weights: {_reason(error)}") from error
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise ModelError(f"the upscaler {path.name} is a {descriptor.architecture.name} model that needs a mask, not an upscaler")
     if descriptor.input_channels != 3 or descriptor.output_channels != 3 or descriptor.purpose == "FaceSR":
