@@ -123,6 +123,8 @@ def test_broken_files_are_listed_with_their_reason_and_refused_by_name(library):
     with pytest.raises(ValidationError) as unknown:
         library.find("4x-tiny-esrgn", "hr_upscaler")
     assert unknown.value.field == "hr_upscaler" and f"did you mean {ESRGAN}" in unknown.value.message
+    with pytest.raises(ValidationError, match="Latent .bicubic. is a latent upscale mode"):
+        library.find("Latent (bicubic)")
 
 
 @pytest.mark.parametrize("name, scale, seed", [(ESRGAN, 4, 0), (LEGACY, 2, 2)])

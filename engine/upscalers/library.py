@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..devices import pick_device, pick_dtype
 from ..errors import ValidationError
+from .latent import LATENT_UPSCALE_MODES
 from .model_files import ModelUpscaler, UpscalerFile, find_files, inspect_file
 from .pixel import RESAMPLERS, PixelUpscaler
 
@@ -80,6 +81,9 @@ class UpscalerLibrary:
         and with the reason when the file is known to be broken."""
         if name == NONE:
             return NoUpscale()
+        if name in LATENT_UPSCALE_MODES:
+            raise ValidationError(field, f"{name} is a latent upscale mode, which hires fix runs on latents; "
+                                         f"a pixel upscaler is one of {', '.join(self.names())}")
         if name in RESAMPLERS:
             return RESAMPLERS[name]
         with self._lock:
