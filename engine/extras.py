@@ -137,11 +137,13 @@ def run_extras(sources: list[ExtrasSource], request: ExtrasRequest, library: Ups
     results = []
     for source in sources:
         image = read_untrusted_image(source.data, source.field)
-        meta = read_generation_info(source.data)
-        chunks = dict(meta.other_chunks)
-        for key, value in (("parameters", meta.infotext), ("prompt", meta.comfy_prompt), ("workflow", meta.comfy_workflow)):
-            if value is not None:
-                chunks[key] = value
+        # A PNG's text chunks as they are (ComfyUI's JSON included); a JPEG's or WebP's infotext from its EXIF
+        chunks = {key: str(value) for key, value in image.info.items() if isinstance(key, str) and isinstance(value, str)}
+        if "parameters" not in chunks and image.format != "PNG":
+            infotext = read_generation_info(source.data).infotext
+            if infotext:
+                chunks["parameters"] = infotext
+        chunks.pop(POSTPROCESSING_CHUNK, None), chunks.pop(EXTRAS_CHUNK, None)  # an earlier pass's record is replaced
         upscaled, infotext = upscale_image(image, request, library)
         if infotext:
             chunks[POSTPROCESSING_CHUNK] = infotext

@@ -63,12 +63,14 @@ def picture(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def png_bytes(image: Image.Image, infotext: str | None = None) -> bytes:
+def png_bytes(image: Image.Image, infotext: str | None = None, workflow: str | None = None) -> bytes:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     if infotext:
         info.add_text("parameters", infotext)
+    if workflow:
+        info.add_text("workflow", workflow)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -208,13 +210,15 @@ def test_the_source_infotext_is_kept_and_the_record_added(library, tmp_path):
     from engine.outputs import OutputWriter
 
     source = "a lighthouse\nSteps: 20, Sampler: Euler, Seed: 1234, Size: 40x30"
-    [result] = run_extras([ExtrasSource(png_bytes(picture(), source))], ExtrasRequest(upscaler_1=ESRGAN), library)
+    workflow = '{"nodes":[1,2]}'
+    [result] = run_extras([ExtrasSource(png_bytes(picture(), source, workflow=workflow))], ExtrasRequest(upscaler_1=ESRGAN), library)
     record = f"Postprocess upscale by: 2.0, Postprocess upscaler: {ESRGAN}"
     path = save_extras(OutputWriter(tmp_path), result)
     assert path.relative_to(tmp_path).parts[0] == "extras" and path.name.endswith("-1234.png")
     saved = read_generation_info(path)
     assert saved.infotext == source
     assert saved.other_chunks == {"postprocessing": record, "extras": record}
+    assert Image.open(path).text["workflow"] == workflow  # ComfyUI's graph kept byte for byte
     assert saved.size == (80, 56)
 
 
@@ -283,3 +287,12 @@ def test_a_file_that_fails_to_load_is_an_error_naming_it_and_is_listed_broken_af
     assert "4x-misshapen" not in library.names()
     with pytest.raises(ValidationError, match="could not be built"):
         library.find("4x-misshapen", "upscaler_1")
+
+
+def test_a_jpeg_sources_exif_infotext_becomes_the_pngs_parameters(library):
+    from engine.extras import ExtrasRequest, ExtrasSource, run_extras
+    from engine.image_metadata import jpeg_with_infotext
+
+    source = "a jpeg\nSteps: 5, Seed: 3, Size: 40x30"
+    [result] = run_extras([ExtrasSource(jpeg_with_infotext(picture(), source))], ExtrasRequest(upscaler_1="Lanczos"), library)
+    assert result.chunks == {"parameters": source, "postprocessing": "Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"}
