@@ -38,9 +38,9 @@ from engine.untrusted_images import read_untrusted_image
 
 from .api_models import (
     ErrorResponse, ExtrasBaseRequest, ExtrasBatchImagesRequest, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
-    ExtrasSingleImageResponse, GenerationParams, Img2ImgRequest, LatentUpscaleModeItem, UpscalerItem, ImageToImageResponse, LoraItem, OptionsModel, OptionsUpdateResponse, PNGInfoRequest,
-    PNGInfoResponse, ProgressResponse, ProgressState, PromptStyleItem, SamplerItem, SchedulerItem, SDModelItem, TextToImageResponse,
-    Txt2ImgRequest,
+    ExtrasSingleImageResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, LatentUpscaleModeItem, LoraItem,
+    OptionsModel, OptionsUpdateResponse, PNGInfoRequest, PNGInfoResponse, ProgressResponse, ProgressState, PromptStyleItem,
+    SamplerItem, SchedulerItem, SDModelItem, TextToImageResponse, Txt2ImgRequest, UpscalerItem,
 )
 from .guard import authenticated_user
 from .session import sees_job
@@ -724,8 +724,10 @@ class SdApi:
     # -- upscalers and Extras ------------------------------------------------------------
     def upscalers(self) -> list[UpscalerItem]:
         """A1111's list: None, Lanczos, Nearest, then the usable model files."""
+        from engine.upscalers.library import BUILT_IN
+
         library = self.studio.registry.upscalers
-        items = [UpscalerItem(name=name) for name in library.names()[:3]]
+        items = [UpscalerItem(name=name) for name in BUILT_IN]
         for file in library.files():
             if file.problem is None:
                 items.append(UpscalerItem(name=file.name, model_name=file.name, model_path=str(file.path),

@@ -21,6 +21,7 @@ from .model_files import ModelUpscaler, UpscalerFile, find_files, inspect_file
 from .pixel import RESAMPLERS, PixelUpscaler
 
 NONE = "None"
+BUILT_IN = (NONE, *RESAMPLERS)  # what every list begins with, in A1111's order
 
 
 class NoUpscale:
@@ -57,7 +58,7 @@ class UpscalerLibrary:
             key = (str(path), stat.st_size, stat.st_mtime_ns)
             file = self._inspected.get(key) or inspect_file(path)
             inspected[key] = file
-            if file.name in files or file.name in RESAMPLERS or file.name == NONE:  # the first of a name wins
+            if file.name in files or file.name in BUILT_IN:  # the first of a name wins
                 taken = files[file.name].path.as_posix() if file.name in files else "a built-in upscaler"
                 file = UpscalerFile(file.name, path, file.architecture,
                                     problem=f"{path.name}: {taken} already has the name {file.name}; rename one of them")
@@ -74,7 +75,7 @@ class UpscalerLibrary:
 
     def names(self) -> list[str]:
         """What a picker offers, in A1111's order: None, Lanczos, Nearest, then the usable model files."""
-        return [NONE, *RESAMPLERS, *(file.name for file in self.files() if file.problem is None)]
+        return [*BUILT_IN, *(file.name for file in self.files() if file.problem is None)]
 
     def find(self, name: str, field: str = "upscaler") -> PixelUpscaler:
         """The upscaler called ``name``; ValidationError(field) naming the closest names when there is none,
