@@ -24,10 +24,10 @@ README = BENCH_DIR / "README.md"
 
 def _benches() -> dict[str, Callable]:
     """Name → ``run(ctx) -> BenchResult``, in the order they run and print."""
-    from . import caching, first_preview, limit, networks, peer, previews, scaling
+    from . import caching, first_preview, limit, networks, peer, previews, scaling, upscaling
 
     return {"peer": peer.run, "limit": limit.run, "previews": previews.run, "first_preview": first_preview.run,
-            "caches": caching.run, "networks": networks.run, "scaling": scaling.run}
+            "caches": caching.run, "networks": networks.run, "scaling": scaling.run, "upscaling": upscaling.run}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

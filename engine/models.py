@@ -50,6 +50,7 @@ from . import families
 from .families import Family
 from .networks.embeddings import EMBEDDINGS_SUBDIR, EmbeddingLibrary
 from .networks.vae_files import VAE_SUBDIR, VaeLibrary
+from .upscalers.library import UpscalerLibrary
 from .prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -451,6 +452,8 @@ class ModelRegistry:
         self.embeddings = EmbeddingLibrary(self.models_dir / EMBEDDINGS_SUBDIR if self.models_dir else None)
         self.vaes = VaeLibrary(self.models_dir / VAE_SUBDIR if self.models_dir else None,
                                checkpoints=self.models_dir / CHECKPOINT_SUBDIR if self.models_dir else None)
+        # Upscaler model files (hires fix and Extras): loaded on first use, on this registry's device.
+        self.upscalers = UpscalerLibrary(self.models_dir, self.device, self.dtype)
         self.refresh()
 
     # -- discovery ---------------------------------------------------------
@@ -500,6 +503,7 @@ class ModelRegistry:
         with self._lock:
             self._entries = entries
         self.vaes.refresh()
+        self.upscalers.refresh()
         return self.list()
 
     def list(self) -> list[ModelEntry]:

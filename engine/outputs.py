@@ -137,8 +137,9 @@ class OutputWriter:
         seed: int,
         now: datetime | None = None,
         model: str | None = None,
+        extra_chunks: dict[str, str] | None = None,
     ) -> Path:
-        """Write the image and return its path."""
+        """Write the image and return its path; ``extra_chunks`` are PNG text chunks besides ``parameters``."""
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValidationError("seed", f"must be an integer, got {seed!r}")
         if not isinstance(mode, str):
@@ -156,7 +157,7 @@ class OutputWriter:
         folder = self.root / self._folder_pattern.format(**values) if self._folder_pattern else self.root
         if not self._inside_root(folder):
             raise ValidationError("output_pattern", f"{folder} is outside the output folder {self.root}")
-        data = png_with_infotext(image, infotext)  # encode first: a failure here touches no file
+        data = png_with_infotext(image, infotext, extra_chunks)  # encode first: a failure here touches no file
 
         try:
             folder.mkdir(parents=True, exist_ok=True)

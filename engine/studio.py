@@ -97,6 +97,18 @@ class Studio:
         self.settings_store.save(settings)
         self.settings, self.writer = settings, writer
 
+    def extras(self, sources: list, request, save: bool = True) -> list:
+        """The Extras tab's upscale (``engine.extras``) of each source, run on the compute thread; saved to the
+        outputs folder when ``save`` (A1111 saves what its tab makes; its API does not)."""
+        from .compute import run_on_compute_thread
+        from .extras import run_extras, save_extras
+
+        results = run_on_compute_thread(run_extras, sources, request, self.registry.upscalers)
+        if save:
+            for result in results:
+                save_extras(self.writer, result)
+        return results
+
     def save_result(self, result: GenerationResult) -> None:
         """Write the images of a result that should be kept; the first failure is raised after trying them all.
 

@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest
 import torch
 
-from bench import caching, first_preview, limit, networks, peer, previews, scaling
+from bench import caching, first_preview, limit, networks, peer, previews, scaling, upscaling
 from bench.fixtures import BenchContext, BenchModels, quiet_libraries
 from bench.report import README_END, README_START, BenchResult, Row, write_readme
 from bench.server import unavailable_reason
@@ -93,6 +93,12 @@ def test_scaling_bench_measures_sizes_batches_memory_and_plots(ctx):
     assert all(point["step_ms"] > 0 and point["peak_rss_mb"] > 0 for point in figures["sizes"] + figures["batches"])
     assert figures["process_peak_rss_mb"] > 0
     assert (ctx.out_dir / "scaling.png").stat().st_size > 0
+
+
+def test_upscaling_bench_measures_tiled_and_whole_peaks(ctx):
+    figures = upscaling.run(ctx).figures
+    assert figures["side"] == 256 and figures["whole_extra_mb"] > 0 and figures["tiled_extra_mb"] > 0
+    assert figures["max_difference_255"] < 2  # the same picture, tile seams blended
 
 
 @pytest.mark.slow

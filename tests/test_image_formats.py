@@ -40,7 +40,7 @@ def test_every_image_component_but_the_live_preview_is_lossless(app):
     assert not lossy, f"these image components would re-encode pictures lossily: {lossy}"
     ids = {block.elem_id for block in components}
     assert {"img2img_image", "inpaint_editor", "inpaint_mask_preview", "txt2img_gallery", "pnginfo_image",
-            "txt2img_controlnet_0_image", "txt2img_controlnet_0_preview"} <= ids  # the walk saw what it must check
+            "txt2img_controlnet_0_image", "txt2img_controlnet_0_preview", "extras_image", "extras_gallery"} <= ids  # the walk saw what it must check
 
 
 def test_the_live_preview_stays_cheap(app):

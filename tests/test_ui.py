@@ -52,7 +52,7 @@ def _elem_ids(demo) -> set[str]:
 def test_app_has_every_tab_and_the_controls_artists_look_for(app):
     assert app.title == "Sfumato"
     ids = _elem_ids(app)
-    for tab in ("txt2img", "img2img", "inpaint", "pnginfo", "gallery", "extensions", "settings"):
+    for tab in ("txt2img", "img2img", "inpaint", "extras", "pnginfo", "gallery", "extensions", "settings"):
         assert f"tab_{tab}" in ids
     for mode in ("txt2img", "img2img", "inpaint"):
         for control in ("prompt", "negative", "sampler", "schedule", "steps", "cfg", "width", "height", "seed", "seed_random",

@@ -39,9 +39,10 @@ from engine.xyz.axes import installed_in
 from engine.xyz.script_args import ScriptPlot, is_xyz_script, read_script_args, response_images
 
 from .api_models import (
-    ErrorResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, LoraItem, OptionsModel, OptionsUpdateResponse, PNGInfoRequest,
-    PNGInfoResponse, ProgressResponse, ProgressState, PromptStyleItem, SamplerItem, SchedulerItem, SDModelItem, TextToImageResponse,
-    Txt2ImgRequest,
+    ErrorResponse, ExtrasBaseRequest, ExtrasBatchImagesRequest, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
+    ExtrasSingleImageResponse, GenerationParams, Img2ImgRequest, ImageToImageResponse, LatentUpscaleModeItem, LoraItem,
+    OptionsModel, OptionsUpdateResponse, PNGInfoRequest, PNGInfoResponse, ProgressResponse, ProgressState, PromptStyleItem,
+    SamplerItem, SchedulerItem, SDModelItem, TextToImageResponse, Txt2ImgRequest, UpscalerItem,
 )
 from .guard import authenticated_user
 from .session import sees_job
@@ -70,7 +71,9 @@ _POLL_START_S, _POLL_MAX_S, _DISCONNECT_CHECK_S = 0.005, 0.1, 0.5
 _OPTION_SETTINGS = {"show_progress_every_n_steps": ("preview_every", int), "samples_save": ("save_outputs", bool),
                     "save_incomplete_images": ("save_interrupted_images", bool)}
 # Lists A1111 clients fetch while connecting, for features Sfumato does not have: honest empty answers.
-_EMPTY_LISTS = ("/upscalers", "/latent-upscale-modes", "/hypernetworks", "/face-restorers", "/realesrgan-models")
+_EMPTY_LISTS = ("/hypernetworks", "/face-restorers", "/realesrgan-models")
+# A1111's face restoration fields on Extras requests: Sfumato has no face restorers, so only 0 is accepted.
+_FACE_RESTORATION_FIELDS = ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight")
 _ERROR_RESPONSES = {422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
 
 
@@ -123,6 +126,28 @@ def encode_png(image: Image.Image, infotext: str | None) -> str:
     from engine.image_metadata import png_with_infotext
 
     return base64.b64encode(png_with_infotext(image, infotext)).decode("ascii")
+
+
+def _decoded(text: Any, field: str) -> bytes:
+    try:
+        return decode_base64(text, field)
+    except ValidationError as error:
+        raise validation_error(error, field) from None
+
+
+def _encode_result(result) -> str:
+    """An Extras result as base64 PNG with the source's text chunks and ``postprocessing``, as A1111's API sends it."""
+    from engine.image_metadata import png_with_infotext
+
+    chunks = {key: value for key, value in result.chunks.items() if key != "parameters"}
+    return base64.b64encode(png_with_infotext(result.image, result.source_infotext, chunks)).decode("ascii")
+
+
+def _plaintext_html(text: str) -> str:
+    """A1111's ``plaintext_to_html``: each line escaped, lines joined with <br>, in one paragraph."""
+    import html
+
+    return "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
 
 
 def encode_preview(image: Image.Image) -> str:
@@ -717,6 +742,58 @@ class SdApi:
                  if text else [])
         return PNGInfoResponse(info=text, items=items, parameters=parameters, notes=notes)
 
+    # -- upscalers and Extras ------------------------------------------------------------
+    def upscalers(self) -> list[UpscalerItem]:
+        """A1111's list: None, Lanczos, Nearest, then the usable model files."""
+        from engine.upscalers.library import BUILT_IN
+
+        library = self.studio.registry.upscalers
+        items = [UpscalerItem(name=name) for name in BUILT_IN]
+        for file in library.files():
+            if file.problem is None:
+                items.append(UpscalerItem(name=file.name, model_name=file.name, model_path=str(file.path),
+                                          scale=file.scale_from_name))
+        return items
+
+    def latent_upscale_modes(self) -> list[LatentUpscaleModeItem]:
+        from engine.upscalers import LATENT_UPSCALE_MODES
+
+        return [LatentUpscaleModeItem(name=name) for name in LATENT_UPSCALE_MODES]
+
+    async def _extras(self, body: ExtrasBaseRequest, sources: list) -> list:
+        from engine.extras import ExtrasRequest
+
+        for name in _FACE_RESTORATION_FIELDS:
+            if getattr(body, name):
+                raise ApiError(422, "ValidationError", f"{name}: Sfumato has no face restorers; send 0", name)
+        request = ExtrasRequest(**{name: getattr(body, name) for name in (
+            "resize_mode", "upscaling_resize", "upscaling_resize_w", "upscaling_resize_h", "upscaling_crop",
+            "upscaler_1", "upscaler_2", "extras_upscaler_2_visibility")})
+        try:
+            request.validate()
+            self.studio.registry.upscalers.find(request.upscaler_1, "upscaler_1")
+            self.studio.registry.upscalers.find(request.upscaler_2, "upscaler_2")
+            # A1111's API returns the results without saving them.
+            return await anyio.to_thread.run_sync(lambda: self.studio.extras(sources, request, save=False))
+        except ValidationError as error:
+            raise validation_error(error, error.field) from None
+
+    async def extra_single_image(self, body: ExtrasSingleImageRequest) -> ExtrasSingleImageResponse:
+        from engine.extras import ExtrasSource
+
+        source = ExtrasSource(_decoded(body.image, "image"), field="image")
+        result = (await self._extras(body, [source]))[0]
+        return ExtrasSingleImageResponse(html_info=_plaintext_html(result.infotext), image=_encode_result(result))
+
+    async def extra_batch_images(self, body: ExtrasBatchImagesRequest) -> ExtrasBatchImagesResponse:
+        from engine.extras import ExtrasSource
+
+        sources = [ExtrasSource(_decoded(item.data, f"imageList.{index}.data"), name=item.name, field=f"imageList.{index}.data")
+                   for index, item in enumerate(body.imageList)]
+        results = await self._extras(body, sources)
+        return ExtrasBatchImagesResponse(html_info=_plaintext_html(results[-1].infotext if results else ""),
+                                         images=[_encode_result(result) for result in results])
+
     # -- routing ------------------------------------------------------------------------
     def router(self) -> APIRouter:
         router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"], responses=_ERROR_RESPONSES)
@@ -742,6 +819,13 @@ class SdApi:
         router.add_api_route("/refresh-embeddings", self.refresh_embeddings, methods=["POST"])
         router.add_api_route("/sd-vae", self.sd_vae, methods=["GET"])
         router.add_api_route("/refresh-vae", self.refresh_vae, methods=["POST"])
+        router.add_api_route("/upscalers", self.upscalers, methods=["GET"], response_model=list[UpscalerItem])
+        router.add_api_route("/latent-upscale-modes", self.latent_upscale_modes, methods=["GET"],
+                             response_model=list[LatentUpscaleModeItem])
+        router.add_api_route("/extra-single-image", self.extra_single_image, methods=["POST"],
+                             response_model=ExtrasSingleImageResponse)
+        router.add_api_route("/extra-batch-images", self.extra_batch_images, methods=["POST"],
+                             response_model=ExtrasBatchImagesResponse)
         return router
 
 

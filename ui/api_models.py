@@ -214,3 +214,62 @@ class OptionsUpdateResponse(BaseModel):
     applied: list[str] = Field(default_factory=list, description="Keys applied (or posted back unchanged).")
     ignored: list[str] = Field(default_factory=list, description="Keys Sfumato has no setting for, or cannot change over the API.")
     detail: str | None = Field(None, description="A sentence naming the ignored keys; absent when none were ignored.")
+
+
+# --- upscalers and Extras (A1111's /upscalers, /latent-upscale-modes, /extra-single-image, /extra-batch-images) ---
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: str | None = Field(None, description="The model's name (the file's stem); null for the built-in resamplers.")
+    model_path: str | None = Field(None, description="The model file's path; null for the built-in resamplers.")
+    model_url: str | None = Field(None, description="Always null: Sfumato never downloads upscalers.")
+    scale: float | None = Field(None, description="The factor the file's name announces (4x-…, …_x4), read without loading "
+                                                   "the model; null when the name says none.")
+
+
+class LatentUpscaleModeItem(BaseModel):
+    name: str
+
+
+class ExtrasBaseRequest(_Lenient):
+    """A1111 1.10's fields; the range checks are the engine's (``engine.extras.ExtrasRequest``), which name the field.
+
+    ``gfpgan_visibility``, ``codeformer_visibility``, ``codeformer_weight`` and ``upscale_first`` are accepted and
+    must stay 0/false: Sfumato has no face restorers (a non-zero value is refused, not ignored)."""
+
+    resize_mode: Int = Field(0, description="0: upscale by upscaling_resize; 1: upscale to upscaling_resize_w × upscaling_resize_h.")
+    show_extras_results: bool = Field(True, description="Accepted; as in A1111 it matters only for folder batches, which the API has not.")
+    gfpgan_visibility: Float = 0
+    codeformer_visibility: Float = 0
+    codeformer_weight: Float = 0
+    upscaling_resize: Float = Field(2, description="By how much to upscale (1 to 8), when resize_mode is 0.")
+    upscaling_resize_w: Int = Field(512, description="Target width, when resize_mode is 1.")
+    upscaling_resize_h: Int = Field(512, description="Target height, when resize_mode is 1.")
+    upscaling_crop: bool = Field(True, description="Crop to fit the target size, when resize_mode is 1.")
+    upscaler_1: str = Field("None", description="The main upscaler's name (GET /sdapi/v1/upscalers).")
+    upscaler_2: str = Field("None", description="The secondary upscaler's name.")
+    extras_upscaler_2_visibility: Float = Field(0, description="How much of the secondary upscaler's result is blended in (0 to 1).")
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(ExtrasBaseRequest):
+    image: str = Field("", description="Base64 image (PNG, JPEG or WebP).")
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str = Field("", description="The Postprocess infotext as HTML.")
+    image: str | None = Field(None, description="The result as base64 PNG, keeping the source's text chunks.")
+
+
+class FileData(BaseModel):
+    data: str = Field(..., description="Base64 image.")
+    name: str = Field("", description="The file's name.")
+
+
+class ExtrasBatchImagesRequest(ExtrasBaseRequest):
+    imageList: list[FileData] = Field(default_factory=list, description="The images to work on.")
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str = Field("", description="The last image's Postprocess infotext as HTML.")
+    images: list[str] = Field(default_factory=list, description="The results as base64 PNG.")

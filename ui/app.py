@@ -1,7 +1,7 @@
 """``build_app(studio)``: the Sfumato studio as one ``gr.Blocks``.
 
 Layout, as an AUTOMATIC1111 user expects it: the checkpoint picker on top,
-then tabs — txt2img, img2img, Inpaint, PNG Info, Gallery, Extensions,
+then tabs — txt2img, img2img, Inpaint, Extras, PNG Info, Gallery, Extensions,
 Settings. The UI talks to the engine only through GenerationRequest /
 GenerationResult and the shared job queue (``studio.jobs``).
 """
@@ -20,6 +20,7 @@ from .demo_hint import build_demo_hint, wire_demo_hint
 from .errors import message_for
 from .extensions_tab import build_extensions_tab
 from .extra_networks import wire_checkpoint_cards
+from .extras_tab import build_extras_tab
 from .gallery_tab import build_gallery_tab
 from .generation_tab import GenerationTab, build_generation_tab
 from .model_info import default_model_name, entry_or_none, model_choices, model_note, native_size
@@ -59,6 +60,8 @@ def build_app(studio) -> gr.Blocks:
                 with gr.Tab(label, id=mode, elem_id=f"tab_{mode}"):
                     tabs_by_mode[mode] = build_generation_tab(studio, mode, model_dropdown, session_gallery, size,
                                                                 vae_dropdown=vae_dropdown)
+            with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
+                build_extras_tab(studio)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png_info = build_png_info_tab()
             with gr.Tab("Gallery", id="gallery", elem_id="tab_gallery") as gallery_tab_item:

@@ -12,7 +12,7 @@ from PIL import Image
 
 class PixelUpscaler(Protocol):
     name: str  # as the user picks it and the infotext writes it ("Lanczos", "4x-UltraSharp")
-    native_scale: int | None  # a model's fixed factor; None for resamplers that reach any size in one go
+    native_scale: int | None  # a model's fixed factor (reading it loads the model); None for resamplers
 
     def upscale(self, image: Image.Image, width: int, height: int) -> Image.Image:
         """``image`` enlarged to exactly width × height (a model runs at its native scale, then is resized to fit)."""

@@ -23,7 +23,8 @@ pytestmark = [
 ]
 
 PHONE = {"width": 390, "height": 844}
-TABS = {"txt2img": "tab_txt2img", "img2img": "tab_img2img", "Inpaint": "tab_inpaint", "PNG Info": "tab_pnginfo",
+TABS = {"txt2img": "tab_txt2img", "img2img": "tab_img2img", "Inpaint": "tab_inpaint", "Extras": "tab_extras",
+        "PNG Info": "tab_pnginfo",
         "Gallery": "tab_gallery", "Extensions": "tab_extensions", "Settings": "tab_settings"}
 ICON_BUTTONS = ("model_refresh", "txt2img_seed_random", "txt2img_seed_reuse", "txt2img_subseed_random", "txt2img_subseed_reuse",
                 "txt2img_swap_size")
