@@ -458,9 +458,9 @@ class Engine:
         image is blank, the conditioning A1111 gives such models in txt2img and img2img."""
         if not model.is_inpainting_model:
             return None
-        batch, _, height, width = noise.shape
+        batch, _, latent_height, latent_width = noise.shape
         blank = self._encode_tensor(model, torch.zeros(1, 3, height, width)).repeat(batch, 1, 1, 1)
-        ones = torch.ones(batch, 1, height, width, device=model.device, dtype=model.dtype)
+        ones = torch.ones(batch, 1, latent_height, latent_width, device=model.device, dtype=model.dtype)
         return InpaintInputs(mask=ones, image_latents=blank, masked_image_latents=blank, blend=False)
 
     def _encode(self, model: LoadedModel, image: Image.Image) -> torch.Tensor:
