@@ -171,7 +171,6 @@ class Engine:
         self._check_size(model, request, prepared.width, prepared.height)
         if request.mode not in model.family.modes:
             raise ValidationError("mode", f"{model.entry.name} draws only {', '.join(model.family.modes)}")
-        pipe = model.pipeline
         seed = resolve_seed(request.seed)
         subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else request.subseed
         # The model's name, however it was asked for; the VAE file's name when one decodes (an Automatic match included).
@@ -227,20 +226,11 @@ class Engine:
                 latents, steps_done = self._sample(request, model, first, denoiser, init_latents, image_noise, noise, seeds,
                                                    prepared, noise_table, do_cfg, on_step, stops, cancel)
                 steps_done_before += steps_done
-                if second is not None and not any(stop.reason == "interrupted" for stop in stops):
-                    # A1111: an interrupted first pass is the picture; a skipped one is still upscaled (its second pass stops at once).
-                    cancellation.entering("upscaling")
-                    latents = hires.upscale(second.plan, latents, model.vae_scale_factor, lambda lat: self._decode(model, lat),
-                                            lambda picture: self._encode(model, picture))
-                    if not stops:
-                        cancellation.entering("sampling")
-                        image_noise = self._image_noise(request, model, second.pass_plan, seeds, subseeds)
-                        noise = image_noise.first()
-                        denoiser = self._guided_denoiser(request, model, second.pass_plan, noise_table, parameterization, noise, do_cfg)
-                        on_step = self._step_callback(request, previewer, on_progress, cancel, started, progress, first.planned, stops)
-                        latents, steps_done = self._sample(request, model, second.pass_plan, denoiser, latents, image_noise, noise,
-                                                           seeds, None, noise_table, do_cfg, on_step, stops, cancel)
-                        steps_done_before += steps_done
+                if second is not None:
+                    latents, steps_done = self._hires_stage(request, model, second, latents, seeds, subseeds, noise_table,
+                                                            parameterization, do_cfg, previewer, on_progress, cancel, started,
+                                                            progress, first.planned, stops)
+                    steps_done_before += steps_done
             interrupted = any(stop.reason == "interrupted" for stop in stops)
             # A stop after the last step leaves a finished image.
             stopped_early = next((stop for stop in stops if stop.step < stop.total_steps), None)
@@ -284,6 +274,29 @@ class Engine:
                            height=plan.height, conditioning=conditioning, denoising_strength=request.denoising_strength,
                            full_sigmas=full)
         return _HiresStage(plan, second)
+
+    def _hires_stage(self, request: GenerationRequest, model: LoadedModel, second: "_HiresStage", latents: torch.Tensor,
+                     seeds: list[int], subseeds: list[int], noise_table, parameterization: str, do_cfg: bool, previewer,
+                     on_progress, cancel: CancelToken, started: float, progress: "_GroupProgress", offset: int,
+                     stops: list[EarlyStop]) -> tuple[torch.Tensor, int]:
+        """Upscale the first pass's latents, then sample them again as img2img: the latents and the steps run.
+
+        As A1111: an interrupted first pass is the picture (no upscale); a skipped one is still upscaled, and its
+        second pass stops before its first step."""
+        if any(stop.reason == "interrupted" for stop in stops):
+            return latents, 0
+        cancellation.entering("upscaling")
+        latents = hires.upscale(second.plan, latents, model.vae_scale_factor, lambda batch: self._decode(model, batch),
+                                lambda picture: self._encode(model, picture))
+        if stops:
+            return latents, 0
+        cancellation.entering("sampling")
+        image_noise = self._image_noise(request, model, second.pass_plan, seeds, subseeds)  # new noise for the new shape
+        noise = image_noise.first()
+        denoiser = self._guided_denoiser(request, model, second.pass_plan, noise_table, parameterization, noise, do_cfg)
+        on_step = self._step_callback(request, previewer, on_progress, cancel, started, progress, offset, stops)
+        return self._sample(request, model, second.pass_plan, denoiser, latents, image_noise, noise, seeds, None, noise_table,
+                            do_cfg, on_step, stops, cancel)
 
     @staticmethod
     def _image_noise(request: GenerationRequest, model: LoadedModel, plan: "_PassPlan", seeds: list[int],
