@@ -368,3 +368,5 @@ def test_txt2img_with_enable_hr_comes_back_at_the_hires_size_with_the_hires_keys
     assert "Hires sampler" not in infotext  # null: the first pass's sampler
     refused = post(server, "/sdapi/v1/txt2img", {**FAST, "enable_hr": True, "hr_upscaler": "4x-Nothing"})
     assert refused.status_code == 422 and "hr_upscaler" in refused.text
+    modes = requests.get(server.url + "/sdapi/v1/latent-upscale-modes", timeout=10).json()
+    assert modes[0] == {"name": "Latent"} and {"name": "Latent (nearest-exact)"} in modes

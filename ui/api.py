@@ -68,7 +68,7 @@ _POLL_START_S, _POLL_MAX_S, _DISCONNECT_CHECK_S = 0.005, 0.1, 0.5
 _OPTION_SETTINGS = {"show_progress_every_n_steps": ("preview_every", int), "samples_save": ("save_outputs", bool),
                     "save_incomplete_images": ("save_interrupted_images", bool)}
 # Lists A1111 clients fetch while connecting, for features Sfumato does not have: honest empty answers.
-_EMPTY_LISTS = ("/upscalers", "/latent-upscale-modes", "/hypernetworks", "/face-restorers", "/realesrgan-models")
+_EMPTY_LISTS = ("/upscalers", "/hypernetworks", "/face-restorers", "/realesrgan-models")
 _ERROR_RESPONSES = {422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
 
 
@@ -715,6 +715,7 @@ class SdApi:
         router.add_api_route("/png-info", self.png_info, methods=["POST"], response_model=PNGInfoResponse)
         router.add_api_route("/loras", self.loras, methods=["GET"], response_model=list[LoraItem])
         router.add_api_route("/refresh-loras", self.refresh_loras, methods=["POST"])
+        router.add_api_route("/latent-upscale-modes", _latent_upscale_modes, methods=["GET"], response_model=list[dict[str, str]])
         for path in _EMPTY_LISTS:
             router.add_api_route(path, _empty_list, methods=["GET"], response_model=list[dict[str, Any]])
         router.add_api_route("/embeddings", self.embeddings, methods=["GET"])
@@ -726,6 +727,13 @@ class SdApi:
 
 def _empty_list() -> list:
     return []
+
+
+def _latent_upscale_modes() -> list[dict[str, str]]:
+    """Hires fix's latent upscalers, as A1111 lists them: ``[{"name": "Latent"}, …]``."""
+    from engine.upscalers import LATENT_UPSCALE_MODES
+
+    return [{"name": name} for name in LATENT_UPSCALE_MODES]
 
 
 # --- errors ----------------------------------------------------------------------------
