@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 import numpy as np
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import cancellation, hires, image_ops, networks
+from . import cancellation, hires, image_ops, networks, refiner
 from .compute import run_until_interrupted
-from .errors import GenerationError, Interrupted, SfumatoError, ValidationError
+from .errors import GenerationError, Interrupted, ModelError, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
 from .networks import vae_files
 from .networks.embeddings import TI_HASHES_KEY, ti_hashes
@@ -82,10 +82,21 @@ class _PassPlan:
     conditioning: object  # the prompt encoder's output for this pass
     denoising_strength: float | None  # None: from noise (txt2img); else the img2img strength ``sigmas`` were cut for
     full_sigmas: torch.Tensor | None = None  # the whole schedule an img2img pass was cut from (the Brownian tree spans it)
+    refiner: "_RefinerPlan | None" = None  # the model that takes over part way through this pass
 
     @property
     def planned(self) -> int:
         return len(self.sigmas) - 1
+
+
+@dataclass(frozen=True)
+class _RefinerPlan:
+    """The refiner of one pass: its model, its own encoding of the pass's prompts, its noise table."""
+
+    model: LoadedModel
+    conditioning: object
+    noise_table: object
+    parameterization: str
 
 
 @dataclass(frozen=True)
@@ -166,6 +177,7 @@ class Engine:
         model = self.registry.load(request.model)
         vae = self._job_vae(request, model, job_scope)
         job_scope.enter_context(networks.active(model, job_networks))
+        refiner_model = self._job_refiner(request, model)
         timings["load"] = time.perf_counter() - started
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, request, prepared.width, prepared.height)
@@ -175,7 +187,8 @@ class Engine:
         subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else request.subseed
         # The model's name, however it was asked for; the VAE file's name when one decodes (an Automatic match included).
         request = request.with_changes(seed=seed, subseed=subseed, model=model.entry.name,
-                                       vae=vae.file.name if vae.file is not None else request.vae)
+                                       vae=vae.file.name if vae.file is not None else request.vae,
+                                       refiner_checkpoint=refiner_model.entry.name if refiner_model is not None else "")
         noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr)
 
         tick = time.perf_counter()
@@ -199,6 +212,11 @@ class Engine:
         second = None
         if hires.applies(request):
             second = self._hires_pass(request, model, first, noise_table, job_networks)
+        if refiner_model is not None and second is None:
+            first.refiner = self._refiner_plan(request, refiner_model, job_networks.prompt, request.negative_prompt)
+        elif refiner_model is not None:  # A1111's default: with hires fix, the refiner takes part in the second pass only
+            second.pass_plan.refiner = self._refiner_plan(request, refiner_model, networks.prepare(self.networks, second.plan.prompt).prompt,
+                                                          second.plan.negative_prompt)
 
         interrupted = False
         denoise_time = decode_time = 0.0
@@ -245,7 +263,8 @@ class Engine:
                 image_subseed = subseed + image_seed - seed
                 image = self._finish_image(image, prepared)
                 info = self._infotext(request, model, image_seed, image_subseed, prepared, extension_info, stopped_early,
-                                      vae_hash=vae.short_hash)
+                                      vae_hash=vae.short_hash,
+                                      refiner_hash=refiner_model.short_hash if refiner_model is not None else None)
                 images.append(GeneratedImage(image=image, seed=image_seed, subseed=image_subseed, infotext=info,
                                              stopped_early=stopped_early))
             if interrupted:
@@ -254,6 +273,27 @@ class Engine:
         return GenerationResult(request=request, images=images, interrupted=interrupted, timings=timings)
 
     # -- the passes ------------------------------------------------------------------
+    def _job_refiner(self, request: GenerationRequest, model: LoadedModel) -> LoadedModel | None:
+        """The refiner checkpoint, loaded through the registry's cache and checked against the model it refines."""
+        if not refiner.applies(request):
+            return None
+        cancellation.entering("loading the refiner")
+        try:
+            refiner_model = self.registry.load(refiner.checkpoint_name(request.refiner_checkpoint))
+        except ModelError as error:
+            raise ValidationError("refiner_checkpoint", str(error)) from None
+        refiner.check_compatible(model, refiner_model)
+        return refiner_model
+
+    def _refiner_plan(self, request: GenerationRequest, refiner_model: LoadedModel, prompt: str, negative: str) -> "_RefinerPlan":
+        """The refiner's part in a pass: the pass's prompts (``prompt`` without its <lora:…> tags) encoded by the
+        refiner's text encoders, and its noise table."""
+        cancellation.entering("encoding the prompt for the refiner")
+        conditioning = refiner_model.prompt_encoder.encode(prompt, negative, request.clip_skip,
+                                                           getattr(self.registry, "embeddings", None))
+        noise_table, parameterization = noise_table_for(refiner_model, request.zero_terminal_snr)
+        return _RefinerPlan(refiner_model, conditioning, noise_table, parameterization)
+
     def _hires_pass(self, request: GenerationRequest, model: LoadedModel, first: "_PassPlan", noise_table,
                     job_networks) -> "_HiresStage":
         """The upscale and second pass of hires fix: sizes and upscaler checked, σs cut, hires prompts encoded."""
@@ -298,6 +338,18 @@ class Engine:
         return self._sample(request, model, second.pass_plan, denoiser, latents, image_noise, noise, seeds, None, noise_table,
                             do_cfg, on_step, stops, cancel)
 
+    def _with_refiner(self, request: GenerationRequest, plan: "_PassPlan", denoiser: GuidedDenoiser, noise: torch.Tensor,
+                      do_cfg: bool, noise_table) -> refiner.RefinerSwitch:
+        """``denoiser`` until the pass is ``refiner_switch_at`` done, then the refiner's (same prompts, size and inpaint inputs)."""
+        part = plan.refiner
+
+        def make_refiner() -> GuidedDenoiser:
+            return self._guided_denoiser(request, part.model, replace(plan, conditioning=part.conditioning, refiner=None),
+                                         part.noise_table, part.parameterization, noise, do_cfg, inpaint=denoiser.inpaint,
+                                         whole_image=False)
+
+        return refiner.RefinerSwitch(denoiser, make_refiner, request.refiner_switch_at, noise_table.sigmas)
+
     @staticmethod
     def _image_noise(request: GenerationRequest, model: LoadedModel, plan: "_PassPlan", seeds: list[int],
                      subseeds: list[int]) -> ImageNoise:
@@ -322,6 +374,8 @@ class Engine:
             full_size = prepared.original.size if crop_box is not None else None
             context = HookContext(model, request, plan.width, plan.height, len(seeds), do_cfg, plan.sigmas, source, crop_box, full_size)
             denoiser.hooks = self.extensions.step_hooks(context)
+        if plan.refiner is not None:
+            denoiser = self._with_refiner(request, plan, denoiser, noise, do_cfg, noise_table)
         before = len(stops)
         try:
             result = sample_pass.run(sampler=plan.sampler, denoiser=denoiser, noise_table=noise_table, sigmas=plan.sigmas,
@@ -556,7 +610,7 @@ class Engine:
 
     @staticmethod
     def _infotext(request: GenerationRequest, model: LoadedModel, seed: int, subseed: int, prepared: _Prepared, extension_info: dict,
-                  stopped_early: EarlyStop | None = None, vae_hash: str | None = None) -> str:
+                  stopped_early: EarlyStop | None = None, vae_hash: str | None = None, refiner_hash: str | None = None) -> str:
         from .infotext import build_infotext
 
         size = prepared.output_size or (prepared.width, prepared.height)
@@ -564,4 +618,4 @@ class Engine:
             size = prepared.original.size
         return build_infotext(request, seed=seed, model_name=model.entry.name, model_hash=model.short_hash,
                               extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None, size=size,
-                              stopped_early=stopped_early, vae_hash=vae_hash)
+                              stopped_early=stopped_early, vae_hash=vae_hash, refiner_hash=refiner_hash)

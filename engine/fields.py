@@ -49,6 +49,7 @@ VAE_AUTOMATIC, VAE_NONE = "Automatic", "None"
 # Hires fix (A1111's "Hires. fix" accordion on txt2img): its fields carry this group, and "use the first pass's" choices.
 HIRES_GROUP = "hires"
 SAME_SAMPLER, SAME_SCHEDULE = "Use same sampler", "Use same scheduler"
+REFINER_GROUP = "refiner"  # every tab's "Refiner" accordion
 
 
 @dataclass(frozen=True)
@@ -373,6 +374,16 @@ CORE_FIELDS: tuple[Field, ...] = (
           help="Empty: the negative prompt.", infotext="Hires negative prompt",
           infotext_when=_when_hires(_hires_text_differs("hr_negative_prompt", "negative_prompt")), api="hr_negative_prompt",
           cli="--hires-negative", **_HIRES),
+    # -- the refiner: another checkpoint takes over at a fraction of the pass (A1111 1.10's refiner_checkpoint/_switch_at)
+    Field("refiner_checkpoint", str, "", max_length=1000, label="Refiner", control="dropdown",
+          help="A checkpoint that takes over the sampling part way (SDXL's refiner); empty: none. With hires fix it refines "
+               "the second pass.",
+          infotext="Refiner", infotext_when=lambda request: bool(request.refiner_checkpoint), api="refiner_checkpoint",
+          cli="--refiner", preset=True, group=REFINER_GROUP),
+    Field("refiner_switch_at", float, 0.8, range=(0.01, 1.0), label="Switch at", control="slider", step=0.01,
+          help="The fraction of the pass after which the refiner samples (read from σ, as A1111 does).",
+          infotext="Refiner switch at", infotext_when=lambda request: bool(request.refiner_checkpoint), api="refiner_switch_at",
+          cli="--refiner-switch-at", preset=True, group=REFINER_GROUP),
     Field("batch_count", int, 1, range=(1, 100), label="Batch count", control="slider", step=1, api="n_iter",
           cli="--batch-count", preset=True),
     Field("batch_size", int, 1, range=(1, 8), label="Batch size", control="slider", step=1, api="batch_size",

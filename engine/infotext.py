@@ -26,6 +26,7 @@ from .sampling import table as samplers
 from .errors import ValidationError
 from .fields import CORE, FIELDS, MASK_MODES, Field
 from .hires import second_pass_sampler, second_pass_schedule
+from .refiner import checkpoint_name
 from .networks.embeddings import TI_HASHES_KEY
 from .networks.vae_files import VAE_HASH_KEY
 from .request import EarlyStop, GenerationRequest, check_declared
@@ -92,6 +93,7 @@ def build_infotext(
     size: tuple[int, int] | None = None,
     stopped_early: EarlyStop | None = None,
     vae_hash: str | None = None,
+    refiner_hash: str | None = None,
 ) -> str:
     """The infotext for one generated image.
 
@@ -102,13 +104,15 @@ def build_infotext(
     (``{"<Extension key> 0": "Module: x, Weight: 1"}``).
     ``stopped_early`` marks an unfinished image (see ``STOPPED_EARLY_KEYS``).
     ``vae_hash`` is the short hash of the VAE file the request's ``vae`` names, when a file decoded the image.
+    ``refiner_hash``: the refiner checkpoint's short hash, written after its name as A1111 writes a checkpoint's title.
     """
     if size is None and request.width is not None and request.height is not None:
         size = (request.width, request.height)
     resolved = {"seed": seed, "subseed": request.subseed if subseed is None else subseed, "model": model_name,
                 # "Automatic" written resolved, as A1111 does; None for samplers that ignore the schedule type
                 "schedule": samplers.infotext_schedule(request.sampler, request.schedule),
-                "hr_scheduler": samplers.infotext_schedule(second_pass_sampler(request), second_pass_schedule(request))}
+                "hr_scheduler": samplers.infotext_schedule(second_pass_sampler(request), second_pass_schedule(request)),
+                "refiner_checkpoint": f"{request.refiner_checkpoint} [{refiner_hash}]" if refiner_hash else request.refiner_checkpoint}
     params: dict[str, Any] = {}
     for field in FIELDS.with_infotext():
         if field.owner != CORE or field.name in _BODY_FIELDS or not field.written_for(request):
@@ -304,7 +308,7 @@ _WRITERS: dict[str, Callable[[Any], str]] = {
     "zero_terminal_snr": lambda on: ZERO_TERMINAL_SNR if on else "Default",
 }
 _READERS: dict[str, Callable[[str], Any]] = {"invert_mask": _mask_mode, "outpaint": _outpaint,
-                                             "zero_terminal_snr": _noise_schedule}
+                                             "zero_terminal_snr": _noise_schedule, "refiner_checkpoint": checkpoint_name}
 
 
 def _reader(field: Field) -> Callable[[str], Any]:

@@ -154,6 +154,8 @@ class GenerationRequest:
     hr_scheduler: str = default("hr_scheduler")
     hr_prompt: str = default("hr_prompt")
     hr_negative_prompt: str = default("hr_negative_prompt")
+    refiner_checkpoint: str = default("refiner_checkpoint")
+    refiner_switch_at: float = default("refiner_switch_at")
     extensions: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

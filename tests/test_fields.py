@@ -410,7 +410,8 @@ def test_api_extension_settings_arrive_under_the_declared_name():
 # --- infotext -------------------------------------------------------------------------------------
 
 # Values that make a conditionally written key apply (a variation seed is written only with a strength, ...).
-_ENABLING = {"subseed_strength": 0.5, "inpaint_area": "Only masked", "sampler": "Euler a", "enable_hr": True}  # Euler a takes eta and draws noise (ENSD)
+_ENABLING = {"subseed_strength": 0.5, "inpaint_area": "Only masked", "sampler": "Euler a", "enable_hr": True,
+              "refiner_checkpoint": "a-refiner"}  # Euler a takes eta and draws noise (ENSD)
 
 
 def _written_request(field: Field) -> GenerationRequest | None:

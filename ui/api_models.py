@@ -75,6 +75,10 @@ class GenerationParams(_Lenient):
     override_settings_restore_afterwards: bool = Field(True, description="Accepted for compatibility; overrides never outlive the request in Sfumato.")
     send_images: bool = Field(True, description="Return the images as base64 PNG.")
     save_images: bool = Field(False, description="Also save the images to the outputs folder.")
+    refiner_checkpoint: str | None = Field(None, description=f"{FIELDS['refiner_checkpoint'].help} A1111's checkpoint title "
+                                                              "('name [hash]') or a model name.")
+    refiner_switch_at: Float | None = Field(None, description=f"{FIELDS['refiner_switch_at'].help} "
+                                                              f"Default {FIELDS['refiner_switch_at'].default}.")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Extension arguments, {'<extension name>': {'args': [...]}}; unknown scripts are ignored.")
 
 

@@ -182,6 +182,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 resize_mode = F.control("resize_mode", mode)
             else:
                 hires_controls = _hires_accordion(studio, mode)
+            refiner_controls = _refiner_accordion(studio, mode)
             seed, seed_random, seed_reuse = _seed_row(mode, "seed", RANDOM_SEED, REUSE_SEED)
             with gr.Accordion(F.FIELDS["subseed"].label, open=False, elem_id=f"{mode}_variation"):
                 subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", RANDOM_SUBSEED, REUSE_SUBSEED)
@@ -230,6 +231,8 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     else:
         for name, component in hires_controls.items():
             fields.add(F.simple(name, component))
+    for name, component in refiner_controls.items():
+        fields.add(F.simple(name, component))
     if mode == "inpaint":
         for binding in inpaint_bindings:
             fields.add(binding)
@@ -327,6 +330,28 @@ def _hires_accordion(studio, mode: str) -> dict[str, Any]:
                 for name in row:
                     extra = {"choices": upscaler_names(getattr(studio, "registry", None))} if name == "hr_upscaler" else {}
                     controls[name] = F.control(name, mode, info=None, **extra)
+    return controls
+
+
+def _refiner_accordion(studio, mode: str) -> dict[str, Any]:
+    """A1111's "Refiner": a checkpoint (empty: none) and the fraction of the pass where it takes over, from the
+    fields declared in the refiner group."""
+    from engine.fields import REFINER_GROUP
+
+    names = [""]
+    registry = getattr(studio, "registry", None)
+    if registry is not None and hasattr(registry, "names"):
+        try:
+            names += list(registry.names())
+        except Exception:  # noqa: BLE001 - a model folder that cannot be listed leaves the choice empty
+            pass
+    controls: dict[str, Any] = {}
+    with gr.Accordion("Refiner", open=False, elem_id=f"{mode}_refiner"):
+        with gr.Row():
+            for field in F.FIELDS.core():
+                if field.group == REFINER_GROUP:
+                    extra = {"choices": names} if field.name == "refiner_checkpoint" else {}
+                    controls[field.name] = F.control(field.name, mode, info=None, **extra)
     return controls
 
 
