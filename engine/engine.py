@@ -326,7 +326,7 @@ class Engine:
         if any(stop.reason == "interrupted" for stop in stops):
             return latents, 0
         cancellation.entering("upscaling")
-        latents = hires.upscale(second.plan, latents, model.vae_scale_factor, lambda batch: self._decode(model, batch),
+        latents = hires.upscale(second.plan, latents, model.vae_scale_factor, lambda batch: self._decode_unit(model, batch),
                                 lambda picture: self._encode(model, picture))
         if stops:
             return latents, 0
@@ -541,16 +541,20 @@ class Engine:
         return vae.encode(pixels.to(model.device, parameter_dtype(vae))).latent_dist.mean * model.scaling_factor
 
     @staticmethod
-    @torch.inference_mode()
     def _decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+        # Same arithmetic as diffusers' VaeImageProcessor.postprocess, so pixels match the plain pipeline.
+        array = (Engine._decode_unit(model, latents) * 255).round().astype("uint8")
+        return [Image.fromarray(a, "RGB") for a in array]
+
+    @staticmethod
+    @torch.inference_mode()
+    def _decode_unit(model: LoadedModel, latents: torch.Tensor) -> np.ndarray:
+        """The VAE's pictures as (N, H, W, 3) floats in [0, 1]."""
         vae = model.pipeline.vae
         if not torch.isfinite(latents).all():
             raise GenerationError("the sampler produced non-finite values (NaN/inf); try another sampler or schedule")
         decoded = vae.decode(latents.to(parameter_dtype(vae)) / model.scaling_factor, return_dict=False)[0]
-        # Same arithmetic as diffusers' VaeImageProcessor.postprocess, so pixels match the plain pipeline.
-        array = (decoded / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
-        array = (array * 255).round().astype("uint8")
-        return [Image.fromarray(a, "RGB") for a in array]
+        return (decoded / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
 
     @staticmethod
     def _finish_image(image: Image.Image, prepared: _Prepared) -> Image.Image:

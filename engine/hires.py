@@ -9,8 +9,8 @@ The stage between txt2img's two sample passes. Facts followed (A1111 1.10, modul
   and the upscaled latents are cropped to it: ``(upscaled − target) // 8`` latent pixels per axis, the odd one
   off the bottom/right.
 - Upscaler. A latent mode (``upscalers.LATENT_UPSCALE_MODES``) resizes the latents with torch interpolation. Any
-  other name is a pixel upscaler: the first pass is decoded to 8-bit pixels, upscaled to the target size, and
-  encoded again. "None" is only the Lanczos resize A1111's ``resize_image`` ends with.
+  other name is a pixel upscaler: the first pass is decoded to 8-bit pixels (truncated, as A1111 converts them),
+  upscaled to the target size, and encoded again (with the VAE posterior's mean, as our img2img encodes). "None" is only the Lanczos resize A1111's ``resize_image`` ends with.
 - The second pass is img2img on the upscaled latents: new noise for the new latent shape from the same seeds and
   variation seeds, the σ tail the denoising strength keeps, ``hr_second_pass_steps`` steps (0: the first pass's),
   the hires sampler and schedule ("Use same …": the first pass's) and the hires prompts (empty: the first pass's).
@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -150,15 +151,19 @@ def plan(request: Any, width: int, height: int, vae_scale_factor: int, size_limi
 
 
 def upscale(hires: HiresPlan, latents: torch.Tensor, vae_scale_factor: int,
-            decode: Callable[[torch.Tensor], list[Image.Image]],
+            decode: Callable[[torch.Tensor], np.ndarray],
             encode: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
     """The first pass's latents at the second pass's size: interpolated (latent modes), or decoded, upscaled as
-    pixels and encoded (A1111's order), then cropped to ``hr_resize_x`` × ``hr_resize_y`` when both were set."""
+    pixels and encoded (A1111's order), then cropped to ``hr_resize_x`` × ``hr_resize_y`` when both were set.
+
+    ``decode`` gives the VAE's pictures as (N, H, W, 3) floats in [0, 1]; they become 8-bit pictures by truncation,
+    as A1111 makes them before its upscalers."""
     height, width = hires.upscale_height // vae_scale_factor, hires.upscale_width // vae_scale_factor
     if hires.pixel_upscaler is None:
         upscaled = upscale_latents(latents.float(), hires.upscaler, height, width)
     else:
-        pictures = [hires.pixel_upscaler.upscale(picture, hires.upscale_width, hires.upscale_height) for picture in decode(latents)]
+        pictures = [Image.fromarray((255.0 * unit).astype(np.uint8), "RGB") for unit in decode(latents)]
+        pictures = [hires.pixel_upscaler.upscale(picture, hires.upscale_width, hires.upscale_height) for picture in pictures]
         upscaled = torch.cat([encode(picture) for picture in pictures]).float()
     top, left = hires.crop_y // 2, hires.crop_x // 2
     return upscaled[:, :, top:upscaled.shape[2] - (hires.crop_y + 1) // 2, left:upscaled.shape[3] - (hires.crop_x + 1) // 2]
