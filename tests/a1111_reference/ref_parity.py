@@ -124,7 +124,7 @@ def _latents_seen(engine):
 
 def compare_hires(engine, registry, model: str, sampler: str, strength: float, size: int = 64, scale: float = 2.0,
                   upscaler: str = "Latent") -> Outcome:
-    """txt2img with hires fix (a latent upscaler) against the reference's two passes."""
+    """txt2img with hires fix (a latent mode, or Lanczos/Nearest) against the reference's two passes."""
     from engine import GenerationRequest
 
     from .ref_hires import hires_latents
