@@ -211,7 +211,7 @@ class Engine:
                                                             request.steps)
         second = None
         if hires.applies(request):
-            second = self._hires_pass(request, model, first, noise_table, job_networks)
+            second = self._plan_hires(request, model, first, noise_table, job_networks)
         if refiner_model is not None and second is None:
             first.refiner = self._refiner_plan(request, refiner_model, job_networks.prompt, request.negative_prompt)
         elif refiner_model is not None:  # A1111's default: with hires fix, the refiner takes part in the second pass only
@@ -294,7 +294,7 @@ class Engine:
         noise_table, parameterization = noise_table_for(refiner_model, request.zero_terminal_snr)
         return _RefinerPlan(refiner_model, conditioning, noise_table, parameterization)
 
-    def _hires_pass(self, request: GenerationRequest, model: LoadedModel, first: "_PassPlan", noise_table,
+    def _plan_hires(self, request: GenerationRequest, model: LoadedModel, first: "_PassPlan", noise_table,
                     job_networks) -> "_HiresStage":
         """The upscale and second pass of hires fix: sizes and upscaler checked, σs cut, hires prompts encoded."""
         family = model.family
