@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import numpy as np
@@ -97,6 +97,7 @@ class _RefinerPlan:
     conditioning: object
     noise_table: object
     parameterization: str
+    switches: list = field(default_factory=list)  # one entry per switch so far in the job (A1111 writes "Refiner" once it has)
 
 
 @dataclass(frozen=True)
@@ -212,11 +213,12 @@ class Engine:
         second = None
         if hires.applies(request):
             second = self._plan_hires(request, model, first, noise_table, job_networks)
+        refined = None  # the refiner's part in the pass it refines
         if refiner_model is not None and second is None:
-            first.refiner = self._refiner_plan(request, refiner_model, job_networks.prompt, request.negative_prompt)
+            refined = first.refiner = self._refiner_plan(request, refiner_model, job_networks.prompt, request.negative_prompt)
         elif refiner_model is not None:  # A1111's default: with hires fix, the refiner takes part in the second pass only
-            second.pass_plan.refiner = self._refiner_plan(request, refiner_model, networks.prepare(self.networks, second.plan.prompt).prompt,
-                                                          second.plan.negative_prompt)
+            refined = second.pass_plan.refiner = self._refiner_plan(
+                request, refiner_model, networks.prepare(self.networks, second.plan.prompt).prompt, second.plan.negative_prompt)
 
         interrupted = False
         denoise_time = decode_time = 0.0
@@ -259,12 +261,13 @@ class Engine:
             decoded = self._decode(model, latents)
             decode_time += time.perf_counter() - tick
             cancellation.check()
+            # A1111 writes the refiner once it has taken over (a pass that never reached the switch does not name it).
+            written = request if refined is None or refined.switches else request.with_changes(refiner_checkpoint="")
             for image_seed, image in zip(seeds, decoded):
                 image_subseed = subseed + image_seed - seed
                 image = self._finish_image(image, prepared)
-                info = self._infotext(request, model, image_seed, image_subseed, prepared, extension_info, stopped_early,
-                                      vae_hash=vae.short_hash,
-                                      refiner_hash=refiner_model.short_hash if refiner_model is not None else None)
+                info = self._infotext(written, model, image_seed, image_subseed, prepared, extension_info, stopped_early,
+                                      vae_hash=vae.short_hash, refiner_hash=refined.model.short_hash if refined else None)
                 images.append(GeneratedImage(image=image, seed=image_seed, subseed=image_subseed, infotext=info,
                                              stopped_early=stopped_early))
             if interrupted:
@@ -344,6 +347,7 @@ class Engine:
         part = plan.refiner
 
         def make_refiner() -> GuidedDenoiser:
+            part.switches.append(plan.steps)
             return self._guided_denoiser(request, part.model, replace(plan, conditioning=part.conditioning, refiner=None),
                                          part.noise_table, part.parameterization, noise, do_cfg, inpaint=denoiser.inpaint,
                                          whole_image=False)

@@ -6,7 +6,7 @@ Facts followed (A1111 1.10, modules/sd_samplers_common.py ``apply_refiner``, ask
 - Once that reaches ``refiner_switch_at``, the refiner checkpoint answers every later call of the pass, with the
   prompts encoded by its own text encoders.
 - With hires fix, A1111's default (its ``hires_fix_refiner_pass`` setting, "second pass") refines only the second pass.
-- Infotext: ``Refiner: <name> [<short hash>]`` and ``Refiner switch at: 0.8``.
+- Infotext: ``Refiner: <name> [<short hash>]`` and ``Refiner switch at: 0.8``, written once the refiner has taken over.
 The refiner is loaded through the registry's cache, so a job after the first finds it loaded.
 """
 from __future__ import annotations

@@ -71,6 +71,8 @@ def test_the_refiner_changes_the_picture_and_is_written_as_a1111_does(counted):
     refiner_hash = engine.registry.short_hash(engine.registry.get(REFINER))
     assert (params["Refiner"], params["Refiner switch at"]) == (f"{REFINER} [{refiner_hash}]", "0.5")
     assert "Refiner" not in parse_infotext(plain.infotext)
+    never = _generate(engine, calls, refiner_switch_at=1.0).images[0]  # (999 − t) / 1000 never reaches 1
+    assert calls[REFINER] == 0 and "Refiner" not in parse_infotext(never.infotext)
     read = request_fields_from_infotext(params)
     assert (read["refiner_checkpoint"], read["refiner_switch_at"]) == (REFINER, 0.5)
 
