@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import numpy as np
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import cancellation, image_ops, networks
+from . import cancellation, hires, image_ops, networks, refiner
 from .compute import run_until_interrupted
-from .errors import GenerationError, Interrupted, SfumatoError, ValidationError
+from .errors import GenerationError, Interrupted, ModelError, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
 from .networks import vae_files
 from .networks.embeddings import TI_HASHES_KEY, ti_hashes
@@ -67,6 +67,54 @@ class _Prepared:
     gen_hard_mask: np.ndarray | None = None  # generation-size hard mask
     crop_box: tuple[int, int, int, int] | None = None  # "Only masked": where the generated crop goes
     output_size: tuple[int, int] | None = None  # crop padding away at the end
+
+
+@dataclass
+class _PassPlan:
+    """One sample pass of a job: its sampler, σs, size and prompts (hires fix has two)."""
+
+    sampler: str
+    schedule: str
+    steps: int
+    sigmas: torch.Tensor | None  # the σs it runs (pass_sigmas)
+    width: int
+    height: int
+    conditioning: object  # the prompt encoder's output for this pass
+    denoising_strength: float | None  # None: from noise (txt2img); else the img2img strength ``sigmas`` were cut for
+    full_sigmas: torch.Tensor | None = None  # the whole schedule an img2img pass was cut from (the Brownian tree spans it)
+    refiner: "_RefinerPlan | None" = None  # the model that takes over part way through this pass
+
+    @property
+    def planned(self) -> int:
+        return len(self.sigmas) - 1
+
+
+@dataclass(frozen=True)
+class _RefinerPlan:
+    """The refiner of one pass: its model, its own encoding of the pass's prompts, its noise table."""
+
+    model: LoadedModel
+    conditioning: object
+    noise_table: object
+    parameterization: str
+    switches: list = field(default_factory=list)  # one entry per switch so far in the job (A1111 writes "Refiner" once it has)
+
+
+@dataclass(frozen=True)
+class _HiresStage:
+    plan: hires.HiresPlan
+    pass_plan: _PassPlan
+
+
+@dataclass(frozen=True)
+class _GroupProgress:
+    """Where one batch group stands in the job, for progress and ETA."""
+
+    group_index: int
+    group_size: int
+    groups: int
+    steps_before: int  # steps run by the groups before it
+    steps_per_group: int  # every pass of one group
 
 
 class Engine:
@@ -130,17 +178,18 @@ class Engine:
         model = self.registry.load(request.model)
         vae = self._job_vae(request, model, job_scope)
         job_scope.enter_context(networks.active(model, job_networks))
+        refiner_model = self._job_refiner(request, model)
         timings["load"] = time.perf_counter() - started
         prepared = self._prepare_pixels(request, model)
         self._check_size(model, request, prepared.width, prepared.height)
         if request.mode not in model.family.modes:
             raise ValidationError("mode", f"{model.entry.name} draws only {', '.join(model.family.modes)}")
-        pipe = model.pipeline
         seed = resolve_seed(request.seed)
         subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else request.subseed
         # The model's name, however it was asked for; the VAE file's name when one decodes (an Automatic match included).
         request = request.with_changes(seed=seed, subseed=subseed, model=model.entry.name,
-                                       vae=vae.file.name if vae.file is not None else request.vae)
+                                       vae=vae.file.name if vae.file is not None else request.vae,
+                                       refiner_checkpoint=refiner_model.entry.name if refiner_model is not None else "")
         noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr)
 
         tick = time.perf_counter()
@@ -154,10 +203,22 @@ class Engine:
         if (hashes := ti_hashes(conditioning.embeddings)) is not None:
             extension_info = {TI_HASHES_KEY: hashes, **extension_info}
         extension_info = {**extension_info, **job_networks.infotext_fields()}
-        sigmas = self._pass_sigmas(request, noise_table, prepared)
+        first = _PassPlan(sampler=request.sampler, schedule=request.schedule, steps=request.steps,
+                          sigmas=self._pass_sigmas(request, noise_table, prepared), width=prepared.width, height=prepared.height,
+                          conditioning=conditioning, denoising_strength=None if prepared.source is None else request.denoising_strength)
         # img2img cuts the schedule; A1111 still spans the SDE samplers' Brownian tree over the whole of it.
-        full_sigmas = None if prepared.source is None else sample_pass.schedule_sigmas(
-            samplers.find_sampler(request.sampler), noise_table, request.schedule, request.steps)
+        if prepared.source is not None:
+            first.full_sigmas = sample_pass.schedule_sigmas(samplers.find_sampler(request.sampler), noise_table, request.schedule,
+                                                            request.steps)
+        second = None
+        if hires.applies(request):
+            second = self._plan_hires(request, model, first, noise_table, job_networks)
+        refined = None  # the refiner's part in the pass it refines
+        if refiner_model is not None and second is None:
+            refined = first.refiner = self._refiner_plan(request, refiner_model, job_networks.prompt, request.negative_prompt)
+        elif refiner_model is not None:  # A1111's default: with hires fix, the refiner takes part in the second pass only
+            refined = second.pass_plan.refiner = self._refiner_plan(
+                request, refiner_model, networks.prepare(self.networks, second.plan.prompt).prompt, second.plan.negative_prompt)
 
         interrupted = False
         denoise_time = decode_time = 0.0
@@ -166,47 +227,33 @@ class Engine:
         # alone there: image i of a batch is then bit-identical to a single run at seed + i.
         group_size = request.batch_size if model.device.type != "cpu" else 1
         groups = request.images_total // group_size
+        steps_per_group = first.planned + (second.pass_plan.planned if second is not None else 0)
         for batch_index in range(groups):
             seeds = [seed + batch_index * group_size + i for i in range(group_size)]
-            latent_shape = (pipe.unet.config.out_channels, prepared.height // model.vae_scale_factor, prepared.width // model.vae_scale_factor)
-            # Sampling runs in float32 whatever the model's dtype (see sampling/denoiser.py).
-            image_noise = ImageNoise(latent_shape, seeds, [subseed + s - seed for s in seeds], request.subseed_strength,
-                                     source=request.rng, eta_noise_seed_delta=request.eta_noise_seed_delta, device=model.device)
-            noise = image_noise.first()
+            subseeds = [subseed + s - seed for s in seeds]
+            stops: list[EarlyStop] = []
+            progress = _GroupProgress(batch_index, group_size, groups, steps_done_before, steps_per_group)
 
             tick = time.perf_counter()
             cancellation.entering("sampling")
+            image_noise = self._image_noise(request, model, first, seeds, subseeds)
+            noise = image_noise.first()
             denoiser, init_latents = self._build_denoiser(request, model, prepared, noise_table, parameterization, noise, conditioning, do_cfg)
-            stopped_early: EarlyStop | None = None
             if denoiser is None:
                 latents = init_latents
             else:
-                if self.extensions:
-                    context = HookContext(model, request, prepared.width, prepared.height, len(seeds), do_cfg, sigmas, prepared.source,
-                                          prepared.crop_box, prepared.original.size if prepared.crop_box is not None else None)
-                    denoiser.hooks = self.extensions.step_hooks(context)
-                stops: list[EarlyStop] = []
-                planned = len(sigmas) - 1
-                on_step = self._step_callback(request, previewer, on_progress, cancel, started, batch_index, group_size, groups,
-                                              steps_done_before, planned, stops)
-                result = sample_pass.run(sampler=request.sampler, denoiser=denoiser, noise_table=noise_table, sigmas=sigmas,
-                                         first_noise=noise, image_noise=image_noise, seeds=seeds, steps=request.steps,
-                                         init_latents=init_latents, denoising_strength=request.denoising_strength,
-                                         eta=request.eta, prediction_type=model.pipeline.scheduler.config.get("prediction_type"),
-                                         full_sigmas=full_sigmas,
-                                         on_step=on_step)
-                latents = result.latents
-                if denoiser.inpaint is not None and denoiser.inpaint.blend:
-                    # The known region ends exactly on the original latents (A1111 blends the samples once more).
-                    latents = latents * denoiser.inpaint.mask + denoiser.inpaint.image_latents * (1 - denoiser.inpaint.mask)
-                if cancel.interrupt_pending and not stops:  # interrupted inside a step: the image is the last finished step's
-                    stops.append(EarlyStop(reason="interrupted", step=result.steps_done, total_steps=planned))
-                interrupted = any(stop.reason == "interrupted" for stop in stops)
-                if interrupted:
-                    cancel.honour_interrupt()  # the image so far is still decoded; a second interrupt stops that too
-                # A stop after the last step leaves a finished image.
-                stopped_early = next((stop for stop in stops if stop.step < stop.total_steps), None)
-                steps_done_before += result.steps_done
+                on_step = self._step_callback(request, previewer, on_progress, cancel, started, progress, 0, stops)
+                latents, steps_done = self._sample(request, model, first, denoiser, init_latents, image_noise, noise, seeds,
+                                                   prepared, noise_table, do_cfg, on_step, stops, cancel)
+                steps_done_before += steps_done
+                if second is not None:
+                    latents, steps_done = self._hires_stage(request, model, second, latents, seeds, subseeds, noise_table,
+                                                            parameterization, do_cfg, previewer, on_progress, cancel, started,
+                                                            progress, first.planned, stops)
+                    steps_done_before += steps_done
+            interrupted = any(stop.reason == "interrupted" for stop in stops)
+            # A stop after the last step leaves a finished image.
+            stopped_early = next((stop for stop in stops if stop.step < stop.total_steps), None)
             denoise_time += time.perf_counter() - tick
 
             tick = time.perf_counter()
@@ -214,17 +261,148 @@ class Engine:
             decoded = self._decode(model, latents)
             decode_time += time.perf_counter() - tick
             cancellation.check()
+            # A1111 writes the refiner once it has taken over (a pass that never reached the switch does not name it).
+            written = request if refined is None or refined.switches else request.with_changes(refiner_checkpoint="")
             for image_seed, image in zip(seeds, decoded):
                 image_subseed = subseed + image_seed - seed
                 image = self._finish_image(image, prepared)
-                info = self._infotext(request, model, image_seed, image_subseed, prepared, extension_info, stopped_early,
-                                      vae_hash=vae.short_hash)
+                info = self._infotext(written, model, image_seed, image_subseed, prepared, extension_info, stopped_early,
+                                      vae_hash=vae.short_hash, refiner_hash=refined.model.short_hash if refined else None)
                 images.append(GeneratedImage(image=image, seed=image_seed, subseed=image_subseed, infotext=info,
                                              stopped_early=stopped_early))
             if interrupted:
                 break
         timings.update(denoise=denoise_time, decode=decode_time, total=time.perf_counter() - started)
         return GenerationResult(request=request, images=images, interrupted=interrupted, timings=timings)
+
+    # -- the passes ------------------------------------------------------------------
+    def _job_refiner(self, request: GenerationRequest, model: LoadedModel) -> LoadedModel | None:
+        """The refiner checkpoint, loaded through the registry's cache and checked against the model it refines."""
+        if not refiner.applies(request):
+            return None
+        cancellation.entering("loading the refiner")
+        try:
+            refiner_model = self.registry.load(refiner.checkpoint_name(request.refiner_checkpoint))
+        except ModelError as error:
+            raise ValidationError("refiner_checkpoint", str(error)) from None
+        refiner.check_compatible(model, refiner_model)
+        return refiner_model
+
+    def _refiner_plan(self, request: GenerationRequest, refiner_model: LoadedModel, prompt: str, negative: str) -> "_RefinerPlan":
+        """The refiner's part in a pass: the pass's prompts (``prompt`` without its <lora:…> tags) encoded by the
+        refiner's text encoders, and its noise table."""
+        cancellation.entering("encoding the prompt for the refiner")
+        conditioning = refiner_model.prompt_encoder.encode(prompt, negative, request.clip_skip,
+                                                           getattr(self.registry, "embeddings", None))
+        noise_table, parameterization = noise_table_for(refiner_model, request.zero_terminal_snr)
+        return _RefinerPlan(refiner_model, conditioning, noise_table, parameterization)
+
+    def _plan_hires(self, request: GenerationRequest, model: LoadedModel, first: "_PassPlan", noise_table,
+                    job_networks) -> "_HiresStage":
+        """The upscale and second pass of hires fix: sizes and upscaler checked, σs cut, hires prompts encoded."""
+        family = model.family
+        plan = hires.plan(request, first.width, first.height, model.vae_scale_factor, (family.min_size, family.max_size),
+                          self.registry)
+        conditioning = first.conditioning
+        if (plan.prompt, plan.negative_prompt) != (request.prompt, request.negative_prompt):
+            cancellation.entering("encoding the hires prompt")
+            # The hires prompt's own <lora:…> tags are taken out; the first prompt's networks stay active for both passes.
+            conditioning = model.prompt_encoder.encode(networks.prepare(self.networks, plan.prompt).prompt, plan.negative_prompt,
+                                                       request.clip_skip, getattr(self.registry, "embeddings", None),
+                                                       job_networks.text_encoder_key)
+        spec = samplers.find_sampler(plan.sampler)
+        sigmas = sample_pass.pass_sigmas(spec, noise_table, plan.schedule, plan.steps, request.denoising_strength)
+        full = sample_pass.schedule_sigmas(spec, noise_table, plan.schedule, plan.steps)
+        second = _PassPlan(sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps, sigmas=sigmas, width=plan.width,
+                           height=plan.height, conditioning=conditioning, denoising_strength=request.denoising_strength,
+                           full_sigmas=full)
+        return _HiresStage(plan, second)
+
+    def _hires_stage(self, request: GenerationRequest, model: LoadedModel, second: "_HiresStage", latents: torch.Tensor,
+                     seeds: list[int], subseeds: list[int], noise_table, parameterization: str, do_cfg: bool, previewer,
+                     on_progress, cancel: CancelToken, started: float, progress: "_GroupProgress", offset: int,
+                     stops: list[EarlyStop]) -> tuple[torch.Tensor, int]:
+        """Upscale the first pass's latents, then sample them again as img2img: the latents and the steps run.
+
+        As A1111: an interrupted first pass is the picture (no upscale); a skipped one is still upscaled, and its
+        second pass stops before its first step."""
+        if any(stop.reason == "interrupted" for stop in stops):
+            return latents, 0
+        cancellation.entering("upscaling")
+        latents = hires.upscale(second.plan, latents, model.vae_scale_factor, lambda batch: self._decode_unit(model, batch),
+                                lambda picture: self._encode(model, picture))
+        if stops:
+            return latents, 0
+        cancellation.entering("sampling")
+        image_noise = self._image_noise(request, model, second.pass_plan, seeds, subseeds)  # new noise for the new shape
+        noise = image_noise.first()
+        denoiser = self._guided_denoiser(request, model, second.pass_plan, noise_table, parameterization, noise, do_cfg)
+        on_step = self._step_callback(request, previewer, on_progress, cancel, started, progress, offset, stops)
+        return self._sample(request, model, second.pass_plan, denoiser, latents, image_noise, noise, seeds, None, noise_table,
+                            do_cfg, on_step, stops, cancel)
+
+    def _with_refiner(self, request: GenerationRequest, plan: "_PassPlan", denoiser: GuidedDenoiser, noise: torch.Tensor,
+                      do_cfg: bool, noise_table) -> refiner.RefinerSwitch:
+        """``denoiser`` until the pass is ``refiner_switch_at`` done, then the refiner's (same prompts, size and inpaint inputs)."""
+        part = plan.refiner
+
+        def make_refiner() -> GuidedDenoiser:
+            part.switches.append(plan.steps)
+            return self._guided_denoiser(request, part.model, replace(plan, conditioning=part.conditioning, refiner=None),
+                                         part.noise_table, part.parameterization, noise, do_cfg, inpaint=denoiser.inpaint,
+                                         whole_image=False)
+
+        return refiner.RefinerSwitch(denoiser, make_refiner, request.refiner_switch_at, noise_table.sigmas)
+
+    @staticmethod
+    def _image_noise(request: GenerationRequest, model: LoadedModel, plan: "_PassPlan", seeds: list[int],
+                     subseeds: list[int]) -> ImageNoise:
+        """A1111's per-image noise for one pass: a new ImageRNG for the pass's latent shape from the same seeds."""
+        shape = (model.pipeline.unet.config.out_channels, plan.height // model.vae_scale_factor, plan.width // model.vae_scale_factor)
+        # Sampling runs in float32 whatever the model's dtype (see sampling/denoiser.py).
+        return ImageNoise(shape, seeds, subseeds, request.subseed_strength, source=request.rng,
+                          eta_noise_seed_delta=request.eta_noise_seed_delta, device=model.device)
+
+    def _sample(self, request: GenerationRequest, model: LoadedModel, plan: "_PassPlan", denoiser: GuidedDenoiser,
+                init_latents: torch.Tensor | None, image_noise: ImageNoise, noise: torch.Tensor, seeds: list[int],
+                prepared: _Prepared | None, noise_table, do_cfg: bool, on_step, stops: list[EarlyStop],
+                cancel: CancelToken) -> tuple[torch.Tensor, int]:
+        """One sample pass (either of hires fix's, or the only one): the latents it ends with and the steps it ran.
+
+        ``stops`` gets an EarlyStop when the pass ended early; an interrupt is honoured here, so the picture so far
+        is still decoded (a second interrupt stops that too).
+        """
+        if self.extensions:
+            source = prepared.source if prepared is not None else None
+            crop_box = prepared.crop_box if prepared is not None else None
+            full_size = prepared.original.size if crop_box is not None else None
+            context = HookContext(model, request, plan.width, plan.height, len(seeds), do_cfg, plan.sigmas, source, crop_box, full_size)
+            denoiser.hooks = self.extensions.step_hooks(context)
+        if plan.refiner is not None:
+            denoiser = self._with_refiner(request, plan, denoiser, noise, do_cfg, noise_table)
+        before = len(stops)
+        try:
+            result = sample_pass.run(sampler=plan.sampler, denoiser=denoiser, noise_table=noise_table, sigmas=plan.sigmas,
+                                     first_noise=noise, image_noise=image_noise, seeds=seeds, steps=plan.steps,
+                                     init_latents=init_latents, denoising_strength=plan.denoising_strength,
+                                     eta=request.eta, prediction_type=model.pipeline.scheduler.config.get("prediction_type"),
+                                     full_sigmas=plan.full_sigmas, on_step=on_step)
+        except Interrupted:
+            if init_latents is None or prepared is not None:
+                raise  # nothing denoised in this job's image yet
+            # Interrupted inside the second pass's first step: A1111 returns the pass's start, the upscaled picture.
+            cancel.honour_interrupt()
+            stops.append(EarlyStop(reason="interrupted", step=on_step.offset, total_steps=on_step.total))
+            return init_latents, 0
+        latents = result.latents
+        if denoiser.inpaint is not None and denoiser.inpaint.blend:
+            # The known region ends exactly on the original latents (A1111 blends the samples once more).
+            latents = latents * denoiser.inpaint.mask + denoiser.inpaint.image_latents * (1 - denoiser.inpaint.mask)
+        if cancel.interrupt_pending and len(stops) == before:  # interrupted inside a step: the image is the last finished step's
+            stops.append(EarlyStop(reason="interrupted", step=on_step.offset + result.steps_done, total_steps=on_step.total))
+        if any(stop.reason == "interrupted" for stop in stops):
+            cancel.honour_interrupt()  # the image so far is still decoded; a second interrupt stops that too
+        return latents, result.steps_done
 
     # -- pieces ------------------------------------------------------------------
     def _job_vae(self, request: GenerationRequest, model: LoadedModel, job_scope: contextlib.ExitStack) -> vae_files.VaeChoice:
@@ -296,22 +474,34 @@ class Engine:
         strength = None if prepared.source is None else request.denoising_strength
         return sample_pass.pass_sigmas(spec, noise_table, request.schedule, request.steps, strength)
 
-    def _build_denoiser(self, request, model: LoadedModel, prepared: _Prepared, noise_table, parameterization: str, noise,
-                        conditioning, do_cfg) -> tuple[GuidedDenoiser | None, torch.Tensor | None]:
-        """The denoiser for one batch and the init latents (None in txt2img); no denoiser when strength 0 leaves nothing to do."""
-        pipe = model.pipeline
+    def _guided_denoiser(self, request: GenerationRequest, model: LoadedModel, plan: "_PassPlan", noise_table, parameterization: str,
+                         noise: torch.Tensor, do_cfg: bool, inpaint: InpaintInputs | None = None, whole_image: bool = True) -> GuidedDenoiser:
+        """The CFG denoiser of one pass: its prompts, its sampler's CFG factor and its size's conditioning (SDXL's size ids).
+
+        ``whole_image``: a 9-channel inpainting model without ``inpaint`` gets A1111's blank-mask conditioning."""
         batch = noise.shape[0]
+        conditioning = plan.conditioning
         cond = conditioning.prompt_embeds.repeat(batch, 1, 1)
         embeds = torch.cat([conditioning.negative_embeds.repeat(batch, 1, 1), cond]) if do_cfg else cond
-        added = model.family.unet_kwargs(conditioning, prepared.width, prepared.height).batched(batch, do_cfg, model.device, model.dtype)
-        embeds = embeds.to(model.device, model.dtype)
+        added = model.family.unet_kwargs(conditioning, plan.width, plan.height).batched(batch, do_cfg, model.device, model.dtype)
+        if inpaint is None and whole_image:
+            inpaint = self._whole_image_conditioning(model, plan.width, plan.height, noise)
+        cfg_scale = request.cfg_scale * samplers.find_sampler(plan.sampler).cfg_scale_factor
+        return GuidedDenoiser(model.pipeline.unet, noise_table, parameterization, embeds.to(model.device, model.dtype), cfg_scale,
+                              do_cfg, added, inpaint)
+
+    def _build_denoiser(self, request, model: LoadedModel, prepared: _Prepared, noise_table, parameterization: str, noise,
+                        conditioning, do_cfg) -> tuple[GuidedDenoiser | None, torch.Tensor | None]:
+        """The first pass's denoiser for one batch and the init latents (None in txt2img); no denoiser when strength 0 leaves nothing to do."""
+        batch = noise.shape[0]
+        plan = _PassPlan(sampler=request.sampler, schedule=request.schedule, steps=request.steps, sigmas=None,
+                         width=prepared.width, height=prepared.height, conditioning=conditioning, denoising_strength=None)
 
         def denoiser(inpaint: InpaintInputs | None) -> GuidedDenoiser:
-            cfg_scale = request.cfg_scale * samplers.find_sampler(request.sampler).cfg_scale_factor
-            return GuidedDenoiser(pipe.unet, noise_table, parameterization, embeds, cfg_scale, do_cfg, added, inpaint)
+            return self._guided_denoiser(request, model, plan, noise_table, parameterization, noise, do_cfg, inpaint, whole_image=False)
 
         if prepared.source is None:
-            return denoiser(self._whole_image_conditioning(model, prepared, noise)), None
+            return denoiser(self._whole_image_conditioning(model, prepared.width, prepared.height, noise)), None
 
         image_latents = self._encode(model, prepared.source).repeat(batch, 1, 1, 1).float()
         latent_mask = None
@@ -324,7 +514,7 @@ class Engine:
                 image_latents = image_latents * (1 - latent_mask)
         if request.denoising_strength == 0:
             return None, image_latents
-        inpaint = None if latent_mask is not None else self._whole_image_conditioning(model, prepared, noise)
+        inpaint = None if latent_mask is not None else self._whole_image_conditioning(model, prepared.width, prepared.height, noise)
         if latent_mask is not None:
             masked_latents = None
             if model.is_inpainting_model:
@@ -334,14 +524,14 @@ class Engine:
             inpaint = InpaintInputs(latent_mask, image_latents, masked_latents)
         return denoiser(inpaint), image_latents
 
-    def _whole_image_conditioning(self, model: LoadedModel, prepared: _Prepared, noise: torch.Tensor) -> InpaintInputs | None:
+    def _whole_image_conditioning(self, model: LoadedModel, width: int, height: int, noise: torch.Tensor) -> InpaintInputs | None:
         """A 9-channel inpainting UNet used without a mask: everything is "masked" and the masked
         image is blank, the conditioning A1111 gives such models in txt2img and img2img."""
         if not model.is_inpainting_model:
             return None
-        batch, _, height, width = noise.shape
-        blank = self._encode_tensor(model, torch.zeros(1, 3, prepared.height, prepared.width)).repeat(batch, 1, 1, 1)
-        ones = torch.ones(batch, 1, height, width, device=model.device, dtype=model.dtype)
+        batch, _, latent_height, latent_width = noise.shape
+        blank = self._encode_tensor(model, torch.zeros(1, 3, height, width)).repeat(batch, 1, 1, 1)
+        ones = torch.ones(batch, 1, latent_height, latent_width, device=model.device, dtype=model.dtype)
         return InpaintInputs(mask=ones, image_latents=blank, masked_image_latents=blank, blend=False)
 
     def _encode(self, model: LoadedModel, image: Image.Image) -> torch.Tensor:
@@ -355,16 +545,20 @@ class Engine:
         return vae.encode(pixels.to(model.device, parameter_dtype(vae))).latent_dist.mean * model.scaling_factor
 
     @staticmethod
-    @torch.inference_mode()
     def _decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+        # Same arithmetic as diffusers' VaeImageProcessor.postprocess, so pixels match the plain pipeline.
+        array = (Engine._decode_unit(model, latents) * 255).round().astype("uint8")
+        return [Image.fromarray(a, "RGB") for a in array]
+
+    @staticmethod
+    @torch.inference_mode()
+    def _decode_unit(model: LoadedModel, latents: torch.Tensor) -> np.ndarray:
+        """The VAE's pictures as (N, H, W, 3) floats in [0, 1]."""
         vae = model.pipeline.vae
         if not torch.isfinite(latents).all():
             raise GenerationError("the sampler produced non-finite values (NaN/inf); try another sampler or schedule")
         decoded = vae.decode(latents.to(parameter_dtype(vae)) / model.scaling_factor, return_dict=False)[0]
-        # Same arithmetic as diffusers' VaeImageProcessor.postprocess, so pixels match the plain pipeline.
-        array = (decoded / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
-        array = (array * 255).round().astype("uint8")
-        return [Image.fromarray(a, "RGB") for a in array]
+        return (decoded / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
 
     @staticmethod
     def _finish_image(image: Image.Image, prepared: _Prepared) -> Image.Image:
@@ -392,35 +586,39 @@ class Engine:
         return CheapPreviewer(model.family)
 
     @staticmethod
-    def _step_callback(request, previewer, on_progress, cancel: CancelToken, started, group_index, group_size, groups,
-                       steps_before, steps_per_group, stops: list[EarlyStop]):
-        total_all = steps_before + steps_per_group * (groups - group_index)
+    def _step_callback(request, previewer, on_progress, cancel: CancelToken, started, progress: "_GroupProgress", offset: int,
+                       stops: list[EarlyStop]):
+        """The step callback of one pass; ``offset`` is the steps of this image's earlier passes, so progress and
+        early stops count every pass of the image (hires fix's first and second)."""
+        total = progress.steps_per_group
+        total_all = progress.steps_before + total * (progress.groups - progress.group_index)
 
-        def on_step(step: int, total: int, info) -> bool:
-            on_step.steps_done = step  # read after sampling when an interrupt lands inside the next step
+        def on_step(step: int, planned: int, info) -> bool:
+            done_here = offset + step
             if cancel.interrupted:
-                stops.append(EarlyStop(reason="interrupted", step=step, total_steps=total))
+                stops.append(EarlyStop(reason="interrupted", step=done_here, total_steps=total))
                 return True
             if cancel.take_skip():
-                stops.append(EarlyStop(reason="skipped", step=step, total_steps=total))
+                stops.append(EarlyStop(reason="skipped", step=done_here, total_steps=total))
                 return True
             if on_progress is not None:
                 elapsed = time.perf_counter() - started
-                done = steps_before + step
+                done = progress.steps_before + done_here
                 eta = elapsed / done * (total_all - done) if done else 0.0
                 preview = None
-                if previewer is not None and (step % request.preview_every == 0 or step == total):
-                    # x̂₀ while sampling, as A1111 previews; the last step's latent is the finished image itself.
-                    preview = previewer.deferred(info.x if step == total else info.denoised)
-                on_progress(Progress(step, total, group_index * group_size, request.images_total, elapsed, eta, preview))
+                if previewer is not None and (step % request.preview_every == 0 or step == planned):
+                    # x̂₀ while sampling, as A1111 previews; the last step's latent is the finished pass itself.
+                    preview = previewer.deferred(info.x if step == planned else info.denoised)
+                on_progress(Progress(done_here, total, progress.group_index * progress.group_size, request.images_total,
+                                     elapsed, eta, preview))
             return False
 
-        on_step.steps_done = 0
+        on_step.offset, on_step.total = offset, total
         return on_step
 
     @staticmethod
     def _infotext(request: GenerationRequest, model: LoadedModel, seed: int, subseed: int, prepared: _Prepared, extension_info: dict,
-                  stopped_early: EarlyStop | None = None, vae_hash: str | None = None) -> str:
+                  stopped_early: EarlyStop | None = None, vae_hash: str | None = None, refiner_hash: str | None = None) -> str:
         from .infotext import build_infotext
 
         size = prepared.output_size or (prepared.width, prepared.height)
@@ -428,4 +626,4 @@ class Engine:
             size = prepared.original.size
         return build_infotext(request, seed=seed, model_name=model.entry.name, model_hash=model.short_hash,
                               extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None, size=size,
-                              stopped_early=stopped_early, vae_hash=vae_hash)
+                              stopped_early=stopped_early, vae_hash=vae_hash, refiner_hash=refiner_hash)

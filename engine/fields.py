@@ -46,6 +46,10 @@ RNG_SOURCES = ("CPU", "GPU", "NV")
 OUTPAINT_SIDES = ("left", "right", "up", "down")
 # A1111's "SD VAE" values besides a file's name: the file named after the checkpoint (else its own), and its own.
 VAE_AUTOMATIC, VAE_NONE = "Automatic", "None"
+# Hires fix (A1111's "Hires. fix" accordion on txt2img): its fields carry this group, and "use the first pass's" choices.
+HIRES_GROUP = "hires"
+SAME_SAMPLER, SAME_SCHEDULE = "Use same sampler", "Use same scheduler"
+REFINER_GROUP = "refiner"  # every tab's "Refiner" accordion
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class Field:
     preset: bool = False  # presets may save and restore it
     modes: tuple[str, ...] = MODES
     owner: str = CORE
+    group: str | None = None  # controls laid out together (HIRES_GROUP: txt2img's "Hires. fix" accordion)
 
     def choice_list(self) -> list[str] | None:
         if self.choices is None:
@@ -206,7 +211,54 @@ def _when_not_default(name: str, default: Any) -> Callable[[Any], bool]:
     return written
 
 
+def _when_image_mode_or_hires(request: Any) -> bool:
+    """img2img and inpaint always write their strength; txt2img only when hires fix used it (as A1111 does)."""
+    return request.mode != "txt2img" or request.enable_hr
+
+
+def _when_hires(written: Callable[[Any], bool] = lambda request: True) -> Callable[[Any], bool]:
+    """A hires key is written only when hires fix is on, and then when ``written`` says so (A1111's rules)."""
+    def hires_written(request: Any) -> bool:
+        return bool(request.enable_hr) and written(request)
+    hires_written.__doc__ = written.__doc__
+    return hires_written
+
+
+def _hires_by_scale(request: Any) -> bool:
+    """"Hires upscale" when the target is a scale; "Hires resize" when either resize is set (A1111)."""
+    return request.hr_resize_x == 0 and request.hr_resize_y == 0
+
+
+def _hires_sampler_differs(request: Any) -> bool:
+    return request.hr_sampler_name not in (SAME_SAMPLER, request.sampler)
+
+
+def _hires_schedule_differs(request: Any) -> bool:
+    """A1111 writes the second pass's resolved schedule when it differs from the first pass's "Schedule type"."""
+    from .hires import second_pass_sampler, second_pass_schedule
+
+    written = samplers.infotext_schedule(second_pass_sampler(request), second_pass_schedule(request))
+    return written is not None and written != samplers.infotext_schedule(request.sampler, request.schedule)
+
+
+def _hires_text_differs(name: str, first_pass: str) -> Callable[[Any], bool]:
+    def differs(request: Any) -> bool:
+        value = getattr(request, name)
+        return bool(value) and value != getattr(request, first_pass)
+    differs.__doc__ = f"written when {name} is set and differs from {first_pass}"
+    return differs
+
+
+def _hires_sampler_choices() -> list[str]:
+    return [SAME_SAMPLER, *samplers.sampler_names()]
+
+
+def _hires_schedule_choices() -> list[str]:
+    return [SAME_SCHEDULE, *samplers.schedule_names()]
+
+
 _SAMPLING_HELP = "A1111 keeps it in Settings › Sampler parameters."
+_HIRES = dict(group=HIRES_GROUP, modes=("txt2img",), preset=True)
 
 CORE_FIELDS: tuple[Field, ...] = (
     Field("prompt", str, "", max_length=20_000, label="Prompt", help="What to draw; A1111 prompt syntax such as (word:1.2) works.",
@@ -243,9 +295,11 @@ CORE_FIELDS: tuple[Field, ...] = (
     Field("subseed_strength", float, 0.0, range=(0.0, 1.0), label="Variation strength", control="slider", step=0.01,
           help="How far to move towards the variation seed's noise.", infotext="Variation seed strength",
           infotext_when=_when_variation, api="subseed_strength", cli="--variation-strength"),
+    # One strength for img2img and for hires fix's second pass, as in A1111 (its hires slider starts at 0.7, its API at 0.75).
     Field("denoising_strength", float, 0.75, range=(0.0, 1.0), label="Denoising strength", control="slider", step=0.01,
-          help="How much to change the init image.", infotext="Denoising strength", api="denoising_strength",
-          cli="--strength", preset=True, modes=IMAGE_MODES),
+          help="How much to change the init image (img2img), or the first pass's upscaled picture (hires fix).",
+          infotext="Denoising strength", infotext_when=_when_image_mode_or_hires, api="denoising_strength",
+          cli="--strength", preset=True),
     Field("resize_mode", str, "Just resize", choices=RESIZE_MODES, label="Resize mode", control="radio",
           infotext="Resize mode", api="resize_mode", cli="--resize-mode", modes=IMAGE_MODES),
     Field("mask_blur", int, 4, range=(0, 64), label="Mask blur", control="slider", step=1, infotext="Mask blur", api="mask_blur",
@@ -283,6 +337,53 @@ CORE_FIELDS: tuple[Field, ...] = (
           help="Where noise comes from: CPU (the same on every machine), GPU (A1111's default), NV (CUDA's generator "
                "emulated on the CPU; experimental). " + _SAMPLING_HELP,
           control="radio", infotext="RNG", infotext_when=_when_not_default("rng", "GPU"), override="randn_source", cli="--rng"),
+    # -- hires fix: upscale the first pass and sample it again as img2img (A1111 1.10's StableDiffusionProcessingTxt2Img)
+    Field("enable_hr", bool, False, label="Hires. fix", control="checkbox",
+          help="Upscale the first picture and sample it again at the larger size.", api="enable_hr", cli="--hires", **_HIRES),
+    Field("hr_upscaler", str, "Latent", max_length=1000, label="Upscaler", control="dropdown",
+          help="A latent mode (resizes the latents) or a pixel upscaler (decode, upscale, encode); checked against the "
+               "upscalers available when the job runs.",
+          infotext="Hires upscaler", infotext_when=_when_hires(), api="hr_upscaler", cli="--hires-upscaler", **_HIRES),
+    Field("hr_second_pass_steps", int, 0, range=(0, 150), label="Hires steps", control="slider", step=1,
+          help="Steps of the second pass; 0: as many as the first.", infotext="Hires steps",
+          infotext_when=_when_hires(lambda request: request.hr_second_pass_steps != 0), api="hr_second_pass_steps",
+          cli="--hires-steps", **_HIRES),
+    Field("hr_scale", float, 2.0, range=(1.0, 8.0), ui_range=(1.0, 4.0), label="Upscale by", control="slider", step=0.05,
+          help="Target size as a multiple of the first pass's; used when both resize values are 0.",
+          infotext="Hires upscale", infotext_when=_when_hires(_hires_by_scale), api="hr_scale", cli="--hires-scale", **_HIRES),
+    # Written together as one "Hires resize: WxH" entry, read back as its -1 and -2 halves (like Size).
+    Field("hr_resize_x", int, 0, range=(0, 4096), ui_range=(0, 2048), label="Resize width to", control="slider", step=8,
+          help="0: from the height and the first pass's aspect (or from the scale when both are 0). With both set, "
+               "the picture is scaled to cover that size and cropped to it.",
+          infotext="Hires resize-1", infotext_when=_when_hires(lambda request: not _hires_by_scale(request)),
+          api="hr_resize_x", cli="--hires-resize-x", **_HIRES),
+    Field("hr_resize_y", int, 0, range=(0, 4096), ui_range=(0, 2048), label="Resize height to", control="slider", step=8,
+          help="0: from the width and the first pass's aspect (or from the scale when both are 0).",
+          infotext="Hires resize-2", infotext_when=_when_hires(lambda request: not _hires_by_scale(request)),
+          api="hr_resize_y", cli="--hires-resize-y", **_HIRES),
+    Field("hr_sampler_name", str, SAME_SAMPLER, choices=_hires_sampler_choices, label="Hires sampling method", control="dropdown",
+          infotext="Hires sampler", infotext_when=_when_hires(_hires_sampler_differs), api="hr_sampler_name",
+          cli="--hires-sampler", **_HIRES),
+    Field("hr_scheduler", str, SAME_SCHEDULE, choices=_hires_schedule_choices, label="Hires schedule type", control="dropdown",
+          infotext="Hires schedule type", infotext_when=_when_hires(_hires_schedule_differs), api="hr_scheduler",
+          cli="--hires-schedule", **_HIRES),
+    Field("hr_prompt", str, "", max_length=20_000, label="Hires prompt", control="textbox", help="Empty: the prompt.",
+          infotext="Hires prompt", infotext_when=_when_hires(_hires_text_differs("hr_prompt", "prompt")), api="hr_prompt",
+          cli="--hires-prompt", **_HIRES),
+    Field("hr_negative_prompt", str, "", max_length=20_000, label="Hires negative prompt", control="textbox",
+          help="Empty: the negative prompt.", infotext="Hires negative prompt",
+          infotext_when=_when_hires(_hires_text_differs("hr_negative_prompt", "negative_prompt")), api="hr_negative_prompt",
+          cli="--hires-negative", **_HIRES),
+    # -- the refiner: another checkpoint takes over at a fraction of the pass (A1111 1.10's refiner_checkpoint/_switch_at)
+    Field("refiner_checkpoint", str, "", max_length=1000, label="Refiner", control="dropdown",
+          help="A checkpoint that takes over the sampling part way (SDXL's refiner); empty: none. With hires fix it refines "
+               "the second pass.",
+          infotext="Refiner", infotext_when=lambda request: bool(request.refiner_checkpoint), api="refiner_checkpoint",
+          cli="--refiner", preset=True, group=REFINER_GROUP),
+    Field("refiner_switch_at", float, 0.8, range=(0.01, 1.0), label="Switch at", control="slider", step=0.01,
+          help="The fraction of the pass after which the refiner samples (read from σ, as A1111 does).",
+          infotext="Refiner switch at", infotext_when=lambda request: bool(request.refiner_checkpoint), api="refiner_switch_at",
+          cli="--refiner-switch-at", preset=True, group=REFINER_GROUP),
     Field("batch_count", int, 1, range=(1, 100), label="Batch count", control="slider", step=1, api="n_iter",
           cli="--batch-count", preset=True),
     Field("batch_size", int, 1, range=(1, 8), label="Batch size", control="slider", step=1, api="batch_size",

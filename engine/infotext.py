@@ -25,6 +25,8 @@ from .sampling import schedules
 from .sampling import table as samplers
 from .errors import ValidationError
 from .fields import CORE, FIELDS, MASK_MODES, Field
+from .hires import second_pass_sampler, second_pass_schedule
+from .refiner import checkpoint_name
 from .networks.embeddings import TI_HASHES_KEY
 from .networks.vae_files import VAE_HASH_KEY
 from .request import EarlyStop, GenerationRequest, check_declared
@@ -34,6 +36,7 @@ NEGATIVE_PREFIX = "Negative prompt:"
 # Keys written beside the fields' own (declared in engine/fields.py): facts about the image, not request settings.
 MODEL_HASH_KEY = "Model hash"
 SIZE_KEY = "Size"  # "WxH"; read back as Size-1 (width) and Size-2 (height), the fields' declared keys
+HIRES_RESIZE_KEY = "Hires resize"  # "WxH" of hr_resize_x and hr_resize_y, read back as its -1 and -2 halves
 VERSION_KEY = "Version"
 # Written by the engine from the job's networks (engine/networks/job.py), not a request field: the <lora:…> tags
 # stay in the prompt, so loading an infotext applies the LoRAs by name. A1111's form: "name: <12 hex>, name2: <12 hex>".
@@ -90,6 +93,7 @@ def build_infotext(
     size: tuple[int, int] | None = None,
     stopped_early: EarlyStop | None = None,
     vae_hash: str | None = None,
+    refiner_hash: str | None = None,
 ) -> str:
     """The infotext for one generated image.
 
@@ -100,12 +104,15 @@ def build_infotext(
     (``{"<Extension key> 0": "Module: x, Weight: 1"}``).
     ``stopped_early`` marks an unfinished image (see ``STOPPED_EARLY_KEYS``).
     ``vae_hash`` is the short hash of the VAE file the request's ``vae`` names, when a file decoded the image.
+    ``refiner_hash``: the refiner checkpoint's short hash, written after its name as A1111 writes a checkpoint's title.
     """
     if size is None and request.width is not None and request.height is not None:
         size = (request.width, request.height)
     resolved = {"seed": seed, "subseed": request.subseed if subseed is None else subseed, "model": model_name,
                 # "Automatic" written resolved, as A1111 does; None for samplers that ignore the schedule type
-                "schedule": samplers.infotext_schedule(request.sampler, request.schedule)}
+                "schedule": samplers.infotext_schedule(request.sampler, request.schedule),
+                "hr_scheduler": samplers.infotext_schedule(second_pass_sampler(request), second_pass_schedule(request)),
+                "refiner_checkpoint": f"{request.refiner_checkpoint} [{refiner_hash}]" if refiner_hash else request.refiner_checkpoint}
     params: dict[str, Any] = {}
     for field in FIELDS.with_infotext():
         if field.owner != CORE or field.name in _BODY_FIELDS or not field.written_for(request):
@@ -113,6 +120,9 @@ def build_infotext(
         if field.name in _SIZE_FIELDS:
             if size is not None:
                 params[SIZE_KEY] = f"{size[0]}x{size[1]}"
+            continue
+        if field.name in _HIRES_RESIZE_FIELDS:
+            params[HIRES_RESIZE_KEY] = f"{request.hr_resize_x}x{request.hr_resize_y}"
             continue
         if field.name == "model":
             params[MODEL_HASH_KEY] = model_hash
@@ -286,6 +296,9 @@ def _outpaint(text: str) -> tuple[int, int, int, int]:
 
 _BODY_FIELDS = ("prompt", "negative_prompt")  # the text above the parameters line
 _SIZE_FIELDS = ("width", "height")  # one "Size: WxH" entry
+_HIRES_RESIZE_FIELDS = ("hr_resize_x", "hr_resize_y")  # one "Hires resize: WxH" entry
+# A1111's paste rule for its "Hires. fix" box: ticked when the infotext has a denoising strength and a hires key.
+_HIRES_EVIDENCE = ("Hires upscale", "Hires upscaler", "Hires resize-1")
 _SAMPLING_FIELDS = ("sampler", "schedule")
 _NEEDS_OTHER_FIELDS = ("outpaint",)  # a request with outpainting needs an init image  # read together: a legacy "DPM++ 2M Karras" holds both
 # Fields whose infotext value is not the request value written as text.
@@ -295,7 +308,7 @@ _WRITERS: dict[str, Callable[[Any], str]] = {
     "zero_terminal_snr": lambda on: ZERO_TERMINAL_SNR if on else "Default",
 }
 _READERS: dict[str, Callable[[str], Any]] = {"invert_mask": _mask_mode, "outpaint": _outpaint,
-                                             "zero_terminal_snr": _noise_schedule}
+                                             "zero_terminal_snr": _noise_schedule, "refiner_checkpoint": checkpoint_name}
 
 
 def _reader(field: Field) -> Callable[[str], Any]:
@@ -368,11 +381,12 @@ def request_fields_from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
     """
     if not isinstance(params, Mapping):
         return {}
-    width_key, height_key = FIELDS["width"].infotext, FIELDS["height"].infotext
-    if width_key not in params and isinstance(params.get(SIZE_KEY), str):
-        size = _IMAGE_SIZE.fullmatch(params[SIZE_KEY].strip())
-        if size:
-            params = {**params, width_key: size.group(1), height_key: size.group(2)}
+    for key, (first, second) in ((SIZE_KEY, _SIZE_FIELDS), (HIRES_RESIZE_KEY, _HIRES_RESIZE_FIELDS)):
+        width_key, height_key = FIELDS[first].infotext, FIELDS[second].infotext
+        if width_key not in params and isinstance(params.get(key), str):
+            size = _IMAGE_SIZE.fullmatch(params[key].strip())
+            if size:
+                params = {**params, width_key: size.group(1), height_key: size.group(2)}
 
     params = {_KEY_ALIASES.get(key, key): value for key, value in params.items()}
     result: dict[str, Any] = {}
@@ -389,6 +403,8 @@ def request_fields_from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
         if _accepted(field, value):
             result[field.name] = value
     result.update(_sampler_fields(params))
+    if FIELDS["denoising_strength"].infotext in params and any(key in params for key in _HIRES_EVIDENCE):
+        result["enable_hr"] = True
     if result.get("zero_terminal_snr") and "sampler" in result and not samplers.supports_zero_terminal_snr(result["sampler"]):
         del result["zero_terminal_snr"]
     return result
@@ -399,7 +415,7 @@ def request_fields_from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
 # Keys that describe the image rather than set the request: nothing to apply, nothing to warn about.
 # Hashes are checked against the files here by engine.networks (ui.send_to shows what they find); the LoRA tags
 # stay in the prompt, so LoRAs are applied by name.
-_INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, VAE_HASH_KEY, TI_HASHES_KEY, LORA_HASHES_KEY, SIZE_KEY, VERSION_KEY,
+_INFORMATIONAL_KEYS = frozenset({MODEL_HASH_KEY, VAE_HASH_KEY, TI_HASHES_KEY, LORA_HASHES_KEY, SIZE_KEY, HIRES_RESIZE_KEY, VERSION_KEY,
                                  *STOPPED_EARLY_KEYS.values()})
 
 

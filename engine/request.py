@@ -18,7 +18,7 @@ from .sampling import table as samplers
 from .errors import ValidationError
 from .fields import (  # noqa: F401 - the choice lists are declared with their fields; re-exported for existing callers
     FIELDS, INPAINT_AREAS, MASKED_CONTENT, MODES, OUTPAINT_SIDES, PREVIEW_METHODS, RESIZE_MODES, RNG_SOURCES, VAE_AUTOMATIC, VAE_NONE,
-    Field, default,
+    SAME_SAMPLER, SAME_SCHEDULE, Field, default,
 )
 from .prompts import weight_problem
 
@@ -144,10 +144,22 @@ class GenerationRequest:
     eta_noise_seed_delta: int = default("eta_noise_seed_delta")
     rng: str = default("rng")
     vae: str = default("vae")
+    enable_hr: bool = default("enable_hr")
+    hr_upscaler: str = default("hr_upscaler")
+    hr_second_pass_steps: int = default("hr_second_pass_steps")
+    hr_scale: float = default("hr_scale")
+    hr_resize_x: int = default("hr_resize_x")
+    hr_resize_y: int = default("hr_resize_y")
+    hr_sampler_name: str = default("hr_sampler_name")
+    hr_scheduler: str = default("hr_scheduler")
+    hr_prompt: str = default("hr_prompt")
+    hr_negative_prompt: str = default("hr_negative_prompt")
+    refiner_checkpoint: str = default("refiner_checkpoint")
+    refiner_switch_at: float = default("refiner_switch_at")
     extensions: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("prompt", "negative_prompt"):
+        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
             value = getattr(self, name)
             _check_text(name, value, FIELDS[name].max_length)
             surrogate = _LONE_SURROGATE.search(value)
@@ -171,6 +183,7 @@ class GenerationRequest:
         if not isinstance(self.zero_terminal_snr, bool):
             raise ValidationError("zero_terminal_snr", "must be true or false")
         samplers.check_combination(sampler, schedule, self.zero_terminal_snr)
+        self._resolve_hires_sampling()
 
         for declared in FIELDS.core():
             if declared.name in _CHECKED_ABOVE or declared.name not in _DATACLASS_FIELDS:
@@ -188,6 +201,35 @@ class GenerationRequest:
         if not isinstance(self.extensions, Mapping):
             raise ValidationError("extensions", "must map extension names to their settings")
         object.__setattr__(self, "extensions", MappingProxyType(dict(self.extensions)))
+
+    def _resolve_hires_sampling(self) -> None:
+        """The second pass's sampler and schedule: "Use same …" or a name/alias, resolved like the first pass's."""
+        for name in ("hr_sampler_name", "hr_scheduler"):
+            if not isinstance(getattr(self, name), str):
+                raise ValidationError(name, f"must be a name, got {getattr(self, name)!r}")
+        hr_sampler, hr_schedule = self.hr_sampler_name, self.hr_scheduler
+        legacy_schedule = None
+        if hr_sampler != SAME_SAMPLER:
+            try:
+                hr_sampler, legacy_schedule = samplers.split_legacy_name(hr_sampler)
+            except ValidationError as error:
+                raise ValidationError("hr_sampler_name", error.message) from None
+        if hr_schedule != SAME_SCHEDULE:
+            try:
+                hr_schedule = samplers.find_schedule(hr_schedule).name
+            except ValidationError as error:
+                raise ValidationError("hr_scheduler", error.message) from None
+        if legacy_schedule and hr_schedule == SAME_SCHEDULE:
+            hr_schedule = legacy_schedule
+        object.__setattr__(self, "hr_sampler_name", hr_sampler)
+        object.__setattr__(self, "hr_scheduler", hr_schedule)
+        if self.enable_hr is True:
+            sampler = self.sampler if hr_sampler == SAME_SAMPLER else hr_sampler
+            schedule = self.schedule if hr_schedule == SAME_SCHEDULE else hr_schedule
+            try:
+                samplers.check_combination(sampler, schedule, self.zero_terminal_snr)
+            except ValidationError as error:
+                raise ValidationError("hr_scheduler" if hr_schedule != SAME_SCHEDULE else "hr_sampler_name", error.message) from None
 
     @property
     def mode(self) -> str:
@@ -212,7 +254,8 @@ class GenerationRequest:
 _DATACLASS_FIELDS = frozenset(GenerationRequest.field_names())
 # Checked in __post_init__ before the declared checks: prompts (surrogates, weights), the model name, and the
 # sampler and schedule (resolved from aliases and legacy names first); extensions are checked by their owners.
-_CHECKED_ABOVE = frozenset({"prompt", "negative_prompt", "model", "sampler", "schedule", "zero_terminal_snr", "extensions"})
+_CHECKED_ABOVE = frozenset({"prompt", "negative_prompt", "model", "sampler", "schedule", "zero_terminal_snr", "extensions",
+                            "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"})
 
 
 STOP_REASONS = ("interrupted", "skipped")

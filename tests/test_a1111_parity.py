@@ -98,3 +98,16 @@ def test_demo_img2img_matches_a1111(demo_engine, reference_cache, sampler):
     outcome = compare(demo_engine, demo_engine.registry, "sfumato-demo", sampler, "Automatic", cache=reference_cache,
                       init_image=_init_image(), strength=0.6)
     _assert_matches(outcome)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler, upscaler", [("Euler a", "Latent"), ("DPM++ 2M", "Latent"), ("DPM++ 2M SDE", "Latent"),
+                                               ("Euler a", "Lanczos")])
+def test_demo_hires_fix_matches_a1111(demo_engine, sampler, upscaler):
+    """Hires fix, 64 → 128 at strength 0.6: the second pass (new noise for the new shape from the same seeds, the img2img
+    σ tail, the SDE samplers' Brownian tree) meets the first pass's target, after a latent or a pixel upscale."""
+    from tests.a1111_reference.ref_parity import compare_hires
+
+    outcome = compare_hires(demo_engine, demo_engine.registry, "sfumato-demo", sampler, strength=0.6, upscaler=upscaler)
+    _assert_matches(outcome)
+    assert outcome.latent_diff is not None and outcome.latent_diff <= LATENT_TOLERANCE, outcome

@@ -354,3 +354,19 @@ def test_controlnet_unit_in_alwayson_scripts_changes_the_result(server, studio):
     assert detected.status_code == 200 and decode_b64(detected.json()["images"][0]).size[0] > 0
     refused = post(server, "/controlnet/detect", {"controlnet_module": "canny", "controlnet_input_images": ["%%%"]})
     assert refused.status_code == 422 and refused.json()["field"].startswith("controlnet_input_images")
+
+
+def test_txt2img_with_enable_hr_comes_back_at_the_hires_size_with_the_hires_keys(server):
+    body, info, images = generate(server, prompt="a red circle", seed=7, enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos",
+                                  hr_second_pass_steps=2, denoising_strength=0.5, hr_sampler_name=None)
+    assert [image.size for image in images] == [(96, 96)]
+    assert (info["width"], info["height"], info["denoising_strength"]) == (96, 96, 0.5)
+    infotext = info["infotexts"][0]
+    assert "Size: 64x64," in infotext  # the first pass's, as A1111 writes it
+    for entry in ("Denoising strength: 0.5", "Hires upscale: 1.5", "Hires steps: 2", "Hires upscaler: Lanczos"):
+        assert entry in infotext
+    assert "Hires sampler" not in infotext  # null: the first pass's sampler
+    refused = post(server, "/sdapi/v1/txt2img", {**FAST, "enable_hr": True, "hr_upscaler": "4x-Nothing"})
+    assert refused.status_code == 422 and "hr_upscaler" in refused.text
+    modes = requests.get(server.url + "/sdapi/v1/latent-upscale-modes", timeout=10).json()
+    assert modes[0] == {"name": "Latent"} and {"name": "Latent (nearest-exact)"} in modes

@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest
 import torch
 
-from bench import caching, first_preview, limit, networks, peer, previews, scaling, upscaling
+from bench import caching, first_preview, hires, limit, networks, peer, previews, scaling, upscaling
 from bench.fixtures import BenchContext, BenchModels, quiet_libraries
 from bench.report import README_END, README_START, BenchResult, Row, write_readme
 from bench.server import unavailable_reason
@@ -97,7 +97,8 @@ def test_scaling_bench_measures_sizes_batches_memory_and_plots(ctx):
 
 def test_upscaling_bench_measures_tiled_and_whole_peaks(ctx):
     figures = upscaling.run(ctx).figures
-    assert figures["side"] == 256 and figures["whole_extra_mb"] > 0 and figures["tiled_extra_mb"] > 0
+    # Peak RSS moves in pages the allocator may already hold: a tiled run can add nothing measurable at this size.
+    assert figures["side"] == 256 and figures["whole_extra_mb"] > 0 and figures["tiled_extra_mb"] >= 0
     assert figures["max_difference_255"] < 2  # the same picture, tile seams blended
 
 
@@ -196,3 +197,10 @@ def test_scaling_runs_full_points_then_short_ones_up_to_the_largest_size_that_fi
     assert [(p["size"], p["short"]) for p in sizes] == [(64, False), (128, False), (256, False), (512, True)]
     monkeypatch.setattr(scaling, "available_mb", lambda: 100.0)  # 512² would need 64 MiB, over half of 100
     assert [p["size"] for p in scaling.measure(ctx, "m")["sizes"]] == [64, 128, 256]
+
+
+def test_hires_bench_reports_the_second_pass_as_a_ratio_of_the_first(ctx):
+    figures = hires.run(ctx).figures["hires_fix"]
+    # one noisy repetition in smoke mode: the figures are reported, not judged
+    assert figures["pairs"] >= 1 and figures["hires_ms"] > 0 and figures["plain_ms"] > 0
+    assert isinstance(figures["second_pass_ratio"], float)

@@ -218,7 +218,10 @@ def ui_problem(field: Field, tabs: dict) -> str | None:
             return f"{mode}: number box {component.minimum}..{component.maximum}, declared {field.range}"
         if field.control in ("dropdown", "radio"):
             declared = list(MASK_MODES) if field.name == "invert_mask" else field.choice_list()
-            if not set(_choices(component)) <= set(declared) or (field.name != "schedule" and _choices(component) != declared):
+            if declared is None:  # choices found when the tab is built (hr_upscaler: the upscalers available)
+                if not _choices(component) or field.default not in _choices(component):
+                    return f"{mode}: offers {_choices(component)}, without its default {field.default!r}"
+            elif not set(_choices(component)) <= set(declared) or (field.name != "schedule" and _choices(component) != declared):
                 return f"{mode}: offers {_choices(component)}, declared {declared}"
         shown = component.value
         expected = (MASK_MODES[1] if field.default else MASK_MODES[0]) if field.name == "invert_mask" else field.default
@@ -407,7 +410,8 @@ def test_api_extension_settings_arrive_under_the_declared_name():
 # --- infotext -------------------------------------------------------------------------------------
 
 # Values that make a conditionally written key apply (a variation seed is written only with a strength, ...).
-_ENABLING = {"subseed_strength": 0.5, "inpaint_area": "Only masked", "sampler": "Euler a"}  # Euler a takes eta and draws noise (ENSD)
+_ENABLING = {"subseed_strength": 0.5, "inpaint_area": "Only masked", "sampler": "Euler a", "enable_hr": True,
+              "refiner_checkpoint": "a-refiner"}  # Euler a takes eta and draws noise (ENSD)
 
 
 def _written_request(field: Field) -> GenerationRequest | None:
@@ -451,19 +455,19 @@ def test_a1111_infotext_without_rng_says_it_was_gpu_noise_and_names_what_it_cann
     from engine.infotext import loading_notes, parse_infotext, request_fields_from_infotext
 
     text = ("a cat\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 64x64, Clip skip: 2, "
-            "ENSD: 31337, Hires upscale: 2, Version: v1.10.1")
+            "ENSD: 31337, Face restoration: CodeFormer, Version: v1.10.1")
     params = parse_infotext(text)
     applied = request_fields_from_infotext(params)
     assert (applied["clip_skip"], applied["eta_noise_seed_delta"]) == (2, 31337) and "rng" not in applied
     notes = loading_notes(params, applied)
     assert any('"RNG"' in note and "GPU" in note and "different picture" in note for note in notes)
-    assert any("Hires upscale: 2" in note for note in notes)
+    assert any("Face restoration: CodeFormer" in note for note in notes)
     assert not any('"RNG"' in note for note in loading_notes(parse_infotext(text.replace("Clip skip", "RNG: CPU, Clip skip")),
                                                                  applied))
 
 
 A1111_IMG2IMG = ("a cat\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 64x64, "
-                 "Denoising strength: 0.5, Hires upscale: 2, Version: v1.10.1")
+                 "Denoising strength: 0.5, Resize mode: Just resize, Face restoration: CodeFormer, Version: v1.10.1")
 
 
 def test_png_info_shows_what_an_infotext_cannot_reproduce(tmp_path):
@@ -475,14 +479,14 @@ def test_png_info_shows_what_an_infotext_cannot_reproduce(tmp_path):
     info.add_text("parameters", A1111_IMG2IMG)
     INIT.save(tmp_path / "a1111.png", pnginfo=info)
     _, parsed, _, _, summary = read_image_info(str(tmp_path / "a1111.png"))
-    assert '"RNG"' in summary and "GPU" in summary and "Hires upscale: 2" in summary
+    assert '"RNG"' in summary and "GPU" in summary and "Face restoration: CodeFormer" in summary
     assert parsed["notes"] and parsed["restores"]["denoising_strength"] == 0.5
 
 
 def test_sending_an_infotext_names_what_the_target_tab_cannot_use(tabs):
     from ui.send_to import infotext_notes
 
-    assert any("Not used by txt2img: Denoising strength" in note for note in infotext_notes(A1111_IMG2IMG, tabs["txt2img"]))
+    assert any("Not used by txt2img: Resize mode" in note for note in infotext_notes(A1111_IMG2IMG, tabs["txt2img"]))
     assert not any("Not used by" in note for note in infotext_notes(A1111_IMG2IMG, tabs["img2img"]))
 
 

@@ -414,8 +414,9 @@ def test_saving_a_preset_keeps_what_the_artist_chose_and_leaves_out_defaults():
     values = {"prompt": "a {prompt}", "negative_prompt": "", "sampler": "Euler", "schedule": "Karras", "steps": 13,
               "cfg_scale": 4.5, "seed": -1, "zero_terminal_snr": False, "denoising_strength": 0.75, "width": 64, "height": 64}
     saved = saved_fields("txt2img", values, "some-model", include_model=False)
+    # txt2img holds the denoising strength too: hires fix's second pass uses it
     assert saved == {"prompt": "a {prompt}", "sampler": "Euler", "schedule": "Karras", "steps": 13, "cfg_scale": 4.5,
-                     "width": 64, "height": 64}
+                     "width": 64, "height": 64, "denoising_strength": 0.75}
     assert saved_fields("img2img", {**values, "seed": 3}, "m", include_model=True)["model"] == "m"
 
 

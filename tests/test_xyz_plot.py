@@ -83,16 +83,17 @@ def test_every_plain_field_is_an_axis_and_a_new_field_becomes_one(monkeypatch):
     assert {"nothing", "seed", "prompt_sr", "size", "checkpoint", "vae"} <= names
     assert "denoising_strength" in {axis.name for axis in axis_types("img2img")}
     assert "Hires steps" in a1111_labels("txt2img") and "Hires steps" not in a1111_labels("img2img")
-    with pytest.raises(ValidationError, match=r"5 \(Hires steps\) is not supported"):
-        a1111_axis(5, "txt2img", "x")
-    # A field declared later (as the hires fields will be) is an axis at once, under A1111's label and index.
-    declared = Field("hr_second_pass_steps", int, 0, range=(0, 150), label="Hires steps", control="slider",
-                     api="hr_second_pass_steps", modes=("txt2img",))
-    monkeypatch.setitem(FIELDS._fields, declared.name, declared)
+    # The hires fields were declared after the plot was written: they are axes with no change to it,
+    # under A1111's labels and indices.
     axis = a1111_axis(5, "txt2img", "x")
     assert (axis.name, axis.label, axis.value_type) == ("hr_second_pass_steps", "Hires steps", int)
     assert find_axis("hires steps").name == "hr_second_pass_steps"
+    assert a1111_axis(10, "txt2img", "x").name == "hr_sampler_name"  # indices count the tab's own list
     assert "hr_second_pass_steps" not in {axis.name for axis in axis_types("img2img")}
+    # A field declared later still is an axis at once.
+    declared = Field("hr_future_knob", int, 0, range=(0, 9), label="Future knob", control="slider", modes=("txt2img",))
+    monkeypatch.setitem(FIELDS._fields, declared.name, declared)
+    assert find_axis("future knob").name == "hr_future_knob"
     # An extension's field is its own settings inside request.extensions, never a request attribute: not an axis.
     owned = Field("cn_weight", float, 1.0, range=(0, 2), label="Control weight", control="slider", owner="controlnet")
     monkeypatch.setitem(FIELDS._fields, owned.name, owned)

@@ -395,7 +395,7 @@ def info_json(result: GenerationResult, body: GenerationParams, job_timestamp: s
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": request.denoising_strength if request.mode != "txt2img" else None,
+        "denoising_strength": request.denoising_strength if request.mode != "txt2img" or request.enable_hr else None,
         "extra_generation_params": {key: value for key, value in parsed.items() if key not in _STANDARD_INFOTEXT_KEYS},
         "index_of_first_image": 0,
         "infotexts": infotexts,

@@ -67,7 +67,7 @@ class GenerationParams(_Lenient):
     cfg_scale: Float = Field(7.0, description="Classifier-free guidance scale.")
     width: Int | None = Field(None, description="Output width (multiple of 8). Default: the model's native width (txt2img) or the init image's width (img2img).")
     height: Int | None = Field(None, description="Output height (multiple of 8). Default: the model's native height (txt2img) or the init image's height (img2img).")
-    denoising_strength: Float | None = Field(None, description=f"img2img: how much to change the init image, 0..1 (default {FIELDS['denoising_strength'].default}). Ignored by txt2img.")
+    denoising_strength: Float | None = Field(None, description=f"How much to change the init image (img2img) or the upscaled first pass (txt2img with enable_hr), 0..1 (default {FIELDS['denoising_strength'].default}).")
     eta: Float | None = Field(None, description="Noise multiplier of ancestral, SDE and DDIM samplers, 0..1; null: the sampler's own default.")
     override_settings: dict[str, Any] | None = Field(None, description="Per-request settings: 'sd_model_checkpoint' picks the model for this request only; "
                                                      "'CLIP_stop_at_last_layers' (clip skip), 'eta_noise_seed_delta' (ENSD) and 'randn_source' "
@@ -75,6 +75,10 @@ class GenerationParams(_Lenient):
     override_settings_restore_afterwards: bool = Field(True, description="Accepted for compatibility; overrides never outlive the request in Sfumato.")
     send_images: bool = Field(True, description="Return the images as base64 PNG.")
     save_images: bool = Field(False, description="Also save the images to the outputs folder.")
+    refiner_checkpoint: str | None = Field(None, description=f"{FIELDS['refiner_checkpoint'].help} A1111's checkpoint title "
+                                                              "('name [hash]') or a model name.")
+    refiner_switch_at: Float | None = Field(None, description=f"{FIELDS['refiner_switch_at'].help} "
+                                                              f"Default {FIELDS['refiner_switch_at'].default}.")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Extension arguments, {'<extension name>': {'args': [...]}}; unknown scripts are ignored.")
     script_name: str | None = Field(None, description="'x/y/z plot' runs A1111's X/Y/Z plot with script_args; any other script is a 422.")
     script_args: list[Any] = Field(default_factory=list, description="The X/Y/Z plot's arguments in A1111 1.10's order: x_type, x_values, "
@@ -83,8 +87,25 @@ class GenerationParams(_Lenient):
                                    "indices into A1111's axis list for the tab.")
 
 
+def _hires(name: str):
+    """A hires-fix payload field as A1111 1.10 names it, with the declared default and help (engine/fields.py)."""
+    declared = FIELDS[name]
+    return Field(declared.default, description=f"{declared.label}: {declared.help}".rstrip(": "))
+
+
 class Txt2ImgRequest(GenerationParams):
-    """POST /sdapi/v1/txt2img."""
+    """POST /sdapi/v1/txt2img; ``enable_hr`` adds A1111's hires fix (first pass, upscale, second pass)."""
+
+    enable_hr: bool = _hires("enable_hr")
+    hr_scale: Float = _hires("hr_scale")
+    hr_upscaler: str | None = _hires("hr_upscaler")
+    hr_second_pass_steps: Int = _hires("hr_second_pass_steps")
+    hr_resize_x: Int = _hires("hr_resize_x")
+    hr_resize_y: Int = _hires("hr_resize_y")
+    hr_sampler_name: str | None = _hires("hr_sampler_name")
+    hr_scheduler: str | None = _hires("hr_scheduler")
+    hr_prompt: str = _hires("hr_prompt")
+    hr_negative_prompt: str = _hires("hr_negative_prompt")
 
 
 class Img2ImgRequest(GenerationParams):

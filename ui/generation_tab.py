@@ -187,6 +187,9 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
             if mode != "txt2img":
                 denoising = F.control("denoising_strength", mode, "denoising", info=None)
                 resize_mode = F.control("resize_mode", mode)
+            else:
+                hires_controls = _hires_accordion(studio, mode)
+            refiner_controls = _refiner_accordion(studio, mode)
             seed, seed_random, seed_reuse = _seed_row(mode, "seed", RANDOM_SEED, REUSE_SEED)
             with gr.Accordion(F.FIELDS["subseed"].label, open=False, elem_id=f"{mode}_variation"):
                 subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", RANDOM_SUBSEED, REUSE_SUBSEED)
@@ -233,6 +236,11 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     if mode != "txt2img":
         fields.add(F.simple("denoising_strength", denoising))
         fields.add(F.simple("resize_mode", resize_mode))
+    else:
+        for name, component in hires_controls.items():
+            fields.add(F.simple(name, component))
+    for name, component in refiner_controls.items():
+        fields.add(F.simple(name, component))
     if mode == "inpaint":
         for binding in inpaint_bindings:
             fields.add(binding)
@@ -309,6 +317,53 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     interrupt.click(stop, None, None, api_name=f"{mode}_interrupt", concurrency_limit=None)
     skip.click(skip_image, None, None, api_name=f"{mode}_skip", concurrency_limit=None)
     return tab
+
+
+# A1111's "Hires. fix" rows: upscaler, steps and strength; the target size; the second pass's sampling; its prompts.
+_HIRES_ROWS = (("hr_upscaler", "hr_second_pass_steps", "denoising_strength"), ("hr_scale", "hr_resize_x", "hr_resize_y"),
+               ("hr_sampler_name", "hr_scheduler"), ("hr_prompt", "hr_negative_prompt"))
+
+
+def _hires_accordion(studio, mode: str) -> dict[str, Any]:
+    """txt2img's "Hires. fix": its switch, then every field declared in the hires group (and the shared denoising
+    strength), laid out in A1111's rows. The upscaler list is what the registry offers when the tab is built."""
+    from engine.fields import HIRES_GROUP
+    from engine.hires import upscaler_names
+
+    declared = [field.name for field in F.FIELDS.core() if field.group == HIRES_GROUP]
+    laid_out = [name for row in _HIRES_ROWS for name in row]
+    missing = [name for name in declared if name not in laid_out and name != "enable_hr"]
+    controls: dict[str, Any] = {}
+    with gr.Accordion("Hires. fix", open=False, elem_id=f"{mode}_hires"):
+        controls["enable_hr"] = F.control("enable_hr", mode)
+        for row in (*_HIRES_ROWS, tuple(missing)):
+            with gr.Row():
+                for name in row:
+                    extra = {"choices": upscaler_names(getattr(studio, "registry", None))} if name == "hr_upscaler" else {}
+                    controls[name] = F.control(name, mode, info=None, **extra)
+    return controls
+
+
+def _refiner_accordion(studio, mode: str) -> dict[str, Any]:
+    """A1111's "Refiner": a checkpoint (empty: none) and the fraction of the pass where it takes over, from the
+    fields declared in the refiner group."""
+    from engine.fields import REFINER_GROUP
+
+    names = [""]
+    registry = getattr(studio, "registry", None)
+    if registry is not None and hasattr(registry, "names"):
+        try:
+            names += list(registry.names())
+        except Exception:  # noqa: BLE001 - a model folder that cannot be listed leaves the choice empty
+            pass
+    controls: dict[str, Any] = {}
+    with gr.Accordion("Refiner", open=False, elem_id=f"{mode}_refiner"):
+        with gr.Row():
+            for field in F.FIELDS.core():
+                if field.group == REFINER_GROUP:
+                    extra = {"choices": names} if field.name == "refiner_checkpoint" else {}
+                    controls[field.name] = F.control(field.name, mode, info=None, **extra)
+    return controls
 
 
 def _inpaint_canvas():

@@ -120,3 +120,34 @@ def _latents_seen(engine):
         yield seen
     finally:
         del engine._decode
+
+
+def compare_hires(engine, registry, model: str, sampler: str, strength: float, size: int = 64, scale: float = 2.0,
+                  upscaler: str = "Latent") -> Outcome:
+    """txt2img with hires fix (a latent mode, or Lanczos/Nearest) against the reference's two passes."""
+    from engine import GenerationRequest
+
+    from .ref_hires import hires_latents
+
+    loaded = registry.load(model)
+    p = Params.from_infotext({"Prompt": PROMPT, "Negative prompt": NEGATIVE, "Steps": STEPS, "Sampler": sampler,
+                              "Schedule type": "Automatic", "CFG scale": CFG, "Seed": SEED, "Size": f"{size}x{size}",
+                              "Denoising strength": strength})
+    conditioning = engine_conditioning(loaded, PROMPT, NEGATIVE, size, size)
+    big = int(size * scale)
+    _, reference_latents = hires_latents(loaded.pipeline, p, conditioning, engine_conditioning(loaded, PROMPT, NEGATIVE, big, big),
+                                         scale=scale, upscaler=upscaler)
+    truncated = to_uint8(decode(loaded.pipeline, reference_latents))[0]
+    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, model=model, sampler=sampler, steps=STEPS, cfg_scale=CFG,
+                                width=size, height=size, seed=SEED, rng="CPU", preview_every=0, enable_hr=True, hr_scale=scale,
+                                hr_upscaler=upscaler, denoising_strength=strength)
+    with _latents_seen(engine) as seen:
+        result = engine.generate(request)
+    ours = np.asarray(result.images[0].image.convert("RGB"), dtype=np.int16)
+    if ours.shape != truncated.shape:
+        return Outcome(sampler, "Automatic", refused=f"size {ours.shape[:2]}, A1111's {truncated.shape[:2]}")
+    latent_diff = None
+    if seen:
+        latent_diff = float((seen[-1].float().cpu() - reference_latents).abs().max() / reference_latents.std())
+    return Outcome(sampler, "Automatic", max_diff=int(np.abs(ours - truncated.astype(np.int16)).max()),
+                   exact_truncation=bool(np.array_equal(ours, truncated)), latent_diff=latent_diff)
