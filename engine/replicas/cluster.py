@@ -32,7 +32,6 @@ class ScaleOut:
     ray_address: str | None = None  # None: start a local Ray on 127.0.0.1
     threads: int = 1  # torch threads (and CPUs reserved) per CPU replica
     num_cpus: int | None = None  # the local Ray's CPUs (None: Ray counts them)
-    timeout_s: float = 300.0  # how long the replicas may take to start
 
     @property
     def autoscaling(self) -> bool:

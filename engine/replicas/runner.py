@@ -42,6 +42,7 @@ class ReplicaRunner:
         self.default_model = default_model
         self.attempts = attempts
         self.reruns = 0  # jobs sent again after their replica died (for tests and the bench)
+        self.actors: dict[str, str] = {}  # replica name → its Ray actor's name (in Serve's namespace), as replicas report it
 
     def run(self, job: Job, on_progress: ProgressCallback) -> GenerationResult:
         if job.work is not None:  # an X/Y/Z plot: each cell is one job on a replica
@@ -73,11 +74,11 @@ class ReplicaRunner:
         finally:
             self.signals.forget.remote(key)
 
-    @staticmethod
-    def _follow(stream, on_progress: ProgressCallback | None, cancel: CancelToken, job: Job | None) -> GenerationResult:
+    def _follow(self, stream, on_progress: ProgressCallback | None, cancel: CancelToken, job: Job | None) -> GenerationResult:
         for event in stream:
             kind = event["kind"]
             if kind == "started":
+                self.actors[event["replica"]] = event["actor"]
                 if job is not None:
                     job.ran_on = event["replica"]
             elif kind == "progress":
