@@ -76,6 +76,29 @@ def wait_until(condition, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
+# -- flags and options (no Ray needed) -------------------------------------------------------------------------
+
+def test_the_serve_flags_map_onto_ray_serve_options():
+    from engine.replicas.cluster import ScaleOut, deployment_options
+    from ui.cli import build_parser, scale_out
+
+    args, _ = build_parser().parse_known_args(["--api", "serve", "--replicas", "2", "--auth", "a:b", "--port", "7999"])
+    assert (args.api, args.auth, args.port) == (True, "a:b", 7999)  # the usual flags, before or after `serve`
+    assert scale_out(args) == ScaleOut(replicas=2)
+    assert scale_out(build_parser().parse_known_args(["serve"])[0]) is None  # no scale flag: jobs run in this process
+
+    on_gpus = deployment_options(ScaleOut(replicas="auto"), gpus=4, cpus=32)
+    assert on_gpus["num_replicas"] == 4 and on_gpus["ray_actor_options"] == {"num_gpus": 1}
+    on_cpus = deployment_options(ScaleOut(replicas=3, threads=2), gpus=0, cpus=8)
+    assert on_cpus["num_replicas"] == 3 and on_cpus["ray_actor_options"] == {"num_cpus": 2}
+    assert on_cpus["max_ongoing_requests"] == 1  # a replica runs one job at a time; the queue waits for a free one
+    scaling = deployment_options(ScaleOut(min_replicas=1, max_replicas=6), gpus=8, cpus=64)
+    assert "num_replicas" not in scaling
+    assert {key: scaling["autoscaling_config"][key] for key in ("min_replicas", "max_replicas")} == {"min_replicas": 1, "max_replicas": 6}
+    with pytest.raises(ValueError):
+        deployment_options(ScaleOut(min_replicas=4, max_replicas=2), gpus=0, cpus=8)
+
+
 # -- load -------------------------------------------------------------------------------------------------------
 
 def test_forty_jobs_from_four_clients_are_all_answered_once_and_to_the_right_client(serving):
