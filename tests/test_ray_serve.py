@@ -147,6 +147,20 @@ def test_forty_jobs_from_four_clients_are_all_answered_once_and_to_the_right_cli
     assert duplicated == [] and set(saved) >= sent  # each saved exactly once, by the front process's one writer
 
 
+def test_an_xyz_plot_runs_its_cells_on_the_replicas(serving):
+    _, _, server = serving
+    script_args = [4, "2,3", [], 9, "", ["Euler", "DPM++ 2M"], 0, "", [], True, True]  # X = Steps, Y = Sampler
+    body = {"prompt": "a plotted fox", "steps": 3, "width": 64, "height": 64, "seed": 33,
+            "script_name": "X/Y/Z plot", "script_args": script_args}
+    answer = requests.post(server.url + "/sdapi/v1/txt2img", json=body, auth=USERS[0], timeout=TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    infotexts = json.loads(answer.json()["info"])["infotexts"]
+    cells = [dict(re.findall(r"(Steps|Sampler): ([^,]+)", text)) for text in infotexts[1:]]
+    assert cells == [{"Steps": "2", "Sampler": "Euler"}, {"Steps": "3", "Sampler": "Euler"},
+                     {"Steps": "2", "Sampler": "DPM++ 2M"}, {"Steps": "3", "Sampler": "DPM++ 2M"}]
+    assert all("Seed: 33," in text for text in infotexts[1:])
+
+
 # -- previews and interrupts ----------------------------------------------------------------------------------------
 
 def test_previews_arrive_from_the_replica_during_a_job(serving):
