@@ -389,6 +389,17 @@ def run_extension_command(command, args: argparse.Namespace) -> int:
 
 
 # -- serve ----------------------------------------------------------------------
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a service manager, ``kill``) stops the server the way Ctrl+C does, so the replicas and the
+    Ray this process started are shut down too rather than left running."""
+    import signal
+
+    def interrupt(_signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_server(args: argparse.Namespace) -> int:
     from engine.studio import Studio
     from ui.server import listen_warning, parse_allowed_hosts, parse_auth, serve
@@ -414,6 +425,7 @@ def run_server(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise CliError(str(error)) from None
         print(f"Jobs run on {replicas.count} engine replica(s) on Ray Serve", flush=True)
+        _stop_on_sigterm()
     warning = listen_warning(args.listen, auth)
     if warning:
         print(warning, file=sys.stderr, flush=True)

@@ -122,10 +122,12 @@ def start_replicas(studio, scale: ScaleOut) -> Replicas:
 
 
 def stop_replicas(replicas: Replicas) -> None:
+    """Delete the deployment; stop Serve and Ray too when ``start_replicas`` started them."""
     import ray
     from ray import serve
 
-    serve.delete(APP_NAME)
-    if replicas.started_ray:
+    if replicas.started_ray:  # ours alone: stopping Serve deletes the application with it
         serve.shutdown()
         ray.shutdown()
+    else:
+        serve.delete(APP_NAME)
