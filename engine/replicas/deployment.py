@@ -40,7 +40,7 @@ class EngineReplica:
         self.engine = Engine(self.registry, build_extensions(config))
         self.signals = signals
         context = serve.get_replica_context()
-        self.name = getattr(getattr(context, "replica_id", None), "unique_id", None) or context.replica_tag
+        self.name = context.replica_id.unique_id
         self.actor_name = ray.get_runtime_context().get_actor_name()
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
@@ -50,10 +50,6 @@ class EngineReplica:
 
         await asyncio.to_thread(self._on_threads, run_on_compute_thread, self.registry.load, model_id)
         return model_id
-
-    def identity(self) -> dict:
-        """Who this replica is: its Serve name and its Ray actor's name (what ``ray.kill`` takes)."""
-        return {"replica": self.name, "actor": self.actor_name}
 
     async def run(self, request: GenerationRequest, key: str):
         """Run one job, streaming its events; interrupt and skip arrive through the signals actor under ``key``."""
