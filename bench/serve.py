@@ -1,15 +1,16 @@
 """Bench: serve mode (engine replicas on Ray Serve) against one process, on the demo model.
 
-Two figures:
+Two figures, on one deployment of 2 CPU replicas (one torch thread each) on a local Ray:
 
-- throughput: the same batch of jobs through the studio's queue with 2 CPU replicas, and with 1, one torch
-  thread each on a local Ray; ``2 replicas ÷ 1`` in jobs per second (ideal 2×, aim ≥ 1.6× on 2 cores);
-- overhead: one job at a time through Ray (queue → handle → replica → streamed result) ÷ the same job run by
-  an engine in this process with one thread; the difference is Ray's and the queue's cost per job.
+- throughput: the same batch of jobs through the studio's queue with both replicas working (2 jobs in flight)
+  and with one (1 job in flight: the other replica idles, costing nothing); ``2 replicas ÷ 1`` in jobs per
+  second (ideal 2×, aim ≥ 1.6× on 2 cores). The two are alternated over a few rounds and their medians
+  compared, so a change in the machine's load during the bench touches both alike;
+- overhead: one job alone through Ray (queue → handle → replica → streamed result) ÷ the same job run by an
+  engine in this process with one thread, alternated likewise; the difference is Ray's and the queue's cost.
 
-Each deployment is a fresh local Ray (num_cpus = the replicas it holds), started, warmed (each replica
-loads the model once) and shut down inside the bench; nothing is saved (``save=False``). Smoke mode skips:
-starting Ray takes tens of seconds. The GPU case (a replica per GPU) is not measured here.
+Ray is started, warmed (each replica loads the model once) and shut down inside the bench; nothing is
+saved. Smoke mode skips: starting Ray takes tens of seconds. GPUs are not measured here.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from .report import BenchResult, Row
 from .timing import clock, median, ms
 
 JOBS = {"quick": 12, "full": 24}
+ROUNDS = {"quick": 3, "full": 5}
 OVERHEAD_REPETITIONS = {"quick": 5, "full": 11}
 THROUGHPUT_GOAL = 1.6  # 2 replicas ÷ 1, on 2 cores with one thread each
+REPLICAS = 2
 
 
 def _studio(folder: Path):
@@ -35,37 +38,42 @@ def _studio(folder: Path):
     return Studio(config)
 
 
-def _deployment(replicas: int, ctx: BenchContext, requests: list, local_run=None) -> dict:
-    """Start ``replicas`` replicas, warm each, run ``requests`` all queued at once; with ``local_run`` also time
-    the first request alone through Ray, alternating with ``local_run`` (the same job in this process) so both
-    see the same load. Ray is shut down before returning."""
-    from engine.replicas import ScaleOut, start_replicas, stop_replicas
+def _batch_s(queue, requests: list) -> float:
+    tick = clock()
+    for job in [queue.submit(req, save=False) for req in requests]:
+        job.wait(600)
+    return clock() - tick
 
+
+def _measure(ctx: BenchContext, requests: list, local_run) -> dict:
+    from engine.jobs import JobQueue
+    from engine.replicas import ReplicaRunner, ScaleOut, start_replicas, stop_replicas
+
+    mode = ctx.mode.name
     with tempfile.TemporaryDirectory(prefix="sfumato-bench-serve-") as folder:
         studio = _studio(Path(folder))
         tick = clock()
-        running = start_replicas(studio, ScaleOut(replicas=replicas, num_cpus=replicas, threads=1))
+        running = start_replicas(studio, ScaleOut(replicas=REPLICAS, num_cpus=REPLICAS, threads=1))
         started_s = clock() - tick
         try:
-            for job in [studio.jobs.submit(requests[0], save=False) for _ in range(replicas)]:
-                job.wait(600)  # each replica loads the model once
-            tick = clock()
-            jobs = [studio.jobs.submit(req, save=False) for req in requests]
-            for job in jobs:
-                job.wait(600)
-            batch_s = clock() - tick
-            figures = {"replicas": replicas, "jobs": len(jobs), "batch_s": round(batch_s, 3),
-                       "jobs_per_s": round(len(jobs) / batch_s, 3), "start_s": round(started_s, 1),
-                       "replicas_used": len({job.ran_on for job in jobs})}
-            if local_run is not None:
-                alone, local = [], []
-                for _ in range(OVERHEAD_REPETITIONS.get(ctx.mode.name, 5)):
-                    local.append(local_run())
-                    tick = clock()
-                    studio.jobs.submit(requests[0], save=False).wait(600)
-                    alone.append(clock() - tick)
-                figures["one_job_ms"], figures["local_one_job_ms"] = ms(median(alone)), ms(median(local))
-            return figures
+            runner = running.runner
+            queues = {slots: JobQueue(studio.engine, runner=ReplicaRunner(running.handle, running.signals, slots, studio.default_model))
+                      for slots in (1, REPLICAS)}
+            _batch_s(queues[REPLICAS], requests[:REPLICAS])  # each replica loads the model once
+            batches: dict[int, list[float]] = {1: [], REPLICAS: []}
+            for _ in range(ROUNDS.get(mode, 3)):
+                for slots, queue in queues.items():
+                    batches[slots].append(_batch_s(queue, requests))
+            alone, local = [], []
+            for _ in range(OVERHEAD_REPETITIONS.get(mode, 5)):
+                local.append(local_run())
+                alone.append(_batch_s(queues[1], requests[:1]))
+            return {"start_s": round(started_s, 1), "jobs": len(requests), "reruns": runner.reruns,
+                    "batch_s": {f"{slots}_replica{'s' if slots > 1 else ''}": [round(value, 3) for value in values]
+                                for slots, values in batches.items()},
+                    "one_replica_jobs_per_s": round(len(requests) / median(batches[1]), 3),
+                    "two_replicas_jobs_per_s": round(len(requests) / median(batches[REPLICAS]), 3),
+                    "ray_one_job_ms": ms(median(alone)), "local_one_job_ms": ms(median(local))}
         finally:
             stop_replicas(running)
 
@@ -83,33 +91,27 @@ def run(ctx: BenchContext) -> BenchResult:
     mode = ctx.mode
     count = JOBS.get(mode.name, 12)
     requests = [request(ctx.models.sd1, mode, seed=1000 + index) for index in range(count)]
-    one = requests[0]
 
     def local_run() -> float:
         tick = clock()
-        ctx.engine.generate(one)
+        ctx.engine.generate(requests[0])
         return clock() - tick
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the single-process reference gets what one replica gets
     try:
         local_run()  # warm
-        ctx.log(f"  1 replica: {count} jobs, then one job alone, alternating with the same job in this process")
-        single = _deployment(1, ctx, requests, local_run=local_run)
+        ctx.log(f"  {REPLICAS} replicas: {count} jobs with 1 and with {REPLICAS} in flight, alternated; then one job alone vs in process")
+        figures = _measure(ctx, requests, local_run)
     finally:
         torch.set_num_threads(threads)
-    local_ms = single["local_one_job_ms"]
-    ctx.log(f"  2 replicas: {count} jobs")
-    double = _deployment(2, ctx, requests)
-    throughput = double["jobs_per_s"] / single["jobs_per_s"]
-    overhead = single["one_job_ms"] / local_ms
-    figures = {"one_replica": single, "two_replicas": double, "throughput_ratio": round(throughput, 3),
-               "local_one_job_ms": local_ms, "ray_one_job_ms": single["one_job_ms"], "overhead_ratio": round(overhead, 3),
-               "steps": mode.steps, "size": mode.size}
+    throughput = figures["two_replicas_jobs_per_s"] / figures["one_replica_jobs_per_s"]
+    overhead = figures["ray_one_job_ms"] / figures["local_one_job_ms"]
+    figures.update(throughput_ratio=round(throughput, 3), overhead_ratio=round(overhead, 3), steps=mode.steps, size=mode.size)
     rows = [
         Row("serve: time for the jobs, 2 replicas ÷ 1", round(1 / throughput, 3), goal=round(1 / THROUGHPUT_GOAL, 3),
             note=f"{count} jobs, demo model {mode.size}², {mode.steps} steps; throughput {throughput:.2f}× (aim ≥ {THROUGHPUT_GOAL}×)"),
         Row("serve: one job through Ray ÷ in process", round(overhead, 3),
-            note=f"{single['one_job_ms']:.0f} ms vs {local_ms:.0f} ms, one thread each"),
+            note=f"{figures['ray_one_job_ms']:.0f} ms vs {figures['local_one_job_ms']:.0f} ms, one thread each"),
     ]
     return BenchResult("serve", title, figures, rows)

@@ -26,6 +26,10 @@ from .signals import WAIT_S
 # Serve forgets a replica's least recently used model past this count, as the registry (its default cache_size)
 # unloads it: both agree on which models a replica holds, so routing by model sends jobs where the model is.
 MODELS_PER_REPLICA = 2
+# At most one progress event per frame (the UI shows 20 a second, ui/runner.py): a fast model steps every
+# few milliseconds, and each event sent is work for the front process, which shares the machine's cores.
+# Steps in between are merged (the newest wins, its preview the newest drawn); the result goes at once.
+PROGRESS_FRAME_S = 0.05
 
 
 class EngineReplica:
@@ -72,20 +76,26 @@ class EngineReplica:
         job = asyncio.ensure_future(asyncio.to_thread(self._on_threads, self.engine.generate, request, on_progress, cancel))
         try:
             while True:
-                waiting = asyncio.ensure_future(progress_events.get())
-                done, _ = await asyncio.wait({waiting, job}, return_when=asyncio.FIRST_COMPLETED)
-                if waiting not in done:
-                    waiting.cancel()
-                    break
-                newest = waiting.result()
-                with_preview = newest if newest.has_preview else None
+                if progress_events.empty():
+                    if job.done():  # every step it reported is in the queue before it is done (both arrive in order)
+                        break
+                    waiting = asyncio.ensure_future(progress_events.get())
+                    await asyncio.wait({waiting, job}, return_when=asyncio.FIRST_COMPLETED)
+                    if not waiting.done():
+                        waiting.cancel()
+                        continue
+                    backlog = [waiting.result()]
+                else:
+                    backlog = []
                 while not progress_events.empty():  # a backlog: the newest step wins, as in the UI
-                    newest = progress_events.get_nowait()
-                    with_preview = newest if newest.has_preview else with_preview
-                if with_preview is not None and with_preview is not newest:
-                    newest = dataclasses.replace(newest, preview_source=with_preview.preview_source)
-                # Drawn here, off the compute thread, and pickled as an image.
-                yield {"kind": "progress", "progress": dataclasses.replace(newest, preview_source=newest.preview)}
+                    backlog.append(progress_events.get_nowait())
+                newest = backlog[-1]
+                with_preview = next((progress for progress in reversed(backlog)
+                                     if progress.has_preview and progress.image_index == newest.image_index), None)
+                # The newest preview of the image now sampling, drawn here (off the compute thread), sent as pixels.
+                yield {"kind": "progress", "progress": dataclasses.replace(
+                    newest, preview_source=with_preview.preview if with_preview is not None else None)}
+                await asyncio.wait({job}, timeout=PROGRESS_FRAME_S)  # the frame passes, or the job ends sooner
             try:
                 result = job.result()
             except SfumatoError as error:
