@@ -191,6 +191,16 @@ def test_an_interrupt_reaches_the_replica_running_that_job_and_no_other(serving)
     assert not long_job.cancel.interrupt_pending  # the replica honoured it; nothing is left pending in the front
 
 
+def test_a_skip_reaches_the_replica_and_ends_one_image_only(serving):
+    studio, _, _ = serving
+    job = studio.jobs.submit(demo_request(75, steps=50, batch_count=2), save=False)
+    wait_until(lambda: job.progress is not None)
+    job.cancel.skip()
+    result = job.wait(TIMEOUT)
+    stops = [image.stopped_early.reason if image.stopped_early else None for image in result.images]
+    assert not result.interrupted and len(stops) == 2 and stops.count("skipped") == 1 and stops.count(None) == 1
+
+
 # -- logins, Host and Origin ----------------------------------------------------------------------------------------
 
 def test_logins_host_and_origin_rules_hold_in_serve_mode(serving):
