@@ -20,15 +20,17 @@ from typing import Callable
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "results" / "latest.json"
 README = BENCH_DIR / "README.md"
+# The benches, in the order they run; ``_benches`` maps each to its module's ``run``.
+BENCH_NAMES = ("peer", "limit", "previews", "first_preview", "caches", "networks", "hires", "scaling", "upscaling", "serve")
 
 
 def _benches() -> dict[str, Callable]:
     """Name → ``run(ctx) -> BenchResult``, in the order they run and print."""
-    from . import caching, first_preview, hires, limit, networks, peer, previews, scaling, upscaling
+    from . import caching, first_preview, hires, limit, networks, peer, previews, scaling, serve, upscaling
 
     return {"peer": peer.run, "limit": limit.run, "previews": previews.run, "first_preview": first_preview.run,
             "caches": caching.run, "networks": networks.run, "hires": hires.run, "scaling": scaling.run,
-            "upscaling": upscaling.run}
+            "upscaling": upscaling.run, "serve": serve.run}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--smoke", action="store_true", help="tiny models, one repetition, seconds: for the CI smoke test")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results path (default {DEFAULT_OUT.relative_to(BENCH_DIR.parent)})")
     parser.add_argument("--only", default="", help="comma-separated benches to run: " + ", ".join(
-        ["peer", "limit", "previews", "first_preview", "caches", "networks", "hires", "scaling"]))
+        BENCH_NAMES))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps", "auto"), help="torch device (default cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 with --smoke, else torch's default)")

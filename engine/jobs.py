@@ -5,8 +5,11 @@ the result or the error) and its own cancel token, so a job's previews and
 result reach only the client that submitted it. ``owner`` names the page or
 request that submitted it; ``user`` names the login behind it (an opaque string,
 None on a server without logins), so a front end can show and stop each user
-only their own jobs. One worker thread runs jobs in order; a job that fails
-reports to its owner and the worker moves on.
+only their own jobs. Jobs leave the queue in order; what runs them is the
+queue's ``JobRunner``: by default ``EngineRunner``, one job at a time on this
+process's engine, and in serve mode a runner over many engine replicas
+(``engine.replicas``) that runs as many at once as it has slots. A job that
+fails reports to its owner and the worker moves on.
 
 An interrupt frees the queue in every phase: the engine stops a generation
 itself (see ``Engine.generate``), and a save the interrupt catches goes on in
@@ -22,7 +25,7 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from .errors import SfumatoError
 from .request import CancelToken, GenerationRequest, GenerationResult, Progress
@@ -60,6 +63,7 @@ class Job:
     submitted_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    ran_on: str | None = None  # which engine ran it (a replica's name in serve mode; None in one process)
     _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -87,17 +91,50 @@ class Job:
         return self._done.wait(timeout)
 
 
+ProgressCallback = Callable[[Progress], None]
+
+
+class JobRunner(Protocol):
+    """What runs a job the queue hands out: ``slots`` jobs at once, each through ``run``.
+
+    ``run`` reports progress through ``on_progress``, honours ``job.cancel`` and returns the result (or
+    raises); it never saves: the queue's one writer does, so a rerun job is still saved once.
+    """
+
+    slots: int
+
+    def run(self, job: Job, on_progress: ProgressCallback) -> GenerationResult: ...
+
+
+class EngineRunner:
+    """Runs each job on one in-process engine, one at a time."""
+
+    slots = 1
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def run(self, job: Job, on_progress: ProgressCallback) -> GenerationResult:
+        if job.work is not None:
+            return job.work(self.engine, on_progress, job.cancel)
+        return self.engine.generate(job.request, on_progress=on_progress, cancel=job.cancel)
+
+
 class JobQueue:
-    def __init__(self, engine, save_result: Callable[[GenerationResult], None] | None = None):
+    def __init__(self, engine, save_result: Callable[[GenerationResult], None] | None = None,
+                 runner: JobRunner | None = None):
         self.engine = engine
         self.save_result = save_result
+        self.runner: JobRunner = runner or EngineRunner(engine)
         self._ids = itertools.count(1)
         self._pending: list[Job] = []
-        self._current: Job | None = None
+        self._running: list[Job] = []  # oldest first
         self._lock = threading.Condition()
         self._save_lock = threading.Lock()  # one save at a time; each on its own thread, so an interrupt can leave it behind
-        self._worker = threading.Thread(target=self._run, name="sfumato-worker", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._run, name=f"sfumato-worker-{slot}", daemon=True)
+                         for slot in range(max(1, self.runner.slots))]
+        for worker in self._workers:
+            worker.start()
 
     def submit(self, request: GenerationRequest, owner: str = "local", save: bool = True, user: str | None = None,
                work: Callable[..., GenerationResult] | None = None) -> Job:
@@ -112,11 +149,18 @@ class JobQueue:
         """0 while running or finished; n when n jobs are ahead of it."""
         with self._lock:
             if job in self._pending:
-                return self._pending.index(job) + (1 if self._current else 0)
+                return self._pending.index(job) + (1 if self._running else 0)
             return 0
 
     def current(self) -> Job | None:
-        return self._current
+        """The oldest running job (the only one when one engine runs them)."""
+        with self._lock:
+            return self._running[0] if self._running else None
+
+    def running(self) -> list[Job]:
+        """Every job running now, oldest first: one with one engine, up to the runner's slots with replicas."""
+        with self._lock:
+            return list(self._running)
 
     def pending(self) -> list[Job]:
         with self._lock:
@@ -134,13 +178,11 @@ class JobQueue:
         job.cancel.interrupt()
 
     def interrupt_current(self) -> None:
-        job = self._current
-        if job is not None:
+        for job in self.running():
             job.cancel.interrupt()
 
     def skip_current(self) -> None:
-        job = self._current
-        if job is not None:
+        for job in self.running():
             job.cancel.skip()
 
     def _run(self) -> None:
@@ -149,10 +191,10 @@ class JobQueue:
                 while not self._pending:
                     self._lock.wait()
                 job = self._pending.pop(0)
-                self._current = job
+                self._running.append(job)
             self._execute(job)
             with self._lock:
-                self._current = None
+                self._running.remove(job)
 
     def _execute(self, job: Job) -> None:
         job.state, job.started_at = RUNNING, time.time()
@@ -162,10 +204,7 @@ class JobQueue:
             job._events.put(JobEvent("progress", progress=progress))
 
         try:
-            if job.work is not None:
-                result = job.work(self.engine, on_progress, job.cancel)
-            else:
-                result = self.engine.generate(job.request, on_progress=on_progress, cancel=job.cancel)
+            result = self.runner.run(job, on_progress)
             if job.save and self.save_result is not None:
                 self._save(job, result)
             job.result, job.state = result, DONE

@@ -346,14 +346,26 @@ class CancelToken:
         self._interrupt = threading.Event()
         self._skip = threading.Event()
         self._pending_since: float | None = None  # time.monotonic() of the oldest interrupt not yet honoured
+        self._listeners: list = []
 
     def interrupt(self) -> None:
         if self._pending_since is None:
             self._pending_since = time.monotonic()
         self._interrupt.set()
+        self._tell("interrupt")
 
     def skip(self) -> None:
         self._skip.set()
+        self._tell("skip")
+
+    def listen(self, listener) -> None:
+        """Call ``listener("interrupt" | "skip")`` on each later signal: how a job running in another
+        process (a replica in serve mode) hears the token its owner holds here."""
+        self._listeners.append(listener)
+
+    def _tell(self, signal: str) -> None:
+        for listener in list(self._listeners):
+            listener(signal)
 
     @property
     def interrupted(self) -> bool:

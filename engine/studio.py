@@ -10,7 +10,7 @@ from pathlib import Path
 from . import atomic_write
 from .engine import Engine
 from .errors import ModelError
-from .jobs import JobQueue
+from .jobs import JobQueue, JobRunner
 from .models import REPO_ROOT, ModelRegistry
 from .performance import PerformanceOptions
 from .request import GenerationResult
@@ -33,9 +33,22 @@ class StudioConfig:
     performance: PerformanceOptions = field(default_factory=PerformanceOptions)
 
 
+def build_registry(config: StudioConfig, settings: Settings) -> ModelRegistry:
+    """The model registry a config describes: the studio's own, and each engine replica's in serve mode."""
+    return ModelRegistry(config.models_dir, config.builtin_models_dir, device=config.device or settings.device,
+                         dtype=config.dtype or settings.dtype, performance=config.performance)
+
+
+def build_extensions(config: StudioConfig):
+    """The extensions a config's folders hold (an ``ExtensionManager``), as the studio and each replica load them."""
+    from .extensions import ExtensionManager
+
+    return ExtensionManager(config.extensions_dir, config.user_dir / "extensions.json", models_dir=config.models_dir,
+                            builtin_dir=config.builtin_models_dir)
+
+
 class Studio:
     def __init__(self, config: StudioConfig | None = None):
-        from .extensions import ExtensionManager
         from .outputs import OutputWriter
         from .presets import PresetStore
 
@@ -43,18 +56,18 @@ class Studio:
         self._remove_stale_temps()
         self.settings_store = SettingsStore(self.config.user_dir / "settings.json")
         self.settings: Settings = self.settings_store.load()
-        self.registry = ModelRegistry(
-            self.config.models_dir, self.config.builtin_models_dir,
-            device=self.config.device or self.settings.device, dtype=self.config.dtype or self.settings.dtype,
-            performance=self.config.performance,
-        )
+        self.registry = build_registry(self.config, self.settings)
         self._ensure_some_model()
-        self.extensions = ExtensionManager(self.config.extensions_dir, self.config.user_dir / "extensions.json",
-                                           models_dir=self.config.models_dir, builtin_dir=self.config.builtin_models_dir)
+        self.extensions = build_extensions(self.config)
         self.engine = Engine(self.registry, self.extensions)
         self.writer = OutputWriter(self.config.outputs_dir, self.settings.output_pattern)
         self.presets = PresetStore(self.config.presets_dir, self.config.user_dir / "presets")
         self.jobs = JobQueue(self.engine, save_result=self.save_result)
+
+    def run_jobs_on(self, runner: JobRunner) -> None:
+        """Run the queue's jobs on ``runner`` (serve mode: engine replicas) instead of this process's engine.
+        Call before the UI and API start; they keep using ``self.jobs``, whatever runs its jobs."""
+        self.jobs = JobQueue(self.engine, save_result=self.save_result, runner=runner)
 
     def _remove_stale_temps(self) -> None:
         """Temporary files a killed writer left among the outputs and the user's files (settings, presets,

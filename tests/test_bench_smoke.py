@@ -204,3 +204,9 @@ def test_hires_bench_reports_the_second_pass_as_a_ratio_of_the_first(ctx):
     # one noisy repetition in smoke mode: the figures are reported, not judged
     assert figures["pairs"] >= 1 and figures["hires_ms"] > 0 and figures["plain_ms"] > 0
     assert isinstance(figures["second_pass_ratio"], float)
+
+
+def test_only_lists_every_bench_in_the_order_they_run():
+    from bench import cli
+
+    assert tuple(cli._benches()) == cli.BENCH_NAMES

@@ -37,6 +37,9 @@ class RecordingJobs:
     def current(self):
         return self.job
 
+    def running(self) -> list:
+        return [self.job]
+
     def pending(self) -> list:
         return []
 

@@ -431,6 +431,12 @@ def _timestamp(seconds: float) -> str:
     return time.strftime("%Y%m%d%H%M%S", time.localtime(seconds))
 
 
+def _running_job(jobs, user: str | None):
+    """The running job /progress reports: the oldest the caller may see, else the oldest (shown as another user's)."""
+    running = jobs.running()
+    return next((job for job in running if sees_job(user, job)), running[0] if running else None)
+
+
 def job_error(job) -> ApiError:
     """A failed job as an HTTP error: the request's fault → 422 naming the field, anything else → 500."""
     exception = getattr(job, "exception", None)
@@ -508,7 +514,7 @@ class SdApi:
         """The running job's progress and preview, when the caller may see it (with logins: only their own)."""
         user = authenticated_user(http_request.scope)
         jobs = self.studio.jobs
-        job = jobs.current()
+        job = _running_job(jobs, user)
         queued = sum(1 for pending in jobs.pending() if sees_job(user, pending))
         if job is None or not sees_job(user, job):
             busy = "another user's job is running" if job is not None else None
@@ -544,16 +550,18 @@ class SdApi:
 
     def interrupt(self, http_request: Request) -> dict:
         """Stop the running job, as A1111 does; with logins only when it is the caller's own."""
-        job = self.studio.jobs.current()
-        if job is not None and sees_job(authenticated_user(http_request.scope), job):
-            job.cancel.interrupt()
+        user = authenticated_user(http_request.scope)
+        for job in self.studio.jobs.running():  # with engine replicas several run at once: each one the caller sees
+            if sees_job(user, job):
+                job.cancel.interrupt()
         return {}
 
     def skip(self, http_request: Request) -> dict:
         """End the running job's current image; with logins only when it is the caller's own."""
-        job = self.studio.jobs.current()
-        if job is not None and sees_job(authenticated_user(http_request.scope), job):
-            job.cancel.skip()
+        user = authenticated_user(http_request.scope)
+        for job in self.studio.jobs.running():
+            if sees_job(user, job):
+                job.cancel.skip()
         return {}
 
     # -- lists ----------------------------------------------------------------------

@@ -32,18 +32,12 @@ def build_parser(extensions=None) -> argparse.ArgumentParser:
     """The launcher's parser; ``extensions`` (an ExtensionManager) adds the loaded extensions' flags and commands."""
     parser = argparse.ArgumentParser(prog="launch.py", description="Sfumato: a local image-generation studio.")
     add_common(parser)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port for the UI and API (default 7860)")
-    parser.add_argument("--listen", action="store_true", help="bind 0.0.0.0 so other machines can connect (default 127.0.0.1)")
-    parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
-    parser.add_argument("--api", action="store_true", help="serve the AUTOMATIC1111-compatible /sdapi/v1 API")
-    parser.add_argument("--auth", help="user:pass protecting the UI and API")
-    parser.add_argument("--auth-file", help="file with user:pass lines")
-    parser.add_argument("--api-auth", help="user:pass protecting only the API")
-    parser.add_argument("--allowed-hosts", metavar="HOST[,HOST...]",
-                        help="more host names the server answers to, e.g. a reverse proxy's or a DNS name "
-                             "(default: 127.0.0.1, localhost, [::1]; with --listen also this machine's names and addresses)")
+    add_server_args(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("serve", help="start the studio (the default)")
+    serve = commands.add_parser("serve", help="start the studio (the default); --replicas N runs its jobs on N engine replicas (Ray Serve)")
+    add_common(serve)
+    add_server_args(serve, suppress=True)
+    add_scale_args(serve)
     commands.add_parser("test", help="run the test suite (extra arguments go to pytest)")
     generate = commands.add_parser("generate", help="generate images without the UI")
     add_common(generate)
@@ -55,6 +49,52 @@ def build_parser(extensions=None) -> argparse.ArgumentParser:
     commands.add_parser("bench", help="run the benchmarks (extra arguments go to bench)")
     commands.add_parser("train-demo", help="train the built-in demo model (extra arguments go to the trainer)")
     return parser
+
+
+def add_server_args(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """The server's flags; ``suppress`` for the ``serve`` command's copy, so one given before ``serve`` is kept."""
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--port", type=int, default=default(DEFAULT_PORT), help="port for the UI and API (default 7860)")
+    parser.add_argument("--listen", action="store_true", default=default(False),
+                        help="bind 0.0.0.0 so other machines can connect (default 127.0.0.1)")
+    parser.add_argument("--no-browser", action="store_true", default=default(False), help="do not open a browser tab")
+    parser.add_argument("--api", action="store_true", default=default(False), help="serve the AUTOMATIC1111-compatible /sdapi/v1 API")
+    parser.add_argument("--auth", default=default(None), help="user:pass protecting the UI and API")
+    parser.add_argument("--auth-file", default=default(None), help="file with user:pass lines")
+    parser.add_argument("--api-auth", default=default(None), help="user:pass protecting only the API")
+    parser.add_argument("--allowed-hosts", metavar="HOST[,HOST...]", default=default(None),
+                        help="more host names the server answers to, e.g. a reverse proxy's or a DNS name "
+                             "(default: 127.0.0.1, localhost, [::1]; with --listen also this machine's names and addresses)")
+
+
+def add_scale_args(parser: argparse.ArgumentParser) -> None:
+    """``serve``'s flags for running jobs on engine replicas over Ray Serve (``engine.replicas``)."""
+    parser.add_argument("--replicas", metavar="N|auto",
+                        help="run jobs on N engine replicas, each on its own device (auto: one per GPU); starts a local Ray "
+                             "on 127.0.0.1 unless --ray-address is given")
+    parser.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto) instead")
+    parser.add_argument("--min-replicas", type=int, help="autoscale: never fewer replicas than this (Ray Serve autoscaling)")
+    parser.add_argument("--max-replicas", type=int, help="autoscale: never more replicas than this (Ray Serve autoscaling)")
+    parser.add_argument("--threads-per-replica", type=int, default=1, help="torch threads (and CPUs) per CPU replica (default 1)")
+
+
+def scale_out(args: argparse.Namespace):
+    """The ``ScaleOut`` the serve flags ask for, or None to run jobs in this process as usual."""
+    flags = (getattr(args, name, None) for name in ("replicas", "ray_address", "min_replicas", "max_replicas"))
+    if all(flag is None for flag in flags):
+        return None
+    from engine.replicas import ScaleOut
+    from engine.replicas.cluster import AUTO
+
+    replicas = args.replicas or (AUTO if args.ray_address else 1)
+    if replicas != AUTO and not str(replicas).isdigit():
+        raise CliError(f"--replicas takes a number or 'auto', got {replicas!r}")
+    if args.threads_per_replica < 1:
+        raise CliError("--threads-per-replica must be at least 1")
+    return ScaleOut(replicas=replicas if replicas == AUTO else int(replicas), min_replicas=args.min_replicas,
+                    max_replicas=args.max_replicas, ray_address=args.ray_address, threads=args.threads_per_replica)
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -349,6 +389,17 @@ def run_extension_command(command, args: argparse.Namespace) -> int:
 
 
 # -- serve ----------------------------------------------------------------------
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a service manager, ``kill``) stops the server the way Ctrl+C does, so the replicas and the
+    Ray this process started are shut down too rather than left running."""
+    import signal
+
+    def interrupt(_signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_server(args: argparse.Namespace) -> int:
     from engine.studio import Studio
     from ui.server import listen_warning, parse_allowed_hosts, parse_auth, serve
@@ -363,7 +414,18 @@ def run_server(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CliError(str(error)) from None
     host = "0.0.0.0" if args.listen else "127.0.0.1"
+    scale = scale_out(args)
     studio = Studio(studio_config(args))
+    replicas = None
+    if scale is not None:
+        from engine.replicas import start_replicas
+
+        try:
+            replicas = start_replicas(studio, scale)
+        except ValueError as error:
+            raise CliError(str(error)) from None
+        print(f"Jobs run on {replicas.count} engine replica(s) on Ray Serve", flush=True)
+        _stop_on_sigterm()
     warning = listen_warning(args.listen, auth)
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -379,4 +441,9 @@ def run_server(args: argparse.Namespace) -> int:
         handle.wait()
     except KeyboardInterrupt:
         handle.stop()
+    finally:
+        if replicas is not None:
+            from engine.replicas import stop_replicas
+
+            stop_replicas(replicas)
     return 0

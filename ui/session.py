@@ -23,12 +23,12 @@ def sees_job(user: str | None, job: Job) -> bool:
 
 
 def interrupt_own(jobs: JobQueue, owner: str) -> bool:
-    """Stop this owner's running job and drop its queued ones; True when there was something to stop."""
+    """Stop this owner's running jobs and drop its queued ones; True when there was something to stop."""
     found = False
-    current = jobs.current()
-    if current is not None and current.owner == owner and not current.finished:
-        jobs.cancel(current)
-        found = True
+    for running in jobs.running():  # one with one engine; one per busy replica in serve mode
+        if running.owner == owner and not running.finished:
+            jobs.cancel(running)
+            found = True
     for job in jobs.pending():
         if job.owner == owner:
             jobs.cancel(job)
@@ -37,9 +37,10 @@ def interrupt_own(jobs: JobQueue, owner: str) -> bool:
 
 
 def skip_own(jobs: JobQueue, owner: str) -> bool:
-    """End the current image of this owner's running job (the rest of the batch goes on)."""
-    current = jobs.current()
-    if current is not None and current.owner == owner and not current.finished:
-        current.cancel.skip()
-        return True
-    return False
+    """End the current image of this owner's running jobs (the rest of each batch goes on)."""
+    found = False
+    for running in jobs.running():
+        if running.owner == owner and not running.finished:
+            running.cancel.skip()
+            found = True
+    return found
