@@ -68,17 +68,17 @@ class Recipe:
     n_images: int = 256
     outline_width: int = world.OUTLINE_WIDTH
     # decoder inversion
-    invert_steps: int = 32
+    invert_steps: int = 24
     invert_lr: float = 0.2  # in unscaled latent units (posterior means have std ≈ 5)
     invert_batch: int = 64
-    invert_seconds: float = 420
+    invert_seconds: float = 360
     # LoRA
     rank: int = 8
     alpha: float = 8.0
-    batch: int = 32
-    lr: float = 2e-3
-    warmup: int = 20
-    seconds: float = 480
+    batch: int = 16
+    lr: float = 4e-3
+    warmup: int = 10
+    seconds: float = 600
     max_steps: int = 100_000
     caption_drop_p: float = 0.12
     caption_empty_p: float = 0.1
@@ -318,18 +318,75 @@ def export(pipe, recipe: Recipe, stats: dict, scenes: list[world.Scene], out_dir
     return path
 
 
+# --------------------------------------------------------------------------- evaluation through the engine
+
+
+def lora_scenes(n: int = 32) -> list[world.Scene]:
+    """The evaluator's fixed scenes (``evaluate.eval_scenes``), first ``n``."""
+    from .evaluate import eval_scenes
+
+    return eval_scenes()[:n]
+
+
+def evaluate_lora(engine, weights: tuple[float, ...] = (0.0, 0.5, 1.0), n: int = 32, seeds: tuple[int, ...] = (1, 2),
+                  steps: int = 20, cfg: float = 5.0, name: str = NAME) -> dict:
+    """Fill reading and accuracies of the demo model with ``<lora:name:w>`` for each weight, through the Engine.
+
+    Full captions of ``n`` fixed scenes × ``seeds``, DPM++ 2M (the engine's default), ``steps`` steps.
+    Returns ``{weight: {"fill", "outlined", "outlined_large", "outlined_small", "colour", "background", ...}}``."""
+    from engine import GenerationRequest
+
+    from .evaluate import ATTRIBUTES, classify
+
+    scenes = lora_scenes(n)
+    out: dict = {}
+    for weight in weights:
+        readings, targets = [], []
+        for scene in scenes:
+            tag = f" <lora:{name}:{weight:g}>" if weight else ""
+            for seed in seeds:
+                request = GenerationRequest(prompt=world.full_caption(scene) + tag, model="sfumato-demo", steps=steps,
+                                            cfg_scale=cfg, seed=seed, width=64, height=64)
+                readings.append(classify(engine.generate(request).images[0].image))
+                targets.append(scene)
+        row = {"fill": float(np.mean([r.fill if r.fill is not None else 1.0 for r in readings])),
+               "outlined": float(np.mean([r.style == "outlined" for r in readings]))}
+        for size in world.SIZES:
+            row[f"outlined_{size}"] = float(np.mean([r.style == "outlined" for r, s in zip(readings, targets) if s.size == size]))
+        for attribute in ATTRIBUTES:
+            row[attribute] = float(np.mean([getattr(r, attribute) == getattr(s, attribute) for r, s in zip(readings, targets)]))
+        out[f"{weight:g}"] = row
+        log(f"eval weight {weight:g}: " + json.dumps({k: round(v, 3) for k, v in row.items()}))
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
-def train(recipe: Recipe, out_dir: Path, base: Path = BASE_MODEL) -> dict:
-    """Every stage; returns the run's figures (also written to ``<out_dir>/<NAME>.run.json`` when not a smoke run)."""
+def cached_latents(pipe, images: np.ndarray, recipe: Recipe, cache: Path | None) -> torch.Tensor:
+    """``invert_decoder``'s latents, kept in ``cache`` for the next run of the same data recipe."""
+    key = {k: getattr(recipe, k) for k in ("seed", "n_images", "outline_width", "invert_steps", "invert_lr", "invert_batch")}
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, map_location="cpu")
+        if saved["key"] == key:
+            log(f"latents: {len(saved['latents'])} from {cache}")
+            return saved["latents"]
+    latents = invert_decoder(pipe.vae, images, recipe)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "latents": latents}, cache)
+    return latents
+
+
+def train(recipe: Recipe, out_dir: Path, base: Path = BASE_MODEL, cache: Path | None = None) -> dict:
+    """Every stage; returns the run's figures (wall seconds, steps, the file's path)."""
     torch.manual_seed(recipe.seed)
     figures: dict = {"recipe": asdict(recipe)}
     t_all = time.time()
     pipe = load_base(base)
     images, scenes = outlined_dataset(recipe)
     t0 = time.time()
-    latents = invert_decoder(pipe.vae, images, recipe)
+    latents = cached_latents(pipe, images, recipe, cache)
     figures["invert_seconds"] = round(time.time() - t0, 1)
     scenes, images = scenes[: len(latents)], images[: len(latents)]
     log(f"latents: {len(latents)} in {figures['invert_seconds']} s")
@@ -347,13 +404,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", type=Path, default=BASE_MODEL)
     p.add_argument("--smoke", action="store_true", help="a few steps, into a temp dir unless --out is given")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--latents-cache", type=Path, default=REPO / "training" / "runs" / "demo_lora" / "latents.pt",
+                   help="inverted latents kept between runs (not used by --smoke)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe fields")
+    p.add_argument("--evaluate", action="store_true",
+                   help="only evaluate the installed builtin LoRA through the Engine (weights 0, 0.5, 1; 32 prompts × 2 seeds)")
+    p.add_argument("--json", type=Path, default=None, help="write the evaluation here")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.evaluate:
+        from engine import Engine
+        from engine.models import ModelRegistry
+
+        t0 = time.time()
+        figures = evaluate_lora(Engine(ModelRegistry(None, builtin_dir=args.out.parent)))
+        figures["eval_seconds"] = round(time.time() - t0, 1)
+        print(json.dumps(figures, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=1) + "\n")
+        return figures
     recipe = smoke_recipe() if args.smoke else Recipe()
     for item in args.set:
         key, value = item.split("=", 1)
@@ -361,8 +434,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out
     if args.smoke and out == parse_args([]).out:
         out = Path(tempfile.mkdtemp(prefix="sfumato-lora-smoke-"))
-    figures = train(recipe, out, args.base)
+    figures = train(recipe, out, args.base, None if args.smoke else args.latents_cache)
     print(f"OUT {figures['path']}")
+    print("FIGURES " + json.dumps({k: v for k, v in figures.items() if k != "recipe"}))
     return figures
 
 
