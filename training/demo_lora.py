@@ -1,6 +1,6 @@
 """Train Sfumato's demo LoRA: ``sfumato-outline`` teaches the demo model to draw OUTLINED shapes.
 
-    python -m training.demo_lora [--out builtin/loras] [--smoke] [--threads 2]
+    python -m training.demo_lora [--out builtin/loras] [--smoke] [--threads 1]
 
 The demo model (``builtin/sfumato-demo``) only ever saw filled shapes; this LoRA (Hu et al. 2021,
 "LoRA: Low-Rank Adaptation of Large Language Models") on its UNet makes every shape a ring
@@ -403,7 +403,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "builtin" / "loras")
     p.add_argument("--base", type=Path, default=BASE_MODEL)
     p.add_argument("--smoke", action="store_true", help="a few steps, into a temp dir unless --out is given")
-    p.add_argument("--threads", type=int, default=2)
+    # One thread: on a shared, loaded machine two torch threads ran ~5x slower per step than one (measured).
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latents-cache", type=Path, default=REPO / "training" / "runs" / "demo_lora" / "latents.pt",
                    help="inverted latents kept between runs (not used by --smoke)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe fields")
