@@ -121,7 +121,8 @@ class Engine:
     def __init__(self, registry: ModelRegistry, extensions: ExtensionHost | None = None):
         self.registry = registry
         self.extensions = extensions
-        self.networks = networks.NetworkLibrary(registry.models_dir)  # models/Lora and models/LyCORIS
+        builtin_networks = registry.builtin_dir / networks.BUILTIN_NETWORKS_SUBDIR if registry.builtin_dir else None
+        self.networks = networks.NetworkLibrary(registry.models_dir, builtin_networks)  # models/Lora, models/LyCORIS, builtin/loras
 
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                  cancel: CancelToken | None = None) -> GenerationResult:

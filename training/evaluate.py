@@ -9,7 +9,12 @@
     area centroid sits h/6 below its box centre, so it is corrected by that);
   * size = longest side of the bounding box (small ≈ 18 px, large ≈ 28 px);
   * shape = the template (circle / square / up-triangle fitted to the bounding box)
-    with the highest IoU against the shape pixels.
+    with the highest IoU against the shape pixels;
+  * fill = how solid the shape is: of the pixels deep inside the convex hull of the shape
+    pixels (every world shape is convex, so the hull of an outline's ring is the whole shape,
+    even when the ring has a gap), the fraction in the shape colour rather than the background
+    colour; ``style`` is "filled" at ``FILL_THRESHOLD`` or above, else "outlined".
+    The geometric readings above use the shape pixels as before, so they are unchanged.
 ``evaluate_model`` scores a text-to-image model on a FIXED set of prompts and seeds,
 ``evaluate_controlnet`` scores an outline ControlNet by IoU.
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import cv2
@@ -33,6 +38,12 @@ ATTRIBUTES = ("colour", "background", "position", "shape", "size")
 _NAMES = list(PALETTE)
 _RGB = np.array([PALETTE[n] for n in _NAMES], dtype=np.float32)
 SIZE_THRESHOLD_PX = (2 * world.SIZE_RADIUS["small"] + 2 * world.SIZE_RADIUS["large"]) / 2
+#: A fill reading at or above this is "filled", below it "outlined" (ground truth reads ~1 and ~0).
+FILL_THRESHOLD = 0.5
+#: The interior the fill reading looks at: the hull eroded by this many px (the outline's ring width).
+FILL_INSET_PX = world.OUTLINE_WIDTH
+#: ... unless that leaves fewer pixels than this; then the inset shrinks until enough remain.
+FILL_MIN_PIXELS = 4
 
 
 @dataclass
@@ -45,6 +56,14 @@ class Reading:
     shape: str | None
     size: str | None
     mask: np.ndarray
+    fill: float | None = None  # share of the shape's interior in the shape colour (None: no shape)
+
+    @property
+    def style(self) -> str | None:
+        """"filled" or "outlined" (world.STYLES), from the fill reading."""
+        if self.fill is None:
+            return None
+        return "filled" if self.fill >= FILL_THRESHOLD else "outlined"
 
     def as_dict(self) -> dict[str, str | None]:
         return {a: getattr(self, a) for a in ATTRIBUTES}
@@ -84,6 +103,28 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
+def convex_hull_mask(mask: np.ndarray) -> np.ndarray:
+    """The filled convex hull of a pixel mask, as a mask of the same size."""
+    ys, xs = np.nonzero(mask)
+    points = np.stack([xs, ys], axis=1).astype(np.int32)
+    hull = np.zeros(mask.shape, dtype=np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
+    return hull.astype(bool) | mask
+
+
+def fill_reading(labels: np.ndarray, mask: np.ndarray, colour: int, background: int) -> float:
+    """Share of the shape's interior (its hull inset by ``FILL_INSET_PX``) labelled with the shape colour,
+    counting only shape-colour and background pixels; 1.0 for a solid shape, ~0 for a hollow outline."""
+    hull = convex_hull_mask(mask)
+    for inset in range(FILL_INSET_PX, -1, -1):
+        interior = world.erode(hull, inset)
+        if interior.sum() >= FILL_MIN_PIXELS:
+            break
+    solid = int((labels[interior] == colour).sum())
+    hollow = int((labels[interior] == background).sum())
+    return solid / (solid + hollow) if solid + hollow else 1.0
+
+
 def classify(image: np.ndarray | Image.Image) -> Reading:
     """Read shape colour, background, position, shape and size from a 64×64 RGB image."""
     img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
@@ -103,7 +144,8 @@ def classify(image: np.ndarray | Image.Image) -> Reading:
         cy -= (y1 - y0) / 6
     position = min(POSITION_ANCHORS, key=lambda p: (POSITION_ANCHORS[p][0] - cx) ** 2 + (POSITION_ANCHORS[p][1] - cy) ** 2)
     size = "large" if max(x1 - x0, y1 - y0) > SIZE_THRESHOLD_PX else "small"
-    return Reading(colour, _NAMES[bg], position, shape, size, mask)
+    fill = fill_reading(labels, mask, _NAMES.index(colour), bg)
+    return Reading(colour, _NAMES[bg], position, shape, size, mask, fill)
 
 
 def score(readings: Sequence[Reading], scenes: Sequence[Scene]) -> dict[str, float]:
@@ -119,6 +161,17 @@ def score_ground_truth(n: int = 2000, seed: int = 123) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     scenes = [world.sample_scene(rng, exclude_held_out=False) for _ in range(n)]
     return score([classify(world.render(s)) for s in scenes], scenes)
+
+
+def score_styles_ground_truth(n: int = 600, seed: int = 321) -> dict[str, float]:
+    """Share of rendered world images whose ``style`` reads right, per drawing style (should be ~1.0)."""
+    rng = np.random.default_rng(seed)
+    scenes = [world.sample_scene(rng, exclude_held_out=False) for _ in range(n)]
+    out = {}
+    for style in world.STYLES:
+        styled = [replace(s, style=style) for s in scenes]
+        out[style] = float(np.mean([classify(world.render(s)).style == style for s in styled]))
+    return out
 
 
 # --------------------------------------------------------------------------- model evaluation

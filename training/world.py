@@ -1,7 +1,9 @@
 """The procedural world the demo model is trained on.
 
 Every image is 64×64 RGB and shows ONE filled shape on a plain background.
-Attributes: shape, colour, size, position and background colour. Captions name the
+Attributes: shape, colour, size, position and background colour. A second drawing style,
+``outlined`` (a ring of ``OUTLINE_WIDTH`` px in the shape's colour around a hollow of background),
+is never in the demo model's data: it is what the demo LoRA (``training.demo_lora``) teaches. Captions name the
 attributes in natural word order; each attribute may be dropped, so short prompts work.
 Everything here is deterministic given a seed (``numpy.random.Generator``).
 """
@@ -46,6 +48,12 @@ POSITION_ANCHORS: dict[str, tuple[int, int]] = {
 }
 POSITION_JITTER = 2
 
+#: Drawing styles: the demo model only ever saw "filled"; "outlined" is the demo LoRA's lesson.
+STYLES: tuple[str, ...] = ("filled", "outlined")
+#: Ring width in px of an outlined shape: measured to survive the demo VAE's f8 round trip
+#: (``training.demo_lora.measure_vae_round_trip``).
+OUTLINE_WIDTH = 4
+
 #: (colour, shape, position) triples never shown in training (any size, any background).
 HELD_OUT_COMBOS: tuple[tuple[str, str, str], ...] = (
     ("red", "circle", "left"),
@@ -87,6 +95,7 @@ class Scene:
     background: str
     cx: int
     cy: int
+    style: str = "filled"
 
     @property
     def radius(self) -> int:
@@ -157,22 +166,35 @@ def shape_mask(scene: Scene) -> np.ndarray:
     return np.asarray(img) > 127
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The scene as a uint8 RGB array (64, 64, 3), hard edges (no anti-aliasing)."""
+def render(scene: Scene, outline_width: int = OUTLINE_WIDTH) -> np.ndarray:
+    """The scene as a uint8 RGB array (64, 64, 3), hard edges (no anti-aliasing).
+
+    An ``outlined`` scene keeps only the outer ``outline_width`` px of the shape in its colour;
+    the inside is background."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), PALETTE[scene.background])
     _draw_shape(ImageDraw.Draw(img), scene, COLOURS[scene.colour])
-    return np.asarray(img).copy()
+    pixels = np.asarray(img).copy()
+    if scene.style == "outlined":
+        pixels[erode(shape_mask(scene), outline_width)] = PALETTE[scene.background]
+    elif scene.style != "filled":
+        raise ValueError(f"unknown style {scene.style!r}")
+    return pixels
 
 
-def outline_from_mask(mask: np.ndarray, width: int = 2) -> np.ndarray:
-    """White outline (``width`` px, inside the mask edge) on black, uint8 RGB (64, 64, 3)."""
+def erode(mask: np.ndarray, width: int) -> np.ndarray:
+    """``mask`` eroded ``width`` times by a 3×3 cross (pixels outside the image count as off)."""
     inner = mask.copy()
-    for _ in range(width):  # erode with a 3×3 cross, once per pixel of width
+    for _ in range(width):
         padded = np.pad(inner, 1, constant_values=False)
         inner = (
             padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
         )
-    edge = mask & ~inner
+    return inner
+
+
+def outline_from_mask(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """White outline (``width`` px, inside the mask edge) on black, uint8 RGB (64, 64, 3)."""
+    edge = mask & ~erode(mask, width)
     return np.repeat((edge * 255).astype(np.uint8)[..., None], 3, axis=2)
 
 
@@ -215,9 +237,9 @@ def random_caption(scene: Scene, rng: np.random.Generator, drop_p: float = 0.12,
     return caption_from_parts(scene, {k: not d for k, d in zip(keys, drops)})
 
 
-def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
-    """``n`` training scenes (held-out combos excluded) and their images (n, 64, 64, 3) uint8."""
+def make_dataset(n: int, seed: int, style: str = "filled") -> tuple[np.ndarray, list[Scene]]:
+    """``n`` training scenes (held-out combos excluded) in ``style`` and their images (n, 64, 64, 3) uint8."""
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng) for _ in range(n)]
+    scenes = [replace(sample_scene(rng), style=style) for _ in range(n)]
     images = np.stack([render(s) for s in scenes])
     return images, scenes

@@ -1,6 +1,6 @@
 """Extra networks: the small files A1111 users add to a checkpoint (LoRAs, textual-inversion embeddings, VAEs).
 
-- ``library``: finding files in ``models/Lora`` and ``models/LyCORIS``, A1111's names and short hashes;
+- ``library``: finding files in ``models/Lora``, ``models/LyCORIS`` and ``builtin/loras``, A1111's names and short hashes;
 - ``syntax``: ``<lora:name:te:unet>`` tags in a prompt;
 - ``formats``: what a file holds (kohya LoRA/LoCon, diffusers/PEFT, LyCORIS LoHa/LoKr) and refusing the rest;
 - ``job``: one job's tags resolved to files, with the prompt to encode and the infotext entry;
@@ -16,9 +16,9 @@ The engine calls ``prepare(library, prompt)`` and runs the job inside ``active(m
 from .apply import active
 from .formats import NetworkError, NetworkWeights, detect_format, read_network
 from .job import JobNetwork, JobNetworks, prepare
-from .library import NETWORK_FOLDERS, NetworkFile, NetworkLibrary, addnet_hash, read_metadata
+from .library import BUILTIN_NETWORKS_SUBDIR, NETWORK_FOLDERS, NetworkFile, NetworkLibrary, addnet_hash, read_metadata
 from .syntax import NetworkUse, ParsedPrompt, parse_prompt
 
-__all__ = ["NETWORK_FOLDERS", "JobNetwork", "JobNetworks", "NetworkError", "NetworkFile", "NetworkLibrary",
+__all__ = ["BUILTIN_NETWORKS_SUBDIR", "NETWORK_FOLDERS", "JobNetwork", "JobNetworks", "NetworkError", "NetworkFile", "NetworkLibrary",
            "NetworkUse", "NetworkWeights", "ParsedPrompt", "active", "addnet_hash", "detect_format", "parse_prompt", "prepare",
            "read_metadata", "read_network"]

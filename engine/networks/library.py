@@ -4,6 +4,8 @@ Files live in ``models/Lora`` and ``models/LyCORIS`` under the models root the c
 registry reads, subfolders included. A network's name is its file's stem; when two files share a
 stem, each is named by its path under its folder (without the extension), so a name means one file.
 Only ``.safetensors`` files are read: pickles (``.pt``, ``.ckpt``) can run code when loaded.
+The repository's own LoRAs (``builtin/loras``, e.g. the demo model's ``sfumato-outline``) are listed
+too, so every install has them; a user's file with the same name wins, as user models do.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..errors import ValidationError
 from ..file_hashes import file_sha256
 
 NETWORK_FOLDERS = ("Lora", "LyCORIS")
+BUILTIN_NETWORKS_SUBDIR = "loras"  # under the registry's builtin folder (``builtin/loras``)
 SUFFIXES = (".safetensors",)
 SHORT_HASH_LENGTH = 12  # A1111's "shorthash" of a network
 HEADER_LENGTH_BYTES = 8  # safetensors: a little-endian u64 header length, then the JSON header
@@ -32,6 +35,7 @@ class NetworkFile:
     path: Path
     folder: Path  # the models/Lora or models/LyCORIS folder it was found in
     alias: str = ""  # the name its training metadata gives it (kohya's ss_output_name); a prompt may use it too
+    builtin: bool = False  # shipped in the repository's builtin/loras, not a user's file
 
     @property
     def identity(self) -> tuple[str, int, int]:
@@ -105,33 +109,45 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 class NetworkLibrary:
-    """The network files under a models root; rescanned by ``refresh``."""
+    """The network files under a models root, plus the built-in ones; rescanned by ``refresh``."""
 
-    def __init__(self, models_dir: Path | str | None):
+    def __init__(self, models_dir: Path | str | None, builtin_dir: Path | str | None = None):
         self.models_dir = Path(models_dir) if models_dir else None
+        self.builtin_dir = Path(builtin_dir) if builtin_dir else None  # a folder of networks (builtin/loras)
         self._files: dict[str, NetworkFile] = {}
         self._aliases: dict[str, NetworkFile] = {}
         self._hashes: dict[tuple, str] = {}
         self._lock = threading.Lock()
         self.refresh()
 
+    @staticmethod
+    def _scan(folder: Path | None) -> list[tuple[Path, Path]]:
+        """(file, folder) for every network file under ``folder``, hidden paths skipped."""
+        if folder is None or not folder.is_dir():
+            return []
+        found = []
+        for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(folder)
+            if (path.is_file() and path.suffix.lower() in SUFFIXES
+                    and not any(part.startswith(".") for part in relative.parts)):
+                found.append((path, folder))
+        return found
+
     def refresh(self) -> list[NetworkFile]:
         found: list[tuple[Path, Path]] = []
         for folder_name in NETWORK_FOLDERS:
-            folder = self.models_dir / folder_name if self.models_dir else None
-            if folder is None or not folder.is_dir():
-                continue
-            for path in sorted(folder.rglob("*")):
-                relative = path.relative_to(folder)
-                if (path.is_file() and path.suffix.lower() in SUFFIXES
-                        and not any(part.startswith(".") for part in relative.parts)):
-                    found.append((path, folder))
+            found += self._scan(self.models_dir / folder_name if self.models_dir else None)
         stems = Counter(path.stem for path, _ in found)
         files = {}
         for path, folder in found:
             name = path.stem if stems[path.stem] == 1 else path.relative_to(folder).with_suffix("").as_posix()
             alias = str(read_metadata(path).get("ss_output_name") or name)
             files[name] = NetworkFile(name=name, path=path, folder=folder, alias=alias)
+        for path, folder in self._scan(self.builtin_dir):
+            name = path.relative_to(folder).with_suffix("").as_posix()
+            if name not in files:  # a user's network of that name wins
+                alias = str(read_metadata(path).get("ss_output_name") or name)
+                files[name] = NetworkFile(name=name, path=path, folder=folder, alias=alias, builtin=True)
         # A1111 also finds a network by its alias; an alias that is another file's name, or that two files share, names none.
         shared = Counter(network.alias for network in files.values())
         aliases = {network.alias: network for network in files.values() if network.alias not in files and shared[network.alias] == 1}
