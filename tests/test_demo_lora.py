@@ -35,7 +35,10 @@ PROMPTS = (
     "a large black square, green background", "a large purple circle, orange background",
 )
 SEED = 3
-NEED = 6  # of 8 prompts
+# "Most prompts": 5 of 8. Measured 6 of 8 outlined (fills 0.16-0.55, one at 0.48 by the 0.5 line) and 6 of 8
+# colours right with the LoRA; 8 of 8 filled without it. One prompt of slack keeps a different CPU's rounding
+# from flipping the verdict on the ring that sits nearest the line.
+NEED = 5  # of 8 prompts
 
 
 @pytest.fixture(scope="module")
