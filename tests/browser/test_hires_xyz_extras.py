@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from test_phone_and_icons import GLYPH_JS  # noqa: E402
 from _pages import CHROMIUM, choose, fetch_image, gallery_images, generate, open_tab, set_number, text_of, type_text, watch  # noqa: E402
 
 DEMO_SIZE = 64  # the demo model's native size
@@ -77,6 +78,16 @@ def test_an_xyz_plot_over_steps_draws_a_labelled_grid_and_its_cells(page):
     _few_steps(page)
     choose(page, "txt2img_script", "X/Y/Z plot")
     page.locator("#txt2img_xyz").wait_for(state="visible")
+    # The fill button (A1111's 📒) draws without an emoji font, says what it does, and lists an axis's choices.
+    fill = page.locator("#txt2img_xyz_fill_x")
+    page.wait_for_function("() => document.getElementById('txt2img_xyz_fill_x').getAttribute('aria-label')", timeout=10_000)
+    glyph = fill.evaluate(GLYPH_JS)
+    assert not glyph["emoji"] and not glyph["missing"], glyph
+    assert "choice" in fill.get_attribute("title")
+    choose(page, "txt2img_xyz_x_type", "Sampler")
+    fill.click()
+    page.wait_for_function("() => document.querySelector('#txt2img_xyz_x_values :is(textarea, input)').value"
+                           ".includes('DPM++ 2M')")
     choose(page, "txt2img_xyz_x_type", "Steps")
     type_text(page, "txt2img_xyz_x_values", "2,3")
     watch(page, "txt2img")
