@@ -65,8 +65,8 @@ def _choose(page, elem_id: str, value: str) -> None:
 
 def _scroll_to(page, elem_id: str) -> None:
     """Bring a control to the top of the shot: the tour's pictures start where the feature is."""
-    page.evaluate("(id) => window.scrollTo(0, document.getElementById(id).getBoundingClientRect().top + window.scrollY - 16)",
-                  elem_id)
+    page.evaluate("(id) => window.scrollTo(0, document.getElementById(id).getBoundingClientRect().top"
+                  " + window.scrollY - 16)", elem_id)
 
 
 def _shoot_span(page, out: Path, name: str, top_id: str, bottom_id: str) -> Path:

@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from test_phone_and_icons import GLYPH_JS  # noqa: E402
-from _pages import CHROMIUM, choose, fetch_image, gallery_images, generate, open_tab, set_number, text_of, type_text, watch  # noqa: E402
+from _pages import (CHROMIUM, choose, fetch_image, gallery_images, generate, open_tab, set_number, text_of,  # noqa: E402
+                    type_text, watch)
 
 DEMO_SIZE = 64  # the demo model's native size
 pytestmark = [
