@@ -3,12 +3,14 @@
 Starts the real server on 127.0.0.1 (built-in demo model, or the untrained
 placeholder when the demo model is not trained yet), drives it with Playwright
 and Debian's chromium like an artist would (generate, send to img2img and
-inpaint, paint a mask, read PNG Info) and writes ``docs/screenshots/<tab>.png``.
-Outputs and settings go to a temporary folder, never into the checkout.
+inpaint, paint a mask, read PNG Info, hires fix, an X/Y/Z plot, the Extras tab,
+the extra-networks panel with a LoRA card) and writes ``docs/screenshots/<tab>.png``.
+Outputs, settings and the LoRA the panel shows go to a temporary folder, never into the checkout.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -26,6 +28,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 VIEWPORT = {"width": 1400, "height": 1000}
 MAX_HEIGHT = 1700  # long tabs are cut here: the tour shows what greets the artist
 PROMPT = "a large red circle on the left, blue background"
+# The X/Y/Z shot: colours across, shapes down, so every cell of the demo model's world differs at a glance.
+XYZ_AXES = (("Prompt S/R", "red, yellow, green"), ("Prompt S/R", "circle, square, triangle"))
+# Hires. fix by a pixel upscaler at a moderate strength: the demo model keeps its one shape at twice its size.
+HIRES_UPSCALER, HIRES_DENOISING = "Lanczos", 0.45
+LORA_NAME = "demo-sparkle"  # the LoRA card of the extra-networks shot (random weights built for the demo model)
 
 
 def _set_number(page, elem_id: str, value) -> None:
@@ -49,6 +56,127 @@ def _shoot(page, out: Path, name: str) -> Path:
     page.screenshot(path=str(path), full_page=True, clip={"x": 0, "y": 0, "width": VIEWPORT["width"], "height": height})
     print(path)
     return path
+
+
+def _choose(page, elem_id: str, value: str) -> None:
+    page.locator(f"#{elem_id} input").first.click()
+    page.locator(f'ul[role=listbox] li[role=option][aria-label="{value}"]').first.click()
+
+
+def _scroll_to(page, elem_id: str) -> None:
+    """Bring a control to the top of the shot: the tour's pictures start where the feature is."""
+    page.evaluate("(id) => window.scrollTo(0, document.getElementById(id).getBoundingClientRect().top"
+                  " + window.scrollY - 16)", elem_id)
+
+
+def _shoot_span(page, out: Path, name: str, top_id: str, bottom_id: str) -> Path:
+    """The page's full width from one element's top to another's bottom: a feature and its result together."""
+    page.wait_for_timeout(600)
+    box = page.evaluate("""([top, bottom]) => {
+        const y = id => document.getElementById(id).getBoundingClientRect();
+        return [y(top).top + window.scrollY, y(bottom).bottom + window.scrollY];
+    }""", [top_id, bottom_id])
+    path = out / f"{name}.png"
+    clip = {"x": 0, "y": max(0, box[0] - 16), "width": VIEWPORT["width"], "height": box[1] - box[0] + 32}
+    page.screenshot(path=str(path), full_page=True, clip=clip)
+    print(path)
+    return path
+
+
+def _generate_and_wait(page, mode: str) -> None:
+    """Generate and wait for this run's result: the progress line still says "Done" from the run before."""
+    gallery = f"#{mode}_gallery img"
+    before = page.locator(gallery).first.get_attribute("src") if page.locator(gallery).count() else ""
+    page.locator(f"#{mode}_generate").click()
+    page.wait_for_function("""([selector, before]) => { const img = document.querySelector(selector);
+        return img && img.src !== before; }""", arg=[gallery, before], timeout=180_000)
+    _wait_done(page, mode)
+
+
+def _shoot_view(page, out: Path, name: str) -> Path:
+    """The viewport as scrolled (not the page from its top)."""
+    page.wait_for_timeout(600)
+    path = out / f"{name}.png"
+    page.screenshot(path=str(path))
+    print(path)
+    return path
+
+
+def write_demo_lora(studio, model: str, models_dir: Path) -> None:
+    """A kohya LoRA file for ``model`` (tests/_lora_files.py's builder) with training notes and a preview, so the
+    extra-networks panel has a real card to show."""
+    from PIL import Image, ImageDraw
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import _lora_files as lora_files
+
+    folder = models_dir / "Lora"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{LORA_NAME}.safetensors"
+    tensors = lora_files.kohya_lora(studio.registry.load(model).pipeline, path, seed=3)
+    save_file(tensors, str(path), metadata={"ss_output_name": LORA_NAME, "ss_base_model_version": "sd_v1",
+                                            "ss_tag_frequency": json.dumps({"1_shapes": {"sparkle": 9, "star": 2}})})
+    preview = Image.new("RGB", (128, 128), (140, 50, 180))
+    ImageDraw.Draw(preview).polygon([(64, 14), (116, 110), (12, 110)], fill=(250, 225, 20))
+    preview.save(folder / f"{LORA_NAME}.preview.png")
+    studio.engine.networks.refresh()
+
+
+def take_features(browser, url: str, out: Path, size: int | None) -> list[Path]:
+    """Hires. fix with a result, an X/Y/Z grid, the Extras tab with an upscaled picture, and the extra-networks
+    panel with a LoRA card, on a fresh page."""
+    shots = []
+    page = browser.new_context(viewport=VIEWPORT).new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.wait_for_selector("#txt2img_generate")
+    page.locator("#txt2img_prompt textarea").fill(PROMPT)
+    _set_number(page, "txt2img_seed", 42)
+    _set_number(page, "txt2img_batch_size", 2)
+    if size:
+        for side in ("width", "height"):
+            _set_number(page, f"txt2img_{side}", size)
+    page.locator("#txt2img_hires").get_by_text("Hires. fix").first.click()
+    page.locator("#txt2img_enable_hr input[type=checkbox]").check()
+    _choose(page, "txt2img_hr_upscaler", HIRES_UPSCALER)
+    _set_number(page, "txt2img_hr_scale", 2)
+    _set_number(page, "txt2img_denoising_strength", HIRES_DENOISING)
+    _generate_and_wait(page, "txt2img")
+    shots.append(_shoot_span(page, out, "hires", "txt2img_preview", "txt2img_hires"))
+    hires_png = page.locator("#txt2img_gallery img").first.get_attribute("src")
+    page.locator("#txt2img_enable_hr input[type=checkbox]").uncheck()
+    page.locator("#txt2img_hires").get_by_text("Hires. fix").first.click()  # closed again
+
+    _set_number(page, "txt2img_batch_size", 1)
+    _choose(page, "txt2img_script", "X/Y/Z plot")
+    page.locator("#txt2img_xyz").wait_for(state="visible")
+    for letter, (axis, values) in zip("xy", XYZ_AXES):
+        _choose(page, f"txt2img_xyz_{letter}_type", axis)
+        page.locator(f"#txt2img_xyz_{letter}_values textarea, #txt2img_xyz_{letter}_values input").first.fill(values)
+    _generate_and_wait(page, "txt2img")
+    shots.append(_shoot_span(page, out, "xyz", "txt2img_preview", "txt2img_xyz"))
+    _choose(page, "txt2img_script", "None")
+
+    with urllib.request.urlopen(hires_png, timeout=30) as response, tempfile.TemporaryDirectory() as folder:
+        image = Path(folder) / "hires.png"
+        image.write_bytes(response.read())
+        page.get_by_role("tab", name="Extras", exact=True).click()
+        page.locator("#extras_image input[type=file]").set_input_files(str(image))
+        page.locator("#extras_image img").first.wait_for()
+    _choose(page, "extras_upscaler_1", "Lanczos")
+    _set_number(page, "extras_upscaling_resize", 2)
+    page.locator("#extras_generate").click()
+    page.locator("#extras_gallery img").first.wait_for(timeout=120_000)
+    shots.append(_shoot(page, out, "extras"))
+
+    page.get_by_role("tab", name="txt2img", exact=True).click()
+    page.locator("#txt2img_extra_networks").get_by_text("Extra networks", exact=False).first.click()
+    page.locator(f'#txt2img_extra_cards_lora .sfumato-card[data-key="lora:{LORA_NAME}"]').wait_for()
+    _scroll_to(page, "txt2img_extra_networks")
+    shots.append(_shoot_view(page, out, "extra_networks"))
+    page.context.close()
+    return shots
 
 
 def take(url: str, out: Path, size: int | None) -> list[Path]:
@@ -112,6 +240,7 @@ def take(url: str, out: Path, size: int | None) -> list[Path]:
         for tab, name in (("Extensions", "extensions"), ("Settings", "settings")):
             page.get_by_role("tab", name=tab, exact=True).click()
             shots.append(_shoot(page, out, name))
+        shots += take_features(browser, url, out, size)
         browser.close()
     return shots
 
@@ -138,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         ))
         width, _ = native_size(studio, studio.default_model())
         size = 64 if width > 256 else None  # the untrained placeholder is SD1-sized; keep its run short
+        write_demo_lora(studio, studio.default_model(), Path(studio.config.models_dir))
         handle = serve(studio, host="127.0.0.1", port=0, block=False)
         try:
             take(handle.url, args.out, size)

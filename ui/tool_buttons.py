@@ -1,4 +1,5 @@
-"""The small square buttons beside a control: refresh the model list, random seed, reuse seed, swap sizes.
+"""The small square buttons beside a control: refresh the model list, random seed, reuse seed, swap sizes, fill an
+X/Y/Z axis with its choices.
 
 Each shows a text symbol that the fonts every desktop ships carry (DejaVu Sans, Segoe UI
 Symbol, Apple Symbols), never an emoji: an emoji draws as an empty box on a machine
@@ -37,7 +38,9 @@ RANDOM_SUBSEED = ToolIcon(name="random-subseed", symbol="⚄", label="Random var
 REUSE_SUBSEED = ToolIcon(name="reuse-subseed", symbol="♻" + TEXT_PRESENTATION,
                          label="Reuse the variation seed of the selected result")
 SWAP_SIZE = ToolIcon(name="swap-size", symbol="⇅", label="Swap width and height")
-TOOL_ICONS = (REFRESH_MODELS, RANDOM_SEED, REUSE_SEED, RANDOM_SUBSEED, REUSE_SUBSEED, SWAP_SIZE)
+# A1111 shows 📒 here; an emoji, so a list symbol instead.
+FILL_AXIS = ToolIcon(name="fill-axis", symbol="☰", label="Fill in every choice of this axis")
+TOOL_ICONS = (REFRESH_MODELS, RANDOM_SEED, REUSE_SEED, RANDOM_SUBSEED, REUSE_SUBSEED, SWAP_SIZE, FILL_AXIS)
 
 
 def tool_button(icon: ToolIcon, elem_id: str) -> gr.Button:

@@ -2,7 +2,7 @@
 
 Each axis is a type dropdown and a values textbox, as in A1111 with "Use text inputs instead of dropdowns"
 on: values are typed in A1111's syntax (``1-5``, ``10-30 (+10)``, ``1-9 [3]``, quoted commas), and an axis
-with choices lists them under its box; 📒 fills the box with all of them. The options kept are the ones that
+with choices lists them under its box; ☰ (A1111's 📒) fills the box with all of them. The options kept are the ones that
 change what Sfumato does: Draw legend, Keep -1 for seeds, Vary seeds (X, Y, Z) and Grid margins.
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ from engine.xyz import PlotOptions, XyzPlot, axis_types, find_axis
 from engine.xyz.axes import installed_in
 from engine.xyz.ranges import join_values
 
+from .tool_buttons import FILL_AXIS, tool_button
+
 NO_SCRIPT = "None"
 XYZ_SCRIPT = "X/Y/Z plot"
 SCRIPTS = (NO_SCRIPT, XYZ_SCRIPT)
-FILL_ICON = "\U0001f4d2"  # 📒, as A1111's fill button
 _DEFAULT_TYPES = ("Seed", "Nothing", "Nothing")  # A1111's: X on Seed, Y and Z on Nothing
 
 
@@ -69,7 +70,7 @@ def build_xyz_controls(mode: str) -> XyzControls:
                                          elem_id=f"{mode}_xyz_{letter.lower()}_type"))
                 values.append(gr.Textbox(label=f"{letter} values", lines=1, scale=5, info=_choices_info(default, tab),
                                          elem_id=f"{mode}_xyz_{letter.lower()}_values"))
-                fills.append(gr.Button(FILL_ICON, size="sm", min_width=40, scale=0, elem_id=f"{mode}_xyz_fill_{letter.lower()}"))
+                fills.append(tool_button(FILL_AXIS, f"{mode}_xyz_fill_{letter.lower()}"))
         with gr.Row():
             draw_legend = gr.Checkbox(True, label="Draw legend", elem_id=f"{mode}_xyz_draw_legend")
             keep_random = gr.Checkbox(False, label="Keep -1 for seeds", elem_id=f"{mode}_xyz_keep_random_seeds")
