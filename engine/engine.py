@@ -81,6 +81,7 @@ class _PassPlan:
     height: int
     conditioning: object  # the prompt encoder's output for this pass
     denoising_strength: float | None  # None: from noise (txt2img); else the img2img strength ``sigmas`` were cut for
+    cfg_scale: float  # before the sampler's own factor
     full_sigmas: torch.Tensor | None = None  # the whole schedule an img2img pass was cut from (the Brownian tree spans it)
     refiner: "_RefinerPlan | None" = None  # the model that takes over part way through this pass
 
@@ -206,7 +207,8 @@ class Engine:
         extension_info = {**extension_info, **job_networks.infotext_fields()}
         first = _PassPlan(sampler=request.sampler, schedule=request.schedule, steps=request.steps,
                           sigmas=self._pass_sigmas(request, noise_table, prepared), width=prepared.width, height=prepared.height,
-                          conditioning=conditioning, denoising_strength=None if prepared.source is None else request.denoising_strength)
+                          conditioning=conditioning, denoising_strength=None if prepared.source is None else request.denoising_strength,
+                          cfg_scale=request.cfg_scale)
         # img2img cuts the schedule; A1111 still spans the SDE samplers' Brownian tree over the whole of it.
         if prepared.source is not None:
             first.full_sigmas = sample_pass.schedule_sigmas(samplers.find_sampler(request.sampler), noise_table, request.schedule,
@@ -316,7 +318,7 @@ class Engine:
         full = sample_pass.schedule_sigmas(spec, noise_table, plan.schedule, plan.steps)
         second = _PassPlan(sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps, sigmas=sigmas, width=plan.width,
                            height=plan.height, conditioning=conditioning, denoising_strength=request.denoising_strength,
-                           full_sigmas=full)
+                           cfg_scale=plan.cfg_scale, full_sigmas=full)
         return _HiresStage(plan, second)
 
     def _hires_stage(self, request: GenerationRequest, model: LoadedModel, second: "_HiresStage", latents: torch.Tensor,
@@ -337,6 +339,7 @@ class Engine:
         cancellation.entering("sampling")
         image_noise = self._image_noise(request, model, second.pass_plan, seeds, subseeds)  # new noise for the new shape
         noise = image_noise.first()
+        do_cfg = second.pass_plan.cfg_scale > 1.0  # a hires CFG of its own may turn guidance on or off for this pass
         denoiser = self._guided_denoiser(request, model, second.pass_plan, noise_table, parameterization, noise, do_cfg)
         on_step = self._step_callback(request, previewer, on_progress, cancel, started, progress, offset, stops)
         return self._sample(request, model, second.pass_plan, denoiser, latents, image_noise, noise, seeds, None, noise_table,
@@ -487,7 +490,7 @@ class Engine:
         added = model.family.unet_kwargs(conditioning, plan.width, plan.height).batched(batch, do_cfg, model.device, model.dtype)
         if inpaint is None and whole_image:
             inpaint = self._whole_image_conditioning(model, plan.width, plan.height, noise)
-        cfg_scale = request.cfg_scale * samplers.find_sampler(plan.sampler).cfg_scale_factor
+        cfg_scale = plan.cfg_scale * samplers.find_sampler(plan.sampler).cfg_scale_factor
         return GuidedDenoiser(model.pipeline.unet, noise_table, parameterization, embeds.to(model.device, model.dtype), cfg_scale,
                               do_cfg, added, inpaint)
 
@@ -496,7 +499,8 @@ class Engine:
         """The first pass's denoiser for one batch and the init latents (None in txt2img); no denoiser when strength 0 leaves nothing to do."""
         batch = noise.shape[0]
         plan = _PassPlan(sampler=request.sampler, schedule=request.schedule, steps=request.steps, sigmas=None,
-                         width=prepared.width, height=prepared.height, conditioning=conditioning, denoising_strength=None)
+                         width=prepared.width, height=prepared.height, conditioning=conditioning, denoising_strength=None,
+                         cfg_scale=request.cfg_scale)
 
         def denoiser(inpaint: InpaintInputs | None) -> GuidedDenoiser:
             return self._guided_denoiser(request, model, plan, noise_table, parameterization, noise, do_cfg, inpaint, whole_image=False)

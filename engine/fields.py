@@ -374,6 +374,11 @@ CORE_FIELDS: tuple[Field, ...] = (
           help="Empty: the negative prompt.", infotext="Hires negative prompt",
           infotext_when=_when_hires(_hires_text_differs("hr_negative_prompt", "negative_prompt")), api="hr_negative_prompt",
           cli="--hires-negative", **_HIRES),
+    # Forge's hires CFG (A1111 1.10 has none): 0 keeps A1111's behaviour, the first pass's CFG, for clients that never send it.
+    Field("hr_cfg", float, 0.0, range=(0.0, 30.0), label="Hires CFG Scale", control="slider", step=0.5,
+          help="CFG of the second pass; 0: the first pass's.", infotext="Hires CFG Scale",
+          infotext_when=_when_hires(lambda request: request.hr_cfg not in (0, request.cfg_scale)), api="hr_cfg",
+          cli="--hires-cfg", **_HIRES),
     # -- the refiner: another checkpoint takes over at a fraction of the pass (A1111 1.10's refiner_checkpoint/_switch_at)
     Field("refiner_checkpoint", str, "", max_length=1000, label="Refiner", control="dropdown",
           help="A checkpoint that takes over the sampling part way (SDXL's refiner); empty: none. With hires fix it refines "

@@ -47,6 +47,10 @@ def second_pass_steps(request: Any) -> int:
     return request.hr_second_pass_steps or request.steps
 
 
+def second_pass_cfg(request: Any) -> float:
+    return request.hr_cfg or request.cfg_scale
+
+
 def applies(request: Any) -> bool:
     """Hires fix runs for txt2img only, as in A1111 (img2img has no second pass)."""
     return bool(request.enable_hr) and request.mode == "txt2img"
@@ -98,6 +102,7 @@ class HiresPlan:
     sampler: str
     schedule: str
     steps: int
+    cfg_scale: float
     prompt: str
     negative_prompt: str
 
@@ -142,7 +147,7 @@ def plan(request: Any, width: int, height: int, vae_scale_factor: int, size_limi
     return HiresPlan(upscale_width=upscale_w, upscale_height=upscale_h, width=final_w, height=final_h, crop_x=crop_x,
                      crop_y=crop_y, upscaler=name, pixel_upscaler=pixel, sampler=second_pass_sampler(request),
                      schedule=second_pass_schedule(request), steps=second_pass_steps(request),
-                     prompt=request.hr_prompt or request.prompt,
+                     cfg_scale=second_pass_cfg(request), prompt=request.hr_prompt or request.prompt,
                      negative_prompt=request.hr_negative_prompt or request.negative_prompt)
 
 

@@ -154,6 +154,7 @@ class GenerationRequest:
     hr_scheduler: str = default("hr_scheduler")
     hr_prompt: str = default("hr_prompt")
     hr_negative_prompt: str = default("hr_negative_prompt")
+    hr_cfg: float = default("hr_cfg")
     refiner_checkpoint: str = default("refiner_checkpoint")
     refiner_switch_at: float = default("refiner_switch_at")
     extensions: Mapping[str, Any] = field(default_factory=dict)

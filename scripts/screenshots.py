@@ -10,7 +10,6 @@ Outputs, settings and the LoRA the panel shows go to a temporary folder, never i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -32,7 +31,7 @@ PROMPT = "a large red circle on the left, blue background"
 XYZ_AXES = (("Prompt S/R", "red, yellow, green"), ("Prompt S/R", "circle, square, triangle"))
 # Hires. fix by a pixel upscaler at a moderate strength: the demo model keeps its one shape at twice its size.
 HIRES_UPSCALER, HIRES_DENOISING = "Lanczos", 0.45
-LORA_NAME = "demo-sparkle"  # the LoRA card of the extra-networks shot (random weights built for the demo model)
+LORA_NAME = "sfumato-outline"  # the extra-networks shot shows the built-in demo LoRA's card (builtin/loras)
 
 
 def _set_number(page, elem_id: str, value) -> None:
@@ -100,27 +99,6 @@ def _shoot_view(page, out: Path, name: str) -> Path:
     page.screenshot(path=str(path))
     print(path)
     return path
-
-
-def write_demo_lora(studio, model: str, models_dir: Path) -> None:
-    """A kohya LoRA file for ``model`` (tests/_lora_files.py's builder) with training notes and a preview, so the
-    extra-networks panel has a real card to show."""
-    from PIL import Image, ImageDraw
-    from safetensors.torch import save_file
-
-    sys.path.insert(0, str(REPO / "tests"))
-    import _lora_files as lora_files
-
-    folder = models_dir / "Lora"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{LORA_NAME}.safetensors"
-    tensors = lora_files.kohya_lora(studio.registry.load(model).pipeline, path, seed=3)
-    save_file(tensors, str(path), metadata={"ss_output_name": LORA_NAME, "ss_base_model_version": "sd_v1",
-                                            "ss_tag_frequency": json.dumps({"1_shapes": {"sparkle": 9, "star": 2}})})
-    preview = Image.new("RGB", (128, 128), (140, 50, 180))
-    ImageDraw.Draw(preview).polygon([(64, 14), (116, 110), (12, 110)], fill=(250, 225, 20))
-    preview.save(folder / f"{LORA_NAME}.preview.png")
-    studio.engine.networks.refresh()
 
 
 def take_features(browser, url: str, out: Path, size: int | None) -> list[Path]:
@@ -267,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
         ))
         width, _ = native_size(studio, studio.default_model())
         size = 64 if width > 256 else None  # the untrained placeholder is SD1-sized; keep its run short
-        write_demo_lora(studio, studio.default_model(), Path(studio.config.models_dir))
         handle = serve(studio, host="127.0.0.1", port=0, block=False)
         try:
             take(handle.url, args.out, size)

@@ -182,18 +182,19 @@ def test_the_infotext_writes_a1111s_hires_keys_and_reads_them_back(demo_engine):
 
     request = _request(width=64, height=64, steps=3, enable_hr=True, hr_resize_x=128, hr_resize_y=96, hr_second_pass_steps=2,
                        hr_upscaler="Lanczos", hr_sampler_name="DPM++ 2M", hr_scheduler="Exponential", hr_prompt="a blue square",
-                       hr_negative_prompt="blurry", denoising_strength=0.45)
+                       hr_negative_prompt="blurry", denoising_strength=0.45, hr_cfg=5.5)
     text = demo_engine.generate(request).images[0].infotext
     params = parse_infotext(text)
     assert {key: params[key] for key in ("Size", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler",
-                                         "Hires schedule type", "Hires prompt", "Hires negative prompt", "Denoising strength")} == {
+                                         "Hires schedule type", "Hires prompt", "Hires negative prompt", "Denoising strength",
+                                         "Hires CFG Scale")} == {
         "Size": "64x64", "Hires resize": "128x96", "Hires steps": "2", "Hires upscaler": "Lanczos", "Hires sampler": "DPM++ 2M",
         "Hires schedule type": "Exponential", "Hires prompt": "a blue square", "Hires negative prompt": "blurry",
-        "Denoising strength": "0.45"}
+        "Denoising strength": "0.45", "Hires CFG Scale": "5.5"}
     assert "Hires upscale" not in params  # a resize, not a scale
     read = request_fields_from_infotext(params)
     for name in ("enable_hr", "hr_resize_x", "hr_resize_y", "hr_second_pass_steps", "hr_upscaler", "hr_sampler_name",
-                 "hr_scheduler", "hr_prompt", "hr_negative_prompt", "denoising_strength"):
+                 "hr_scheduler", "hr_prompt", "hr_negative_prompt", "denoising_strength", "hr_cfg"):
         assert read[name] == getattr(request, name), name
 
 
@@ -201,11 +202,21 @@ def test_optional_hires_keys_are_left_out_when_they_repeat_the_first_pass(demo_e
     from engine.infotext import parse_infotext
 
     request = _request(width=64, height=64, steps=2, enable_hr=True, hr_sampler_name="Euler", hr_scheduler="Automatic",
-                       hr_prompt="a large red circle")
+                       hr_prompt="a large red circle", hr_cfg=3.0)
     params = parse_infotext(demo_engine.generate(request).images[0].infotext)
     assert (params["Hires upscale"], params["Hires upscaler"], params["Denoising strength"]) == ("2", "Latent", "0.75")
-    for key in ("Hires steps", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt", "Hires resize"):
+    for key in ("Hires steps", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt", "Hires resize",
+                "Hires CFG Scale"):
         assert key not in params, key
+
+
+def test_a_hires_cfg_of_its_own_guides_only_the_second_pass(demo_engine):
+    """Forge's Hires CFG Scale: 0 or the first pass's CFG is the same picture; another value changes the second pass."""
+    base = dict(width=64, height=64, steps=3, enable_hr=True, hr_upscaler="Lanczos", denoising_strength=0.6)
+    same = [np.asarray(demo_engine.generate(_request(**base, hr_cfg=cfg)).images[0].image) for cfg in (0.0, FAST["cfg_scale"])]
+    np.testing.assert_array_equal(same[0], same[1])
+    unguided = np.asarray(demo_engine.generate(_request(**base, hr_cfg=1.0)).images[0].image)
+    assert np.abs(unguided.astype(int) - same[0]).max() > 8
 
 
 def test_an_a1111_hires_infotext_turns_hires_fix_on():

@@ -106,6 +106,7 @@ class Txt2ImgRequest(GenerationParams):
     hr_scheduler: str | None = _hires("hr_scheduler")
     hr_prompt: str = _hires("hr_prompt")
     hr_negative_prompt: str = _hires("hr_negative_prompt")
+    hr_cfg: Float = _hires("hr_cfg")
 
 
 class Img2ImgRequest(GenerationParams):

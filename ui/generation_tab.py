@@ -321,7 +321,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
 
 # A1111's "Hires. fix" rows: upscaler, steps and strength; the target size; the second pass's sampling; its prompts.
 _HIRES_ROWS = (("hr_upscaler", "hr_second_pass_steps", "denoising_strength"), ("hr_scale", "hr_resize_x", "hr_resize_y"),
-               ("hr_sampler_name", "hr_scheduler"), ("hr_prompt", "hr_negative_prompt"))
+               ("hr_sampler_name", "hr_scheduler", "hr_cfg"), ("hr_prompt", "hr_negative_prompt"))
 
 
 def _hires_accordion(studio, mode: str) -> dict[str, Any]:
