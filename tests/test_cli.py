@@ -1,4 +1,9 @@
-"""`launch.py generate` and friends: the same engine call as the UI, scriptable."""
+"""`launch.py generate` and friends: the same engine call as the UI, scriptable.
+
+Two tests start ``launch.py`` as a real process (a generation, and an argument error's exit status), so the entry
+point itself is covered; the rest call the CLI's own ``main`` in this process, with its stdout, stderr and exit
+status captured, which saves a torch and diffusers import (10-20 s on CI) per test.
+"""
 from __future__ import annotations
 
 import subprocess
@@ -16,6 +21,20 @@ def run_cli(*args: str, models_dir: Path, timeout: float = 300) -> subprocess.Co
     command = [sys.executable, str(ROOT / "launch.py"), "--skip-install", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+
+
+def run_cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``ui.cli.main`` in this process, as ``launch.py`` calls it: exit status (argparse's ``SystemExit`` included),
+    stdout and stderr, shaped like ``run_cli``'s result."""
+    from ui.cli import main
+
+    capsys.readouterr()  # drop whatever earlier code printed
+    try:
+        status = main(list(args))
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["launch.py", *args], status, captured.out, captured.err)
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +84,32 @@ def test_generate_matches_the_engine(cli_out, engine):
     (["--prompt", "x", "--outpaint", "1,2"], "--outpaint"),
     (["--steps", "3"], "--prompt"),
 ])
-def test_invalid_arguments_exit_nonzero_with_one_line_naming_the_argument(tmp_path, tiny_models_dir, args, needle):
-    result = run_cli("generate", "--models-dir", str(tiny_models_dir), *args, "--out", str(tmp_path), models_dir=tiny_models_dir)
+def test_invalid_arguments_exit_nonzero_with_one_line_naming_the_argument(tmp_path, tiny_models_dir, capsys, args, needle):
+    result = run_cli_here(capsys, "generate", "--models-dir", str(tiny_models_dir), *args, "--out", str(tmp_path))
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()
     assert len(message) == 1 and needle in message[0], result.stderr
 
 
-def test_inpaint_from_the_command_line_keeps_unmasked_pixels(tmp_path, tiny_models_dir):
+def test_launch_py_exits_nonzero_with_one_line_naming_the_argument(tmp_path, tiny_models_dir):
+    """The entry point passes the CLI's exit status and its one-line error through a real process."""
+    result = run_cli("generate", "--models-dir", str(tiny_models_dir), "--prompt", "x", "--width", "100", "--out",
+                     str(tmp_path), models_dir=tiny_models_dir)
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and "--width" in message[0], result.stderr
+
+
+def test_inpaint_from_the_command_line_keeps_unmasked_pixels(tmp_path, tiny_models_dir, capsys):
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
     mask = np.zeros((64, 64), np.uint8)
     mask[20:40, 20:40] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    result = run_cli("generate", "--models-dir", str(tiny_models_dir), "--model", "Stable-diffusion/tiny-sd1", "--prompt", "x",
-                     "--steps", "3", "--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
-                     "--mask-blur", "0", "--masked-content", "latent-noise", "--out", str(tmp_path / "out"), models_dir=tiny_models_dir)
+    result = run_cli_here(capsys, "generate", "--models-dir", str(tiny_models_dir), "--model", "Stable-diffusion/tiny-sd1",
+                          "--prompt", "x", "--steps", "3", "--init-image", str(tmp_path / "in.png"), "--mask",
+                          str(tmp_path / "mask.png"), "--mask-blur", "0", "--masked-content", "latent-noise",
+                          "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     out = np.asarray(Image.open(result.stdout.split()[0]))
     original = np.asarray(Image.open(tmp_path / "in.png"))
@@ -88,18 +117,19 @@ def test_inpaint_from_the_command_line_keeps_unmasked_pixels(tmp_path, tiny_mode
     assert "Masked content: latent noise" in Image.open(result.stdout.split()[0]).info["parameters"]
 
 
-def test_help_lists_the_flags():
-    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--skip-install", "--help"], capture_output=True, text=True, cwd=ROOT)
+def test_help_lists_the_flags(capsys):
+    result = run_cli_here(capsys, "--help")
+    assert result.returncode == 0
     for flag in ("--port", "--listen", "--models-dir", "--outputs-dir", "--device", "--no-browser", "generate", "test"):
         assert flag in result.stdout
 
 
-def test_preprocess_writes_a_canny_map(tmp_path, tiny_models_dir):
+def test_preprocess_writes_a_canny_map(tmp_path, tiny_models_dir, capsys):
     image = np.zeros((64, 64, 3), np.uint8)
     image[16:48, 16:48] = 255
     Image.fromarray(image).save(tmp_path / "square.png")
-    result = run_cli("preprocess", "--models-dir", str(tiny_models_dir), "--module", "canny", str(tmp_path / "square.png"),
-                     "--out", str(tmp_path / "map.png"), "--resolution", "64", models_dir=tiny_models_dir)
+    result = run_cli_here(capsys, "preprocess", "--models-dir", str(tiny_models_dir), "--module", "canny",
+                          str(tmp_path / "square.png"), "--out", str(tmp_path / "map.png"), "--resolution", "64")
     assert result.returncode == 0, result.stderr
     edges = np.asarray(Image.open(tmp_path / "map.png").convert("L"))
     assert edges.shape == (64, 64) and set(np.unique(edges)) <= {0, 255}

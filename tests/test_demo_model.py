@@ -63,11 +63,13 @@ def test_guidance_makes_the_prompt_count_more(demo_engine):
     from training.evaluate import eval_scenes, score
     from training.world import full_caption
 
-    scenes = eval_scenes()[:32]
+    scenes = eval_scenes()[:24]
 
     def accuracy(cfg):
         # Euler: the demo model reads colour, background, position and size right even unguided, so only shape
         # tells; measured on 32 scenes, shape 0.62 at CFG 1 against 0.78 at CFG 5 (DPM++ 2M + Karras ties at 0.72).
+        # On the first 24 of them (a quarter less time), shape 0.67 against 0.83: mean 0.933 against 0.967,
+        # the same margin as on 32 (0.925 against 0.956). On 16 it is two pictures; at 10 steps it all but vanishes.
         readings = [classify(draw(demo_engine, full_caption(scene), 1, cfg_scale=cfg, sampler="Euler")) for scene in scenes]
         return float(np.mean(list(score(readings, scenes).values())))
 
