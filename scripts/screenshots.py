@@ -101,20 +101,26 @@ def _shoot_view(page, out: Path, name: str) -> Path:
     return path
 
 
-def take_features(browser, url: str, out: Path, size: int | None) -> list[Path]:
-    """Hires. fix with a result, an X/Y/Z grid, the Extras tab with an upscaled picture, and the extra-networks
-    panel with a LoRA card, on a fresh page."""
-    shots = []
+def _txt2img_page(browser, url: str, size: int | None, batch_size: int):
+    """A fresh page on txt2img with the shots' prompt, seed 42, the batch size and (for large models) the size."""
     page = browser.new_context(viewport=VIEWPORT).new_page()
     page.set_default_timeout(60_000)
     page.goto(url)
     page.wait_for_selector("#txt2img_generate")
     page.locator("#txt2img_prompt textarea").fill(PROMPT)
     _set_number(page, "txt2img_seed", 42)
-    _set_number(page, "txt2img_batch_size", 2)
+    _set_number(page, "txt2img_batch_size", batch_size)
     if size:
         for side in ("width", "height"):
             _set_number(page, f"txt2img_{side}", size)
+    return page
+
+
+def take_features(browser, url: str, out: Path, size: int | None) -> list[Path]:
+    """Hires. fix with a result, an X/Y/Z grid, the Extras tab with an upscaled picture, and the extra-networks
+    panel with a LoRA card, on a fresh page."""
+    shots = []
+    page = _txt2img_page(browser, url, size, batch_size=2)
     page.locator("#txt2img_hires").get_by_text("Hires. fix").first.click()
     page.locator("#txt2img_enable_hr input[type=checkbox]").check()
     _choose(page, "txt2img_hr_upscaler", HIRES_UPSCALER)
@@ -163,17 +169,7 @@ def take(url: str, out: Path, size: int | None) -> list[Path]:
     shots = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_context(viewport=VIEWPORT).new_page()
-        page.set_default_timeout(60_000)
-        page.goto(url)
-        page.wait_for_selector("#txt2img_generate")
-
-        page.locator("#txt2img_prompt textarea").fill(PROMPT)
-        _set_number(page, "txt2img_seed", 42)
-        _set_number(page, "txt2img_batch_size", 4)
-        if size:
-            for side in ("width", "height"):
-                _set_number(page, f"txt2img_{side}", size)
+        page = _txt2img_page(browser, url, size, batch_size=4)
         page.locator("#txt2img_generate").click()
         _wait_done(page, "txt2img")
         shots.append(_shoot(page, out, "txt2img"))
