@@ -362,7 +362,7 @@ class Engine:
     def _image_noise(request: GenerationRequest, model: LoadedModel, plan: "_PassPlan", seeds: list[int],
                      subseeds: list[int]) -> ImageNoise:
         """A1111's per-image noise for one pass: a new ImageRNG for the pass's latent shape from the same seeds."""
-        shape = (model.pipeline.unet.config.out_channels, plan.height // model.vae_scale_factor, plan.width // model.vae_scale_factor)
+        shape = (model.latent_channels, plan.height // model.vae_scale_factor, plan.width // model.vae_scale_factor)
         # Sampling runs in float32 whatever the model's dtype (see sampling/denoiser.py).
         return ImageNoise(shape, seeds, subseeds, request.subseed_strength, source=request.rng,
                           eta_noise_seed_delta=request.eta_noise_seed_delta, device=model.device)
@@ -491,8 +491,8 @@ class Engine:
         if inpaint is None and whole_image:
             inpaint = self._whole_image_conditioning(model, plan.width, plan.height, noise)
         cfg_scale = plan.cfg_scale * samplers.find_sampler(plan.sampler).cfg_scale_factor
-        return GuidedDenoiser(model.pipeline.unet, noise_table, parameterization, embeds.to(model.device, model.dtype), cfg_scale,
-                              do_cfg, added, inpaint)
+        return GuidedDenoiser(model.family.model_call(model.pipeline), noise_table, parameterization,
+                              embeds.to(model.device, model.dtype), cfg_scale, do_cfg, added, inpaint)
 
     def _build_denoiser(self, request, model: LoadedModel, prepared: _Prepared, noise_table, parameterization: str, noise,
                         conditioning, do_cfg) -> tuple[GuidedDenoiser | None, torch.Tensor | None]:
@@ -547,7 +547,8 @@ class Engine:
     def _encode_tensor(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
         vae = model.pipeline.vae
         # The posterior mean, not a sample: deterministic and identical on every device.
-        return vae.encode(pixels.to(model.device, parameter_dtype(vae))).latent_dist.mean * model.scaling_factor
+        mean = vae.encode(pixels.to(model.device, parameter_dtype(vae))).latent_dist.mean
+        return (mean - model.latent_shift) * model.scaling_factor
 
     @staticmethod
     def _decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
@@ -562,7 +563,7 @@ class Engine:
         vae = model.pipeline.vae
         if not torch.isfinite(latents).all():
             raise GenerationError("the sampler produced non-finite values (NaN/inf); try another sampler or schedule")
-        decoded = vae.decode(latents.to(parameter_dtype(vae)) / model.scaling_factor, return_dict=False)[0]
+        decoded = vae.decode(latents.to(parameter_dtype(vae)) / model.scaling_factor + model.latent_shift, return_dict=False)[0]
         return (decoded / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
 
     @staticmethod
@@ -585,7 +586,7 @@ class Engine:
         if request.preview_every == 0 or request.preview_method == "none":
             return None
         if request.preview_method == "full":
-            return VaePreviewer(model.pipeline.vae, model.scaling_factor)
+            return VaePreviewer(model.pipeline.vae, model.scaling_factor, model.latent_shift)
         if request.preview_method == "taesd" and model.extras.get("taesd") is not None:
             return VaePreviewer(model.extras["taesd"], 1.0)
         return CheapPreviewer(model.family)
