@@ -193,6 +193,7 @@ class Engine:
                                        vae=vae.file.name if vae.file is not None else request.vae,
                                        refiner_checkpoint=refiner_model.entry.name if refiner_model is not None else "")
         noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr)
+        self._check_sampler_runs_on(request.sampler, noise_table, model)
 
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")
@@ -216,6 +217,7 @@ class Engine:
         second = None
         if hires.applies(request):
             second = self._plan_hires(request, model, first, noise_table, job_networks)
+            self._check_sampler_runs_on(second.plan.sampler, noise_table, model)
         refined = None  # the refiner's part in the pass it refines
         if refiner_model is not None and second is None:
             refined = first.refiner = self._refiner_plan(request, refiner_model, job_networks.prompt, request.negative_prompt)
@@ -419,6 +421,13 @@ class Engine:
         choice = vaes.choose(request.vae, model)
         job_scope.enter_context(vae_files.swapped(model.pipeline, choice.module or own, own))
         return choice
+
+    @staticmethod
+    def _check_sampler_runs_on(sampler: str, noise_table, model: LoadedModel) -> None:
+        """Refuse a sampler that steps on ᾱ for a flow model (SD 3.5), whose noise table has none."""
+        if noise_table.flow and samplers.find_sampler(sampler).steps_on_alphas:
+            raise ValidationError("sampler", f"{sampler} steps on the ᾱ of a diffusion model's timesteps; {model.entry.name} "
+                                             f"is a flow model: use a sampler on σ, such as Euler")
 
     @staticmethod
     def _check_size(model: LoadedModel, request: GenerationRequest, width: int, height: int) -> None:
