@@ -155,3 +155,10 @@ def test_img2img_starts_on_the_flow_path(engine):
     sigma = float(sigmas[0])
     assert 0 < sigma < 1
     assert torch.allclose(start, (1 - sigma) * init + sigma * noise, atol=1e-6)
+
+
+def test_hires_fix_runs_its_second_pass_on_the_flow_model(engine):
+    result = _run(engine, enable_hr=True, hr_scale=2.0, denoising_strength=0.5)
+    picture = result.images[0].image
+    assert picture.size == (2 * SIZE, 2 * SIZE)
+    assert np.isfinite(_array(picture)).all()
