@@ -36,7 +36,6 @@ LATENT = LatentFormat(
     tiny_decoder="taesd3",
 )
 DEFAULT_SHIFT = 3.0  # SD 3.5's scheduler config; a folder's own ``shift`` wins
-TIMESTEP_SCALE = 1000.0  # the transformer's timestep is σ times this
 
 
 class TransformerCall:
