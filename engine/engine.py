@@ -193,6 +193,7 @@ class Engine:
                                        vae=vae.file.name if vae.file is not None else request.vae,
                                        refiner_checkpoint=refiner_model.entry.name if refiner_model is not None else "")
         noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr)
+        self._check_sampler_runs_on(request.sampler, noise_table, model)
 
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")
@@ -216,6 +217,7 @@ class Engine:
         second = None
         if hires.applies(request):
             second = self._plan_hires(request, model, first, noise_table, job_networks)
+            self._check_sampler_runs_on(second.plan.sampler, noise_table, model)
         refined = None  # the refiner's part in the pass it refines
         if refiner_model is not None and second is None:
             refined = first.refiner = self._refiner_plan(request, refiner_model, job_networks.prompt, request.negative_prompt)
@@ -362,7 +364,7 @@ class Engine:
     def _image_noise(request: GenerationRequest, model: LoadedModel, plan: "_PassPlan", seeds: list[int],
                      subseeds: list[int]) -> ImageNoise:
         """A1111's per-image noise for one pass: a new ImageRNG for the pass's latent shape from the same seeds."""
-        shape = (model.pipeline.unet.config.out_channels, plan.height // model.vae_scale_factor, plan.width // model.vae_scale_factor)
+        shape = (model.latent_channels, plan.height // model.vae_scale_factor, plan.width // model.vae_scale_factor)
         # Sampling runs in float32 whatever the model's dtype (see sampling/denoiser.py).
         return ImageNoise(shape, seeds, subseeds, request.subseed_strength, source=request.rng,
                           eta_noise_seed_delta=request.eta_noise_seed_delta, device=model.device)
@@ -419,6 +421,13 @@ class Engine:
         choice = vaes.choose(request.vae, model)
         job_scope.enter_context(vae_files.swapped(model.pipeline, choice.module or own, own))
         return choice
+
+    @staticmethod
+    def _check_sampler_runs_on(sampler: str, noise_table, model: LoadedModel) -> None:
+        """Refuse a sampler that steps on ᾱ for a flow model (SD 3.5), whose noise table has none."""
+        if noise_table.flow and samplers.find_sampler(sampler).steps_on_alphas:
+            raise ValidationError("sampler", f"{sampler} steps on the ᾱ of a diffusion model's timesteps; {model.entry.name} "
+                                             f"is a flow model: use a sampler on σ, such as Euler")
 
     @staticmethod
     def _check_size(model: LoadedModel, request: GenerationRequest, width: int, height: int) -> None:
@@ -491,8 +500,8 @@ class Engine:
         if inpaint is None and whole_image:
             inpaint = self._whole_image_conditioning(model, plan.width, plan.height, noise)
         cfg_scale = plan.cfg_scale * samplers.find_sampler(plan.sampler).cfg_scale_factor
-        return GuidedDenoiser(model.pipeline.unet, noise_table, parameterization, embeds.to(model.device, model.dtype), cfg_scale,
-                              do_cfg, added, inpaint)
+        return GuidedDenoiser(model.family.model_call(model.pipeline), noise_table, parameterization,
+                              embeds.to(model.device, model.dtype), cfg_scale, do_cfg, added, inpaint)
 
     def _build_denoiser(self, request, model: LoadedModel, prepared: _Prepared, noise_table, parameterization: str, noise,
                         conditioning, do_cfg) -> tuple[GuidedDenoiser | None, torch.Tensor | None]:
@@ -547,7 +556,8 @@ class Engine:
     def _encode_tensor(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
         vae = model.pipeline.vae
         # The posterior mean, not a sample: deterministic and identical on every device.
-        return vae.encode(pixels.to(model.device, parameter_dtype(vae))).latent_dist.mean * model.scaling_factor
+        mean = vae.encode(pixels.to(model.device, parameter_dtype(vae))).latent_dist.mean
+        return (mean - model.latent_shift) * model.scaling_factor
 
     @staticmethod
     def _decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
@@ -562,7 +572,7 @@ class Engine:
         vae = model.pipeline.vae
         if not torch.isfinite(latents).all():
             raise GenerationError("the sampler produced non-finite values (NaN/inf); try another sampler or schedule")
-        decoded = vae.decode(latents.to(parameter_dtype(vae)) / model.scaling_factor, return_dict=False)[0]
+        decoded = vae.decode(latents.to(parameter_dtype(vae)) / model.scaling_factor + model.latent_shift, return_dict=False)[0]
         return (decoded / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
 
     @staticmethod
@@ -585,7 +595,7 @@ class Engine:
         if request.preview_every == 0 or request.preview_method == "none":
             return None
         if request.preview_method == "full":
-            return VaePreviewer(model.pipeline.vae, model.scaling_factor)
+            return VaePreviewer(model.pipeline.vae, model.scaling_factor, model.latent_shift)
         if request.preview_method == "taesd" and model.extras.get("taesd") is not None:
             return VaePreviewer(model.extras["taesd"], 1.0)
         return CheapPreviewer(model.family)

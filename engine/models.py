@@ -73,6 +73,9 @@ TEXT_ENCODERS = {"CLIPTextModel", "CLIPTextModelWithProjection"}
 TOKENIZERS = {"CLIPTokenizer", "CLIPTokenizerFast"}
 COMPONENT_CLASSES = {  # component -> (library, allowed class names); the scheduler is checked separately
     "unet": ("diffusers", {"UNet2DConditionModel"}),
+    "transformer": ("diffusers", {"SD3Transformer2DModel"}),
+    "text_encoder_3": ("transformers", {"T5EncoderModel"}),
+    "tokenizer_3": ("transformers", {"T5Tokenizer", "T5TokenizerFast"}),
     "vae": ("diffusers", {"AutoencoderKL"}),
     "text_encoder": ("transformers", TEXT_ENCODERS),
     "text_encoder_2": ("transformers", TEXT_ENCODERS),
@@ -80,7 +83,7 @@ COMPONENT_CLASSES = {  # component -> (library, allowed class names); the schedu
     "tokenizer_2": ("transformers", TOKENIZERS),
 }
 NOT_LOADED = ("safety_checker", "feature_extractor", "image_encoder")  # never loaded, whatever the index says
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+WEIGHT_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 WEIGHT_BASENAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 # diffusers < 0.14 named VAE attention weights query/key/value/proj_attn; diffusers renames them on load.
 LEGACY_ATTENTION_NAMES = ((".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0."))
@@ -121,8 +124,18 @@ class LoadedModel:
     extras: dict = field(default_factory=dict)
 
     @property
+    def denoising_model(self) -> torch.nn.Module:
+        """The pipeline's denoising network (a UNet, or a transformer for the flow families)."""
+        return getattr(self.pipeline, self.family.denoiser)
+
+    @property
     def unet_in_channels(self) -> int:
-        return int(self.pipeline.unet.config.in_channels)
+        return int(self.denoising_model.config.in_channels)
+
+    @property
+    def latent_channels(self) -> int:
+        """The channels of the latent the sampler works on (what the denoising model outputs)."""
+        return int(self.denoising_model.config.out_channels)
 
     @property
     def is_inpainting_model(self) -> bool:
@@ -135,6 +148,13 @@ class LoadedModel:
     @property
     def scaling_factor(self) -> float:
         return float(self.pipeline.vae.config.scaling_factor)
+
+    @property
+    def latent_shift(self) -> float:
+        """What the model's latent is shifted by before scaling (SD3, Flux): the VAE config's ``shift_factor``,
+        else the family's published one; model latent = (VAE latent − shift) · scaling."""
+        shift = self.pipeline.vae.config.get("shift_factor")
+        return float(self.family.latent.shift if shift is None else shift)
 
 
 def _is_diffusers_folder(path: Path) -> bool:
@@ -155,7 +175,8 @@ def file_short_hash(path: Path) -> str:
 def model_short_hash(entry: ModelEntry) -> str:
     if entry.kind != "diffusers":
         return file_short_hash(entry.path)
-    weights = sorted((entry.path / "unet").glob("*.safetensors")) or sorted((entry.path / "unet").glob("*"))
+    denoiser = entry.path / ("unet" if (entry.path / "unet").is_dir() else "transformer")
+    weights = sorted(denoiser.glob("*.safetensors")) or sorted(denoiser.glob("*"))
     digest = hashlib.sha256()
     for weight in weights:
         if weight.is_file():
@@ -572,7 +593,8 @@ class ModelRegistry:
 
     def short_hash(self, entry: ModelEntry) -> str:
         """The entry's A1111 short hash, remembered per file (path, size, mtime) so a reload does not rehash gigabytes."""
-        files = [entry.path] if entry.kind != "diffusers" else sorted(p for p in (entry.path / "unet").glob("*") if p.is_file())
+        denoiser = entry.path / ("unet" if (entry.path / "unet").is_dir() else "transformer")
+        files = [entry.path] if entry.kind != "diffusers" else sorted(p for p in denoiser.glob("*") if p.is_file())
         key = tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files)
         with self._lock:
             if key not in self._hashes:
@@ -690,6 +712,10 @@ class ModelRegistry:
         file_keys = {component: _component_weight_keys(entry.path, component, index[component][0])
                      for component in WEIGHT_COMPONENTS if isinstance(index.get(component), list) and index[component][0]}
         skipped = {name: None for name in NOT_LOADED if name in index}
+        # A component the index leaves empty ([null, null], as an SD 3.5 folder without T5) is passed as None:
+        # diffusers refuses to build a pipeline with one of its components missing.
+        skipped.update({name: None for name, value in index.items()
+                        if not name.startswith("_") and isinstance(value, list) and not any(value)})
         if "safety_checker" in index:
             skipped["requires_safety_checker"] = False
         try:

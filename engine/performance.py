@@ -39,10 +39,11 @@ WHY_OFF = {
 def apply(pipeline, device: torch.device, options: PerformanceOptions) -> None:
     """Apply the options to a freshly loaded pipeline (already moved to ``device`` unless offloading)."""
     # Always on, and first: offload hooks and torch.compile then wrap the patched layers.
-    for component in (pipeline.unet, pipeline.vae):
+    denoiser = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"  # the flow families' is a transformer
+    for component in (getattr(pipeline, denoiser), pipeline.vae):
         call_processors_directly(component)
     channels_last = options.channels_last if options.channels_last is not None else device.type == "cuda"
-    if channels_last:
+    if channels_last and denoiser == "unet":  # a transformer has no convolutions to reorder
         pipeline.unet.to(memory_format=torch.channels_last)
     if options.vae_tiling:
         pipeline.vae.enable_tiling()
@@ -51,4 +52,4 @@ def apply(pipeline, device: torch.device, options: PerformanceOptions) -> None:
     elif options.memory_mode == "lowvram" and device.type == "cuda":
         pipeline.enable_sequential_cpu_offload(device=device)
     if options.compile:
-        pipeline.unet = torch.compile(pipeline.unet)
+        setattr(pipeline, denoiser, torch.compile(getattr(pipeline, denoiser)))

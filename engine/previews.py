@@ -72,15 +72,16 @@ class CheapPreviewer:
 class VaePreviewer:
     """Full decode with a VAE (the model's own, or a TAESD AutoencoderTiny)."""
 
-    def __init__(self, vae, scaling_factor: float):
+    def __init__(self, vae, scaling_factor: float, shift: float = 0.0):
         self.vae = vae
         self.scaling_factor = scaling_factor
+        self.shift = shift  # the model latent's shift (SD3, Flux): VAE latent = latent / scaling + shift
         first = next(vae.parameters())
         self._device, self._dtype = first.device, first.dtype
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor) -> Image.Image:
-        sample = self.vae.decode(latents[:1].to(self._device, self._dtype) / self.scaling_factor).sample
+        sample = self.vae.decode(latents[:1].to(self._device, self._dtype) / self.scaling_factor + self.shift).sample
         return tensor_to_pil(sample)[0]
 
     def deferred(self, latents: torch.Tensor) -> Image.Image:

@@ -212,6 +212,11 @@ class Family:
         return prefixes
 
     # -- the per-step model call ----------------------------------------------------------------
+    def model_call(self, pipeline) -> Callable:
+        """The denoising model as the denoiser calls it, UNet-style: ``(x, timestep, encoder_hidden_states=,
+        added_cond_kwargs=, return_dict=False, **hook_kwargs) -> (output,)``. A UNet family's is its UNet."""
+        return getattr(pipeline, self.denoiser)
+
     def unet_kwargs(self, conditioning: Conditioning, width: int, height: int) -> ModelInputs:
         """Extra inputs of the UNet call beyond latents, timestep and text embeddings (none by default)."""
         return ModelInputs()

@@ -9,7 +9,7 @@ Diffusion-Based Generative Models", table 1, with σ_data = 1), which A1111 samp
   from the model's noise table;
 - eps: ``x̂₀ = x − σ · ε(x · c_in, t)``;
 - v:   ``x̂₀ = x · 1/(σ² + 1) − σ/√(σ² + 1) · v(x · c_in, t)``;
-- flow (next families): the model takes t = σ and ``x̂₀ = x − σ · v`` — a branch to add in ``_to_denoised``.
+- flow (SD 3.5; rectified flow): the model takes x as it is at t = σ · 1000 and ``x̂₀ = x − σ · v``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ EPS, V_PREDICTION, FLOW = "eps", "v", "flow"
 
 
 def noise_table_for(model, zero_terminal_snr: bool = False) -> tuple[NoiseTable, str]:
-    """The model's noise table and parameterization ("eps" or "v"), as its family reads them from the model's
+    """The model's noise table and parameterization ("eps", "v" or "flow"), as its family reads them from the model's
     scheduler config: only the training facts (β range and shape, prediction type), never how diffusers would
     space timesteps. Zero terminal SNR off follows the config's own ``rescale_betas_zero_snr``."""
     family, config = model.family, model.pipeline.scheduler.config

@@ -58,10 +58,14 @@ def _betas(beta_start: float, beta_end: float, beta_schedule: str, num_train_tim
 class NoiseTable:
     """σ_t for each training timestep t (float32, ascending: index 0 is the least noisy), plus the family's
     Align Your Steps list (None: the Align Your Steps schedule falls back to ``AYS_SD15``, as A1111 does for
-    every model that is not SDXL)."""
+    every model that is not SDXL).
+
+    ``flow``: the model was trained on the rectified-flow path x_σ = (1 − σ)·x₀ + σ·ε (σ ≤ 1) rather than
+    the variance-exploding x_σ = x₀ + σ·ε that k-diffusion's σ-space gives an ᾱ-trained model."""
 
     sigmas: torch.Tensor
     align_your_steps: tuple[float, ...] | None = None
+    flow: bool = False
     log_sigmas: torch.Tensor = field(init=False, repr=False)
     _alphas_cumprod: torch.Tensor | None = field(init=False, repr=False, default=None)
 
@@ -105,6 +109,20 @@ class NoiseTable:
         if zero_terminal_snr:
             alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
         return cls.from_alphas_cumprod(alphas_cumprod, align_your_steps)
+
+    @classmethod
+    def for_flow(cls, shift: float = 1.0, num_train_timesteps: int = 1000) -> "NoiseTable":
+        """The table of a rectified-flow model (Esser et al. 2024, "Scaling Rectified Flow Transformers", §5.3.2):
+        t = 1/T … 1, shifted to σ = shift·t / (1 + (shift − 1)·t), as diffusers' ``FlowMatchEulerDiscreteScheduler``
+        and ComfyUI's ``ModelSamplingDiscreteFlow`` build it (float64, stored as float32)."""
+        t = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+        return cls((shift * t / (1 + (shift - 1) * t)).to(torch.float32), flow=True)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """``latents`` noised to σ along the model's training path: x₀ + σ·ε, or (1 − σ)·x₀ + σ·ε for flow."""
+        if self.flow:
+            return latents * (1 - sigma) + noise * sigma
+        return latents + noise * sigma
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

@@ -92,12 +92,12 @@ def start_latent(spec: table.SamplerSpec, noise_table, sigmas: torch.Tensor, noi
                  init_latents: torch.Tensor | None, steps: int, denoising_strength: float | None) -> torch.Tensor:
     """The σ-space latent the sampler starts from.
 
-    k-samplers: ``noise · σ₀`` (txt2img) or ``init + noise · σ₀`` (img2img). A1111's timestep samplers start from
-    unscaled noise in ᾱ-space, which is ``noise · √(1 + σ₀²)`` here, and noise their img2img init to the grid entry
-    above the first kept one (``timestep_samplers.timestep_img2img_start``).
+    k-samplers: ``noise · σ₀`` (txt2img) or ``init + noise · σ₀`` (img2img; ``(1 − σ₀)·init + σ₀·noise`` on a flow
+    model's table, ``NoiseTable.noised``). A1111's timestep samplers start from unscaled noise in ᾱ-space, which is
+    ``noise · √(1 + σ₀²)`` here, and noise their img2img init to the grid entry above the first kept one (``timestep_samplers.timestep_img2img_start``).
     """
     if spec.uses_schedule:
-        return noise * sigmas[0] if init_latents is None else init_latents.to(torch.float32) + noise * sigmas[0]
+        return noise * sigmas[0] if init_latents is None else noise_table.noised(init_latents.to(torch.float32), noise, sigmas[0])
     if init_latents is None:
         return noise * (1 + sigmas[0] ** 2) ** 0.5
     from .timestep_samplers import timestep_img2img_start

@@ -57,6 +57,12 @@ class SamplerSpec:
         return _lookup(self.module, self.schedule_timesteps) if self.schedule_timesteps else None
 
     @property
+    def steps_on_alphas(self) -> bool:
+        """Whether it steps on the training timesteps' ᾱ (A1111's DDIM, PLMS, UniPC, DDPM; LCM) rather than on σ,
+        so it needs an ᾱ-trained model: a flow model's table has no ᾱ to step on."""
+        return self.module in ("timestep_samplers", "lcm")
+
+    @property
     def uses_schedule(self) -> bool:
         return self.own_sigmas is None
 

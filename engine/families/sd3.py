@@ -1,0 +1,137 @@
+"""Stable Diffusion 3 / 3.5 (Medium, Large): an MMDiT transformer on a 16-channel latent, sampled as a
+rectified flow (Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis").
+
+- **Latent**: 16 channels; the model's latent is (VAE latent − 0.0609) · 1.5305. Preview factors and bias are
+  ComfyUI's published ``SD3`` latent format (``comfy/latent_formats.py``).
+- **Parameterization**: flow. The model predicts the velocity v = ε − x₀ on x_σ = (1 − σ)·x₀ + σ·ε and sees the
+  timestep σ·1000; the training σs are t = 1/1000 … 1 shifted by the scheduler config's ``shift`` (3.0 for SD 3.5):
+  σ = shift·t / (1 + (shift − 1)·t).
+- **Prompt encoding**: CLIP-L and CLIP-G (penultimate layers, side by side, zero-padded to the joint width) followed
+  by T5-XXL's tokens; with no T5 in the folder, zeros stand in for its tokens, as diffusers does. The pooled
+  embedding is both CLIPs' projected outputs side by side. Encoded by diffusers' own
+  ``StableDiffusion3Pipeline.encode_prompt``, so the text reaches the encoders as written (no A1111 weighting yet).
+- **Model call**: ``transformer(hidden_states, timestep, encoder_hidden_states, pooled_projections)``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+from ..prompts import Conditioning, TextLayer
+from .base import Family, LatentFormat, ModelInputs
+
+LATENT = LatentFormat(
+    channels=16,
+    scaling_factor=1.5305,
+    shift=0.0609,
+    # ComfyUI comfy/latent_formats.py, class SD3 (the factors published with a bias).
+    rgb_factors=((-0.0922, -0.0175, 0.0749), (0.0311, 0.0633, 0.0954), (0.1994, 0.0927, 0.0458), (0.0856, 0.0339, 0.0902),
+                 (0.0587, 0.0272, -0.0496), (-0.0006, 0.1104, 0.0309), (0.0978, 0.0306, 0.0427), (-0.0042, 0.1038, 0.1358),
+                 (-0.0194, 0.0020, 0.0669), (-0.0488, 0.0130, -0.0268), (0.0922, 0.0988, 0.0951), (-0.0278, 0.0524, -0.0542),
+                 (0.0332, 0.0456, 0.0895), (-0.0069, -0.0030, -0.0810), (-0.0596, -0.0465, -0.0293), (-0.1448, -0.1463, -0.1189)),
+    rgb_bias=(0.2394, 0.2135, 0.1925),
+    tiny_decoder="taesd3",
+)
+DEFAULT_SHIFT = 3.0  # SD 3.5's scheduler config; a folder's own ``shift`` wins
+
+
+class TransformerCall:
+    """An SD3 transformer called the way the denoiser calls a UNet (``GuidedDenoiser``): the pooled text comes in
+    ``added_cond_kwargs["pooled_projections"]``."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
+                 added_cond_kwargs: dict | None = None, return_dict: bool = False, **hook_kwargs) -> tuple[torch.Tensor]:
+        pooled = (added_cond_kwargs or {})["pooled_projections"]
+        return self.transformer(hidden_states=x, timestep=timestep.to(x.dtype).expand(x.shape[0]),
+                                encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled,
+                                return_dict=False, **hook_kwargs)
+
+
+class SD3PromptEncoder:
+    """Prompt and negative through diffusers' ``encode_prompt`` (CLIP-L, CLIP-G and T5 or its zeros), cached."""
+
+    def __init__(self, pipeline, encoding: Family, cache_size: int = 32):
+        self.encoding = encoding
+        self.hits = 0
+        self.misses = 0
+        self._pipeline = pipeline
+        self._cache: OrderedDict[tuple, Conditioning] = OrderedDict()
+        self._cache_size = cache_size
+
+    def encode(self, prompt: str, negative: str, clip_skip: int = 1, embeddings=None, networks: tuple = ()) -> Conditioning:
+        key = (prompt, negative, networks)
+        if key in self._cache:
+            self.hits += 1
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        self.misses += 1
+        pipeline = self._pipeline
+        with torch.inference_mode():
+            embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
+                prompt=prompt, prompt_2=None, prompt_3=None, negative_prompt=negative, do_classifier_free_guidance=True,
+                device=pipeline.text_encoder.device)
+        conditioning = Conditioning(embeds, negative_embeds, pooled, negative_pooled)
+        self._cache[key] = conditioning
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return conditioning
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+@dataclass(frozen=True)
+class StableDiffusion3(Family):
+    id: ClassVar[str] = "sd3"
+    title: ClassVar[str] = "SD 3.5"
+    denoiser: ClassVar[str] = "transformer"
+    pipeline_classes: ClassVar[tuple[str, ...]] = (
+        "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
+    components: ClassVar[tuple[str, ...]] = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                             "scheduler")
+    text_encoders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    pooled_encoder: ClassVar[int | None] = 1
+    embedding_keys: ClassVar[tuple[str, ...]] = ("clip_l", "clip_g")
+
+    def matches_config(self, config: dict) -> bool:
+        """The MMDiT's config: a joint text width and a caption projection (Flux has the first, not the second)."""
+        return "joint_attention_dim" in config and "caption_projection_dim" in config
+
+    def matches_checkpoint(self, keys: set[str]) -> bool:
+        return False  # single files are the next slice of issue #19
+
+    def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
+        return False  # no UNet
+
+    def prompt_encoder(self, components) -> SD3PromptEncoder:
+        return SD3PromptEncoder(components, self)
+
+    def parameterization(self, scheduler_config: dict) -> str:
+        return "flow"
+
+    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None):
+        """The shifted flow σs (``NoiseTable.for_flow``); zero terminal SNR does not apply (σ = 1 is pure noise already)."""
+        from ..sampling.noise_table import NoiseTable
+
+        return NoiseTable.for_flow(float(scheduler_config.get("shift", DEFAULT_SHIFT)),
+                                   int(scheduler_config.get("num_train_timesteps", 1000)))
+
+    def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]:
+        penultimate = TextLayer(from_end=2, final_norm=False)
+        return (penultimate, penultimate)
+
+    def model_call(self, pipeline) -> Callable:
+        return TransformerCall(pipeline.transformer)
+
+    def unet_kwargs(self, conditioning: Conditioning, width: int, height: int) -> ModelInputs:
+        return ModelInputs(positive={"pooled_projections": conditioning.pooled},
+                           negative={"pooled_projections": conditioning.negative_pooled})
+
+
+SD3 = StableDiffusion3("sd3", native_size=(1024, 1024), latent=LATENT)
