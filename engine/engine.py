@@ -424,10 +424,19 @@ class Engine:
 
     @staticmethod
     def _check_sampler_runs_on(sampler: str, noise_table, model: LoadedModel) -> None:
-        """Refuse a sampler that steps on ᾱ for a flow model (SD 3.5), whose noise table has none."""
-        if noise_table.flow and samplers.find_sampler(sampler).steps_on_alphas:
+        """Refuse, on a flow model (SD 3.5), a sampler that steps on ᾱ (its noise table has none) or that adds noise
+        between steps: their noise steps are written for x = x₀ + σ·ε, and a flow model's x = (1−σ)·x₀ + σ·ε needs
+        its own (ComfyUI has them); until those exist the picture would be quietly wrong."""
+        if not noise_table.flow:
+            return
+        spec = samplers.find_sampler(sampler)
+        if spec.steps_on_alphas:
             raise ValidationError("sampler", f"{sampler} steps on the ᾱ of a diffusion model's timesteps; {model.entry.name} "
                                              f"is a flow model: use a sampler on σ, such as Euler")
+        if spec.noise != samplers.NO_NOISE:
+            raise ValidationError("sampler", f"{sampler} adds noise between steps, which Sfumato does not yet do right for a "
+                                             f"flow model such as {model.entry.name}: use Euler, Heun, DPM2, LMS, DPM++ 2M "
+                                             f"or another sampler without noise")
 
     @staticmethod
     def _check_size(model: LoadedModel, request: GenerationRequest, width: int, height: int) -> None:
