@@ -89,6 +89,11 @@ class _PassPlan:
     def planned(self) -> int:
         return len(self.sigmas) - 1
 
+    @property
+    def guided(self) -> bool:
+        """CFG runs (the negative prompt is evaluated) only above 1, as in A1111."""
+        return self.cfg_scale > 1.0
+
 
 @dataclass(frozen=True)
 class _RefinerPlan:
@@ -200,7 +205,6 @@ class Engine:
         conditioning = model.prompt_encoder.encode(job_networks.prompt, request.negative_prompt, request.clip_skip,
                                                    getattr(self.registry, "embeddings", None), job_networks.text_encoder_key)
         timings["encode"] = time.perf_counter() - tick
-        do_cfg = request.cfg_scale > 1.0
         previewer = self._previewer(request, model)
         extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
         if (hashes := ti_hashes(conditioning.embeddings)) is not None:
@@ -210,6 +214,7 @@ class Engine:
                           sigmas=self._pass_sigmas(request, noise_table, prepared), width=prepared.width, height=prepared.height,
                           conditioning=conditioning, denoising_strength=None if prepared.source is None else request.denoising_strength,
                           cfg_scale=request.cfg_scale)
+        do_cfg = first.guided
         # img2img cuts the schedule; A1111 still spans the SDE samplers' Brownian tree over the whole of it.
         if prepared.source is not None:
             first.full_sigmas = sample_pass.schedule_sigmas(samplers.find_sampler(request.sampler), noise_table, request.schedule,
@@ -243,7 +248,7 @@ class Engine:
             cancellation.entering("sampling")
             image_noise = self._image_noise(request, model, first, seeds, subseeds)
             noise = image_noise.first()
-            denoiser, init_latents = self._build_denoiser(request, model, prepared, noise_table, parameterization, noise, conditioning, do_cfg)
+            denoiser, init_latents = self._build_denoiser(request, model, prepared, first, noise_table, parameterization, noise)
             if denoiser is None:
                 latents = init_latents
             else:
@@ -253,7 +258,7 @@ class Engine:
                 steps_done_before += steps_done
                 if second is not None:
                     latents, steps_done = self._hires_stage(request, model, second, latents, seeds, subseeds, noise_table,
-                                                            parameterization, do_cfg, previewer, on_progress, cancel, started,
+                                                            parameterization, previewer, on_progress, cancel, started,
                                                             progress, first.planned, stops)
                     steps_done_before += steps_done
             interrupted = any(stop.reason == "interrupted" for stop in stops)
@@ -324,7 +329,7 @@ class Engine:
         return _HiresStage(plan, second)
 
     def _hires_stage(self, request: GenerationRequest, model: LoadedModel, second: "_HiresStage", latents: torch.Tensor,
-                     seeds: list[int], subseeds: list[int], noise_table, parameterization: str, do_cfg: bool, previewer,
+                     seeds: list[int], subseeds: list[int], noise_table, parameterization: str, previewer,
                      on_progress, cancel: CancelToken, started: float, progress: "_GroupProgress", offset: int,
                      stops: list[EarlyStop]) -> tuple[torch.Tensor, int]:
         """Upscale the first pass's latents, then sample them again as img2img: the latents and the steps run.
@@ -341,7 +346,7 @@ class Engine:
         cancellation.entering("sampling")
         image_noise = self._image_noise(request, model, second.pass_plan, seeds, subseeds)  # new noise for the new shape
         noise = image_noise.first()
-        do_cfg = second.pass_plan.cfg_scale > 1.0  # a hires CFG of its own may turn guidance on or off for this pass
+        do_cfg = second.pass_plan.guided  # a hires CFG of its own may turn guidance on or off for this pass
         denoiser = self._guided_denoiser(request, model, second.pass_plan, noise_table, parameterization, noise, do_cfg)
         on_step = self._step_callback(request, previewer, on_progress, cancel, started, progress, offset, stops)
         return self._sample(request, model, second.pass_plan, denoiser, latents, image_noise, noise, seeds, None, noise_table,
@@ -512,16 +517,14 @@ class Engine:
         return GuidedDenoiser(model.family.model_call(model.pipeline), noise_table, parameterization,
                               embeds.to(model.device, model.dtype), cfg_scale, do_cfg, added, inpaint)
 
-    def _build_denoiser(self, request, model: LoadedModel, prepared: _Prepared, noise_table, parameterization: str, noise,
-                        conditioning, do_cfg) -> tuple[GuidedDenoiser | None, torch.Tensor | None]:
+    def _build_denoiser(self, request, model: LoadedModel, prepared: _Prepared, first: _PassPlan, noise_table,
+                        parameterization: str, noise) -> tuple[GuidedDenoiser | None, torch.Tensor | None]:
         """The first pass's denoiser for one batch and the init latents (None in txt2img); no denoiser when strength 0 leaves nothing to do."""
         batch = noise.shape[0]
-        plan = _PassPlan(sampler=request.sampler, schedule=request.schedule, steps=request.steps, sigmas=None,
-                         width=prepared.width, height=prepared.height, conditioning=conditioning, denoising_strength=None,
-                         cfg_scale=request.cfg_scale)
 
         def denoiser(inpaint: InpaintInputs | None) -> GuidedDenoiser:
-            return self._guided_denoiser(request, model, plan, noise_table, parameterization, noise, do_cfg, inpaint, whole_image=False)
+            return self._guided_denoiser(request, model, first, noise_table, parameterization, noise, first.guided, inpaint,
+                                         whole_image=False)
 
         if prepared.source is None:
             return denoiser(self._whole_image_conditioning(model, prepared.width, prepared.height, noise)), None
