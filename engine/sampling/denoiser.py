@@ -23,12 +23,19 @@ from .noise_table import NoiseTable
 EPS, V_PREDICTION, FLOW = "eps", "v", "flow"
 
 
-def noise_table_for(model, zero_terminal_snr: bool = False) -> tuple[NoiseTable, str]:
+def noise_table_for(model, zero_terminal_snr: bool = False, width: int | None = None,
+                    height: int | None = None) -> tuple[NoiseTable, str]:
     """The model's noise table and parameterization ("eps", "v" or "flow"), as its family reads them from the model's
     scheduler config: only the training facts (β range and shape, prediction type), never how diffusers would
-    space timesteps. Zero terminal SNR off follows the config's own ``rescale_betas_zero_snr``."""
+    space timesteps. Zero terminal SNR off follows the config's own ``rescale_betas_zero_snr``.
+
+    ``width``×``height``: the picture the pass draws (default: the family's native size), for the families whose
+    σs depend on it (Flux.1 shifts them by the image's token count)."""
     family, config = model.family, model.pipeline.scheduler.config
-    return family.noise_table(config, zero_terminal_snr or None), family.parameterization(config)
+    native_width, native_height = family.native_size
+    scale = model.vae_scale_factor
+    latent_size = ((width or native_width) // scale, (height or native_height) // scale)
+    return family.noise_table_for_latent(config, latent_size, zero_terminal_snr or None), family.parameterization(config)
 
 
 @dataclass(frozen=True)
