@@ -139,22 +139,23 @@ def test_txt2img_matches_diffusers_flux_pipeline(engine, diffusers_pipes, model,
     assert float(np.abs(theirs - other).max()) > 0.05
 
 
-def _calls(engine: Engine, model: str, **changes) -> int:
-    """How many times the transformer ran in one job."""
+def _batches(engine: Engine, model: str, **changes) -> list[int]:
+    """The batch size of each transformer call in one job (2: the negative prompt ran beside the prompt)."""
     transformer = engine.registry.load(model).pipeline.transformer
-    count = [0]
-    handle = transformer.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    rows: list[int] = []
+    handle = transformer.register_forward_hook(lambda module, args, kwargs, output: rows.append(kwargs["hidden_states"].shape[0]),
+                                               with_kwargs=True)
     try:
         _run(engine, model, **changes)
     finally:
         handle.remove()
-    return count[0]
+    return rows
 
 
-def test_cfg_1_runs_one_model_call_per_step_and_schnell_four_steps(engine):
-    assert _calls(engine, "schnell", steps=4) == 4
-    assert _calls(engine, "dev", steps=3) == 3
-    assert _calls(engine, "dev", steps=3, cfg_scale=2.0) == 3  # prompt and negative in one batch
+def test_cfg_1_runs_no_negative_pass_and_schnell_runs_four_steps(engine):
+    assert _batches(engine, "schnell", steps=4) == [1] * 4
+    assert _batches(engine, "dev", steps=3) == [1] * 3
+    assert _batches(engine, "dev", steps=3, cfg_scale=2.0) == [2] * 3  # real CFG: prompt and negative in one batch
 
 
 def test_distilled_cfg_changes_dev_and_round_trips_through_the_infotext(engine):
