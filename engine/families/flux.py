@@ -22,6 +22,7 @@ single-stream blocks on a 16-channel latent (Black Forest Labs 2024; diffusers' 
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -85,6 +86,16 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return patches.reshape(b, channels, height, width)
 
 
+@functools.lru_cache(maxsize=16)  # a few sizes in use at once (a hires pass has its own); never written to
+def position_ids(rows: int, columns: int, text_tokens: int, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(img_ids, txt_ids): (0, row, column) per image token, zeros per text token (diffusers' FluxPipeline)."""
+    image = torch.zeros(rows, columns, 3)
+    image[..., 1] = torch.arange(rows)[:, None]
+    image[..., 2] = torch.arange(columns)[None, :]
+    return image.reshape(rows * columns, 3).to(device, dtype), torch.zeros(text_tokens, 3, device=device, dtype=dtype)
+
+
 class TransformerCall:
     """A Flux transformer called the way the denoiser calls a UNet (``GuidedDenoiser``): the latent is packed
     into tokens and back, the position ids are built once per size, σ·1000 becomes the σ the transformer takes,
@@ -94,17 +105,6 @@ class TransformerCall:
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
         self.guidance_embedded = bool(transformer.config.get("guidance_embeds", False))
-        self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def ids(self, rows: int, columns: int, text_tokens: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(img_ids, txt_ids): (0, row, column) per image token, zeros per text token (diffusers' FluxPipeline)."""
-        key = (rows, columns, text_tokens, device, dtype)
-        if key not in self._ids:
-            image = torch.zeros(rows, columns, 3)
-            image[..., 1] = torch.arange(rows)[:, None]
-            image[..., 2] = torch.arange(columns)[None, :]
-            self._ids[key] = (image.reshape(rows * columns, 3).to(device, dtype), torch.zeros(text_tokens, 3, device=device, dtype=dtype))
-        return self._ids[key]
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None, return_dict: bool = False, **hook_kwargs) -> tuple[torch.Tensor]:
@@ -112,7 +112,7 @@ class TransformerCall:
         batch, _, height, width = x.shape
         padded = F.pad(x, (0, width % PATCH, 0, height % PATCH), mode="replicate") if (height | width) % PATCH else x
         rows, columns = padded.shape[2] // PATCH, padded.shape[3] // PATCH
-        img_ids, txt_ids = self.ids(rows, columns, encoder_hidden_states.shape[1], x.device, x.dtype)
+        img_ids, txt_ids = position_ids(rows, columns, encoder_hidden_states.shape[1], x.device, x.dtype)
         guidance = None
         if self.guidance_embedded:
             guidance = torch.full((batch,), float(added[DISTILLED_CFG]), device=x.device, dtype=torch.float32)
