@@ -29,12 +29,12 @@ def noise_table_for(model, zero_terminal_snr: bool = False, width: int | None = 
     scheduler config: only the training facts (β range and shape, prediction type), never how diffusers would
     space timesteps. Zero terminal SNR off follows the config's own ``rescale_betas_zero_snr``.
 
-    ``width``×``height``: the picture the pass draws (default: the family's native size), for the families whose
-    σs depend on it (Flux.1 shifts them by the image's token count)."""
+    ``width``×``height``: the picture the pass draws, for the families whose σs depend on it (Flux.1 shifts them by
+    the image's token count); without them, the family's table for no particular size."""
     family, config = model.family, model.pipeline.scheduler.config
-    native_width, native_height = family.native_size
-    scale = model.vae_scale_factor
-    latent_size = ((width or native_width) // scale, (height or native_height) // scale)
+    if width is None or height is None:
+        return family.noise_table(config, zero_terminal_snr or None), family.parameterization(config)
+    latent_size = (width // model.vae_scale_factor, height // model.vae_scale_factor)
     return family.noise_table_for_latent(config, latent_size, zero_terminal_snr or None), family.parameterization(config)
 
 
