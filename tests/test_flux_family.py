@@ -232,3 +232,23 @@ def test_hires_fix_samples_its_second_pass_on_the_new_sizes_table(engine, monkey
     result = _run(engine, enable_hr=True, hr_scale=2.0, denoising_strength=0.5)
     assert result.images[0].image.size == (2 * SIZE, 2 * SIZE)
     assert sizes == [(SIZE // 2, SIZE // 2), (SIZE, SIZE)]
+
+
+def test_t5s_tied_embedding_is_saved_once_but_a_missing_one_is_refused(models_dir, tmp_path):
+    """T5's ``encoder.embed_tokens`` is ``shared`` under a second name, so the file holds it once; a file without
+    either is still a mismatch."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from engine.errors import ModelError
+
+    weights = models_dir / "dev" / "text_encoder_2" / "model.safetensors"
+    assert "shared.weight" in load_file(weights) and "encoder.embed_tokens.weight" not in load_file(weights)
+    broken = tmp_path / "models" / "broken"
+    shutil.copytree(models_dir / "dev", broken)
+    tensors = load_file(broken / "text_encoder_2" / "model.safetensors")
+    del tensors["shared.weight"]
+    save_file(tensors, broken / "text_encoder_2" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="shared.weight|embed_tokens"):
+        ModelRegistry(broken.parent, builtin_dir=None).load("broken")
