@@ -214,7 +214,7 @@ class Family:
     def request_inputs(self, pipeline) -> tuple[str, ...]:
         """Request fields this model takes as inputs of its per-step call (Flux.1 dev: ``distilled_cfg_scale``): the
         engine hands their values to the model call in ``added_cond_kwargs`` under the field's name, and the
-        infotext carries them only for such a model. None for the UNet families."""
+        infotext carries them only for such a model. The UNet families take none."""
         return ()
 
     # -- prompt encoding -------------------------------------------------------------------------
