@@ -66,6 +66,8 @@ def test_the_folders_are_detected_as_flux_dev_and_schnell(engine):
     assert dict(dev.family.defaults) == {"cfg_scale": 1.0, "distilled_cfg_scale": 3.5, "sampler": "Euler", "schedule": "Simple",
                                          "steps": 20}
     assert dict(schnell.family.defaults)["steps"] == 4 and "distilled_cfg_scale" not in schnell.family.defaults
+    for family in (FLUX_DEV, FLUX_SCHNELL):  # each a valid request as it stands, so the UI can apply them as they are
+        GenerationRequest(**family.defaults)
 
 
 @pytest.mark.parametrize("size", [32, 64])
