@@ -182,10 +182,11 @@ class Family:
             raise ValueError(f"prediction_type {prediction!r} is not one Sfumato samples ({', '.join(PARAMETERIZATIONS)})")
         return PARAMETERIZATIONS[prediction]
 
-    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None) -> "NoiseTable":
+    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None,
+                    shift: float | None = None) -> "NoiseTable":
         """The training noise table (σ per timestep) from the model's scheduler config: the β schedule of
         Ho et al. 2020 as latent diffusion trains it. ``zero_terminal_snr`` None follows the config's
-        ``rescale_betas_zero_snr``."""
+        ``rescale_betas_zero_snr``. ``shift`` (a flow model's timestep shift) does not apply to a β schedule."""
         from ..sampling import noise_table
 
         if zero_terminal_snr is None:

@@ -23,12 +23,17 @@ from .noise_table import NoiseTable
 EPS, V_PREDICTION, FLOW = "eps", "v", "flow"
 
 
-def noise_table_for(model, zero_terminal_snr: bool = False) -> tuple[NoiseTable, str]:
+def noise_table_for(model, zero_terminal_snr: bool = False, shift: float | None = None) -> tuple[NoiseTable, str]:
     """The model's noise table and parameterization ("eps", "v" or "flow"), as its family reads them from the model's
     scheduler config: only the training facts (β range and shape, prediction type), never how diffusers would
-    space timesteps. Zero terminal SNR off follows the config's own ``rescale_betas_zero_snr``."""
+    space timesteps. Zero terminal SNR off follows the config's own ``rescale_betas_zero_snr``.
+
+    ``shift`` (the request's "Shift"; None or 0: the model's own) overrides a flow family's timestep shift; it reaches
+    ``Family.noise_table`` only when set. A family whose own shift depends on the picture's size (Flux.1's μ) takes
+    the override the same way, in place of the μ it would compute."""
     family, config = model.family, model.pipeline.scheduler.config
-    return family.noise_table(config, zero_terminal_snr or None), family.parameterization(config)
+    overrides = {"shift": float(shift)} if shift else {}
+    return family.noise_table(config, zero_terminal_snr or None, **overrides), family.parameterization(config)
 
 
 @dataclass(frozen=True)
