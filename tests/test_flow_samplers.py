@@ -296,3 +296,20 @@ def test_hires_fix_with_an_sde_sampler_and_a_shift_runs_both_passes(engine):
     assert picture.size == (2 * SIZE, 2 * SIZE)
     assert np.isfinite(np.asarray(picture, dtype=np.float32)).all()
     assert float(parse_infotext(result.images[0].infotext)["Shift"]) == 4.0
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M SDE", "DDIM"])
+def test_inpaint_with_a_noise_adding_sampler_keeps_the_unmasked_pixels_exactly(engine, sampler):
+    """The known region's x̂₀ is the init latent at every step, so the noise steps keep it on the flow path; the
+    pixels outside the mask are the init image's."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    init = Image.fromarray(np.stack([x * 8 % 256, y * 8 % 256, (x + y) * 4 % 256], axis=-1).astype(np.uint8), "RGB")
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[:, SIZE // 2:] = 255
+    result = _run(engine, sampler=sampler, init_image=init, mask=Image.fromarray(mask, "L"), denoising_strength=0.75,
+                  mask_blur=0)
+    out, original = np.asarray(result.images[0].image), np.asarray(init)
+    assert np.array_equal(out[:, : SIZE // 2 - 1], original[:, : SIZE // 2 - 1])
+    assert not np.array_equal(out[:, SIZE // 2 + 1:], original[:, SIZE // 2 + 1:])
