@@ -313,3 +313,11 @@ def test_inpaint_with_a_noise_adding_sampler_keeps_the_unmasked_pixels_exactly(e
     out, original = np.asarray(result.images[0].image), np.asarray(init)
     assert np.array_equal(out[:, : SIZE // 2 - 1], original[:, : SIZE // 2 - 1])
     assert not np.array_equal(out[:, SIZE // 2 + 1:], original[:, SIZE // 2 + 1:])
+
+
+def test_the_family_names_euler_simple_as_its_default_and_both_exist():
+    from engine.families import SD3
+
+    sampler, schedule = SD3.sampler_defaults
+    assert sampler_table.find_sampler(sampler).name == "Euler"
+    assert sampler_table.find_schedule(schedule).name == "Simple"

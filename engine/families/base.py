@@ -115,6 +115,9 @@ class Family:
     # read when the table is built, so the sampling package loads only when sampling needs it. A1111 uses the
     # SD 1.5 list for every model that is not SDXL.
     align_your_steps: ClassVar[str] = "AYS_SD15"
+    # (sampler, schedule) the family is usually sampled with, for a UI to offer when the model is picked; None: the
+    # studio's own default (DPM++ 2M, Automatic).
+    sampler_defaults: ClassVar[tuple[str, str] | None] = None
 
     # -- detection --------------------------------------------------------------------------
     def matches_config(self, unet_config: dict) -> bool:

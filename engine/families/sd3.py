@@ -98,6 +98,7 @@ class StableDiffusion3(Family):
     text_encoders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     pooled_encoder: ClassVar[int | None] = 1
     embedding_keys: ClassVar[tuple[str, ...]] = ("clip_l", "clip_g")
+    sampler_defaults: ClassVar[tuple[str, str] | None] = ("Euler", "Simple")  # what SD 3.5 is released and sampled with
 
     def matches_config(self, config: dict) -> bool:
         """The MMDiT's config: a joint text width and a caption projection (Flux has the first, not the second)."""
