@@ -22,7 +22,7 @@ from engine.engine import Engine
 from engine.infotext import parse_infotext, request_fields_from_infotext
 from engine.models import ModelRegistry
 from engine.request import GenerationRequest, GenerationResult
-from engine.sampling import flow, lcm, samplers, sample_pass, schedules, table as sampler_table, timestep_samplers
+from engine.sampling import flow, samplers, sample_pass, schedules, table as sampler_table, timestep_samplers
 from engine.sampling.denoiser import noise_table_for
 from engine.sampling.noise import ImageNoise
 from engine.sampling.noise_table import NoiseTable
@@ -61,8 +61,8 @@ def test_every_sampler_draws_a_finite_picture_that_repeats_with_its_seed(engine,
 
 
 def test_noise_adding_samplers_use_their_noise(engine):
-    """A second seed of ENSD changes only what the sampler draws after the first noise: a sampler that adds noise
-    on the flow model gives another picture, Euler the same one."""
+    """ENSD reseeds the draws after the first noise: Euler a, which adds them on the flow model, gives another picture;
+    Euler draws none, and the SDE samplers' Brownian tree is seeded with the image seed, so theirs stay."""
     for sampler, changes in (("Euler a", True), ("DPM++ 2M SDE", False), ("Euler", False)):
         base = _pixels(_run(engine, sampler=sampler, eta_noise_seed_delta=0))
         other = _pixels(_run(engine, sampler=sampler, eta_noise_seed_delta=7))
