@@ -270,11 +270,16 @@ def test_shift_sets_the_flow_sigmas_and_round_trips_through_the_infotext(engine)
     assert np.array_equal(_pixels(result), _pixels(_run(engine, **{"shift": request_fields_from_infotext(params)["shift"]})))
 
 
-def test_shift_is_ignored_and_not_written_on_a_unet_model():
+def test_shift_is_ignored_and_not_written_on_a_unet_model(demo_engine):
     from engine.families import SD1
 
     table = SD1.noise_table({}, None, shift=6.0)
     assert not table.flow and table.sigmas.equal(SD1.noise_table({}).sigmas)
+    request = GenerationRequest(prompt="a red circle", steps=2, seed=3, sampler="Euler")
+    shifted = demo_engine.generate(request.with_changes(shift=6.0))
+    assert "Shift" not in parse_infotext(shifted.images[0].infotext)
+    assert shifted.request.shift is None
+    assert np.array_equal(_pixels(shifted), _pixels(demo_engine.generate(request)))
 
 
 def test_an_xyz_plot_over_shift_runs_each_value_on_the_flow_model(engine):
