@@ -198,8 +198,10 @@ class Engine:
         request = request.with_changes(seed=seed, subseed=subseed, model=model.entry.name,
                                        vae=vae.file.name if vae.file is not None else request.vae,
                                        refiner_checkpoint=refiner_model.entry.name if refiner_model is not None else "")
-        noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr, prepared.width, prepared.height)
-        self._check_sampler_runs_on(request.sampler, noise_table, model)
+        noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr, prepared.width, prepared.height,
+                                                        request.shift)
+        if request.shift is not None and not noise_table.flow:
+            request = request.with_changes(shift=None)  # Shift is a flow model's: ignored, and not written, elsewhere
 
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")
@@ -223,7 +225,6 @@ class Engine:
         second = None
         if hires.applies(request):
             second = self._plan_hires(request, model, first, job_networks)
-            self._check_sampler_runs_on(second.plan.sampler, noise_table, model)
         refined = None  # the refiner's part in the pass it refines
         if refiner_model is not None and second is None:
             refined = first.refiner = self._refiner_plan(request, refiner_model, job_networks.prompt, request.negative_prompt)
@@ -305,7 +306,7 @@ class Engine:
         cancellation.entering("encoding the prompt for the refiner")
         conditioning = refiner_model.prompt_encoder.encode(prompt, negative, request.clip_skip,
                                                            getattr(self.registry, "embeddings", None))
-        noise_table, parameterization = noise_table_for(refiner_model, request.zero_terminal_snr)
+        noise_table, parameterization = noise_table_for(refiner_model, request.zero_terminal_snr, shift=request.shift)
         return _RefinerPlan(refiner_model, conditioning, noise_table, parameterization)
 
     def _plan_hires(self, request: GenerationRequest, model: LoadedModel, first: "_PassPlan", job_networks) -> "_HiresStage":
@@ -322,7 +323,7 @@ class Engine:
                                                        request.clip_skip, getattr(self.registry, "embeddings", None),
                                                        job_networks.text_encoder_key)
         spec = samplers.find_sampler(plan.sampler)
-        noise_table, _ = noise_table_for(model, request.zero_terminal_snr, plan.width, plan.height)
+        noise_table, _ = noise_table_for(model, request.zero_terminal_snr, plan.width, plan.height, request.shift)
         sigmas = sample_pass.pass_sigmas(spec, noise_table, plan.schedule, plan.steps, request.denoising_strength)
         full = sample_pass.schedule_sigmas(spec, noise_table, plan.schedule, plan.steps)
         second = _PassPlan(sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps, sigmas=sigmas, width=plan.width,
@@ -429,22 +430,6 @@ class Engine:
         choice = vaes.choose(request.vae, model)
         job_scope.enter_context(vae_files.swapped(model.pipeline, choice.module or own, own))
         return choice
-
-    @staticmethod
-    def _check_sampler_runs_on(sampler: str, noise_table, model: LoadedModel) -> None:
-        """Refuse, on a flow model (SD 3.5), a sampler that steps on ᾱ (its noise table has none) or that adds noise
-        between steps: their noise steps are written for x = x₀ + σ·ε, and a flow model's x = (1−σ)·x₀ + σ·ε needs
-        its own (ComfyUI has them); until those exist the picture would be quietly wrong."""
-        if not noise_table.flow:
-            return
-        spec = samplers.find_sampler(sampler)
-        if spec.steps_on_alphas:
-            raise ValidationError("sampler", f"{sampler} steps on the ᾱ of a diffusion model's timesteps; {model.entry.name} "
-                                             f"is a flow model: use a sampler on σ, such as Euler")
-        if spec.noise != samplers.NO_NOISE:
-            raise ValidationError("sampler", f"{sampler} adds noise between steps, which Sfumato does not yet do right for a "
-                                             f"flow model such as {model.entry.name}: use Euler, Heun, DPM2, LMS, DPM++ 2M "
-                                             f"or another sampler without noise")
 
     @staticmethod
     def _check_size(model: LoadedModel, request: GenerationRequest, width: int, height: int) -> None:

@@ -328,6 +328,10 @@ CORE_FIELDS: tuple[Field, ...] = (
           help="Rescale betas so the last step is pure noise; for v-prediction models.",
           infotext="Noise Schedule", infotext_when=_when_not_default("zero_terminal_snr", False), cli="--zero-terminal-snr",
           preset=True),
+    Field("shift", float, None, optional=True, range=(0.0, 100.0), label="Shift", control="number", step=0.05,
+          help="Timestep shift of a flow model (SD 3.5, Flux): σ = shift·t / (1 + (shift − 1)·t); higher spends more "
+               "steps at high noise. Empty or 0: the model's own. Ignored by other models.",
+          infotext="Shift", infotext_when=lambda request: bool(request.shift), api="shift", cli="--shift", preset=True),
     Field("clip_skip", int, 1, range=(1, 12), label="Clip skip", control="slider", step=1,
           help="1 uses the text encoder's last layer, 2 the one before, ... A1111 keeps it in Settings › Stable Diffusion.",
           infotext="Clip skip", infotext_when=_when_not_default("clip_skip", 1), override="CLIP_stop_at_last_layers",

@@ -118,6 +118,7 @@ class GenerationRequest:
     sampler: str = default("sampler")
     schedule: str = default("schedule")
     zero_terminal_snr: bool = default("zero_terminal_snr")
+    shift: float | None = default("shift")
     steps: int = default("steps")
     cfg_scale: float = default("cfg_scale")
     distilled_cfg_scale: float = default("distilled_cfg_scale")

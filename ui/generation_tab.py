@@ -196,10 +196,11 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", RANDOM_SUBSEED, REUSE_SUBSEED)
                 subseed_strength = F.control("subseed_strength", mode, info=None)
             # A1111 keeps these in its Settings; here they belong to the request, so an infotext restores them.
-            with gr.Accordion("Advanced sampling: clip skip, eta, ENSD, RNG", open=False, elem_id=f"{mode}_advanced_sampling"):
+            with gr.Accordion("Advanced sampling: clip skip, eta, ENSD, RNG, shift", open=False, elem_id=f"{mode}_advanced_sampling"):
                 with gr.Row():
                     clip_skip = F.control("clip_skip", mode)
                     eta = F.control("eta", mode)
+                    shift = F.control("shift", mode)
                 with gr.Row():
                     ensd = F.control("eta_noise_seed_delta", mode, "ensd")
                     rng = F.control("rng", mode)
@@ -232,7 +233,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     for name, component in (("steps", steps), ("width", width), ("height", height),
                             ("batch_count", batch_count), ("batch_size", batch_size), ("cfg_scale", cfg),
                             ("distilled_cfg_scale", distilled_cfg), ("seed", seed),
-                            ("subseed", subseed), ("subseed_strength", subseed_strength), ("clip_skip", clip_skip), ("eta", eta),
+                            ("subseed", subseed), ("subseed_strength", subseed_strength), ("clip_skip", clip_skip), ("eta", eta), ("shift", shift),
                             ("eta_noise_seed_delta", ensd), ("rng", rng)):
         fields.add(F.simple(name, component))
     if mode != "txt2img":

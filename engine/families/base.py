@@ -120,6 +120,9 @@ class Family:
     # read when the table is built, so the sampling package loads only when sampling needs it. A1111 uses the
     # SD 1.5 list for every model that is not SDXL.
     align_your_steps: ClassVar[str] = "AYS_SD15"
+    # (sampler, schedule) the family is usually sampled with, for a UI to offer when the model is picked; None: the
+    # studio's own default (DPM++ 2M, Automatic).
+    sampler_defaults: ClassVar[tuple[str, str] | None] = None
 
     # -- detection --------------------------------------------------------------------------
     def matches_config(self, unet_config: dict) -> bool:
@@ -187,10 +190,11 @@ class Family:
             raise ValueError(f"prediction_type {prediction!r} is not one Sfumato samples ({', '.join(PARAMETERIZATIONS)})")
         return PARAMETERIZATIONS[prediction]
 
-    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None) -> "NoiseTable":
+    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None,
+                    shift: float | None = None) -> "NoiseTable":
         """The training noise table (σ per timestep) from the model's scheduler config: the β schedule of
         Ho et al. 2020 as latent diffusion trains it. ``zero_terminal_snr`` None follows the config's
-        ``rescale_betas_zero_snr``."""
+        ``rescale_betas_zero_snr``. ``shift`` (a flow model's timestep shift) does not apply to a β schedule."""
         from ..sampling import noise_table
 
         if zero_terminal_snr is None:
@@ -202,10 +206,10 @@ class Family:
         )
 
     def noise_table_for_latent(self, scheduler_config: dict, latent_size: tuple[int, int],
-                               zero_terminal_snr: bool | None = None) -> "NoiseTable":
+                               zero_terminal_snr: bool | None = None, shift: float | None = None) -> "NoiseTable":
         """The noise table for sampling a latent of ``latent_size`` (width, height in latent pixels): the family's one
         table, except where the σ shift depends on the image's size (Flux.1's resolution-dependent shift)."""
-        return self.noise_table(scheduler_config, zero_terminal_snr)
+        return self.noise_table(scheduler_config, zero_terminal_snr, **({"shift": shift} if shift else {}))
 
     def latent_channels(self, denoiser_config: dict) -> int:
         """The channels of the latent the sampler works on, from the denoising model's config: what it outputs."""

@@ -198,24 +198,29 @@ class Flux1(Family):
         """The transformer takes 2×2 patches of the latent: its ``in_channels`` (64) are four latent pixels."""
         return int(denoiser_config.get("out_channels") or denoiser_config["in_channels"]) // (PATCH * PATCH)
 
-    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None) -> "NoiseTable":
+    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None,
+                    shift: float | None = None) -> "NoiseTable":
         """The table for the largest image the shift is defined for (``max_image_seq_len`` tokens: 1024² for Flux.1);
         sampling uses ``noise_table_for_latent`` with the image's own size."""
         tokens = int(scheduler_config.get("max_image_seq_len", SHIFT_DEFAULTS["max_image_seq_len"]))
-        return self._table(scheduler_config, tokens)
+        return self._table(scheduler_config, tokens, shift)
 
     def noise_table_for_latent(self, scheduler_config: dict, latent_size: tuple[int, int],
-                               zero_terminal_snr: bool | None = None) -> "NoiseTable":
+                               zero_terminal_snr: bool | None = None, shift: float | None = None) -> "NoiseTable":
         """The σs for a latent of ``latent_size`` (width, height): μ from its token count when the config shifts
         dynamically; zero terminal SNR does not apply (σ = 1 is pure noise already)."""
         width, height = latent_size
-        return self._table(scheduler_config, math.ceil(width / PATCH) * math.ceil(height / PATCH))
+        return self._table(scheduler_config, math.ceil(width / PATCH) * math.ceil(height / PATCH), shift)
 
     @staticmethod
-    def _table(scheduler_config: dict, image_tokens: int) -> "NoiseTable":
+    def _table(scheduler_config: dict, image_tokens: int, shift: float | None = None) -> "NoiseTable":
+        """A request's Shift s replaces the size's μ: the exponential shift at μ is the linear one at s = e^μ
+        (e^μ / (e^μ + 1/t − 1) = s·t / (1 + (s − 1)·t)), so Shift means the same on Flux as on SD 3.5."""
         from ..sampling.noise_table import NoiseTable
 
         steps = int(scheduler_config.get("num_train_timesteps", 1000))
+        if shift:
+            return NoiseTable.for_flow(float(shift), steps)
         if not scheduler_config.get("use_dynamic_shifting", False):
             return NoiseTable.for_flow(float(scheduler_config.get("shift", 1.0)), steps)
         return NoiseTable(flux_sigmas(shift_mu(image_tokens, scheduler_config), steps).to(torch.float32), flow=True)
