@@ -71,15 +71,17 @@ CONVERT_HINT = ("Convert it to .safetensors with a tool you trust (for example d
 
 TEXT_ENCODERS = {"CLIPTextModel", "CLIPTextModelWithProjection"}
 TOKENIZERS = {"CLIPTokenizer", "CLIPTokenizerFast"}
+LLM_TEXT_ENCODERS = {"Qwen3Model", "Qwen3ForCausalLM"}  # Z-Image, Flux.2 Klein
+LLM_TOKENIZERS = {"Qwen2Tokenizer", "Qwen2TokenizerFast"}
 COMPONENT_CLASSES = {  # component -> (library, allowed class names); the scheduler is checked separately
     "unet": ("diffusers", {"UNet2DConditionModel"}),
-    "transformer": ("diffusers", {"SD3Transformer2DModel"}),
+    "transformer": ("diffusers", {"SD3Transformer2DModel", "ZImageTransformer2DModel", "Flux2Transformer2DModel"}),
     "text_encoder_3": ("transformers", {"T5EncoderModel"}),
     "tokenizer_3": ("transformers", {"T5Tokenizer", "T5TokenizerFast"}),
-    "vae": ("diffusers", {"AutoencoderKL"}),
-    "text_encoder": ("transformers", TEXT_ENCODERS),
+    "vae": ("diffusers", {"AutoencoderKL", "AutoencoderKLFlux2"}),
+    "text_encoder": ("transformers", TEXT_ENCODERS | LLM_TEXT_ENCODERS),
     "text_encoder_2": ("transformers", TEXT_ENCODERS),
-    "tokenizer": ("transformers", TOKENIZERS),
+    "tokenizer": ("transformers", TOKENIZERS | LLM_TOKENIZERS),
     "tokenizer_2": ("transformers", TOKENIZERS),
 }
 NOT_LOADED = ("safety_checker", "feature_extractor", "image_encoder")  # never loaded, whatever the index says
@@ -134,8 +136,10 @@ class LoadedModel:
 
     @property
     def latent_channels(self) -> int:
-        """The channels of the latent the sampler works on (what the denoising model outputs)."""
-        return int(self.denoising_model.config.out_channels)
+        """The channels of the latent the sampler works on (what the denoising model outputs; a transformer whose
+        config leaves ``out_channels`` out or None, as Z-Image's and Flux.2's do, outputs what it takes in)."""
+        config = self.denoising_model.config
+        return int(config.get("out_channels") or config["in_channels"])
 
     @property
     def is_inpainting_model(self) -> bool:

@@ -15,11 +15,12 @@ from .sd1 import SD1
 from .sd2 import SD2
 from .sd3 import SD3
 from .sdxl import SDXL
+from .zimage import ZIMAGE
 
 # Most specific first: the first family whose test matches wins (SD 1.x takes what no other claims).
-FAMILIES: tuple[Family, ...] = (SD3, SDXL, SD2, SD1)
+FAMILIES: tuple[Family, ...] = (ZIMAGE, SD3, SDXL, SD2, SD1)
 
-__all__ = ["FAMILIES", "FAMILY_FILE", "Family", "LatentFormat", "ModelInputs", "SD1", "SD2", "SD3", "SDXL", "SingleFileLayout",
+__all__ = ["FAMILIES", "FAMILY_FILE", "Family", "LatentFormat", "ModelInputs", "SD1", "SD2", "SD3", "SDXL", "SingleFileLayout", "ZIMAGE",
            "detect_checkpoint", "detect_family", "detect_pipeline", "detect_unet_keys", "for_pipeline_class", "titles"]
 
 

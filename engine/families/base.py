@@ -115,6 +115,8 @@ class Family:
     # read when the table is built, so the sampling package loads only when sampling needs it. A1111 uses the
     # SD 1.5 list for every model that is not SDXL.
     align_your_steps: ClassVar[str] = "AYS_SD15"
+    # The family's recommended request settings, {request field name: value} (a distilled model's steps and CFG).
+    defaults: ClassVar[dict[str, Any]] = {}
 
     # -- detection --------------------------------------------------------------------------
     def matches_config(self, unet_config: dict) -> bool:
