@@ -197,7 +197,8 @@ class Engine:
         request = request.with_changes(seed=seed, subseed=subseed, model=model.entry.name,
                                        vae=vae.file.name if vae.file is not None else request.vae,
                                        refiner_checkpoint=refiner_model.entry.name if refiner_model is not None else "")
-        noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr)
+        noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr, prepared.width, prepared.height,
+                                                        request.steps)
         self._check_sampler_runs_on(request.sampler, noise_table, model)
 
         tick = time.perf_counter()
@@ -569,7 +570,7 @@ class Engine:
         vae = model.pipeline.vae
         # The posterior mean, not a sample: deterministic and identical on every device.
         mean = vae.encode(pixels.to(model.device, parameter_dtype(vae))).latent_dist.mean
-        return (mean - model.latent_shift) * model.scaling_factor
+        return model.to_model_latent(mean)
 
     @staticmethod
     def _decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
@@ -584,7 +585,7 @@ class Engine:
         vae = model.pipeline.vae
         if not torch.isfinite(latents).all():
             raise GenerationError("the sampler produced non-finite values (NaN/inf); try another sampler or schedule")
-        decoded = vae.decode(latents.to(parameter_dtype(vae)) / model.scaling_factor + model.latent_shift, return_dict=False)[0]
+        decoded = vae.decode(model.to_vae_latent(latents.to(parameter_dtype(vae))), return_dict=False)[0]
         return (decoded / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
 
     @staticmethod
@@ -607,7 +608,7 @@ class Engine:
         if request.preview_every == 0 or request.preview_method == "none":
             return None
         if request.preview_method == "full":
-            return VaePreviewer(model.pipeline.vae, model.scaling_factor, model.latent_shift)
+            return VaePreviewer(model.pipeline.vae, model.scaling_factor, model.latent_shift, to_vae_latent=model.to_vae_latent)
         if request.preview_method == "taesd" and model.extras.get("taesd") is not None:
             return VaePreviewer(model.extras["taesd"], 1.0)
         return CheapPreviewer(model.family)

@@ -147,11 +147,22 @@ class LoadedModel:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+        """Picture pixels per model-latent pixel: the VAE's downsampling times the family's latent patch."""
+        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1) * self.family.latent_patch
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.pipeline.vae.config.scaling_factor)
+        """The VAE config's ``scaling_factor``, else the family's (Flux.2's VAE has none: its batch norm scales)."""
+        scaling = self.pipeline.vae.config.get("scaling_factor")
+        return float(self.family.latent.scaling_factor if scaling is None else scaling)
+
+    def to_model_latent(self, vae_latent: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent as the model samples it (the family's ``model_latent``)."""
+        return self.family.model_latent(vae_latent, self.pipeline.vae, self.scaling_factor, self.latent_shift)
+
+    def to_vae_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """The model's latent as the VAE decodes it (the family's ``vae_latent``)."""
+        return self.family.vae_latent(latent, self.pipeline.vae, self.scaling_factor, self.latent_shift)
 
     @property
     def latent_shift(self) -> float:

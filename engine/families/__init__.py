@@ -11,6 +11,7 @@ from typing import Callable
 
 from ..checkpoint_convert import NOT_A_CHECKPOINT, UNET_PREFIX
 from .base import FAMILY_FILE, Family, LatentFormat, ModelInputs, SingleFileLayout
+from .flux2 import FLUX2
 from .sd1 import SD1
 from .sd2 import SD2
 from .sd3 import SD3
@@ -18,9 +19,9 @@ from .sdxl import SDXL
 from .zimage import ZIMAGE
 
 # Most specific first: the first family whose test matches wins (SD 1.x takes what no other claims).
-FAMILIES: tuple[Family, ...] = (ZIMAGE, SD3, SDXL, SD2, SD1)
+FAMILIES: tuple[Family, ...] = (FLUX2, ZIMAGE, SD3, SDXL, SD2, SD1)
 
-__all__ = ["FAMILIES", "FAMILY_FILE", "Family", "LatentFormat", "ModelInputs", "SD1", "SD2", "SD3", "SDXL", "SingleFileLayout", "ZIMAGE",
+__all__ = ["FAMILIES", "FAMILY_FILE", "FLUX2", "Family", "LatentFormat", "ModelInputs", "SD1", "SD2", "SD3", "SDXL", "SingleFileLayout", "ZIMAGE",
            "detect_checkpoint", "detect_family", "detect_pipeline", "detect_unet_keys", "for_pipeline_class", "titles"]
 
 

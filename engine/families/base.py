@@ -176,6 +176,18 @@ class Family:
     def latent_to_rgb_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.latent.to_rgb_matrix()
 
+    # -- the model's latent and the VAE's ------------------------------------------------------
+    # Model-latent pixels fold latent_patch × latent_patch VAE-latent pixels into channels (Flux.2: 2; others: 1).
+    latent_patch: ClassVar[int] = 1
+
+    def model_latent(self, vae_latent: torch.Tensor, vae, scaling: float, shift: float) -> torch.Tensor:
+        """The latent the model samples, from the VAE's: (z − shift) · scaling (SD's scale; SD3's and Flux's shift)."""
+        return (vae_latent - shift) * scaling
+
+    def vae_latent(self, latent: torch.Tensor, vae, scaling: float, shift: float) -> torch.Tensor:
+        """The VAE's latent, from the model's (the inverse of ``model_latent``)."""
+        return latent / scaling + shift
+
     # -- parameterization and noise ----------------------------------------------------------
     def parameterization(self, scheduler_config: dict) -> str:
         """What the model predicts, "eps" or "v", from its scheduler config's ``prediction_type``."""
@@ -197,6 +209,13 @@ class Family:
             str(scheduler_config.get("beta_schedule", "scaled_linear")), int(scheduler_config.get("num_train_timesteps", 1000)),
             zero_terminal_snr=zero_terminal_snr, align_your_steps=getattr(noise_table, self.align_your_steps),
         )
+
+    def sized_noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None, latent_width: int,
+                          latent_height: int, steps: int) -> "NoiseTable":
+        """The noise table for one picture (its size in model-latent pixels) and step count: a family whose shift
+        depends on them (Flux.2's resolution- and step-dependent μ) overrides this; every other family's table is
+        ``noise_table``'s."""
+        return self.noise_table(scheduler_config, zero_terminal_snr)
 
     # -- prompt encoding -------------------------------------------------------------------------
     def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]:

@@ -23,11 +23,17 @@ from .noise_table import NoiseTable
 EPS, V_PREDICTION, FLOW = "eps", "v", "flow"
 
 
-def noise_table_for(model, zero_terminal_snr: bool = False) -> tuple[NoiseTable, str]:
+def noise_table_for(model, zero_terminal_snr: bool = False, width: int | None = None, height: int | None = None,
+                    steps: int | None = None) -> tuple[NoiseTable, str]:
     """The model's noise table and parameterization ("eps", "v" or "flow"), as its family reads them from the model's
     scheduler config: only the training facts (β range and shape, prediction type), never how diffusers would
-    space timesteps. Zero terminal SNR off follows the config's own ``rescale_betas_zero_snr``."""
+    space timesteps. Zero terminal SNR off follows the config's own ``rescale_betas_zero_snr``. With the picture's
+    size (pixels) and step count, a family whose shift depends on them (Flux.2) gives the table for that picture."""
     family, config = model.family, model.pipeline.scheduler.config
+    if width is not None and height is not None and steps is not None:
+        factor = model.vae_scale_factor
+        table = family.sized_noise_table(config, zero_terminal_snr or None, width // factor, height // factor, steps)
+        return table, family.parameterization(config)
     return family.noise_table(config, zero_terminal_snr or None), family.parameterization(config)
 
 
