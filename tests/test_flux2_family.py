@@ -62,6 +62,22 @@ def test_the_folder_is_detected_as_flux2_klein(engine):
     assert FLUX2.defaults == {"cfg_scale": 1.0, "steps": 4, "sampler": "Euler", "schedule": "Simple"}
 
 
+def test_flux1_and_zimage_transformer_configs_are_not_flux2():
+    import inspect
+
+    from diffusers import FluxTransformer2DModel, ZImageTransformer2DModel
+
+    from engine.families import ZIMAGE
+
+    def defaults(cls) -> dict:
+        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items() if name != "self"}
+
+    assert not FLUX2.matches_config(defaults(FluxTransformer2DModel))
+    assert not FLUX2.matches_config(defaults(ZImageTransformer2DModel))
+    assert ZIMAGE.matches_config(defaults(ZImageTransformer2DModel))
+    assert not ZIMAGE.matches_config(defaults(FluxTransformer2DModel))
+
+
 @pytest.mark.parametrize("steps", [4, 20])
 def test_the_noise_table_is_shifted_for_the_picture_and_the_steps(engine, steps):
     model = engine.registry.load(NAME)
