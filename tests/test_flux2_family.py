@@ -168,3 +168,18 @@ def test_inpaint_keeps_the_unmasked_pixels_exactly(engine):
     assert out.shape == original.shape
     assert np.array_equal(out[:, : SIZE // 2 - 1], original[:, : SIZE // 2 - 1])
     assert not np.array_equal(out[:, SIZE // 2 + 1:], original[:, SIZE // 2 + 1:])
+
+
+def test_the_cheap_preview_is_the_published_32_channel_preview_averaged_over_each_2x2_fold():
+    """ComfyUI publishes 32 rows for the unfolded latent; the folded latent's preview must be that preview's 2×2 mean."""
+    from engine.families.flux2 import _UNFOLDED_RGB, unpatchify
+    from engine.previews import CheapPreviewer
+
+    folded = torch.randn(1, 128, 4, 6)
+    factors, bias = torch.tensor(_UNFOLDED_RGB), torch.tensor(FLUX2.latent.rgb_bias)
+    unfolded_rgb = torch.einsum("chw,cr->rhw", unpatchify(folded)[0], factors)  # [3, 8, 12]
+    expected = unfolded_rgb.reshape(3, 4, 2, 6, 2).mean(dim=(2, 4)) + bias[:, None, None]
+    ours = torch.from_numpy(CheapPreviewer(FLUX2).snapshot(folded))
+    rgb = torch.einsum("chw,cr->rhw", ours, FLUX2.latent.to_rgb_matrix()[0]) + bias[:, None, None]
+    assert torch.allclose(rgb, expected, atol=1e-5)
+    assert CheapPreviewer(FLUX2)(folded).size == (6, 4)
