@@ -40,9 +40,9 @@ def build_qwen_tokenizer(vocab_size: int = 400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(_corpus(), trainer=trainer)
-    model = bpe.get_vocab(with_added_tokens=True)
+    vocab = bpe.get_vocab(with_added_tokens=True)
     merges = _merges(bpe)
-    tokenizer = Qwen2TokenizerFast(vocab=model, merges=merges, unk_token=None, pad_token=PAD, eos_token="<|im_end|>",
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=merges, unk_token=None, pad_token=PAD, eos_token="<|im_end|>",
                                    additional_special_tokens=list(SPECIAL_TOKENS[1:]))
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
