@@ -199,7 +199,7 @@ class Engine:
                                        vae=vae.file.name if vae.file is not None else request.vae,
                                        refiner_checkpoint=refiner_model.entry.name if refiner_model is not None else "")
         noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr, prepared.width, prepared.height,
-                                                        request.shift)
+                                                        shift=request.shift, steps=request.steps)
         if request.shift is not None and not noise_table.flow:
             request = request.with_changes(shift=None)  # Shift is a flow model's: ignored, and not written, elsewhere
 
@@ -323,7 +323,8 @@ class Engine:
                                                        request.clip_skip, getattr(self.registry, "embeddings", None),
                                                        job_networks.text_encoder_key)
         spec = samplers.find_sampler(plan.sampler)
-        noise_table, _ = noise_table_for(model, request.zero_terminal_snr, plan.width, plan.height, request.shift)
+        noise_table, _ = noise_table_for(model, request.zero_terminal_snr, plan.width, plan.height, shift=request.shift,
+                                         steps=plan.steps)
         sigmas = sample_pass.pass_sigmas(spec, noise_table, plan.schedule, plan.steps, request.denoising_strength)
         full = sample_pass.schedule_sigmas(spec, noise_table, plan.schedule, plan.steps)
         second = _PassPlan(sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps, sigmas=sigmas, width=plan.width,
@@ -559,7 +560,7 @@ class Engine:
         vae = model.pipeline.vae
         # The posterior mean, not a sample: deterministic and identical on every device.
         mean = vae.encode(pixels.to(model.device, parameter_dtype(vae))).latent_dist.mean
-        return (mean - model.latent_shift) * model.scaling_factor
+        return model.to_model_latent(mean)
 
     @staticmethod
     def _decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
@@ -574,7 +575,7 @@ class Engine:
         vae = model.pipeline.vae
         if not torch.isfinite(latents).all():
             raise GenerationError("the sampler produced non-finite values (NaN/inf); try another sampler or schedule")
-        decoded = vae.decode(latents.to(parameter_dtype(vae)) / model.scaling_factor + model.latent_shift, return_dict=False)[0]
+        decoded = vae.decode(model.to_vae_latent(latents.to(parameter_dtype(vae))), return_dict=False)[0]
         return (decoded / 2 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
 
     @staticmethod
@@ -597,7 +598,7 @@ class Engine:
         if request.preview_every == 0 or request.preview_method == "none":
             return None
         if request.preview_method == "full":
-            return VaePreviewer(model.pipeline.vae, model.scaling_factor, model.latent_shift)
+            return VaePreviewer(model.pipeline.vae, model.scaling_factor, model.latent_shift, to_vae_latent=model.to_vae_latent)
         if request.preview_method == "taesd" and model.extras.get("taesd") is not None:
             return VaePreviewer(model.extras["taesd"], 1.0)
         return CheapPreviewer(model.family)

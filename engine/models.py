@@ -71,15 +71,18 @@ CONVERT_HINT = ("Convert it to .safetensors with a tool you trust (for example d
 
 TEXT_ENCODERS = {"CLIPTextModel", "CLIPTextModelWithProjection"}
 TOKENIZERS = {"CLIPTokenizer", "CLIPTokenizerFast"}
+LLM_TEXT_ENCODERS = {"Qwen3Model", "Qwen3ForCausalLM"}  # Z-Image, Flux.2 Klein
+LLM_TOKENIZERS = {"Qwen2Tokenizer", "Qwen2TokenizerFast"}
 COMPONENT_CLASSES = {  # component -> (library, allowed class names); the scheduler is checked separately
     "unet": ("diffusers", {"UNet2DConditionModel"}),
-    "transformer": ("diffusers", {"SD3Transformer2DModel", "FluxTransformer2DModel"}),
+    "transformer": ("diffusers", {"SD3Transformer2DModel", "FluxTransformer2DModel", "ZImageTransformer2DModel",
+                                  "Flux2Transformer2DModel"}),
     "text_encoder_3": ("transformers", {"T5EncoderModel"}),
     "tokenizer_3": ("transformers", {"T5Tokenizer", "T5TokenizerFast"}),
-    "vae": ("diffusers", {"AutoencoderKL"}),
-    "text_encoder": ("transformers", TEXT_ENCODERS),
+    "vae": ("diffusers", {"AutoencoderKL", "AutoencoderKLFlux2"}),
+    "text_encoder": ("transformers", TEXT_ENCODERS | LLM_TEXT_ENCODERS),
     "text_encoder_2": ("transformers", TEXT_ENCODERS | {"T5EncoderModel"}),  # Flux.1's T5 is its second encoder
-    "tokenizer": ("transformers", TOKENIZERS),
+    "tokenizer": ("transformers", TOKENIZERS | LLM_TOKENIZERS),
     "tokenizer_2": ("transformers", TOKENIZERS | {"T5Tokenizer", "T5TokenizerFast"}),
 }
 NOT_LOADED = ("safety_checker", "feature_extractor", "image_encoder")  # never loaded, whatever the index says
@@ -143,11 +146,22 @@ class LoadedModel:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+        """Picture pixels per model-latent pixel: the VAE's downsampling times the family's latent patch."""
+        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1) * self.family.latent_patch
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.pipeline.vae.config.scaling_factor)
+        """The VAE config's ``scaling_factor``, else the family's (Flux.2's VAE has none: its batch norm scales)."""
+        scaling = self.pipeline.vae.config.get("scaling_factor")
+        return float(self.family.latent.scaling_factor if scaling is None else scaling)
+
+    def to_model_latent(self, vae_latent: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent as the model samples it (the family's ``model_latent``)."""
+        return self.family.model_latent(vae_latent, self.pipeline.vae, self.scaling_factor, self.latent_shift)
+
+    def to_vae_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """The model's latent as the VAE decodes it (the family's ``vae_latent``)."""
+        return self.family.vae_latent(latent, self.pipeline.vae, self.scaling_factor, self.latent_shift)
 
     @property
     def latent_shift(self) -> float:

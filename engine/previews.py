@@ -72,16 +72,19 @@ class CheapPreviewer:
 class VaePreviewer:
     """Full decode with a VAE (the model's own, or a TAESD AutoencoderTiny)."""
 
-    def __init__(self, vae, scaling_factor: float, shift: float = 0.0):
+    def __init__(self, vae, scaling_factor: float, shift: float = 0.0, to_vae_latent=None):
         self.vae = vae
         self.scaling_factor = scaling_factor
         self.shift = shift  # the model latent's shift (SD3, Flux): VAE latent = latent / scaling + shift
+        self.to_vae_latent = to_vae_latent  # the family's own conversion where it is more than that (Flux.2's batch norm)
         first = next(vae.parameters())
         self._device, self._dtype = first.device, first.dtype
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor) -> Image.Image:
-        sample = self.vae.decode(latents[:1].to(self._device, self._dtype) / self.scaling_factor + self.shift).sample
+        latent = latents[:1].to(self._device, self._dtype)
+        latent = self.to_vae_latent(latent) if self.to_vae_latent is not None else latent / self.scaling_factor + self.shift
+        sample = self.vae.decode(latent).sample
         return tensor_to_pil(sample)[0]
 
     def deferred(self, latents: torch.Tensor) -> Image.Image:

@@ -66,8 +66,8 @@ def test_tiny_models_are_their_families_by_config(tiny, name):
 
 
 def test_a_config_no_family_claims_is_refused():
-    with pytest.raises(ValueError, match="SD 1.x, SD 2.x, SDXL, SD 3.5 and Flux.1"):
-        detect_family({"_class_name": "AuraFlowTransformer2DModel", "joint_attention_dim": 4096})
+    with pytest.raises(ValueError, match=r"none of the families Sfumato runs \(SD 1\.x, SD 2\.x, SDXL, SD 3\.5"):
+        detect_family({"_class_name": "HunyuanDiT2DModel", "cross_attention_dim_t5": 2048})
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])

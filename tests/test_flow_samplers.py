@@ -323,6 +323,6 @@ def test_inpaint_with_a_noise_adding_sampler_keeps_the_unmasked_pixels_exactly(e
 def test_the_family_names_euler_simple_as_its_default_and_both_exist():
     from engine.families import SD3
 
-    sampler, schedule = SD3.sampler_defaults
+    sampler, schedule = SD3.defaults["sampler"], SD3.defaults["schedule"]
     assert sampler_table.find_sampler(sampler).name == "Euler"
     assert sampler_table.find_schedule(schedule).name == "Simple"

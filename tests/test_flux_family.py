@@ -226,9 +226,9 @@ def test_hires_fix_samples_its_second_pass_on_the_new_sizes_table(engine, monkey
     sizes = []
     original = Flux1.noise_table_for_latent
 
-    def recording(self, config, latent_size, zero_terminal_snr=None):
+    def recording(self, config, latent_size, zero_terminal_snr=None, **options):
         sizes.append(latent_size)
-        return original(self, config, latent_size, zero_terminal_snr)
+        return original(self, config, latent_size, zero_terminal_snr, **options)
 
     monkeypatch.setattr(Flux1, "noise_table_for_latent", recording)
     result = _run(engine, enable_hr=True, hr_scale=2.0, denoising_strength=0.5)

@@ -12,15 +12,17 @@ from typing import Callable
 from ..checkpoint_convert import NOT_A_CHECKPOINT, UNET_PREFIX
 from .base import FAMILY_FILE, Family, LatentFormat, ModelInputs, SingleFileLayout
 from .flux import FLUX_DEV, FLUX_SCHNELL
+from .flux2 import FLUX2
 from .sd1 import SD1
 from .sd2 import SD2
 from .sd3 import SD3
 from .sdxl import SDXL
+from .zimage import ZIMAGE
 
 # Most specific first: the first family whose test matches wins (SD 1.x takes what no other claims).
-FAMILIES: tuple[Family, ...] = (FLUX_DEV, FLUX_SCHNELL, SD3, SDXL, SD2, SD1)
+FAMILIES: tuple[Family, ...] = (FLUX2, ZIMAGE, FLUX_DEV, FLUX_SCHNELL, SD3, SDXL, SD2, SD1)
 
-__all__ = ["FAMILIES", "FAMILY_FILE", "FLUX_DEV", "FLUX_SCHNELL", "Family", "LatentFormat", "ModelInputs", "SD1", "SD2", "SD3", "SDXL", "SingleFileLayout",
+__all__ = ["FAMILIES", "FAMILY_FILE", "FLUX2", "FLUX_DEV", "FLUX_SCHNELL", "Family", "LatentFormat", "ModelInputs", "SD1", "SD2", "SD3", "SDXL", "SingleFileLayout", "ZIMAGE",
            "detect_checkpoint", "detect_family", "detect_pipeline", "detect_unet_keys", "for_pipeline_class", "titles"]
 
 

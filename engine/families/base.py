@@ -120,9 +120,6 @@ class Family:
     # read when the table is built, so the sampling package loads only when sampling needs it. A1111 uses the
     # SD 1.5 list for every model that is not SDXL.
     align_your_steps: ClassVar[str] = "AYS_SD15"
-    # (sampler, schedule) the family is usually sampled with, for a UI to offer when the model is picked; None: the
-    # studio's own default (DPM++ 2M, Automatic).
-    sampler_defaults: ClassVar[tuple[str, str] | None] = None
 
     # -- detection --------------------------------------------------------------------------
     def matches_config(self, unet_config: dict) -> bool:
@@ -182,6 +179,18 @@ class Family:
     def latent_to_rgb_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.latent.to_rgb_matrix()
 
+    # -- the model's latent and the VAE's ------------------------------------------------------
+    # Model-latent pixels fold latent_patch × latent_patch VAE-latent pixels into channels (Flux.2: 2; others: 1).
+    latent_patch: ClassVar[int] = 1
+
+    def model_latent(self, vae_latent: torch.Tensor, vae, scaling: float, shift: float) -> torch.Tensor:
+        """The latent the model samples, from the VAE's: (z − shift) · scaling (SD's scale; SD3's and Flux's shift)."""
+        return (vae_latent - shift) * scaling
+
+    def vae_latent(self, latent: torch.Tensor, vae, scaling: float, shift: float) -> torch.Tensor:
+        """The VAE's latent, from the model's (the inverse of ``model_latent``)."""
+        return latent / scaling + shift
+
     # -- parameterization and noise ----------------------------------------------------------
     def parameterization(self, scheduler_config: dict) -> str:
         """What the model predicts, "eps" or "v", from its scheduler config's ``prediction_type``."""
@@ -206,14 +215,17 @@ class Family:
         )
 
     def noise_table_for_latent(self, scheduler_config: dict, latent_size: tuple[int, int],
-                               zero_terminal_snr: bool | None = None, shift: float | None = None) -> "NoiseTable":
-        """The noise table for sampling a latent of ``latent_size`` (width, height in latent pixels): the family's one
-        table, except where the σ shift depends on the image's size (Flux.1's resolution-dependent shift)."""
+                               zero_terminal_snr: bool | None = None, shift: float | None = None,
+                               steps: int | None = None) -> "NoiseTable":
+        """The noise table for sampling a latent of ``latent_size`` (width, height in model-latent pixels) in ``steps``
+        steps: the family's one table, except where the σ shift depends on them (Flux.1's resolution-dependent shift,
+        Flux.2's resolution- and step-dependent μ)."""
         return self.noise_table(scheduler_config, zero_terminal_snr, **({"shift": shift} if shift else {}))
 
     def latent_channels(self, denoiser_config: dict) -> int:
-        """The channels of the latent the sampler works on, from the denoising model's config: what it outputs."""
-        return int(denoiser_config["out_channels"])
+        """The channels of the latent the sampler works on, from the denoising model's config: what it outputs (a transformer whose config leaves
+        ``out_channels`` out or None, as Z-Image's and Flux.2's do, outputs what it takes in)."""
+        return int(denoiser_config.get("out_channels") or denoiser_config["in_channels"])
 
     def request_inputs(self, pipeline) -> tuple[str, ...]:
         """Request fields this model takes as inputs of its per-step call (Flux.1 dev: ``distilled_cfg_scale``): the

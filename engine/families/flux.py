@@ -206,7 +206,8 @@ class Flux1(Family):
         return self._table(scheduler_config, tokens, shift)
 
     def noise_table_for_latent(self, scheduler_config: dict, latent_size: tuple[int, int],
-                               zero_terminal_snr: bool | None = None, shift: float | None = None) -> "NoiseTable":
+                               zero_terminal_snr: bool | None = None, shift: float | None = None,
+                               steps: int | None = None) -> "NoiseTable":
         """The σs for a latent of ``latent_size`` (width, height): μ from its token count when the config shifts
         dynamically; zero terminal SNR does not apply (σ = 1 is pure noise already)."""
         width, height = latent_size

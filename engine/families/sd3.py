@@ -14,6 +14,8 @@ rectified flow (Esser et al. 2024, "Scaling Rectified Flow Transformers for High
 """
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -98,7 +100,6 @@ class StableDiffusion3(Family):
     text_encoders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     pooled_encoder: ClassVar[int | None] = 1
     embedding_keys: ClassVar[tuple[str, ...]] = ("clip_l", "clip_g")
-    sampler_defaults: ClassVar[tuple[str, str] | None] = ("Euler", "Simple")  # what SD 3.5 is released and sampled with
 
     def matches_config(self, config: dict) -> bool:
         """The MMDiT's config: a joint text width and a caption projection (Flux has the first, not the second)."""
@@ -136,4 +137,6 @@ class StableDiffusion3(Family):
                            negative={"pooled_projections": conditioning.negative_pooled})
 
 
-SD3 = StableDiffusion3("sd3", native_size=(1024, 1024), latent=LATENT)
+# What SD 3.5 is released and sampled with (Euler, the flow σs as they come), at the CFG its authors show.
+SD3 = StableDiffusion3("sd3", native_size=(1024, 1024), latent=LATENT,
+                       defaults=MappingProxyType({"sampler": "Euler", "schedule": "Simple", "cfg_scale": 4.5, "steps": 28}))

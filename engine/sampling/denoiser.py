@@ -24,13 +24,13 @@ EPS, V_PREDICTION, FLOW = "eps", "v", "flow"
 
 
 def noise_table_for(model, zero_terminal_snr: bool = False, width: int | None = None, height: int | None = None,
-                    shift: float | None = None) -> tuple[NoiseTable, str]:
+                    shift: float | None = None, steps: int | None = None) -> tuple[NoiseTable, str]:
     """The model's noise table and parameterization ("eps", "v" or "flow"), as its family reads them from the model's
     scheduler config: only the training facts (β range and shape, prediction type), never how diffusers would
     space timesteps. Zero terminal SNR off follows the config's own ``rescale_betas_zero_snr``.
 
-    ``width``×``height``: the picture the pass draws, for the families whose σs depend on it (Flux.1 shifts them by
-    the image's token count); without them, the family's table for no particular size. ``shift`` (the request's
+    ``width``×``height`` (pixels) and ``steps``: the picture the pass draws, for the families whose σs depend on it
+    (Flux.1 shifts them by the image's token count, Flux.2 by its token count and step count); without them, the family's table for no particular size. ``shift`` (the request's
     "Shift"; None or 0: the model's own) overrides a flow family's timestep shift, in place of any size-dependent one;
     it reaches the family only when set."""
     family, config = model.family, model.pipeline.scheduler.config
@@ -38,7 +38,7 @@ def noise_table_for(model, zero_terminal_snr: bool = False, width: int | None = 
     if width is None or height is None:
         return family.noise_table(config, zero_terminal_snr or None, **overrides), family.parameterization(config)
     latent_size = (width // model.vae_scale_factor, height // model.vae_scale_factor)
-    return (family.noise_table_for_latent(config, latent_size, zero_terminal_snr or None, **overrides),
+    return (family.noise_table_for_latent(config, latent_size, zero_terminal_snr or None, steps=steps, **overrides),
             family.parameterization(config))
 
 

@@ -1,0 +1,170 @@
+"""Z-Image (Turbo and base; Tongyi-MAI 2025): a single-stream DiT ("S3-DiT") on Flux.1's 16-channel latent, sampled as
+a rectified flow, conditioned by an LLM (Qwen3) instead of CLIP/T5.
+
+- **Latent**: Flux.1's VAE: 16 channels; the model's latent is (VAE latent − 0.1159) · 0.3611. Preview factors and
+  bias are ComfyUI's published ``Flux`` latent format (``comfy/latent_formats.py``), the same VAE's.
+- **Parameterization**: flow, with two twists the pipeline (diffusers ``ZImagePipeline``) applies around the
+  transformer and that live here, in the model call, not in the shared denoiser: the transformer sees the *flow time*
+  t = 1 − σ (its timestep is ``(1000 − σ·1000) / 1000``, scaled by its own ``t_scale`` inside), and it predicts the
+  *negated* velocity: v = ε − x₀ = −output. The training σs are the scheduler config's ``shift`` (3.0 for Turbo) applied
+  to t = 1/1000 … 1 as for SD3 (Esser et al. 2024).
+- **Prompt encoding**: the prompt in Qwen's chat template (one user turn, generation prompt, thinking on), through the
+  Qwen3 encoder; the second-to-last hidden state of the real (unpadded) tokens conditions the model, each prompt at its
+  own length. Encoded by diffusers' own ``ZImagePipeline.encode_prompt`` (the text reaches the LLM as written).
+  The engine batches embeddings as one tensor, so the positive and negative are zero-padded to a common length and a
+  token mask travels with them (``text_mask``); the model call cuts each row back to its real tokens, which is what the
+  transformer is given in the pipeline.
+- **Guidance**: the pipeline's ``guidance_scale`` g means pos + g·(pos − neg), A1111's CFG scale is 1 + g: Turbo's
+  g = 0 is CFG 1 (no negative pass).
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+from ..prompts import Conditioning, TextLayer
+from .base import Family, LatentFormat, ModelInputs
+
+LATENT = LatentFormat(
+    channels=16,
+    scaling_factor=0.3611,
+    shift=0.1159,
+    # ComfyUI comfy/latent_formats.py, class Flux (Z-Image uses Flux.1's VAE).
+    rgb_factors=((-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+                 (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+                 (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+                 (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778)),
+    rgb_bias=(-0.0329, -0.0718, -0.0851),
+    tiny_decoder="taef1",
+)
+DEFAULT_SHIFT = 3.0  # Z-Image Turbo's scheduler config; a folder's own ``shift`` wins
+TEXT_MASK = "text_mask"  # the model-call input that says which embedding tokens are real
+
+
+@dataclass
+class MaskedConditioning(Conditioning):
+    """Embeddings zero-padded to one length, with 1/0 masks ([1, L]) marking each prompt's real tokens."""
+
+    prompt_mask: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
+
+
+def pad_to_common_length(embeds: torch.Tensor, negative: torch.Tensor) -> MaskedConditioning:
+    """Two [L, D] token runs of any lengths as [1, L_max, D] rows with their masks."""
+    length = max(embeds.shape[0], negative.shape[0])
+
+    def padded(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        row = tokens.new_zeros((1, length, tokens.shape[1]))
+        row[0, : tokens.shape[0]] = tokens
+        mask = torch.zeros((1, length), dtype=torch.float32, device=tokens.device)
+        mask[0, : tokens.shape[0]] = 1
+        return row, mask
+
+    (row, mask), (negative_row, negative_mask) = padded(embeds), padded(negative)
+    return MaskedConditioning(row, negative_row, prompt_mask=mask, negative_mask=negative_mask)
+
+
+class ZImageTransformerCall:
+    """A Z-Image transformer called the way the denoiser calls a UNet: ``timestep`` is σ·1000 and the result is the
+    velocity ε − x₀; the transformer itself takes lists (one latent [C, 1, H, W] and one caption [L, D] per image),
+    the flow time 1 − σ, and answers the negated velocity."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
+                 added_cond_kwargs: dict | None = None, return_dict: bool = False, **hook_kwargs) -> tuple[torch.Tensor]:
+        mask = (added_cond_kwargs or {})[TEXT_MASK]
+        captions = [row[keep > 0.5] for row, keep in zip(encoder_hidden_states, mask)]
+        flow_time = (1000 - timestep.float().expand(x.shape[0])) / 1000  # as ZImagePipeline writes it
+        latents = list(x.unsqueeze(2).unbind(0))
+        outputs = self.transformer(latents, flow_time, captions, return_dict=False, **hook_kwargs)[0]
+        return (-torch.stack(outputs).squeeze(2),)
+
+
+class ZImagePromptEncoder:
+    """Prompt and negative through diffusers' ``ZImagePipeline.encode_prompt`` (Qwen3, chat template), cached."""
+
+    def __init__(self, pipeline, cache_size: int = 32):
+        self.hits = 0
+        self.misses = 0
+        self._pipeline = pipeline
+        self._cache: OrderedDict[tuple, MaskedConditioning] = OrderedDict()
+        self._cache_size = cache_size
+
+    def encode(self, prompt: str, negative: str, clip_skip: int = 1, embeddings=None, networks: tuple = ()) -> MaskedConditioning:
+        key = (prompt, negative, networks)
+        if key in self._cache:
+            self.hits += 1
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        self.misses += 1
+        pipeline = self._pipeline
+        with torch.inference_mode():
+            embeds, negative_embeds = pipeline.encode_prompt(
+                prompt=prompt, negative_prompt=negative, do_classifier_free_guidance=True,
+                device=pipeline.text_encoder.device)
+        conditioning = pad_to_common_length(embeds[0], negative_embeds[0])
+        self._cache[key] = conditioning
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return conditioning
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+@dataclass(frozen=True)
+class ZImage(Family):
+    id: ClassVar[str] = "zimage"
+    title: ClassVar[str] = "Z-Image"
+    denoiser: ClassVar[str] = "transformer"
+    pipeline_classes: ClassVar[tuple[str, ...]] = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
+    components: ClassVar[tuple[str, ...]] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    embedding_keys: ClassVar[tuple[str, ...]] = ()  # no CLIP: textual-inversion files do not apply
+
+    def matches_config(self, config: dict) -> bool:
+        """The S3-DiT's config: caption features fed straight from the LLM (``cap_feat_dim``) and per-patch-size
+        embedders (``all_patch_size``)."""
+        return "cap_feat_dim" in config and "all_patch_size" in config
+
+    def matches_checkpoint(self, keys: set[str]) -> bool:
+        return False  # single files are another slice of issue #19
+
+    def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
+        return False  # no UNet
+
+    def prompt_encoder(self, components) -> ZImagePromptEncoder:
+        return ZImagePromptEncoder(components)
+
+    def parameterization(self, scheduler_config: dict) -> str:
+        return "flow"
+
+    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None, shift: float | None = None):
+        """The shifted flow σs (``NoiseTable.for_flow``) with the request's ``shift``, else the folder's fixed one."""
+        from ..sampling.noise_table import NoiseTable
+
+        return NoiseTable.for_flow(float(shift or scheduler_config.get("shift", DEFAULT_SHIFT)),
+                                   int(scheduler_config.get("num_train_timesteps", 1000)))
+
+    def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]:
+        return (TextLayer(from_end=2, final_norm=False),)  # the LLM's second-to-last hidden state; Clip skip does not apply
+
+    def network_components(self) -> dict[str, str]:
+        return {"lora_unet_": "transformer", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+
+    def model_call(self, pipeline) -> Callable:
+        return ZImageTransformerCall(pipeline.transformer)
+
+    def unet_kwargs(self, conditioning: MaskedConditioning, width: int, height: int) -> ModelInputs:
+        return ModelInputs(positive={TEXT_MASK: conditioning.prompt_mask}, negative={TEXT_MASK: conditioning.negative_mask})
+
+
+# Z-Image Turbo's recommended settings (8 steps of Euler, no CFG); the base model wants CFG (~5) and more steps.
+ZIMAGE = ZImage("zimage", native_size=(1024, 1024), latent=LATENT,
+                defaults=MappingProxyType({"cfg_scale": 1.0, "steps": 8, "sampler": "Euler", "schedule": "Simple"}))
