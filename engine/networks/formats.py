@@ -5,6 +5,7 @@ Formats that load:
   ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``; with convolution layers it is a LoCon.
 - diffusers / PEFT LoRA: ``unet.…lora_A.weight`` / ``text_encoder.…lora.down.weight`` and friends.
 - LyCORIS LoHa (``.hada_w1_a`` …) and LoKr (``.lokr_w1`` …) under kohya's ``lora_unet_`` / ``lora_te_`` names.
+- XLabs' Flux.1 LoRA: ``double_blocks.N.processor.qkv_lora1.down.weight`` / ``.up.weight`` and friends.
 
 Every other layout is refused with its name (OFT, a full-weight "diff", a checkpoint, an embedding…),
 never loaded as a silent no-op.
@@ -24,6 +25,7 @@ KOHYA_LOCON = "kohya LoCon (LoRA with convolution layers)"
 DIFFUSERS_LORA = "diffusers/PEFT LoRA"
 LOHA = "LyCORIS LoHa"
 LOKR = "LyCORIS LoKr"
+XLABS_LORA = "XLabs Flux LoRA"
 
 # Layouts recognised but not loaded: a key fragment, and what it means to the artist.
 UNSUPPORTED = (
@@ -72,6 +74,8 @@ def detect_format(tensors: dict[str, torch.Tensor]) -> str:
             raise ValueError("it is a LyCORIS LoKr with convolution layers, which Sfumato does not load yet (LoKr on "
                              "Linear layers loads)")
         return LOKR
+    if any(".processor." in key and ("_lora" in key) and key.endswith(".down.weight") for key in keys):
+        return XLABS_LORA
     downs = [key for key in keys if key.endswith(".lora_down.weight")]
     if downs and all(key.startswith(("lora_unet_", "lora_te")) for key in downs):
         convolutions = any(tensors[key].ndim == 4 and tuple(tensors[key].shape[2:]) != (1, 1) for key in downs)
@@ -80,7 +84,7 @@ def detect_format(tensors: dict[str, torch.Tensor]) -> str:
         return DIFFUSERS_LORA
     shown = ", ".join(keys[:3]) or "no tensors"
     raise ValueError(f"its layout is no LoRA format Sfumato knows (keys like {shown}); Sfumato loads "
-                     f"{KOHYA_LORA}, {KOHYA_LOCON}, {DIFFUSERS_LORA}, {LOHA} and {LOKR} files")
+                     f"{KOHYA_LORA}, {KOHYA_LOCON}, {DIFFUSERS_LORA}, {XLABS_LORA}, {LOHA} and {LOKR} files")
 
 
 @functools.lru_cache(maxsize=4)  # an SDXL LoRA can be hundreds of MB: a few files, enough to switch between
