@@ -1,0 +1,145 @@
+"""ControlNet on the flow families (SD 3.5's SD3ControlNetModel), against diffusers' own ControlNet pipelines.
+
+A tiny SD3ControlNetModel is built here for the tiny SD 3.5 fixture (random, non-zero output layers: a fresh
+ControlNet's are zero and would prove nothing). diffusers' StableDiffusion3ControlNetPipeline draws the control
+latents from the VAE posterior (``latent_dist.sample()``); Sfumato encodes to the posterior's mean so that a seed
+repeats, and the reference is given the same mean here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.engine import Engine
+from engine.models import ModelRegistry
+from engine.request import GenerationRequest
+from engine.sampling import schedules
+from engine.sampling.denoiser import noise_table_for
+from tests._sd3_fixture import SHIFT, SIZE, build_folder as build_sd3_folder
+
+REPO = Path(__file__).resolve().parent.parent
+SD3_NAME = "sd3tiny"
+SD3_CN = "tiny-sd3-cn"
+PROMPT = "a red fox"
+STEPS, SEED, CFG = 4, 5, 4.0
+PARITY_TOLERANCE = 0.51 / 255  # ours is rounded to uint8, theirs is the float picture (tests/test_sd3_family.py)
+
+
+def build_sd3_controlnet(out: Path, seed: int = 3) -> Path:
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = SD3ControlNetModel(
+        sample_size=SIZE // 2, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64, out_channels=16, pos_embed_max_size=32,
+        force_zeros_for_pooled_projection=False)
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_blocks, controlnet.pos_embed_input.proj]:
+            module.weight.normal_(0.0, 0.3)
+            module.bias.normal_(0.0, 0.3)
+    controlnet.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def control_image() -> Image.Image:
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    square = ((x > 8) & (x < 24) & (y > 8) & (y < 24)).astype(np.uint8) * 255
+    return Image.fromarray(np.stack([square, 255 - square, square // 2], axis=-1), "RGB")
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    from engine.extensions import ExtensionManager
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("flow-cn")
+    build_sd3_folder(root / SD3_NAME)
+    build_sd3_controlnet(root / "ControlNet" / SD3_CN)
+    manager = ExtensionManager(REPO / "extensions", tmp_path_factory.mktemp("ext-state") / "extensions.json",
+                               models_dir=root, builtin_dir=None)
+    assert "controlnet" in manager.loaded, manager.failed
+    return Engine(ModelRegistry(root, builtin_dir=None), manager), root
+
+
+def _unit(**changes) -> dict:
+    return {"image": control_image(), "module": "none", "model": SD3_CN, **changes}
+
+
+def _run(engine, units=None, **changes) -> np.ndarray:
+    request = GenerationRequest(**{"prompt": PROMPT, "negative_prompt": "", "model": SD3_NAME, "steps": STEPS,
+                                   "sampler": "Euler", "schedule": "Simple", "seed": SEED, "cfg_scale": CFG,
+                                   "extensions": {"controlnet": units} if units else {}, **changes})
+    return np.asarray(engine.generate(request).images[0].image, dtype=np.float32) / 255
+
+
+def _diffusers(engine, folder: Path, monkeypatch, **control) -> np.ndarray:
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    table, _ = noise_table_for(engine.registry.load(SD3_NAME))
+    sigmas = schedules.simple(table, STEPS)[:-1].double()
+    unshifted = sigmas / (SHIFT - (SHIFT - 1) * sigmas)  # diffusers shifts the σs it is given
+    noise = torch.randn((1, 16, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(SEED))  # A1111's CPU noise
+    controlnet = SD3ControlNetModel.from_pretrained(folder / "ControlNet" / SD3_CN, local_files_only=True)
+    pipe = StableDiffusion3ControlNetPipeline.from_pretrained(folder / SD3_NAME, controlnet=controlnet, text_encoder_3=None,
+                                                              tokenizer_3=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, negative_prompt="", height=SIZE, width=SIZE, sigmas=unshifted.tolist(), guidance_scale=CFG,
+                latents=noise, control_image=control_image(), output_type="np", **control).images[0]
+
+
+def test_sd3_controlnet_matches_diffusers_pipeline_at_weight_1(sd3, monkeypatch):
+    engine, root = sd3
+    ours = _run(engine, [_unit()])
+    theirs = _diffusers(engine, root, monkeypatch, controlnet_conditioning_scale=1.0)
+    difference = float(np.abs(ours - theirs).max())
+    print("SD3 ControlNet: engine vs diffusers max difference", difference * 255, "/255")
+    assert difference <= PARITY_TOLERANCE, difference * 255
+    assert float(np.abs(ours - _run(engine)).max()) > 0.05, "the ControlNet changed nothing: the test proves nothing"
+
+
+def test_sd3_controlnet_weight_scales_residuals_like_diffusers(sd3, monkeypatch):
+    engine, root = sd3
+    ours = _run(engine, [_unit(weight=0.6)])
+    theirs = _diffusers(engine, root, monkeypatch, controlnet_conditioning_scale=0.6)
+    assert float(np.abs(ours - theirs).max()) <= PARITY_TOLERANCE
+
+
+def test_weight_0_is_identical_to_no_unit(sd3):
+    engine, _ = sd3
+    assert np.array_equal(_run(engine, [_unit(weight=0.0)]), _run(engine))
+
+
+def test_start_and_end_steps_are_respected(sd3, monkeypatch):
+    """sd-webui-controlnet keeps step i of N while start ≤ i/N ≤ end; diffusers while start ≤ i/N and (i+1)/N ≤ end.
+    So ours at end e is diffusers' at end e + 1/N; a start is the same test in both."""
+    engine, root = sd3
+    late = _run(engine, [_unit(guidance_start=0.5)])
+    assert float(np.abs(late - _diffusers(engine, root, monkeypatch, control_guidance_start=0.5)).max()) <= PARITY_TOLERANCE
+    early = _run(engine, [_unit(guidance_end=0.25)])  # steps 0 and 1 of 4
+    theirs = _diffusers(engine, root, monkeypatch, control_guidance_end=0.25 + 1 / STEPS)
+    assert float(np.abs(early - theirs).max()) <= PARITY_TOLERANCE
+    full = _run(engine, [_unit()])
+    assert not np.array_equal(late, full) and not np.array_equal(early, full) and not np.array_equal(late, early)
+
+
+def test_control_modes_other_than_balanced_change_the_picture(sd3):
+    engine, _ = sd3
+    balanced = _run(engine, [_unit()])
+    for mode in ("My prompt is more important", "ControlNet is more important"):
+        picture = _run(engine, [_unit(control_mode=mode)])
+        assert np.isfinite(picture).all()
+        assert not np.array_equal(picture, balanced), mode
+
+
+def test_a_unet_controlnet_is_refused_on_sd3_with_a_reason(sd3, tmp_path):
+    from engine.errors import ValidationError
+
+    engine, _ = sd3
+    with pytest.raises(ValidationError, match="not found|another kind"):
+        _run(engine, [_unit(model="no-such-controlnet")])
