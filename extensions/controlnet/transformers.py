@@ -1,8 +1,8 @@
-"""ControlNets for the flow transformers: SD 3.5's ``SD3ControlNetModel`` (and, per family, others).
+"""ControlNets for the flow transformers: SD 3.5's ``SD3ControlNetModel``, Flux.1's ``FluxControlNetModel``.
 
 A transformer ControlNet sees the control image as VAE latents, not pixels, runs a copy of the first
 transformer blocks, and returns one residual per block; the family's transformer adds them to its
-blocks' hidden states (diffusers: ``block_controlnet_hidden_states`` for SD3). The maths follows
+blocks' hidden states (diffusers: ``block_controlnet_hidden_states`` for SD3; ``FluxControl`` for Flux). The SD3 maths follows
 diffusers' ``StableDiffusion3ControlNetPipeline``: the control image in [-1, 1] through the VAE,
 (latent − shift)·scale (no shift for the InstantX models, which also read zeros as the pooled text:
 ``force_zeros_for_pooled_projection``), the same latents, timestep and text as the transformer.
@@ -60,9 +60,66 @@ class SD3Control:
                                 pooled_projections=pooled, timestep=timestep.expand(sample.shape[0]), return_dict=False)
         return {"block_controlnet_hidden_states": list(samples)}
 
+    def flags(self, controlnet) -> dict:
+        return {}
+
+
+@dataclass(frozen=True)
+class FluxControl:
+    """Flux.1: ``FluxControlNetModel`` → ``controlnet_block_samples`` and ``controlnet_single_block_samples``.
+
+    As diffusers' ``FluxControlNetPipeline``: InstantX-style models read the control image's latents, packed into
+    2×2 tokens as the transformer reads the image; XLabs models (``input_hint_block``) read the pixels in [-1, 1],
+    and their residuals repeat over the transformer's blocks (``controlnet_blocks_repeat``). The control model sees
+    what the transformer sees: the packed latent, σ (the timestep ÷ 1000), the distilled CFG scale where it embeds
+    one, the pooled CLIP and T5 tokens, and the family's position ids."""
+
+    model_class: str = "FluxControlNetModel"
+
+    def condition(self, controlnet, model, control: torch.Tensor) -> torch.Tensor:
+        from engine.families.flux import pack
+
+        if getattr(controlnet.config, "num_mode", None):
+            from engine.errors import ValidationError
+
+            raise ValidationError("controlnet", "a Flux ControlNet-Union needs a control type, which units have no "
+                                                "field for yet; use a single-type Flux ControlNet")
+        if controlnet.input_hint_block is not None:
+            return (control * 2 - 1).to(model.device, model.dtype)
+        return pack(_vae_latents(model, control, model.pipeline.vae.config.shift_factor))
+
+    def residuals(self, controlnet, condition: torch.Tensor, sample: torch.Tensor, timestep: torch.Tensor,
+                  text: torch.Tensor, added: dict | None) -> dict[str, list[torch.Tensor]]:
+        import torch.nn.functional as F
+
+        from engine.families.flux import DISTILLED_CFG, PATCH, TransformerCall, pack
+
+        batch, _, height, width = sample.shape
+        if (height | width) % PATCH:  # odd latent sides: padded for the call as the family's model call pads them
+            sample = F.pad(sample, (0, width % PATCH, 0, height % PATCH), mode="replicate")
+        rows, columns = sample.shape[2] // PATCH, sample.shape[3] // PATCH
+        img_ids, txt_ids = TransformerCall(controlnet).ids(rows, columns, text.shape[1], sample.device, sample.dtype)
+        guidance = None
+        if controlnet.config.guidance_embeds:
+            guidance = torch.full((batch,), float(added[DISTILLED_CFG]), device=sample.device, dtype=torch.float32)
+        double, single = controlnet(
+            hidden_states=pack(sample), controlnet_cond=condition, conditioning_scale=1.0,
+            timestep=(timestep / 1000).to(sample.dtype).expand(batch), guidance=guidance,
+            pooled_projections=added["pooled_projections"], encoder_hidden_states=text, txt_ids=txt_ids, img_ids=img_ids,
+            return_dict=False)
+        out = {}
+        if double is not None:
+            out["controlnet_block_samples"] = list(double)
+        if single is not None:
+            out["controlnet_single_block_samples"] = list(single)
+        return out
+
+    def flags(self, controlnet) -> dict:
+        return {"controlnet_blocks_repeat": controlnet.input_hint_block is not None}
+
 
 # The model family's id → how its ControlNets run.
-CONTROLS: dict[str, SD3Control] = {"sd3": SD3Control()}
+CONTROLS: dict[str, SD3Control | FluxControl] = {"sd3": SD3Control(), "flux": FluxControl()}
 
 
 def control_for(family_id: str):
@@ -94,13 +151,14 @@ class TransformerControlHook:
 
     def unet_kwargs(self, point, latent_model_input: torch.Tensor, encoder_hidden_states: torch.Tensor,
                     added_cond_kwargs: dict | None) -> dict:
-        total: dict[str, list[torch.Tensor]] = {}
+        total: dict = {}
         for active in self.units:
             if not in_window(active.unit.guidance_start, active.unit.guidance_end, point.fraction):
                 continue
             for key, residuals in self._run(active, point.timestep, latent_model_input, encoder_hidden_states,
                                             added_cond_kwargs).items():
                 total[key] = [a + b for a, b in zip(total[key], residuals)] if key in total else residuals
+            total.update(self.control.flags(active.controlnet))
         return total
 
     def _run(self, active: TransformerUnit, timestep, sample, text, added) -> dict[str, list[torch.Tensor]]:
@@ -110,7 +168,8 @@ class TransformerControlHook:
             half = batch // 2
             sample, text = sample[half:], text[half:]
             timestep = timestep[half:] if timestep.ndim and timestep.shape[0] == batch else timestep
-            added = {key: value[half:] for key, value in added.items()} if added else added
+            added = {key: value[half:] if torch.is_tensor(value) and value.ndim and value.shape[0] == batch else value
+                     for key, value in added.items()} if added else added
         condition = active.condition.expand(sample.shape[0], *active.condition.shape[1:])
         outputs = self.control.residuals(active.controlnet, condition, sample, timestep, text, added)
         scales = iter(active.scales(sum(len(residuals) for residuals in outputs.values())))  # depth order: lists in order
