@@ -4,7 +4,8 @@ Each file is written here from its format's published naming, for the fixture's 
 
 - SD 3.5, kohya's sd-scripts: ``lora_unet_`` + the original MMDiT module path flattened with '_'
   (``joint_blocks_0_x_block_attn_qkv`` — one fused qkv Linear), ``lora_te1_`` / ``lora_te2_`` for CLIP-L / CLIP-G;
-- SD 3.5, diffusers/PEFT: ``transformer.<diffusers module path>.lora_A.weight`` / ``.lora_B.weight`` (no alpha).
+- SD 3.5, diffusers/PEFT: ``transformer.<diffusers module path>.lora_A.weight`` / ``.lora_B.weight`` (no alpha);
+- SD 3.5, OneTrainer: kohya's tensors under ``lora_transformer_`` + the diffusers module path flattened with '_'.
 
 The expected weights are kohya's formula W + multiplier·(alpha/rank)·up@down applied by hand to the ORIGINAL layout's
 weight, which the test assembles from diffusers' modules itself (q, k and v stacked; the last block's context
@@ -77,6 +78,13 @@ def text_weights(pipeline) -> dict[str, torch.Tensor]:
     return layers
 
 
+def onetrainer_layers(transformer) -> dict[str, torch.Tensor]:
+    """Diffusers module paths flattened with '_' → weight, for a few attention and feed-forward layers (during a job a
+    peft wrapper, whose ``weight`` is its base layer's)."""
+    return {path.replace(".", "_"): module.weight.detach().clone() for path, module in transformer.named_modules()
+            if hasattr(module, "weight") and path.endswith(("attn.to_k", "attn.add_v_proj", "ff.net.0.proj"))}
+
+
 def _randn(generator, *shape, scale=0.3):
     return torch.randn(*shape, generator=generator) * scale
 
@@ -118,6 +126,8 @@ def sd3(tmp_path_factory):
     files = {
         "sd3-kohya": kohya_file(root / "Lora" / "sd3-kohya.safetensors", {**unet_layers, **text}, seed=1, alpha=1.0),
         "sd3-peft": sd3_peft_file(root / "Lora" / "sd3-peft.safetensors", pipeline.transformer, seed=2),
+        "sd3-onetrainer": kohya_file(root / "Lora" / "sd3-onetrainer.safetensors", onetrainer_layers(pipeline.transformer),
+                                     seed=3, alpha=4.0, prefix="lora_transformer_"),
     }
     engine.networks.refresh()
     return engine, files
@@ -134,7 +144,7 @@ def _pixels(image) -> np.ndarray:
 
 
 # -- tests ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["sd3-kohya", "sd3-peft"])
+@pytest.mark.parametrize("name", ["sd3-kohya", "sd3-peft", "sd3-onetrainer"])
 def test_weight_0_is_pixel_identical_and_weight_1_changes_the_picture(sd3, name):
     engine, _ = sd3
     plain = _pixels(_run(engine))
@@ -179,6 +189,22 @@ def test_sd3_peft_weights_are_w_plus_b_at_a(sd3):
             a, b = tensors[f"transformer.{path}.lora_A.weight"], tensors[f"transformer.{path}.lora_B.weight"]
             assert torch.allclose(transformer.get_submodule(path).weight, before[path] + b @ a, atol=1e-5, rtol=0), path
     assert all(torch.equal(transformer.get_submodule(path).weight, before[path]) for path in paths)
+
+
+def test_sd3_onetrainer_weights_are_kohyas_formula_on_diffusers_modules(sd3):
+    engine, files = sd3
+    tensors = files["sd3-onetrainer"]
+    loaded = engine.registry.load(SD3_NAME)
+    transformer = loaded.pipeline.transformer
+    before = onetrainer_layers(transformer)
+    with active(loaded, prepare(engine.networks, "x <lora:sd3-onetrainer:-0.5>")):
+        during = onetrainer_layers(transformer)
+    for flat, weight in before.items():
+        name = "lora_transformer_" + flat
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        expected = weight - 0.5 * (float(tensors[f"{name}.alpha"]) / RANK) * (up @ down)
+        assert torch.allclose(during[flat], expected, atol=1e-5, rtol=0), flat
+    assert all(torch.equal(onetrainer_layers(transformer)[flat], weight) for flat, weight in before.items())
 
 
 def test_the_infotext_writes_lora_hashes(sd3):

@@ -212,6 +212,8 @@ class Family:
         prefixes = {"lora_unet_": self.denoiser, "lora_te_": encoders[0]}
         for index, encoder in enumerate(encoders, start=1):
             prefixes[f"lora_te{index}_"] = encoder
+        if self.denoiser == "transformer":
+            prefixes["lora_transformer_"] = self.denoiser  # OneTrainer: the diffusers transformer's own module names
         return prefixes
 
     # -- the per-step model call ----------------------------------------------------------------
