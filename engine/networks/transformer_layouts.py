@@ -9,9 +9,11 @@ scale) where the original holds (scale, shift). A low-rank update of a fused lay
 
 Each converter returns ``transformer.<module path>.lora_A.weight`` = down and ``.lora_B.weight`` =
 up·alpha/rank (kohya's scale folded in, so the adapter's own scale is the multiplier), ready for
-the pipeline's ``load_lora_weights``. Flux.1's kohya and XLabs files go through diffusers' own
-converters (``diffusers.loaders.lora_conversion_utils``); SD 3.5's kohya names are mapped here,
-from the layout diffusers' single-file loader reads (``convert_sd3_transformer_checkpoint_to_diffusers``).
+the pipeline's ``load_lora_weights``. XLabs' Flux.1 files go through diffusers' own converter
+(``diffusers.loaders.lora_conversion_utils``). kohya's names are mapped here, from the layouts
+diffusers' single-file loaders read (``convert_sd3_transformer_checkpoint_to_diffusers``,
+``convert_flux_transformer_checkpoint_to_diffusers``), with each fused layer's row counts read from
+the model: diffusers' kohya Flux converter assumes the full-size model's widths.
 """
 from __future__ import annotations
 
@@ -51,22 +53,79 @@ SD3_GLOBAL_LAYERS: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 
 
-def _sd3_layout(transformer: torch.nn.Module) -> dict[str, tuple[tuple[str, ...], bool]]:
-    """kohya's flattened original name (without ``lora_unet_``) → (diffusers module paths, halves swapped), for the
-    modules this transformer has. The last joint block has no context output (``context_pre_only``): its context
-    adaLN holds only (shift, scale), the swapped order of the original's (scale, shift)."""
+FLUX_DOUBLE_LAYERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "img_attn_qkv": (("attn.to_q", "attn.to_k", "attn.to_v"), False),
+    "img_attn_proj": (("attn.to_out.0",), False),
+    "img_mlp_0": (("ff.net.0.proj",), False),
+    "img_mlp_2": (("ff.net.2",), False),
+    "img_mod_lin": (("norm1.linear",), False),
+    "txt_attn_qkv": (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), False),
+    "txt_attn_proj": (("attn.to_add_out",), False),
+    "txt_mlp_0": (("ff_context.net.0.proj",), False),
+    "txt_mlp_2": (("ff_context.net.2",), False),
+    "txt_mod_lin": (("norm1_context.linear",), False),
+}
+FLUX_SINGLE_LAYERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    # One Linear for q, k, v and the MLP's first layer: its rows are 3 × width, then the MLP's width.
+    "linear1": (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), False),
+    "linear2": (("proj_out",), False),
+    "modulation_lin": (("norm.linear",), False),
+}
+FLUX_GLOBAL_LAYERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "img_in": (("x_embedder",), False),
+    "txt_in": (("context_embedder",), False),
+    "time_in.in_layer": (("time_text_embed.timestep_embedder.linear_1",), False),
+    "time_in.out_layer": (("time_text_embed.timestep_embedder.linear_2",), False),
+    "vector_in.in_layer": (("time_text_embed.text_embedder.linear_1",), False),
+    "vector_in.out_layer": (("time_text_embed.text_embedder.linear_2",), False),
+    "guidance_in.in_layer": (("time_text_embed.guidance_embedder.linear_1",), False),
+    "guidance_in.out_layer": (("time_text_embed.guidance_embedder.linear_2",), False),
+    "final_layer.linear": (("proj_out",), False),
+    "final_layer.adaLN_modulation.1": (("norm_out.linear",), True),
+}
+
+Layout = dict[str, tuple[tuple[str, ...], bool]]
+
+
+def _present(transformer: torch.nn.Module, blocks: str, original: str, table: Layout, layout: Layout,
+             swapped_in_last: str | None = None) -> None:
+    """Add ``table``'s layers of every block of ``transformer.<blocks>`` to ``layout``, named ``<original>_<N>_<layer>``,
+    where the transformer has all of a layer's modules."""
     have = {path for path, _ in transformer.named_modules()}
-    layout = {}
-    blocks = len(transformer.transformer_blocks)
-    for index in range(blocks):
-        for original, (targets, swapped) in SD3_BLOCK_LAYERS.items():
-            paths = tuple(f"transformer_blocks.{index}.{target}" for target in targets)
+    count = len(getattr(transformer, blocks))
+    for index in range(count):
+        for name, (targets, swapped) in table.items():
+            paths = tuple(f"{blocks}.{index}.{target}" for target in targets)
             if all(path in have for path in paths):
-                last_context = index == blocks - 1 and original == "context_block.adaLN_modulation.1"
-                layout[f"joint_blocks_{index}_{original}".replace(".", "_")] = (paths, swapped or last_context)
-    for original, (targets, swapped) in SD3_GLOBAL_LAYERS.items():
+                last = index == count - 1 and name == swapped_in_last
+                layout[f"{original}_{index}_{name}".replace(".", "_")] = (paths, swapped or last)
+
+
+def _globals(transformer: torch.nn.Module, table: Layout, layout: Layout) -> None:
+    have = {path for path, _ in transformer.named_modules()}
+    for name, (targets, swapped) in table.items():
         if all(target in have for target in targets):
-            layout[original.replace(".", "_")] = (targets, swapped)
+            layout[name.replace(".", "_")] = (targets, swapped)
+
+
+def sd3_layout(transformer: torch.nn.Module) -> Layout:
+    """kohya's flattened original name (without ``lora_unet_``) → (diffusers module paths, halves swapped), for the
+    modules this SD 3.5 transformer has. The last joint block has no context output (``context_pre_only``): its
+    context adaLN holds only (shift, scale), the swapped order of the original's (scale, shift)."""
+    layout: Layout = {}
+    _present(transformer, "transformer_blocks", "joint_blocks", SD3_BLOCK_LAYERS, layout,
+             swapped_in_last="context_block.adaLN_modulation.1")
+    _globals(transformer, SD3_GLOBAL_LAYERS, layout)
+    return layout
+
+
+def flux_layout(transformer: torch.nn.Module) -> Layout:
+    """The same for a Flux.1 transformer: BFL's ``double_blocks`` / ``single_blocks`` names, as kohya's sd-scripts
+    writes them (and diffusers' ``_convert_kohya_flux_lora_to_diffusers`` reads them for full-size Flux.1)."""
+    layout: Layout = {}
+    _present(transformer, "transformer_blocks", "double_blocks", FLUX_DOUBLE_LAYERS, layout)
+    _present(transformer, "single_transformer_blocks", "single_blocks", FLUX_SINGLE_LAYERS, layout)
+    _globals(transformer, FLUX_GLOBAL_LAYERS, layout)
     return layout
 
 
@@ -75,9 +134,10 @@ def _swap_halves(up: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def sd3_kohya(tensors: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """An SD 3.5 kohya LoRA's ``lora_unet_`` tensors in diffusers' PEFT names (see the module docstring)."""
-    layout = _sd3_layout(transformer)
+def _kohya_on_layout(tensors: dict[str, torch.Tensor], transformer: torch.nn.Module, layout: Layout,
+                     title: str) -> dict[str, torch.Tensor]:
+    """kohya tensors of original-layout layers in diffusers' PEFT names: each part of a fused layer keeps ``down`` and
+    takes its rows of ``up`` (as many as its module's outputs)."""
     converted, unknown = {}, []
     for key, down in tensors.items():
         if not key.endswith(".lora_down.weight"):
@@ -96,13 +156,29 @@ def sd3_kohya(tensors: dict[str, torch.Tensor], transformer: torch.nn.Module) ->
         up = up.reshape(up.shape[0], -1) * (alpha / rank)
         if swapped:
             up = _swap_halves(up)
-        for path, rows in zip(paths, up.chunk(len(paths), dim=0)):
+        rows = [transformer.get_submodule(path).weight.shape[0] for path in paths]
+        if sum(rows) != up.shape[0]:
+            raise NetworkError(f"{name} changes {up.shape[0]} outputs where this {title} model's layer has {sum(rows)}; "
+                               "was it made for another base model?")
+        for path, part in zip(paths, up.split(rows, dim=0)):
             converted[f"transformer.{path}.lora_A.weight"] = down
-            converted[f"transformer.{path}.lora_B.weight"] = rows.contiguous()
+            converted[f"transformer.{path}.lora_B.weight"] = part.contiguous()
     if unknown:
-        raise NetworkError(f"{len(unknown)} of its transformer layers have no place in this SD 3.5 model, like "
+        raise NetworkError(f"{len(unknown)} of its transformer layers have no place in this {title} model, like "
                            f"{', '.join(sorted(unknown)[:3])}; was it made for another base model?")
     return converted
+
+
+def sd3_kohya(tensors: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An SD 3.5 kohya LoRA's ``lora_unet_`` tensors in diffusers' PEFT names (see the module docstring)."""
+    return _kohya_on_layout(tensors, transformer, sd3_layout(transformer), "SD 3.5")
+
+
+def flux_kohya(tensors: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A Flux.1 kohya LoRA's ``lora_unet_`` tensors (``double_blocks`` / ``single_blocks`` with fused qkv and, in single
+    blocks, the fused qkv + MLP ``linear1``). Mapped here rather than by diffusers' converter, which assumes the
+    full-size model's widths (3072, 12288) when it splits ``linear1``; this reads them from the model."""
+    return _kohya_on_layout(tensors, transformer, flux_layout(transformer), "Flux.1")
 
 
 def _diffusers_converter(converter: Callable[[dict], dict], tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -115,14 +191,6 @@ def _diffusers_converter(converter: Callable[[dict], dict], tensors: dict[str, t
         raise NetworkError(f"{len(left)} of its {what} tensors have no place in a Flux.1 transformer, like "
                            f"{', '.join(sorted(left)[:3])}")
     return {key if key.startswith("transformer.") else f"transformer.{key}": value for key, value in converted.items()}
-
-
-def flux_kohya(tensors: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A Flux.1 kohya LoRA's ``lora_unet_`` tensors (``double_blocks``/``single_blocks`` with fused qkv and, in single
-    blocks, the fused qkv+mlp ``linear1``) through diffusers' ``_convert_kohya_flux_lora_to_diffusers``."""
-    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
-
-    return _diffusers_converter(_convert_kohya_flux_lora_to_diffusers, tensors, "kohya")
 
 
 def flux_xlabs(tensors: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
