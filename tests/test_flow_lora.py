@@ -65,10 +65,10 @@ def sd3_original_weights(transformer) -> dict[str, torch.Tensor]:
     return layers
 
 
-def text_weights(pipeline) -> dict[str, torch.Tensor]:
-    """kohya's CLIP names (``lora_te1_`` CLIP-L, ``lora_te2_`` CLIP-G, with the old ``text_model_`` part) → weight."""
+def text_weights(pipeline, encoders=(("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"))) -> dict[str, torch.Tensor]:
+    """kohya's CLIP names (SD 3.5: ``lora_te1_`` CLIP-L, ``lora_te2_`` CLIP-G, with the old ``text_model_`` part) → weight."""
     layers = {}
-    for prefix, component in (("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")):
+    for prefix, component in encoders:
         encoder = getattr(pipeline, component)
         for path, module in encoder.named_modules():
             # During a job the layer is a peft wrapper, whose ``weight`` is its base layer's.
@@ -212,3 +212,17 @@ def test_the_infotext_writes_lora_hashes(sd3):
     image = _run(engine, f"{PROMPT} <lora:sd3-kohya:0.5>")
     assert "<lora:sd3-kohya:0.5>" in image.infotext
     assert 'Lora hashes: "sd3-kohya: ' in image.infotext
+
+
+def test_an_xlabs_flux_lora_on_sd3_fails_with_the_files_name(sd3):
+    from engine.networks import NetworkError
+
+    engine, _ = sd3
+    tensors = {"double_blocks.0.processor.qkv_lora1.down.weight": torch.zeros(RANK, 16),
+               "double_blocks.0.processor.qkv_lora1.up.weight": torch.zeros(48, RANK)}
+    save_file(tensors, str(engine.networks.models_dir / "Lora" / "stray-xlabs.safetensors"))
+    engine.networks.refresh()
+    plain = _pixels(_run(engine))
+    with pytest.raises(NetworkError, match="stray-xlabs.*XLabs"):
+        _run(engine, f"{PROMPT} <lora:stray-xlabs:1>")
+    assert np.array_equal(_pixels(_run(engine)), plain)
