@@ -178,7 +178,6 @@ class ControlNetRuntime:
         # A flow transformer's ControlNets run their own way (transformers); a UNet's run here.
         control = transformers.control_for(model.family.id) if model.family.denoiser != "unet" else None
         active: list[ActiveUnit] = []
-        chosen: list[tuple] = []
         for index, unit in enumerate(units):
             if not unit.active:
                 continue
@@ -200,8 +199,7 @@ class ControlNetRuntime:
             control_map = self.control_map(unit, image, context.width, context.height)
             controlnet = self.cache.load(entry, model.device, model.dtype)
             control_tensor = maps.map_tensor(control_map, model.device, model.dtype)
-            chosen.append((index, unit, controlnet, control_tensor))
             active.append(ActiveUnit(index, unit, controlnet, control_tensor, do_cfg=context.do_cfg))
         if control is not None:
-            return transformers.transformer_hooks(context, control, chosen)
+            return transformers.transformer_hooks(context, control, active)
         return [ControlNetHook(active)] if active else []

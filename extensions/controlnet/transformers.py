@@ -179,10 +179,9 @@ class TransformerControlHook:
         return scaled
 
 
-def transformer_hooks(context, control, chosen: list[tuple[int, object, torch.nn.Module, torch.Tensor]]) -> list:
-    """One hook for the units that act in this pass: (index, unit, loaded control model, control map tensor in [0, 1])."""
-    model = context.model
-    units = [TransformerUnit(index, unit, controlnet, control.condition(controlnet, model, tensor), context.do_cfg)
-             for index, unit, controlnet, tensor in chosen]
+def transformer_hooks(context, control, active: list) -> list:
+    """One hook for the units that act in this pass (``hook.ActiveUnit``s: the control map as a [0, 1] tensor)."""
+    units = [TransformerUnit(unit.index, unit.unit, unit.controlnet, control.condition(unit.controlnet, context.model,
+                                                                                        unit.control), context.do_cfg)
+             for unit in active]
     return [TransformerControlHook(control, units)] if units else []
-
