@@ -7,6 +7,7 @@ repeats, and the reference is given the same mean here.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,10 @@ def sd3(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow-cn")
     build_sd3_folder(root / SD3_NAME)
     build_sd3_controlnet(root / "ControlNet" / SD3_CN)
+    # The same weights as one diffusers-layout file, with its config beside it (``<name>.config/config.json``).
+    shutil.copy(root / "ControlNet" / SD3_CN / "diffusion_pytorch_model.safetensors", root / "ControlNet" / "sd3-cn-file.safetensors")
+    (root / "ControlNet" / "sd3-cn-file.config").mkdir()
+    shutil.copy(root / "ControlNet" / SD3_CN / "config.json", root / "ControlNet" / "sd3-cn-file.config" / "config.json")
     manager = ExtensionManager(REPO / "extensions", tmp_path_factory.mktemp("ext-state") / "extensions.json",
                                models_dir=root, builtin_dir=None)
     assert "controlnet" in manager.loaded, manager.failed
@@ -137,7 +142,12 @@ def test_control_modes_other_than_balanced_change_the_picture(sd3):
         assert not np.array_equal(picture, balanced), mode
 
 
-def test_a_unet_controlnet_is_refused_on_sd3_with_a_reason(sd3, tmp_path):
+def test_a_single_file_with_its_config_beside_it_draws_what_the_folder_draws(sd3):
+    engine, _ = sd3
+    assert np.array_equal(_run(engine, [_unit(model="sd3-cn-file")]), _run(engine, [_unit()]))
+
+
+def test_an_unknown_controlnet_is_refused_with_a_reason(sd3):
     from engine.errors import ValidationError
 
     engine, _ = sd3
