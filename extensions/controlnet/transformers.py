@@ -64,6 +64,9 @@ class SD3Control:
         return {}
 
 
+SCHNELL_CONTROL_GUIDANCE = 3.5  # FluxControlNetPipeline's default guidance_scale
+
+
 @dataclass(frozen=True)
 class FluxControl:
     """Flux.1: ``FluxControlNetModel`` → ``controlnet_block_samples`` and ``controlnet_single_block_samples``.
@@ -101,7 +104,9 @@ class FluxControl:
         img_ids, txt_ids = TransformerCall(controlnet).ids(rows, columns, text.shape[1], sample.device, sample.dtype)
         guidance = None
         if controlnet.config.guidance_embeds:
-            guidance = torch.full((batch,), float(added[DISTILLED_CFG]), device=sample.device, dtype=torch.float32)
+            # A schnell model takes no distilled CFG scale; a guidance-embedded control model then gets diffusers' 3.5.
+            scale = float(added.get(DISTILLED_CFG, SCHNELL_CONTROL_GUIDANCE))
+            guidance = torch.full((batch,), scale, device=sample.device, dtype=torch.float32)
         double, single = controlnet(
             hidden_states=pack(sample), controlnet_cond=condition, conditioning_scale=1.0,
             timestep=(timestep / 1000).to(sample.dtype).expand(batch), guidance=guidance,
