@@ -120,6 +120,7 @@ class GenerationRequest:
     zero_terminal_snr: bool = default("zero_terminal_snr")
     steps: int = default("steps")
     cfg_scale: float = default("cfg_scale")
+    distilled_cfg_scale: float = default("distilled_cfg_scale")
     width: int | None = default("width")
     height: int | None = default("height")
     seed: int = default("seed")

@@ -184,6 +184,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                     batch_count = F.control("batch_count", mode)
                     batch_size = F.control("batch_size", mode)
             cfg = F.control("cfg_scale", mode, "cfg", info=None)
+            distilled_cfg = F.control("distilled_cfg_scale", mode, "distilled_cfg", info=None)
             if mode != "txt2img":
                 denoising = F.control("denoising_strength", mode, "denoising", info=None)
                 resize_mode = F.control("resize_mode", mode)
@@ -229,7 +230,8 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     fields.add(F.schedule(schedule))
     fields.add(F.zero_terminal_snr(zero_snr))
     for name, component in (("steps", steps), ("width", width), ("height", height),
-                            ("batch_count", batch_count), ("batch_size", batch_size), ("cfg_scale", cfg), ("seed", seed),
+                            ("batch_count", batch_count), ("batch_size", batch_size), ("cfg_scale", cfg),
+                            ("distilled_cfg_scale", distilled_cfg), ("seed", seed),
                             ("subseed", subseed), ("subseed_strength", subseed_strength), ("clip_skip", clip_skip), ("eta", eta),
                             ("eta_noise_seed_delta", ensd), ("rng", rng)):
         fields.add(F.simple(name, component))
