@@ -153,3 +153,97 @@ def test_an_unknown_controlnet_is_refused_with_a_reason(sd3):
     engine, _ = sd3
     with pytest.raises(ValidationError, match="not found|another kind"):
         _run(engine, [_unit(model="no-such-controlnet")])
+
+
+# -- Flux.1 ---------------------------------------------------------------------------------------------
+FLUX_NAME = "fluxtiny"
+FLUX_CN = "tiny-flux-cn"
+GUIDANCE = 3.5
+
+
+def build_flux_controlnet(out: Path, seed: int = 4) -> Path:
+    """An InstantX-style FluxControlNetModel (it reads the control image's packed latents) for the tiny Flux fixture."""
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = FluxControlNetModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks, controlnet.controlnet_x_embedder]:
+            module.weight.normal_(0.0, 0.3)
+            module.bias.normal_(0.0, 0.3)
+    controlnet.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    from engine.extensions import ExtensionManager
+    from tests._flux_fixture import build_folder as build_flux_folder
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("flux-cn")
+    build_flux_folder(root / FLUX_NAME, "dev")
+    build_flux_controlnet(root / "ControlNet" / FLUX_CN)
+    manager = ExtensionManager(REPO / "extensions", tmp_path_factory.mktemp("ext-state") / "extensions.json",
+                               models_dir=root, builtin_dir=None)
+    return Engine(ModelRegistry(root, builtin_dir=None), manager), root
+
+
+def _run_flux(engine, units=None) -> np.ndarray:
+    request = GenerationRequest(prompt=PROMPT, model=FLUX_NAME, steps=STEPS, sampler="Euler", schedule="Simple",
+                                seed=SEED, cfg_scale=1.0, distilled_cfg_scale=GUIDANCE,
+                                extensions={"controlnet": units} if units else {})
+    return np.asarray(engine.generate(request).images[0].image, dtype=np.float32) / 255
+
+
+def _flux_diffusers(engine, root: Path, monkeypatch, **control) -> np.ndarray:
+    import math
+
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    loaded = engine.registry.load(FLUX_NAME)
+    table, _ = noise_table_for(loaded, width=SIZE, height=SIZE)
+    sigmas = schedules.simple(table, STEPS)[:-1].double()
+    config = loaded.pipeline.scheduler.config
+    # diffusers shifts the σs it is given by μ (calculate_shift, linear in the token count): hand it the unshifted ones.
+    slope = (config["max_shift"] - config["base_shift"]) / (config["max_image_seq_len"] - config["base_image_seq_len"])
+    mu = config["base_shift"] + slope * ((SIZE // 4) ** 2 - config["base_image_seq_len"])
+    given = 1 / (1 + math.exp(mu) * (1 / sigmas - 1))
+    latent = SIZE // 2
+    noise = torch.randn((1, 16, latent, latent), generator=torch.Generator().manual_seed(SEED))  # A1111's CPU noise
+    controlnet = FluxControlNetModel.from_pretrained(root / "ControlNet" / FLUX_CN, local_files_only=True)
+    pipe = FluxControlNetPipeline.from_pretrained(root / FLUX_NAME, controlnet=controlnet, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, height=SIZE, width=SIZE, sigmas=given.tolist(), guidance_scale=GUIDANCE, output_type="np",
+                latents=FluxControlNetPipeline._pack_latents(noise, 1, 16, latent, latent), control_image=control_image(),
+                **control).images[0]
+
+
+def _flux_unit(**changes) -> dict:
+    return {"image": control_image(), "module": "none", "model": FLUX_CN, **changes}
+
+
+def test_flux_controlnet_matches_diffusers_pipeline_at_weight_1(flux, monkeypatch):
+    engine, root = flux
+    ours = _run_flux(engine, [_flux_unit()])
+    theirs = _flux_diffusers(engine, root, monkeypatch, controlnet_conditioning_scale=1.0)
+    difference = float(np.abs(ours - theirs).max())
+    print("Flux ControlNet: engine vs diffusers max difference", difference * 255, "/255")
+    assert difference <= PARITY_TOLERANCE, difference * 255
+    assert float(np.abs(ours - _run_flux(engine)).max()) > 0.05, "the ControlNet changed nothing: the test proves nothing"
+
+
+def test_flux_weight_0_is_identical_and_start_end_are_respected(flux, monkeypatch):
+    engine, root = flux
+    plain = _run_flux(engine)
+    assert np.array_equal(_run_flux(engine, [_flux_unit(weight=0.0)]), plain)
+    late = _run_flux(engine, [_flux_unit(guidance_start=0.5)])
+    theirs = _flux_diffusers(engine, root, monkeypatch, control_guidance_start=0.5)
+    assert float(np.abs(late - theirs).max()) <= PARITY_TOLERANCE
+    early = _run_flux(engine, [_flux_unit(guidance_end=0.25)])  # steps 0 and 1 of 4 (diffusers: end + 1/N)
+    theirs = _flux_diffusers(engine, root, monkeypatch, control_guidance_end=0.25 + 1 / STEPS)
+    assert float(np.abs(early - theirs).max()) <= PARITY_TOLERANCE

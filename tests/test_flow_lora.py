@@ -225,3 +225,163 @@ def test_an_xlabs_flux_lora_on_sd3_fails_with_the_files_name(sd3):
     with pytest.raises(NetworkError, match="stray-xlabs.*XLabs"):
         _run(engine, f"{PROMPT} <lora:stray-xlabs:1>")
     assert np.array_equal(_pixels(_run(engine)), plain)
+
+
+# -- Flux.1 ---------------------------------------------------------------------------------------------
+FLUX_NAME = "fluxtiny"
+
+
+def flux_original_weights(transformer) -> dict[str, torch.Tensor]:
+    """kohya's flattened BFL-layout name → weight, assembled from the diffusers Flux transformer: a double block's
+    ``img_attn_qkv`` is q, k, v stacked; a single block's ``linear1`` is q, k, v and the MLP's first layer stacked;
+    the final layer's modulation is stored (shift, scale) in diffusers where BFL has (scale, shift)."""
+    def w(path):
+        return transformer.get_submodule(path).weight.detach().clone()
+
+    layers = {}
+    for i in range(len(transformer.transformer_blocks)):
+        b = f"transformer_blocks.{i}"
+        layers[f"double_blocks_{i}_img_attn_qkv"] = torch.cat([w(f"{b}.attn.to_q"), w(f"{b}.attn.to_k"), w(f"{b}.attn.to_v")])
+        layers[f"double_blocks_{i}_img_attn_proj"] = w(f"{b}.attn.to_out.0")
+        layers[f"double_blocks_{i}_img_mlp_0"] = w(f"{b}.ff.net.0.proj")
+        layers[f"double_blocks_{i}_img_mlp_2"] = w(f"{b}.ff.net.2")
+        layers[f"double_blocks_{i}_img_mod_lin"] = w(f"{b}.norm1.linear")
+        layers[f"double_blocks_{i}_txt_attn_qkv"] = torch.cat(
+            [w(f"{b}.attn.add_q_proj"), w(f"{b}.attn.add_k_proj"), w(f"{b}.attn.add_v_proj")])
+        layers[f"double_blocks_{i}_txt_attn_proj"] = w(f"{b}.attn.to_add_out")
+        layers[f"double_blocks_{i}_txt_mlp_0"] = w(f"{b}.ff_context.net.0.proj")
+        layers[f"double_blocks_{i}_txt_mod_lin"] = w(f"{b}.norm1_context.linear")
+    for i in range(len(transformer.single_transformer_blocks)):
+        b = f"single_transformer_blocks.{i}"
+        layers[f"single_blocks_{i}_linear1"] = torch.cat(
+            [w(f"{b}.attn.to_q"), w(f"{b}.attn.to_k"), w(f"{b}.attn.to_v"), w(f"{b}.proj_mlp")])
+        layers[f"single_blocks_{i}_linear2"] = w(f"{b}.proj_out")
+        layers[f"single_blocks_{i}_modulation_lin"] = w(f"{b}.norm.linear")
+    layers["txt_in"] = w("context_embedder")
+    layers["guidance_in_in_layer"] = w("time_text_embed.guidance_embedder.linear_1")
+    layers["final_layer_adaLN_modulation_1"] = _swap(w("norm_out.linear"))
+    return layers
+
+
+def flux_clip_weights(pipeline) -> dict[str, torch.Tensor]:
+    """kohya's ``lora_te1_`` names of CLIP-L's layers (Flux.1's first text encoder) → weight."""
+    return text_weights(pipeline, encoders=(("lora_te1_", "text_encoder"),))
+
+
+# XLabs' LoRA processor: per double block, qkv_lora1 / proj_lora1 on the image stream, qkv_lora2 / proj_lora2 on the
+# text stream (x-flux, ``DoubleStreamBlockLoraProcessor``); no alpha, scale 1.
+XLABS_DOUBLE = {"qkv_lora1": "img_attn_qkv", "proj_lora1": "img_attn_proj", "qkv_lora2": "txt_attn_qkv",
+                "proj_lora2": "txt_attn_proj"}
+
+
+def xlabs_file(path, transformer, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    original = flux_original_weights(transformer)
+    tensors = {}
+    for i in range(len(transformer.transformer_blocks)):
+        for processor, layer in XLABS_DOUBLE.items():
+            weight = original[f"double_blocks_{i}_{layer}"]
+            tensors[f"double_blocks.{i}.processor.{processor}.down.weight"] = _randn(generator, RANK, weight.shape[1])
+            tensors[f"double_blocks.{i}.processor.{processor}.up.weight"] = _randn(generator, weight.shape[0], RANK)
+    save_file(tensors, str(path))
+    return tensors
+
+
+def ai_toolkit_file(path, transformer, seed: int) -> dict:
+    """ai-toolkit's Flux LoRA: diffusers module names under ``transformer.``, ``lora_A`` / ``lora_B``, no alpha."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(("attn.to_q", "attn.to_v", "attn.add_k_proj", "proj_mlp",
+                                                                    "ff.net.2", "norm1.linear")):
+            tensors[f"transformer.{name}.lora_A.weight"] = _randn(generator, RANK, module.weight.shape[1])
+            tensors[f"transformer.{name}.lora_B.weight"] = _randn(generator, module.weight.shape[0], RANK)
+    save_file(tensors, str(path))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    from tests._flux_fixture import build_folder as build_flux_folder
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("flux-lora")
+    build_flux_folder(root / FLUX_NAME, "dev")
+    engine = Engine(ModelRegistry(root, builtin_dir=None))
+    pipeline = engine.registry.load(FLUX_NAME).pipeline
+    (root / "Lora").mkdir()
+    files = {
+        "flux-kohya": kohya_file(root / "Lora" / "flux-kohya.safetensors",
+                                 {**flux_original_weights(pipeline.transformer), **flux_clip_weights(pipeline)}, seed=4,
+                                 alpha=1.0),
+        "flux-xlabs": xlabs_file(root / "Lora" / "flux-xlabs.safetensors", pipeline.transformer, seed=5),
+        "flux-aitoolkit": ai_toolkit_file(root / "Lora" / "flux-aitoolkit.safetensors", pipeline.transformer, seed=6),
+    }
+    engine.networks.refresh()
+    return engine, files
+
+
+def _run_flux(engine, prompt=PROMPT):
+    request = GenerationRequest(prompt=prompt, model=FLUX_NAME, steps=3, sampler="Euler", schedule="Simple", seed=7,
+                                cfg_scale=1.0)
+    return engine.generate(request).images[0]
+
+
+@pytest.mark.parametrize("name", ["flux-kohya", "flux-xlabs", "flux-aitoolkit"])
+def test_flux_weight_0_is_pixel_identical_weight_1_changes_and_the_undo_is_exact(flux, name):
+    engine, _ = flux
+    plain = _pixels(_run_flux(engine))
+    assert np.array_equal(_pixels(_run_flux(engine, f"{PROMPT} <lora:{name}:0>")), plain)
+    changed = _run_flux(engine, f"{PROMPT} <lora:{name}:1>")
+    assert np.abs(_pixels(changed) - plain).max() > 2, "the LoRA changed nothing visible"
+    assert f'Lora hashes: "{name}: ' in changed.infotext
+    assert np.array_equal(_pixels(_run_flux(engine)), plain)
+
+
+def test_flux_kohya_weights_are_kohyas_formula_on_bfls_layout(flux):
+    engine, files = flux
+    tensors = files["flux-kohya"]
+    loaded = engine.registry.load(FLUX_NAME)
+    pipeline = loaded.pipeline
+    multiplier = 1.3
+    before, before_text = flux_original_weights(pipeline.transformer), flux_clip_weights(pipeline)
+    with active(loaded, prepare(engine.networks, f"x <lora:flux-kohya:{multiplier}>")):
+        during, during_text = flux_original_weights(pipeline.transformer), flux_clip_weights(pipeline)
+    pairs = [("lora_unet_" + k, before[k], during[k]) for k in before] + [(k, before_text[k], during_text[k]) for k in before_text]
+    for name, weight, merged in pairs:
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        expected = weight + multiplier * (float(tensors[f"{name}.alpha"]) / RANK) * (up @ down)
+        assert torch.allclose(merged, expected, atol=1e-5, rtol=0), name
+    assert len(pairs) == len(tensors) // 3
+    after = flux_original_weights(pipeline.transformer)
+    assert all(torch.equal(after[k], before[k]) for k in before), "the undo is not bit-exact"
+
+
+def test_flux_xlabs_weights_are_w_plus_up_at_down(flux):
+    engine, files = flux
+    tensors = files["flux-xlabs"]
+    loaded = engine.registry.load(FLUX_NAME)
+    transformer = loaded.pipeline.transformer
+    before = flux_original_weights(transformer)
+    with active(loaded, prepare(engine.networks, "x <lora:flux-xlabs:1>")):
+        during = flux_original_weights(transformer)
+    for i in range(len(transformer.transformer_blocks)):
+        for processor, layer in XLABS_DOUBLE.items():
+            key = f"double_blocks_{i}_{layer}"
+            down = tensors[f"double_blocks.{i}.processor.{processor}.down.weight"]
+            up = tensors[f"double_blocks.{i}.processor.{processor}.up.weight"]
+            assert torch.allclose(during[key], before[key] + up @ down, atol=1e-5, rtol=0), key
+
+
+def test_flux_ai_toolkit_weights_are_w_plus_b_at_a(flux):
+    engine, files = flux
+    tensors = files["flux-aitoolkit"]
+    loaded = engine.registry.load(FLUX_NAME)
+    transformer = loaded.pipeline.transformer
+    paths = [key.removeprefix("transformer.").removesuffix(".lora_A.weight") for key in tensors if key.endswith("lora_A.weight")]
+    before = {path: transformer.get_submodule(path).weight.detach().clone() for path in paths}
+    with active(loaded, prepare(engine.networks, "x <lora:flux-aitoolkit:0.5>")):
+        for path in paths:
+            a, b = tensors[f"transformer.{path}.lora_A.weight"], tensors[f"transformer.{path}.lora_B.weight"]
+            assert torch.allclose(transformer.get_submodule(path).weight, before[path] + 0.5 * b @ a, atol=1e-5, rtol=0), path
+    assert all(torch.equal(transformer.get_submodule(path).weight, before[path]) for path in paths)

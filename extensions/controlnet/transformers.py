@@ -95,13 +95,13 @@ class FluxControl:
                   text: torch.Tensor, added: dict | None) -> dict[str, list[torch.Tensor]]:
         import torch.nn.functional as F
 
-        from engine.families.flux import DISTILLED_CFG, PATCH, TransformerCall, pack
+        from engine.families.flux import DISTILLED_CFG, PATCH, pack, position_ids
 
         batch, _, height, width = sample.shape
         if (height | width) % PATCH:  # odd latent sides: padded for the call as the family's model call pads them
             sample = F.pad(sample, (0, width % PATCH, 0, height % PATCH), mode="replicate")
         rows, columns = sample.shape[2] // PATCH, sample.shape[3] // PATCH
-        img_ids, txt_ids = TransformerCall(controlnet).ids(rows, columns, text.shape[1], sample.device, sample.dtype)
+        img_ids, txt_ids = position_ids(rows, columns, text.shape[1], sample.device, sample.dtype)
         guidance = None
         if controlnet.config.guidance_embeds:
             # A schnell model takes no distilled CFG scale; a guidance-embedded control model then gets diffusers' 3.5.
