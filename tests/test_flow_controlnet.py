@@ -1,9 +1,10 @@
-"""ControlNet on the flow families (SD 3.5's SD3ControlNetModel), against diffusers' own ControlNet pipelines.
+"""ControlNet on the flow families (SD 3.5's SD3ControlNetModel, Flux.1's FluxControlNetModel), against diffusers'
+own ControlNet pipelines.
 
-A tiny SD3ControlNetModel is built here for the tiny SD 3.5 fixture (random, non-zero output layers: a fresh
-ControlNet's are zero and would prove nothing). diffusers' StableDiffusion3ControlNetPipeline draws the control
-latents from the VAE posterior (``latent_dist.sample()``); Sfumato encodes to the posterior's mean so that a seed
-repeats, and the reference is given the same mean here.
+A tiny SD3ControlNetModel (FluxControlNetModel) is built here for the tiny SD 3.5 (Flux.1 dev) fixture, with random,
+non-zero output layers (a fresh ControlNet's are zero and would prove nothing). diffusers' ControlNet pipelines draw
+the control latents from the VAE posterior (``latent_dist.sample()``); Sfumato encodes to the posterior's mean so
+that a seed repeats, and the reference is given the same mean here.
 """
 from __future__ import annotations
 
@@ -247,3 +248,22 @@ def test_flux_weight_0_is_identical_and_start_end_are_respected(flux, monkeypatc
     early = _run_flux(engine, [_flux_unit(guidance_end=0.25)])  # steps 0 and 1 of 4 (diffusers: end + 1/N)
     theirs = _flux_diffusers(engine, root, monkeypatch, control_guidance_end=0.25 + 1 / STEPS)
     assert float(np.abs(early - theirs).max()) <= PARITY_TOLERANCE
+
+
+def test_a_controlnet_fits_only_its_own_familys_transformer(sd3, flux):
+    import json
+
+    from engine.errors import ValidationError
+
+    (sd3_engine, sd3_root), (flux_engine, flux_root) = sd3, flux
+    cn = sd3_engine.extensions.module("controlnet")
+    sd3_config = json.loads((sd3_root / "ControlNet" / SD3_CN / "config.json").read_text())
+    flux_config = json.loads((flux_root / "ControlNet" / FLUX_CN / "config.json").read_text())
+    sd3_transformer = sd3_engine.registry.load(SD3_NAME).pipeline.transformer.config
+    flux_transformer = flux_engine.registry.load(FLUX_NAME).pipeline.transformer.config
+    assert cn.models.fits(sd3_config, sd3_transformer) and cn.models.fits(flux_config, flux_transformer)
+    assert not cn.models.fits(sd3_config, flux_transformer) and not cn.models.fits(flux_config, sd3_transformer)
+    # Put the Flux ControlNet where the SD 3.5 engine looks: it is refused by name, with the reason.
+    shutil.copytree(flux_root / "ControlNet" / FLUX_CN, sd3_root / "ControlNet" / FLUX_CN)
+    with pytest.raises(ValidationError, match="another kind of base model"):
+        _run(sd3_engine, [_unit(model=FLUX_CN)])

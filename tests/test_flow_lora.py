@@ -1,11 +1,15 @@
-"""LoRA on the flow families (SD 3.5), in the layouts users' files have, on the tiny fixture model.
+"""LoRA on the flow families (SD 3.5, Flux.1), in the layouts users' files have, on the tiny fixture models.
 
 Each file is written here from its format's published naming, for the fixture's own module shapes:
 
 - SD 3.5, kohya's sd-scripts: ``lora_unet_`` + the original MMDiT module path flattened with '_'
   (``joint_blocks_0_x_block_attn_qkv`` — one fused qkv Linear), ``lora_te1_`` / ``lora_te2_`` for CLIP-L / CLIP-G;
 - SD 3.5, diffusers/PEFT: ``transformer.<diffusers module path>.lora_A.weight`` / ``.lora_B.weight`` (no alpha);
-- SD 3.5, OneTrainer: kohya's tensors under ``lora_transformer_`` + the diffusers module path flattened with '_'.
+- SD 3.5, OneTrainer: kohya's tensors under ``lora_transformer_`` + the diffusers module path flattened with '_';
+- Flux.1, kohya: ``lora_unet_`` + BFL's module path flattened (``double_blocks_0_img_attn_qkv``, the single blocks'
+  ``single_blocks_0_linear1`` = q, k, v and the MLP's first layer in one Linear), ``lora_te1_`` for CLIP-L;
+- Flux.1, XLabs: ``double_blocks.N.processor.qkv_lora1.down.weight`` / ``.up.weight`` (no alpha);
+- Flux.1, ai-toolkit: diffusers' names under ``transformer.`` with ``lora_A`` / ``lora_B``.
 
 The expected weights are kohya's formula W + multiplier·(alpha/rank)·up@down applied by hand to the ORIGINAL layout's
 weight, which the test assembles from diffusers' modules itself (q, k and v stacked; the last block's context
