@@ -120,6 +120,9 @@ class Family:
     # read when the table is built, so the sampling package loads only when sampling needs it. A1111 uses the
     # SD 1.5 list for every model that is not SDXL.
     align_your_steps: ClassVar[str] = "AYS_SD15"
+    # Networks: the original-layout naming a kohya LoRA of this family's denoiser uses, when it is not the diffusers
+    # module's own (engine.networks.transformer_layouts converts it); None: kohya names resolve against the modules.
+    lora_layout: ClassVar[str | None] = None
 
     # -- detection --------------------------------------------------------------------------
     def matches_config(self, unet_config: dict) -> bool:
@@ -246,6 +249,8 @@ class Family:
         prefixes = {"lora_unet_": self.denoiser, "lora_te_": encoders[0]}
         for index, encoder in enumerate(encoders, start=1):
             prefixes[f"lora_te{index}_"] = encoder
+        if self.denoiser == "transformer":
+            prefixes["lora_transformer_"] = self.denoiser  # OneTrainer: the diffusers transformer's own module names
         return prefixes
 
     # -- the per-step model call ----------------------------------------------------------------

@@ -174,6 +174,7 @@ class Flux1(Family):
     text_encoders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     pooled_encoder: ClassVar[int | None] = 0
     embedding_keys: ClassVar[tuple[str, ...]] = ("clip_l", "t5")
+    lora_layout: ClassVar[str | None] = "flux"  # kohya's sd-scripts names BFL's layers (fused qkv, single-block linear1)
 
     def matches_config(self, config: dict) -> bool:
         """A Flux.1 transformer config: a joint text width and pooled projections without SD3's caption projection,

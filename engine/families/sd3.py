@@ -100,6 +100,7 @@ class StableDiffusion3(Family):
     text_encoders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     pooled_encoder: ClassVar[int | None] = 1
     embedding_keys: ClassVar[tuple[str, ...]] = ("clip_l", "clip_g")
+    lora_layout: ClassVar[str | None] = "sd3"  # kohya's sd-scripts names the original MMDiT's layers (fused qkv)
 
     def matches_config(self, config: dict) -> bool:
         """The MMDiT's config: a joint text width and a caption projection (Flux has the first, not the second)."""

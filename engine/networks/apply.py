@@ -10,7 +10,8 @@ LoRA and LoCon files load through diffusers' pipeline loader (``load_lora_weight
 layers). kohya's layer names are first resolved against the model's own modules (``layer_names``),
 with alpha/rank folded into the up matrix: diffusers' own kohya converter names CLIP's attention
 layers as transformers 4 did, and with transformers 5 it drops them without an error. LyCORIS LoHa
-and LoKr load through peft's LoHa and LoKr layers (``lycoris``).
+and LoKr load through peft's LoHa and LoKr layers (``lycoris``). A flow transformer's (SD 3.5, Flux.1) kohya and
+XLabs files are first renamed to diffusers' modules, fused layers split (``transformer_layouts``).
 
 Multipliers follow kohya's formula for LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large
 Language Models"), ΔW = up·down·(alpha/rank)·multiplier (LoHa and LoKr: see ``lycoris``), with the text-encoder multiplier on the text encoders and the UNet multiplier on the
@@ -23,10 +24,11 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .formats import KOHYA_LOCON, KOHYA_LORA, NetworkError, NetworkWeights
+from .formats import KOHYA_LOCON, KOHYA_LORA, XLABS_LORA, NetworkError, NetworkWeights
 from .job import JobNetwork, JobNetworks
 from .layer_names import kohya_as_peft
 from .lycoris import LYCORIS_PARAMETERS, attach_lycoris
+from .transformer_layouts import DENOISER_PREFIX, KOHYA_CONVERTERS, XLABS_CONVERTERS
 from .syntax import NetworkUse
 
 if TYPE_CHECKING:
@@ -106,28 +108,52 @@ def _attach(model: LoadedModel, components: dict[str, torch.nn.Module], network:
     name, weights = network.file.path.name, network.weights
     try:
         with _quiet_loaders():
-            _load(model, components, weights, adapter)
+            expected = _load(model, components, weights, adapter)
     except NetworkError as error:
         raise NetworkError(f"LoRA file {name} ({weights.format}): {error}") from error
     except Exception as error:  # diffusers and peft raise many kinds for a file that does not fit
         raise NetworkError(f"LoRA file {name} ({weights.format}) does not fit {model.entry.name} ({model.family.title}): "
                            f"{type(error).__name__}: {str(error)[:300]}; was it made for another base model?") from error
     loaded = sum(1 for module in components.values() for layer in _tuner_layers(module) if _holds(layer, adapter))
-    expected = _expected_layers(weights)
     if loaded != expected:
         raise NetworkError(f"LoRA file {name} ({weights.format}) patches {expected} layers but only {loaded} exist in "
                            f"{model.entry.name} ({model.family.title}); was it made for another base model?")
 
 
-def _load(model: LoadedModel, components: dict[str, torch.nn.Module], weights: NetworkWeights, adapter: str) -> None:
+def _load(model: LoadedModel, components: dict[str, torch.nn.Module], weights: NetworkWeights, adapter: str) -> int:
+    """The file's adapters injected under ``adapter``; returns how many layers they must patch."""
     if weights.lycoris:
         attach_lycoris(model, components, weights, adapter)
+        return _expected_layers(weights)
+    layout = model.family.lora_layout
+    if weights.format == XLABS_LORA or (layout and weights.format in (KOHYA_LORA, KOHYA_LOCON)):
+        tensors = _transformer_as_peft(model, components, weights)
     elif weights.format in (KOHYA_LORA, KOHYA_LOCON):
-        # low_cpu_mem_usage: no random initialisation of adapter weights the file overwrites anyway.
-        model.pipeline.load_lora_weights(kohya_as_peft(model, components, weights), adapter_name=adapter, low_cpu_mem_usage=True)
+        tensors = kohya_as_peft(model, components, weights)
     else:
         # diffusers pops what it converts: hand it a copy of the (cached) file's dict.
         model.pipeline.load_lora_weights(dict(weights.tensors), adapter_name=adapter, low_cpu_mem_usage=True)
+        return _expected_layers(weights)
+    # low_cpu_mem_usage: no random initialisation of adapter weights the file overwrites anyway.
+    model.pipeline.load_lora_weights(tensors, adapter_name=adapter, low_cpu_mem_usage=True)
+    return sum(1 for key in tensors if key.endswith(".lora_A.weight"))
+
+
+def _transformer_as_peft(model: LoadedModel, components: dict[str, torch.nn.Module],
+                         weights: NetworkWeights) -> dict[str, torch.Tensor]:
+    """A flow transformer's kohya or XLabs LoRA in diffusers' PEFT names (``transformer_layouts``); a kohya file's
+    text-encoder layers (``lora_te…``) resolve against the encoders as for UNet families."""
+    layout = model.family.lora_layout
+    converters = XLABS_CONVERTERS if weights.format == XLABS_LORA else KOHYA_CONVERTERS
+    if layout not in converters:
+        raise NetworkError(f"it is a {weights.format} file, made for another kind of model than {model.family.title}")
+    transformer = components[model.family.denoiser]
+    if weights.format == XLABS_LORA:
+        return converters[layout](dict(weights.tensors), transformer)
+    denoiser = {key: value for key, value in weights.tensors.items() if key.startswith(DENOISER_PREFIX)}
+    text = NetworkWeights(weights.format, {key: value for key, value in weights.tensors.items() if key not in denoiser})
+    converted = converters[layout](denoiser, transformer) if denoiser else {}
+    return {**converted, **(kohya_as_peft(model, components, text) if text.tensors else {})}
 
 
 def _activate(model: LoadedModel, components: dict[str, torch.nn.Module], uses: dict[str, NetworkUse]) -> None:

@@ -1,10 +1,12 @@
 """What kind of network a file holds, read from its tensor names.
 
 Formats that load:
-- kohya LoRA: ``lora_unet_*``, ``lora_te_*`` (``lora_te1_*`` / ``lora_te2_*`` for SDXL's two encoders) with
+- kohya LoRA: ``lora_unet_*``, ``lora_te_*`` (``lora_te1_*`` / ``lora_te2_*`` for SDXL's two encoders; OneTrainer's
+  ``lora_transformer_*`` for a flow transformer, diffusers' module names flattened) with
   ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``; with convolution layers it is a LoCon.
 - diffusers / PEFT LoRA: ``unet.…lora_A.weight`` / ``text_encoder.…lora.down.weight`` and friends.
 - LyCORIS LoHa (``.hada_w1_a`` …) and LoKr (``.lokr_w1`` …) under kohya's ``lora_unet_`` / ``lora_te_`` names.
+- XLabs' Flux.1 LoRA: ``double_blocks.N.processor.qkv_lora1.down.weight`` / ``.up.weight`` and friends.
 
 Every other layout is refused with its name (OFT, a full-weight "diff", a checkpoint, an embedding…),
 never loaded as a silent no-op.
@@ -24,6 +26,7 @@ KOHYA_LOCON = "kohya LoCon (LoRA with convolution layers)"
 DIFFUSERS_LORA = "diffusers/PEFT LoRA"
 LOHA = "LyCORIS LoHa"
 LOKR = "LyCORIS LoKr"
+XLABS_LORA = "XLabs Flux LoRA"
 
 # Layouts recognised but not loaded: a key fragment, and what it means to the artist.
 UNSUPPORTED = (
@@ -36,7 +39,6 @@ UNSUPPORTED = (
     (".diff", "LyCORIS full fine-tune (diff)"),
     (".a1.weight", "LyCORIS GLoRA"),
     ("dora_scale", "a DoRA (weight-decomposed LoRA)"),
-    ("lora_transformer_", "a LoRA for a transformer model (Flux, SD3…), not for this family"),
     ("model.diffusion_model.", "a Stable Diffusion checkpoint, not a LoRA (put it in models/Stable-diffusion)"),
     ("emb_params", "a textual-inversion embedding, not a LoRA (put it in models/embeddings)"),
     ("string_to_param", "a textual-inversion embedding, not a LoRA (put it in models/embeddings)"),
@@ -72,15 +74,17 @@ def detect_format(tensors: dict[str, torch.Tensor]) -> str:
             raise ValueError("it is a LyCORIS LoKr with convolution layers, which Sfumato does not load yet (LoKr on "
                              "Linear layers loads)")
         return LOKR
+    if any(".processor." in key and ("_lora" in key) and key.endswith(".down.weight") for key in keys):
+        return XLABS_LORA
     downs = [key for key in keys if key.endswith(".lora_down.weight")]
-    if downs and all(key.startswith(("lora_unet_", "lora_te")) for key in downs):
+    if downs and all(key.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for key in downs):
         convolutions = any(tensors[key].ndim == 4 and tuple(tensors[key].shape[2:]) != (1, 1) for key in downs)
         return KOHYA_LOCON if convolutions else KOHYA_LORA
     if any(part in key for key in keys for part in (".lora_A.", ".lora.down.", "lora_linear_layer.down")):
         return DIFFUSERS_LORA
     shown = ", ".join(keys[:3]) or "no tensors"
     raise ValueError(f"its layout is no LoRA format Sfumato knows (keys like {shown}); Sfumato loads "
-                     f"{KOHYA_LORA}, {KOHYA_LOCON}, {DIFFUSERS_LORA}, {LOHA} and {LOKR} files")
+                     f"{KOHYA_LORA}, {KOHYA_LOCON}, {DIFFUSERS_LORA}, {XLABS_LORA}, {LOHA} and {LOKR} files")
 
 
 @functools.lru_cache(maxsize=4)  # an SDXL LoRA can be hundreds of MB: a few files, enough to switch between

@@ -41,7 +41,7 @@ def _unet_config(studio: Any, model: str | None):
     """The UNet config of the model the command will use (loads it; the registry keeps it for the generation)."""
     if studio is None:
         return None
-    return studio.registry.load(model or studio.default_model()).pipeline.unet.config
+    return studio.registry.load(model or studio.default_model()).denoising_model.config
 
 
 def default_model(studio: Any = None, model: str | None = None, models_dir: Path | None = None,

@@ -153,26 +153,30 @@ class ControlNetRuntime:
                 self._maps.popitem(last=False)
         return control
 
-    def model_for(self, unit: ControlNetUnit, where: str, unet_config) -> models.ControlNetEntry:
+    def model_for(self, unit: ControlNetUnit, where: str, denoiser_config) -> models.ControlNetEntry:
         entries = self.controlnets()
         if unit.model is None:
-            suggestions = [entry.name for entry in models.fitting(entries, unet_config)]
+            suggestions = [entry.name for entry in models.fitting(entries, denoiser_config)]
             raise ValidationError(f"{where}.model", "choose a ControlNet model"
                                   + (f"; these fit the current model: {', '.join(suggestions)}" if suggestions
                                      else f"; none is installed: put one in {Path(self.models_dir or 'models') / models.CONTROLNET_SUBDIR}"))
         entry = models.resolve(unit.model, entries)
         if entry is None:
             raise ValidationError(f"{where}.model", f"ControlNet {unit.model!r} not found; installed: {', '.join(entries) or 'none'}")
-        if not models.fits(models.read_config(entry), unet_config):
+        if not models.fits(models.read_config(entry), denoiser_config):
             raise ValidationError(f"{where}.model", f"ControlNet {entry.name} was made for another kind of base model "
-                                                    "(SD 1.x, SD 2.x and SDXL ControlNets do not mix)")
+                                                    "(SD 1.x, SD 2.x, SDXL, SD 3.5 and Flux ControlNets do not mix)")
         return entry
 
     def step_hooks(self, context, units: list[ControlNetUnit]) -> list[ControlNetHook]:
         """The extension's ``step_hooks``: one hook for all units that do something in this run, or none."""
+        from . import transformers
+
         total = len(context.sigmas) - 1
         model = context.model
-        unet_config = model.pipeline.unet.config
+        denoiser_config = model.denoising_model.config
+        # A flow transformer's ControlNets run their own way (transformers); a UNet's run here.
+        control = transformers.control_for(model.family.id) if model.family.denoiser != "unet" else None
         active: list[ActiveUnit] = []
         for index, unit in enumerate(units):
             if not unit.active:
@@ -180,7 +184,9 @@ class ControlNetRuntime:
             if step_window(unit.guidance_start, unit.guidance_end, total) is None:
                 continue  # no step of this pass falls in the window
             where = f"units[{index}]"
-            entry = self.model_for(unit, where, unet_config)
+            if model.family.denoiser != "unet" and control is None:
+                raise ValidationError(f"{where}.model", f"ControlNet does not run on {model.family.title} models yet")
+            entry = self.model_for(unit, where, denoiser_config)
             image = unit.image if unit.image is not None else context.source_image
             if unit.image is not None and context.crop_box is not None:
                 # An image drawn for the whole picture: "Only masked" generates one region of it.
@@ -190,8 +196,10 @@ class ControlNetRuntime:
             reason = preprocessors.why_unavailable(unit.module, self.models_dir)
             if reason:
                 raise ValidationError(f"{where}.module", reason)
-            control = self.control_map(unit, image, context.width, context.height)
+            control_map = self.control_map(unit, image, context.width, context.height)
             controlnet = self.cache.load(entry, model.device, model.dtype)
-            control_tensor = maps.map_tensor(control, model.device, model.dtype)
+            control_tensor = maps.map_tensor(control_map, model.device, model.dtype)
             active.append(ActiveUnit(index, unit, controlnet, control_tensor, do_cfg=context.do_cfg))
+        if control is not None:
+            return transformers.transformer_hooks(context, control, active)
         return [ControlNetHook(active)] if active else []

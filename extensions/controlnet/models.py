@@ -129,14 +129,22 @@ def read_config(entry: ControlNetEntry) -> dict:
         raise ModelError(f"ControlNet {entry.name}: cannot read its config ({error})") from error
 
 
-def fits(config: dict, unet_config: Any) -> bool:
-    """Whether a ControlNet (by its config) was made for this UNet: the same family, reading text of the same width."""
-    unet = dict(unet_config)
+def _width(config: dict) -> int | None:
+    """The width the control model's residuals must have: a UNet's text width, a transformer's hidden width."""
+    if "attention_head_dim" in config and "num_attention_heads" in config and "cross_attention_dim" not in config:
+        return int(config["attention_head_dim"]) * int(config["num_attention_heads"])
+    return config.get("cross_attention_dim")
+
+
+def fits(config: dict, denoiser_config: Any) -> bool:
+    """Whether a ControlNet (by its config) was made for this denoiser (UNet or flow transformer): the same family,
+    of the same width."""
+    denoiser = dict(denoiser_config)
     try:
-        same_family = type(families.detect_family(config)) is type(families.detect_family(unet))
+        same_family = type(families.detect_family(config)) is type(families.detect_family(denoiser))
     except ValueError:
         return False
-    return same_family and config.get("cross_attention_dim") == unet.get("cross_attention_dim")
+    return same_family and _width(config) == _width(denoiser)
 
 
 def fitting(entries: dict[str, ControlNetEntry], unet_config: Any) -> list[ControlNetEntry]:
@@ -177,23 +185,38 @@ class ControlNetCache:
             self._loaded.clear()
 
 
-def load_controlnet(entry: ControlNetEntry, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import ControlNetModel
+# The diffusers classes a control model's config may name: a UNet ControlNet, and the flow transformers' own.
+MODEL_CLASSES = ("ControlNetModel", "SD3ControlNetModel", "FluxControlNetModel")
 
+
+def model_class(config: dict):
+    """The diffusers class of a ControlNet, from its config's ``_class_name``."""
+    import diffusers
+
+    name = str(config.get("_class_name", "ControlNetModel"))
+    if name not in MODEL_CLASSES:
+        raise ModelError(f"a {name} is not a control model Sfumato runs ({', '.join(MODEL_CLASSES)})")
+    return getattr(diffusers, name)
+
+
+def load_controlnet(entry: ControlNetEntry, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     try:
+        model_type = model_class(read_config(entry))
         if entry.kind == "diffusers":
-            model = ControlNetModel.from_pretrained(entry.path, local_files_only=True, dtype=dtype)
+            model = model_type.from_pretrained(entry.path, local_files_only=True, dtype=dtype)
         else:
             config_dir = single_file_config(entry.path)
             keys, _ = _single_file_keys(entry.path)
-            if any(key.startswith("controlnet_cond_embedding.") for key in keys):
+            if model_type.__name__ != "ControlNetModel" or any(key.startswith("controlnet_cond_embedding.") for key in keys):
+                # diffusers-layout weights with their config beside them; transformer ControlNets come only so
+                # (diffusers' single-file loader knows no original layout for them).
                 from safetensors.torch import load_file
 
-                model = ControlNetModel.from_config(ControlNetModel.load_config(config_dir))
+                model = model_type.from_config(model_type.load_config(config_dir))
                 model.load_state_dict(load_file(str(entry.path)))
                 model = model.to(dtype)
             else:
-                model = ControlNetModel.from_single_file(str(entry.path), config=str(config_dir), local_files_only=True, dtype=dtype)
+                model = model_type.from_single_file(str(entry.path), config=str(config_dir), local_files_only=True, dtype=dtype)
     except ModelError:
         raise
     except Exception as error:  # diffusers raises many kinds for broken files
