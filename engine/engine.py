@@ -160,7 +160,9 @@ class Engine:
             gc.collect()  # free what the failed job held before the next one starts
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            raise GenerationError(f"out of memory: try a smaller size or batch ({error})") from error
+            advice = self.registry.out_of_memory_message(request.model, error, request.width, request.height,
+                                                         request.batch_size)
+            raise GenerationError(f"{advice}; a smaller size or batch also helps") from error
         except Exception as error:
             raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
 
