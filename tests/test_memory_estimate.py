@@ -162,3 +162,20 @@ def test_the_refusal_names_the_memory_mode_that_would_fit(models):
     assert message.startswith("not enough memory for sd3tiny") and "start with --medvram" in message
     nothing = shortfall_message(need["normal"], FreeMemory(10**12, 1), [need["lowvram"]])
     assert "no memory mode fits" in nothing
+
+
+def test_the_estimate_is_shown_on_the_checkpoint_card_and_in_the_api(models):
+    from types import SimpleNamespace
+
+    from engine.networks.cards import checkpoint_cards
+    from ui.api import SdApi
+
+    registry = ModelRegistry(models, builtin_dir=REPO / "builtin")
+    expected = registry.estimate_memory("sd3tiny")
+    assert (expected.width, expected.height) == (32, 32)  # the fixture's native size, from its sfumato.json
+    card = next(card for card in checkpoint_cards(registry) if card.name == "sd3tiny")
+    assert card.memory == expected.summary() and "transformer" in card.memory
+    items = {item.model_name: item for item in SdApi(SimpleNamespace(registry=registry)).sd_models()}
+    memory = items["sd3tiny"].memory
+    assert memory["ram_bytes"] == expected.ram_bytes
+    assert {c["name"]: c["weight_bytes"] for c in memory["components"]} == {c.name: c.weight_bytes for c in expected.components}
