@@ -53,6 +53,7 @@ from .families import Family
 from .networks.embeddings import EMBEDDINGS_SUBDIR, EmbeddingLibrary
 from .networks.vae_files import VAE_SUBDIR, VaeLibrary
 from .upscalers.library import UpscalerLibrary
+from .tiny_decoders import TinyDecoderLibrary
 from .prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -480,6 +481,8 @@ class ModelRegistry:
                                checkpoints=self.models_dir / CHECKPOINT_SUBDIR if self.models_dir else None)
         # Upscaler model files (hires fix and Extras): loaded on first use, on this registry's device.
         self.upscalers = UpscalerLibrary(self.models_dir, self.device, self.dtype)
+        # TAESD decoders for live previews (models/VAE-taesd, models/vae_approx): loaded on first use.
+        self.tiny_decoders = TinyDecoderLibrary(self.models_dir, self.device, self.dtype)
         self.refresh()
 
     # -- discovery ---------------------------------------------------------
