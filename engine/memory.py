@@ -408,7 +408,7 @@ def shortfall_message(estimate: MemoryEstimate, free: FreeMemory, alternatives: 
     else:
         advice = "no memory mode fits: try a smaller size or batch, or close other programs"
     return (f"not enough memory for {estimate.model}: it {estimate.summary()}; free: {free_text}. {advice}. "
-            "The memory check can be turned off with --skip-memory-check.")
+            "The memory check can be turned off in Settings or with --skip-memory-check.")
 
 
 def _need(estimate: MemoryEstimate) -> str:

@@ -179,3 +179,16 @@ def test_the_estimate_is_shown_on_the_checkpoint_card_and_in_the_api(models):
     memory = items["sd3tiny"].memory
     assert memory["ram_bytes"] == expected.ram_bytes
     assert {c["name"]: c["weight_bytes"] for c in memory["components"]} == {c.name: c.weight_bytes for c in expected.components}
+
+
+def test_the_check_is_off_when_the_setting_or_the_flag_turns_it_off():
+    from engine.settings import Settings
+    from engine.studio import StudioConfig, performance_for
+    from ui.cli import build_parser, studio_config
+
+    assert performance_for(StudioConfig(), Settings()).memory_check is True
+    assert performance_for(StudioConfig(), Settings(memory_check=False)).memory_check is False
+    flagged = studio_config(build_parser().parse_args(["--skip-memory-check", "--cpu-text-encoders"]))
+    assert flagged.performance.memory_mode == "cpu-text-encoders"
+    assert performance_for(flagged, Settings()).memory_check is False
+    assert studio_config(build_parser().parse_args(["--medvram", "--lowvram"])).performance.memory_mode == "lowvram"
