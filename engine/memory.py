@@ -143,7 +143,10 @@ def file_tensor_sizes(path: Path, compute_bytes: int, split: Callable[[str], str
     for name, info in header.items():
         if name == "__metadata__" or not isinstance(info, dict):
             continue
-        groups.setdefault(split(name) if split else "", []).append((name, str(info.get("dtype")), info.get("shape", [])))
+        group = split(name) if split else ""
+        if group is None:
+            continue
+        groups.setdefault(group, []).append((name, str(info.get("dtype")), info.get("shape", [])))
     return {group: _sizes(items, compute_bytes)[""] for group, items in groups.items()}
 
 
@@ -160,6 +163,7 @@ def _gguf_largest(path: Path) -> int:
 # Original-layout (CompVis/SGM/SD3) single files: key prefix -> component. Keys matching none belong to the denoiser
 # (a Flux or Z-Image transformer-only file has bare keys).
 SINGLE_FILE_PREFIXES = (
+    ("model_ema.", None),  # EMA copies some SD 1.x files carry; diffusers does not load them
     ("first_stage_model.", "vae"), ("vae.", "vae"),
     ("cond_stage_model.", "text_encoder"), ("conditioner.embedders.0.", "text_encoder"),
     ("conditioner.embedders.1.", "text_encoder_2"),
@@ -168,7 +172,7 @@ SINGLE_FILE_PREFIXES = (
 )
 
 
-def single_file_component(key: str) -> str:
+def single_file_component(key: str) -> str | None:
     for prefix, component in SINGLE_FILE_PREFIXES:
         if key.startswith(prefix):
             return component

@@ -192,3 +192,14 @@ def test_the_check_is_off_when_the_setting_or_the_flag_turns_it_off():
     assert flagged.performance.memory_mode == "cpu-text-encoders"
     assert performance_for(flagged, Settings()).memory_check is False
     assert studio_config(build_parser().parse_args(["--medvram", "--lowvram"])).performance.memory_mode == "lowvram"
+
+
+def test_a_single_file_is_split_into_the_same_components_as_its_folder(tmp_path):
+    from tests._checkpoints import write_single_file
+
+    checkpoint = write_single_file(DEMO, tmp_path / "demo.safetensors")
+    single = estimate_model_memory(checkpoint, "single-file", torch.float32, "cpu", width=64, height=64)
+    folder = estimate_model_memory(DEMO, "diffusers", torch.float32, "cpu", width=64, height=64)
+    assert {c.name: c.weight_bytes for c in single.components} == pytest.approx(
+        {c.name: c.weight_bytes for c in folder.components}, rel=0.01)
+    assert single.activation_bytes == folder.activation_bytes  # the configs beside the file give the same widths
