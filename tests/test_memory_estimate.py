@@ -203,3 +203,38 @@ def test_a_single_file_is_split_into_the_same_components_as_its_folder(tmp_path)
     assert {c.name: c.weight_bytes for c in single.components} == pytest.approx(
         {c.name: c.weight_bytes for c in folder.components}, rel=0.01)
     assert single.activation_bytes == folder.activation_bytes  # the configs beside the file give the same widths
+
+
+def test_placing_a_pipeline_moves_each_part_where_its_mode_says():
+    """``performance.place`` on a CUDA device, with modules that record where they were sent (no GPU needed)."""
+    from types import SimpleNamespace
+
+    from engine.performance import place
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sent = []
+
+        def to(self, *args, **kwargs):
+            self.sent.append(str(args[0]))
+            return self
+
+    def pipeline():
+        parts = {name: Recording() for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")}
+        moved = []
+        return SimpleNamespace(components={**parts, "tokenizer": object()}, to=lambda device: moved.append(str(device)),
+                               moved=moved, **parts)
+
+    cuda = torch.device("cuda")
+    split = pipeline()
+    place(split, cuda, PerformanceOptions(memory_mode="cpu-text-encoders"))
+    assert {name: part.sent for name, part in split.components.items() if isinstance(part, Recording)} == {
+        "transformer": ["cuda"], "vae": ["cuda"], "text_encoder": ["cpu"], "text_encoder_2": ["cpu"], "text_encoder_3": ["cpu"]}
+    whole = pipeline()
+    place(whole, cuda, PerformanceOptions())
+    assert whole.moved == ["cuda"]
+    for mode in ("medvram", "lowvram"):  # left on the CPU for diffusers' offload hooks
+        offloaded = pipeline()
+        place(offloaded, cuda, PerformanceOptions(memory_mode=mode))
+        assert offloaded.moved == [] and all(not part.sent for part in offloaded.components.values() if isinstance(part, Recording))
