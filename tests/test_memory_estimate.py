@@ -238,3 +238,19 @@ def test_placing_a_pipeline_moves_each_part_where_its_mode_says():
         offloaded = pipeline()
         place(offloaded, cuda, PerformanceOptions(memory_mode=mode))
         assert offloaded.moved == [] and all(not part.sent for part in offloaded.components.values() if isinstance(part, Recording))
+
+
+def test_a_gguf_file_counts_at_its_size_and_its_largest_tensor_as_stored(tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "transformer.gguf"
+    writer = GGUFWriter(str(path), "flux")
+    writer.add_tensor("double_blocks.0.img_attn.qkv.weight", np.zeros((96, 32), dtype=np.float16))
+    writer.add_tensor("final_layer.linear.weight", np.zeros((16, 32), dtype=np.float16))
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        step()
+    estimate = estimate_model_memory(path, "single-file", torch.float32, "cpu", width=64, height=64)
+    (component,) = estimate.components
+    assert component.role == DENOISER and component.weight_bytes == path.stat().st_size
+    assert component.largest_layer_bytes == 96 * 32 * 2  # quantized blocks (here fp16) stay as stored
