@@ -254,3 +254,24 @@ def test_a_gguf_file_counts_at_its_size_and_its_largest_tensor_as_stored(tmp_pat
     (component,) = estimate.components
     assert component.role == DENOISER and component.weight_bytes == path.stat().st_size
     assert component.largest_layer_bytes == 96 * 32 * 2  # quantized blocks (here fp16) stay as stored
+
+
+def test_out_of_memory_while_drawing_names_the_model_its_estimate_and_what_is_free(monkeypatch):
+    from engine.engine import Engine
+    from engine.errors import GenerationError
+    from engine.request import GenerationRequest
+
+    engine = Engine(ModelRegistry(None))
+    engine.registry.load("sfumato-demo")  # loaded before memory is "short", so only the drawing runs out
+    engine.registry.free_memory = lambda device: FreeMemory(ram_bytes=10**6)
+
+    def exhausted(model, latents):
+        raise torch.OutOfMemoryError("forced by the test")
+
+    monkeypatch.setattr(engine, "_decode", exhausted)
+    with pytest.raises(GenerationError) as failed:
+        engine.generate(GenerationRequest(prompt="a fox", model="sfumato-demo", steps=1, seed=1, width=128, height=64))
+    message = str(failed.value)
+    estimate = engine.registry.estimate_memory("sfumato-demo", 128, 64)
+    assert message.startswith("out of memory (OutOfMemoryError: forced by the test); not enough memory for sfumato-demo")
+    assert f"RAM {estimate.ram_bytes / 1e6:.1f} MB at 128×64" in message and "free: RAM 1.0 MB" in message
