@@ -3,7 +3,7 @@ and the refusal before loading.
 
 Measured (tests/_memory_probe.py, a fresh process each; peak RSS of loading + one 2-step image, above a baseline
 taken after the imports), on this 2-core CPU machine:
-- demo model (SD 1.x style) at 256×256: measured 101.0–108.1 MB over five runs, estimated 128.8 MB (weights 11.4,
+- demo model (SD 1.x style) at 256×256: measured 101.0–108.1 MB over four runs, estimated 128.8 MB (weights 11.4,
   activations 67.1, runtime 50.3): estimate/measured 1.19–1.28;
 - tiny SD 3.5 fixture at 64×64: measured 34.3–34.8 MB, estimated 53.0 MB (weights 0.6, activations 2.1, runtime 50.3):
   1.52–1.55 (a model this small is all runtime, which RUNTIME_RAM rounds up).
