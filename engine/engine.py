@@ -161,7 +161,9 @@ class Engine:
             gc.collect()  # free what the failed job held before the next one starts
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            raise GenerationError(f"out of memory: try a smaller size or batch ({error})") from error
+            advice = self.registry.out_of_memory_message(request.model, error, request.width, request.height,
+                                                         request.batch_size)
+            raise GenerationError(f"{advice}; a smaller size or batch also helps") from error
         except Exception as error:
             raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
 
@@ -593,14 +595,18 @@ class Engine:
             return image.crop((0, 0, *prepared.output_size))
         return image
 
-    @staticmethod
-    def _previewer(request: GenerationRequest, model: LoadedModel):
+    def _previewer(self, request: GenerationRequest, model: LoadedModel):
         if request.preview_every == 0 or request.preview_method == "none":
             return None
         if request.preview_method == "full":
             return VaePreviewer(model.pipeline.vae, model.scaling_factor, model.latent_shift, to_vae_latent=model.to_vae_latent)
-        if request.preview_method == "taesd" and model.extras.get("taesd") is not None:
-            return VaePreviewer(model.extras["taesd"], 1.0)
+        if request.preview_method == "taesd":
+            # The family's TAESD variant decodes the latent as the model sees it; without its file, the cheap
+            # previews stand in (the library says so once).
+            library = getattr(self.registry, "tiny_decoders", None)
+            tiny = library.get(model.family.latent.tiny_decoder) if library is not None else None
+            if tiny is not None:
+                return VaePreviewer(tiny, 1.0)
         return CheapPreviewer(model.family)
 
     @staticmethod

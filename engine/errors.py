@@ -22,6 +22,10 @@ class ModelError(SfumatoError):
     """A model could not be found, read or loaded."""
 
 
+class NotEnoughMemoryError(ModelError):
+    """A model would not fit (its estimate exceeds what is free), or ran out of memory while loading; its files are fine."""
+
+
 class UnsafeModelError(ModelError):
     """A model file would need unsafe unpickling to load."""
 

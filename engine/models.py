@@ -44,13 +44,16 @@ from . import checkpoint_convert as layout_keys
 from .compute import run_on_compute_thread
 from .performance import PerformanceOptions
 from .performance import apply as apply_performance
+from .performance import place as place_pipeline
+from . import memory
 from .devices import pick_device, pick_dtype
-from .errors import ModelError, UnsafeModelError
+from .errors import ModelError, NotEnoughMemoryError, UnsafeModelError
 from . import families
 from .families import Family
 from .networks.embeddings import EMBEDDINGS_SUBDIR, EmbeddingLibrary
 from .networks.vae_files import VAE_SUBDIR, VaeLibrary
 from .upscalers.library import UpscalerLibrary
+from .tiny_decoders import TinyDecoderLibrary
 from .prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -447,6 +450,8 @@ def _check_single_file_names(keys: list[str], family: Family, folder: Path, show
         raise ModelError(f"the config folder {shown} does not match this checkpoint: " + "; ".join(problems))
 
 
+OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+
 TITLE_WITH_HASH = re.compile(r"(?P<name>.+) \[(?P<hash>[0-9a-fA-F]{8,64})\]")
 
 
@@ -498,12 +503,15 @@ class ModelRegistry:
         self._hashes: dict[tuple, str] = {}
         self._lock = threading.RLock()
         self._loading: dict[str, Future] = {}  # name → the load in progress
+        self.free_memory = memory.free_memory  # device -> FreeMemory; replaceable, so tests can pretend memory is short
         # Textual-inversion embeddings and VAE files: used per job, never loaded into the cached models.
         self.embeddings = EmbeddingLibrary(self.models_dir / EMBEDDINGS_SUBDIR if self.models_dir else None)
         self.vaes = VaeLibrary(self.models_dir / VAE_SUBDIR if self.models_dir else None,
                                checkpoints=self.models_dir / CHECKPOINT_SUBDIR if self.models_dir else None)
         # Upscaler model files (hires fix and Extras): loaded on first use, on this registry's device.
         self.upscalers = UpscalerLibrary(self.models_dir, self.device, self.dtype)
+        # TAESD decoders for live previews (models/VAE-taesd, models/vae_approx): loaded on first use.
+        self.tiny_decoders = TinyDecoderLibrary(self.models_dir, self.device, self.dtype)
         self.refresh()
 
     # -- discovery ---------------------------------------------------------
@@ -642,10 +650,66 @@ class ModelRegistry:
             return cached
         try:
             return run_on_compute_thread(self._load_and_cache, entry)
+        except NotEnoughMemoryError:
+            raise  # out of memory says nothing about the model's files
         except ModelError as error:
-            if not isinstance(error.__cause__, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
-                self.mark_broken(entry, str(error))  # out of memory says nothing about the model's files
+            if not isinstance(error.__cause__, OUT_OF_MEMORY):
+                self.mark_broken(entry, str(error))
             raise
+
+    # -- memory ------------------------------------------------------------
+    def native_size(self, entry: ModelEntry) -> tuple[int, int]:
+        """The family's native size for a model, read from its configs without loading it (1024² when unknown)."""
+        try:
+            if entry.kind == "diffusers":
+                family = check_model_index(entry.path)
+                denoiser = entry.path / family.denoiser / "config.json"
+                family = families.detect_family(json.loads(denoiser.read_text(encoding="utf-8")), entry.path)
+            else:
+                family = families.detect_checkpoint(_safetensors_keys(entry.path, entry.path.name))
+            return family.native_size
+        except (ModelError, ValueError, OSError):
+            return (1024, 1024)
+
+    def estimate_memory(self, name: str | ModelEntry | None = None, width: int | None = None, height: int | None = None,
+                        batch: int = 1, mode: str | None = None) -> memory.MemoryEstimate:
+        """What the model needs on this registry's device and dtype, in its memory mode (or ``mode``), at
+        ``width``×``height`` (its native size by default); read from its files, nothing is loaded."""
+        entry = name if isinstance(name, ModelEntry) else self.get(name)
+        if width is None or height is None:
+            width, height = self.native_size(entry)
+        return memory.estimate_model_memory(entry.path, entry.kind, self.dtype, self.device,
+                                            mode or self.performance.memory_mode, width, height, batch, name=entry.name)
+
+    def memory_shortfall(self, entry: ModelEntry, width: int | None = None, height: int | None = None,
+                         batch: int = 1) -> str | None:
+        """Why the model would not fit in what is free now (the refusal's words), or None when it fits."""
+        estimate = self.estimate_memory(entry, width, height, batch)
+        free = self.free_memory(self.device)
+        if memory.fits(estimate, free):
+            return None
+        return memory.shortfall_message(estimate, free, self._other_modes(entry, estimate))
+
+    def _other_modes(self, entry: ModelEntry, estimate: memory.MemoryEstimate) -> list[memory.MemoryEstimate]:
+        """The same estimate in each memory mode after the current one (they only differ on CUDA)."""
+        if self.device.type != "cuda":
+            return []
+        names = [mode.name for mode in memory.MEMORY_MODES]
+        later = names[names.index(estimate.mode) + 1:]
+        return [self.estimate_memory(entry, estimate.width, estimate.height, estimate.batch, mode) for mode in later]
+
+    def out_of_memory_message(self, name: str | None, error: BaseException, width: int | None = None,
+                              height: int | None = None, batch: int = 1) -> str:
+        """An out-of-memory error while loading or drawing, told like the refusal: the estimate, what is free now, and
+        which memory mode would fit."""
+        try:
+            entry = self.get(name)
+            estimate = self.estimate_memory(entry, width, height, batch)
+            free = self.free_memory(self.device)
+            told = memory.shortfall_message(estimate, free, self._other_modes(entry, estimate))
+        except Exception as failure:  # noqa: BLE001 - the estimate is advice; the error itself must still be told
+            told = f"(no memory estimate: {failure})"
+        return f"out of memory ({type(error).__name__}: {str(error)[:200]}); {told}"
 
     def _cached(self, entry: ModelEntry) -> LoadedModel | None:
         """The entry's loaded model, marked as the most recently used, or None."""
@@ -704,13 +768,18 @@ class ModelRegistry:
             )
         if not entry.path.exists():
             raise ModelError(f"model {entry.name!r} is gone from disk; refresh the model list")
+        if self.performance.memory_check:
+            self._refuse_if_short(entry)
         try:
             pipeline, family = self._read_pipeline(entry)
-            if self.performance.memory_mode == "normal" or self.device.type != "cuda":
-                pipeline.to(self.device)
+            place_pipeline(pipeline, self.device, self.performance)
             apply_performance(pipeline, self.device, self.performance)
-        except ModelError:
+        except ModelError as error:
+            if isinstance(error.__cause__, OUT_OF_MEMORY):
+                raise self._ran_out(entry, error.__cause__) from error.__cause__
             raise
+        except OUT_OF_MEMORY as error:
+            raise self._ran_out(entry, error) from error
         except Exception as error:  # diffusers raises many kinds for broken files
             raise ModelError(f"could not load model {entry.name!r}: {type(error).__name__}: {error}") from error
         for module_name in WEIGHT_COMPONENTS:
@@ -722,6 +791,22 @@ class ModelRegistry:
             entry=entry, pipeline=pipeline, family=family, device=self.device, dtype=self.dtype,
             prompt_encoder=family.prompt_encoder(pipeline), short_hash=self.short_hash(entry),
         )
+
+    def _refuse_if_short(self, entry: ModelEntry) -> None:
+        """Refuse before loading when the estimate exceeds what is free; the models already loaded stay loaded."""
+        try:
+            shortfall = self.memory_shortfall(entry)
+        except (OSError, ValueError, ModelError) as error:  # unreadable headers: the load reports the file's problem
+            log.warning("no memory estimate for %s: %s", entry.name, error)
+            return
+        if shortfall is not None:
+            raise NotEnoughMemoryError(shortfall)
+
+    def _ran_out(self, entry: ModelEntry, error: BaseException) -> NotEnoughMemoryError:
+        gc.collect()  # free what the failed load held before the next job
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return NotEnoughMemoryError(f"{entry.name}: " + self.out_of_memory_message(entry.name, error))
 
     def _read_pipeline(self, entry: ModelEntry) -> tuple[object, Family]:
         """The pipeline, on the CPU, and its family (as the model's own ``sfumato.json`` adjusts it)."""

@@ -10,13 +10,16 @@ from dataclasses import dataclass
 import torch
 
 from .attention_calls import call_processors_directly
+from .memory import MEMORY_MODES as MODES
+from .memory import placement, role_of
 
-MEMORY_MODES = ("normal", "medvram", "lowvram")
+MEMORY_MODES = tuple(mode.name for mode in MODES)  # declared in engine.memory, with their flags and placements
 
 
 @dataclass(frozen=True)
 class PerformanceOptions:
-    memory_mode: str = "normal"  # A1111's names: medvram = model CPU offload, lowvram = sequential offload
+    memory_mode: str = "normal"  # engine.memory.MEMORY_MODES: A1111's medvram/lowvram names, Forge's cpu-text-encoders
+    memory_check: bool = True  # refuse a model whose estimate exceeds free memory (--skip-memory-check turns it off)
     vae_tiling: bool = False
     channels_last: bool | None = None  # None: on where it helps (CUDA)
     compile: bool = False
@@ -32,8 +35,26 @@ WHY_OFF = {
     "fp16/bf16 on CPU": "CPU half-precision convolutions are slower than float32 and change the pixels",
     "torch.compile": "compilation takes minutes on first use and recompiles per image size; opt in with --compile",
     "VAE tiling": "tiles change pixels near seams; opt in with --vae-tiling for very large images on small GPUs",
-    "model CPU offload": "trades speed for memory; opt in with --medvram / --lowvram on small GPUs",
+    "model CPU offload": "trades speed for memory; opt in with --cpu-text-encoders, --medvram or --lowvram on small GPUs",
 }
+
+
+def place(pipeline, device: torch.device, options: PerformanceOptions) -> None:
+    """Move a freshly read pipeline (on the CPU) to where its memory mode keeps each part while jobs run.
+
+    The offload modes leave everything on the CPU here: ``apply`` installs diffusers' hooks, which move each part
+    (or layer) to the GPU when it runs. Text encoders on the CPU stay in the pipeline's dtype; their embeddings are
+    moved to the device by the engine (``Engine._guided_denoiser``, ``ModelInputs.batched``).
+    """
+    places = placement(options.memory_mode, device)
+    if options.memory_mode == "normal" or device.type != "cuda":
+        pipeline.to(device)
+        return
+    if options.memory_mode != "cpu-text-encoders":
+        return  # medvram / lowvram: the hooks move weights per call
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module):
+            component.to("cpu" if places[role_of(name)] == "cpu" else device)
 
 
 def apply(pipeline, device: torch.device, options: PerformanceOptions) -> None:
@@ -47,7 +68,7 @@ def apply(pipeline, device: torch.device, options: PerformanceOptions) -> None:
         pipeline.unet.to(memory_format=torch.channels_last)
     if options.vae_tiling:
         pipeline.vae.enable_tiling()
-    if options.memory_mode == "medvram" and device.type == "cuda":
+    if options.memory_mode == "medvram" and device.type == "cuda":  # after place(): the pipeline is still on the CPU
         pipeline.enable_model_cpu_offload(device=device)
     elif options.memory_mode == "lowvram" and device.type == "cuda":
         pipeline.enable_sequential_cpu_offload(device=device)

@@ -35,6 +35,8 @@ class Settings:
     save_outputs: bool = True
     # Off, as A1111's "Save incomplete images": an interrupted or skipped image is shown but not saved.
     save_interrupted_images: bool = False
+    # Refuse to load a model whose memory estimate exceeds what is free (engine.memory); off: try anyway.
+    memory_check: bool = True
 
     def problems(self) -> Iterator[tuple[str, str]]:
         """(field, what is wrong with it) for every unusable value."""
@@ -63,6 +65,8 @@ class Settings:
             yield "save_outputs", "must be true or false"
         if not isinstance(self.save_interrupted_images, bool):
             yield "save_interrupted_images", "must be true or false"
+        if not isinstance(self.memory_check, bool):
+            yield "memory_check", "must be true or false"
 
     def validate(self) -> "Settings":
         for name, problem in self.problems():

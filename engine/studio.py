@@ -4,7 +4,7 @@ command line all start from one ``Studio``."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import atomic_write
@@ -36,7 +36,12 @@ class StudioConfig:
 def build_registry(config: StudioConfig, settings: Settings) -> ModelRegistry:
     """The model registry a config describes: the studio's own, and each engine replica's in serve mode."""
     return ModelRegistry(config.models_dir, config.builtin_models_dir, device=config.device or settings.device,
-                         dtype=config.dtype or settings.dtype, performance=config.performance)
+                         dtype=config.dtype or settings.dtype, performance=performance_for(config, settings))
+
+
+def performance_for(config: StudioConfig, settings: Settings) -> PerformanceOptions:
+    """The launch options, with the memory check on only when neither ``--skip-memory-check`` nor the setting turns it off."""
+    return replace(config.performance, memory_check=config.performance.memory_check and settings.memory_check)
 
 
 def build_extensions(config: StudioConfig):
@@ -109,6 +114,7 @@ class Studio:
         writer = OutputWriter(self.config.outputs_dir, settings.output_pattern)  # raises before anything is saved
         self.settings_store.save(settings)
         self.settings, self.writer = settings, writer
+        self.registry.performance = performance_for(self.config, settings)  # the memory check applies from the next load
 
     def extras(self, sources: list, request, save: bool = True) -> list:
         """The Extras tab's upscale (``engine.extras``) of each source, run on the compute thread; saved to the

@@ -602,6 +602,12 @@ class SdApi:
         except SfumatoError:
             return None
 
+    def _memory_estimate(self, entry) -> dict | None:
+        try:
+            return self.studio.registry.estimate_memory(entry).as_dict()
+        except (SfumatoError, OSError, ValueError):
+            return None
+
     def sd_models(self) -> list[SDModelItem]:
         items = []
         for entry in self.studio.registry.list():
@@ -609,7 +615,8 @@ class SdApi:
                 continue  # never loadable here, so not offered
             short = self._loaded_hash(entry.name)
             items.append(SDModelItem(title=self.model_title(entry), model_name=entry.name, hash=short, sha256=None,
-                                     filename=str(entry.path), config=None, broken=entry.problem))
+                                     filename=str(entry.path), config=None, broken=entry.problem,
+                                     memory=self._memory_estimate(entry)))
         return items
 
     def refresh_checkpoints(self) -> dict:

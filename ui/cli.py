@@ -101,8 +101,13 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", default=argparse.SUPPRESS, help="A1111-style models folder (default ./models)")
     parser.add_argument("--outputs-dir", default=argparse.SUPPRESS, help="where images are saved (default ./outputs)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=argparse.SUPPRESS, help="compute device (default auto)")
-    parser.add_argument("--medvram", action="store_true", default=argparse.SUPPRESS, help="GPU: offload idle models to the CPU (slower, less VRAM)")
-    parser.add_argument("--lowvram", action="store_true", default=argparse.SUPPRESS, help="GPU: offload layer by layer (slowest, least VRAM)")
+    from engine.memory import MEMORY_MODES
+
+    for mode in MEMORY_MODES:  # declared once in engine.memory: --cpu-text-encoders, --medvram, --lowvram
+        if mode.flag:
+            parser.add_argument(mode.flag, action="store_true", default=argparse.SUPPRESS, help=mode.help)
+    parser.add_argument("--skip-memory-check", action="store_true", default=argparse.SUPPRESS,
+                        help="load a model even when its memory estimate exceeds what is free (it may then run out of memory)")
     parser.add_argument("--vae-tiling", action="store_true", default=argparse.SUPPRESS, help="decode large images in tiles (pixels differ near seams)")
     parser.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile the UNet (slow first run)")
 
@@ -161,6 +166,7 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
 
 
 def studio_config(args: argparse.Namespace):
+    from engine.memory import MEMORY_MODES
     from engine.performance import PerformanceOptions
     from engine.studio import StudioConfig
 
@@ -171,9 +177,11 @@ def studio_config(args: argparse.Namespace):
         config.outputs_dir = Path(args.outputs_dir).resolve()
     if getattr(args, "device", None):
         config.device = args.device
-    memory_mode = "lowvram" if getattr(args, "lowvram", False) else "medvram" if getattr(args, "medvram", False) else "normal"
-    config.performance = PerformanceOptions(memory_mode=memory_mode, vae_tiling=getattr(args, "vae_tiling", False),
-                                            compile=getattr(args, "compile", False))
+    # The most frugal mode asked for wins (MEMORY_MODES runs from most to least GPU memory).
+    chosen = [mode.name for mode in MEMORY_MODES if mode.flag and getattr(args, mode.flag.removeprefix("--").replace("-", "_"), False)]
+    config.performance = PerformanceOptions(memory_mode=chosen[-1] if chosen else "normal",
+                                            memory_check=not getattr(args, "skip_memory_check", False),
+                                            vae_tiling=getattr(args, "vae_tiling", False), compile=getattr(args, "compile", False))
     return config
 
 

@@ -120,9 +120,11 @@ def card_html(card: C.Card) -> str:
         lines.append(f'<div class="sfumato-card-line">trigger: {e(", ".join(card.trigger_words))}</div>')
     if card.sidecar.activation_text:
         lines.append(f'<div class="sfumato-card-line">adds: {e(card.sidecar.activation_text)}</div>')
+    if card.memory:
+        lines.append(f'<div class="sfumato-card-line" title="{e(card.memory)}">memory: {e(card.memory.split(" at ")[0].removeprefix("needs "))}</div>')
     if card.problem:
         lines.append(f'<div class="sfumato-card-problem">⚠ {e(card.problem)}</div>')
-    title = "\n".join(part for part in (str(card.path), card.sidecar.description, card.sidecar.notes) if part)
+    title = "\n".join(part for part in (str(card.path), card.memory, card.sidecar.description, card.sidecar.notes) if part)
     return (f'<div class="sfumato-card" data-kind="{e(card.kind)}" data-key="{e(card.key)}" data-insert="{e(card.prompt_text)}" '
             f'data-negative="{e(card.negative_text)}" title="{e(title)}">'
             f'<div class="sfumato-card-picture">{picture}</div>{"".join(lines)}'

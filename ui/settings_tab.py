@@ -82,6 +82,10 @@ def build_settings_tab(studio) -> dict[str, Any]:
                                        info="Also save an image stopped by Interrupt or Skip before its last step; its infotext then "
                                             "says where it stopped (\"Interrupted at step: 2/20\"). Such images are always shown.",
                                        elem_id="settings_save_interrupted")
+        memory_check = gr.Checkbox(current.memory_check, label="Refuse a model that would not fit in free memory",
+                                   info="Before loading, a model's memory estimate (shown on its checkpoint card) is compared "
+                                        "with the free RAM and GPU memory; off: load it anyway (it may run out of memory)",
+                                   elem_id="settings_memory_check")
         default_model = gr.Dropdown(models, value=current.default_model or AUTOMATIC_MODEL, label="Default model at start",
                                     allow_custom_value=True, elem_id="settings_default_model")
         with gr.Row():
@@ -97,7 +101,7 @@ def build_settings_tab(studio) -> dict[str, Any]:
 
     components = {"preview_every": preview_every, "preview_method": preview_method, "output_pattern": output_pattern,
                   "default_model": default_model, "device": device, "dtype": dtype,
-                  "save_outputs": save_outputs, "save_interrupted_images": save_interrupted}
+                  "save_outputs": save_outputs, "save_interrupted_images": save_interrupted, "memory_check": memory_check}
     order = [f.name for f in dataclass_fields(Settings) if f.name in components]
     extension_keys = list(extension_controls)
 

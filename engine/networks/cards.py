@@ -68,6 +68,7 @@ class Card:
     trigger_words: tuple[str, ...] = ()
     alias: str = ""  # a LoRA's name in its training metadata, when it differs from ``name``
     problem: str | None = None  # why the file cannot be used, for the artist
+    memory: str = ""  # a checkpoint's memory estimate at its native size (engine.memory), shown before it loads
 
     @property
     def key(self) -> str:
@@ -261,6 +262,16 @@ def embedding_cards(library) -> list[Card]:
     return cards
 
 
+def _memory_line(registry, entry) -> str:
+    """What the checkpoint needs, as the card shows it; empty when its files cannot be read (its problem says why)."""
+    if entry.problem or entry.kind == "pickle":
+        return ""
+    try:
+        return registry.estimate_memory(entry).summary()
+    except Exception:  # noqa: BLE001 - a card never fails over an estimate
+        return ""
+
+
 def checkpoint_cards(registry) -> list[Card]:
     """Cards for a ``ModelRegistry``'s models, each with the problem its checks found."""
     cards = []
@@ -272,7 +283,7 @@ def checkpoint_cards(registry) -> list[Card]:
         else:
             folder = entry.path.parent.name
         cards.append(Card(kind=CHECKPOINT, name=entry.name, path=entry.path, folder=folder, preview=find_preview(entry.path),
-                          sidecar=read_sidecar(entry.path), problem=entry.problem))
+                          sidecar=read_sidecar(entry.path), problem=entry.problem, memory=_memory_line(registry, entry)))
     return sorted(cards, key=lambda card: card.name.lower())
 
 
