@@ -501,7 +501,9 @@ class ModelRegistry:
         # Textual-inversion embeddings and VAE files: used per job, never loaded into the cached models.
         self.embeddings = EmbeddingLibrary(self.models_dir / EMBEDDINGS_SUBDIR if self.models_dir else None)
         self.vaes = VaeLibrary(self.models_dir / VAE_SUBDIR if self.models_dir else None,
-                               checkpoints=self.models_dir / CHECKPOINT_SUBDIR if self.models_dir else None)
+                               checkpoints=self.models_dir / CHECKPOINT_SUBDIR if self.models_dir else None,
+                               also=tuple(self.models_dir / name for name in model_folders.VAE_DIRS if name != VAE_SUBDIR)
+                               if self.models_dir else ())
         # Upscaler model files (hires fix and Extras): loaded on first use, on this registry's device.
         self.upscalers = UpscalerLibrary(self.models_dir, self.device, self.dtype)
         self.refresh()
@@ -653,8 +655,9 @@ class ModelRegistry:
             return run_on_compute_thread(self._load_and_cache, entry, picks)
         except ModelError as error:
             memory = isinstance(error.__cause__, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)))
-            if not memory and not picks.modules:  # a wrong pick says nothing about the model's own files
-                self.mark_broken(entry, str(error))  # nor does running out of memory
+            # Running out of memory says nothing about the model's files, nor does a wrong or missing module file.
+            if not memory and not isinstance(error, model_parts.ModuleError):
+                self.mark_broken(entry, str(error))
             raise
 
     def _picks(self, entry: ModelEntry, modules: tuple[str, ...], vae: str | None) -> "ModulePicks":

@@ -98,6 +98,12 @@ def check_declared(field: Field, value: Any) -> Any:
             _check_text(name, value, field.max_length)
     elif field.type is Image.Image:
         _check_image(name, value)
+    elif field.type is list:  # names, kept as a tuple so the request stays hashable and immutable
+        if isinstance(value, str) or not isinstance(value, (tuple, list)):
+            raise ValidationError(name, "must be a list of names")
+        for index, item in enumerate(value):
+            _check_text(f"{name}[{index}]", item, field.max_length)
+        return tuple(value)
     return value
 
 
@@ -144,6 +150,7 @@ class GenerationRequest:
     eta_noise_seed_delta: int = default("eta_noise_seed_delta")
     rng: str = default("rng")
     vae: str = default("vae")
+    modules: tuple[str, ...] = default("modules")
     enable_hr: bool = default("enable_hr")
     hr_upscaler: str = default("hr_upscaler")
     hr_second_pass_steps: int = default("hr_second_pass_steps")

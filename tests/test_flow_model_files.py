@@ -61,3 +61,73 @@ def test_split_files_with_one_fitting_set_load_with_no_picks(source, reference, 
     registry = ModelRegistry(tmp_path, builtin_dir=None)
     assert registry.get("sd3-split").usable, registry.get("sd3-split").problem
     assert np.array_equal(_draw(Engine(registry), "sd3-split"), reference)
+
+
+@pytest.fixture(scope="module")
+def two_sets(source, tmp_path_factory):
+    """ComfyUI folders holding two CLIP-L files, two CLIP-G files and two VAEs: auto-pick must refuse, picks decide.
+    The "other" files are the same weights, so any correct pick draws the reference picture."""
+    pipeline, folder = source
+    models = tmp_path_factory.mktemp("two-sets")
+    files.sd3_split(pipeline, models, "sd3-split", folder)
+    for name in ("clip_l", "clip_g"):
+        shutil.copyfile(models / "text_encoders" / f"{name}.safetensors", models / "text_encoders" / f"other_{name}.safetensors")
+    shutil.copyfile(models / "vae" / "sd3_vae.safetensors", models / "vae" / "other_vae.safetensors")
+    return models
+
+
+def test_two_fitting_sets_are_refused_without_picks_and_the_message_names_them(two_sets):
+    registry = ModelRegistry(two_sets, builtin_dir=None)
+    with pytest.raises(ModelError, match=r"several files fit \(clip_l.safetensors, other_clip_l.safetensors\)"):
+        registry.load("sd3-split")
+    assert registry.get("sd3-split").usable  # the model's own files are fine: it is not marked broken
+
+
+def test_picks_name_the_files_for_the_engine(two_sets, reference):
+    engine = Engine(ModelRegistry(two_sets, builtin_dir=None))
+    picked = _draw(engine, "sd3-split", modules=("other_clip_l.safetensors", "text_encoders/other_clip_g.safetensors"),
+                   vae="other_vae.safetensors")
+    assert np.array_equal(picked, reference)
+    loaded = engine.registry.loaded_names()
+    assert loaded == ["sd3-split + other_clip_l.safetensors, text_encoders/other_clip_g.safetensors, other_vae.safetensors"]
+    with pytest.raises(ModelError, match="has no place for sd3_vae.safetensors"):  # a second VAE
+        engine.registry.load("sd3-split", modules=("clip_l", "clip_g", "other_vae.safetensors", "sd3_vae"))
+    with pytest.raises(ModelError, match="'missing.safetensors' is not a text encoder or VAE file"):
+        engine.registry.load("sd3-split", modules=("missing.safetensors",))
+    assert engine.registry.get("sd3-split").usable
+    assert engine.registry.loaded_names() == loaded  # the model loaded before stays loaded
+
+
+def test_the_cli_takes_text_encoders_and_a_vae(two_sets, reference, tmp_path, capsys):
+    from tests.test_cli import run_cli_here
+
+    result = run_cli_here(capsys, "generate", "--models-dir", str(two_sets), "--model", "sd3-split", "--prompt", PROMPT,
+                          "--steps", "3", "--sampler", "Euler", "--schedule", "Simple", "--seed", "5",
+                          "--text-encoder", "clip_l.safetensors", "--text-encoder", "clip_g.safetensors",
+                          "--vae", "sd3_vae.safetensors", "--out", str(tmp_path), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    written = sorted(tmp_path.glob("*.png"))
+    assert len(written) == 1
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(written[0]).convert("RGB"), dtype=np.int16), reference)
+
+
+def test_the_api_takes_forge_additional_modules_as_full_paths(two_sets, reference):
+    from types import SimpleNamespace
+
+    from engine.settings import Settings
+    from ui.api import txt2img_request
+    from ui.api_models import Txt2ImgRequest
+
+    registry = ModelRegistry(two_sets, builtin_dir=None)
+    studio = SimpleNamespace(default_model=lambda: "sd3-split", registry=registry,
+                             presets=SimpleNamespace(get=lambda name: None, list=lambda: []), settings=Settings(), extensions=None)
+    modules = [str(two_sets / "text_encoders" / "clip_l.safetensors"), str(two_sets / "text_encoders" / "clip_g.safetensors"),
+               str(two_sets / "vae" / "other_vae.safetensors")]
+    body = Txt2ImgRequest(prompt=PROMPT, steps=3, sampler_name="Euler", scheduler="Simple", seed=5,
+                          override_settings={"sd_model_checkpoint": "sd3-split", "forge_additional_modules": modules})
+    request = txt2img_request(studio, body)
+    assert request.modules == tuple(modules)
+    image = Engine(registry).generate(request).images[0].image
+    assert np.array_equal(np.asarray(image, dtype=np.int16), reference)

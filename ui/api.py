@@ -638,6 +638,12 @@ class SdApi:
         return [{"model_name": file.name, "filename": str(file.path)} for file in self.studio.registry.vaes.files()
                 if file.problem is None]
 
+    def sd_modules(self) -> list[dict[str, str]]:
+        """Forge's list of text encoder and VAE files, the names ``forge_additional_modules`` takes."""
+        from engine.model_files.folders import module_files
+
+        return [{"model_name": path.name, "filename": str(path)} for path in module_files(self.studio.registry.models_dir)]
+
     def refresh_vae(self) -> dict:
         self.studio.registry.vaes.refresh()
         return {}
@@ -827,6 +833,7 @@ class SdApi:
         router.add_api_route("/refresh-embeddings", self.refresh_embeddings, methods=["POST"])
         router.add_api_route("/sd-vae", self.sd_vae, methods=["GET"])
         router.add_api_route("/refresh-vae", self.refresh_vae, methods=["POST"])
+        router.add_api_route("/sd-modules", self.sd_modules, methods=["GET"])
         router.add_api_route("/upscalers", self.upscalers, methods=["GET"], response_model=list[UpscalerItem])
         router.add_api_route("/latent-upscale-modes", self.latent_upscale_modes, methods=["GET"],
                              response_model=list[LatentUpscaleModeItem])

@@ -140,6 +140,8 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(declared.cli, action="append", default=[], **common)
         elif declared.type is bool:
             parser.add_argument(declared.cli, action="store_true", **common)
+        elif declared.type is list:  # a flag given once per name
+            parser.add_argument(declared.cli, action="append", default=[], **common)
         elif declared.type in (int, float):
             parser.add_argument(declared.cli, type=declared.type, default=declared.default, **common)
         elif (names := declared.cli_choices()) is not None:

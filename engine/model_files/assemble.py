@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelError
 from .layout import FileLayout, TextEncoderSlot
-from .parts import Parts, Source
+from .parts import ModuleError, Parts, Source
 from .tensors import is_gguf, read_tensors
 
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "tokenizer.model")
@@ -116,6 +117,19 @@ def _tokenizer(component: str, class_name: str, config_dir: Path, beside: Path |
     return getattr(transformers, class_name).from_pretrained(folder)
 
 
+@contextmanager
+def _blamed(source: Source, model: Path):
+    """A module file's failure is the module's (``ModuleError``), not the model's own file's."""
+    try:
+        yield
+    except ModuleError:
+        raise
+    except ModelError as error:
+        if source.path == model:
+            raise
+        raise ModuleError(str(error)) from error
+
+
 def build_pipeline(family, layout: FileLayout, parts: Parts, config_dir: Path, dtype: torch.dtype):
     """The family's pipeline from ``parts`` and the diffusers config folder ``config_dir``, on the CPU."""
     import diffusers
@@ -125,16 +139,19 @@ def build_pipeline(family, layout: FileLayout, parts: Parts, config_dir: Path, d
     transformer_cls = getattr(diffusers, index[family.denoiser][1])
     components[family.denoiser] = _from_single_file(transformer_cls, parts.transformer, config_dir, family.denoiser, dtype,
                                                     keep_prefix=False)
+    own = parts.transformer.path
     vae_cls = getattr(diffusers, index["vae"][1])
-    components["vae"] = _from_single_file(vae_cls, parts.vae, config_dir, "vae", dtype, keep_prefix=True)
+    with _blamed(parts.vae, own):
+        components["vae"] = _from_single_file(vae_cls, parts.vae, config_dir, "vae", dtype, keep_prefix=True)
     for slot in layout.text_encoders:
         source = parts.text_encoders.get(slot.component)
         if source is None:
             components[slot.component] = components[slot.tokenizer] = None
             continue
-        components[slot.component] = load_text_encoder(slot, source, index[slot.component][1], config_dir, dtype)
-        components[slot.tokenizer] = _tokenizer(slot.tokenizer, index[slot.tokenizer][1], config_dir,
-                                                parts.tokenizer_folders.get(slot.tokenizer), slot)
+        with _blamed(source, own):
+            components[slot.component] = load_text_encoder(slot, source, index[slot.component][1], config_dir, dtype)
+            components[slot.tokenizer] = _tokenizer(slot.tokenizer, index[slot.tokenizer][1], config_dir,
+                                                    parts.tokenizer_folders.get(slot.tokenizer), slot)
     scheduler_cls = getattr(diffusers, index["scheduler"][1])
     components["scheduler"] = scheduler_cls.from_pretrained(config_dir / "scheduler")
     return family.pipeline_class()(**components)

@@ -17,6 +17,11 @@ from . import folders
 from .layout import FileLayout, TextEncoderSlot
 from .tensors import shape_reader, tensor_names
 
+class ModuleError(ModelError):
+    """The text encoder or VAE files for a model are missing, ambiguous, unfit or unreadable: a problem of the
+    picks or the module folders, not of the model's own file (which is not marked broken for it)."""
+
+
 VAE_LATENT_WEIGHT = "decoder.conv_in.weight"  # in both the original and diffusers' VAE layouts: [ch, latent channels, 3, 3]
 
 
@@ -111,7 +116,7 @@ def resolve(model: Path, keys: set[str], layout: FileLayout, config_dir: Path, m
         path = folders.find_module(name, everything, models_dir)
         if path is None:
             where = ", ".join(f"models/{d}" for d in folders.TEXT_ENCODER_DIRS + folders.VAE_DIRS)
-            raise ModelError(f"the module {name!r} is not a text encoder or VAE file in {where}")
+            raise ModuleError(f"the module {name!r} is not a text encoder or VAE file in {where}")
         picked.append(path)
     used: set[Path] = set()
     files = _Files(list(dict.fromkeys(picked + everything)))
@@ -130,7 +135,7 @@ def resolve(model: Path, keys: set[str], layout: FileLayout, config_dir: Path, m
                 continue
             why, prefix = _slot_fit(slot, path, files.names(path), width)
             if why is not None:
-                raise ModelError(f"{title}: {why}")
+                raise ModuleError(f"{title}: {why}")
             fits.append((path, prefix))
         if len(fits) > 1:
             fits = [fit for fit in fits if fit[0] in _hinted(slot, [path for path, _ in fits])]
@@ -149,7 +154,7 @@ def resolve(model: Path, keys: set[str], layout: FileLayout, config_dir: Path, m
                 hinted = _hinted(slot, [path for path, _ in candidates])
                 candidates = [fit for fit in candidates if fit[0] in hinted]
             if len(candidates) > 1:
-                raise ModelError(
+                raise ModuleError(
                     f"{title} needs a {slot.title} text encoder and several files fit "
                     f"({', '.join(path.name for path, _ in candidates)}); name one (--text-encoder, or "
                     "forge_additional_modules in the API)")
@@ -158,7 +163,7 @@ def resolve(model: Path, keys: set[str], layout: FileLayout, config_dir: Path, m
             if slot.optional:
                 encoders[slot.component] = None
                 continue
-            raise ModelError(
+            raise ModuleError(
                 f"{title} holds no {slot.title} text encoder and none of width {width} was found: put its file "
                 f"(e.g. {slot.name_hints[0]}.safetensors) in models/text_encoder (or models/text_encoders, models/clip)")
         used.add(choice[0])
@@ -175,7 +180,7 @@ def resolve(model: Path, keys: set[str], layout: FileLayout, config_dir: Path, m
         prefix = layout.vae_prefix if layout.vae_prefix + VAE_LATENT_WEIGHT in names else ""
         why = _vae_fit(path, names, latent_channels, prefix)
         if why is not None:
-            raise ModelError(f"{title}: {why}")
+            raise ModuleError(f"{title}: {why}")
         vae = Source(path, prefix)
         break
     if vae is None and layout.vae_prefix + VAE_LATENT_WEIGHT in keys:
@@ -188,16 +193,16 @@ def resolve(model: Path, keys: set[str], layout: FileLayout, config_dir: Path, m
             if _vae_fit(path, names, latent_channels, prefix) is None:
                 candidates.append(Source(path, prefix))
         if len(candidates) > 1:
-            raise ModelError(f"{title} needs a VAE and several files fit ({', '.join(s.path.name for s in candidates)}); "
+            raise ModuleError(f"{title} needs a VAE and several files fit ({', '.join(s.path.name for s in candidates)}); "
                              "name one (--vae, or forge_additional_modules in the API)")
         if not candidates:
-            raise ModelError(f"{title} holds no VAE and no VAE for {latent_channels}-channel latents was found: put "
+            raise ModuleError(f"{title} holds no VAE and no VAE for {latent_channels}-channel latents was found: put "
                              "its file in models/VAE (or models/vae)")
         vae = candidates[0]
     used.add(vae.path)
     unused = [path for path in picked if path not in used]
     if unused:
-        raise ModelError(f"{title} has no place for {', '.join(path.name for path in unused)}: it fits none of the model's "
+        raise ModuleError(f"{title} has no place for {', '.join(path.name for path in unused)}: it fits none of the model's "
                          "text encoders or its VAE")
     tokenizers = {}
     for slot in layout.text_encoders:
