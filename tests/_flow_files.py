@@ -125,3 +125,64 @@ def edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
+
+
+def tiny_t5(d_model: int, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=128, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def add_t5_to_config(config_dir: Path, t5) -> None:
+    """Make a ``<name>.config/`` folder name a T5 text encoder (as SD 3.5's full configs do), with no tokenizer files."""
+    t5.config.save_pretrained(config_dir / "text_encoder_3")
+    edit_json(config_dir / "model_index.json", text_encoder_3=["transformers", "T5EncoderModel"],
+              tokenizer_3=["transformers", "T5TokenizerFast"])
+
+
+def tiny_vae(latent_channels: int, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=32)
+
+
+def save_vae(vae, path: Path) -> Path:
+    _save(_vae_tensors(vae), path)
+    return path
+
+
+def save_text_encoder(encoder, path: Path) -> Path:
+    _save(hf_text_encoder(encoder), path)
+    return path
+
+
+def mmdit_gguf(transformer, path: Path, quantized: str | None = None) -> tuple[Path, int]:
+    """The MMDiT under its original names in a GGUF file, as city96's conversions lay them out: F16 tensors, and with
+    ``quantized`` (e.g. "Q8_0") each 2-D weight whose rows are whole blocks quantized to that type.
+    Returns the path and how many tensors were quantized."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch="sd3")
+    count = 0
+    for name, tensor in mmdit_original(transformer).items():
+        array = tensor.float().numpy()
+        kind = getattr(gguf.GGMLQuantizationType, quantized) if quantized else None
+        block = gguf.GGML_QUANT_SIZES[kind][0] if kind is not None else 0
+        if kind is not None and array.ndim == 2 and array.shape[-1] % block == 0:
+            data = gguf.quants.quantize(array, kind)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
+            count += 1
+        else:
+            writer.add_tensor(name, array.astype(np.float16) if array.ndim > 1 else array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, count

@@ -145,11 +145,16 @@ def resolve(model: Path, keys: set[str], layout: FileLayout, config_dir: Path, m
             encoders[slot.component] = Source(model, slot.prefix)
             continue
         else:  # nothing named for this slot: the one file in the folders that fits
-            candidates = []
+            candidates, unfit = [], []
             for path in encoder_files.paths:
                 why, prefix = _slot_fit(slot, path, encoder_files.names(path), width)
                 if why is None and path not in used:
                     candidates.append((path, prefix))
+                elif why is not None and slot.marker in _strip(encoder_files.names(path), slot)[0]:
+                    unfit.append((path, why))
+            meant = [why for path, why in unfit if any(hint in path.name.lower() for hint in slot.name_hints)]
+            if not candidates and meant:  # the file named for this slot is there, but of another model's width
+                raise ModuleError(f"{title}: {meant[0]}")
             if len(candidates) > 1:
                 hinted = _hinted(slot, [path for path, _ in candidates])
                 candidates = [fit for fit in candidates if fit[0] in hinted]
