@@ -65,12 +65,37 @@ def mmdit_original(transformer) -> dict[str, torch.Tensor]:
             out[f"{orig}context_block.adaLN_modulation.1.{part}"] = _swap_halves(context_ada) if last else context_ada
             out[f"{orig}x_block.mlp.fc1.{part}"] = state.pop(f"{ours}ff.net.0.proj.{part}")
             out[f"{orig}x_block.mlp.fc2.{part}"] = state.pop(f"{ours}ff.net.2.{part}")
+            if f"{ours}attn2.to_q.{part}" in state:  # MMDiT-X (SD 3.5 Medium): self-attention over the image alone
+                out[f"{orig}x_block.attn2.qkv.{part}"] = torch.cat([state.pop(f"{ours}attn2.to_{x}.{part}") for x in "qkv"])
+                out[f"{orig}x_block.attn2.proj.{part}"] = state.pop(f"{ours}attn2.to_out.0.{part}")
             if not last:
                 out[f"{orig}context_block.attn.proj.{part}"] = state.pop(f"{ours}attn.to_add_out.{part}")
                 out[f"{orig}context_block.mlp.fc1.{part}"] = state.pop(f"{ours}ff_context.net.0.proj.{part}")
                 out[f"{orig}context_block.mlp.fc2.{part}"] = state.pop(f"{ours}ff_context.net.2.{part}")
+        for original, ours_name in (("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"),
+                                    ("context_block.attn.ln_q", "attn.norm_added_q"),
+                                    ("context_block.attn.ln_k", "attn.norm_added_k"),
+                                    ("x_block.attn2.ln_q", "attn2.norm_q"), ("x_block.attn2.ln_k", "attn2.norm_k")):
+            if f"transformer_blocks.{i}.{ours_name}.weight" in state:  # RMS q/k norms (SD 3.5)
+                out[f"joint_blocks.{i}.{original}.weight"] = state.pop(f"transformer_blocks.{i}.{ours_name}.weight")
     assert not state, f"unconverted transformer weights: {sorted(state)[:5]}"
     return out
+
+
+def mmdit_original_names(transformer) -> list[str]:
+    """The original names of a (possibly meta-device) MMDiT's weights."""
+    return list(mmdit_original(_MetaView(transformer)))
+
+
+class _MetaView:
+    """A transformer whose state dict is made of tiny stand-ins (the names are all ``mmdit_original`` reads)."""
+
+    def __init__(self, transformer):
+        self.config = transformer.config
+        self._names = list(transformer.state_dict())
+
+    def state_dict(self):
+        return {name: torch.zeros(2) for name in self._names}
 
 
 def hf_text_encoder(encoder) -> dict[str, torch.Tensor]:

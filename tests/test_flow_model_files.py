@@ -175,3 +175,78 @@ def test_an_fp8_single_file_is_upcast_to_the_compute_dtype(source, reference, tm
     assert path.stat().st_size < sum(t.numel() * 4 for t in pipeline.transformer.state_dict().values())
     # fp8 keeps 3 mantissa bits: measured here, the picture differs from the float32 one by 4.3/255 on average.
     assert np.abs(_draw(Engine(registry), "sd3-fp8") - reference).mean() < 8
+
+
+def test_a_vae_of_another_family_is_refused_naming_the_file(source, tmp_path):
+    pipeline, folder = source
+    files.sd3_split(pipeline, tmp_path, "sd3-split", folder)
+    (tmp_path / "vae" / "sd3_vae.safetensors").unlink()
+    files.save_vae(files.tiny_vae(latent_channels=4), tmp_path / "vae" / "sdxl_vae.safetensors")
+    registry = ModelRegistry(tmp_path, builtin_dir=None)
+    with pytest.raises(ModelError, match="no VAE for 16-channel latents was found"):
+        registry.load("sd3-split")
+    with pytest.raises(ModelError, match="sdxl_vae.safetensors is a VAE for 4-channel latents, but this model draws "
+                                         "16-channel latents"):
+        registry.load("sd3-split", modules=("sdxl_vae.safetensors",))
+    assert registry.get("sd3-split").usable
+
+
+def test_a_t5_of_the_wrong_width_is_refused_and_a_missing_t5_tokenizer_says_where_it_goes(source, tmp_path):
+    pipeline, folder = source
+    transformer = files.sd3_split(pipeline, tmp_path, "sd3-split", folder)
+    files.add_t5_to_config(transformer.with_suffix(".config"), files.tiny_t5(d_model=32))
+    files.save_text_encoder(files.tiny_t5(d_model=48), tmp_path / "text_encoders" / "t5xxl_fp16.safetensors")
+    registry = ModelRegistry(tmp_path, builtin_dir=None)
+    with pytest.raises(ModelError, match="t5xxl_fp16.safetensors is a T5-XXL-kind text encoder of width 48, but this "
+                                         "model's text_encoder_3 needs width 32"):
+        registry.load("sd3-split")
+    files.save_text_encoder(files.tiny_t5(d_model=32), tmp_path / "text_encoders" / "t5xxl_fp16.safetensors")
+    with pytest.raises(ModelError, match=r"T5-XXL text encoder needs its tokenizer.*models/text_encoder/<encoder file "
+                                         r"name>.tokenizer/"):
+        registry.load("sd3-split")
+    assert registry.get("sd3-split").usable
+
+
+def test_a_truncated_file_is_named_and_the_model_loaded_before_stays(source, reference, tmp_path):
+    pipeline, folder = source
+    files.sd3_split(pipeline, tmp_path, "sd3-split", folder)
+    whole = files.sd3_all_in_one(pipeline, tmp_path / "Stable-diffusion" / "sd3-cut.safetensors", with_config_from=folder)
+    data = whole.read_bytes()
+    whole.write_bytes(data[: len(data) * 2 // 3])  # a download cut short
+    registry = ModelRegistry(tmp_path, builtin_dir=None)
+    assert "sd3-cut.safetensors is truncated" in registry.get("sd3-cut").problem
+    engine = Engine(registry)
+    assert np.array_equal(_draw(engine, "sd3-split"), reference)
+    with pytest.raises(ModelError, match="sd3-cut.safetensors is truncated"):
+        registry.load("sd3-cut")
+    clip = tmp_path / "text_encoders" / "clip_g.safetensors"
+    clip.write_bytes(clip.read_bytes()[:-100])
+    other = ModelRegistry(tmp_path, builtin_dir=None)
+    with pytest.raises(ModelError, match="clip_g.safetensors is truncated"):
+        other.load("sd3-split")
+    assert registry.loaded_names() == ["sd3-split"]  # the model loaded before the failed load is still there
+    assert np.array_equal(_draw(engine, "sd3-split"), reference)
+
+
+def test_the_shipped_sd35_configs_are_picked_by_the_transformers_shapes():
+    """Meta-device MMDiTs built from the shipped configs, under their original names, pick their own config:
+    38 joint blocks → Large (the base folder), 24 with 13 MMDiT-X blocks → Medium; anything else → none. Their
+    weights (the positional table included) match Stability's published sizes, 8.1 B and 2.5 B, to their rounding."""
+    import json
+
+    from diffusers import SD3Transformer2DModel
+
+    from engine.families import SD3
+    from engine.models import SINGLE_FILE_CONFIGS
+
+    base = json.loads((SINGLE_FILE_CONFIGS / "sd3" / "transformer" / "config.json").read_text())
+    medium = json.loads((SINGLE_FILE_CONFIGS / "sd3" / "variants" / "medium" / "transformer" / "config.json").read_text())
+    layout = SD3.file_layout
+    for config, variant, parameters in ((base, "", 8.1e9), (medium, "medium", 2.5e9)):
+        with torch.device("meta"):
+            model = SD3Transformer2DModel.from_config(config)
+        names = set(files.mmdit_original_names(model))
+        assert layout.config_variant(names, lambda key: [0]) == variant
+        weights = sum(tensor.numel() for tensor in model.state_dict().values())  # 8,146,280,768 and 2,469,663,936
+        assert abs(weights - parameters) < 0.05e9
+    assert layout.config_variant({"joint_blocks.0.x_block.attn.qkv.weight"}, lambda key: [0]) is None
