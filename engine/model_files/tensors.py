@@ -39,23 +39,25 @@ def _check_safetensors_length(path: Path) -> None:
     import json
     import struct
 
+    unreadable = f"{path.name} is not a readable safetensors file (corrupt or truncated?)"
     size = path.stat().st_size
     with path.open("rb") as handle:
         raw = handle.read(_SAFETENSORS_HEADER_LENGTH)
         if len(raw) < _SAFETENSORS_HEADER_LENGTH:
-            raise ModelError(f"{path.name} is not a readable safetensors file: it is only {size} bytes long")
+            raise ModelError(f"{unreadable}: it is only {size} bytes long")
         (length,) = struct.unpack("<Q", raw)
         if length > size - _SAFETENSORS_HEADER_LENGTH:
-            raise ModelError(f"{path.name} is truncated: its header alone should be {length} bytes, the file has {size}")
+            raise ModelError(f"{unreadable}: its header should be {length:,} bytes long, but only "
+                             f"{size - _SAFETENSORS_HEADER_LENGTH:,} bytes follow")
         try:
             header = json.loads(handle.read(length))
-        except ValueError as error:
-            raise ModelError(f"{path.name} is not a readable safetensors file (corrupt header): {error}") from error
-    end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+            end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+            raise ModelError(f"{unreadable}: its header is not valid ({error})") from error
     expected = _SAFETENSORS_HEADER_LENGTH + length + end
     if size < expected:
-        raise ModelError(f"{path.name} is truncated: its header describes {expected:,} bytes but the file has {size:,} "
-                         f"(an interrupted download or copy?)")
+        raise ModelError(f"{unreadable}: it is truncated, its header describes {expected:,} bytes but the file has "
+                         f"{size:,} (an interrupted download or copy?)")
 
 
 def tensor_names(path: Path) -> list[str]:
