@@ -254,3 +254,22 @@ def test_the_shipped_sd35_configs_are_picked_by_the_transformers_shapes():
         weights = sum(tensor.numel() for tensor in model.state_dict().values())  # 8,146,280,768 and 2,469,663,936
         assert abs(weights - parameters) < 0.05e9
     assert layout.config_variant({"joint_blocks.0.x_block.attn.qkv.weight"}, lambda key: [0]) is None
+
+
+def test_the_ui_picker_sends_its_picks_and_remembers_them_per_model(two_sets, tmp_path):
+    from engine.studio import Studio
+    from tests._api_fixtures import make_studio
+    from ui.app import _module_choices, remember_modules, remembered_modules
+    from ui.generation_tab import _build_request
+
+    studio = make_studio(tmp_path, two_sets)
+    assert set(_module_choices(studio)) == {"clip_l.safetensors", "clip_g.safetensors", "other_clip_l.safetensors",
+                                           "other_clip_g.safetensors", "sd3_vae.safetensors", "other_vae.safetensors"}
+    request = _build_request(studio, "txt2img", "sd3-split", {"prompt": PROMPT},
+                             {"modules": ["other_clip_l.safetensors", "other_clip_g.safetensors"]}, {})
+    assert request.modules == ("other_clip_l.safetensors", "other_clip_g.safetensors")
+    remember_modules(studio, "sd3-split", ["other_clip_l.safetensors", "gone.safetensors"])
+    again = Studio(studio.config)  # a restart reads the settings file
+    assert again.settings.model_modules == {"sd3-split": ["other_clip_l.safetensors", "gone.safetensors"]}
+    assert remembered_modules(again, "sd3-split") == ["other_clip_l.safetensors"]  # a file since removed is dropped
+    assert remembered_modules(again, "another-model") == []
