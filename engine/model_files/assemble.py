@@ -24,6 +24,9 @@ from .tensors import is_gguf, read_tensors
 
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "tokenizer.model")
 REBUILT_BUFFERS = ("position_ids",)  # buffers transformers rebuilds from the config; files may leave them out
+# Weights split text encoder files carry that an encoder class may have no place for: CLIP's contrastive scale, its
+# projection (kept in clip_l.safetensors, unused by a CLIPTextModel), the position ids older transformers saved.
+EXTRA_WEIGHTS = ("logit_scale", "text_projection.weight", "position_ids")
 
 
 def _index(config_dir: Path) -> dict:
@@ -85,7 +88,8 @@ def load_text_encoder(slot: TextEncoderSlot, source: Source, class_name: str, co
         if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
             raise ModelError(f"{source.path.name}: the {slot.title} weight {name} has shape {tuple(tensor.shape)} but the "
                              f"config {config_dir.name}/{slot.component} expects {tuple(expected[name].shape)}")
-    unused = sorted(set(weights) - set(expected))
+    unused = sorted(name for name in set(weights) - set(expected) if not name.endswith(EXTRA_WEIGHTS))
+    weights = {name: value for name, value in weights.items() if name in expected}
     if unused:
         shown = ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else "")
         raise ModelError(f"{source.path.name}: {len(unused)} weights have no place in a {slot.title} text encoder ({shown})")
