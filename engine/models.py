@@ -19,6 +19,13 @@ Single-file checkpoints (the original CompVis/SGM key layout) load through
 beside the file when there is one, else ``engine/configs/<family>``. The CLIP
 tokenizer files are shared by every family (``engine/configs/clip_tokenizer``)
 and copied into a temporary config folder at load time.
+
+Flow families (SD 3.5) are also read as their makers and Forge/ComfyUI keep them: an original
+single file, or the transformer alone (``models/Stable-diffusion``, ``diffusion_models``, ``unet``;
+``.safetensors`` or ``.gguf``) with split text encoders and VAE. ``engine.model_files`` finds and
+loads those parts from the family's ``FileLayout``; the config is ``<name>.config/`` or the shipped
+one the transformer's shapes pick. Text encoder and VAE picks (``load(name, modules=...)``) name
+files; a loaded model is cached under its name plus its picks.
 """
 from __future__ import annotations
 
