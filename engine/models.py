@@ -355,14 +355,28 @@ def _normalise_key(key: str) -> str:
     return key
 
 
+def _expected_names(module: torch.nn.Module, present: set[str]) -> set[str]:
+    """The weight names a module needs from its file; of tied weights (T5's embedding, shared by name with
+    ``shared.weight``), any one present stands for the others, as transformers saves only one of them."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if not layout_keys.ignorable(name):
+            groups.setdefault(id(tensor), []).append(_normalise_key(name))
+    expected = set()
+    for names in groups.values():
+        found = [name for name in names if name in present]
+        expected.update(found or names[:1])
+    return expected
+
+
 def _check_folder_weights(pipeline, folder: Path, file_keys: dict[str, set[str] | None]) -> None:
     problems = []
     for component, keys in file_keys.items():
         module = getattr(pipeline, component, None)
         if keys is None or module is None:
             continue
-        expected = {_normalise_key(k) for k in module.state_dict() if not layout_keys.ignorable(k)}
         present = {_normalise_key(k) for k in keys if not layout_keys.ignorable(k)}
+        expected = _expected_names(module, present)
         if expected != present:
             problems.append(_mismatch_message(f"{component}/config.json", expected - present, present - expected))
     if problems:

@@ -211,3 +211,42 @@ def mmdit_gguf(transformer, path: Path, quantized: str | None = None) -> tuple[P
     writer.write_tensors_to_file()
     writer.close()
     return path, count
+
+
+def tiny_t5_tokenizer(folder: Path):
+    """A T5 tokenizer (SentencePiece Unigram over letters, ``</s>`` appended) saved as ``tokenizer.json`` — real T5
+    tokenizers cannot be fetched here, and only its interface matters to the loader."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
+    model = Tokenizer(models.Unigram(vocab, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def sd3_with_t5(folder: Path, seed: int = 0):
+    """The tiny SD 3.5 of ``tests._sd3_fixture`` with a tiny T5 (width 64, the MMDiT's joint width), saved as a
+    diffusers folder; returns the pipeline."""
+    import tempfile
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from tests._sd3_fixture import SIZE, build_pipeline
+
+    base = build_pipeline(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = tiny_t5_tokenizer(Path(scratch))
+    pipeline = StableDiffusion3Pipeline(
+        transformer=base.transformer, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+        text_encoder_3=tiny_t5(d_model=base.transformer.config.joint_attention_dim, seed=seed + 1), tokenizer_3=tokenizer)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    (folder / "sfumato.json").write_text(json.dumps({"native_width": SIZE, "native_height": SIZE}))
+    return pipeline

@@ -273,3 +273,27 @@ def test_the_ui_picker_sends_its_picks_and_remembers_them_per_model(two_sets, tm
     assert again.settings.model_modules == {"sd3-split": ["other_clip_l.safetensors", "gone.safetensors"]}
     assert remembered_modules(again, "sd3-split") == ["other_clip_l.safetensors"]  # a file since removed is dropped
     assert remembered_modules(again, "another-model") == []
+
+
+@pytest.fixture(scope="module")
+def t5_source(tmp_path_factory):
+    """The tiny SD 3.5 with a T5, as a diffusers folder, and that folder's picture."""
+    models = tmp_path_factory.mktemp("t5-reference")
+    pipeline = files.sd3_with_t5(models / "sd3t5")
+    return pipeline, models / "sd3t5", _draw(Engine(ModelRegistry(models, builtin_dir=None)), "sd3t5")
+
+
+def test_t5_loads_from_an_all_in_one_file_and_from_a_split_file_with_its_tokenizer_beside(t5_source, tmp_path):
+    pipeline, folder, reference_t5 = t5_source
+    files.sd3_all_in_one(pipeline, tmp_path / "Stable-diffusion" / "sd3-aio-t5.safetensors", with_config_from=folder)
+    split = tmp_path / "split"
+    transformer = files.sd3_split(pipeline, split, "sd3-split-t5", folder)
+    shutil.rmtree(transformer.with_suffix(".config") / "tokenizer_3")  # the tokenizer comes with the T5 file instead
+    files.save_text_encoder(pipeline.text_encoder_3, split / "text_encoders" / "t5xxl_fp16.safetensors")
+    files.tiny_t5_tokenizer(split / "text_encoders" / "t5xxl_fp16.tokenizer")
+    whole = Engine(ModelRegistry(tmp_path, builtin_dir=None))
+    assert whole.registry.load("sd3-aio-t5").pipeline.text_encoder_3 is not None
+    assert np.array_equal(_draw(whole, "sd3-aio-t5"), reference_t5)
+    parts = Engine(ModelRegistry(split, builtin_dir=None))
+    assert np.array_equal(_draw(parts, "sd3-split-t5"), reference_t5)
+    assert parts.registry.load("sd3-split-t5").pipeline.text_encoder_3 is not None
