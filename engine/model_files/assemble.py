@@ -43,17 +43,29 @@ def _missing_error(what: str, path: Path, missing: list[str]) -> ModelError:
                       "the file is of another architecture than the config")
 
 
-def _from_single_file(cls, source: Source, config_dir: Path, subfolder: str, dtype: torch.dtype, keep_prefix: bool):
+def _from_single_file(cls, source: Source, config_dir: Path, subfolder: str, dtype: torch.dtype, keep_prefix: bool,
+                      to_diffusers=None):
+    """One diffusers component from a file's weights under ``source.prefix``: converted by ``to_diffusers`` when the
+    family brings its own converter, else by diffusers' single-file converter for ``cls``."""
     import diffusers
 
     options = {"config": str(config_dir), "subfolder": subfolder, "local_files_only": True, "torch_dtype": dtype}
     if is_gguf(source.path):
-        weights = str(source.path)
+        from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+        try:
+            weights = load_gguf_checkpoint(str(source.path))
+        except Exception as error:  # noqa: BLE001 - the gguf reader raises many kinds for a cut or foreign file
+            raise ModelError(f"{source.path.name} is not a readable GGUF file (corrupt or truncated?): {error}") from error
+        weights = {key[len(source.prefix):]: value for key, value in weights.items() if key.startswith(source.prefix)}
         options["quantization_config"] = diffusers.GGUFQuantizationConfig(compute_dtype=dtype)
     else:
         weights = read_tensors(source.path, source.prefix, dtype, keep_prefix=keep_prefix)
-        if not weights:
-            raise ModelError(f"{source.path.name} holds no {subfolder} weights under {source.prefix!r}")
+    if not weights:
+        raise ModelError(f"{source.path.name} holds no {subfolder} weights under {source.prefix!r}")
+    if to_diffusers is not None:
+        weights = to_diffusers(weights, cls.load_config(config_dir / subfolder))
+    converted = set(weights) if to_diffusers is not None else None
     try:
         module = cls.from_single_file(weights, **options)
     except ModelError:
@@ -64,6 +76,12 @@ def _from_single_file(cls, source: Source, config_dir: Path, subfolder: str, dty
     missing = _unloaded(module)
     if missing:
         raise _missing_error(subfolder, source.path, missing)
+    if converted is not None:
+        unused = sorted(converted - set(module.state_dict()))
+        if unused:
+            shown = ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else "")
+            raise ModelError(f"{source.path.name}: {len(unused)} weights have no place in the {subfolder} ({shown}); "
+                             "the file is of another architecture than the config")
     return module
 
 
@@ -142,7 +160,7 @@ def build_pipeline(family, layout: FileLayout, parts: Parts, config_dir: Path, d
     components = {}
     transformer_cls = getattr(diffusers, index[family.denoiser][1])
     components[family.denoiser] = _from_single_file(transformer_cls, parts.transformer, config_dir, family.denoiser, dtype,
-                                                    keep_prefix=False)
+                                                    keep_prefix=False, to_diffusers=layout.to_diffusers)
     own = parts.transformer.path
     vae_cls = getattr(diffusers, index["vae"][1])
     with _blamed(parts.vae, own):

@@ -47,6 +47,9 @@ class FileLayout:
     # The shipped config variant (a folder under engine/configs/<family>/variants, "" for the base) for a transformer's
     # weights: (names without the prefix, shape_of) -> variant, or None when no shipped config fits.
     config_variant: Callable[[set[str], Callable[[str], list[int]]], str | None] = lambda names, shape_of: ""
+    # The family's own converter to diffusers' names, (weights without the prefix, transformer config) -> weights, where
+    # diffusers' single-file converter does not fit every shape (Flux's fixes the width); None: diffusers' own.
+    to_diffusers: Callable[[dict, dict], dict] | None = None
 
     def holds_transformer(self, keys: set[str]) -> bool:
         return self.transformer_prefix + self.transformer_marker in keys or self.transformer_marker in keys
