@@ -250,3 +250,53 @@ def sd3_with_t5(folder: Path, seed: int = 0):
     pipeline.save_pretrained(folder, safe_serialization=True)
     (folder / "sfumato.json").write_text(json.dumps({"native_width": SIZE, "native_height": SIZE}))
     return pipeline
+
+
+def flux_original(transformer) -> dict[str, torch.Tensor]:
+    """A ``FluxTransformer2DModel``'s weights under Black Forest Labs' names (``flux/model.py``, ``flux/modules/layers.py``):
+    fused ``qkv`` and ``linear1`` (q, k, v, MLP in), ``*_mod.lin``/``modulation.lin``, RMS norms' ``scale``, and the final
+    adaLN as (shift, scale)."""
+    state = {key: value.detach().clone() for key, value in transformer.state_dict().items()}
+    out = {}
+
+    def embedder(original: str, ours: str) -> None:
+        for layer, linear in (("in_layer", "linear_1"), ("out_layer", "linear_2")):
+            for part in ("weight", "bias"):
+                out[f"{original}.{layer}.{part}"] = state.pop(f"{ours}.{linear}.{part}")
+
+    embedder("time_in", "time_text_embed.timestep_embedder")
+    embedder("vector_in", "time_text_embed.text_embedder")
+    if "time_text_embed.guidance_embedder.linear_1.weight" in state:
+        embedder("guidance_in", "time_text_embed.guidance_embedder")
+    for part in ("weight", "bias"):
+        out[f"txt_in.{part}"] = state.pop(f"context_embedder.{part}")
+        out[f"img_in.{part}"] = state.pop(f"x_embedder.{part}")
+        out[f"final_layer.linear.{part}"] = state.pop(f"proj_out.{part}")
+        out[f"final_layer.adaLN_modulation.1.{part}"] = _swap_halves(state.pop(f"norm_out.linear.{part}"))
+    for i in range(transformer.config.num_layers):
+        ours, orig = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for part in ("weight", "bias"):
+            out[f"{orig}img_mod.lin.{part}"] = state.pop(f"{ours}norm1.linear.{part}")
+            out[f"{orig}txt_mod.lin.{part}"] = state.pop(f"{ours}norm1_context.linear.{part}")
+            out[f"{orig}img_attn.qkv.{part}"] = torch.cat([state.pop(f"{ours}attn.to_{x}.{part}") for x in "qkv"])
+            out[f"{orig}txt_attn.qkv.{part}"] = torch.cat([state.pop(f"{ours}attn.add_{x}_proj.{part}") for x in "qkv"])
+            out[f"{orig}img_attn.proj.{part}"] = state.pop(f"{ours}attn.to_out.0.{part}")
+            out[f"{orig}txt_attn.proj.{part}"] = state.pop(f"{ours}attn.to_add_out.{part}")
+            out[f"{orig}img_mlp.0.{part}"] = state.pop(f"{ours}ff.net.0.proj.{part}")
+            out[f"{orig}img_mlp.2.{part}"] = state.pop(f"{ours}ff.net.2.{part}")
+            out[f"{orig}txt_mlp.0.{part}"] = state.pop(f"{ours}ff_context.net.0.proj.{part}")
+            out[f"{orig}txt_mlp.2.{part}"] = state.pop(f"{ours}ff_context.net.2.{part}")
+        for theirs, name in (("img_attn.norm.query_norm", "attn.norm_q"), ("img_attn.norm.key_norm", "attn.norm_k"),
+                             ("txt_attn.norm.query_norm", "attn.norm_added_q"), ("txt_attn.norm.key_norm", "attn.norm_added_k")):
+            out[f"{orig}{theirs}.scale"] = state.pop(f"{ours}{name}.weight")
+    for i in range(transformer.config.num_single_layers):
+        ours, orig = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for part in ("weight", "bias"):
+            out[f"{orig}modulation.lin.{part}"] = state.pop(f"{ours}norm.linear.{part}")
+            out[f"{orig}linear1.{part}"] = torch.cat([state.pop(f"{ours}attn.to_{x}.{part}") for x in "qkv"]
+                                                     + [state.pop(f"{ours}proj_mlp.{part}")])
+            out[f"{orig}linear2.{part}"] = state.pop(f"{ours}proj_out.{part}")
+        out[f"{orig}norm.query_norm.scale"] = state.pop(f"{ours}attn.norm_q.weight")
+        out[f"{orig}norm.key_norm.scale"] = state.pop(f"{ours}attn.norm_k.weight")
+    assert not state, f"unconverted transformer weights: {sorted(state)[:5]}"
+    return out

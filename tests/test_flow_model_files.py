@@ -297,3 +297,25 @@ def test_t5_loads_from_an_all_in_one_file_and_from_a_split_file_with_its_tokeniz
     parts = Engine(ModelRegistry(split, builtin_dir=None))
     assert np.array_equal(_draw(parts, "sd3-split-t5"), reference_t5)
     assert parts.registry.load("sd3-split-t5").pipeline.text_encoder_3 is not None
+
+
+def test_the_flux_converter_agrees_with_diffusers_own_at_flux1_width():
+    """At Flux.1's width (3072), diffusers' converter and Sfumato's (which reads the width from the config) give the
+    same names and shapes for the BFL file of a meta-device FLUX.1-dev transformer (one block of each kind)."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from engine.model_files.bfl_keys import flux_to_diffusers
+    from engine.models import SINGLE_FILE_CONFIGS
+
+    config = json.loads((SINGLE_FILE_CONFIGS / "flux" / "transformer" / "config.json").read_text())
+    config.update(num_layers=1, num_single_layers=1)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    original = files.flux_original(model)
+    theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(original))
+    ours = flux_to_diffusers(dict(original), config)
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    assert set(ours) == set(model.state_dict())
