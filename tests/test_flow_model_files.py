@@ -319,3 +319,22 @@ def test_the_flux_converter_agrees_with_diffusers_own_at_flux1_width():
     ours = flux_to_diffusers(dict(original), config)
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
     assert set(ours) == set(model.state_dict())
+
+
+PICKS = ["other_clip_l.safetensors", "other_clip_g.safetensors", "sd3_vae.safetensors"]
+
+
+def test_forge_additional_modules_posted_to_options_are_remembered_for_the_model(two_sets, tmp_path):
+    from ui.api import SdApi, txt2img_request
+    from ui.api_models import Txt2ImgRequest
+    from tests._api_fixtures import make_studio
+
+    studio = make_studio(tmp_path, two_sets)
+    api = SdApi(studio)
+    answer = api.set_options({"sd_model_checkpoint": "sd3-split",
+                              "forge_additional_modules": PICKS})
+    assert answer["ignored"] == []
+    assert studio.settings.model_modules == {"sd3-split": PICKS}
+    assert studio.registry.loaded_names() == ["sd3-split + " + ", ".join(PICKS)]
+    request = txt2img_request(studio, Txt2ImgRequest(prompt=PROMPT))
+    assert (request.model, request.modules) == ("sd3-split", tuple(PICKS))
