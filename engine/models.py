@@ -737,7 +737,7 @@ class ModelRegistry:
                 cancellation.check("waiting for another job's load of the model")  # unless this job was interrupted
                 return self._load_and_cache(entry, picks)
         try:
-            loaded = self._load_uncached(entry, picks)
+            loaded = self._load_uncached(entry, picks) if picks.modules or picks.vae else self._load_uncached(entry)
         except BaseException as error:
             with self._lock:
                 del self._loading[key]
