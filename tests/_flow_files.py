@@ -188,15 +188,20 @@ def save_text_encoder(encoder, path: Path) -> Path:
 
 
 def mmdit_gguf(transformer, path: Path, quantized: str | None = None) -> tuple[Path, int]:
-    """The MMDiT under its original names in a GGUF file, as city96's conversions lay them out: F16 tensors, and with
-    ``quantized`` (e.g. "Q8_0") each 2-D weight whose rows are whole blocks quantized to that type.
+    """The MMDiT under its original names in a GGUF file (see ``write_gguf``)."""
+    return write_gguf(mmdit_original(transformer), path, "sd3", quantized)
+
+
+def write_gguf(tensors: dict[str, torch.Tensor], path: Path, arch: str, quantized: str | None = None) -> tuple[Path, int]:
+    """Tensors in a GGUF file, as city96's conversions lay them out: F16 (1-D tensors F32), and with ``quantized``
+    (e.g. "Q8_0") each 2-D weight whose rows are whole blocks quantized to that type.
     Returns the path and how many tensors were quantized."""
     import gguf
     import numpy as np
 
-    writer = gguf.GGUFWriter(str(path), arch="sd3")
+    writer = gguf.GGUFWriter(str(path), arch=arch)
     count = 0
-    for name, tensor in mmdit_original(transformer).items():
+    for name, tensor in tensors.items():
         array = tensor.float().numpy()
         kind = getattr(gguf.GGMLQuantizationType, quantized) if quantized else None
         block = gguf.GGML_QUANT_SIZES[kind][0] if kind is not None else 0
