@@ -305,3 +305,32 @@ def flux_original(transformer) -> dict[str, torch.Tensor]:
         out[f"{orig}norm.key_norm.scale"] = state.pop(f"{ours}attn.norm_k.weight")
     assert not state, f"unconverted transformer weights: {sorted(state)[:5]}"
     return out
+
+
+def flux_all_in_one(pipeline, path: Path, with_config_from: Path | None = None) -> Path:
+    """A Flux.1 all-in-one file as ComfyUI's checkpoints have it: ``model.diffusion_model.*`` (BFL names),
+    ``text_encoders.clip_l.transformer.*``, ``text_encoders.t5xxl.transformer.*`` and ``vae.*`` (CompVis names)."""
+    tensors = {"model.diffusion_model." + k: v for k, v in flux_original(pipeline.transformer).items()}
+    tensors.update({"vae." + k: v for k, v in _vae_tensors(pipeline.vae).items()})
+    tensors.update({f"text_encoders.clip_l.transformer.{k}": v for k, v in hf_text_encoder(pipeline.text_encoder).items()})
+    tensors.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in hf_text_encoder(pipeline.text_encoder_2).items()})
+    _save(tensors, path)
+    if with_config_from is not None:
+        copy_configs(with_config_from, path.with_suffix(".config"))
+    return path
+
+
+def flux_split(pipeline, models: Path, name: str, folder: Path, transformer_dir: str = "diffusion_models",
+               encoder_dir: str = "text_encoders", vae_dir: str = "vae") -> Path:
+    """Flux.1 as ComfyUI users keep it: the BFL transformer alone (``flux1-dev.safetensors``) with its config folder,
+    ``clip_l.safetensors`` and ``t5xxl_fp16.safetensors`` (T5's tokenizer in ``t5xxl_fp16.tokenizer/``), ``ae.safetensors``."""
+    transformer = models / transformer_dir / f"{name}.safetensors"
+    _save(flux_original(pipeline.transformer), transformer)
+    copy_configs(folder, transformer.with_suffix(".config"))
+    shutil.rmtree(transformer.with_suffix(".config") / "tokenizer_2")  # T5's tokenizer comes with its file instead
+    _save(hf_text_encoder(pipeline.text_encoder), models / encoder_dir / "clip_l.safetensors")
+    t5 = models / encoder_dir / "t5xxl_fp16.safetensors"
+    _save(hf_text_encoder(pipeline.text_encoder_2), t5)
+    pipeline.tokenizer_2.save_pretrained(t5.with_name(t5.stem + ".tokenizer"))
+    _save(_vae_tensors(pipeline.vae), models / vae_dir / "ae.safetensors")
+    return transformer

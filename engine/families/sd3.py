@@ -20,7 +20,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ..model_files.layout import FileLayout, TextEncoderSlot
+from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
 
@@ -38,10 +38,6 @@ LATENT = LatentFormat(
 )
 DEFAULT_SHIFT = 3.0  # SD 3.5's scheduler config; a folder's own ``shift`` wins
 
-CLIP_MARKER = "text_model.embeddings.position_embedding.weight"
-CLIP_WIDTH = "text_model.embeddings.token_embedding.weight"
-T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
-T5_WIDTH = "encoder.final_layer_norm.weight"
 
 
 def _config_variant(names: set[str], shape_of) -> str | None:

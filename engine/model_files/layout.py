@@ -18,6 +18,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 
+# How the Hugging Face encoders every flow family uses are recognised in a file (after any wrapper prefix).
+CLIP_MARKER = "text_model.embeddings.position_embedding.weight"
+CLIP_WIDTH = "text_model.embeddings.token_embedding.weight"  # [vocabulary, width]
+T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
+T5_WIDTH = "encoder.final_layer_norm.weight"  # [width]
+
+
 @dataclass(frozen=True)
 class TextEncoderSlot:
     """One text encoder a family's pipeline takes, and how to recognise its weights in a file."""
