@@ -110,6 +110,7 @@ class _RefinerPlan:
 class _HiresStage:
     plan: hires.HiresPlan
     pass_plan: _PassPlan
+    noise_table: object  # the second pass's: a family may shift σs by the image size (Flux.1)
 
 
 @dataclass(frozen=True)
@@ -197,8 +198,10 @@ class Engine:
         request = request.with_changes(seed=seed, subseed=subseed, model=model.entry.name,
                                        vae=vae.file.name if vae.file is not None else request.vae,
                                        refiner_checkpoint=refiner_model.entry.name if refiner_model is not None else "")
-        noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr)
-        self._check_sampler_runs_on(request.sampler, noise_table, model)
+        noise_table, parameterization = noise_table_for(model, request.zero_terminal_snr, prepared.width, prepared.height,
+                                                        request.shift)
+        if request.shift is not None and not noise_table.flow:
+            request = request.with_changes(shift=None)  # Shift is a flow model's: ignored, and not written, elsewhere
 
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")
@@ -221,8 +224,7 @@ class Engine:
                                                             request.steps)
         second = None
         if hires.applies(request):
-            second = self._plan_hires(request, model, first, noise_table, job_networks)
-            self._check_sampler_runs_on(second.plan.sampler, noise_table, model)
+            second = self._plan_hires(request, model, first, job_networks)
         refined = None  # the refiner's part in the pass it refines
         if refiner_model is not None and second is None:
             refined = first.refiner = self._refiner_plan(request, refiner_model, job_networks.prompt, request.negative_prompt)
@@ -304,12 +306,12 @@ class Engine:
         cancellation.entering("encoding the prompt for the refiner")
         conditioning = refiner_model.prompt_encoder.encode(prompt, negative, request.clip_skip,
                                                            getattr(self.registry, "embeddings", None))
-        noise_table, parameterization = noise_table_for(refiner_model, request.zero_terminal_snr)
+        noise_table, parameterization = noise_table_for(refiner_model, request.zero_terminal_snr, shift=request.shift)
         return _RefinerPlan(refiner_model, conditioning, noise_table, parameterization)
 
-    def _plan_hires(self, request: GenerationRequest, model: LoadedModel, first: "_PassPlan", noise_table,
-                    job_networks) -> "_HiresStage":
-        """The upscale and second pass of hires fix: sizes and upscaler checked, σs cut, hires prompts encoded."""
+    def _plan_hires(self, request: GenerationRequest, model: LoadedModel, first: "_PassPlan", job_networks) -> "_HiresStage":
+        """The upscale and second pass of hires fix: sizes and upscaler checked, σs cut (from the noise table at the
+        new size), hires prompts encoded."""
         family = model.family
         plan = hires.plan(request, first.width, first.height, model.vae_scale_factor, (family.min_size, family.max_size),
                           self.registry)
@@ -321,12 +323,13 @@ class Engine:
                                                        request.clip_skip, getattr(self.registry, "embeddings", None),
                                                        job_networks.text_encoder_key)
         spec = samplers.find_sampler(plan.sampler)
+        noise_table, _ = noise_table_for(model, request.zero_terminal_snr, plan.width, plan.height, request.shift)
         sigmas = sample_pass.pass_sigmas(spec, noise_table, plan.schedule, plan.steps, request.denoising_strength)
         full = sample_pass.schedule_sigmas(spec, noise_table, plan.schedule, plan.steps)
         second = _PassPlan(sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps, sigmas=sigmas, width=plan.width,
                            height=plan.height, conditioning=conditioning, denoising_strength=request.denoising_strength,
                            cfg_scale=plan.cfg_scale, full_sigmas=full)
-        return _HiresStage(plan, second)
+        return _HiresStage(plan, second, noise_table)
 
     def _hires_stage(self, request: GenerationRequest, model: LoadedModel, second: "_HiresStage", latents: torch.Tensor,
                      seeds: list[int], subseeds: list[int], noise_table, parameterization: str, previewer,
@@ -347,6 +350,7 @@ class Engine:
         image_noise = self._image_noise(request, model, second.pass_plan, seeds, subseeds)  # new noise for the new shape
         noise = image_noise.first()
         do_cfg = second.pass_plan.guided  # a hires CFG of its own may turn guidance on or off for this pass
+        noise_table = second.noise_table
         denoiser = self._guided_denoiser(request, model, second.pass_plan, noise_table, parameterization, noise, do_cfg)
         on_step = self._step_callback(request, previewer, on_progress, cancel, started, progress, offset, stops)
         return self._sample(request, model, second.pass_plan, denoiser, latents, image_noise, noise, seeds, None, noise_table,
@@ -435,22 +439,6 @@ class Engine:
         return choice
 
     @staticmethod
-    def _check_sampler_runs_on(sampler: str, noise_table, model: LoadedModel) -> None:
-        """Refuse, on a flow model (SD 3.5), a sampler that steps on ᾱ (its noise table has none) or that adds noise
-        between steps: their noise steps are written for x = x₀ + σ·ε, and a flow model's x = (1−σ)·x₀ + σ·ε needs
-        its own (ComfyUI has them); until those exist the picture would be quietly wrong."""
-        if not noise_table.flow:
-            return
-        spec = samplers.find_sampler(sampler)
-        if spec.steps_on_alphas:
-            raise ValidationError("sampler", f"{sampler} steps on the ᾱ of a diffusion model's timesteps; {model.entry.name} "
-                                             f"is a flow model: use a sampler on σ, such as Euler")
-        if spec.noise != samplers.NO_NOISE:
-            raise ValidationError("sampler", f"{sampler} adds noise between steps, which Sfumato does not yet do right for a "
-                                             f"flow model such as {model.entry.name}: use Euler, Heun, DPM2, LMS, DPM++ 2M "
-                                             f"or another sampler without noise")
-
-    @staticmethod
     def _check_size(model: LoadedModel, request: GenerationRequest, width: int, height: int) -> None:
         """Refuse a size the model cannot draw, blaming what set it: width/height, or the init image when they were left out."""
         family = model.family
@@ -518,6 +506,8 @@ class Engine:
         cond = conditioning.prompt_embeds.repeat(batch, 1, 1)
         embeds = torch.cat([conditioning.negative_embeds.repeat(batch, 1, 1), cond]) if do_cfg else cond
         added = model.family.unet_kwargs(conditioning, plan.width, plan.height).batched(batch, do_cfg, model.device, model.dtype)
+        if inputs := {name: getattr(request, name) for name in model.family.request_inputs(model.pipeline)}:
+            added = {**(added or {}), **inputs}  # e.g. Flux.1 dev's distilled CFG scale
         if inpaint is None and whole_image:
             inpaint = self._whole_image_conditioning(model, plan.width, plan.height, noise)
         cfg_scale = plan.cfg_scale * samplers.find_sampler(plan.sampler).cfg_scale_factor
@@ -660,4 +650,5 @@ class Engine:
             size = prepared.original.size
         return build_infotext(request, seed=seed, model_name=model.entry.name, model_hash=model.short_hash,
                               extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None, size=size,
-                              stopped_early=stopped_early, vae_hash=vae_hash, refiner_hash=refiner_hash)
+                              stopped_early=stopped_early, vae_hash=vae_hash, refiner_hash=refiner_hash,
+                              model_inputs=model.family.request_inputs(model.pipeline))

@@ -80,6 +80,7 @@ class Field:
     # -- other surfaces
     infotext: str | None = None  # A1111 infotext key
     infotext_when: Callable[[Any], bool] | None = None  # (request) -> write it? None: whenever the request's mode is in ``modes``
+    model_input: bool = False  # only some models take it (``Family.request_inputs``): written only for those
     api: str | None = None  # A1111 txt2img/img2img payload name
     override: str | None = None  # A1111 ``override_settings`` key
     cli: str | None = None  # flag of ``launch.py generate``
@@ -104,9 +105,12 @@ class Field:
         """Types a preset file may hold for it (JSON numbers: a float field takes ints too; bools are never numbers)."""
         return (int, float) if self.type is float else (self.type,)
 
-    def written_for(self, request: Any) -> bool:
-        """Whether the infotext of this request carries this field."""
+    def written_for(self, request: Any, model_inputs: tuple[str, ...] = ()) -> bool:
+        """Whether the infotext of this request carries this field; ``model_inputs``: the fields the model that drew
+        it takes (``Family.request_inputs``)."""
         if self.infotext is None or request.mode not in self.modes:
+            return False
+        if self.model_input and self.name not in model_inputs:
             return False
         return self.infotext_when(request) if self.infotext_when is not None else True
 
@@ -278,6 +282,9 @@ CORE_FIELDS: tuple[Field, ...] = (
           infotext="Schedule type", api="scheduler", cli="--schedule", preset=True),
     Field("cfg_scale", float, 7.0, range=(0.0, 30.0), label="CFG Scale", control="slider", step=0.5,
           help="Classifier-free guidance scale.", infotext="CFG scale", api="cfg_scale", cli="--cfg", preset=True),
+    Field("distilled_cfg_scale", float, 3.5, range=(0.0, 30.0), label="Distilled CFG Scale", control="slider", step=0.1,
+          help="The guidance a guidance-distilled model (Flux.1 dev) is told to imitate, in one pass; other models ignore it.",
+          infotext="Distilled CFG Scale", api="distilled_cfg_scale", cli="--distilled-cfg", preset=True, model_input=True),
     Field("seed", int, -1, range=(-1, MAX_SEED), label="Seed", help="-1 picks a random seed; image i of the job uses seed + i.",
           control="number", infotext="Seed", api="seed", cli="--seed", preset=True),
     # The infotext writes the produced size as one "Size: WxH" entry; A1111's parser splits it into Size-1 and Size-2.
@@ -331,6 +338,10 @@ CORE_FIELDS: tuple[Field, ...] = (
           help="Rescale betas so the last step is pure noise; for v-prediction models.",
           infotext="Noise Schedule", infotext_when=_when_not_default("zero_terminal_snr", False), cli="--zero-terminal-snr",
           preset=True),
+    Field("shift", float, None, optional=True, range=(0.0, 100.0), label="Shift", control="number", step=0.05,
+          help="Timestep shift of a flow model (SD 3.5, Flux): σ = shift·t / (1 + (shift − 1)·t); higher spends more "
+               "steps at high noise. Empty or 0: the model's own. Ignored by other models.",
+          infotext="Shift", infotext_when=lambda request: bool(request.shift), api="shift", cli="--shift", preset=True),
     Field("clip_skip", int, 1, range=(1, 12), label="Clip skip", control="slider", step=1,
           help="1 uses the text encoder's last layer, 2 the one before, ... A1111 keeps it in Settings › Stable Diffusion.",
           infotext="Clip skip", infotext_when=_when_not_default("clip_skip", 1), override="CLIP_stop_at_last_layers",

@@ -94,6 +94,7 @@ def build_infotext(
     stopped_early: EarlyStop | None = None,
     vae_hash: str | None = None,
     refiner_hash: str | None = None,
+    model_inputs: tuple[str, ...] = (),
 ) -> str:
     """The infotext for one generated image.
 
@@ -105,6 +106,8 @@ def build_infotext(
     ``stopped_early`` marks an unfinished image (see ``STOPPED_EARLY_KEYS``).
     ``vae_hash`` is the short hash of the VAE file the request's ``vae`` names, when a file decoded the image.
     ``refiner_hash``: the refiner checkpoint's short hash, written after its name as A1111 writes a checkpoint's title.
+    ``model_inputs``: the request fields the model takes as inputs (``Family.request_inputs``), such as Flux.1 dev's
+    distilled CFG scale; a field only some models take is written only for those.
     """
     if size is None and request.width is not None and request.height is not None:
         size = (request.width, request.height)
@@ -115,7 +118,7 @@ def build_infotext(
                 "refiner_checkpoint": f"{request.refiner_checkpoint} [{refiner_hash}]" if refiner_hash else request.refiner_checkpoint}
     params: dict[str, Any] = {}
     for field in FIELDS.with_infotext():
-        if field.owner != CORE or field.name in _BODY_FIELDS or not field.written_for(request):
+        if field.owner != CORE or field.name in _BODY_FIELDS or not field.written_for(request, model_inputs):
             continue  # extensions write their own entries (``extra``); prompts are the text above the line
         if field.name in _SIZE_FIELDS:
             if size is not None:

@@ -86,14 +86,14 @@ TEXT_ENCODERS = {"CLIPTextModel", "CLIPTextModelWithProjection"}
 TOKENIZERS = {"CLIPTokenizer", "CLIPTokenizerFast"}
 COMPONENT_CLASSES = {  # component -> (library, allowed class names); the scheduler is checked separately
     "unet": ("diffusers", {"UNet2DConditionModel"}),
-    "transformer": ("diffusers", {"SD3Transformer2DModel"}),
+    "transformer": ("diffusers", {"SD3Transformer2DModel", "FluxTransformer2DModel"}),
     "text_encoder_3": ("transformers", {"T5EncoderModel"}),
     "tokenizer_3": ("transformers", {"T5Tokenizer", "T5TokenizerFast"}),
     "vae": ("diffusers", {"AutoencoderKL"}),
     "text_encoder": ("transformers", TEXT_ENCODERS),
-    "text_encoder_2": ("transformers", TEXT_ENCODERS),
+    "text_encoder_2": ("transformers", TEXT_ENCODERS | {"T5EncoderModel"}),  # Flux.1's T5 is its second encoder
     "tokenizer": ("transformers", TOKENIZERS),
-    "tokenizer_2": ("transformers", TOKENIZERS),
+    "tokenizer_2": ("transformers", TOKENIZERS | {"T5Tokenizer", "T5TokenizerFast"}),
 }
 NOT_LOADED = ("safety_checker", "feature_extractor", "image_encoder")  # never loaded, whatever the index says
 WEIGHT_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -161,7 +161,7 @@ class LoadedModel:
     @property
     def latent_channels(self) -> int:
         """The channels of the latent the sampler works on (what the denoising model outputs)."""
-        return int(self.denoising_model.config.out_channels)
+        return self.family.latent_channels(dict(self.denoising_model.config))
 
     @property
     def is_inpainting_model(self) -> bool:
@@ -355,18 +355,17 @@ def _normalise_key(key: str) -> str:
     return key
 
 
-def _expected_names(module: torch.nn.Module, present: set[str]) -> set[str]:
-    """The weight names a module needs from its file; of tied weights (T5's embedding, shared by name with
-    ``shared.weight``), any one present stands for the others, as transformers saves only one of them."""
-    groups: dict[int, list[str]] = {}
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        if not layout_keys.ignorable(name):
-            groups.setdefault(id(tensor), []).append(_normalise_key(name))
-    expected = set()
-    for names in groups.values():
-        found = [name for name in names if name in present]
-        expected.update(found or names[:1])
-    return expected
+def _tied_copies(state: dict[str, torch.Tensor], present: set[str]) -> set[str]:
+    """Names of tied weights (one tensor under two names, as T5's ``shared`` and ``encoder.embed_tokens``) whose
+    tensor the file holds under another of its names: a file saves a tied tensor once."""
+    names_by_tensor: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        names_by_tensor.setdefault((tensor.data_ptr(), tuple(tensor.shape), tensor.dtype), []).append(_normalise_key(name))
+    tied = set()
+    for names in names_by_tensor.values():
+        if len(names) > 1 and any(name in present for name in names):
+            tied.update(name for name in names if name not in present)
+    return tied
 
 
 def _check_folder_weights(pipeline, folder: Path, file_keys: dict[str, set[str] | None]) -> None:
@@ -375,8 +374,10 @@ def _check_folder_weights(pipeline, folder: Path, file_keys: dict[str, set[str] 
         module = getattr(pipeline, component, None)
         if keys is None or module is None:
             continue
+        state = module.state_dict()
+        expected = {_normalise_key(k) for k in state if not layout_keys.ignorable(k)}
         present = {_normalise_key(k) for k in keys if not layout_keys.ignorable(k)}
-        expected = _expected_names(module, present)
+        expected -= _tied_copies(state, present)
         if expected != present:
             problems.append(_mismatch_message(f"{component}/config.json", expected - present, present - expected))
     if problems:

@@ -66,8 +66,8 @@ def test_tiny_models_are_their_families_by_config(tiny, name):
 
 
 def test_a_config_no_family_claims_is_refused():
-    with pytest.raises(ValueError, match="SD 1.x, SD 2.x, SDXL and SD 3.5"):
-        detect_family({"_class_name": "FluxTransformer2DModel", "joint_attention_dim": 4096})
+    with pytest.raises(ValueError, match="SD 1.x, SD 2.x, SDXL, SD 3.5 and Flux.1"):
+        detect_family({"_class_name": "AuraFlowTransformer2DModel", "joint_attention_dim": 4096})
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
@@ -106,7 +106,7 @@ def test_controlnet_keys_tell_the_family_they_were_made_for(name, text_width, ex
 def test_pipeline_classes_name_the_families_that_load_them():
     assert for_pipeline_class("StableDiffusionPipeline") is SD1  # SD 2.x shares it; the UNet config tells them apart
     assert for_pipeline_class("StableDiffusionXLInpaintPipeline") is SDXL
-    assert for_pipeline_class("FluxPipeline") is None
+    assert for_pipeline_class("HunyuanDiTPipeline") is None
     assert "text_encoder_2" in SDXL.components and "text_encoder_2" not in SD1.components
 
 

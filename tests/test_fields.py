@@ -431,9 +431,14 @@ def _written_request(field: Field) -> GenerationRequest | None:
         request = GenerationRequest(**values)
         if field.name in ("width", "height"):
             request = request.with_changes(**{other: sample_value(FIELDS[other]) for other in ("width", "height")})
-        if field.written_for(request) and not same(candidate, field.default):
+        if field.written_for(request, _model_inputs(field)) and not same(candidate, field.default):
             return request
     return None
+
+
+def _model_inputs(field: Field) -> tuple[str, ...]:
+    """A field only some models take is written for a model that takes it."""
+    return (field.name,) if field.model_input else ()
 
 
 def infotext_problem(field: Field) -> str | None:
@@ -442,7 +447,8 @@ def infotext_problem(field: Field) -> str | None:
     request = _written_request(field)
     if request is None:
         return f"{field.infotext!r} is never written"
-    text = build_infotext(request, seed=request.seed, model_name=request.model, model_hash=None, subseed=request.subseed)
+    text = build_infotext(request, seed=request.seed, model_name=request.model, model_hash=None, subseed=request.subseed,
+                          model_inputs=_model_inputs(field))
     parsed = parse_infotext(text)
     if field.infotext not in parsed:
         return f"{field.infotext!r} is declared but the infotext has no such key: {text!r}"

@@ -157,7 +157,7 @@ def _folder(models: Path, source: Path, name: str) -> Path:
 
 def _unsupported_pipeline_class(models: Path, source: Path, wide: Path) -> str:
     folder = _folder(models, source, "flux")
-    edit_json(folder / "model_index.json", _class_name="FluxPipeline")
+    edit_json(folder / "model_index.json", _class_name="KandinskyPipeline")
     return "Stable-diffusion/flux"
 
 
@@ -213,7 +213,7 @@ BROKEN = {  # maker -> what the message must say
     _single_file_config_with_extra_layers: "not in the file",
     _single_file_config_with_fewer_text_layers: "no place in the config",
     _a_lora_in_the_checkpoint_folder: "LoRA",
-    _unsupported_pipeline_class: "FluxPipeline",
+    _unsupported_pipeline_class: "KandinskyPipeline",
     _component_naming_arbitrary_code: "os.system",
     _sdxl_refiner_index: "refiner",
     _unet_config_with_wrong_shapes: "has shape .* different architecture",

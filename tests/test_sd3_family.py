@@ -95,11 +95,9 @@ def test_txt2img_matches_diffusers_stable_diffusion_3_pipeline(engine, folder):
     assert float(np.abs(theirs - _array(_run(engine, steps=steps, seed=seed + 1, cfg_scale=cfg).images[0].image)).max()) > 0.05
 
 
-# The samplers on σ (k-diffusion's and Restart); A1111's timestep samplers (DDIM, PLMS, UniPC, LCM, DDPM) step on ᾱ.
-K_SAMPLERS = [spec.name for spec in sampler_table.SAMPLERS if spec.module in ("samplers", "restart")]
-# Samplers that add noise between steps are refused on a flow model until their flow noise step exists.
-NOISELESS = [name for name in K_SAMPLERS if sampler_table.find_sampler(name).noise == sampler_table.NO_NOISE]
-NOISY = [name for name in K_SAMPLERS if name not in NOISELESS]
+# The samplers without noise between steps that run on σ as they are; tests/test_flow_samplers.py runs the rest.
+NOISELESS = [spec.name for spec in sampler_table.SAMPLERS if spec.module in ("samplers", "restart")
+             and spec.noise == sampler_table.NO_NOISE]
 
 
 @pytest.mark.parametrize("sampler", NOISELESS)
@@ -136,14 +134,6 @@ def test_inpaint_keeps_the_unmasked_pixels_exactly(engine):
     assert out.shape == original.shape
     assert np.array_equal(out[:, : SIZE // 2 - 1], original[:, : SIZE // 2 - 1])
     assert not np.array_equal(out[:, SIZE // 2 + 1:], original[:, SIZE // 2 + 1:])
-
-
-@pytest.mark.parametrize("sampler", [spec.name for spec in sampler_table.SAMPLERS if spec.steps_on_alphas] + NOISY)
-def test_samplers_on_alphas_or_adding_noise_are_refused_with_a_reason(engine, sampler):
-    from engine.errors import ValidationError
-
-    with pytest.raises(ValidationError, match="flow model"):
-        _run(engine, sampler=sampler)
 
 
 def test_img2img_starts_on_the_flow_path(engine):

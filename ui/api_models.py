@@ -65,10 +65,12 @@ class GenerationParams(_Lenient):
     n_iter: Int = Field(1, description="Number of batches.")
     steps: Int = Field(50, description="Sampling steps.")
     cfg_scale: Float = Field(7.0, description="Classifier-free guidance scale.")
+    distilled_cfg_scale: Float = Field(FIELDS["distilled_cfg_scale"].default, description=FIELDS["distilled_cfg_scale"].help)
     width: Int | None = Field(None, description="Output width (multiple of 8). Default: the model's native width (txt2img) or the init image's width (img2img).")
     height: Int | None = Field(None, description="Output height (multiple of 8). Default: the model's native height (txt2img) or the init image's height (img2img).")
     denoising_strength: Float | None = Field(None, description=f"How much to change the init image (img2img) or the upscaled first pass (txt2img with enable_hr), 0..1 (default {FIELDS['denoising_strength'].default}).")
     eta: Float | None = Field(None, description="Noise multiplier of ancestral, SDE and DDIM samplers, 0..1; null: the sampler's own default.")
+    shift: Float | None = Field(None, description=FIELDS["shift"].help)
     override_settings: dict[str, Any] | None = Field(None, description="Per-request settings: 'sd_model_checkpoint' picks the model for this request only; "
                                                      "'CLIP_stop_at_last_layers' (clip skip), 'eta_noise_seed_delta' (ENSD) and 'randn_source' "
                                                      "(RNG: CPU, GPU or NV) apply to this request.")

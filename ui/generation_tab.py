@@ -184,6 +184,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                     batch_count = F.control("batch_count", mode)
                     batch_size = F.control("batch_size", mode)
             cfg = F.control("cfg_scale", mode, "cfg", info=None)
+            distilled_cfg = F.control("distilled_cfg_scale", mode, "distilled_cfg", info=None)
             if mode != "txt2img":
                 denoising = F.control("denoising_strength", mode, "denoising", info=None)
                 resize_mode = F.control("resize_mode", mode)
@@ -195,10 +196,11 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", RANDOM_SUBSEED, REUSE_SUBSEED)
                 subseed_strength = F.control("subseed_strength", mode, info=None)
             # A1111 keeps these in its Settings; here they belong to the request, so an infotext restores them.
-            with gr.Accordion("Advanced sampling: clip skip, eta, ENSD, RNG", open=False, elem_id=f"{mode}_advanced_sampling"):
+            with gr.Accordion("Advanced sampling: clip skip, eta, ENSD, RNG, shift", open=False, elem_id=f"{mode}_advanced_sampling"):
                 with gr.Row():
                     clip_skip = F.control("clip_skip", mode)
                     eta = F.control("eta", mode)
+                    shift = F.control("shift", mode)
                 with gr.Row():
                     ensd = F.control("eta_noise_seed_delta", mode, "ensd")
                     rng = F.control("rng", mode)
@@ -229,8 +231,9 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     fields.add(F.schedule(schedule))
     fields.add(F.zero_terminal_snr(zero_snr))
     for name, component in (("steps", steps), ("width", width), ("height", height),
-                            ("batch_count", batch_count), ("batch_size", batch_size), ("cfg_scale", cfg), ("seed", seed),
-                            ("subseed", subseed), ("subseed_strength", subseed_strength), ("clip_skip", clip_skip), ("eta", eta),
+                            ("batch_count", batch_count), ("batch_size", batch_size), ("cfg_scale", cfg),
+                            ("distilled_cfg_scale", distilled_cfg), ("seed", seed),
+                            ("subseed", subseed), ("subseed_strength", subseed_strength), ("clip_skip", clip_skip), ("eta", eta), ("shift", shift),
                             ("eta_noise_seed_delta", ensd), ("rng", rng)):
         fields.add(F.simple(name, component))
     if mode != "txt2img":

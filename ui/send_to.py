@@ -22,8 +22,8 @@ from .generation_tab import GenerationTab, ResultRecord
 from .model_info import installed_name
 
 # What "send to" from a result carries (A1111: prompt, negative, steps, seed and size, plus our sampling settings).
-RESULT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "zero_terminal_snr", "steps", "cfg_scale", "seed",
-                 "width", "height")
+RESULT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "zero_terminal_snr", "steps", "cfg_scale",
+                 "distilled_cfg_scale", "seed", "width", "height")
 
 # PNG Info restores everything: a field an infotext leaves out because it was off (its declaration writes it only
 # when set) goes back to its default. Not the RNG: A1111 leaves out its default, GPU noise, which the note explains.

@@ -11,15 +11,16 @@ from typing import Callable
 
 from ..checkpoint_convert import NOT_A_CHECKPOINT, UNET_PREFIX
 from .base import FAMILY_FILE, Family, LatentFormat, ModelInputs, SingleFileLayout
+from .flux import FLUX_DEV, FLUX_SCHNELL
 from .sd1 import SD1
 from .sd2 import SD2
 from .sd3 import SD3
 from .sdxl import SDXL
 
 # Most specific first: the first family whose test matches wins (SD 1.x takes what no other claims).
-FAMILIES: tuple[Family, ...] = (SD3, SDXL, SD2, SD1)
+FAMILIES: tuple[Family, ...] = (FLUX_DEV, FLUX_SCHNELL, SD3, SDXL, SD2, SD1)
 
-__all__ = ["FAMILIES", "FAMILY_FILE", "Family", "LatentFormat", "ModelInputs", "SD1", "SD2", "SD3", "SDXL", "SingleFileLayout",
+__all__ = ["FAMILIES", "FAMILY_FILE", "FLUX_DEV", "FLUX_SCHNELL", "Family", "LatentFormat", "ModelInputs", "SD1", "SD2", "SD3", "SDXL", "SingleFileLayout",
            "detect_checkpoint", "detect_family", "detect_pipeline", "detect_unet_keys", "for_pipeline_class", "titles"]
 
 
@@ -88,5 +89,5 @@ def pipeline_classes() -> list[str]:
 
 def titles() -> str:
     """The families as the artist reads them: "SD 1.x, SD 2.x and SDXL"."""
-    names = [family.title for family in reversed(FAMILIES)]
+    names = list(dict.fromkeys(family.title for family in reversed(FAMILIES)))  # Flux.1 dev and schnell are one title
     return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]

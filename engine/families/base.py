@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -88,6 +89,9 @@ class Family:
     Instances are constants (``SD1``, ``SD2``, ``SDXL``); a model folder's ``sfumato.json`` makes a
     copy with its own name, native size and preview factors (``with_overrides``). What every model
     of the family shares, whatever the overrides, is a class attribute.
+
+    ``defaults``: request field name → the value the family draws best with (Flux.1 dev: CFG 1, distilled CFG 3.5,
+    Euler, Simple, 20 steps), for the UI to apply when the model is chosen; the engine never overrides a request.
     """
 
     name: str
@@ -96,6 +100,7 @@ class Family:
     min_size: int = 64
     max_size: int = 2048
     modes: tuple[str, ...] = MODES
+    defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     id: ClassVar[str]  # the family's folder name: engine/configs/<id>, extension config folders
     title: ClassVar[str]  # as the artist reads it: "SD 1.x"
@@ -119,6 +124,9 @@ class Family:
     # read when the table is built, so the sampling package loads only when sampling needs it. A1111 uses the
     # SD 1.5 list for every model that is not SDXL.
     align_your_steps: ClassVar[str] = "AYS_SD15"
+    # (sampler, schedule) the family is usually sampled with, for a UI to offer when the model is picked; None: the
+    # studio's own default (DPM++ 2M, Automatic).
+    sampler_defaults: ClassVar[tuple[str, str] | None] = None
 
     # -- detection --------------------------------------------------------------------------
     def matches_config(self, unet_config: dict) -> bool:
@@ -189,10 +197,11 @@ class Family:
             raise ValueError(f"prediction_type {prediction!r} is not one Sfumato samples ({', '.join(PARAMETERIZATIONS)})")
         return PARAMETERIZATIONS[prediction]
 
-    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None) -> "NoiseTable":
+    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None,
+                    shift: float | None = None) -> "NoiseTable":
         """The training noise table (σ per timestep) from the model's scheduler config: the β schedule of
         Ho et al. 2020 as latent diffusion trains it. ``zero_terminal_snr`` None follows the config's
-        ``rescale_betas_zero_snr``."""
+        ``rescale_betas_zero_snr``. ``shift`` (a flow model's timestep shift) does not apply to a β schedule."""
         from ..sampling import noise_table
 
         if zero_terminal_snr is None:
@@ -202,6 +211,22 @@ class Family:
             str(scheduler_config.get("beta_schedule", "scaled_linear")), int(scheduler_config.get("num_train_timesteps", 1000)),
             zero_terminal_snr=zero_terminal_snr, align_your_steps=getattr(noise_table, self.align_your_steps),
         )
+
+    def noise_table_for_latent(self, scheduler_config: dict, latent_size: tuple[int, int],
+                               zero_terminal_snr: bool | None = None, shift: float | None = None) -> "NoiseTable":
+        """The noise table for sampling a latent of ``latent_size`` (width, height in latent pixels): the family's one
+        table, except where the σ shift depends on the image's size (Flux.1's resolution-dependent shift)."""
+        return self.noise_table(scheduler_config, zero_terminal_snr, **({"shift": shift} if shift else {}))
+
+    def latent_channels(self, denoiser_config: dict) -> int:
+        """The channels of the latent the sampler works on, from the denoising model's config: what it outputs."""
+        return int(denoiser_config["out_channels"])
+
+    def request_inputs(self, pipeline) -> tuple[str, ...]:
+        """Request fields this model takes as inputs of its per-step call (Flux.1 dev: ``distilled_cfg_scale``): the
+        engine hands their values to the model call in ``added_cond_kwargs`` under the field's name, and the
+        infotext carries them only for such a model. The UNet families take none."""
+        return ()
 
     # -- prompt encoding -------------------------------------------------------------------------
     def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]:

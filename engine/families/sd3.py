@@ -132,6 +132,7 @@ class StableDiffusion3(Family):
     pooled_encoder: ClassVar[int | None] = 1
     embedding_keys: ClassVar[tuple[str, ...]] = ("clip_l", "clip_g")
     file_layout: ClassVar[FileLayout] = FILE_LAYOUT
+    sampler_defaults: ClassVar[tuple[str, str] | None] = ("Euler", "Simple")  # what SD 3.5 is released and sampled with
 
     def matches_config(self, config: dict) -> bool:
         """The MMDiT's config: a joint text width and a caption projection (Flux has the first, not the second)."""
@@ -146,11 +147,12 @@ class StableDiffusion3(Family):
     def parameterization(self, scheduler_config: dict) -> str:
         return "flow"
 
-    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None):
-        """The shifted flow σs (``NoiseTable.for_flow``); zero terminal SNR does not apply (σ = 1 is pure noise already)."""
+    def noise_table(self, scheduler_config: dict, zero_terminal_snr: bool | None = None, shift: float | None = None):
+        """The shifted flow σs (``NoiseTable.for_flow``) with the request's ``shift``, else the config's; zero terminal
+        SNR does not apply (σ = 1 is pure noise already)."""
         from ..sampling.noise_table import NoiseTable
 
-        return NoiseTable.for_flow(float(scheduler_config.get("shift", DEFAULT_SHIFT)),
+        return NoiseTable.for_flow(float(shift or scheduler_config.get("shift", DEFAULT_SHIFT)),
                                    int(scheduler_config.get("num_train_timesteps", 1000)))
 
     def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]:

@@ -23,12 +23,23 @@ from .noise_table import NoiseTable
 EPS, V_PREDICTION, FLOW = "eps", "v", "flow"
 
 
-def noise_table_for(model, zero_terminal_snr: bool = False) -> tuple[NoiseTable, str]:
+def noise_table_for(model, zero_terminal_snr: bool = False, width: int | None = None, height: int | None = None,
+                    shift: float | None = None) -> tuple[NoiseTable, str]:
     """The model's noise table and parameterization ("eps", "v" or "flow"), as its family reads them from the model's
     scheduler config: only the training facts (β range and shape, prediction type), never how diffusers would
-    space timesteps. Zero terminal SNR off follows the config's own ``rescale_betas_zero_snr``."""
+    space timesteps. Zero terminal SNR off follows the config's own ``rescale_betas_zero_snr``.
+
+    ``width``×``height``: the picture the pass draws, for the families whose σs depend on it (Flux.1 shifts them by
+    the image's token count); without them, the family's table for no particular size. ``shift`` (the request's
+    "Shift"; None or 0: the model's own) overrides a flow family's timestep shift, in place of any size-dependent one;
+    it reaches the family only when set."""
     family, config = model.family, model.pipeline.scheduler.config
-    return family.noise_table(config, zero_terminal_snr or None), family.parameterization(config)
+    overrides = {"shift": float(shift)} if shift else {}
+    if width is None or height is None:
+        return family.noise_table(config, zero_terminal_snr or None, **overrides), family.parameterization(config)
+    latent_size = (width // model.vae_scale_factor, height // model.vae_scale_factor)
+    return (family.noise_table_for_latent(config, latent_size, zero_terminal_snr or None, **overrides),
+            family.parameterization(config))
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,11 @@ def _betas(beta_start: float, beta_end: float, beta_schedule: str, num_train_tim
     raise ValueError(f"unsupported beta_schedule {beta_schedule!r}; expected 'scaled_linear' or 'linear'")
 
 
+def flow_shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """σ = shift·t / (1 + (shift − 1)·t): Esser et al. 2024's timestep shift (§5.3.2) of a rectified-flow time t."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 @dataclass(frozen=True, eq=False)
 class NoiseTable:
     """σ_t for each training timestep t (float32, ascending: index 0 is the least noisy), plus the family's
@@ -66,6 +71,7 @@ class NoiseTable:
     sigmas: torch.Tensor
     align_your_steps: tuple[float, ...] | None = None
     flow: bool = False
+    shift: float = 1.0  # flow tables: the shift their σs were built with (``for_flow``)
     log_sigmas: torch.Tensor = field(init=False, repr=False)
     _alphas_cumprod: torch.Tensor | None = field(init=False, repr=False, default=None)
 
@@ -116,7 +122,11 @@ class NoiseTable:
         t = 1/T … 1, shifted to σ = shift·t / (1 + (shift − 1)·t), as diffusers' ``FlowMatchEulerDiscreteScheduler``
         and ComfyUI's ``ModelSamplingDiscreteFlow`` build it (float64, stored as float32)."""
         t = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
-        return cls((shift * t / (1 + (shift - 1) * t)).to(torch.float32), flow=True)
+        return cls(flow_shifted(t, shift).to(torch.float32), flow=True, shift=float(shift))
+
+    def flow_sigma(self, t: float) -> float:
+        """A flow table's σ at time t ∈ [0, 1] (unquantized): shift·t / (1 + (shift − 1)·t)."""
+        return float(flow_shifted(torch.tensor(t, dtype=torch.float64), self.shift))
 
     def noised(self, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """``latents`` noised to σ along the model's training path: x₀ + σ·ε, or (1 − σ)·x₀ + σ·ε for flow."""

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from ..errors import Interrupted
+from . import flow
 from . import noise as noise_sources
 from . import schedules, table
 from .types import StepInfo
@@ -41,10 +42,19 @@ def schedule_table(spec: table.SamplerSpec, noise_table):
     return NoiseTable(noise_table.sigmas[timesteps], noise_table.align_your_steps)
 
 
+def _own_sigmas(spec: table.SamplerSpec, noise_table, steps: int, **options) -> torch.Tensor:
+    """A timestep sampler's own σs; on a flow model it walks the variance-exploding view's table (``flow``), and
+    its σs are handed back as flow σs."""
+    if noise_table.flow:
+        sigmas = spec.own_sigma_function(flow.variance_exploding_table(noise_table), steps, **options)
+        return flow.to_flow(sigmas.double()).to(torch.float32)
+    return spec.own_sigma_function(noise_table, steps, **options).to(torch.float32)
+
+
 def schedule_sigmas(spec: table.SamplerSpec, noise_table, schedule: str, steps: int) -> torch.Tensor:
     """The whole txt2img σ sequence for ``steps`` steps (before img2img trims it)."""
     if not spec.uses_schedule:
-        return spec.own_sigma_function(noise_table, steps).to(torch.float32)
+        return _own_sigmas(spec, noise_table, steps)
     noise_table = schedule_table(spec, noise_table)
     function = schedules.find_schedule(table.resolve_schedule(spec.name, schedule)).function
     if spec.discard_next_to_last_sigma:
@@ -61,7 +71,7 @@ def img2img_steps(steps: int, denoising_strength: float) -> int:
 def pass_sigmas(spec: table.SamplerSpec, noise_table, schedule: str, steps: int, denoising_strength: float | None) -> torch.Tensor:
     """The σs this pass runs: the whole schedule for txt2img (``denoising_strength`` None), its tail for img2img."""
     if not spec.uses_schedule and denoising_strength is not None:
-        return spec.own_sigma_function(noise_table, steps, denoising_strength=denoising_strength).to(torch.float32)
+        return _own_sigmas(spec, noise_table, steps, denoising_strength=denoising_strength)
     sigmas = schedule_sigmas(spec, noise_table, schedule, steps)
     if denoising_strength is None:
         return sigmas
@@ -105,6 +115,15 @@ def start_latent(spec: table.SamplerSpec, noise_table, sigmas: torch.Tensor, noi
     return timestep_img2img_start(noise_table, steps, denoising_strength, init_latents.to(torch.float32), noise).to(torch.float32)
 
 
+def _flow_latent(spec: table.SamplerSpec, latents: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """A variance-exploding view's result as the flow latent to decode: k-samplers return y at the last σ (DPM
+    fast/adaptive at the last non-zero one), timestep samplers y_ᾱ = y/√(1 + s²) there (``timestep_samplers``)."""
+    end = sigmas[sigmas > 0][-1] if spec.model_sigma_range else sigmas[-1]
+    if not spec.uses_schedule:
+        latents = latents * float((1 + end.double() ** 2) ** 0.5)
+    return flow.from_variance_exploding(latents, end)
+
+
 def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_noise: torch.Tensor,
         image_noise: "noise_sources.ImageNoise", seeds: list[int], steps: int, init_latents: torch.Tensor | None = None,
         denoising_strength: float | None = None, eta: float | None = None, prediction_type: str | None = None,
@@ -122,9 +141,18 @@ def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_nois
     sigmas = sigmas.to(first_noise.device, torch.float32)
     planned = len(sigmas) - 1
     first = first_noise.to(torch.float32)
-    x = start_latent(spec, noise_table, sigmas, first, init_latents, steps, denoising_strength)
     if hasattr(denoiser, "schedule"):
         denoiser.schedule = sigmas.cpu()
+    view = None
+    if noise_table.flow and spec.on_flow == flow.FLOW_VARIANCE_EXPLODING:
+        # The sampler runs on the flow model's variance-exploding view: its σs, table, denoiser and noise translated.
+        view = flow.VarianceExplodingView(denoiser)
+        flow_table, noise_table = noise_table, flow.variance_exploding_table(noise_table)
+        sigmas = flow.to_variance_exploding(flow.capped(sigmas.double(), flow_table)).to(torch.float32)
+        if full_sigmas is not None:
+            full_sigmas = flow.capped(full_sigmas.to(torch.float32), flow_table)
+        denoiser = view
+    x = start_latent(spec, noise_table, sigmas, first, init_latents, steps, denoising_strength)
 
     options = dict(spec.options)
     function = spec.function
@@ -138,19 +166,28 @@ def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_nois
         options["table"] = noise_table
     if "prediction_type" in accepted and prediction_type is not None:
         options["prediction_type"] = prediction_type
+    if noise_table.flow and spec.on_flow == flow.FLOW_STEP:
+        options["flow"] = True
     if spec.model_sigma_range and init_latents is None:
         # A1111 starts DPM fast / adaptive from noise · σ₀ of the schedule but solves over the model's own σ range
         # in txt2img; these functions read that range from the ends of their σs (log-uniform, like their steps).
         sigmas = schedules.exponential(noise_table, planned).to(sigmas.device, torch.float32)
         sigmas[0], sigmas[-2] = noise_table.sigma_max, noise_table.sigma_min  # exactly, not through exp(log(σ))
-        if hasattr(denoiser, "schedule"):
+        if view is not None:
+            view.denoiser.schedule = flow.to_flow(sigmas).cpu()
+        elif hasattr(denoiser, "schedule"):
             denoiser.schedule = sigmas.cpu()
     noise = None
     if spec.noise == table.ANCESTRAL_NOISE:
         noise = noise_sources.ancestral_noise(image_noise)
     elif spec.noise == table.BROWNIAN_NOISE:
         tree_sigmas = sigmas if full_sigmas is None else full_sigmas.to(sigmas.device, torch.float32)
+        if view is not None:
+            # The tree spans the flow σs, as ComfyUI's does on a flow model; the view asks it in flow σs.
+            tree_sigmas = flow.to_flow(tree_sigmas.double()).float() if full_sigmas is None else tree_sigmas
         noise = noise_sources.brownian_noise(x, tree_sigmas, seeds)
+    if view is not None:
+        noise = view.noise(noise)
 
     last: list[StepInfo] = []
 
@@ -163,7 +200,11 @@ def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_nois
 
     try:
         with torch.inference_mode():  # no autograd bookkeeping anywhere in the pass (cheaper than no_grad per op)
-            latents = function(denoiser, x, sigmas, noise, callback=callback, **options)
+            if view is None:
+                latents = function(denoiser, x, sigmas, noise, callback=callback, **options)
+            else:
+                latents = function(denoiser, x, sigmas, noise, callback=view.callback(callback), **options)
+                latents = _flow_latent(spec, latents, sigmas)
     except (_StopPass, Interrupted):
         if not last:
             raise  # nothing denoised yet: no image to show

@@ -13,6 +13,10 @@ k-diffusion's function of the same name calls its model and draws noise. In part
 
 x lives in σ-space (x = x₀ + σ·ε). The step callback runs after each step with the new x. Nothing here touches
 torch's global RNG.
+
+The ancestral samplers take ``flow=True`` for a rectified-flow model (x = (1 − σ)·x₀ + σ·ε): the same deterministic
+steps, then the flow re-noise of ``flow.ancestral_step`` instead of adding σ_up·z. The rest run on flow models as
+``flow`` explains (unchanged, or on the model's variance-exploding view).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from . import flow as flow_path
 from .types import Denoiser, NoiseSource, StepCallback, StepInfo
 
 
@@ -58,6 +63,12 @@ def _with_noise(x: torch.Tensor, noise: NoiseSource | None, sigma, sigma_next, *
     for scale in scales:
         fresh = fresh * scale
     return x + fresh
+
+
+def _with_flow_noise(x: torch.Tensor, noise: NoiseSource | None, sigma, sigma_next, scale, noise_std,
+                     s_noise: float) -> torch.Tensor:
+    """scale·x + s_noise·noise_std·noise(σ, σ_next): ``flow.renoise`` applied; draws as ``_with_noise`` does."""
+    return _with_noise(x * scale, noise, sigma, sigma_next, s_noise, noise_std)
 
 
 def _churn(sigmas: torch.Tensor, i: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
@@ -116,17 +127,24 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, nois
 @torch.no_grad()
 def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                            noise: NoiseSource | None = None, callback: StepCallback | None = None, *,
-                           eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+                           eta: float = 1.0, s_noise: float = 1.0, flow: bool = False) -> torch.Tensor:
     """Ancestral sampling with Euler steps: Karras et al. 2022's Euler step down to σ_down, then fresh noise of σ_up
-    (the ancestral split of Song et al. 2021's DDIM η, η = 1 by default)."""
+    (the ancestral split of Song et al. 2021's DDIM η, η = 1 by default). ``flow``: the rectified-flow split and
+    re-noise of ``flow.ancestral_step``; at η = 0 that is Euler."""
     s_in = _per_image(x)
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
-        sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if flow:
+            sigma_down, scale, noise_std = flow_path.ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        else:
+            sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
         d = _derivative(x, sigmas[i], denoised)
         x = x + d * (sigma_down - sigmas[i])
         if sigmas[i + 1] > 0:
-            x = _with_noise(x, noise, sigmas[i], sigmas[i + 1], s_noise, sigma_up)
+            if flow:
+                x = _with_flow_noise(x, noise, sigmas[i], sigmas[i + 1], scale, noise_std, s_noise)
+            else:
+                x = _with_noise(x, noise, sigmas[i], sigmas[i + 1], s_noise, sigma_up)
         _report(callback, i, x, sigmas[i], sigmas[i], denoised)
     return x
 
@@ -181,15 +199,19 @@ def sample_dpm_2(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, nois
 @torch.no_grad()
 def sample_dpm_2_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                            noise: NoiseSource | None = None, callback: StepCallback | None = None, *,
-                           eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+                           eta: float = 1.0, s_noise: float = 1.0, flow: bool = False) -> torch.Tensor:
     """Ancestral sampling with DPM-Solver-2 midpoint steps (Lu et al. 2022) down to σ_down, then noise of σ_up.
 
-    A step that reaches σ_down = 0 is a plain Euler step and adds no noise.
+    A step that reaches σ_down = 0 is a plain Euler step and adds no noise. ``flow``: σ_down and the re-noise of
+    ``flow.ancestral_step``.
     """
     s_in = _per_image(x)
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
-        sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if flow:
+            sigma_down, scale, noise_std = flow_path.ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        else:
+            sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
         d = _derivative(x, sigmas[i], denoised)
         if sigma_down == 0:
             x = x + d * (sigma_down - sigmas[i])
@@ -198,7 +220,10 @@ def sample_dpm_2_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Te
             x_mid = x + d * (sigma_mid - sigmas[i])
             d_mid = _derivative(x_mid, sigma_mid, denoiser(x_mid, sigma_mid * s_in))
             x = x + d_mid * (sigma_down - sigmas[i])
-            x = _with_noise(x, noise, sigmas[i], sigmas[i + 1], s_noise, sigma_up)
+            if flow:
+                x = _with_flow_noise(x, noise, sigmas[i], sigmas[i + 1], scale, noise_std, s_noise)
+            else:
+                x = _with_noise(x, noise, sigmas[i], sigmas[i + 1], s_noise, sigma_up)
         _report(callback, i, x, sigmas[i], sigmas[i], denoised)
     return x
 
@@ -415,15 +440,25 @@ def sample_dpm_adaptive(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                               noise: NoiseSource | None = None, callback: StepCallback | None = None, *,
-                              eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+                              eta: float = 1.0, s_noise: float = 1.0, flow: bool = False) -> torch.Tensor:
     """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022b, Algorithm 1 with r = 1/2).
 
     Each step goes to σ_down with the data-prediction second-order singlestep solver, then adds noise of σ_up;
-    a step reaching σ_down = 0 is Euler.
+    a step reaching σ_down = 0 is Euler. ``flow``: ``_dpmpp_2s_flow_step`` and the re-noise of ``flow.ancestral_step``.
     """
     s_in = _per_image(x)
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
+        if flow:
+            sigma_down, scale, noise_std = flow_path.ancestral_step(sigmas[i], sigmas[i + 1], eta)
+            if sigma_down == 0:
+                x = x + _derivative(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            else:
+                x = _dpmpp_2s_flow_step(denoiser, x, sigmas[i], sigma_down, denoised, s_in)
+            if sigmas[i + 1] > 0:
+                x = _with_flow_noise(x, noise, sigmas[i], sigmas[i + 1], scale, noise_std, s_noise)
+            _report(callback, i, x, sigmas[i], sigmas[i], denoised)
+            continue
         sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
         if sigma_down == 0:
             x = x + _derivative(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
@@ -439,6 +474,24 @@ def sample_dpmpp_2s_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch
             x = _with_noise(x, noise, sigmas[i], sigmas[i + 1], s_noise, sigma_up)
         _report(callback, i, x, sigmas[i], sigmas[i], denoised)
     return x
+
+
+def _dpmpp_2s_flow_step(denoiser: Denoiser, x, sigma, sigma_down, denoised, s_in):
+    """DPM-Solver++(2S) from σ to σ_down on a flow path, as ComfyUI's ``dpmpp_2s_ancestral_RF`` takes it.
+
+    The midpoint σ_s is halfway in the half-log-SNR λ = log((1 − σ)/σ), σ_s = 1/(1 + e^λ) (0.9999 when σ = 1, where
+    λ is infinite); a first-order step there, u = (σ_s/σ)·x + (1 − σ_s/σ)·x̂₀ (DPM-Solver++'s step with α = 1 − σ is
+    this Euler step in σ), gives x̂₀(u, σ_s), which then carries the whole step to σ_down the same way.
+    """
+    if sigma == 1:
+        sigma_s = torch.full_like(sigma, 0.9999)
+    else:
+        lam, lam_down = ((1 - sigma) / sigma).log(), ((1 - sigma_down) / sigma_down).log()
+        sigma_s = 1 / ((lam + (lam_down - lam) / 2).exp() + 1)
+    ratio = sigma_s / sigma
+    denoised_mid = denoiser(ratio * x + (1 - ratio) * denoised, sigma_s * s_in)
+    ratio = sigma_down / sigma
+    return ratio * x + (1 - ratio) * denoised_mid
 
 
 @torch.no_grad()

@@ -112,8 +112,11 @@ def align_your_steps(table: NoiseTable, steps: int) -> torch.Tensor:
     """Sabour, Fidler & Kreis 2024, "Align Your Steps: Optimizing Sampling Schedules in Diffusion Models":
     the family's published list (``table.align_your_steps``, else the SD 1.5 list), then 0. At another step
     count the list is resampled to ``steps`` values in log σ, as NVIDIA's how-to page suggests. Ignores the
-    model's own σ range."""
+    model's own σ range. NVIDIA publishes no list for flow models: on a flow table the SD 1.5 list is taken at equal
+    signal-to-noise ratio, σ_flow = s/(1 + s) for each published s (a flow latent at σ is (1 − σ)·(x₀ + s·ε))."""
     published = table.align_your_steps or AYS_SD15
+    if table.flow:
+        published = tuple(s / (1 + s) for s in published)
     chosen = published if steps == len(published) else _log_linear_resample(published, steps)
     return _with_final_zero(_as_sigmas(chosen))
 

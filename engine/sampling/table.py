@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from ..errors import ValidationError
 from . import schedules
+from .flow import FLOW_AS_IS, FLOW_STEP, FLOW_VARIANCE_EXPLODING
 
 AUTOMATIC = "Automatic"
 
@@ -41,6 +42,9 @@ class SamplerSpec:
     model_sigma_range: bool = False  # txt2img runs over the model's whole σ range (DPM fast / adaptive)
     cfg_scale_factor: float = 1.0  # A1111 scales the CFG scale for DDIM CFG++ (÷ 12.5)
     schedule_timesteps: str | None = None  # a function in ``module`` giving the training timesteps schedules read
+    # How it runs on a rectified-flow model (``flow``): as is (an ODE on σ), with its own flow noise step (ancestral
+    # samplers, ``flow=True``), or on the model's variance-exploding view (everything else).
+    on_flow: str = FLOW_VARIANCE_EXPLODING
     note: str = ""
 
     @property
@@ -58,8 +62,8 @@ class SamplerSpec:
 
     @property
     def steps_on_alphas(self) -> bool:
-        """Whether it steps on the training timesteps' ᾱ (A1111's DDIM, PLMS, UniPC, DDPM; LCM) rather than on σ,
-        so it needs an ᾱ-trained model: a flow model's table has no ᾱ to step on."""
+        """Whether it steps on the training timesteps' ᾱ (A1111's DDIM, PLMS, UniPC, DDPM; LCM) rather than on σ; on a
+        flow model it steps on the ᾱ = 1/(1 + s²) of the variance-exploding view (``flow``)."""
         return self.module in ("timestep_samplers", "lcm")
 
     @property
@@ -75,7 +79,7 @@ def _lookup(module: str, name: str) -> Callable | None:
 
 
 SAMPLERS: tuple[SamplerSpec, ...] = (
-    SamplerSpec("DPM++ 2M", "sample_dpmpp_2m", default_schedule="Karras", aliases=("k_dpmpp_2m",)),
+    SamplerSpec("DPM++ 2M", "sample_dpmpp_2m", default_schedule="Karras", aliases=("k_dpmpp_2m",), on_flow=FLOW_AS_IS),
     SamplerSpec("DPM++ SDE", "sample_dpmpp_sde", default_schedule="Karras", aliases=("k_dpmpp_sde",), noise=BROWNIAN_NOISE,
                 eta_default=1.0),
     SamplerSpec("DPM++ 2M SDE", "sample_dpmpp_2m_sde", default_schedule="Exponential", aliases=("k_dpmpp_2m_sde",),
@@ -83,17 +87,18 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("DPM++ 2M SDE Heun", "sample_dpmpp_2m_sde", default_schedule="Exponential", aliases=("k_dpmpp_2m_sde_heun",),
                 noise=BROWNIAN_NOISE, options={"solver_type": "heun"}, eta_default=1.0),
     SamplerSpec("DPM++ 2S a", "sample_dpmpp_2s_ancestral", default_schedule="Karras", aliases=("k_dpmpp_2s_a",),
-                noise=ANCESTRAL_NOISE, eta_default=1.0),
+                noise=ANCESTRAL_NOISE, eta_default=1.0, on_flow=FLOW_STEP),
     SamplerSpec("DPM++ 3M SDE", "sample_dpmpp_3m_sde", default_schedule="Exponential", aliases=("k_dpmpp_3m_sde",),
                 noise=BROWNIAN_NOISE, eta_default=1.0, discard_next_to_last_sigma=True),
     SamplerSpec("Euler a", "sample_euler_ancestral", aliases=("k_euler_a", "k_euler_ancestral", "euler_ancestral"),
-                noise=ANCESTRAL_NOISE, eta_default=1.0),
-    SamplerSpec("Euler", "sample_euler", aliases=("k_euler",)),
-    SamplerSpec("LMS", "sample_lms", aliases=("k_lms",)),
-    SamplerSpec("Heun", "sample_heun", aliases=("k_heun",)),
-    SamplerSpec("DPM2", "sample_dpm_2", default_schedule="Karras", aliases=("k_dpm_2",), discard_next_to_last_sigma=True),
+                noise=ANCESTRAL_NOISE, eta_default=1.0, on_flow=FLOW_STEP),
+    SamplerSpec("Euler", "sample_euler", aliases=("k_euler",), on_flow=FLOW_AS_IS),
+    SamplerSpec("LMS", "sample_lms", aliases=("k_lms",), on_flow=FLOW_AS_IS),
+    SamplerSpec("Heun", "sample_heun", aliases=("k_heun",), on_flow=FLOW_AS_IS),
+    SamplerSpec("DPM2", "sample_dpm_2", default_schedule="Karras", aliases=("k_dpm_2",), discard_next_to_last_sigma=True,
+                on_flow=FLOW_AS_IS),
     SamplerSpec("DPM2 a", "sample_dpm_2_ancestral", default_schedule="Karras", aliases=("k_dpm_2_a",), noise=ANCESTRAL_NOISE,
-                eta_default=1.0, discard_next_to_last_sigma=True),
+                eta_default=1.0, discard_next_to_last_sigma=True, on_flow=FLOW_STEP),
     SamplerSpec("DPM fast", "sample_dpm_fast", aliases=("k_dpm_fast",), noise=ANCESTRAL_NOISE, eta_default=1.0,
                 model_sigma_range=True, note="txt2img runs over the model's own σ range, whatever the schedule"),
     SamplerSpec("DPM adaptive", "sample_dpm_adaptive", aliases=("k_dpm_ad",), noise=ANCESTRAL_NOISE, eta_default=1.0,
