@@ -99,7 +99,13 @@ class _MetaView:
 
 
 def hf_text_encoder(encoder) -> dict[str, torch.Tensor]:
-    return {key: value.detach().clone() for key, value in encoder.state_dict().items() if not key.endswith("position_ids")}
+    """A text encoder's weights under Hugging Face's published names: a CLIP's under ``text_model.`` (transformers 5
+    leaves that level out of a CLIPTextModel's state dict; clip_l.safetensors files have it)."""
+    state = {key: value.detach().clone() for key, value in encoder.state_dict().items() if not key.endswith("position_ids")}
+    if type(encoder).__name__.startswith("CLIPText"):
+        state = {key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key: value
+                 for key, value in state.items()}
+    return state
 
 
 def copy_configs(folder: Path, target: Path) -> Path:

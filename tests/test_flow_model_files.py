@@ -257,22 +257,25 @@ def test_the_shipped_sd35_configs_are_picked_by_the_transformers_shapes():
 
 
 def test_the_ui_picker_sends_its_picks_and_remembers_them_per_model(two_sets, tmp_path):
-    from engine.studio import Studio
-    from tests._api_fixtures import make_studio
+    from types import SimpleNamespace
+
+    from engine.settings import Settings, SettingsStore
     from ui.app import _module_choices, remember_modules, remembered_modules
     from ui.generation_tab import _build_request
 
-    studio = make_studio(tmp_path, two_sets)
+    store = SettingsStore(tmp_path / "settings.json")
+    studio = SimpleNamespace(registry=ModelRegistry(two_sets, builtin_dir=None), settings=Settings(), settings_store=store)
+    studio.update_settings = lambda settings: (store.save(settings), setattr(studio, "settings", settings))
     assert set(_module_choices(studio)) == {"clip_l.safetensors", "clip_g.safetensors", "other_clip_l.safetensors",
                                            "other_clip_g.safetensors", "sd3_vae.safetensors", "other_vae.safetensors"}
     request = _build_request(studio, "txt2img", "sd3-split", {"prompt": PROMPT},
                              {"modules": ["other_clip_l.safetensors", "other_clip_g.safetensors"]}, {})
     assert request.modules == ("other_clip_l.safetensors", "other_clip_g.safetensors")
     remember_modules(studio, "sd3-split", ["other_clip_l.safetensors", "gone.safetensors"])
-    again = Studio(studio.config)  # a restart reads the settings file
-    assert again.settings.model_modules == {"sd3-split": ["other_clip_l.safetensors", "gone.safetensors"]}
-    assert remembered_modules(again, "sd3-split") == ["other_clip_l.safetensors"]  # a file since removed is dropped
-    assert remembered_modules(again, "another-model") == []
+    studio.settings = store.load()  # as a restart reads the settings file
+    assert studio.settings.model_modules == {"sd3-split": ["other_clip_l.safetensors", "gone.safetensors"]}
+    assert remembered_modules(studio, "sd3-split") == ["other_clip_l.safetensors"]  # a file since removed is dropped
+    assert remembered_modules(studio, "another-model") == []
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +341,80 @@ def test_forge_additional_modules_posted_to_options_are_remembered_for_the_model
     assert studio.registry.loaded_names() == ["sd3-split + " + ", ".join(PICKS)]
     request = txt2img_request(studio, Txt2ImgRequest(prompt=PROMPT))
     assert (request.model, request.modules) == ("sd3-split", tuple(PICKS))
+
+
+# -- Flux.1 -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux_source(tmp_path_factory):
+    """The tiny Flux.1 dev and schnell as diffusers folders, and each folder's picture."""
+    from tests._flux_fixture import build_folder as build_flux_folder
+    from tests._flux_fixture import build_pipeline as build_flux_pipeline
+
+    models = tmp_path_factory.mktemp("flux-reference")
+    made = {}
+    for variant in ("dev", "schnell"):
+        folder = build_flux_folder(models / f"flux-{variant}", variant)
+        made[variant] = build_flux_pipeline(variant), folder
+    engine = Engine(ModelRegistry(models, builtin_dir=None))
+    return {variant: (pipeline, folder, _draw(engine, folder.name)) for variant, (pipeline, folder) in made.items()}
+
+
+def test_flux_all_in_one_and_split_files_draw_what_the_folder_draws(flux_source, tmp_path):
+    pipeline, folder, reference_flux = flux_source["dev"]
+    files.flux_all_in_one(pipeline, tmp_path / "aio" / "Stable-diffusion" / "flux-aio.safetensors", with_config_from=folder)
+    files.flux_split(pipeline, tmp_path / "split", "flux1-dev", folder)
+    for models, name in ((tmp_path / "aio", "flux-aio"), (tmp_path / "split", "flux1-dev")):
+        registry = ModelRegistry(models, builtin_dir=None)
+        assert registry.get(name).usable, registry.get(name).problem
+        assert np.array_equal(_draw(Engine(registry), name), reference_flux), name
+        assert registry.load(name).family.name == "flux-dev"
+
+
+def test_flux_schnell_split_files_are_told_from_dev_by_their_weights(flux_source, tmp_path):
+    pipeline, folder, reference_schnell = flux_source["schnell"]
+    files.flux_split(pipeline, tmp_path, "flux1-schnell", folder, transformer_dir="unet", encoder_dir="clip", vae_dir="VAE")
+    registry = ModelRegistry(tmp_path, builtin_dir=None)
+    assert registry.load("flux1-schnell").family.name == "flux-schnell"
+    assert np.array_equal(_draw(Engine(registry), "flux1-schnell"), reference_schnell)
+
+
+def test_a_flux_gguf_transformer_loads_through_sfumatos_converter(flux_source, tmp_path):
+    pipeline, folder, reference_flux = flux_source["dev"]
+    transformer = files.flux_split(pipeline, tmp_path, "flux1-dev", folder)
+    gguf_path, count = files.write_gguf(files.flux_original(pipeline.transformer),
+                                        tmp_path / "diffusion_models" / "flux1-dev-Q8_0.gguf", "flux", "Q8_0")
+    shutil.copytree(transformer.with_suffix(".config"), gguf_path.with_suffix(".config"))
+    transformer.unlink()
+    assert count > 0
+    registry = ModelRegistry(tmp_path, builtin_dir=None)
+    # Measured: within 1/255 of the float32 folder's picture.
+    assert _pixels_differ(_draw(Engine(registry), "flux1-dev-Q8_0"), reference_flux) <= 2
+
+
+def test_a_flux_transformer_with_an_sd3_sized_t5_is_refused_naming_the_file(flux_source, tmp_path):
+    pipeline, folder, _ = flux_source["dev"]
+    files.flux_split(pipeline, tmp_path, "flux1-dev", folder)
+    files.save_text_encoder(files.tiny_t5(d_model=64), tmp_path / "text_encoders" / "t5xxl_fp16.safetensors")
+    with pytest.raises(ModelError, match="t5xxl_fp16.safetensors is a T5-XXL-kind text encoder of width 64, but this "
+                                         "model's text_encoder_2 needs width 32"):
+        ModelRegistry(tmp_path, builtin_dir=None).load("flux1-dev")
+
+
+def test_the_shipped_flux_configs_have_flux1s_published_size_and_are_picked_by_shape():
+    import json
+
+    from diffusers import FluxTransformer2DModel
+
+    from engine.families import FLUX_DEV
+    from engine.models import SINGLE_FILE_CONFIGS
+
+    layout = FLUX_DEV.file_layout
+    for variant, folder in (("", SINGLE_FILE_CONFIGS / "flux"), ("schnell", SINGLE_FILE_CONFIGS / "flux" / "variants" / "schnell")):
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+        with torch.device("meta"):
+            model = FluxTransformer2DModel.from_config(config)
+        weights = sum(tensor.numel() for tensor in model.state_dict().values())  # 11,901,408,320 and 11,891,178,560
+        assert abs(weights - 12e9) < 0.15e9  # "a 12 billion parameter rectified flow transformer"
+        assert layout.config_variant(set(files.flux_original(model)), lambda key: [0]) == variant

@@ -98,6 +98,8 @@ def load_text_encoder(slot: TextEncoderSlot, source: Source, class_name: str, co
     with torch.device("meta"):
         model = cls(config)
     expected = model.state_dict()
+    # Files keep Hugging Face's published names (``text_model.*``); transformers 5 drops that level in some classes.
+    weights = {_as_expected(name, expected): value for name, value in weights.items()}
     if slot.identity_projection and "text_projection.weight" in expected and "text_projection.weight" not in weights:
         out_features, in_features = expected["text_projection.weight"].shape
         if out_features == in_features:
@@ -123,6 +125,15 @@ def load_text_encoder(slot: TextEncoderSlot, source: Source, class_name: str, co
     if missing:
         raise _missing_error(f"{slot.title} text encoder", source.path, missing)
     return model.to(dtype)
+
+
+def _as_expected(name: str, expected: dict) -> str:
+    if name in expected:
+        return name
+    for old, new in (("text_model.", ""), ("", "text_model.")):
+        if name.startswith(old) and new + name[len(old):] in expected:
+            return new + name[len(old):]
+    return name
 
 
 def _tokenizer(component: str, class_name: str, config_dir: Path, beside: Path | None, slot: TextEncoderSlot):
