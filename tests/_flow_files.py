@@ -162,7 +162,7 @@ def tiny_t5(d_model: int, seed: int = 0):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=128, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
+    config = T5Config(vocab_size=256, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
                       feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, decoder_start_token_id=0)
     return T5EncoderModel(config).eval()
 
@@ -224,24 +224,6 @@ def write_gguf(tensors: dict[str, torch.Tensor], path: Path, arch: str, quantize
     return path, count
 
 
-def tiny_t5_tokenizer(folder: Path):
-    """A T5 tokenizer (SentencePiece Unigram over letters, ``</s>`` appended) saved as ``tokenizer.json`` — real T5
-    tokenizers cannot be fetched here, and only its interface matters to the loader."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
-    model = Tokenizer(models.Unigram(vocab, unk_id=2))
-    model.pre_tokenizer = pre_tokenizers.Metaspace()
-    model.decoder = decoders.Metaspace()
-    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
 def sd3_with_t5(folder: Path, seed: int = 0):
     """The tiny SD 3.5 of ``tests._sd3_fixture`` with a tiny T5 (width 64, the MMDiT's joint width), saved as a
     diffusers folder; returns the pipeline."""
@@ -250,10 +232,11 @@ def sd3_with_t5(folder: Path, seed: int = 0):
     from diffusers import StableDiffusion3Pipeline
 
     from tests._sd3_fixture import SIZE, build_pipeline
+    from tests._t5_tokenizer import build_t5_tokenizer
 
     base = build_pipeline(seed)
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = tiny_t5_tokenizer(Path(scratch))
+        tokenizer = build_t5_tokenizer(Path(scratch))
     pipeline = StableDiffusion3Pipeline(
         transformer=base.transformer, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
         tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,

@@ -15,6 +15,7 @@ from engine.models import ModelRegistry
 from engine.request import GenerationRequest
 from tests import _flow_files as files
 from tests._sd3_fixture import build_folder, build_pipeline
+from tests._t5_tokenizer import build_t5_tokenizer
 
 PROMPT = "a red fox"
 
@@ -293,7 +294,7 @@ def test_t5_loads_from_an_all_in_one_file_and_from_a_split_file_with_its_tokeniz
     transformer = files.sd3_split(pipeline, split, "sd3-split-t5", folder)
     shutil.rmtree(transformer.with_suffix(".config") / "tokenizer_3")  # the tokenizer comes with the T5 file instead
     files.save_text_encoder(pipeline.text_encoder_3, split / "text_encoders" / "t5xxl_fp16.safetensors")
-    files.tiny_t5_tokenizer(split / "text_encoders" / "t5xxl_fp16.tokenizer")
+    build_t5_tokenizer(split / "text_encoders" / "t5xxl_fp16.tokenizer")
     whole = Engine(ModelRegistry(tmp_path, builtin_dir=None))
     assert whole.registry.load("sd3-aio-t5").pipeline.text_encoder_3 is not None
     assert np.array_equal(_draw(whole, "sd3-aio-t5"), reference_t5)
