@@ -20,7 +20,7 @@ beside the file when there is one, else ``engine/configs/<family>``. The CLIP
 tokenizer files are shared by every family (``engine/configs/clip_tokenizer``)
 and copied into a temporary config folder at load time.
 
-Flow families (SD 3.5) are also read as their makers and Forge/ComfyUI keep them: an original
+Flow families (SD 3.5, Flux.1) are also read as their makers and Forge/ComfyUI keep them: an original
 single file, or the transformer alone (``models/Stable-diffusion``, ``diffusion_models``, ``unet``;
 ``.safetensors`` or ``.gguf``) with split text encoders and VAE. ``engine.model_files`` finds and
 loads those parts from the family's ``FileLayout``; the config is ``<name>.config/`` or the shipped
