@@ -185,7 +185,7 @@ class Engine:
         """The job itself; ``timings`` and ``images`` fill as it goes, so an interrupt keeps what was finished."""
         cancellation.entering("loading the model")
         job_networks = networks.prepare(self.networks, request.prompt)  # <lora:…> tags out of the text to encode
-        model = self.registry.load(request.model)
+        model = self._load_model(request)
         vae = self._job_vae(request, model, job_scope)
         job_scope.enter_context(networks.active(model, job_networks))
         refiner_model = self._job_refiner(request, model)
@@ -423,6 +423,13 @@ class Engine:
         return latents, result.steps_done
 
     # -- pieces ------------------------------------------------------------------
+    def _load_model(self, request: GenerationRequest) -> LoadedModel:
+        """The request's model; its module picks, and its VAE file, matter to a model kept as split files."""
+        vae = request.vae if request.vae not in (vae_files.AUTOMATIC, vae_files.NONE) else None
+        if not request.modules and vae is None:
+            return self.registry.load(request.model)
+        return self.registry.load(request.model, modules=request.modules, vae=vae)
+
     def _job_vae(self, request: GenerationRequest, model: LoadedModel, job_scope: contextlib.ExitStack) -> vae_files.VaeChoice:
         """The VAE the request asks for, swapped into the model until the job ends (the checkpoint's own after)."""
         vaes = getattr(self.registry, "vaes", None)

@@ -122,6 +122,10 @@ class Field:
         return None if choices is None else {choice.lower().replace(" ", "-"): choice for choice in choices}
 
 
+class Names(tuple):
+    """The type of a field whose value is a list of names (files); a request keeps it as a tuple."""
+
+
 class FieldRegistry:
     """The declared fields, in declaration order (which is also the order of the infotext line)."""
 
@@ -297,6 +301,12 @@ CORE_FIELDS: tuple[Field, ...] = (
           help="Automatic (a file in models/VAE named after the checkpoint, else its own), None (the checkpoint's own) "
                "or a file in models/VAE.",
           infotext="VAE", infotext_when=_when_vae_file, override="sd_vae", cli="--vae"),
+    # Forge's "VAE / Text Encoder" picks, for a flow model kept as split files (engine.model_files): file names (or,
+    # as Forge's API sends them, paths) of text encoders and VAEs. With none, the one fitting set in the folders is used.
+    Field("modules", Names, Names(), max_length=1000, label="VAE / Text Encoder",
+          help="Text encoder and VAE files (models/text_encoder, models/VAE...) for a model kept as split files; "
+               "default: the one set that fits.",
+          override="forge_additional_modules", cli="--text-encoder"),
     Field("subseed", int, -1, range=(-1, MAX_SEED), label="Variation seed", control="number", help="-1 picks one.",
           infotext="Variation seed", infotext_when=_when_variation, api="subseed", cli="--variation-seed"),
     Field("subseed_strength", float, 0.0, range=(0.0, 1.0), label="Variation strength", control="slider", step=0.01,

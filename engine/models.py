@@ -19,6 +19,13 @@ Single-file checkpoints (the original CompVis/SGM key layout) load through
 beside the file when there is one, else ``engine/configs/<family>``. The CLIP
 tokenizer files are shared by every family (``engine/configs/clip_tokenizer``)
 and copied into a temporary config folder at load time.
+
+Flow families (SD 3.5, Flux.1) are also read as their makers and Forge/ComfyUI keep them: an original
+single file, or the transformer alone (``models/Stable-diffusion``, ``diffusion_models``, ``unet``;
+``.safetensors`` or ``.gguf``) with split text encoders and VAE. ``engine.model_files`` finds and
+loads those parts from the family's ``FileLayout``; the config is ``<name>.config/`` or the shipped
+one the transformer's shapes pick. Text encoder and VAE picks (``load(name, modules=...)``) name
+files; a loaded model is cached under its name plus its picks.
 """
 from __future__ import annotations
 
@@ -54,6 +61,10 @@ from .networks.embeddings import EMBEDDINGS_SUBDIR, EmbeddingLibrary
 from .networks.vae_files import VAE_SUBDIR, VaeLibrary
 from .upscalers.library import UpscalerLibrary
 from .tiny_decoders import TinyDecoderLibrary
+from .model_files import folders as model_folders
+from .model_files import tensors as model_tensors
+from .model_files import assemble as model_assemble
+from .model_files import parts as model_parts
 from .prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -63,10 +74,12 @@ BUILTIN_DIR = REPO_ROOT / "builtin"
 DEFAULT_MODEL_NAME = "sfumato-demo"
 CHECKPOINT_SUBDIR = "Stable-diffusion"
 SAFE_SUFFIXES = (".safetensors",)
+GGUF_SUFFIX = ".gguf"  # a quantized transformer (engine.model_files)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_CONFIGS = Path(__file__).resolve().parent / "configs"
 SHARED_TOKENIZER = SINGLE_FILE_CONFIGS / "clip_tokenizer"
 CONFIG_SUFFIX = ".config"
+VARIANTS_DIR = "variants"  # engine/configs/<family>/variants/<name>/: files replacing the base config's for one shape
 CONFIG_FILE_SUFFIXES = (".json", ".txt")  # what a config folder may hold; weights there are never read
 
 CONVERT_HINT = ("Convert it to .safetensors with a tool you trust (for example diffusers' conversion scripts, "
@@ -116,6 +129,19 @@ class ModelEntry:
     @property
     def untrained(self) -> bool:
         return (self.path / "UNTRAINED").exists() if self.kind == "diffusers" else False
+
+
+@dataclass(frozen=True)
+class ModulePicks:
+    """Files named for a model kept as split files: text encoders and VAEs (``modules``), and the "SD VAE" file
+    for a model that holds no VAE (``vae``). A model loaded with picks is cached apart from the same model without."""
+
+    modules: tuple[str, ...] = ()
+    vae: str | None = None
+
+    def cache_name(self, name: str) -> str:
+        picked = self.modules + ((self.vae,) if self.vae else ())
+        return name if not picked else f"{name} + {', '.join(picked)}"
 
 
 @dataclass
@@ -405,6 +431,15 @@ def _materialise_config(source: Path, family: Family, target: Path, unet_in_chan
     return target
 
 
+def _overlay(variant: Path, target: Path) -> None:
+    """A shipped variant's config files over the base folder's (SD 3.5 Medium's transformer over Large's)."""
+    for path in variant.rglob("*"):
+        if path.is_file() and path.suffix in CONFIG_FILE_SUFFIXES:
+            destination = target / path.relative_to(variant)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, destination)
+
+
 def _empty_components(folder: Path, family: Family) -> SimpleNamespace:
     """The pipeline's weighted components built from ``folder``'s configs on the meta device (no memory, no weights)."""
     import transformers
@@ -459,7 +494,7 @@ def _spellings(relative: Path) -> tuple[str, ...]:
     """A path under a models folder, written with and without its file extension, and as A1111's
     ``model_name`` (folders joined with '_')."""
     posix = relative.as_posix()
-    suffix = relative.suffix if relative.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES else ""
+    suffix = relative.suffix if relative.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES + (GGUF_SUFFIX,) else ""
     bare = posix[: -len(suffix)] if suffix else posix
     return (posix, bare, bare.replace("/", "_"))
 
@@ -476,7 +511,7 @@ def _problem_without_loading(path: Path, kind: str) -> str | None:
                 if isinstance(index.get(component), list) and index[component][0]:
                     _component_weight_keys(path, component, index[component][0])
         else:
-            families.detect_checkpoint(_safetensors_keys(path, path.name))
+            families.detect_checkpoint(model_tensors.tensor_names(path))
     except ModelError as error:
         return str(error)
     except ValueError as error:  # detect_checkpoint: not a checkpoint layout Sfumato knows
@@ -501,13 +536,16 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._hashes: dict[tuple, str] = {}
+        self._names: dict[tuple, list[str]] = {}  # a flow file's tensor names, per (path, size, mtime)
         self._lock = threading.RLock()
         self._loading: dict[str, Future] = {}  # name → the load in progress
         self.free_memory = memory.free_memory  # device -> FreeMemory; replaceable, so tests can pretend memory is short
         # Textual-inversion embeddings and VAE files: used per job, never loaded into the cached models.
         self.embeddings = EmbeddingLibrary(self.models_dir / EMBEDDINGS_SUBDIR if self.models_dir else None)
         self.vaes = VaeLibrary(self.models_dir / VAE_SUBDIR if self.models_dir else None,
-                               checkpoints=self.models_dir / CHECKPOINT_SUBDIR if self.models_dir else None)
+                               checkpoints=self.models_dir / CHECKPOINT_SUBDIR if self.models_dir else None,
+                               also=tuple(self.models_dir / name for name in model_folders.VAE_DIRS if name != VAE_SUBDIR)
+                               if self.models_dir else ())
         # Upscaler model files (hires fix and Extras): loaded on first use, on this registry's device.
         self.upscalers = UpscalerLibrary(self.models_dir, self.device, self.dtype)
         # TAESD decoders for live previews (models/VAE-taesd, models/vae_approx): loaded on first use.
@@ -530,17 +568,22 @@ class ModelRegistry:
                 if _is_single_file_config(folder) or any(part.startswith(".") for part in relative.parts):
                     continue
                 found.append((folder.name, folder, "diffusers", _spellings(relative)))
-            checkpoints = self.models_dir / CHECKPOINT_SUBDIR
-            if checkpoints.is_dir():
+            for subdir in model_folders.CHECKPOINT_DIRS:
+                checkpoints = self.models_dir / subdir
+                if not checkpoints.is_dir():
+                    continue
+                suffixes = SAFE_SUFFIXES + PICKLE_SUFFIXES + (GGUF_SUFFIX,)
                 for path in sorted(checkpoints.rglob("*")):
                     relative = path.relative_to(checkpoints)
                     inside = relative.parts[:-1]
-                    if (path.suffix.lower() not in SAFE_SUFFIXES + PICKLE_SUFFIXES or not path.is_file()
+                    if (path.suffix.lower() not in suffixes or not path.is_file()
                             or path.stem.lower().endswith(".vae")  # a VAE kept beside its checkpoint (A1111 skips these too)
                             or any(part.startswith(".") or part.endswith(CONFIG_SUFFIX) for part in inside)
                             or any(parent in folders for parent in path.parents)):  # a diffusers folder's own weights
                         continue
-                    kind = "single-file" if path.suffix.lower() in SAFE_SUFFIXES else "pickle"
+                    if subdir != CHECKPOINT_SUBDIR and path.suffix.lower() in PICKLE_SUFFIXES:
+                        continue  # ComfyUI's folders: only the formats Sfumato reads are listed there
+                    kind = "pickle" if path.suffix.lower() in PICKLE_SUFFIXES else "single-file"
                     found.append((path.name[: -len(path.suffix)], path, kind,
                                   _spellings(path.relative_to(self.models_dir)) + _spellings(relative) + (relative.as_posix(),)))
         shared = Counter(short for short, _, _, _ in found)
@@ -643,17 +686,22 @@ class ModelRegistry:
         with self._lock:
             return list(self._loaded)
 
-    def load(self, name: str | None = None) -> LoadedModel:
+    def load(self, name: str | None = None, modules: tuple[str, ...] = (), vae: str | None = None) -> LoadedModel:
+        """The model, loaded once and cached. ``modules`` name text encoder and VAE files (Forge's "VAE / Text
+        Encoder" picks) for a model kept as split files, ``vae`` a VAE file for one that holds none; other models
+        ignore both. A failed load leaves the cache (and the model loaded before) as it was."""
         entry = self.get(name)
-        cached = self._cached(entry)
+        picks = self._picks(entry, tuple(modules), vae)
+        cached = self._cached(entry, picks)
         if cached is not None:
             return cached
         try:
-            return run_on_compute_thread(self._load_and_cache, entry)
+            return run_on_compute_thread(self._load_and_cache, entry, picks)
         except NotEnoughMemoryError:
             raise  # out of memory says nothing about the model's files
         except ModelError as error:
-            if not isinstance(error.__cause__, OUT_OF_MEMORY):
+            # Running out of memory says nothing about the model's files, nor does a wrong or missing module file.
+            if not isinstance(error.__cause__, OUT_OF_MEMORY) and not isinstance(error, model_parts.ModuleError):
                 self.mark_broken(entry, str(error))
             raise
 
@@ -711,25 +759,52 @@ class ModelRegistry:
             told = f"(no memory estimate: {failure})"
         return f"out of memory ({type(error).__name__}: {str(error)[:200]}); {told}"
 
-    def _cached(self, entry: ModelEntry) -> LoadedModel | None:
-        """The entry's loaded model, marked as the most recently used, or None."""
+    def _picks(self, entry: ModelEntry, modules: tuple[str, ...], vae: str | None) -> "ModulePicks":
+        """The picks that matter for this entry: none for a model that is not a flow file; the VAE only for a file
+        that holds none (else the job swaps the VAE in, as for any checkpoint)."""
+        if entry.kind != "single-file" or not (modules or vae):
+            return ModulePicks()
+        try:
+            keys = set(self._tensor_names(entry.path))
+            family = families.detect_checkpoint(keys)
+        except (ModelError, ValueError, OSError):
+            return ModulePicks(tuple(modules))
+        layout = family.file_layout
+        if layout is None:
+            return ModulePicks()
+        holds_vae = layout.vae_prefix + model_parts.VAE_LATENT_WEIGHT in keys
+        return ModulePicks(tuple(modules), None if holds_vae else vae)
+
+    def _tensor_names(self, path: Path) -> list[str]:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
         with self._lock:
-            if entry.name in self._loaded:
-                self._loaded.move_to_end(entry.name)
-                return self._loaded[entry.name]
+            if key not in self._names:
+                self._names[key] = model_tensors.tensor_names(path)
+            return self._names[key]
+
+    def _cached(self, entry: ModelEntry, picks: "ModulePicks | None" = None) -> LoadedModel | None:
+        """The entry's loaded model, marked as the most recently used, or None."""
+        key = (picks or ModulePicks()).cache_name(entry.name)
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
         return None
 
-    def _load_and_cache(self, entry: ModelEntry) -> LoadedModel:
+    def _load_and_cache(self, entry: ModelEntry, picks: "ModulePicks | None" = None) -> LoadedModel:
         """Load once, cache, evict the least recently used. The lock is not held while loading: a load
         left running by an interrupted job must not block the model list, nor a job that wants
         another model; a job that wants the same one waits for that load (and may be interrupted)."""
+        picks = picks or ModulePicks()
+        key = picks.cache_name(entry.name)
         with self._lock:
-            cached = self._cached(entry)  # it may have been loaded while this call waited for the compute thread
+            cached = self._cached(entry, picks)  # it may have been loaded while this call waited for the compute thread
             if cached is not None:
                 return cached
-            loading = self._loading.get(entry.name)
+            loading = self._loading.get(key)
             if loading is None:
-                loading = self._loading[entry.name] = Future()
+                loading = self._loading[key] = Future()
                 loads_here = True
             else:
                 loads_here = False
@@ -738,17 +813,17 @@ class ModelRegistry:
                 return cancellation.wait_for(loading, "waiting for another job's load of the model")
             except Exception:  # noqa: BLE001 - that job reports its own error; this one tries for itself
                 cancellation.check("waiting for another job's load of the model")  # unless this job was interrupted
-                return self._load_and_cache(entry)
+                return self._load_and_cache(entry, picks)
         try:
-            loaded = self._load_uncached(entry)
+            loaded = self._load_uncached(entry, picks) if picks.modules or picks.vae else self._load_uncached(entry)
         except BaseException as error:
             with self._lock:
-                del self._loading[entry.name]
+                del self._loading[key]
             loading.set_exception(error)
             raise
         with self._lock:
-            del self._loading[entry.name]
-            self._loaded[entry.name] = loaded
+            del self._loading[key]
+            self._loaded[key] = loaded
             evicted = False
             while len(self._loaded) > self.cache_size:
                 self._loaded.popitem(last=False)
@@ -760,7 +835,7 @@ class ModelRegistry:
                 torch.cuda.empty_cache()
         return loaded
 
-    def _load_uncached(self, entry: ModelEntry) -> LoadedModel:
+    def _load_uncached(self, entry: ModelEntry, picks: "ModulePicks | None" = None) -> LoadedModel:
         if entry.kind == "pickle":
             raise UnsafeModelError(
                 f"{entry.path.name} is a pickle checkpoint ({entry.path.suffix}); pickles can run code when loaded, so "
@@ -771,7 +846,7 @@ class ModelRegistry:
         if self.performance.memory_check:
             self._refuse_if_short(entry)
         try:
-            pipeline, family = self._read_pipeline(entry)
+            pipeline, family = self._read_pipeline(entry, picks or ModulePicks())
             place_pipeline(pipeline, self.device, self.performance)
             apply_performance(pipeline, self.device, self.performance)
         except ModelError as error:
@@ -808,7 +883,7 @@ class ModelRegistry:
             torch.cuda.empty_cache()
         return NotEnoughMemoryError(f"{entry.name}: " + self.out_of_memory_message(entry.name, error))
 
-    def _read_pipeline(self, entry: ModelEntry) -> tuple[object, Family]:
+    def _read_pipeline(self, entry: ModelEntry, picks: "ModulePicks") -> tuple[object, Family]:
         """The pipeline, on the CPU, and its family (as the model's own ``sfumato.json`` adjusts it)."""
         if entry.kind == "diffusers":
             pipeline = self._read_diffusers_folder(entry)
@@ -816,7 +891,7 @@ class ModelRegistry:
                 return pipeline, families.detect_pipeline(pipeline, entry.path)
             except ValueError as error:
                 raise ModelError(f"{entry.name}: {error}") from error
-        return self._read_single_file(entry)
+        return self._read_single_file(entry, picks)
 
     def _read_diffusers_folder(self, entry: ModelEntry):
         from diffusers import DiffusionPipeline
@@ -840,12 +915,14 @@ class ModelRegistry:
         _check_folder_weights(pipeline, entry.path, file_keys)
         return pipeline
 
-    def _read_single_file(self, entry: ModelEntry) -> tuple[object, Family]:
-        keys = _safetensors_keys(entry.path, entry.path.name)
+    def _read_single_file(self, entry: ModelEntry, picks: "ModulePicks") -> tuple[object, Family]:
+        keys = model_tensors.tensor_names(entry.path)
         try:
             family = families.detect_checkpoint(keys)
         except ValueError as error:
             raise ModelError(f"{entry.path.name}: {error}") from error
+        if family.file_layout is not None:
+            return self._read_flow_files(entry, family, set(keys), picks)
         config_dir, beside = self._single_file_config(entry, family)
         in_channels = None
         if layout_keys.UNET_INPUT_CONV in keys:
@@ -863,6 +940,36 @@ class ModelRegistry:
                                  f"{_explain(error)}") from error
         if beside:  # the checkpoint's own config folder may carry a sfumato.json
             family = families.detect_checkpoint(keys, config_dir)
+        return pipeline, family
+
+    def _read_flow_files(self, entry: ModelEntry, family: Family, keys: set[str], picks: "ModulePicks") -> tuple[object, Family]:
+        """A flow model from its original single file, or its transformer alone with split text encoders and VAE."""
+        layout = family.file_layout
+        beside = entry.path.with_suffix(CONFIG_SUFFIX)
+        variant = None
+        if _is_diffusers_folder(beside):
+            source = beside
+        else:
+            names, prefix = layout.transformer_names(keys)
+            shape_of = model_tensors.shape_reader(entry.path)
+            variant = layout.config_variant(names, lambda key: shape_of(prefix + key))
+            source = family.config_folder
+            if variant is None or not _is_diffusers_folder(source):
+                raise ModelError(
+                    f"{entry.path.name} is a {family.title} transformer of a shape none of Sfumato's shipped configs fits; "
+                    f"put a diffusers config folder (model_index.json, transformer/config.json, ...) at {beside}")
+        with tempfile.TemporaryDirectory(prefix="sfumato-config-") as scratch:
+            try:
+                folder = _materialise_config(source, family, Path(scratch), None)
+                if variant:
+                    _overlay(family.config_folder / VARIANTS_DIR / variant, folder)
+            except (OSError, ValueError) as error:
+                raise ModelError(f"the config folder {source} could not be read: {error}") from error
+            parts = model_parts.resolve(entry.path, keys, layout, folder, self.models_dir, picks.modules, picks.vae,
+                                        model_title=entry.path.name)
+            pipeline = model_assemble.build_pipeline(family, layout, parts, folder, self.dtype)
+        if source == beside:
+            family = families.detect_checkpoint(keys, beside)
         return pipeline, family
 
     @staticmethod

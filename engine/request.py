@@ -18,7 +18,7 @@ from .sampling import table as samplers
 from .errors import ValidationError
 from .fields import (  # noqa: F401 - the choice lists are declared with their fields; re-exported for existing callers
     FIELDS, INPAINT_AREAS, MASKED_CONTENT, MODES, OUTPAINT_SIDES, PREVIEW_METHODS, RESIZE_MODES, RNG_SOURCES, VAE_AUTOMATIC, VAE_NONE,
-    SAME_SAMPLER, SAME_SCHEDULE, Field, default,
+    SAME_SAMPLER, SAME_SCHEDULE, Field, Names, default,
 )
 from .prompts import weight_problem
 
@@ -98,6 +98,12 @@ def check_declared(field: Field, value: Any) -> Any:
             _check_text(name, value, field.max_length)
     elif field.type is Image.Image:
         _check_image(name, value)
+    elif field.type is Names:  # kept as a tuple so the request stays hashable and immutable
+        if isinstance(value, str) or not isinstance(value, (tuple, list)):
+            raise ValidationError(name, "must be a list of names")
+        for item in value:
+            _check_text(name, item, field.max_length)
+        return tuple(value)
     return value
 
 
@@ -146,6 +152,7 @@ class GenerationRequest:
     eta_noise_seed_delta: int = default("eta_noise_seed_delta")
     rng: str = default("rng")
     vae: str = default("vae")
+    modules: tuple[str, ...] = default("modules")
     enable_hr: bool = default("enable_hr")
     hr_upscaler: str = default("hr_upscaler")
     hr_second_pass_steps: int = default("hr_second_pass_steps")

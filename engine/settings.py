@@ -37,6 +37,8 @@ class Settings:
     save_interrupted_images: bool = False
     # Refuse to load a model whose memory estimate exceeds what is free (engine.memory); off: try anyway.
     memory_check: bool = True
+    # The "VAE / Text Encoder" picks remembered per model (a model kept as split files), as Forge remembers them.
+    model_modules: dict[str, list[str]] = field(default_factory=dict)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         """(field, what is wrong with it) for every unusable value."""
@@ -67,6 +69,10 @@ class Settings:
             yield "save_interrupted_images", "must be true or false"
         if not isinstance(self.memory_check, bool):
             yield "memory_check", "must be true or false"
+        if not isinstance(self.model_modules, dict) or not all(
+                isinstance(name, str) and isinstance(picks, list) and all(isinstance(pick, str) for pick in picks)
+                for name, picks in self.model_modules.items()):
+            yield "model_modules", "must map model names to lists of file names"
 
     def validate(self) -> "Settings":
         for name, problem in self.problems():

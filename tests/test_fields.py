@@ -27,7 +27,7 @@ from PIL import Image
 
 from engine.sampling import table as samplers
 from engine.errors import ValidationError
-from engine.fields import CORE, FIELDS, MASK_MODES, Field
+from engine.fields import CORE, FIELDS, MASK_MODES, Field, Names
 from engine.request import GenerationRequest
 
 pytestmark = pytest.mark.timeout(600)
@@ -64,6 +64,8 @@ def sample_value(field: Field) -> Any:
         return {"someext": {"on": True}}
     if field.type is list:
         return [{}]
+    if field.type is Names:
+        return ("clip_l.safetensors", "ae.safetensors")
     if field.type is Image.Image:
         return MASK if field.name == "mask" else INIT
     if field.type in (int, float) and field.range is not None:
@@ -90,6 +92,8 @@ def invalid_values(field: Field) -> list[Any]:
         return ["not an image"]
     if field.type is dict:
         return ["not a mapping"]
+    if field.type is Names:
+        return ["clip_l.safetensors", [7], ["x" * (field.max_length + 1)]]
     if field.type in (int, float):
         low, high = field.range
         values = [high + 1, low - 1, "7", True]
@@ -236,9 +240,9 @@ def test_each_tab_builds_the_declared_control(name, tabs):
 
 
 def test_fields_without_a_plain_control_are_built_by_the_tab_itself(tabs):
-    # images come from upload widgets, the model and VAE from the pickers above the tabs; previews are Settings
+    # images come from upload widgets, the model, VAE and modules from the pickers above the tabs; previews are Settings
     assert {field.name for field in FIELDS.core() if field.control is None} == {
-        "model", "vae", "init_image", "mask", "preview_every", "preview_method", "extensions"}
+        "model", "vae", "modules", "init_image", "mask", "preview_every", "preview_method", "extensions"}
 
 
 def test_extension_settings_get_a_settings_control_and_are_kept_under_the_extension(studio):
@@ -284,6 +288,8 @@ def _flag_text(field: Field, value: Any, tmp_path) -> list[str]:
         return [field.cli, str(path)]
     if field.type is tuple:
         return [field.cli, ",".join(str(part) for part in value)]
+    if field.type is Names:  # the flag once per name
+        return [text for name in value for text in (field.cli, name)]
     names = field.cli_choices()
     if names is not None and not callable(field.choices):
         return [field.cli, next(flag for flag, choice in names.items() if choice == value)]

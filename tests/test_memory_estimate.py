@@ -143,7 +143,7 @@ def test_out_of_memory_while_loading_is_told_the_same_way_and_the_loaded_model_s
     registry = ModelRegistry(models, builtin_dir=REPO / "builtin")
     registry.load("sfumato-demo")
 
-    def exhausted(entry):
+    def exhausted(entry, *picks):
         raise MemoryError("forced by the test")
 
     monkeypatch.setattr(registry, "_read_pipeline", exhausted)

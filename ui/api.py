@@ -68,6 +68,7 @@ _SCHEDULER_FACTS = {"Karras": {"default_rho": 7.0}, "SGM Uniform": {"need_inner_
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _POLL_START_S, _POLL_MAX_S, _DISCONNECT_CHECK_S = 0.005, 0.1, 0.5
 # A1111 option → (Sfumato setting, type) for the options POST /options can change besides the model.
+_MODULES_OPTION = FIELDS["modules"].override  # Forge's forge_additional_modules: remembered per model, as the UI's picker
 _OPTION_SETTINGS = {"show_progress_every_n_steps": ("preview_every", int), "samples_save": ("save_outputs", bool),
                     "save_incomplete_images": ("save_interrupted_images", bool)}
 # Lists A1111 clients fetch while connecting, for features Sfumato does not have: honest empty answers.
@@ -281,6 +282,10 @@ def _common_fields(studio, body: GenerationParams, mode: str) -> dict[str, Any]:
     fields = copied_fields(body, mode)
     fields.update(sampler=sampler, schedule=schedule, model=resolve_model(studio, body))
     fields = _apply_styles(studio, body, fields)
+    if "modules" not in fields:  # Forge keeps its modules as a setting: the picks last posted to /options for the model
+        remembered = getattr(studio.settings, "model_modules", {}).get(fields["model"])
+        if remembered:
+            fields["modules"] = tuple(remembered)
     fields["extensions"] = extension_settings(studio, body.alwayson_scripts)
     previews = studio.settings
     fields.update(preview_every=previews.preview_every, preview_method=previews.preview_method)
@@ -645,6 +650,12 @@ class SdApi:
         return [{"model_name": file.name, "filename": str(file.path)} for file in self.studio.registry.vaes.files()
                 if file.problem is None]
 
+    def sd_modules(self) -> list[dict[str, str]]:
+        """Forge's list of text encoder and VAE files, the names ``forge_additional_modules`` takes."""
+        from engine.model_files.folders import module_files
+
+        return [{"model_name": path.name, "filename": str(path)} for path in module_files(self.studio.registry.models_dir)]
+
     def refresh_vae(self) -> dict:
         self.studio.registry.vaes.refresh()
         return {}
@@ -680,7 +691,7 @@ class SdApi:
         applied: a client may send back what it read.
         """
         current = self.get_options().model_dump()
-        applied = [key for key in options if key == "sd_model_checkpoint" or key in _OPTION_SETTINGS
+        applied = [key for key in options if key in ("sd_model_checkpoint", _MODULES_OPTION) or key in _OPTION_SETTINGS
                    or (key in current and options[key] == current[key])]
         ignored = [key for key in options if key not in applied]
         self._apply_options(options)
@@ -695,6 +706,10 @@ class SdApi:
         with self._options_lock:
             settings = self.studio.settings
             changes: dict[str, Any] = {}
+            modules = options.get(_MODULES_OPTION)
+            if _MODULES_OPTION in options and (not isinstance(modules, list)
+                                              or not all(isinstance(name, str) for name in modules)):
+                raise ApiError(422, "ValidationError", f"{_MODULES_OPTION}: must be a list of file names", _MODULES_OPTION)
             wanted = options.get("sd_model_checkpoint")
             if wanted is not None:
                 if not isinstance(wanted, str):
@@ -703,11 +718,16 @@ class SdApi:
                     entry = self.studio.registry.get(wanted)
                 except ModelError as error:
                     raise ApiError(422, "ValidationError", f"sd_model_checkpoint: {error}", "sd_model_checkpoint") from None
+                picks = modules if modules is not None else settings.model_modules.get(entry.name, [])
                 try:
-                    self.studio.registry.load(entry.name)
+                    self.studio.registry.load(entry.name, modules=tuple(picks)) if picks else self.studio.registry.load(entry.name)
                 except SfumatoError as error:
                     raise ApiError(500, type(error).__name__, f"could not load {entry.name!r}; the current model stays: {error}") from None
                 changes["default_model"] = entry.name
+            if modules is not None:
+                model = changes.get("default_model") or self.studio.default_model()
+                remembered = {**settings.model_modules, model: list(modules)}
+                changes["model_modules"] = {name: picks for name, picks in remembered.items() if picks}
             for option, (setting, kind) in _OPTION_SETTINGS.items():
                 if option not in options:
                     continue
@@ -834,6 +854,7 @@ class SdApi:
         router.add_api_route("/refresh-embeddings", self.refresh_embeddings, methods=["POST"])
         router.add_api_route("/sd-vae", self.sd_vae, methods=["GET"])
         router.add_api_route("/refresh-vae", self.refresh_vae, methods=["POST"])
+        router.add_api_route("/sd-modules", self.sd_modules, methods=["GET"])
         router.add_api_route("/upscalers", self.upscalers, methods=["GET"], response_model=list[UpscalerItem])
         router.add_api_route("/latent-upscale-modes", self.latent_upscale_modes, methods=["GET"],
                              response_model=list[LatentUpscaleModeItem])

@@ -49,6 +49,9 @@ def build_app(studio) -> gr.Blocks:
             refresh = tool_button(REFRESH_MODELS, "model_refresh")
             vae_dropdown = gr.Dropdown(studio.registry.vaes.choices(), value=AUTOMATIC_VAE, label=FIELDS["vae"].label,
                                        elem_id="vae_dropdown", scale=2)
+            modules_dropdown = gr.Dropdown(_module_choices(studio), value=remembered_modules(studio, model), multiselect=True, label=FIELDS["modules"].label,
+                                           info="for a model kept as split files; none: the one set that fits",
+                                           elem_id="modules_dropdown", scale=3)
             model_status = gr.Markdown(_loaded_text(studio, model), elem_id="model_status")
         untrained = gr.Markdown(model_note(entry_or_none(studio, model)), elem_id="model_untrained",
                                 elem_classes=["sfumato-untrained"], visible=bool(model_note(entry_or_none(studio, model))))
@@ -59,7 +62,7 @@ def build_app(studio) -> gr.Blocks:
             for mode, label in GENERATION_TABS:
                 with gr.Tab(label, id=mode, elem_id=f"tab_{mode}"):
                     tabs_by_mode[mode] = build_generation_tab(studio, mode, model_dropdown, session_gallery, size,
-                                                                vae_dropdown=vae_dropdown)
+                                                                vae_dropdown=vae_dropdown, modules_dropdown=modules_dropdown)
             with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
                 build_extras_tab(studio)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
@@ -86,9 +89,43 @@ def build_app(studio) -> gr.Blocks:
         refresh.click(lambda value: gr.update(choices=studio.registry.vaes.choices(),  # the VAE list is rescanned with the models
                                               value=value if value in studio.registry.vaes.choices() else AUTOMATIC_VAE),
                       vae_dropdown, vae_dropdown, api_visibility="private")
+        refresh.click(lambda picked: gr.update(choices=_module_choices(studio),  # and the text encoder / VAE files
+                                               value=[name for name in picked or [] if name in _module_choices(studio)]),
+                      modules_dropdown, modules_dropdown, api_visibility="private")
+        model_dropdown.change(lambda name: gr.update(value=remembered_modules(studio, name)), model_dropdown,
+                              modules_dropdown, api_visibility="private", queue=False)
+        modules_dropdown.input(lambda name, picked: remember_modules(studio, name, picked), [model_dropdown, modules_dropdown],
+                               None, api_visibility="private", queue=False)
         wire_demo_hint(studio, demo_hint, model_dropdown, tabs, tabs_by_mode["txt2img"].fields.components(["prompt"])[0])
         demo.load(None, js=load_js())
     return demo
+
+
+def _module_choices(studio) -> list[str]:
+    """Forge's "VAE / Text Encoder" list: the files in the text encoder and VAE folders, by name."""
+    from engine.model_files.folders import module_files
+
+    return list(dict.fromkeys(path.name for path in module_files(studio.registry.models_dir)))
+
+
+def remembered_modules(studio, model: str | None) -> list[str]:
+    """The picks last made for this model (in the settings file), those still in the folders."""
+    choices = _module_choices(studio)
+    return [name for name in studio.settings.model_modules.get(model or "", []) if name in choices]
+
+
+def remember_modules(studio, model: str | None, picked: list[str] | None) -> None:
+    """Keep the model's picks in the settings file, so the model comes back with them."""
+    from dataclasses import replace
+
+    if not model:
+        return
+    remembered = dict(studio.settings.model_modules)
+    if picked:
+        remembered[model] = list(picked)
+    else:
+        remembered.pop(model, None)
+    studio.update_settings(replace(studio.settings, model_modules=remembered))
 
 
 def _loaded_text(studio, name: str | None) -> str:

@@ -136,7 +136,7 @@ def _spelling(text: str) -> str:
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
     """One flag per request field that declares one (``engine.fields``), the loaded extensions' included."""
-    from engine.fields import CORE, FIELDS
+    from engine.fields import CORE, FIELDS, Names
 
     parser.add_argument("--prompts-file", help="one generation per line of this file, same settings")
     for declared in FIELDS.with_cli():
@@ -145,6 +145,8 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(declared.cli, action="append", default=[], **common)
         elif declared.type is bool:
             parser.add_argument(declared.cli, action="store_true", **common)
+        elif declared.type is Names:  # a flag given once per name
+            parser.add_argument(declared.cli, action="append", default=[], **common)
         elif declared.type in (int, float):
             parser.add_argument(declared.cli, type=declared.type, default=declared.default, **common)
         elif (names := declared.cli_choices()) is not None:

@@ -135,7 +135,7 @@ def _seed_row(mode: str, name: str, random_icon: ToolIcon, reuse_icon: ToolIcon)
 
 
 def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.State, default_size: tuple[int, int],
-                         vae_dropdown=None) -> GenerationTab:
+                         vae_dropdown=None, modules_dropdown=None) -> GenerationTab:
     """Lay out one tab's controls inside the current gr.Tab and wire its own events."""
     fields = F.FieldMap()
     width0, height0 = default_size
@@ -278,7 +278,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     # Keyword inputs give the API readable parameter names: Client.submit(prompt=..., steps=30, api_name="/txt2img").
     keyed = {"model": model_dropdown, **fields.keyed_components()}
     extras = {name: component for name, component in (("own_size", own_size), ("image", image), ("mask_upload", mask_upload),
-                                                                    ("vae", vae_dropdown))
+                                                                    ("vae", vae_dropdown), ("modules", modules_dropdown))
               if component is not None}
     extension_keys = {f"ext_{index}": component for index, component in enumerate(all_components(extensions))}
     script_keys = xyz.keyed() if xyz is not None else {}
@@ -469,6 +469,8 @@ def _build_request(studio, mode: str, model: str | None, values: dict[str, Any],
     values = dict(values)
     if extras.get("vae"):  # the "SD VAE" picker beside the checkpoint
         values["vae"] = extras["vae"]
+    if extras.get("modules"):  # the "VAE / Text Encoder" picker: files for a model kept as split files
+        values["modules"] = tuple(extras["modules"])
     if mode != "txt2img":
         if extras.get("own_size"):
             values["width"] = values["height"] = None

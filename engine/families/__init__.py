@@ -53,10 +53,13 @@ def detect_checkpoint(keys: list[str] | set[str], folder: Path | None = None) ->
     """The family of an original-layout single file, from its key names; ``ValueError`` with a readable
     reason when it is no checkpoint Sfumato runs (a LoRA, a VAE, a control model, an SDXL refiner...)."""
     keys = set(keys)
+    for family in FAMILIES:  # a flow transformer, alone (split files) or in an all-in-one file
+        if family.file_layout is not None and family.matches_checkpoint(keys):
+            return _with_overrides(family, folder)
     has_unet = any(key.startswith(UNET_PREFIX) for key in keys)
     if has_unet:
         for family in FAMILIES:
-            if family.matches_checkpoint(keys):
+            if family.file_layout is None and family.matches_checkpoint(keys):
                 return _with_overrides(family, folder)
     for prefix, what in NOT_A_CHECKPOINT:
         if any(key.startswith(prefix) for key in keys):

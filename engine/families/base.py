@@ -20,6 +20,7 @@ from ..checkpoint_convert import LayoutComponent
 from ..prompts import Conditioning, PromptEncoder, TextLayer
 
 if TYPE_CHECKING:
+    from ..model_files.layout import FileLayout
     from ..sampling.noise_table import NoiseTable
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -110,6 +111,9 @@ class Family:
     load_options: ClassVar[dict[str, Any]] = {}  # extra keywords for the pipeline's from_single_file
     missing_component_hints: ClassVar[dict[str, str]] = {}  # component -> what its absence usually means
     single_file: ClassVar[SingleFileLayout]
+    # Flow families: where the original single file and the split files (Forge, ComfyUI) keep each component
+    # (engine.model_files); None for the UNet families, whose single files load through ``single_file``.
+    file_layout: ClassVar["FileLayout | None"] = None
     # Prompt encoding
     text_encoders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
     pooled_encoder: ClassVar[int | None] = None
@@ -130,7 +134,10 @@ class Family:
         raise NotImplementedError
 
     def matches_checkpoint(self, keys: set[str]) -> bool:
-        """Whether an original-layout single file's key names hold this family's full checkpoint."""
+        """Whether an original-layout single file's key names hold this family's full checkpoint (a flow family:
+        its transformer, alone or with the other components)."""
+        if self.file_layout is not None:
+            return self.file_layout.holds_transformer(keys)
         return any(key.startswith(self.single_file.marker) for key in keys)
 
     def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:

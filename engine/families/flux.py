@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..model_files.bfl_keys import flux_to_diffusers
+from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
 
@@ -54,6 +56,36 @@ PATCH = 2  # latent pixels per side of one transformer token
 # diffusers' calculate_shift defaults, used where a scheduler config leaves them out.
 SHIFT_DEFAULTS = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
 DISTILLED_CFG = "distilled_cfg_scale"  # the request field a guidance-embedded transformer takes (engine/fields.py)
+GUIDANCE_MARKER = "guidance_in.in_layer.weight"  # the distilled-guidance embedder, in Black Forest Labs' names
+
+
+def _config_variant(names: set[str], shape_of) -> str | None:
+    """The shipped config for a Flux.1 transformer's weights (Black Forest Labs' published 19 double and 38 single
+    blocks): dev embeds the distilled guidance (``guidance_in``), schnell does not."""
+    doubles = {int(name.split(".")[1]) for name in names if name.startswith("double_blocks.")}
+    singles = {int(name.split(".")[1]) for name in names if name.startswith("single_blocks.")}
+    if (len(doubles), len(singles)) != (19, 38):
+        return None
+    return "" if GUIDANCE_MARKER in names else "schnell"
+
+
+# Black Forest Labs' flux1-dev/schnell.safetensors (the transformer alone), ComfyUI's all-in-one checkpoints
+# (model.diffusion_model.*, text_encoders.clip_l/t5xxl.transformer.*, vae.*), and the split clip_l.safetensors,
+# t5xxl_fp16.safetensors and ae.safetensors.
+FILE_LAYOUT = FileLayout(
+    transformer_prefix="model.diffusion_model.",
+    transformer_marker="double_blocks.0.img_attn.qkv.weight",
+    vae_prefix="vae.",
+    vae_marker="decoder.conv_in.weight",
+    text_encoders=(
+        TextEncoderSlot("text_encoder", "tokenizer", "text_encoders.clip_l.", CLIP_MARKER, CLIP_WIDTH, "hidden_size",
+                        name_hints=("clip_l", "clip-l", "clipl"), title="CLIP-L"),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", "text_encoders.t5xxl.", T5_MARKER, T5_WIDTH, "d_model",
+                        name_hints=("t5",), title="T5-XXL"),
+    ),
+    config_variant=_config_variant,
+    to_diffusers=flux_to_diffusers,
+)
 
 
 def shift_mu(image_tokens: int, scheduler_config: dict) -> float:
@@ -175,6 +207,7 @@ class Flux1(Family):
     pooled_encoder: ClassVar[int | None] = 0
     embedding_keys: ClassVar[tuple[str, ...]] = ("clip_l", "t5")
     lora_layout: ClassVar[str | None] = "flux"  # kohya's sd-scripts names BFL's layers (fused qkv, single-block linear1)
+    file_layout: ClassVar[FileLayout] = FILE_LAYOUT
 
     def matches_config(self, config: dict) -> bool:
         """A Flux.1 transformer config: a joint text width and pooled projections without SD3's caption projection,
@@ -184,7 +217,11 @@ class Flux1(Family):
         return "caption_projection_dim" not in config and bool(config["guidance_embeds"]) == self.guidance_embedded
 
     def matches_checkpoint(self, keys: set[str]) -> bool:
-        return False  # single files come with the single-file slice of issue #19
+        """A Flux.1 transformer, alone or in an all-in-one file, with the guidance embedder exactly when this is dev."""
+        if not self.file_layout.holds_transformer(keys):
+            return False
+        names, _ = self.file_layout.transformer_names(keys)
+        return (GUIDANCE_MARKER in names) == self.guidance_embedded
 
     def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
         return False  # no UNet

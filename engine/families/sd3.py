@@ -22,6 +22,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
 
@@ -38,6 +39,38 @@ LATENT = LatentFormat(
     tiny_decoder="taesd3",
 )
 DEFAULT_SHIFT = 3.0  # SD 3.5's scheduler config; a folder's own ``shift`` wins
+
+
+
+def _config_variant(names: set[str], shape_of) -> str | None:
+    """The shipped config for an MMDiT's weights (Stability's published SD 3.5 configs): Large has 38 joint blocks;
+    Medium has 24, of which the first 13 also attend within the image (MMDiT-X, ``attn2``)."""
+    blocks = {int(name.split(".")[1]) for name in names if name.startswith("joint_blocks.")}
+    dual = any(".x_block.attn2." in name for name in names)
+    if len(blocks) == 38 and not dual:
+        return ""  # the base folder: SD 3.5 Large (and Large Turbo)
+    if len(blocks) == 24 and dual:
+        return "medium"
+    return None
+
+
+# Stability's single files (sd3.5_large.safetensors, sd3.5_medium.safetensors) and ComfyUI/Forge's split files
+# (clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors in models/text_encoder).
+FILE_LAYOUT = FileLayout(
+    transformer_prefix="model.diffusion_model.",
+    transformer_marker="joint_blocks.0.context_block.adaLN_modulation.1.weight",
+    vae_prefix="first_stage_model.",
+    vae_marker="decoder.conv_in.weight",
+    text_encoders=(
+        TextEncoderSlot("text_encoder", "tokenizer", "text_encoders.clip_l.", CLIP_MARKER, CLIP_WIDTH, "hidden_size",
+                        name_hints=("clip_l", "clip-l", "clipl"), title="CLIP-L", identity_projection=True),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", "text_encoders.clip_g.", CLIP_MARKER, CLIP_WIDTH, "hidden_size",
+                        name_hints=("clip_g", "clip-g", "clipg"), title="CLIP-G"),
+        TextEncoderSlot("text_encoder_3", "tokenizer_3", "text_encoders.t5xxl.", T5_MARKER, T5_WIDTH, "d_model",
+                        name_hints=("t5",), title="T5-XXL", optional=True),
+    ),
+    config_variant=_config_variant,
+)
 
 
 class TransformerCall:
@@ -101,13 +134,11 @@ class StableDiffusion3(Family):
     pooled_encoder: ClassVar[int | None] = 1
     embedding_keys: ClassVar[tuple[str, ...]] = ("clip_l", "clip_g")
     lora_layout: ClassVar[str | None] = "sd3"  # kohya's sd-scripts names the original MMDiT's layers (fused qkv)
+    file_layout: ClassVar[FileLayout] = FILE_LAYOUT
 
     def matches_config(self, config: dict) -> bool:
         """The MMDiT's config: a joint text width and a caption projection (Flux has the first, not the second)."""
         return "joint_attention_dim" in config and "caption_projection_dim" in config
-
-    def matches_checkpoint(self, keys: set[str]) -> bool:
-        return False  # single files are the next slice of issue #19
 
     def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
         return False  # no UNet

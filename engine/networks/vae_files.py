@@ -135,8 +135,10 @@ def load_vae(path: Path, like, device: torch.device | None = None) -> object:
 class VaeLibrary:
     """The VAE files under ``models/VAE``; loaded VAEs are cached (``cache_size`` of them)."""
 
-    def __init__(self, folder: Path | str | None, cache_size: int = 2, checkpoints: Path | str | None = None):
+    def __init__(self, folder: Path | str | None, cache_size: int = 2, checkpoints: Path | str | None = None,
+                 also: tuple[Path | str, ...] = ()):
         self.folder = Path(folder) if folder else None
+        self.also = tuple(Path(path) for path in also)  # ComfyUI's models/vae, listed like models/VAE
         self.checkpoints = Path(checkpoints) if checkpoints else None  # where ``*.vae.safetensors`` files count too
         self.cache_size = max(1, cache_size)
         self._lock = threading.Lock()
@@ -148,7 +150,7 @@ class VaeLibrary:
     def refresh(self) -> list[VaeFile]:
         files: dict[str, VaeFile] = {}
         found = []
-        for root, pattern in ((self.folder, "*"), (self.checkpoints, "*.vae.*")):
+        for root, pattern in ((self.folder, "*"), *((path, "*") for path in self.also), (self.checkpoints, "*.vae.*")):
             if root and root.is_dir():
                 found += [(root, path) for path in sorted(root.rglob(pattern))]
         for root, path in found:
@@ -182,9 +184,9 @@ class VaeLibrary:
         """The file a name means: its name, its stem, or its path under models/VAE."""
         files = self.files()
         for candidate in files:
-            if name in (candidate.name, candidate.stem) or (
-                    self.folder and candidate.path.is_relative_to(self.folder)
-                    and name == candidate.path.relative_to(self.folder).as_posix()):
+            if name in (candidate.name, candidate.stem) or any(
+                    folder and candidate.path.is_relative_to(folder) and name == candidate.path.relative_to(folder).as_posix()
+                    for folder in (self.folder, *self.also)):
                 return candidate
         raise ValidationError("vae", f"no VAE named {name!r} in models/VAE; choose {AUTOMATIC}, {NONE}"
                                      + (f" or one of {', '.join(file.name for file in files)}" if files else ""))

@@ -1,0 +1,190 @@
+"""Building a flow pipeline from the files ``engine.model_files.parts`` found, with a local config folder.
+
+- The transformer and the VAE go through diffusers' own single-file converters (``from_single_file`` of the
+  component class, fed the weights under their prefix, configured by ``<config>/transformer`` and ``<config>/vae``);
+  a GGUF transformer is read by diffusers with ``GGUFQuantizationConfig`` (its weights stay quantized and are
+  dequantized layer by layer in the compute dtype).
+- Text encoders are Hugging Face models: the weights under the slot's prefix are loaded strictly into the class
+  ``model_index.json`` names, built from ``<config>/<component>``.
+- Every weight the config needs must come from the file: a weight left unloaded is a ``ModelError`` naming the file,
+  never a silently random layer.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .layout import FileLayout, TextEncoderSlot
+from .parts import ModuleError, Parts, Source
+from .tensors import is_gguf, read_tensors
+
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "tokenizer.model")
+REBUILT_BUFFERS = ("position_ids",)  # buffers transformers rebuilds from the config; files may leave them out
+# Weights split text encoder files carry that an encoder class may have no place for: CLIP's contrastive scale, its
+# projection (kept in clip_l.safetensors, unused by a CLIPTextModel), the position ids older transformers saved.
+EXTRA_WEIGHTS = ("logit_scale", "text_projection.weight", "position_ids")
+
+
+def _index(config_dir: Path) -> dict:
+    return json.loads((config_dir / "model_index.json").read_text(encoding="utf-8"))
+
+
+def _unloaded(module: torch.nn.Module) -> list[str]:
+    return [name for name, tensor in list(module.named_parameters()) + list(module.named_buffers()) if tensor.is_meta]
+
+
+def _missing_error(what: str, path: Path, missing: list[str]) -> ModelError:
+    shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
+    return ModelError(f"{path.name}: {len(missing)} weights the {what} needs are not in the file ({shown}); "
+                      "the file is of another architecture than the config")
+
+
+def _from_single_file(cls, source: Source, config_dir: Path, subfolder: str, dtype: torch.dtype, keep_prefix: bool,
+                      to_diffusers=None):
+    """One diffusers component from a file's weights under ``source.prefix``: converted by ``to_diffusers`` when the
+    family brings its own converter, else by diffusers' single-file converter for ``cls``."""
+    import diffusers
+
+    options = {"config": str(config_dir), "subfolder": subfolder, "local_files_only": True, "torch_dtype": dtype}
+    if is_gguf(source.path):
+        from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+        try:
+            weights = load_gguf_checkpoint(str(source.path))
+        except Exception as error:  # noqa: BLE001 - the gguf reader raises many kinds for a cut or foreign file
+            raise ModelError(f"{source.path.name} is not a readable GGUF file (corrupt or truncated?): {error}") from error
+        weights = {key[len(source.prefix):]: value for key, value in weights.items() if key.startswith(source.prefix)}
+        options["quantization_config"] = diffusers.GGUFQuantizationConfig(compute_dtype=dtype)
+    else:
+        weights = read_tensors(source.path, source.prefix, dtype, keep_prefix=keep_prefix)
+    if not weights:
+        raise ModelError(f"{source.path.name} holds no {subfolder} weights under {source.prefix!r}")
+    if to_diffusers is not None:
+        weights = to_diffusers(weights, cls.load_config(config_dir / subfolder))
+    converted = set(weights) if to_diffusers is not None else None
+    try:
+        module = cls.from_single_file(weights, **options)
+    except ModelError:
+        raise
+    except Exception as error:  # noqa: BLE001 - diffusers raises ValueError/KeyError/RuntimeError for foreign weights
+        raise ModelError(f"{source.path.name}: its {subfolder} weights do not fit the config "
+                         f"{config_dir.name}/{subfolder}: {type(error).__name__}: {error}") from error
+    missing = _unloaded(module)
+    if missing:
+        raise _missing_error(subfolder, source.path, missing)
+    if converted is not None:
+        unused = sorted(converted - set(module.state_dict()))
+        if unused:
+            shown = ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else "")
+            raise ModelError(f"{source.path.name}: {len(unused)} weights have no place in the {subfolder} ({shown}); "
+                             "the file is of another architecture than the config")
+    return module
+
+
+def load_text_encoder(slot: TextEncoderSlot, source: Source, class_name: str, config_dir: Path, dtype: torch.dtype):
+    """A Hugging Face text encoder from a file's weights under ``source.prefix`` (a wrapper prefix stripped too)."""
+    import transformers
+
+    cls = getattr(transformers, class_name)
+    config = cls.config_class.from_pretrained(config_dir / slot.component)
+    weights = read_tensors(source.path, source.prefix, dtype)
+    for wrapper in slot.wrappers:  # an all-in-one file wraps some encoders once more ("...clip_l.transformer.")
+        if slot.marker not in weights and any(key.startswith(wrapper) for key in weights):
+            weights = {key[len(wrapper):]: value for key, value in weights.items() if key.startswith(wrapper)}
+    with torch.device("meta"):
+        model = cls(config)
+    expected = model.state_dict()
+    # Files keep Hugging Face's published names (``text_model.*``); transformers 5 drops that level in some classes.
+    weights = {_as_expected(name, expected): value for name, value in weights.items()}
+    if slot.identity_projection and "text_projection.weight" in expected and "text_projection.weight" not in weights:
+        out_features, in_features = expected["text_projection.weight"].shape
+        if out_features == in_features:
+            weights["text_projection.weight"] = torch.eye(in_features)
+    for name, tensor in weights.items():
+        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
+            raise ModelError(f"{source.path.name}: the {slot.title} weight {name} has shape {tuple(tensor.shape)} but the "
+                             f"config {config_dir.name}/{slot.component} expects {tuple(expected[name].shape)}")
+    unused = sorted(name for name in set(weights) - set(expected) if not name.endswith(EXTRA_WEIGHTS))
+    weights = {name: value for name, value in weights.items() if name in expected}
+    if unused:
+        shown = ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else "")
+        raise ModelError(f"{source.path.name}: {len(unused)} weights have no place in a {slot.title} text encoder ({shown})")
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, strict=False,
+                          assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # T5: the encoder's embedding is the shared one
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta and name.rsplit(".", 1)[-1] in REBUILT_BUFFERS:
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand((1, -1)), persistent=False)
+    missing = _unloaded(model)
+    if missing:
+        raise _missing_error(f"{slot.title} text encoder", source.path, missing)
+    return model.to(dtype)
+
+
+def _as_expected(name: str, expected: dict) -> str:
+    if name in expected:
+        return name
+    for old, new in (("text_model.", ""), ("", "text_model.")):
+        if name.startswith(old) and new + name[len(old):] in expected:
+            return new + name[len(old):]
+    return name
+
+
+def _tokenizer(component: str, class_name: str, config_dir: Path, beside: Path | None, slot: TextEncoderSlot):
+    import transformers
+
+    folder = config_dir / component
+    if beside is not None:
+        folder = beside
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"the {slot.title} text encoder needs its tokenizer, which weight files do not hold and Sfumato cannot "
+            f"download: put its tokenizer files ({' or '.join(TOKENIZER_FILES[:2])} with tokenizer_config.json) in "
+            f"models/text_encoder/<encoder file name>.tokenizer/ or in the model's <name>.config/{component}/")
+    return getattr(transformers, class_name).from_pretrained(folder)
+
+
+@contextmanager
+def _blamed(source: Source, model: Path):
+    """A module file's failure is the module's (``ModuleError``), not the model's own file's."""
+    try:
+        yield
+    except ModuleError:
+        raise
+    except ModelError as error:
+        if source.path == model:
+            raise
+        raise ModuleError(str(error)) from error
+
+
+def build_pipeline(family, layout: FileLayout, parts: Parts, config_dir: Path, dtype: torch.dtype):
+    """The family's pipeline from ``parts`` and the diffusers config folder ``config_dir``, on the CPU."""
+    import diffusers
+
+    index = _index(config_dir)
+    components = {}
+    transformer_cls = getattr(diffusers, index[family.denoiser][1])
+    components[family.denoiser] = _from_single_file(transformer_cls, parts.transformer, config_dir, family.denoiser, dtype,
+                                                    keep_prefix=False, to_diffusers=layout.to_diffusers)
+    own = parts.transformer.path
+    vae_cls = getattr(diffusers, index["vae"][1])
+    with _blamed(parts.vae, own):
+        components["vae"] = _from_single_file(vae_cls, parts.vae, config_dir, "vae", dtype, keep_prefix=True)
+    for slot in layout.text_encoders:
+        source = parts.text_encoders.get(slot.component)
+        if source is None:
+            components[slot.component] = components[slot.tokenizer] = None
+            continue
+        with _blamed(source, own):
+            components[slot.component] = load_text_encoder(slot, source, index[slot.component][1], config_dir, dtype)
+            components[slot.tokenizer] = _tokenizer(slot.tokenizer, index[slot.tokenizer][1], config_dir,
+                                                    parts.tokenizer_folders.get(slot.tokenizer), slot)
+    scheduler_cls = getattr(diffusers, index["scheduler"][1])
+    components["scheduler"] = scheduler_cls.from_pretrained(config_dir / "scheduler")
+    return family.pipeline_class()(**components)
