@@ -30,12 +30,12 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..model_files.bfl_keys import flux_to_diffusers
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
+from .patching import crop_to, pad_to_patches
 
 if TYPE_CHECKING:
     from ..sampling.noise_table import NoiseTable
@@ -142,7 +142,7 @@ class TransformerCall:
                  added_cond_kwargs: dict | None = None, return_dict: bool = False, **hook_kwargs) -> tuple[torch.Tensor]:
         added = added_cond_kwargs or {}
         batch, _, height, width = x.shape
-        padded = F.pad(x, (0, width % PATCH, 0, height % PATCH), mode="replicate") if (height | width) % PATCH else x
+        padded = pad_to_patches(x, PATCH)
         rows, columns = padded.shape[2] // PATCH, padded.shape[3] // PATCH
         img_ids, txt_ids = position_ids(rows, columns, encoder_hidden_states.shape[1], x.device, x.dtype)
         guidance = None
@@ -152,7 +152,7 @@ class TransformerCall:
             hidden_states=pack(padded), timestep=(timestep / 1000).to(x.dtype).expand(batch), guidance=guidance,
             pooled_projections=added["pooled_projections"], encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
             img_ids=img_ids, return_dict=False, **hook_kwargs)[0]
-        return (unpack(tokens, padded.shape[2], padded.shape[3])[:, :, :height, :width],)
+        return (crop_to(unpack(tokens, padded.shape[2], padded.shape[3]), height, width),)
 
 
 class FluxPromptEncoder:

@@ -25,6 +25,7 @@ import torch
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
+from .patching import crop_to, pad_to_patches
 
 LATENT = LatentFormat(
     channels=16,
@@ -79,13 +80,16 @@ class TransformerCall:
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
+        self.patch = int(transformer.config.patch_size)  # odd latent sides are padded to whole patches (patching.py)
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None, return_dict: bool = False, **hook_kwargs) -> tuple[torch.Tensor]:
         pooled = (added_cond_kwargs or {})["pooled_projections"]
-        return self.transformer(hidden_states=x, timestep=timestep.to(x.dtype).expand(x.shape[0]),
-                                encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled,
-                                return_dict=False, **hook_kwargs)
+        height, width = x.shape[-2:]
+        output = self.transformer(hidden_states=pad_to_patches(x, self.patch), timestep=timestep.to(x.dtype).expand(x.shape[0]),
+                                  encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled,
+                                  return_dict=False, **hook_kwargs)[0]
+        return (crop_to(output, height, width),)
 
 
 class SD3PromptEncoder:

@@ -29,6 +29,7 @@ import torch
 
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
+from .patching import crop_to, pad_to_patches
 
 LATENT = LatentFormat(
     channels=16,
@@ -76,15 +77,17 @@ class ZImageTransformerCall:
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
+        self.patch = int(transformer.config.all_patch_size[0])  # odd latent sides are padded to whole patches (patching.py)
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None, return_dict: bool = False, **hook_kwargs) -> tuple[torch.Tensor]:
         mask = (added_cond_kwargs or {})[TEXT_MASK]
         captions = [row[keep > 0.5] for row, keep in zip(encoder_hidden_states, mask)]
         flow_time = (1000 - timestep.float().expand(x.shape[0])) / 1000  # as ZImagePipeline writes it
-        latents = list(x.unsqueeze(2).unbind(0))
+        height, width = x.shape[-2:]
+        latents = list(pad_to_patches(x, self.patch).unsqueeze(2).unbind(0))
         outputs = self.transformer(latents, flow_time, captions, return_dict=False, **hook_kwargs)[0]
-        return (-torch.stack(outputs).squeeze(2),)
+        return (-crop_to(torch.stack(outputs).squeeze(2), height, width),)
 
 
 class ZImagePromptEncoder:
