@@ -151,6 +151,13 @@ def load_text_encoder(slot: TextEncoderSlot, source: Source, class_name: str, co
         if buffer.is_meta and name.rsplit(".", 1)[-1] in REBUILT_BUFFERS:
             owner = model.get_submodule(name.rsplit(".", 1)[0])
             owner.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand((1, -1)), persistent=False)
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta and name not in expected and name.rsplit(".", 1)[0].endswith("rotary_emb"):
+            # Rotary frequencies are not saved: an LLM's rotary embedding is rebuilt from the config, off the meta device.
+            owner_name = name.rsplit(".", 1)[0]
+            parent, _, child = owner_name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            setattr(model.get_submodule(parent) if parent else model, child, type(owner)(config=model.config))
     head = getattr(model, "lm_head", None)
     if head is not None and head.weight.is_meta:
         # An LLM's output head: the image pipelines read its hidden states only, and Qwen3 files leave the head out
