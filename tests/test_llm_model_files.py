@@ -186,9 +186,11 @@ def flux2_vae_original(vae) -> dict[str, torch.Tensor]:
     decoder (``encoder.quant_conv``, ``decoder.post_quant_conv``) and the batch norm's ``bn.running_mean/var``."""
     from diffusers import AutoencoderKL
 
-    plain = AutoencoderKL(**{k: v for k, v in vae.config.items() if k in AutoencoderKL.__init__.__code__.co_varnames
-                             and k not in ("use_quant_conv", "use_post_quant_conv")}, use_quant_conv=False,
-                          use_post_quant_conv=False)
+    c = vae.config
+    plain = AutoencoderKL(in_channels=c.in_channels, out_channels=c.out_channels, down_block_types=c.down_block_types,
+                          up_block_types=c.up_block_types, block_out_channels=c.block_out_channels,
+                          layers_per_block=c.layers_per_block, latent_channels=c.latent_channels,
+                          norm_num_groups=c.norm_num_groups, use_quant_conv=False, use_post_quant_conv=False)
     state = vae.state_dict()
     plain.load_state_dict({k: v for k, v in state.items() if k in plain.state_dict()})
     out = files._vae_tensors(plain)

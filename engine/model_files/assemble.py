@@ -60,6 +60,7 @@ def _from_single_file(cls, source: Source, config_dir: Path, subfolder: str, dty
         except Exception as error:  # noqa: BLE001 - the gguf reader raises many kinds for a cut or foreign file
             raise ModelError(f"{source.path.name} is not a readable GGUF file (corrupt or truncated?): {error}") from error
         weights = {key[len(source.prefix):]: value for key, value in weights.items() if key.startswith(source.prefix)}
+        weights = {key: _plain_unless_weight(key, value, dtype) for key, value in weights.items()}
         options["quantization_config"] = diffusers.GGUFQuantizationConfig(compute_dtype=dtype)
     else:
         weights = read_tensors(source.path, source.prefix, dtype, keep_prefix=keep_prefix)
@@ -88,6 +89,16 @@ def _from_single_file(cls, source: Source, config_dir: Path, subfolder: str, dty
             raise ModelError(f"{source.path.name}: {len(unused)} weights have no place in the {subfolder} ({shown}); "
                              "the file is of another architecture than the config")
     return module
+
+
+def _plain_unless_weight(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A quantized GGUF tensor that is no layer's ``weight`` (Z-Image's learned pad tokens) dequantized: diffusers
+    dequantizes only inside its GGUF linear layers, and would hand such a parameter over as raw blocks."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
+
+    if isinstance(tensor, GGUFParameter) and not key.endswith(".weight"):
+        return dequantize_gguf_tensor(tensor).to(dtype)
+    return tensor
 
 
 def _single_file_loadable(cls) -> bool:
