@@ -27,7 +27,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ..model_files.layout import QWEN3_MARKER, QWEN3_WIDTH, QWEN_TOKENIZER_FILES, FileLayout, TextEncoderSlot
+from ..model_files.layout import FileLayout, qwen3_slot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
 
@@ -45,14 +45,6 @@ LATENT = LatentFormat(
 )
 DEFAULT_SHIFT = 3.0  # Z-Image Turbo's scheduler config; a folder's own ``shift`` wins
 TEXT_MASK = "text_mask"  # the model-call input that says which embedding tokens are real
-
-
-# The Qwen3 text encoder as a file of its own (ComfyUI's qwen_3_4b.safetensors, ``model.layers.N...``), shared by
-# Z-Image and Flux.2 Klein 4B; in an all-in-one file under ComfyUI's ``text_encoders.qwen3_4b.``.
-def qwen3_slot(component: str = "text_encoder", tokenizer: str = "tokenizer") -> TextEncoderSlot:
-    return TextEncoderSlot(component, tokenizer, "text_encoders.qwen3_4b.", QWEN3_MARKER, QWEN3_WIDTH, "hidden_size",
-                           name_hints=("qwen",), title="Qwen3", wrappers=("model.", "transformer.model."),
-                           tokenizer_files=QWEN_TOKENIZER_FILES)
 
 
 # The transformer alone as Tongyi-MAI/ComfyUI publish it (z_image_turbo_bf16.safetensors: ``x_embedder``, fused

@@ -76,3 +76,11 @@ class FileLayout:
             prefix = self.transformer_prefix
             return {key[len(prefix):] for key in keys if key.startswith(prefix)}, prefix
         return set(keys), ""
+
+
+def qwen3_slot(component: str = "text_encoder", tokenizer: str = "tokenizer") -> TextEncoderSlot:
+    """The Qwen3 text encoder of Z-Image and Flux.2 Klein, as a file of its own (ComfyUI's qwen_3_4b.safetensors,
+    ``model.layers.N...``; the 4B one serves both) or in an all-in-one file under ``text_encoders.qwen3_4b.``."""
+    return TextEncoderSlot(component, tokenizer, "text_encoders.qwen3_4b.", QWEN3_MARKER, QWEN3_WIDTH, "hidden_size",
+                           name_hints=("qwen",), title="Qwen3", wrappers=("model.", "transformer.model."),
+                           tokenizer_files=QWEN_TOKENIZER_FILES)
