@@ -414,6 +414,8 @@ def _materialise_config(source: Path, family: Family, target: Path, unet_in_chan
     for component in ("tokenizer", "tokenizer_2"):
         if not isinstance(index.get(component), list) or index[component][0] is None:
             continue
+        if "CLIP" not in str(index[component][1]):  # a Qwen tokenizer (Z-Image, Flux.2) comes with the model's files
+            continue
         folder = target / component
         folder.mkdir(exist_ok=True)
         if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):

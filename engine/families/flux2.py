@@ -28,6 +28,8 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..model_files.flux2_keys import flux2_vae_to_diffusers
+from ..model_files.layout import FileLayout, qwen3_slot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
 
@@ -48,6 +50,33 @@ LATENT = LatentFormat(
     rgb_factors=tuple(tuple(v / PATCH ** 2 for v in row) for row in _UNFOLDED_RGB for _ in range(PATCH ** 2)),
     rgb_bias=(-0.0329, -0.0718, -0.0851),
     tiny_decoder="taef2",
+)
+# The shipped configs by transformer width (``img_in.weight`` rows) and block counts: Black Forest Labs' published
+# Klein 4B (the base folder; Qwen3-4B) and 9B (``variants/9b``; Qwen3-8B). FLUX.2 [dev] (width 6144, Mistral) is not
+# a Klein: no shipped config fits it.
+KLEIN_SHAPES = {(3072, 5, 20): "", (4096, 8, 24): "9b"}
+
+
+def _config_variant(names: set[str], shape_of) -> str | None:
+    if "img_in.weight" not in names:
+        return None
+    doubles = {int(name.split(".")[1]) for name in names if name.startswith("double_blocks.")}
+    singles = {int(name.split(".")[1]) for name in names if name.startswith("single_blocks.")}
+    return KLEIN_SHAPES.get((shape_of("img_in.weight")[0], len(doubles), len(singles)))
+
+
+# BFL's flux-2-klein-*.safetensors (the transformer alone, original names: ``img_in``, ``double_blocks.N.img_attn.qkv``,
+# ``single_blocks.N.linear1``, the shared ``double_stream_modulation_img/txt`` and ``single_stream_modulation``), read by
+# diffusers' own converter; the Qwen3 encoder as a file of its own; the FLUX.2 VAE (flux2-vae.safetensors) by
+# ``flux2_vae_to_diffusers``.
+FILE_LAYOUT = FileLayout(
+    transformer_prefix="model.diffusion_model.",
+    transformer_marker="double_stream_modulation_img.lin.weight",  # Flux.2's shared modulation; Flux.1 has none
+    vae_prefix="vae.",
+    vae_marker="decoder.conv_in.weight",
+    text_encoders=(qwen3_slot(),),
+    config_variant=_config_variant,
+    vae_to_diffusers=flux2_vae_to_diffusers,
 )
 NATIVE_TOKENS = 64 * 64  # a 1024² picture's tokens: the table ``noise_table`` gives when no size is known
 
@@ -151,14 +180,12 @@ class Flux2Klein(Family):
     components: ClassVar[tuple[str, ...]] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     embedding_keys: ClassVar[tuple[str, ...]] = ()  # no CLIP: textual-inversion files do not apply
     latent_patch: ClassVar[int] = PATCH
+    file_layout: ClassVar[FileLayout] = FILE_LAYOUT
 
     def matches_config(self, config: dict) -> bool:
         """Flux.2's transformer config: a joint timestep-and-guidance embedder (``timestep_guidance_channels``),
         which Flux.1's lacks."""
         return "timestep_guidance_channels" in config and "joint_attention_dim" in config
-
-    def matches_checkpoint(self, keys: set[str]) -> bool:
-        return False  # single files are another slice of issue #19
 
     def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
         return False  # no UNet

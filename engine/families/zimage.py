@@ -27,6 +27,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..model_files.layout import FileLayout, qwen3_slot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
 from .patching import crop_to, pad_to_patches
@@ -45,6 +46,28 @@ LATENT = LatentFormat(
 )
 DEFAULT_SHIFT = 3.0  # Z-Image Turbo's scheduler config; a folder's own ``shift`` wins
 TEXT_MASK = "text_mask"  # the model-call input that says which embedding tokens are real
+
+
+# The transformer alone as Tongyi-MAI/ComfyUI publish it (z_image_turbo_bf16.safetensors: ``x_embedder``, fused
+# ``attention.qkv``, ``attention.out``, ``q_norm``/``k_norm``, ``final_layer``), read by diffusers' own converter
+# (``convert_z_image_transformer_checkpoint_to_diffusers``: renames and a qkv split, at any width); the VAE is Flux.1's
+# ae.safetensors (original names); the Qwen3 encoder a file of its own.
+def _config_variant(names: set[str], shape_of) -> str | None:
+    """The shipped config (Z-Image Turbo's: 30 layers of width 3840 on Qwen3-4B's 2560) when the weights have its shape."""
+    layers = {int(name.split(".")[1]) for name in names if name.startswith("layers.")}
+    if len(layers) != 30 or "cap_embedder.1.weight" not in names or shape_of("cap_embedder.1.weight") != [3840, 2560]:
+        return None
+    return ""
+
+
+FILE_LAYOUT = FileLayout(
+    transformer_prefix="model.diffusion_model.",
+    transformer_marker="layers.0.adaLN_modulation.0.weight",  # diffusers' marker; Lumina 2 keeps adaLN_modulation.1
+    vae_prefix="vae.",
+    vae_marker="decoder.conv_in.weight",
+    text_encoders=(qwen3_slot(),),
+    config_variant=_config_variant,
+)
 
 
 @dataclass
@@ -130,14 +153,12 @@ class ZImage(Family):
     pipeline_classes: ClassVar[tuple[str, ...]] = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
     components: ClassVar[tuple[str, ...]] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     embedding_keys: ClassVar[tuple[str, ...]] = ()  # no CLIP: textual-inversion files do not apply
+    file_layout: ClassVar[FileLayout] = FILE_LAYOUT
 
     def matches_config(self, config: dict) -> bool:
         """The S3-DiT's config: caption features fed straight from the LLM (``cap_feat_dim``) and per-patch-size
         embedders (``all_patch_size``)."""
         return "cap_feat_dim" in config and "all_patch_size" in config
-
-    def matches_checkpoint(self, keys: set[str]) -> bool:
-        return False  # single files are another slice of issue #19
 
     def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
         return False  # no UNet

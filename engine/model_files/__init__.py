@@ -8,6 +8,7 @@
 - ``parts``: which files make one model (the checkpoint's own components, the picks, or the one fitting set);
 - ``assemble``: building the family's pipeline from those parts and a diffusers config folder;
 - ``bfl_keys``: Black Forest Labs' Flux.1 names to diffusers', at any width.
+- ``flux2_keys``: Black Forest Labs' FLUX.2 VAE names to diffusers' (whose single-file loader lacks that class).
 
 ``engine.models.ModelRegistry`` calls these for a single file whose family has a ``file_layout``.
 """

@@ -23,6 +23,12 @@ CLIP_MARKER = "text_model.embeddings.position_embedding.weight"
 CLIP_WIDTH = "text_model.embeddings.token_embedding.weight"  # [vocabulary, width]
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
 T5_WIDTH = "encoder.final_layer_norm.weight"  # [width]
+# Qwen3 (Z-Image, Flux.2 Klein): the per-head key norm tells it from Qwen2/Llama; files keep transformers' names with
+# or without the ``model.`` level (``model.layers.N...`` as ComfyUI's qwen_3_4b.safetensors has them).
+QWEN3_MARKER = "layers.0.self_attn.k_norm.weight"
+QWEN3_WIDTH = "embed_tokens.weight"  # [vocabulary, width]
+QWEN_TOKENIZER_FILES = ("vocab.json, merges.txt and tokenizer_config.json (it holds the chat template) from the "
+                        "Qwen3 model's repository, or the tokenizer/ folder of the model's diffusers repository")
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class TextEncoderSlot:
     optional: bool = False  # the pipeline runs without it (SD 3.5 without T5: zeros stand in, as diffusers does)
     identity_projection: bool = False  # a file without text_projection gets the identity (ComfyUI's SD 3 CLIP-L pools unprojected)
     wrappers: tuple[str, ...] = ("transformer.", "model.")  # prefixes some split files keep around the Hugging Face names
+    tokenizer_files: str = ""  # what the missing-tokenizer error asks for, when it is not a tokenizer.json/spiece.model
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,8 @@ class FileLayout:
     # The family's own converter to diffusers' names, (weights without the prefix, transformer config) -> weights, where
     # diffusers' single-file converter does not fit every shape (Flux's fixes the width); None: diffusers' own.
     to_diffusers: Callable[[dict, dict], dict] | None = None
+    # The same for the VAE, where diffusers has no single-file converter for the family's VAE class (Flux.2's).
+    vae_to_diffusers: Callable[[dict, dict], dict] | None = None
 
     def holds_transformer(self, keys: set[str]) -> bool:
         return self.transformer_prefix + self.transformer_marker in keys or self.transformer_marker in keys
@@ -67,3 +76,11 @@ class FileLayout:
             prefix = self.transformer_prefix
             return {key[len(prefix):] for key in keys if key.startswith(prefix)}, prefix
         return set(keys), ""
+
+
+def qwen3_slot(component: str = "text_encoder", tokenizer: str = "tokenizer") -> TextEncoderSlot:
+    """The Qwen3 text encoder of Z-Image and Flux.2 Klein, as a file of its own (ComfyUI's qwen_3_4b.safetensors,
+    ``model.layers.N...``; the 4B one serves both) or in an all-in-one file under ``text_encoders.qwen3_4b.``."""
+    return TextEncoderSlot(component, tokenizer, "text_encoders.qwen3_4b.", QWEN3_MARKER, QWEN3_WIDTH, "hidden_size",
+                           name_hints=("qwen",), title="Qwen3", wrappers=("model.", "transformer.model."),
+                           tokenizer_files=QWEN_TOKENIZER_FILES)
