@@ -92,8 +92,10 @@ def build_app(studio) -> gr.Blocks:
         refresh.click(lambda picked: gr.update(choices=_module_choices(studio),  # and the text encoder / VAE files
                                                value=[name for name in picked or [] if name in _module_choices(studio)]),
                       modules_dropdown, modules_dropdown, api_visibility="private")
-        model_dropdown.change(lambda name: gr.update(value=remembered_modules(studio, name)), model_dropdown,
-                              modules_dropdown, api_visibility="private", queue=False)
+        # The model's own picks come back when the artist picks it (.input: a .change here, beside the model bar's own
+        # handlers, made Gradio render the demo hint twice).
+        model_dropdown.input(lambda name: gr.update(value=remembered_modules(studio, name)), model_dropdown,
+                             modules_dropdown, api_visibility="private")
         modules_dropdown.input(lambda name, picked: remember_modules(studio, name, picked), [model_dropdown, modules_dropdown],
                                None, api_visibility="private", queue=False)
         wire_demo_hint(studio, demo_hint, model_dropdown, tabs, tabs_by_mode["txt2img"].fields.components(["prompt"])[0])
