@@ -35,6 +35,7 @@ import json
 import logging
 import re
 import shutil
+import struct
 import tempfile
 import threading
 from collections import Counter, OrderedDict
@@ -873,7 +874,7 @@ class ModelRegistry:
         """Refuse before loading when the estimate exceeds what is free; the models already loaded stay loaded."""
         try:
             shortfall = self.memory_shortfall(entry)
-        except (OSError, ValueError, ModelError) as error:  # unreadable headers: the load reports the file's problem
+        except (OSError, ValueError, struct.error, ModelError) as error:  # unreadable headers: the load reports the file's problem
             log.warning("no memory estimate for %s: %s", entry.name, error)
             return
         if shortfall is not None:
