@@ -29,21 +29,11 @@ import torch
 
 from ..model_files.layout import FileLayout, qwen3_slot
 from ..prompts import Conditioning, TextLayer
-from .base import Family, LatentFormat, ModelInputs
+from .base import Family, ModelInputs
+from .flux import LATENT as FLUX_LATENT
 from .patching import crop_to, pad_to_patches
 
-LATENT = LatentFormat(
-    channels=16,
-    scaling_factor=0.3611,
-    shift=0.1159,
-    # ComfyUI comfy/latent_formats.py, class Flux (Z-Image uses Flux.1's VAE).
-    rgb_factors=((-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
-                 (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
-                 (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
-                 (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778)),
-    rgb_bias=(-0.0329, -0.0718, -0.0851),
-    tiny_decoder="taef1",
-)
+LATENT = FLUX_LATENT  # Z-Image draws in Flux.1's VAE latent: its constants, preview factors and TAESD (taef1)
 DEFAULT_SHIFT = 3.0  # Z-Image Turbo's scheduler config; a folder's own ``shift`` wins
 TEXT_MASK = "text_mask"  # the model-call input that says which embedding tokens are real
 
