@@ -224,10 +224,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def parallel_workers(extra: list[str]) -> list[str]:
+    """pytest-xdist options spreading whole test files over the cores (each file's fixtures stay in one worker),
+    unless the caller chose ``-n`` itself. The tests run one torch thread each, so a worker per core is the
+    machine's full speed; past 4 the tiny-model fixtures each worker builds cost more than they save."""
+    if any(arg == "-n" or arg.startswith(("-n", "--numprocesses")) for arg in extra):
+        return []
+    workers = max(1, min(os.cpu_count() or 1, 4))
+    return ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
+
+
 def run_tests(extra: list[str]) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT))
-    status = subprocess.call([sys.executable, "-m", "pytest", *(extra or ["tests"])], cwd=ROOT, env=env)
+    status = subprocess.call([sys.executable, "-m", "pytest", *parallel_workers(extra), *(extra or ["tests"])], cwd=ROOT,
+                             env=env)
     if status == 5:
         print("error: pytest collected no tests; that counts as a failure", file=sys.stderr)
         return 1
