@@ -91,8 +91,12 @@ class _PassPlan:
 
     @property
     def guided(self) -> bool:
-        """CFG runs (the negative prompt is evaluated) only above 1, as in A1111."""
-        return self.cfg_scale > 1.0
+        return _guided(self.cfg_scale)
+
+
+def _guided(cfg_scale: float) -> bool:
+    """CFG runs (the negative prompt is evaluated) only above 1, as in A1111."""
+    return cfg_scale > 1.0
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,8 @@ class Engine:
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")
         conditioning = model.prompt_encoder.encode(job_networks.prompt, request.negative_prompt, request.clip_skip,
-                                                   getattr(self.registry, "embeddings", None), job_networks.text_encoder_key)
+                                                   getattr(self.registry, "embeddings", None), job_networks.text_encoder_key,
+                                                   need_negative=_guided(request.cfg_scale))
         timings["encode"] = time.perf_counter() - tick
         previewer = self._previewer(request, model)
         extension_info = self.extensions.infotext_fields(request) if self.extensions else {}
@@ -229,10 +234,15 @@ class Engine:
             second = self._plan_hires(request, model, first, job_networks)
         refined = None  # the refiner's part in the pass it refines
         if refiner_model is not None and second is None:
-            refined = first.refiner = self._refiner_plan(request, refiner_model, job_networks.prompt, request.negative_prompt)
+            refined = first.refiner = self._refiner_plan(request, refiner_model, job_networks.prompt, request.negative_prompt,
+                                                         first.guided)
         elif refiner_model is not None:  # A1111's default: with hires fix, the refiner takes part in the second pass only
             refined = second.pass_plan.refiner = self._refiner_plan(
-                request, refiner_model, networks.prepare(self.networks, second.plan.prompt).prompt, second.plan.negative_prompt)
+                request, refiner_model, networks.prepare(self.networks, second.plan.prompt).prompt, second.plan.negative_prompt,
+                second.pass_plan.guided)
+        # What the encoders had to report (a prompt cut at an encoder's limit), once each, in the order met.
+        plans = [first, *([second.pass_plan] if second is not None else []), *([refined] if refined is not None else [])]
+        warnings = list(dict.fromkeys(warning for plan in plans for warning in getattr(plan.conditioning, "warnings", ())))
 
         interrupted = False
         denoise_time = decode_time = 0.0
@@ -287,7 +297,7 @@ class Engine:
             if interrupted:
                 break
         timings.update(denoise=denoise_time, decode=decode_time, total=time.perf_counter() - started)
-        return GenerationResult(request=request, images=images, interrupted=interrupted, timings=timings)
+        return GenerationResult(request=request, images=images, interrupted=interrupted, timings=timings, warnings=warnings)
 
     # -- the passes ------------------------------------------------------------------
     def _job_refiner(self, request: GenerationRequest, model: LoadedModel) -> LoadedModel | None:
@@ -302,12 +312,13 @@ class Engine:
         refiner.check_compatible(model, refiner_model)
         return refiner_model
 
-    def _refiner_plan(self, request: GenerationRequest, refiner_model: LoadedModel, prompt: str, negative: str) -> "_RefinerPlan":
+    def _refiner_plan(self, request: GenerationRequest, refiner_model: LoadedModel, prompt: str, negative: str,
+                      guided: bool) -> "_RefinerPlan":
         """The refiner's part in a pass: the pass's prompts (``prompt`` without its <lora:…> tags) encoded by the
-        refiner's text encoders, and its noise table."""
+        refiner's text encoders (the negative only when the pass is ``guided``), and its noise table."""
         cancellation.entering("encoding the prompt for the refiner")
         conditioning = refiner_model.prompt_encoder.encode(prompt, negative, request.clip_skip,
-                                                           getattr(self.registry, "embeddings", None))
+                                                           getattr(self.registry, "embeddings", None), need_negative=guided)
         noise_table, parameterization = noise_table_for(refiner_model, request.zero_terminal_snr, shift=request.shift)
         return _RefinerPlan(refiner_model, conditioning, noise_table, parameterization)
 
@@ -318,12 +329,15 @@ class Engine:
         plan = hires.plan(request, first.width, first.height, model.vae_scale_factor, (family.min_size, family.max_size),
                           self.registry)
         conditioning = first.conditioning
-        if (plan.prompt, plan.negative_prompt) != (request.prompt, request.negative_prompt):
+        guided = _guided(plan.cfg_scale)
+        # A hires CFG of its own above 1 needs the negative that a first pass at CFG 1 did not encode.
+        if (plan.prompt, plan.negative_prompt) != (request.prompt, request.negative_prompt) or (
+                guided and conditioning.negative_embeds is None):
             cancellation.entering("encoding the hires prompt")
             # The hires prompt's own <lora:…> tags are taken out; the first prompt's networks stay active for both passes.
             conditioning = model.prompt_encoder.encode(networks.prepare(self.networks, plan.prompt).prompt, plan.negative_prompt,
                                                        request.clip_skip, getattr(self.registry, "embeddings", None),
-                                                       job_networks.text_encoder_key)
+                                                       job_networks.text_encoder_key, need_negative=guided)
         spec = samplers.find_sampler(plan.sampler)
         noise_table, _ = noise_table_for(model, request.zero_terminal_snr, plan.width, plan.height, shift=request.shift,
                                          steps=plan.steps)

@@ -94,6 +94,39 @@ def weighted_fragments(prompt: str) -> list[tuple[str, float]]:
     return fragments or [("", 1.0)]
 
 
+# A1111's BREAK: the word in capitals, on its own, ends the current 75-token CLIP chunk (``prompt_parser.re_break``,
+# which also swallows the whitespace around it).
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def break_segments(prompt: str) -> list[list[tuple[str, float]]]:
+    """The prompt's weighted runs (``weighted_fragments``) cut at each BREAK, as A1111's ``parse_prompt_attention``
+    reads it: a BREAK inside a weighted group cuts too, and the words on both sides keep the group's weight.
+
+    One segment per BREAK-separated part, in order; a segment may be empty ("BREAK" at the very start).
+    """
+    segments: list[list[tuple[str, float]]] = [[]]
+    for text, weight in weighted_fragments(prompt):
+        for index, piece in enumerate(_BREAK.split(text)):
+            if index:
+                segments.append([])
+            if piece:
+                segments[-1].append((piece, weight))
+    return segments
+
+
+def plain_text(prompt: str) -> str:
+    """The prompt's words without A1111's syntax, for encoders that read no weights (T5, LLMs; issue #19).
+
+    Brackets and ``:weight`` go, escaped brackets stay as the literal characters, and BREAK becomes one space.
+    Text without any syntax comes back unchanged.
+    """
+    if not _SYNTAX.search(prompt) and not _BREAK.search(prompt):
+        return prompt
+    parts = ("".join(text for text, _ in segment) for segment in break_segments(prompt))
+    return " ".join(part for part in parts if part)
+
+
 def weight_problem(prompt: str, limit: float) -> str | None:
     """Why the prompt's weights cannot be used (a run weighing more than ``limit`` either way), or None.
 
@@ -119,13 +152,19 @@ def _is_number(text: str) -> bool:
 
 @dataclass
 class Conditioning:
-    """Positive and negative embeddings for one prompt pair, on the model's device."""
+    """Positive and negative embeddings for one prompt pair, on the model's device.
+
+    ``negative_embeds`` is None when the negative prompt was not encoded because CFG does not read it (a flow
+    family's encoder at CFG 1, ``engine.flow_prompts``). ``warnings``: what the artist should know about the encoding
+    (a prompt cut at an encoder's limit); the engine hands them on in ``GenerationResult.warnings``.
+    """
 
     prompt_embeds: torch.Tensor
-    negative_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
     pooled: torch.Tensor | None = None
     negative_pooled: torch.Tensor | None = None
     embeddings: tuple = ()  # the textual-inversion embeddings the prompts used (engine.networks.embeddings.Embedding)
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,10 +254,11 @@ class PromptEncoder:
                                                      encoding.title)
 
     def encode(self, prompt: str, negative: str, clip_skip: int = 1,
-               embeddings: EmbeddingLibrary | None = None, networks: tuple = ()) -> Conditioning:
+               embeddings: EmbeddingLibrary | None = None, networks: tuple = (), need_negative: bool = True) -> Conditioning:
         """``embeddings``: the textual-inversion files whose names the prompts may use (none when None).
         ``networks``: what the text encoders carry for this job (``JobNetworks.text_encoder_key``); a LoRA
-        changes the embeddings, so it is part of every cache key."""
+        changes the embeddings, so it is part of every cache key. ``need_negative`` is accepted for the engine's
+        one call shape and ignored: a UNet family's negative costs one small CLIP pass and is usually cached."""
         layers = self._layers(clip_skip)
         used = embeddings.used_in(prompt, negative) if embeddings is not None else ()
         tokens = self._embedding_tokens.tokens(used)

@@ -129,8 +129,10 @@ def test_txt2img_matches_diffusers_flux_pipeline(engine, diffusers_pipes, model,
     latent = SIZE // 2
     noise = torch.randn((1, 16, latent, latent), generator=torch.Generator().manual_seed(seed))  # A1111's CPU noise
     pipe = diffusers_pipes[model]
+    # Schnell reads 256 T5 tokens (Black Forest Labs' limit; diffusers' docs pass it too), dev diffusers' default 512.
+    t5_tokens = 512 if model == "dev" else 256
     theirs = pipe(PROMPT, negative_prompt=negative or None, true_cfg_scale=cfg, height=SIZE, width=SIZE,
-                  sigmas=given.tolist(), guidance_scale=guidance, output_type="np",
+                  sigmas=given.tolist(), guidance_scale=guidance, output_type="np", max_sequence_length=t5_tokens,
                   latents=FluxPipeline._pack_latents(noise, 1, 16, latent, latent)).images[0]
     assert torch.allclose(pipe.scheduler.sigmas[:-1].double(), sigmas, atol=1e-6)  # the same σs ran
     difference = float(np.abs(ours - theirs).max())

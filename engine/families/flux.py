@@ -15,8 +15,8 @@ single-stream blocks on a 16-channel latent (Black Forest Labs 2024; diffusers' 
 - **Guidance**: dev is guidance-distilled: its transformer embeds a "distilled CFG scale" (the request's
   ``distilled_cfg_scale``, 3.5 by default) and is meant to run without real CFG (``cfg_scale`` 1: one model call per
   step). Schnell embeds none; it is timestep-distilled to 4 steps.
-- **Prompt encoding**: CLIP-L's pooled output and T5-XXL's tokens (512), by diffusers' own
-  ``FluxPipeline.encode_prompt`` (no A1111 weighting yet), cached.
+- **Prompt encoding**: CLIP-L's pooled output (the first 75 tokens, as A1111 reads them) and T5-XXL's tokens of the
+  plain text (512 for dev, 256 for schnell; a longer prompt is cut and the cut reported), by ``engine.flow_prompts``.
 - **Model call**: ``transformer(hidden_states, timestep=σ, guidance, pooled_projections, encoder_hidden_states,
   txt_ids, img_ids)``.
 """
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
+from ..flow_prompts import ClipEncoder, FlowPromptEncoder, FlowPrompts, PlainEncoder
 from ..model_files.bfl_keys import flux_to_diffusers
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
@@ -155,40 +155,17 @@ class TransformerCall:
         return (crop_to(unpack(tokens, padded.shape[2], padded.shape[3]), height, width),)
 
 
-class FluxPromptEncoder:
-    """Prompt and negative through diffusers' ``FluxPipeline.encode_prompt`` (T5 tokens, CLIP-L pooled), cached."""
+def _t5(pipeline, text: str, max_tokens: int) -> torch.Tensor:
+    """T5-XXL's last hidden state of the text padded to ``max_tokens``, by diffusers' own ``FluxPipeline`` helper."""
+    return pipeline._get_t5_prompt_embeds(prompt=text, max_sequence_length=max_tokens, device=pipeline.text_encoder.device)
 
-    def __init__(self, pipeline, encoding: Family, cache_size: int = 32):
-        self.encoding = encoding
-        self.hits = 0
-        self.misses = 0
-        self._pipeline = pipeline
-        self._cache: OrderedDict[tuple, Conditioning] = OrderedDict()
-        self._cache_size = cache_size
 
-    def _encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        pipeline = self._pipeline
-        embeds, pooled, _ = pipeline.encode_prompt(prompt=text, prompt_2=None, device=pipeline.text_encoder.device)
-        return embeds, pooled
-
-    def encode(self, prompt: str, negative: str, clip_skip: int = 1, embeddings=None, networks: tuple = ()) -> Conditioning:
-        key = (prompt, negative, networks)
-        if key in self._cache:
-            self.hits += 1
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        self.misses += 1
-        with torch.inference_mode():
-            embeds, pooled = self._encode_one(prompt)
-            negative_embeds, negative_pooled = self._encode_one(negative)
-        conditioning = Conditioning(embeds, negative_embeds, pooled, negative_pooled)
-        self._cache[key] = conditioning
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return conditioning
-
-    def clear(self) -> None:
-        self._cache.clear()
+# Only CLIP-L's pooled output conditions Flux.1; T5 gets the plain text up to Black Forest Labs' limits (their reference
+# ``flux/util.py``: ``load_t5(max_length=256 if name == "flux-schnell" else 512)``; diffusers' docs run schnell with
+# ``max_sequence_length=256`` too).
+CLIP_L = ClipEncoder("tokenizer", "text_encoder", "CLIP-L")
+DEV_PROMPTS = FlowPrompts(clip=(CLIP_L,), plain=PlainEncoder("tokenizer_2", "text_encoder_2", "T5-XXL", 512, _t5))
+SCHNELL_PROMPTS = FlowPrompts(clip=(CLIP_L,), plain=PlainEncoder("tokenizer_2", "text_encoder_2", "T5-XXL", 256, _t5))
 
 
 @dataclass(frozen=True)
@@ -226,8 +203,8 @@ class Flux1(Family):
     def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
         return False  # no UNet
 
-    def prompt_encoder(self, components) -> FluxPromptEncoder:
-        return FluxPromptEncoder(components, self)
+    def prompt_encoder(self, components) -> FlowPromptEncoder:
+        return FlowPromptEncoder(components, DEV_PROMPTS if self.guidance_embedded else SCHNELL_PROMPTS)
 
     def parameterization(self, scheduler_config: dict) -> str:
         return "flow"

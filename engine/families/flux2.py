@@ -12,8 +12,8 @@ latent folded 2×2 into 128 channels, sampled as a rectified flow, conditioned b
   of steps (``compute_empirical_mu`` in diffusers' ``pipeline_flux2_klein.py``): so the noise table depends on the
   picture's size and steps (``noise_table_for_latent``).
 - **Prompt encoding**: the prompt in Qwen's chat template (one user turn, generation prompt, thinking off), padded to
-  512 tokens, through Qwen3; hidden states 9, 18 and 27 side by side per token. Encoded by diffusers' own
-  ``Flux2KleinPipeline.encode_prompt``. Text tokens sit at positions (0, 0, 0, l), image tokens at (0, h, w, 0).
+  512 tokens, through Qwen3; hidden states 9, 18 and 27 side by side per token. The LLM reads the plain text (A1111's syntax
+  taken out); a prompt cut at 512 tokens is reported (``engine.flow_prompts``). Text tokens sit at positions (0, 0, 0, l), image tokens at (0, h, w, 0).
 - **Guidance**: A1111's CFG as diffusers applies it (neg + g·(pos − neg)); the distilled Klein models run without it
   (CFG 1); the pipeline always uses an empty negative prompt, Sfumato uses the request's.
 """
@@ -22,12 +22,12 @@ from __future__ import annotations
 from types import MappingProxyType
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
 
+from ..flow_prompts import FlowPromptEncoder, FlowPrompts, PlainEncoder
 from ..model_files.flux2_keys import flux2_vae_to_diffusers
 from ..model_files.layout import FileLayout, qwen3_slot
 from ..prompts import Conditioning, TextLayer
@@ -139,36 +139,16 @@ class Flux2TransformerCall:
         return (output[:, : h * w].permute(0, 2, 1).reshape(b, c, h, w),)
 
 
-class Flux2PromptEncoder:
-    """Prompt and negative through diffusers' ``Flux2KleinPipeline.encode_prompt`` (Qwen3, chat template), cached."""
+def _qwen3(pipeline, text: str, max_tokens: int) -> torch.Tensor:
+    """Qwen3's hidden states 9, 18 and 27 of the text in its chat turn, padded to ``max_tokens`` (diffusers' own
+    ``Flux2KleinPipeline`` helper)."""
+    return pipeline._get_qwen3_prompt_embeds(text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer, prompt=text,
+                                             device=pipeline.text_encoder.device, max_sequence_length=max_tokens)
 
-    def __init__(self, pipeline, cache_size: int = 32):
-        self.hits = 0
-        self.misses = 0
-        self._pipeline = pipeline
-        self._cache: OrderedDict[tuple, Conditioning] = OrderedDict()
-        self._cache_size = cache_size
 
-    def encode(self, prompt: str, negative: str, clip_skip: int = 1, embeddings=None, networks: tuple = ()) -> Conditioning:
-        key = (prompt, negative, networks)
-        if key in self._cache:
-            self.hits += 1
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        self.misses += 1
-        pipeline = self._pipeline
-        device = pipeline.text_encoder.device
-        with torch.inference_mode():
-            embeds, _ = pipeline.encode_prompt(prompt=prompt, device=device)
-            negative_embeds, _ = pipeline.encode_prompt(prompt=negative, device=device)
-        conditioning = Conditioning(embeds, negative_embeds)
-        self._cache[key] = conditioning
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return conditioning
-
-    def clear(self) -> None:
-        self._cache.clear()
+# No CLIP: the LLM gets the plain text, in a chat turn without thinking, up to diffusers' 512 tokens.
+PROMPTS = FlowPrompts(plain=PlainEncoder("tokenizer", "text_encoder", "Qwen3", 512, _qwen3,
+                                         chat=MappingProxyType({"enable_thinking": False})))
 
 
 @dataclass(frozen=True)
@@ -190,8 +170,8 @@ class Flux2Klein(Family):
     def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
         return False  # no UNet
 
-    def prompt_encoder(self, components) -> Flux2PromptEncoder:
-        return Flux2PromptEncoder(components)
+    def prompt_encoder(self, components) -> FlowPromptEncoder:
+        return FlowPromptEncoder(components, PROMPTS)
 
     def parameterization(self, scheduler_config: dict) -> str:
         return "flow"

@@ -8,20 +8,21 @@ rectified flow (Esser et al. 2024, "Scaling Rectified Flow Transformers for High
   σ = shift·t / (1 + (shift − 1)·t).
 - **Prompt encoding**: CLIP-L and CLIP-G (penultimate layers, side by side, zero-padded to the joint width) followed
   by T5-XXL's tokens; with no T5 in the folder, zeros stand in for its tokens, as diffusers does. The pooled
-  embedding is both CLIPs' projected outputs side by side. Encoded by diffusers' own
-  ``StableDiffusion3Pipeline.encode_prompt``, so the text reaches the encoders as written (no A1111 weighting yet).
+  embedding is both CLIPs' projected outputs side by side. The CLIPs read A1111's weights and BREAK in 77-token
+  chunks (so a long prompt has more CLIP tokens, not fewer words); T5 reads the plain text up to 256 tokens
+  (``engine.flow_prompts``).
 - **Model call**: ``transformer(hidden_states, timestep, encoder_hidden_states, pooled_projections)``.
 """
 from __future__ import annotations
 
 from types import MappingProxyType
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
 
+from ..flow_prompts import ClipEncoder, FlowPromptEncoder, FlowPrompts, PlainEncoder
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
@@ -92,37 +93,18 @@ class TransformerCall:
         return (crop_to(output, height, width),)
 
 
-class SD3PromptEncoder:
-    """Prompt and negative through diffusers' ``encode_prompt`` (CLIP-L, CLIP-G and T5 or its zeros), cached."""
+def _t5(pipeline, text: str, max_tokens: int) -> torch.Tensor:
+    """T5-XXL's last hidden state padded to ``max_tokens``, or zeros without a T5 (diffusers' own helper)."""
+    return pipeline._get_t5_prompt_embeds(prompt=text, max_sequence_length=max_tokens, device=pipeline.text_encoder.device)
 
-    def __init__(self, pipeline, encoding: Family, cache_size: int = 32):
-        self.encoding = encoding
-        self.hits = 0
-        self.misses = 0
-        self._pipeline = pipeline
-        self._cache: OrderedDict[tuple, Conditioning] = OrderedDict()
-        self._cache_size = cache_size
 
-    def encode(self, prompt: str, negative: str, clip_skip: int = 1, embeddings=None, networks: tuple = ()) -> Conditioning:
-        key = (prompt, negative, networks)
-        if key in self._cache:
-            self.hits += 1
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        self.misses += 1
-        pipeline = self._pipeline
-        with torch.inference_mode():
-            embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
-                prompt=prompt, prompt_2=None, prompt_3=None, negative_prompt=negative, do_classifier_free_guidance=True,
-                device=pipeline.text_encoder.device)
-        conditioning = Conditioning(embeds, negative_embeds, pooled, negative_pooled)
-        self._cache[key] = conditioning
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return conditioning
-
-    def clear(self) -> None:
-        self._cache.clear()
+# CLIP-L and CLIP-G read A1111's syntax, their penultimate hidden states (no final norm) side by side in 77-token chunks;
+# T5 gets the plain text up to diffusers' default ``max_sequence_length`` (256).
+PROMPTS = FlowPrompts(
+    clip=(ClipEncoder("tokenizer", "text_encoder", "CLIP-L"), ClipEncoder("tokenizer_2", "text_encoder_2", "CLIP-G")),
+    clip_layer=TextLayer(from_end=2, final_norm=False),
+    plain=PlainEncoder("tokenizer_3", "text_encoder_3", "T5-XXL", 256, _t5),
+)
 
 
 @dataclass(frozen=True)
@@ -147,8 +129,8 @@ class StableDiffusion3(Family):
     def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
         return False  # no UNet
 
-    def prompt_encoder(self, components) -> SD3PromptEncoder:
-        return SD3PromptEncoder(components, self)
+    def prompt_encoder(self, components) -> FlowPromptEncoder:
+        return FlowPromptEncoder(components, PROMPTS)
 
     def parameterization(self, scheduler_config: dict) -> str:
         return "flow"

@@ -10,7 +10,8 @@ a rectified flow, conditioned by an LLM (Qwen3) instead of CLIP/T5.
   to t = 1/1000 … 1 as for SD3 (Esser et al. 2024).
 - **Prompt encoding**: the prompt in Qwen's chat template (one user turn, generation prompt, thinking on), through the
   Qwen3 encoder; the second-to-last hidden state of the real (unpadded) tokens conditions the model, each prompt at its
-  own length. Encoded by diffusers' own ``ZImagePipeline.encode_prompt`` (the text reaches the LLM as written).
+  own length. The LLM reads the plain text (A1111's syntax taken out); a prompt cut at 512 tokens is reported
+  (``engine.flow_prompts``).
   The engine batches embeddings as one tensor, so the positive and negative are zero-padded to a common length and a
   token mask travels with them (``text_mask``); the model call cuts each row back to its real tokens, which is what the
   transformer is given in the pipeline.
@@ -21,14 +22,14 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
 
+from ..flow_prompts import FlowPromptEncoder, FlowPrompts, MaskedConditioning, PlainEncoder
 from ..model_files.layout import FileLayout, qwen3_slot
-from ..prompts import Conditioning, TextLayer
+from ..prompts import TextLayer
 from .base import Family, ModelInputs
 from .flux import LATENT as FLUX_LATENT
 from .patching import crop_to, pad_to_patches
@@ -60,29 +61,6 @@ FILE_LAYOUT = FileLayout(
 )
 
 
-@dataclass
-class MaskedConditioning(Conditioning):
-    """Embeddings zero-padded to one length, with 1/0 masks ([1, L]) marking each prompt's real tokens."""
-
-    prompt_mask: torch.Tensor | None = None
-    negative_mask: torch.Tensor | None = None
-
-
-def pad_to_common_length(embeds: torch.Tensor, negative: torch.Tensor) -> MaskedConditioning:
-    """Two [L, D] token runs of any lengths as [1, L_max, D] rows with their masks."""
-    length = max(embeds.shape[0], negative.shape[0])
-
-    def padded(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        row = tokens.new_zeros((1, length, tokens.shape[1]))
-        row[0, : tokens.shape[0]] = tokens
-        mask = torch.zeros((1, length), dtype=torch.float32, device=tokens.device)
-        mask[0, : tokens.shape[0]] = 1
-        return row, mask
-
-    (row, mask), (negative_row, negative_mask) = padded(embeds), padded(negative)
-    return MaskedConditioning(row, negative_row, prompt_mask=mask, negative_mask=negative_mask)
-
-
 class ZImageTransformerCall:
     """A Z-Image transformer called the way the denoiser calls a UNet: ``timestep`` is σ·1000 and the result is the
     velocity ε − x₀; the transformer itself takes lists (one latent [C, 1, H, W] and one caption [L, D] per image),
@@ -103,36 +81,17 @@ class ZImageTransformerCall:
         return (-crop_to(torch.stack(outputs).squeeze(2), height, width),)
 
 
-class ZImagePromptEncoder:
-    """Prompt and negative through diffusers' ``ZImagePipeline.encode_prompt`` (Qwen3, chat template), cached."""
+def _qwen3(pipeline, text: str, max_tokens: int) -> torch.Tensor:
+    """Qwen3's second-to-last hidden state of the text's real tokens in its chat turn ([1, L, D]; diffusers' own
+    ``ZImagePipeline`` helper)."""
+    return pipeline._encode_prompt(prompt=[text], device=pipeline.text_encoder.device, max_sequence_length=max_tokens)[0][None]
 
-    def __init__(self, pipeline, cache_size: int = 32):
-        self.hits = 0
-        self.misses = 0
-        self._pipeline = pipeline
-        self._cache: OrderedDict[tuple, MaskedConditioning] = OrderedDict()
-        self._cache_size = cache_size
 
-    def encode(self, prompt: str, negative: str, clip_skip: int = 1, embeddings=None, networks: tuple = ()) -> MaskedConditioning:
-        key = (prompt, negative, networks)
-        if key in self._cache:
-            self.hits += 1
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        self.misses += 1
-        pipeline = self._pipeline
-        with torch.inference_mode():
-            embeds, negative_embeds = pipeline.encode_prompt(
-                prompt=prompt, negative_prompt=negative, do_classifier_free_guidance=True,
-                device=pipeline.text_encoder.device)
-        conditioning = pad_to_common_length(embeds[0], negative_embeds[0])
-        self._cache[key] = conditioning
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return conditioning
-
-    def clear(self) -> None:
-        self._cache.clear()
+# No CLIP: the LLM gets the plain text, in a chat turn with thinking on, up to diffusers' 512 tokens, each prompt at its
+# own length.
+PROMPTS = FlowPrompts(plain=PlainEncoder("tokenizer", "text_encoder", "Qwen3", 512, _qwen3,
+                                         chat=MappingProxyType({"enable_thinking": True})),
+                      variable_length=True)
 
 
 @dataclass(frozen=True)
@@ -153,8 +112,8 @@ class ZImage(Family):
     def matches_unet_keys(self, keys: set[str], shape_of: Callable[[str], list[int]], prefix: str) -> bool:
         return False  # no UNet
 
-    def prompt_encoder(self, components) -> ZImagePromptEncoder:
-        return ZImagePromptEncoder(components)
+    def prompt_encoder(self, components) -> FlowPromptEncoder:
+        return FlowPromptEncoder(components, PROMPTS)
 
     def parameterization(self, scheduler_config: dict) -> str:
         return "flow"
