@@ -29,6 +29,7 @@ from typing import Callable, ClassVar
 import torch
 
 from ..model_files.flux2_keys import flux2_vae_to_diffusers
+from ..fields import FLOW
 from ..model_files.layout import FileLayout, qwen3_slot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
@@ -175,6 +176,7 @@ class Flux2PromptEncoder:
 class Flux2Klein(Family):
     id: ClassVar[str] = "flux2"
     title: ClassVar[str] = "Flux.2 Klein"
+    traits: ClassVar[frozenset[str]] = frozenset({FLOW})
     denoiser: ClassVar[str] = "transformer"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("Flux2KleinPipeline",)
     components: ClassVar[tuple[str, ...]] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -22,6 +22,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..fields import FLOW
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
@@ -129,6 +130,7 @@ class SD3PromptEncoder:
 class StableDiffusion3(Family):
     id: ClassVar[str] = "sd3"
     title: ClassVar[str] = "SD 3.5"
+    traits: ClassVar[frozenset[str]] = frozenset({FLOW})
     denoiser: ClassVar[str] = "transformer"
     pipeline_classes: ClassVar[tuple[str, ...]] = (
         "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")

@@ -27,6 +27,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..fields import FLOW
 from ..model_files.layout import FileLayout, qwen3_slot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, ModelInputs
@@ -139,6 +140,7 @@ class ZImagePromptEncoder:
 class ZImage(Family):
     id: ClassVar[str] = "zimage"
     title: ClassVar[str] = "Z-Image"
+    traits: ClassVar[frozenset[str]] = frozenset({FLOW})
     denoiser: ClassVar[str] = "transformer"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
     components: ClassVar[tuple[str, ...]] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
