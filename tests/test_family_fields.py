@@ -30,8 +30,14 @@ def studio(tmp_path_factory):
     """The tiny SD 1.x model (the default) beside a tiny Flux.1 dev folder."""
     from engine.studio import Studio
 
+    import torch
+    from safetensors.torch import save_file
+
     root = tmp_path_factory.mktemp("family-studio")
     build_folder(root / "models" / "Stable-diffusion" / FLUX_MODEL, "dev")
+    for folder, name in (("VAE", "ae.safetensors"), ("text_encoder", "clip_l.safetensors")):  # two of Forge's modules
+        (root / "models" / folder).mkdir(parents=True, exist_ok=True)
+        save_file({"weight": torch.zeros(1)}, str(root / "models" / folder / name))
     return Studio(fx.make_studio(root).config)
 
 
@@ -82,6 +88,13 @@ def test_forges_flux_infotext_pastes_its_distilled_cfg_shift_and_modules():
     assert not any("Module" in note or "Distilled" in note for note in loading_notes(params, fields))
     shuffled = request_fields_from_infotext({"Module 2": "clip_l", "Module 10": "t5", "Module 1": "ae"})
     assert shuffled["modules"] == ("ae", "clip_l", "t5")  # by number, not by the order of the line
+
+
+def test_a_forge_infotexts_modules_go_to_the_picker_as_the_files_here(studio):
+    from ui.send_to import modules_choice
+
+    assert modules_choice(studio, FORGE_FLUX) == ["ae.safetensors", "clip_l.safetensors"]  # no t5xxl_fp16 here
+    assert modules_choice(studio, "p\nSteps: 20, Seed: 1") is None  # nothing named: the picker is left alone
 
 
 # --- the UI's logic ------------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def build_app(studio) -> gr.Blocks:
                 wire_result_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, tab.results, tab.selected)
         for target_mode, button in png_info["send"].items():
             wire_infotext_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, png_info["infotext"], png_info["image"],
-                           vae_dropdown=vae_dropdown)
+                           vae_dropdown=vae_dropdown, modules_dropdown=modules_dropdown)
         for target_mode, button in gallery["send"].items():
             wire_result_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, gallery["records"], gallery["selected"])
         gallery_tab_item.select(gallery["show_session"], session_gallery, gallery["outputs"], api_visibility="private")
