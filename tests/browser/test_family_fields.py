@@ -3,6 +3,7 @@ UI presets do: Flux.1 dev brings Distilled CFG, Shift and the VAE / Text Encoder
 SD 1.x model takes them away again and puts CFG back to 7."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import _ui_fixtures as fx  # noqa: E402
 
 import pytest  # noqa: E402
 
-from _pages import CHROMIUM, choose, text_of  # noqa: E402
+from _pages import CHROMIUM, choose, open_tab, text_of  # noqa: E402
 
 FLUX_MODEL = "zz-flux"  # after the tiny SD 1.x model in name order, so that one is shown at start
 pytestmark = [
@@ -27,7 +28,9 @@ def server_url(tmp_path_factory):
     from tests._flux_fixture import build_folder
 
     root = tmp_path_factory.mktemp("family-browser")
-    build_folder(root / "models" / "Stable-diffusion" / FLUX_MODEL, "dev")
+    folder = build_folder(root / "models" / "Stable-diffusion" / FLUX_MODEL, "dev")
+    # Native 64² instead of the fixture's 32²: the size sliders start at 64, and the sizes follow the native size.
+    (folder / "sfumato.json").write_text(json.dumps({"native_width": fx.SIZE, "native_height": fx.SIZE}))
     with fx.running_server(fx.make_studio(root)) as url:
         yield url
 
@@ -50,7 +53,9 @@ def test_flux_brings_its_fields_and_settings_and_sd1_takes_them_back(page):
     assert "Flux.1" in page.locator("#model_status").inner_text()
     assert float(text_of(page, "txt2img_cfg")) == 1.0 and float(text_of(page, "txt2img_distilled_cfg")) == 3.5
     assert text_of(page, "txt2img_sampler") == "Euler" and text_of(page, "txt2img_schedule") == "Simple"
-    assert float(text_of(page, "img2img_cfg")) == 1.0  # every tab follows the picker
+    open_tab(page, "img2img")  # every tab follows the picker
+    assert float(text_of(page, "img2img_cfg")) == 1.0
+    open_tab(page, "txt2img")
 
     choose(page, "model_dropdown", fx.MODEL_NAME)
     _shown(page, "txt2img_clip_skip", True)
