@@ -523,7 +523,7 @@ class Engine:
         cond = conditioning.prompt_embeds.repeat(batch, 1, 1)
         embeds = torch.cat([conditioning.negative_embeds.repeat(batch, 1, 1), cond]) if do_cfg else cond
         added = model.family.unet_kwargs(conditioning, plan.width, plan.height).batched(batch, do_cfg, model.device, model.dtype)
-        if inputs := {name: getattr(request, name) for name in model.family.request_inputs(model.pipeline)}:
+        if inputs := {name: getattr(request, name) for name in model.family.request_inputs()}:
             added = {**(added or {}), **inputs}  # e.g. Flux.1 dev's distilled CFG scale
         if inpaint is None and whole_image:
             inpaint = self._whole_image_conditioning(model, plan.width, plan.height, noise)
@@ -672,4 +672,4 @@ class Engine:
         return build_infotext(request, seed=seed, model_name=model.entry.name, model_hash=model.short_hash,
                               extra=extension_info or None, subseed=subseed if request.subseed_strength > 0 else None, size=size,
                               stopped_early=stopped_early, vae_hash=vae_hash, refiner_hash=refiner_hash,
-                              model_inputs=model.family.request_inputs(model.pipeline))
+                              traits=model.family.traits)

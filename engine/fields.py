@@ -7,7 +7,9 @@ A ``Field`` says everything the studio needs to know about one request field:
 - its key in A1111's infotext, its A1111 API name (a txt2img/img2img payload
   name and/or an ``override_settings`` key) and its command-line flag;
 - whether presets save it, the modes it applies to, and its owner: ``"core"``
-  or the extension that declared it.
+  or the extension that declared it;
+- the model families that use it (``only_for``: a family trait, below), so the UI
+  shows it only for those and the infotext writes it only for their pictures.
 
 The request's validation (``engine.request``), the infotext writer and parser
 (``engine.infotext``), presets (``engine.presets``), the UI tabs, the CLI and
@@ -51,6 +53,16 @@ HIRES_GROUP = "hires"
 SAME_SAMPLER, SAME_SCHEDULE = "Use same sampler", "Use same scheduler"
 REFINER_GROUP = "refiner"  # every tab's "Refiner" accordion
 
+# Family traits: what sets model families apart as far as the request goes. Each ``Family`` has a set of them
+# (``Family.traits``); a field that only some families use names the trait in ``only_for``. Declared here, not in
+# engine.families, so a field's declaration says which models it is for without importing the models.
+UNET = "unet"  # a Stable Diffusion UNet (SD 1.x, 2.x, SDXL): its CLIP text encoders are what A1111's "Clip skip" steps back through
+FLOW = "flow"  # a flow-matching transformer (SD 3.5, Flux, Z-Image, Flux.2): its σs have a timestep shift; may be split files
+DISTILLED_GUIDANCE = "distilled_guidance"  # the transformer embeds a guidance value (Flux.1 dev), Forge's "Distilled CFG Scale"
+TRAITS = (UNET, FLOW, DISTILLED_GUIDANCE)
+# The traits of the picture's model when a caller does not say (an infotext written without a model): SD 1.x's.
+DEFAULT_TRAITS: frozenset[str] = frozenset({UNET})
+
 
 @dataclass(frozen=True)
 class Field:
@@ -80,7 +92,11 @@ class Field:
     # -- other surfaces
     infotext: str | None = None  # A1111 infotext key
     infotext_when: Callable[[Any], bool] | None = None  # (request) -> write it? None: whenever the request's mode is in ``modes``
-    model_input: bool = False  # only some models take it (``Family.request_inputs``): written only for those
+    # The family trait of the models that use it (None: every model). Other models ignore it: the UI hides it for
+    # them and their infotext leaves it out.
+    only_for: str | None = None
+    # The model takes it as an input of its per-step call (``Family.request_inputs``), for the models ``only_for`` names.
+    model_input: bool = False
     api: str | None = None  # A1111 txt2img/img2img payload name
     override: str | None = None  # A1111 ``override_settings`` key
     cli: str | None = None  # flag of ``launch.py generate``
@@ -105,12 +121,14 @@ class Field:
         """Types a preset file may hold for it (JSON numbers: a float field takes ints too; bools are never numbers)."""
         return (int, float) if self.type is float else (self.type,)
 
-    def written_for(self, request: Any, model_inputs: tuple[str, ...] = ()) -> bool:
-        """Whether the infotext of this request carries this field; ``model_inputs``: the fields the model that drew
-        it takes (``Family.request_inputs``)."""
-        if self.infotext is None or request.mode not in self.modes:
-            return False
-        if self.model_input and self.name not in model_inputs:
+    def used_by(self, traits: frozenset[str] | set[str]) -> bool:
+        """Whether a model of a family with these traits (``Family.traits``) uses this field."""
+        return self.only_for is None or self.only_for in traits
+
+    def written_for(self, request: Any, traits: frozenset[str] | set[str] = DEFAULT_TRAITS) -> bool:
+        """Whether the infotext of this request carries this field; ``traits``: those of the family of the model that
+        drew it (a value the model ignored is not written: Distilled CFG on SD 1.x, Clip skip on Flux)."""
+        if self.infotext is None or request.mode not in self.modes or not self.used_by(traits):
             return False
         return self.infotext_when(request) if self.infotext_when is not None else True
 
@@ -284,7 +302,8 @@ CORE_FIELDS: tuple[Field, ...] = (
           help="Classifier-free guidance scale.", infotext="CFG scale", api="cfg_scale", cli="--cfg", preset=True),
     Field("distilled_cfg_scale", float, 3.5, range=(0.0, 30.0), label="Distilled CFG Scale", control="slider", step=0.1,
           help="The guidance a guidance-distilled model (Flux.1 dev) is told to imitate, in one pass; other models ignore it.",
-          infotext="Distilled CFG Scale", api="distilled_cfg_scale", cli="--distilled-cfg", preset=True, model_input=True),
+          infotext="Distilled CFG Scale", api="distilled_cfg_scale", cli="--distilled-cfg", preset=True,
+          only_for=DISTILLED_GUIDANCE, model_input=True),
     Field("seed", int, -1, range=(-1, MAX_SEED), label="Seed", help="-1 picks a random seed; image i of the job uses seed + i.",
           control="number", infotext="Seed", api="seed", cli="--seed", preset=True),
     # The infotext writes the produced size as one "Size: WxH" entry; A1111's parser splits it into Size-1 and Size-2.
@@ -303,10 +322,12 @@ CORE_FIELDS: tuple[Field, ...] = (
           infotext="VAE", infotext_when=_when_vae_file, override="sd_vae", cli="--vae"),
     # Forge's "VAE / Text Encoder" picks, for a flow model kept as split files (engine.model_files): file names (or,
     # as Forge's API sends them, paths) of text encoders and VAEs. With none, the one fitting set in the folders is used.
+    # Its infotext is Forge's: one numbered key per file, its name without the extension ("Module 1: ae, Module 2: clip_l").
     Field("modules", Names, Names(), max_length=1000, label="VAE / Text Encoder",
           help="Text encoder and VAE files (models/text_encoder, models/VAE...) for a model kept as split files; "
                "default: the one set that fits.",
-          override="forge_additional_modules", cli="--text-encoder"),
+          infotext="Module", infotext_when=lambda request: bool(request.modules),
+          override="forge_additional_modules", cli="--text-encoder", only_for=FLOW),
     Field("subseed", int, -1, range=(-1, MAX_SEED), label="Variation seed", control="number", help="-1 picks one.",
           infotext="Variation seed", infotext_when=_when_variation, api="subseed", cli="--variation-seed"),
     Field("subseed_strength", float, 0.0, range=(0.0, 1.0), label="Variation strength", control="slider", step=0.01,
@@ -341,11 +362,13 @@ CORE_FIELDS: tuple[Field, ...] = (
     Field("shift", float, None, optional=True, range=(0.0, 100.0), label="Shift", control="number", step=0.05,
           help="Timestep shift of a flow model (SD 3.5, Flux): σ = shift·t / (1 + (shift − 1)·t); higher spends more "
                "steps at high noise. Empty or 0: the model's own. Ignored by other models.",
-          infotext="Shift", infotext_when=lambda request: bool(request.shift), api="shift", cli="--shift", preset=True),
+          infotext="Shift", infotext_when=lambda request: bool(request.shift), api="shift", cli="--shift", preset=True,
+          only_for=FLOW),
+    # Only the UNet families: the flow families' text encoders condition on fixed layers (their ``text_layers``).
     Field("clip_skip", int, 1, range=(1, 12), label="Clip skip", control="slider", step=1,
           help="1 uses the text encoder's last layer, 2 the one before, ... A1111 keeps it in Settings › Stable Diffusion.",
           infotext="Clip skip", infotext_when=_when_not_default("clip_skip", 1), override="CLIP_stop_at_last_layers",
-          cli="--clip-skip", preset=True),
+          cli="--clip-skip", preset=True, only_for=UNET),
     Field("eta", float, None, optional=True, range=(0.0, 1.0), label="Eta", control="number", step=0.01,
           help="Noise multiplier of ancestral, SDE and DDIM samplers; empty: the sampler's own default. " + _SAMPLING_HELP,
           infotext="Eta", infotext_when=_when_eta_differs, api="eta", cli="--eta", preset=True),

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import PureWindowsPath
 from typing import Any, Callable, Mapping
 
 from .sampling import schedules
 from .sampling import table as samplers
 from .errors import ValidationError
-from .fields import CORE, FIELDS, MASK_MODES, Field
+from .fields import CORE, DEFAULT_TRAITS, FIELDS, MASK_MODES, Field
 from .hires import second_pass_sampler, second_pass_schedule
 from .refiner import checkpoint_name
 from .networks.embeddings import TI_HASHES_KEY
@@ -94,7 +95,7 @@ def build_infotext(
     stopped_early: EarlyStop | None = None,
     vae_hash: str | None = None,
     refiner_hash: str | None = None,
-    model_inputs: tuple[str, ...] = (),
+    traits: frozenset[str] = DEFAULT_TRAITS,
 ) -> str:
     """The infotext for one generated image.
 
@@ -106,8 +107,9 @@ def build_infotext(
     ``stopped_early`` marks an unfinished image (see ``STOPPED_EARLY_KEYS``).
     ``vae_hash`` is the short hash of the VAE file the request's ``vae`` names, when a file decoded the image.
     ``refiner_hash``: the refiner checkpoint's short hash, written after its name as A1111 writes a checkpoint's title.
-    ``model_inputs``: the request fields the model takes as inputs (``Family.request_inputs``), such as Flux.1 dev's
-    distilled CFG scale; a field only some models take is written only for those.
+    ``traits``: those of the family of the model that drew it (``Family.traits``); a field only some families use
+    (``Field.only_for``: Flux.1 dev's distilled CFG scale, a flow model's shift, a UNet's clip skip) is written only
+    for their pictures, since other models ignored its value.
     """
     if size is None and request.width is not None and request.height is not None:
         size = (request.width, request.height)
@@ -118,7 +120,7 @@ def build_infotext(
                 "refiner_checkpoint": f"{request.refiner_checkpoint} [{refiner_hash}]" if refiner_hash else request.refiner_checkpoint}
     params: dict[str, Any] = {}
     for field in FIELDS.with_infotext():
-        if field.owner != CORE or field.name in _BODY_FIELDS or not field.written_for(request, model_inputs):
+        if field.owner != CORE or field.name in _BODY_FIELDS or not field.written_for(request, traits):
             continue  # extensions write their own entries (``extra``); prompts are the text above the line
         if field.name in _SIZE_FIELDS:
             if size is not None:
@@ -126,6 +128,9 @@ def build_infotext(
             continue
         if field.name in _HIRES_RESIZE_FIELDS:
             params[HIRES_RESIZE_KEY] = f"{request.hr_resize_x}x{request.hr_resize_y}"
+            continue
+        if field.name in _NUMBERED_FIELDS:
+            params.update(_numbered_entries(field, getattr(request, field.name)))
             continue
         if field.name == "model":
             params[MODEL_HASH_KEY] = model_hash
@@ -150,6 +155,20 @@ def build_infotext(
         lines.append(f"{NEGATIVE_PREFIX} {request.negative_prompt}")
     lines.append(line)
     return "\n".join(lines)
+
+
+def _numbered_entries(field: Field, names: tuple[str, ...]) -> dict[str, str]:
+    """Forge's form of a list of files: "Module 1: ae, Module 2: clip_l", each file's name without folder or extension
+    (the model-file resolver takes a stem as it takes a file name; Windows paths, as Forge's API sends them, too)."""
+    return {f"{field.infotext} {index}": PureWindowsPath(name).stem for index, name in enumerate(names, start=1)}
+
+
+def _numbered_values(field: Field, params: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The names of "<key> 1", "<key> 2"... in their numbers' order; None when there are none."""
+    pattern = re.compile(rf"{re.escape(field.infotext)} (\d+)")
+    numbered = sorted((int(match.group(1)), text.strip()) for key, text in params.items()
+                      if isinstance(text, str) and (match := pattern.fullmatch(key)))
+    return tuple(text for _, text in numbered if text) or None
 
 
 def _noise_params(request: GenerationRequest) -> dict[str, Any]:
@@ -303,6 +322,8 @@ _HIRES_RESIZE_FIELDS = ("hr_resize_x", "hr_resize_y")  # one "Hires resize: WxH"
 # A1111's paste rule for its "Hires. fix" box: ticked when the infotext has a denoising strength and a hires key.
 _HIRES_EVIDENCE = ("Hires upscale", "Hires upscaler", "Hires resize-1")
 _SAMPLING_FIELDS = ("sampler", "schedule")
+# Fields written as numbered keys, one per name (Forge's "Module 1", "Module 2"...).
+_NUMBERED_FIELDS = ("modules",)
 _NEEDS_OTHER_FIELDS = ("outpaint",)  # a request with outpainting needs an init image  # read together: a legacy "DPM++ 2M Karras" holds both
 # Fields whose infotext value is not the request value written as text.
 _WRITERS: dict[str, Callable[[Any], str]] = {
@@ -396,6 +417,11 @@ def request_fields_from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
     for field in FIELDS.with_infotext():
         if field.owner != CORE or field.name in _SAMPLING_FIELDS:
             continue  # extensions read their own entries (ExtensionManager.parse_infotext)
+        if field.name in _NUMBERED_FIELDS:
+            names = _numbered_values(field, params)
+            if names is not None and _accepted(field, names):
+                result[field.name] = names
+            continue
         text = params.get(field.infotext)
         if not isinstance(text, str):
             continue
@@ -433,10 +459,17 @@ def _made_by_us(params: Mapping[str, str]) -> bool:
     return str(params.get(VERSION_KEY, "")).startswith("sfumato")
 
 
+def _numbered_field(key: str) -> Field | None:
+    """The core field a numbered key ("Module 2") belongs to."""
+    base, _, number = key.rpartition(" ")
+    field = FIELDS.by_infotext_key(base) if number.isdigit() else None
+    return field if field is not None and field.name in _NUMBERED_FIELDS else None
+
+
 def _is_known_key(key: str) -> bool:
     """A key some declared field reads: a core field's own, or an extension's (its key ``K`` also covers ``K 0``, ``K 1``...)."""
     field = FIELDS.by_infotext_key(_KEY_ALIASES.get(key, key))
-    if field is not None:
+    if field is not None or _numbered_field(key) is not None:
         return True
     return any(key.startswith(f"{field.infotext} ") for field in FIELDS.owned_by_extensions() if field.infotext)
 
@@ -470,7 +503,7 @@ def loading_notes(params: Mapping[str, str], applied: Mapping[str, Any],
             if _to_float_or_none(text) != float(schedule_extras[key]):
                 refused.append(f"{key}: {text}")
             continue
-        field = FIELDS.by_infotext_key(_KEY_ALIASES.get(key, key))
+        field = FIELDS.by_infotext_key(_KEY_ALIASES.get(key, key)) or _numbered_field(key)
         if field is None:
             split_from = key[:-2] if key.endswith(("-1", "-2")) else None  # the parser's copy of a "WxH" value
             if split_from not in params and not _is_known_key(key):

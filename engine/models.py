@@ -711,16 +711,28 @@ class ModelRegistry:
     # -- memory ------------------------------------------------------------
     def native_size(self, entry: ModelEntry) -> tuple[int, int]:
         """The family's native size for a model, read from its configs without loading it (1024² when unknown)."""
+        family = self.family(entry)
+        return family.native_size if family is not None else (1024, 1024)
+
+    def family(self, entry: ModelEntry) -> Family | None:
+        """The model's family without loading it (the loaded model's when it is loaded): read from a diffusers folder's
+        configs or a single file's tensor names, so the model list and the UI can say what each model is. None when
+        its files do not say (a pickle, a broken file)."""
+        with self._lock:
+            loaded = next((model for model in self._loaded.values() if model.entry.path == entry.path), None)
+        if loaded is not None:
+            return loaded.family
         try:
             if entry.kind == "diffusers":
                 family = check_model_index(entry.path)
                 denoiser = entry.path / family.denoiser / "config.json"
-                family = families.detect_family(json.loads(denoiser.read_text(encoding="utf-8")), entry.path)
-            else:
-                family = families.detect_checkpoint(_safetensors_keys(entry.path, entry.path.name))
-            return family.native_size
-        except (ModelError, ValueError, OSError):
-            return (1024, 1024)
+                return families.detect_family(json.loads(denoiser.read_text(encoding="utf-8")), entry.path)
+            if entry.kind == "single-file":
+                beside = entry.path.with_suffix(CONFIG_SUFFIX)  # its own config folder's sfumato.json, as loading reads it
+                return families.detect_checkpoint(self._tensor_names(entry.path), beside if beside.is_dir() else None)
+        except (ModelError, ValueError, OSError, KeyError, TypeError):
+            pass
+        return None
 
     def estimate_memory(self, name: str | ModelEntry | None = None, width: int | None = None, height: int | None = None,
                         batch: int = 1, mode: str | None = None) -> memory.MemoryEstimate:

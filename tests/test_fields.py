@@ -27,7 +27,7 @@ from PIL import Image
 
 from engine.sampling import table as samplers
 from engine.errors import ValidationError
-from engine.fields import CORE, FIELDS, MASK_MODES, Field, Names
+from engine.fields import CORE, DEFAULT_TRAITS, FIELDS, MASK_MODES, TRAITS, Field, Names
 from engine.request import GenerationRequest
 
 pytestmark = pytest.mark.timeout(600)
@@ -65,7 +65,7 @@ def sample_value(field: Field) -> Any:
     if field.type is list:
         return [{}]
     if field.type is Names:
-        return ("clip_l.safetensors", "ae.safetensors")
+        return ("clip_l", "ae")  # as Forge writes them in its infotext; a file name or path names them too
     if field.type is Image.Image:
         return MASK if field.name == "mask" else INIT
     if field.type in (int, float) and field.range is not None:
@@ -431,14 +431,14 @@ def _written_request(field: Field) -> GenerationRequest | None:
         request = GenerationRequest(**values)
         if field.name in ("width", "height"):
             request = request.with_changes(**{other: sample_value(FIELDS[other]) for other in ("width", "height")})
-        if field.written_for(request, _model_inputs(field)) and not same(candidate, field.default):
+        if field.written_for(request, _traits(field)) and not same(candidate, field.default):
             return request
     return None
 
 
-def _model_inputs(field: Field) -> tuple[str, ...]:
-    """A field only some models take is written for a model that takes it."""
-    return (field.name,) if field.model_input else ()
+def _traits(field: Field) -> frozenset[str]:
+    """A field only some families use is written for a picture of such a family."""
+    return frozenset({field.only_for}) if field.only_for else DEFAULT_TRAITS
 
 
 def infotext_problem(field: Field) -> str | None:
@@ -448,9 +448,10 @@ def infotext_problem(field: Field) -> str | None:
     if request is None:
         return f"{field.infotext!r} is never written"
     text = build_infotext(request, seed=request.seed, model_name=request.model, model_hash=None, subseed=request.subseed,
-                          model_inputs=_model_inputs(field))
+                          traits=_traits(field))
     parsed = parse_infotext(text)
-    if field.infotext not in parsed:
+    written_key = f"{field.infotext} 1" if field.type is Names else field.infotext  # Forge's "Module 1", "Module 2"...
+    if written_key not in parsed:
         return f"{field.infotext!r} is declared but the infotext has no such key: {text!r}"
     read = request_fields_from_infotext(parsed)
     if field.name not in read or not same(read[field.name], getattr(request, field.name)):

@@ -61,8 +61,8 @@ def test_the_folders_are_detected_as_flux_dev_and_schnell(engine):
     assert (dev.latent_channels, dev.scaling_factor, dev.latent_shift) == (16, 0.3611, 0.1159)
     assert dev.family.latent.tiny_decoder == "taef1"
     assert noise_table_for(dev)[1] == "flow"
-    assert dev.family.request_inputs(dev.pipeline) == ("distilled_cfg_scale",)
-    assert schnell.family.request_inputs(schnell.pipeline) == ()
+    assert dev.family.request_inputs() == ("distilled_cfg_scale",)
+    assert schnell.family.request_inputs() == ()
     assert dict(dev.family.defaults) == {"cfg_scale": 1.0, "distilled_cfg_scale": 3.5, "sampler": "Euler", "schedule": "Simple",
                                          "steps": 20}
     assert dict(schnell.family.defaults)["steps"] == 4 and "distilled_cfg_scale" not in schnell.family.defaults

@@ -619,8 +619,10 @@ class SdApi:
             if entry.kind == "pickle":
                 continue  # never loadable here, so not offered
             short = self._loaded_hash(entry.name)
+            family = self.studio.registry.family(entry)
             items.append(SDModelItem(title=self.model_title(entry), model_name=entry.name, hash=short, sha256=None,
                                      filename=str(entry.path), config=None, broken=entry.problem,
+                                     family=family.title if family is not None else None,
                                      memory=self._memory_estimate(entry)))
         return items
 

@@ -182,6 +182,8 @@ class SDModelItem(BaseModel):
     filename: str
     config: str | None = None
     broken: str | None = Field(None, description="Why this model cannot be loaded (found by checking its files or by a failed load); null when it can.")
+    family: str | None = Field(None, description="The model's family as the UI names it (\"SD 1.x\", \"SDXL\", \"Flux.1\"...), read "
+                               "from its files; null when they do not say. Sfumato's own key: A1111 clients ignore it.")
     memory: dict | None = Field(None, description="Sfumato's estimate of the memory the model needs at its native size, read "
                                 "from its files before loading: per component its bytes and where it lives, and the peak RAM "
                                 "and GPU bytes (engine.memory.MemoryEstimate); null when its files cannot be read.")

@@ -16,6 +16,7 @@ from PIL import Image
 
 from engine.sampling import table as samplers
 from engine.errors import SfumatoError, ValidationError
+from engine.families import Family
 from engine.infotext import MASK_MODES
 from engine.request import EarlyStop, GenerationRequest, GenerationResult
 
@@ -24,6 +25,7 @@ from .errors import job_error_text, message_for, ui_error
 from .event_inputs import preprocess_values
 from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
 from .extra_networks import ExtraNetworksPanel, build_extra_networks_panel
+from .family_fields import shown
 from .image_formats import LOSSLESS, PREVIEW
 from .image_inputs import UploadImage, UploadImageEditor, reject_bad_uploads
 from .masks import editor_image, inpaint_inputs, mask_preview
@@ -135,8 +137,9 @@ def _seed_row(mode: str, name: str, random_icon: ToolIcon, reuse_icon: ToolIcon)
 
 
 def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.State, default_size: tuple[int, int],
-                         vae_dropdown=None, modules_dropdown=None) -> GenerationTab:
-    """Lay out one tab's controls inside the current gr.Tab and wire its own events."""
+                         vae_dropdown=None, modules_dropdown=None, family: Family | None = None) -> GenerationTab:
+    """Lay out one tab's controls inside the current gr.Tab and wire its own events. ``family``: the family of the
+    model shown at start, whose fields are shown (``ui.family_fields``; the model picker updates them after)."""
     fields = F.FieldMap()
     width0, height0 = default_size
 
@@ -184,7 +187,10 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                     batch_count = F.control("batch_count", mode)
                     batch_size = F.control("batch_size", mode)
             cfg = F.control("cfg_scale", mode, "cfg", info=None)
-            distilled_cfg = F.control("distilled_cfg_scale", mode, "distilled_cfg", info=None)
+            with gr.Row():  # a flow model's settings, where Forge users look for them; hidden for models that ignore them
+                distilled_cfg = F.control("distilled_cfg_scale", mode, "distilled_cfg", info=None,
+                                          visible=shown("distilled_cfg_scale", family))
+                shift = F.control("shift", mode, visible=shown("shift", family))
             if mode != "txt2img":
                 denoising = F.control("denoising_strength", mode, "denoising", info=None)
                 resize_mode = F.control("resize_mode", mode)
@@ -196,11 +202,10 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", RANDOM_SUBSEED, REUSE_SUBSEED)
                 subseed_strength = F.control("subseed_strength", mode, info=None)
             # A1111 keeps these in its Settings; here they belong to the request, so an infotext restores them.
-            with gr.Accordion("Advanced sampling: clip skip, eta, ENSD, RNG, shift", open=False, elem_id=f"{mode}_advanced_sampling"):
+            with gr.Accordion("Advanced sampling: clip skip, eta, ENSD, RNG", open=False, elem_id=f"{mode}_advanced_sampling"):
                 with gr.Row():
-                    clip_skip = F.control("clip_skip", mode)
+                    clip_skip = F.control("clip_skip", mode, visible=shown("clip_skip", family))
                     eta = F.control("eta", mode)
-                    shift = F.control("shift", mode)
                 with gr.Row():
                     ensd = F.control("eta_noise_seed_delta", mode, "ensd")
                     rng = F.control("rng", mode)

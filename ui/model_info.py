@@ -1,10 +1,8 @@
 """What the UI needs to know about a model before (or without) loading it."""
 from __future__ import annotations
 
-import json
-
 from engine.errors import SfumatoError
-from engine.families import SD1, detect_family
+from engine.families import SD1, Family
 from engine.models import ModelEntry
 
 UNTRAINED_NOTE = (
@@ -13,24 +11,17 @@ UNTRAINED_NOTE = (
 )
 
 
+def model_family(studio, name: str | None) -> Family | None:
+    """The model's family (the loaded model's, else read from its files without loading it); None when unknown."""
+    entry = entry_or_none(studio, name)
+    return studio.registry.family(entry) if entry is not None else None
+
+
 def native_size(studio, name: str | None) -> tuple[int, int]:
-    """The model family's native size, read from the loaded model or the folder's UNet config (no loading)."""
-    try:
-        entry = studio.registry.get(name)
-    except SfumatoError:
-        return SD1.native_size
-    if entry.name in studio.registry.loaded_names():
-        try:
-            return studio.registry.load(entry.name).family.native_size
-        except SfumatoError:
-            pass
-    if entry.kind == "diffusers":
-        try:
-            config = json.loads((entry.path / "unet" / "config.json").read_text())
-            return detect_family(config, entry.path).native_size
-        except (OSError, ValueError, TypeError, AttributeError):
-            return SD1.native_size
-    return SD1.native_size
+    """The model family's native size, read from the loaded model or the model's files (no loading); SD 1.x's when
+    the files do not say."""
+    family = model_family(studio, name)
+    return family.native_size if family is not None else SD1.native_size
 
 
 BROKEN_NOTE = "⚠️ **`{name}` cannot be used:** {problem}"

@@ -31,8 +31,9 @@ FULL_RESTORE_DEFAULTS = {field.name: field.default for field in FIELDS.core()
                          if field.infotext_when is not None and field.name != "rng"}
 
 
-# Fields whose pickers sit above the tabs: the model is sent with the tab's fields, the VAE to its own picker.
-_ABOVE_THE_TABS = ("model", "vae")
+# Fields whose pickers sit above the tabs: the model is sent with the tab's fields, the VAE and the VAE / Text
+# Encoder files to their own pickers.
+_ABOVE_THE_TABS = ("model", "vae", "modules")
 
 
 def fields_from_infotext(infotext: str | None, only: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -68,6 +69,21 @@ def vae_choice(studio, infotext: str) -> str | None:
     except ValidationError:
         return None
     return found if found in vaes.choices() else None
+
+
+def modules_choice(studio, infotext: str) -> list[str] | None:
+    """The VAE / Text Encoder picker's value for Forge's "Module 1: ae, Module 2: clip_l..." (file names without
+    their extension): the files here that those names find, None when the infotext names none. A name found
+    nowhere is left out (the model then loads the one set of files that fits)."""
+    from engine.model_files.folders import find_module, module_files
+
+    names = request_fields_from_infotext(parse_infotext(infotext)).get("modules")
+    if not names:
+        return None
+    models_dir = studio.registry.models_dir
+    files = module_files(models_dir)
+    found = [find_module(name, files, models_dir) for name in names]
+    return list(dict.fromkeys(path.name for path in found if path is not None))
 
 
 def infotext_notes(infotext: str, target: GenerationTab) -> list[str]:
@@ -157,9 +173,11 @@ def wire_result_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generatio
 
 
 def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: GenerationTab, model_dropdown, infotext, image_path,
-                       vae_dropdown=None) -> None:
-    """PNG Info's 'send to': every field the infotext holds, plus the image for img2img/inpaint and the VAE it names."""
-    outputs = target_outputs(tabs, target, model_dropdown) + ([vae_dropdown] if vae_dropdown is not None else [])
+                       vae_dropdown=None, modules_dropdown=None) -> None:
+    """PNG Info's 'send to': every field the infotext holds, plus the image for img2img/inpaint, the VAE it names and
+    the text encoder / VAE files a Forge infotext names ("Module 1: ae...")."""
+    outputs = target_outputs(tabs, target, model_dropdown) + [picker for picker in (vae_dropdown, modules_dropdown)
+                                                               if picker is not None]
 
     def send(text, path):
         if not text:
@@ -181,6 +199,9 @@ def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generat
         updates = target_updates(studio, target, fields, image, extension_settings_from_infotext(studio, text))
         if vae_dropdown is not None:
             updates.append(vae_choice(studio, text) or gr.skip())
+        if modules_dropdown is not None:
+            picks = modules_choice(studio, text)
+            updates.append(gr.skip() if picks is None else picks)
         return updates
 
     button.click(send, [infotext, image_path], outputs, api_visibility="private")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 import torch
 
 from ..checkpoint_convert import LayoutComponent
+from ..fields import FIELDS, UNET
 from ..prompts import Conditioning, PromptEncoder, TextLayer
 
 if TYPE_CHECKING:
@@ -104,6 +105,9 @@ class Family:
 
     id: ClassVar[str]  # the family's folder name: engine/configs/<id>, extension config folders
     title: ClassVar[str]  # as the artist reads it: "SD 1.x"
+    # What sets it apart as far as the request goes (engine.fields' UNET, FLOW, DISTILLED_GUIDANCE): the fields that
+    # name a trait in ``only_for`` are shown, written and passed to the model only for families that have it.
+    traits: ClassVar[frozenset[str]] = frozenset({UNET})
     # Loading
     denoiser: ClassVar[str] = "unet"  # the pipeline attribute holding the denoising model, whose config detection reads
     pipeline_classes: ClassVar[tuple[str, ...]]  # the diffusers pipelines whose folders hold this family (first: the one loaded)
@@ -237,11 +241,11 @@ class Family:
         ``out_channels`` out or None, as Z-Image's and Flux.2's do, outputs what it takes in)."""
         return int(denoiser_config.get("out_channels") or denoiser_config["in_channels"])
 
-    def request_inputs(self, pipeline) -> tuple[str, ...]:
-        """Request fields this model takes as inputs of its per-step call (Flux.1 dev: ``distilled_cfg_scale``): the
-        engine hands their values to the model call in ``added_cond_kwargs`` under the field's name, and the
-        infotext carries them only for such a model. The UNet families take none."""
-        return ()
+    def request_inputs(self) -> tuple[str, ...]:
+        """Request fields this family's model takes as inputs of its per-step call (Flux.1 dev: ``distilled_cfg_scale``):
+        the fields declared ``model_input`` that this family uses (``Field.only_for``). The engine hands their values
+        to the model call in ``added_cond_kwargs`` under the field's name. The UNet families take none."""
+        return tuple(field.name for field in FIELDS if field.model_input and field.used_by(self.traits))
 
     # -- prompt encoding -------------------------------------------------------------------------
     def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
+from ..fields import DISTILLED_GUIDANCE, FLOW
 from ..flow_prompts import ClipEncoder, FlowPromptEncoder, FlowPrompts, PlainEncoder
 from ..model_files.bfl_keys import flux_to_diffusers
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
@@ -241,9 +242,11 @@ class Flux1(Family):
             return NoiseTable.for_flow(float(scheduler_config.get("shift", 1.0)), steps)
         return NoiseTable(flux_sigmas(shift_mu(image_tokens, scheduler_config), steps).to(torch.float32), flow=True)
 
-    def request_inputs(self, pipeline) -> tuple[str, ...]:
-        """A guidance-embedded transformer (dev) takes the distilled CFG scale."""
-        return (DISTILLED_CFG,) if bool(pipeline.transformer.config.get("guidance_embeds", False)) else ()
+    @property
+    def traits(self) -> frozenset[str]:  # type: ignore[override]  # dev and schnell differ, so per instance
+        """A guidance-embedded transformer (dev, detected from its config or its ``guidance_in`` weights) takes the
+        distilled CFG scale; schnell does not."""
+        return frozenset({FLOW, DISTILLED_GUIDANCE}) if self.guidance_embedded else frozenset({FLOW})
 
     def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]:
         return (TextLayer(), TextLayer())  # CLIP's pooled output and T5's last hidden state, whatever the clip skip

@@ -29,6 +29,7 @@ import torch
 
 from ..flow_prompts import FlowPromptEncoder, FlowPrompts, PlainEncoder
 from ..model_files.flux2_keys import flux2_vae_to_diffusers
+from ..fields import FLOW
 from ..model_files.layout import FileLayout, qwen3_slot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
@@ -155,6 +156,7 @@ PROMPTS = FlowPrompts(plain=PlainEncoder("tokenizer", "text_encoder", "Qwen3", 5
 class Flux2Klein(Family):
     id: ClassVar[str] = "flux2"
     title: ClassVar[str] = "Flux.2 Klein"
+    traits: ClassVar[frozenset[str]] = frozenset({FLOW})
     denoiser: ClassVar[str] = "transformer"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("Flux2KleinPipeline",)
     components: ClassVar[tuple[str, ...]] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")

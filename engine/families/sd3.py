@@ -22,6 +22,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..fields import FLOW
 from ..flow_prompts import ClipEncoder, FlowPromptEncoder, FlowPrompts, PlainEncoder
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
@@ -111,6 +112,7 @@ PROMPTS = FlowPrompts(
 class StableDiffusion3(Family):
     id: ClassVar[str] = "sd3"
     title: ClassVar[str] = "SD 3.5"
+    traits: ClassVar[frozenset[str]] = frozenset({FLOW})
     denoiser: ClassVar[str] = "transformer"
     pipeline_classes: ClassVar[tuple[str, ...]] = (
         "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")

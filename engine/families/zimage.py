@@ -27,6 +27,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..fields import FLOW
 from ..flow_prompts import FlowPromptEncoder, FlowPrompts, MaskedConditioning, PlainEncoder
 from ..model_files.layout import FileLayout, qwen3_slot
 from ..prompts import TextLayer
@@ -98,6 +99,7 @@ PROMPTS = FlowPrompts(plain=PlainEncoder("tokenizer", "text_encoder", "Qwen3", 5
 class ZImage(Family):
     id: ClassVar[str] = "zimage"
     title: ClassVar[str] = "Z-Image"
+    traits: ClassVar[frozenset[str]] = frozenset({FLOW})
     denoiser: ClassVar[str] = "transformer"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
     components: ClassVar[tuple[str, ...]] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
