@@ -77,13 +77,15 @@ def build_app(studio) -> gr.Blocks:
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 build_settings_tab(studio)
 
+        model_setters = []  # events that may set the model picker in code, so its .input never fires
         for tab in tabs_by_mode.values():
-            wire_presets(studio, tab.presets, tab, model_dropdown)
+            model_setters.append(wire_presets(studio, tab.presets, tab, model_dropdown))
             for target_mode, button in tab.send_buttons.items():
                 wire_result_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, tab.results, tab.selected)
         for target_mode, button in png_info["send"].items():
-            wire_infotext_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, png_info["infotext"], png_info["image"],
-                           vae_dropdown=vae_dropdown, modules_dropdown=modules_dropdown)
+            model_setters.append(wire_infotext_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown,
+                                                    png_info["infotext"], png_info["image"], vae_dropdown=vae_dropdown,
+                                                    modules_dropdown=modules_dropdown))
         for target_mode, button in gallery["send"].items():
             wire_result_send(studio, button, tabs, tabs_by_mode[target_mode], model_dropdown, gallery["records"], gallery["selected"])
         gallery_tab_item.select(gallery["show_session"], session_gallery, gallery["outputs"], api_visibility="private")
@@ -91,6 +93,9 @@ def build_app(studio) -> gr.Blocks:
         family_controls = FamilyControls(tabs=list(tabs_by_mode.values()), pickers={"modules": modules_dropdown})
         _wire_model_bar(studio, model_dropdown, refresh, model_status, untrained, current_model, list(tabs_by_mode.values()),
                         family_controls)
+        for event in model_setters:  # a pasted or loaded model's family shows its fields; the pasted values stay
+            event.then(lambda name: family_controls.updates(model_family(studio, name), apply_settings=False), model_dropdown,
+                       family_controls.outputs(), api_visibility="private")
         refresh.click(lambda value: gr.update(choices=studio.registry.vaes.choices(),  # the VAE list is rescanned with the models
                                               value=value if value in studio.registry.vaes.choices() else AUTOMATIC_VAE),
                       vae_dropdown, vae_dropdown, api_visibility="private")

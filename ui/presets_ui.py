@@ -129,8 +129,9 @@ def build_presets_controls(studio, mode: str) -> PresetControls:
     )
 
 
-def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_dropdown) -> None:
-    """Connect a tab's presets row to its field controls and the model picker."""
+def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_dropdown):
+    """Connect a tab's presets row to its field controls and the model picker. Returns the Load button's event, for
+    what follows the model a preset may set."""
     mode = tab.mode
     names = preset_fields_for(tab)
     # Extensions whose settings a preset may hold and that can fill their controls back in.
@@ -285,8 +286,8 @@ def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_d
     dropdown.focus(lambda: gr.update(choices=preset_names(studio)), None, dropdown, queue=False, **private)
     dropdown.change(describe, dropdown, c.description, queue=False, **private)
     dropdown.change(hidden_question, None, [c.delete_confirm_row, c.pending_delete], queue=False, **private)
-    c.load.click(load, [dropdown, model_dropdown, *field_components],
-                 [model_dropdown, *field_components, *extension_components, status, tab.sampling_note], **private)
+    loaded = c.load.click(load, [dropdown, model_dropdown, *field_components],
+                          [model_dropdown, *field_components, *extension_components, status, tab.sampling_note], **private)
     c.apply_style.click(apply_as_style, [dropdown, *prompt_components], [*prompt_components, status], **private)
     c.save.click(save, [c.name, c.text, c.include_model, model_dropdown, *field_components], [dropdown, status], **private)
     c.delete.click(ask_delete, dropdown, [c.delete_confirm_row, c.delete_question, c.pending_delete], **private)
@@ -295,3 +296,4 @@ def wire_presets(studio, controls: PresetControls, tab: "GenerationTab", model_d
     c.export.click(export, dropdown, c.export_file, **private)
     c.import_preset.upload(import_preset, c.import_preset, [dropdown, status], **private)
     c.import_styles.upload(import_styles, c.import_styles, [dropdown, status], **private)
+    return loaded

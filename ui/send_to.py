@@ -173,9 +173,10 @@ def wire_result_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generatio
 
 
 def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: GenerationTab, model_dropdown, infotext, image_path,
-                       vae_dropdown=None, modules_dropdown=None) -> None:
+                       vae_dropdown=None, modules_dropdown=None):
     """PNG Info's 'send to': every field the infotext holds, plus the image for img2img/inpaint, the VAE it names and
-    the text encoder / VAE files a Forge infotext names ("Module 1: ae...")."""
+    the text encoder / VAE files a Forge infotext names ("Module 1: ae..."). Returns the click event, for what follows
+    the model it may set."""
     outputs = target_outputs(tabs, target, model_dropdown) + [picker for picker in (vae_dropdown, modules_dropdown)
                                                                if picker is not None]
 
@@ -204,4 +205,4 @@ def wire_infotext_send(studio, button: gr.Button, tabs: gr.Tabs, target: Generat
             updates.append(gr.skip() if picks is None else picks)
         return updates
 
-    button.click(send, [infotext, image_path], outputs, api_visibility="private")
+    return button.click(send, [infotext, image_path], outputs, api_visibility="private")

@@ -63,3 +63,27 @@ def test_flux_brings_its_fields_and_settings_and_sd1_takes_them_back(page):
         _shown(page, elem_id, False)
     assert float(text_of(page, "txt2img_cfg")) == 7.0
     assert "SD 1.x" in page.locator("#model_status").inner_text()
+
+
+def test_a_pasted_flux_infotext_shows_its_fields_and_keeps_its_own_settings(page, tmp_path):
+    """PNG Info's "send to" sets the model picker in code, so the picker's own handler never runs: the pasted
+    model's family must still show its fields, and the pasted values (not the family's defaults) must stay."""
+    from PIL import Image
+
+    from engine.image_metadata import save_png
+
+    infotext = ("a red circle\nSteps: 7, Sampler: Heun, Schedule type: Karras, CFG scale: 2.5, Distilled CFG Scale: 4.5, "
+                f"Seed: 5, Size: 64x64, Model: {FLUX_MODEL}")
+    save_png(Image.new("RGB", (64, 64), "white"), tmp_path / "flux.png", infotext)
+    choose(page, "model_dropdown", fx.MODEL_NAME)
+    _shown(page, "txt2img_distilled_cfg", False)
+    open_tab(page, "PNG Info")
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(tmp_path / "flux.png"))
+    page.wait_for_function("() => document.querySelector('#pnginfo_infotext textarea').value.includes('Seed:')")
+    page.locator("#pnginfo_send_to_txt2img").click()
+    for elem_id in ("txt2img_distilled_cfg", "txt2img_shift", "modules_dropdown"):
+        _shown(page, elem_id, True)
+    page.get_by_text("Advanced sampling").first.click()
+    _shown(page, "txt2img_clip_skip", False)
+    assert float(text_of(page, "txt2img_cfg")) == 2.5 and float(text_of(page, "txt2img_distilled_cfg")) == 4.5
+    assert text_of(page, "txt2img_sampler") == "Heun" and int(float(text_of(page, "txt2img_steps"))) == 7
