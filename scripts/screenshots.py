@@ -31,6 +31,7 @@ PROMPT = "a large red circle on the left, blue background"
 XYZ_AXES = (("Prompt S/R", "red, yellow, green"), ("Prompt S/R", "circle, square, triangle"))
 # Hires. fix by a pixel upscaler at a moderate strength: the demo model keeps its one shape at twice its size.
 HIRES_UPSCALER, HIRES_DENOISING = "Lanczos", 0.45
+FLOW_SHOT_MODEL = "flux1-dev"  # the flow shot's stand-in: a tiny random-weight Flux.1 dev folder
 LORA_NAME = "sfumato-outline"  # the extra-networks shot shows the built-in demo LoRA's card (builtin/loras)
 
 
@@ -219,10 +220,45 @@ def take(url: str, out: Path, size: int | None) -> list[Path]:
     return shots
 
 
+def take_flow_model_bar(studio_for, out: Path) -> Path:
+    """The model bar and txt2img settings with a Flux.1 dev model picked: the family beside the model, the VAE / Text
+    Encoder picker, Distilled CFG and Shift shown, Clip skip gone. A tiny random-weight Flux.1 dev folder stands in
+    (the shot shows controls, not a picture), on its own server so the tour's other shots keep the demo model."""
+    from playwright.sync_api import sync_playwright
+
+    from tests._flux_fixture import build_folder
+    from ui.server import serve
+
+    with tempfile.TemporaryDirectory(prefix="sfumato-flow-shot-") as scratch:
+        folder = build_folder(Path(scratch) / "models" / "Stable-diffusion" / FLOW_SHOT_MODEL, "dev")
+        (folder / "sfumato.json").write_text('{"native_width": 1024, "native_height": 1024}')  # Flux.1's own size
+        handle = serve(studio_for(Path(scratch)), host="127.0.0.1", port=0, block=False)
+        try:
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_context(viewport=VIEWPORT).new_page()
+                page.set_default_timeout(60_000)
+                page.goto(handle.url)
+                page.wait_for_selector("#txt2img_generate")
+                _choose(page, "model_dropdown", FLOW_SHOT_MODEL)
+                page.locator("#txt2img_distilled_cfg").first.wait_for(state="visible")
+                page.wait_for_function(  # loaded: the family's settings are in (CFG 1) and no control is queued
+                    "() => document.querySelector('#txt2img_cfg input[type=number]').value.startsWith('1')"
+                    "", timeout=120_000)
+                page.wait_for_timeout(1500)
+                page.locator("#txt2img_prompt textarea").fill(PROMPT)
+                shot = _shoot_span(page, out, "flow_models", "model_row", "txt2img_shift")
+                browser.close()
+        finally:
+            handle.stop()
+    return shot
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots", help="folder for the PNGs")
     parser.add_argument("--models-dir", type=Path, default=None, help="an A1111-style models folder (default: built-in models only)")
+    parser.add_argument("--only-flow", action="store_true", help="only the flow-model shot (flow_models.png)")
     args = parser.parse_args(argv)
     if not Path(CHROMIUM).exists():
         print(f"needs chromium at {CHROMIUM} (apt-get install chromium)", file=sys.stderr)
@@ -232,13 +268,19 @@ def main(argv: list[str] | None = None) -> int:
     from ui.model_info import native_size
     from ui.server import serve
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sfumato-shots-") as scratch:
-        scratch = Path(scratch)
-        studio = Studio(StudioConfig(
-            models_dir=args.models_dir or scratch / "models", outputs_dir=scratch / "outputs", user_dir=scratch / "user",
+    def studio_for(scratch: Path, models_dir: Path | None = None) -> Studio:
+        return Studio(StudioConfig(
+            models_dir=models_dir or scratch / "models", outputs_dir=scratch / "outputs", user_dir=scratch / "user",
             extensions_dir=REPO / "extensions", presets_dir=REPO / "presets", builtin_models_dir=REPO / "builtin",
         ))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.only_flow:
+        take_flow_model_bar(studio_for, args.out)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="sfumato-shots-") as scratch:
+        scratch = Path(scratch)
+        studio = studio_for(scratch, args.models_dir)
         width, _ = native_size(studio, studio.default_model())
         size = 64 if width > 256 else None  # the untrained placeholder is SD1-sized; keep its run short
         handle = serve(studio, host="127.0.0.1", port=0, block=False)
@@ -246,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             take(handle.url, args.out, size)
         finally:
             handle.stop()
+    take_flow_model_bar(studio_for, args.out)
     return 0
 
 

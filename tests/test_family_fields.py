@@ -138,6 +138,24 @@ def test_the_tabs_start_with_the_start_models_fields(controls):
     assert visible == {"clip_skip": True, "shift": False, "distilled_cfg_scale": False}
 
 
+def test_a_tab_built_for_a_flux_start_model_starts_with_fluxs_settings(studio):
+    """When the model shown at start is Flux.1 dev (the only model, or the chosen default), the picker's handler
+    never runs, so the tab itself must start with the family's settings, not SD 1.x's CFG 7 and DPM++ 2M."""
+    import gradio as gr
+
+    from ui.generation_tab import build_generation_tab
+
+    flux = studio.registry.family(studio.registry.get(FLUX_MODEL))
+    with gr.Blocks():
+        model = gr.Dropdown([FLUX_MODEL], value=FLUX_MODEL)
+        tab = build_generation_tab(studio, "txt2img", model, gr.State([]), (fx.SIZE, fx.SIZE), family=flux)
+    start = {name: tab.fields.bindings[name].components[0].value
+             for name in ("sampler", "schedule", "steps", "cfg_scale", "distilled_cfg_scale")}
+    assert start == {"sampler": "Euler", "schedule": "Simple", "steps": 20, "cfg_scale": 1, "distilled_cfg_scale": 3.5}
+    assert tab.fields.bindings["distilled_cfg_scale"].components[0].visible
+    assert not tab.fields.bindings["clip_skip"].components[0].visible
+
+
 def test_picking_flux_dev_shows_its_fields_hides_clip_skip_and_sets_its_settings(controls):
     updates = _by_elem(controls, controls.updates(FLUX_DEV, apply_settings=True))
     for mode in ("txt2img", "img2img"):

@@ -25,7 +25,7 @@ from .errors import job_error_text, message_for, ui_error
 from .event_inputs import preprocess_values
 from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
 from .extra_networks import ExtraNetworksPanel, build_extra_networks_panel
-from .family_fields import shown
+from .family_fields import family_settings, shown
 from .image_formats import LOSSLESS, PREVIEW
 from .image_inputs import UploadImage, UploadImageEditor, reject_bad_uploads
 from .masks import editor_image, inpaint_inputs, mask_preview
@@ -142,6 +142,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
     model shown at start, whose fields are shown (``ui.family_fields``; the model picker updates them after)."""
     fields = F.FieldMap()
     width0, height0 = default_size
+    start = family_settings(family)  # what the start model's family draws with (Flux.1 dev: Euler, Simple, CFG 1...)
 
     with gr.Row(elem_id=f"{mode}_toprow"):
         with gr.Column(scale=6):
@@ -168,14 +169,14 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
             if mode == "inpaint":
                 image, mask_upload, inpaint_bindings, preview_mask = _inpaint_canvas()
             with gr.Row():
-                sampler = F.control("sampler", mode, info=None)
-                # the schedules the default sampler can use, not every schedule
-                schedule = F.control("schedule", mode, choices=samplers.schedules_for(F.FIELDS["sampler"].default))
+                sampler = F.control("sampler", mode, info=None, value=start["sampler"])
+                # the schedules the start sampler can use, not every schedule
+                schedule = F.control("schedule", mode, choices=samplers.schedules_for(start["sampler"]), value=start["schedule"])
             # Says what picking a sampler changed in the schedule or zero-SNR box, and why; hidden otherwise.
             sampling_note = gr.Markdown("", visible=False, elem_id=f"{mode}_sampling_note")
             zero_snr = F.control("zero_terminal_snr", mode, "zero_snr",
-                                 visible=samplers.supports_zero_terminal_snr(F.FIELDS["sampler"].default))
-            steps = F.control("steps", mode)
+                                 visible=samplers.supports_zero_terminal_snr(start["sampler"]))
+            steps = F.control("steps", mode, value=start["steps"])
             if mode != "txt2img":
                 own_size = gr.Checkbox(True, label="Keep the image's own size (untick to resize to width × height)", elem_id=f"{mode}_own_size")
             with gr.Row(equal_height=True):
@@ -186,11 +187,11 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 with gr.Column(scale=2):
                     batch_count = F.control("batch_count", mode)
                     batch_size = F.control("batch_size", mode)
-            cfg = F.control("cfg_scale", mode, "cfg", info=None)
+            cfg = F.control("cfg_scale", mode, "cfg", info=None, value=start["cfg_scale"])
             with gr.Row():  # a flow model's settings, where Forge users look for them; hidden for models that ignore them
                 distilled_cfg = F.control("distilled_cfg_scale", mode, "distilled_cfg", info=None,
-                                          visible=shown("distilled_cfg_scale", family))
-                shift = F.control("shift", mode, visible=shown("shift", family))
+                                          visible=shown("distilled_cfg_scale", family), value=start["distilled_cfg_scale"])
+                shift = F.control("shift", mode, visible=shown("shift", family), value=start["shift"])
             if mode != "txt2img":
                 denoising = F.control("denoising_strength", mode, "denoising", info=None)
                 resize_mode = F.control("resize_mode", mode)
