@@ -1,0 +1,181 @@
+"""The denoising model's call replayed from a TorchScript trace: the same kernels, without the Python in between.
+
+On a small model most of a step is not arithmetic but Python: diffusers' UNet and transformer blocks walk hundreds
+of modules, each ``forward`` checking its arguments and shapes before it reaches the op. ``torch.jit.trace`` records
+the ops one call runs, once per input signature (shapes, dtypes, device, and any non-tensor input such as Flux.1's
+distilled CFG scale), and replays them from C++. The recorded graph calls the very same aten kernels on the very
+same weights (the trace holds the module's own parameters, so weights changed in place are seen), in the same order,
+so the output is bit for bit what the eager call gives. Fusers (NNC, nvFuser, oneDNN Graph) could merge elementwise
+ops and round differently, so they are switched off while a trace runs.
+
+A call falls back to the eager model (and never traces) when it cannot be replayed exactly:
+
+- the call carries extra keyword arguments (an extension's hook, e.g. ControlNet residuals): they change per step;
+- an input is neither a tensor nor a plain constant;
+- the model is wrapped by peft adapters (a job's LoRA), accelerate's offload hooks (``--medvram``/``--lowvram``)
+  or ``torch.compile``;
+- tracing failed once for that signature (logged; that signature stays eager).
+
+A model's traces are kept with the model (a few signatures, least recently used dropped) and keyed by the model's
+structure too, so a module or attention processor swapped in later is traced afresh. Tracing costs about one and a
+half eager calls of Python work plus a few hundred milliseconds; ``bench/speed.py`` reports it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+log = logging.getLogger("sfumato")
+
+CAPACITY = 6  # signatures kept per model: a few sizes × with/without CFG
+_CACHES: "weakref.WeakKeyDictionary[torch.nn.Module, TraceCache]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+_CONSTANTS = (bool, int, float, str, type(None))
+
+
+class TraceCache:
+    """One model's traces by signature, least recently used dropped past ``CAPACITY``; ``failed`` signatures stay eager."""
+
+    def __init__(self) -> None:
+        self.traces: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
+        self.failed: set[tuple] = set()
+        self.active = True  # False: calls run eagerly, the traces are kept (the bench and tests switch it)
+        self.traced = 0  # how many traces were made: tests and the bench read it
+        self.trace_seconds = 0.0
+
+
+def enable(module: torch.nn.Module, active: bool = True) -> TraceCache:
+    """Let ``replayed`` trace calls of ``module`` (the pipeline's UNet or transformer); ``active=False`` runs them
+    eagerly again and keeps the traces made so far."""
+    with _LOCK:
+        cache = _CACHES.setdefault(module, TraceCache())
+        cache.active = active
+        return cache
+
+
+def cache_of(module: torch.nn.Module) -> TraceCache | None:
+    return _CACHES.get(module)
+
+
+def replayed(call: Callable, module: torch.nn.Module) -> Callable:
+    """``call`` (the family's model call over ``module``), replayed from traces when ``module`` has tracing enabled
+    and is in a state that traces exactly; else ``call`` itself. Decided once per sample pass."""
+    cache = _CACHES.get(module)
+    if cache is None or not cache.active or not _traceable(module):
+        return call
+    return TracedCall(call, module, cache, _structure(module))
+
+
+def _traceable(module: torch.nn.Module) -> bool:
+    if hasattr(module, "_orig_mod"):  # torch.compile's wrapper: compiled code runs instead
+        return False
+    for sub in module.modules():
+        if hasattr(sub, "_hf_hook") or type(sub).__module__.startswith("peft."):
+            return False
+    return True
+
+
+def _structure(module: torch.nn.Module) -> int:
+    """Which modules, attention processors and forward overrides make up the model now."""
+    return hash(tuple((id(sub), id(getattr(sub, "processor", None)), id(vars(sub).get("forward"))) for sub in module.modules()))
+
+
+@contextmanager
+def _no_fusion() -> Iterator[None]:
+    """TorchScript's fusers off: a fused kernel may round differently from the eager ops it replaces."""
+    C = torch._C
+    saved = (C._jit_can_fuse_on_cpu(), C._jit_can_fuse_on_gpu(), C._jit_texpr_fuser_enabled(), C._jit_llga_enabled())
+    C._jit_override_can_fuse_on_cpu(False)
+    C._jit_override_can_fuse_on_gpu(False)
+    C._jit_set_texpr_fuser_enabled(False)
+    C._jit_set_llga_enabled(False)
+    try:
+        yield
+    finally:
+        C._jit_override_can_fuse_on_cpu(saved[0])
+        C._jit_override_can_fuse_on_gpu(saved[1])
+        C._jit_set_texpr_fuser_enabled(saved[2])
+        C._jit_set_llga_enabled(saved[3])
+
+
+class _Recorded(torch.nn.Module):
+    """The call as a module of tensors only: (x, timestep, text, *added tensors) → output. The model is a submodule,
+    so the trace refers to its parameters rather than copying them."""
+
+    def __init__(self, call: Callable, module: torch.nn.Module, tensor_keys: tuple[str, ...], constants: dict):
+        super().__init__()
+        self.model = module
+        self.__dict__["call"] = call  # not a submodule: the model is registered once, above
+        self.tensor_keys, self.constants = tensor_keys, constants
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        added = {**self.constants, **dict(zip(self.tensor_keys, tensors))}
+        return self.call(x, timestep, encoder_hidden_states=text, added_cond_kwargs=added or None, return_dict=False)[0]
+
+
+def _signature(value: torch.Tensor) -> tuple:
+    return (tuple(value.shape), value.dtype, value.device, value.requires_grad)
+
+
+class TracedCall:
+    """A model call with the UNet-style signature (``GuidedDenoiser``) that replays traces where it can."""
+
+    def __init__(self, call: Callable, module: torch.nn.Module, cache: TraceCache, structure: int):
+        self.call, self.module, self.cache, self.structure = call, module, cache, structure
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
+                 added_cond_kwargs: dict | None = None, return_dict: bool = False, **hook_kwargs) -> tuple[torch.Tensor]:
+        added = added_cond_kwargs or {}
+        if hook_kwargs or torch.is_grad_enabled():
+            return self.call(x, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                             return_dict=False, **hook_kwargs)
+        tensor_keys = tuple(sorted(key for key, value in added.items() if isinstance(value, torch.Tensor)))
+        constants = {key: value for key, value in added.items() if key not in tensor_keys}
+        if not all(isinstance(value, _CONSTANTS) for value in constants.values()):
+            return self.call(x, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                             return_dict=False)
+        tensors = tuple(added[key] for key in tensor_keys)
+        key = (self.structure, type(self.call), _signature(x), _signature(timestep), _signature(encoder_hidden_states),
+               tuple((name, _signature(value)) for name, value in zip(tensor_keys, tensors)),
+               tuple(sorted((name, type(value).__name__, value) for name, value in constants.items())))
+        cache = self.cache
+        traced = cache.traces.get(key)
+        if traced is None:
+            if key in cache.failed:
+                return self.call(x, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                                 return_dict=False)
+            traced = self._trace(key, _Recorded(self.call, self.module, tensor_keys, constants), (x, timestep, encoder_hidden_states, *tensors))
+            if traced is None:
+                return self.call(x, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                                 return_dict=False)
+        else:
+            cache.traces.move_to_end(key)
+        with _no_fusion():
+            return (traced(x, timestep, encoder_hidden_states, *tensors),)
+
+    def _trace(self, key: tuple, recorded: _Recorded, inputs: tuple) -> torch.jit.ScriptModule | None:
+        import time
+        import warnings
+
+        cache = self.cache
+        tick = time.perf_counter()
+        try:
+            with warnings.catch_warnings(), _no_fusion():
+                warnings.simplefilter("ignore")  # TracerWarnings about shape checks recorded as constants: the key holds the shapes
+                traced = torch.jit.trace(recorded, inputs, check_trace=False)
+        except Exception as error:  # noqa: BLE001 - a model the tracer cannot follow still runs, eagerly
+            log.warning("model call not traced (runs as it is): %s: %s", type(error).__name__, error)
+            cache.failed.add(key)
+            return None
+        cache.trace_seconds += time.perf_counter() - tick
+        cache.traced += 1
+        cache.traces[key] = traced
+        while len(cache.traces) > CAPACITY:
+            cache.traces.popitem(last=False)
+        return traced
