@@ -216,44 +216,44 @@ def compare_with_diffusers(engine, registry, subject: Subject, points: tuple[Poi
 
 
 def step_overhead(engine, registry, subject: Subject, size: int, steps: int, runs: int) -> dict:
-    """(engine step − bare model call) ÷ engine step, the call replayed on the very inputs the engine gave it."""
-    import torch
-
+    """(engine step − model call) ÷ engine step: per run, the denoise time less the time spent replaying the traced
+    model call inside it, both from the same run (so load from other programs lands on both)."""
     from engine import traced_calls
 
     from .timing import clock, median
 
     model = registry.load(subject.model)
-    captured: dict = {}
-    original = traced_calls.TracedCall.__call__
+    engine.generate(_request(subject, size, steps))  # warm: traces this shape, caches the prompt
+    cache = traced_calls.cache_of(getattr(model.pipeline, model.family.denoiser))
+    if cache is None or not cache.traces:
+        return {"skipped": "the model call is not traced (eager): nothing to time it by"}
+    inside = [0.0]
 
-    def capture(self, *args, **kwargs):
-        captured.update(call=self, args=args, kwargs=kwargs)
-        return original(self, *args, **kwargs)
-
-    traced_calls.TracedCall.__call__ = capture
-    try:
-        engine.generate(_request(subject, size, steps))  # warm: traces, caches the prompt
-    finally:
-        traced_calls.TracedCall.__call__ = original
-    if not captured:
-        return {"skipped": "the model call is not traced (eager): no bare call to compare with"}
-    call, args, kwargs = captured["call"], captured["args"], captured["kwargs"]
-    step_s, call_s, shares = [], [], []
-    for _ in range(runs):
-        result = engine.generate(_request(subject, size, steps))
-        step = result.timings["denoise"] / steps
-        with torch.inference_mode():  # as Engine.generate runs
+    def timing(replay):
+        def run(*args):
             tick = clock()
-            for _ in range(steps):
-                call(*args, **kwargs)
-            bare = (clock() - tick) / steps
-        step_s.append(step)
-        call_s.append(bare)
-        shares.append((step - bare) / step)
-    return {"model": subject.label, "model_name": model.entry.name, "size": size, "steps": steps, "sampler": subject.sampler, "step_ms": round(median(step_s) * 1000, 3),
-            "model_call_ms": round(median(call_s) * 1000, 3), "overhead": round(median(shares), 4),
-            "overhead_ms": round((median(step_s) - median(call_s)) * 1000, 3), "shares": [round(s, 4) for s in shares]}
+            try:
+                return replay(*args)
+            finally:
+                inside[0] += clock() - tick
+        return run
+
+    originals = dict(cache.traces)
+    cache.traces.update({key: timing(replay) for key, replay in originals.items()})
+    step_s, call_s, shares = [], [], []
+    try:
+        for _ in range(runs):
+            inside[0] = 0.0
+            denoise = engine.generate(_request(subject, size, steps)).timings["denoise"]
+            step_s.append(denoise / steps)
+            call_s.append(inside[0] / steps)
+            shares.append((denoise - inside[0]) / denoise)
+    finally:
+        cache.traces.update(originals)
+    return {"model": subject.label, "model_name": model.entry.name, "size": size, "steps": steps, "sampler": subject.sampler,
+            "step_ms": round(median(step_s) * 1000, 3), "model_call_ms": round(median(call_s) * 1000, 3),
+            "overhead": round(median(shares), 4), "overhead_ms": round(median([s - c for s, c in zip(step_s, call_s)]) * 1000, 3),
+            "shares": [round(share, 4) for share in shares]}
 
 
 @contextmanager

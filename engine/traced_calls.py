@@ -22,8 +22,10 @@ half eager calls of Python work plus a few hundred milliseconds; ``bench/speed.p
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import types
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -75,33 +77,53 @@ def replayed(call: Callable, module: torch.nn.Module) -> Callable:
 def _traceable(module: torch.nn.Module) -> bool:
     if hasattr(module, "_orig_mod"):  # torch.compile's wrapper: compiled code runs instead
         return False
-    for sub in module.modules():
-        if hasattr(sub, "_hf_hook") or type(sub).__module__.startswith("peft."):
-            return False
-    return True
+    return not any(hasattr(sub, "_hf_hook") or type(sub).__module__.startswith("peft.") for sub in _walk(module))
+
+
+def _walk(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every submodule, depth first (``Module.modules()`` without its generator chain: this runs once per pass)."""
+    found, stack = [], [module]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        stack.extend(child for child in reversed(current._modules.values()) if child is not None)
+    return found
 
 
 def _structure(module: torch.nn.Module) -> int:
     """Which modules, attention processors and forward overrides make up the model now."""
-    return hash(tuple((id(sub), id(getattr(sub, "processor", None)), id(vars(sub).get("forward"))) for sub in module.modules()))
+    return hash(tuple((id(sub), id(getattr(sub, "processor", None)), id(sub.__dict__.get("forward"))) for sub in _walk(module)))
 
 
-@contextmanager
-def _no_fusion() -> Iterator[None]:
-    """TorchScript's fusers off: a fused kernel may round differently from the eager ops it replaces."""
+def _fusion_off() -> tuple[bool, bool, bool, bool]:
+    """TorchScript's fusers off (a fused kernel may round differently from the eager ops it replaces); returns
+    the previous state for ``_fusion_restore``."""
     C = torch._C
     saved = (C._jit_can_fuse_on_cpu(), C._jit_can_fuse_on_gpu(), C._jit_texpr_fuser_enabled(), C._jit_llga_enabled())
-    C._jit_override_can_fuse_on_cpu(False)
-    C._jit_override_can_fuse_on_gpu(False)
-    C._jit_set_texpr_fuser_enabled(False)
-    C._jit_set_llga_enabled(False)
-    try:
-        yield
-    finally:
+    if any(saved):
+        C._jit_override_can_fuse_on_cpu(False)
+        C._jit_override_can_fuse_on_gpu(False)
+        C._jit_set_texpr_fuser_enabled(False)
+        C._jit_set_llga_enabled(False)
+    return saved
+
+
+def _fusion_restore(saved: tuple[bool, bool, bool, bool]) -> None:
+    if any(saved):
+        C = torch._C
         C._jit_override_can_fuse_on_cpu(saved[0])
         C._jit_override_can_fuse_on_gpu(saved[1])
         C._jit_set_texpr_fuser_enabled(saved[2])
         C._jit_set_llga_enabled(saved[3])
+
+
+@contextmanager
+def _no_fusion() -> Iterator[None]:
+    saved = _fusion_off()
+    try:
+        yield
+    finally:
+        _fusion_restore(saved)
 
 
 class _Recorded(torch.nn.Module):
@@ -119,6 +141,14 @@ class _Recorded(torch.nn.Module):
         return self.call(x, timestep, encoder_hidden_states=text, added_cond_kwargs=added or None, return_dict=False)[0]
 
 
+def _call_key(call: Callable) -> object:
+    """What identifies the computation: a family's call object (made afresh each pass, e.g. Flux's ``TransformerCall``)
+    by its class, which fixes what it does with the module; a function, method or partial by itself."""
+    if isinstance(call, (types.FunctionType, types.MethodType, functools.partial)):
+        return call
+    return type(call)
+
+
 def _signature(value: torch.Tensor) -> tuple:
     return (tuple(value.shape), value.dtype, value.device, value.requires_grad)
 
@@ -128,10 +158,22 @@ class TracedCall:
 
     def __init__(self, call: Callable, module: torch.nn.Module, cache: TraceCache, structure: int):
         self.call, self.module, self.cache, self.structure = call, module, cache, structure
+        # The last call's inputs that stay fixed through a pass (text, added inputs) by identity, its x and timestep by
+        # signature, and its trace: every step after the first reuses it without building the full key.
+        self._last: tuple | None = None
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None, return_dict: bool = False, **hook_kwargs) -> tuple[torch.Tensor]:
         added = added_cond_kwargs or {}
+        last = self._last
+        if (last is not None and not hook_kwargs and last[0] is encoder_hidden_states and last[1] is added_cond_kwargs
+                and last[2] == (x.shape, x.dtype, x.device, timestep.shape, timestep.dtype) and not torch.is_grad_enabled()
+                and all(value is last[3].get(key) for key, value in added.items()) and len(added) == len(last[3])):
+            saved = _fusion_off()
+            try:
+                return (last[4](x, timestep, encoder_hidden_states, *last[5]),)
+            finally:
+                _fusion_restore(saved)
         if hook_kwargs or torch.is_grad_enabled():
             return self.call(x, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                              return_dict=False, **hook_kwargs)
@@ -141,7 +183,7 @@ class TracedCall:
             return self.call(x, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                              return_dict=False)
         tensors = tuple(added[key] for key in tensor_keys)
-        key = (self.structure, type(self.call), _signature(x), _signature(timestep), _signature(encoder_hidden_states),
+        key = (self.structure, _call_key(self.call), _signature(x), _signature(timestep), _signature(encoder_hidden_states),
                tuple((name, _signature(value)) for name, value in zip(tensor_keys, tensors)),
                tuple(sorted((name, type(value).__name__, value) for name, value in constants.items())))
         cache = self.cache
@@ -156,6 +198,8 @@ class TracedCall:
                                  return_dict=False)
         else:
             cache.traces.move_to_end(key)
+        self._last = (encoder_hidden_states, added_cond_kwargs, (x.shape, x.dtype, x.device, timestep.shape, timestep.dtype),
+                      dict(added), traced, tensors)
         with _no_fusion():
             return (traced(x, timestep, encoder_hidden_states, *tensors),)
 
