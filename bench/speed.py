@@ -14,7 +14,7 @@ Then, on the demo model:
   weights; the SDPA kernel (flash vs math); CFG 1 (the uncond half skipped) against CFG 7; and with ``--compile``
   torch.compile of the model call (its compile time; pixels compared).
 
-    python -m bench speed             the full run (a few minutes on 2 cores)
+    python -m bench speed             the full run (minutes)
     python -m bench speed --quick     64² only, demo model, few pairs (development, CI smoke)
 
 Figures go to ``bench/results/speed.json``. The machine's load from other programs lands on both sides of each pair

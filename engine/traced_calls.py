@@ -17,8 +17,8 @@ A call falls back to the eager model (and never traces) when it cannot be replay
 - tracing failed once for that signature (logged; that signature stays eager).
 
 A model's traces are kept with the model (a few signatures, least recently used dropped) and keyed by the model's
-structure too, so a module or attention processor swapped in later is traced afresh. Tracing costs about one and a
-half eager calls of Python work plus a few hundred milliseconds; ``bench/speed.py`` reports it.
+structure too, so a module or attention processor swapped in later is traced afresh. Tracing runs the model once more, once
+per signature; ``bench/speed.py`` reports what it costs.
 """
 from __future__ import annotations
 
