@@ -13,7 +13,9 @@ A call falls back to the eager model (and never traces) when it cannot be replay
 - the call carries extra keyword arguments (an extension's hook, e.g. ControlNet residuals): they change per step;
 - an input is neither a tensor nor a plain constant;
 - the model is wrapped by peft adapters (a job's LoRA), accelerate's offload hooks (``--medvram``/``--lowvram``)
-  or ``torch.compile``;
+  or ``torch.compile``, or any of its modules has a forward hook (which a replay would not call) other than the
+  engine's cancellation checkpoints: under a replay the job's stop is checked once before each model call instead
+  of before each block;
 - tracing failed once for that signature (logged; that signature stays eager).
 
 A model's traces are kept with the model (a few signatures, least recently used dropped) and keyed by the model's
@@ -32,6 +34,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
+
+from .cancellation import check as check_cancelled
 
 log = logging.getLogger("sfumato")
 
@@ -77,7 +81,16 @@ def replayed(call: Callable, module: torch.nn.Module) -> Callable:
 def _traceable(module: torch.nn.Module) -> bool:
     if hasattr(module, "_orig_mod"):  # torch.compile's wrapper: compiled code runs instead
         return False
-    return not any(hasattr(sub, "_hf_hook") or type(sub).__module__.startswith("peft.") for sub in _walk(module))
+    from torch.nn.modules import module as module_hooks
+
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return False
+    # Forward hooks (an extension's, a test's probe) are Python a replay would skip: the model runs eagerly for them.
+    # The engine's own cancellation checkpoints are the exception: ``TracedCall`` checks once before each replay.
+    from .cancellation import _checkpoint
+
+    return not any(hasattr(sub, "_hf_hook") or type(sub).__module__.startswith("peft.") or sub._forward_hooks
+                   or any(hook is not _checkpoint for hook in sub._forward_pre_hooks.values()) for sub in _walk(module))
 
 
 def _walk(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -169,6 +182,7 @@ class TracedCall:
         if (last is not None and not hook_kwargs and last[0] is encoder_hidden_states and last[1] is added_cond_kwargs
                 and last[2] == (x.shape, x.dtype, x.device, timestep.shape, timestep.dtype) and not torch.is_grad_enabled()
                 and all(value is last[3].get(key) for key, value in added.items()) and len(added) == len(last[3])):
+            check_cancelled()
             saved = _fusion_off()
             try:
                 return (last[4](x, timestep, encoder_hidden_states, *last[5]),)
@@ -200,6 +214,7 @@ class TracedCall:
             cache.traces.move_to_end(key)
         self._last = (encoder_hidden_states, added_cond_kwargs, (x.shape, x.dtype, x.device, timestep.shape, timestep.dtype),
                       dict(added), traced, tensors)
+        check_cancelled()
         with _no_fusion():
             return (traced(x, timestep, encoder_hidden_states, *tensors),)
 
