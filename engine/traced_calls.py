@@ -16,7 +16,10 @@ A call falls back to the eager model (and never traces) when it cannot be replay
   or ``torch.compile``, or any of its modules has a forward hook (which a replay would not call) other than the
   engine's cancellation checkpoints: under a replay the job's stop is checked once before each model call instead
   of before each block;
-- tracing failed once for that signature (logged; that signature stays eager).
+- tracing failed once for that signature (logged; that signature stays eager);
+- the latent is larger than ``MAX_TRACED_LATENT_PIXELS`` (a 256² SD picture's 32×32): there the Python between the
+  kernels is a small share of a step (the trace gained nothing measurable at 256², ``bench speed``), while a step is
+  long enough that an interrupt should not wait for it to end, and the eager call checks for a stop before each block.
 
 A model's traces are kept with the model (a few signatures, least recently used dropped) and keyed by the model's
 structure too, so a module or attention processor swapped in later is traced afresh. Tracing runs the model once more, once
@@ -40,6 +43,7 @@ from .cancellation import check as check_cancelled
 log = logging.getLogger("sfumato")
 
 CAPACITY = 6  # signatures kept per model: a few sizes × with/without CFG
+MAX_TRACED_LATENT_PIXELS = 32 * 32  # larger latents run eagerly (see the module docstring)
 _CACHES: "weakref.WeakKeyDictionary[torch.nn.Module, TraceCache]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 _CONSTANTS = (bool, int, float, str, type(None))
@@ -89,7 +93,9 @@ def _traceable(module: torch.nn.Module) -> bool:
     # The engine's own cancellation checkpoints are the exception: ``TracedCall`` checks once before each replay.
     from .cancellation import _checkpoint
 
+    # A forward replaced on an instance (a wrapper, a test's probe) is Python a replay would skip too.
     return not any(hasattr(sub, "_hf_hook") or type(sub).__module__.startswith("peft.") or sub._forward_hooks
+                   or "forward" in sub.__dict__
                    or any(hook is not _checkpoint for hook in sub._forward_pre_hooks.values()) for sub in _walk(module))
 
 
@@ -178,6 +184,9 @@ class TracedCall:
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None, return_dict: bool = False, **hook_kwargs) -> tuple[torch.Tensor]:
         added = added_cond_kwargs or {}
+        if x.shape[-2] * x.shape[-1] > MAX_TRACED_LATENT_PIXELS:  # a long step: eager, so a stop is seen mid-step
+            return self.call(x, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                             return_dict=False, **hook_kwargs)
         last = self._last
         if (last is not None and not hook_kwargs and last[0] is encoder_hidden_states and last[1] is added_cond_kwargs
                 and last[2] == (x.shape, x.dtype, x.device, timestep.shape, timestep.dtype) and not torch.is_grad_enabled()
