@@ -49,6 +49,7 @@ _LOCK = threading.Lock()
 _CONSTANTS = (bool, int, float, str, type(None))
 
 
+
 class TraceCache:
     """One model's traces by signature, least recently used dropped past ``CAPACITY``; ``failed`` signatures stay eager."""
 
@@ -93,10 +94,19 @@ def _traceable(module: torch.nn.Module) -> bool:
     # The engine's own cancellation checkpoints are the exception: ``TracedCall`` checks once before each replay.
     from .cancellation import _checkpoint
 
-    # A forward replaced on an instance (a wrapper, a test's probe) is Python a replay would skip too.
+    # A forward replaced on an instance (a wrapper, a test's probe) is Python a replay would skip too, except the
+    # engine's own direct attention call (engine.attention_calls), which only drops Python around the same kernels.
     return not any(hasattr(sub, "_hf_hook") or type(sub).__module__.startswith("peft.") or sub._forward_hooks
-                   or "forward" in sub.__dict__
+                   or _own_forward(sub)
                    or any(hook is not _checkpoint for hook in sub._forward_pre_hooks.values()) for sub in _walk(module))
+
+
+def _own_forward(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has a forward set on the instance other than the engine's direct attention call."""
+    from .attention_calls import _direct_forward
+
+    forward = module.__dict__.get("forward")
+    return forward is not None and getattr(forward, "__func__", None) is not _direct_forward
 
 
 def _walk(module: torch.nn.Module) -> list[torch.nn.Module]:
