@@ -4,6 +4,8 @@
     python -m bench --quick         fewer repetitions and steps (development)
     python -m bench --smoke         tiny models, one repetition (CI; seconds)
     python -m bench --only peer,previews --out /tmp/b.json --write-readme
+    python -m bench speed           Sfumato vs the diffusers pipeline at 64²-512², levers, per-step overhead (bench/speed.py)
+    python -m bench --gpu           the same on CUDA: SD1.5- and SDXL-shaped models, it/s and peak VRAM (bench/gpu.py)
 """
 from __future__ import annotations
 
@@ -112,6 +114,15 @@ def _run_benches(args, mode, threads, chosen, benches, out_path):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["speed"]:  # python -m bench speed: Sfumato vs the diffusers pipeline, levers, per-step overhead
+        from . import speed
+
+        return speed.main(argv[1:])
+    if "--gpu" in argv:  # python -m bench --gpu: the same figures on CUDA
+        from . import gpu
+
+        return gpu.main([arg for arg in argv if arg != "--gpu"])
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import cancellation, hires, image_ops, networks, refiner
+from . import cancellation, hires, image_ops, networks, refiner, traced_calls
 from .compute import run_until_interrupted
 from .errors import GenerationError, Interrupted, ModelError, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
@@ -528,7 +528,8 @@ class Engine:
         if inpaint is None and whole_image:
             inpaint = self._whole_image_conditioning(model, plan.width, plan.height, noise)
         cfg_scale = plan.cfg_scale * samplers.find_sampler(plan.sampler).cfg_scale_factor
-        return GuidedDenoiser(model.family.model_call(model.pipeline), noise_table, parameterization,
+        call = traced_calls.replayed(model.family.model_call(model.pipeline), getattr(model.pipeline, model.family.denoiser))
+        return GuidedDenoiser(call, noise_table, parameterization,
                               embeds.to(model.device, model.dtype), cfg_scale, do_cfg, added, inpaint)
 
     def _build_denoiser(self, request, model: LoadedModel, prepared: _Prepared, first: _PassPlan, noise_table,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import traced_calls
 from .attention_calls import call_processors_directly
 from .memory import MEMORY_MODES as MODES
 from .memory import placement, role_of
@@ -23,6 +24,9 @@ class PerformanceOptions:
     vae_tiling: bool = False
     channels_last: bool | None = None  # None: on where it helps (CUDA)
     compile: bool = False
+    # Replay the denoiser's call from a TorchScript trace per input shape (engine.traced_calls): the same kernels and
+    # pixels without the Python between them. Off under torch.compile and the offload modes, where it cannot apply.
+    trace_model_call: bool = True
 
     def __post_init__(self) -> None:
         if self.memory_mode not in MEMORY_MODES:
@@ -74,3 +78,5 @@ def apply(pipeline, device: torch.device, options: PerformanceOptions) -> None:
         pipeline.enable_sequential_cpu_offload(device=device)
     if options.compile:
         setattr(pipeline, denoiser, torch.compile(getattr(pipeline, denoiser)))
+    elif options.trace_model_call and (options.memory_mode in ("normal", "cpu-text-encoders") or device.type != "cuda"):
+        traced_calls.enable(getattr(pipeline, denoiser))

@@ -210,3 +210,29 @@ def test_only_lists_every_bench_in_the_order_they_run():
     from bench import cli
 
     assert tuple(cli._benches()) == cli.BENCH_NAMES
+
+
+def test_speed_bench_reports_each_target_with_a_verdict_and_exact_traced_pixels(tmp_path, capsys):
+    """``python -m bench speed --quick``: the 64² ratio against diffusers, the per-step overhead and the levers, with the
+    traced call's pixels equal to the eager call's (its exactness, the one figure asserted)."""
+    from bench import speed
+
+    out = tmp_path / "speed.json"
+    assert speed.main(["--quick", "--out", str(out)]) == 0
+    document = json.loads(out.read_text())
+    (row,) = document["vs_diffusers"]
+    assert row["size"] == 64 and row["ratio"] > 0 and row["max_pixel_diff"] is not None
+    assert 0 < document["step_overhead"]["model_call_ms"] < document["step_overhead"]["step_ms"]
+    traced = next(lever for lever in document["levers"] if lever["lever"] == "traced model call")
+    assert traced["max_pixel_diff"] == 0 and traced["traces_made"] >= 1
+    printed = capsys.readouterr().out
+    assert ("PASS" in printed or "FAIL" in printed) and "Per-step overhead" in printed
+
+
+def test_gpu_bench_says_plainly_that_nothing_was_measured_without_cuda(capsys):
+    from bench import gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the GPU bench would measure")
+    assert gpu.main([]) == 0
+    assert "UNMEASURED" in capsys.readouterr().out

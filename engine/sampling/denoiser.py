@@ -92,6 +92,10 @@ class GuidedDenoiser:
 
     def __post_init__(self) -> None:
         self._log_sigmas = self.table.sigmas.log()
+        # σ → (σ per batch row, c_in column, timestep): a sampler asks the same few σs every step, and the
+        # fractional timestep alone is a dozen ops over the whole noise table. Kept for CPU σs only, whose value
+        # is read without waiting on a device.
+        self._scalings: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def fraction_done(self, sigma: float) -> float:
         """i/N for σ in (σ_{i+1}, σ_i] of the pass's schedule; 0 above σ₀."""
@@ -107,11 +111,10 @@ class GuidedDenoiser:
         sigma = sigma.to(torch.float32)
         copies = 2 if self.do_cfg else 1
         x_in = torch.cat([x] * copies)
-        sigma_in = torch.cat([sigma] * copies)
-        c_in, timestep = self._model_scalings(sigma_in)
+        sigma_in, c_in, timestep = self._scalings_for(sigma, copies)
         # Only the model runs in its own dtype: the sampler's arithmetic and every noise draw stay float32 on every
         # device, so a half-precision GPU gives the CPU's picture for the same seed.
-        model_input = (x_in * c_in[:, None, None, None]).to(self.prompt_embeds.dtype)
+        model_input = (x_in * c_in).to(self.prompt_embeds.dtype)
         inpaint = self.inpaint
         if inpaint is not None and inpaint.masked_image_latents is not None:
             extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1).to(model_input.dtype)
@@ -134,6 +137,19 @@ class GuidedDenoiser:
             keep = 1 - inpaint.mask
             denoised = denoised * inpaint.mask + inpaint.image_latents * keep
         return denoised
+
+    def _scalings_for(self, sigma: torch.Tensor, copies: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """σ for each batch row, c_in as a column to multiply x by, and the model's timestep: the same tensors,
+        computed by the same ops, whether they come from the memo or not."""
+        key = (copies, tuple(sigma.tolist())) if sigma.device.type == "cpu" else None
+        found = self._scalings.get(key) if key is not None else None
+        if found is None:
+            sigma_in = torch.cat([sigma] * copies)
+            c_in, timestep = self._model_scalings(sigma_in)
+            found = (sigma_in, c_in[:, None, None, None], timestep)
+            if key is not None and len(self._scalings) < 4096:
+                self._scalings[key] = found
+        return found
 
     def _model_scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's input scale and timestep for each σ.

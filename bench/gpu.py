@@ -1,0 +1,173 @@
+"""``python -m bench --gpu`` (``python launch.py bench --gpu``): Sfumato against diffusers on CUDA.
+
+Random-weight models shaped like the real ones (SD 1.5's UNet at 512², SDXL's at 1024²; text encoders and VAEs
+small, since only the denoising loop is compared), fp16, the same sampler σs (DPM++ 2M / Karras), CFG 7 and seed on
+both sides. Reports iterations per second for each side (steps ÷ the sampling loop's wall time; the engine's from its
+denoise timing, diffusers' from the pipeline call less its decode), their ratio (interleaved pairs, median), and the
+peak VRAM each side allocated.
+
+Without CUDA it says so and exits 0: **these figures have not been measured on this project's machines** (no GPU
+here); the first run on a CUDA machine is their first measurement.
+
+    python -m bench --gpu [--steps 20] [--pairs 3] [--only sd15,sdxl] [--out bench/results/gpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_OUT = BENCH_DIR / "results" / "gpu.json"
+PROMPT = "a photograph of a lighthouse at dusk"
+NEGATIVE = "blurry"
+SEED = 1234
+
+
+def build_sd15(folder: Path) -> Path:
+    """SD 1.5's UNet layout (320/640/1280/1280, 8 heads, 768-wide text) with random weights; tiny text encoder and VAE
+    of the right widths."""
+    return _build(folder, xl=False)
+
+
+def build_sdxl(folder: Path) -> Path:
+    """SDXL's UNet layout (320/640/1280, transformer depths 0/2/10, 2048-wide text) with random weights."""
+    return _build(folder, xl=True)
+
+
+def _build(folder: Path, xl: bool) -> Path:
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from engine.tiny_models import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(folder / "_tokenizer")
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+                        sample_size=1024 if xl else 512)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+    def text(hidden: int, projection: bool = False):
+        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
+                                num_attention_heads=8, max_position_embeddings=77, projection_dim=hidden)
+        return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+    if xl:
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text(768), text_encoder_2=text(1280, projection=True), tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    else:
+        unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                                    attention_head_dim=8, cross_attention_dim=768)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text(768), tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def measure(registry, engine, name: str, size: int, steps: int, pairs: int) -> dict:
+    import torch
+
+    from engine import GenerationRequest
+
+    from . import peer
+    from .timing import interleave, median, pair_stats
+
+    model = registry.load(name)
+    pipe = peer.peer_pipeline(model)
+    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, model=name, sampler="DPM++ 2M", schedule="Automatic",
+                                steps=steps, cfg_scale=7.0, width=size, height=size, seed=SEED, preview_every=0)
+    peaks: dict[str, list[float]] = {"sfumato": [], "diffusers": []}
+
+    def engine_run(index: int) -> float:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        result = engine.generate(request)
+        peaks["sfumato"].append(torch.cuda.max_memory_allocated() / 2**20)
+        return result.timings["denoise"]
+
+    def peer_run(index: int) -> float:
+        generator = torch.Generator("cpu").manual_seed(SEED)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        tick = time.perf_counter()
+        latents = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0, width=size,
+                       height=size, generator=generator, output_type="latent").images
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - tick  # the loop and prompt encoding; no decode, as the engine's "denoise"
+        peaks["diffusers"].append(torch.cuda.max_memory_allocated() / 2**20)
+        del latents
+        return seconds
+
+    times = interleave({"sfumato": engine_run, "diffusers": peer_run}, repetitions=pairs, warmup=1)
+    stats = pair_stats(times["sfumato"], times["diffusers"])
+    return {"model": name, "size": size, "steps": steps, "ratio": stats["ratio"], "spread": stats["spread"], "pairs": stats["pairs"],
+            "sfumato_it_s": round(steps / median(times["sfumato"]), 2), "diffusers_it_s": round(steps / median(times["diffusers"]), 2),
+            "sfumato_peak_vram_mb": round(max(peaks["sfumato"]), 1), "diffusers_peak_vram_mb": round(max(peaks["diffusers"]), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench --gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--only", default="sd15,sdxl", help="comma-separated: sd15 (512²), sdxl (1024²)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args, _unknown = parser.parse_known_args(argv)  # the CPU bench's flags (--quick, ...) are accepted and ignored
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench --gpu: no CUDA device here; nothing measured. The GPU figures (it/s vs diffusers, peak VRAM for "
+              "SD1.5- and SDXL-shaped models at 512²/1024²) are UNMEASURED until this runs on a CUDA machine.")
+        return 0
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from engine import Engine, ModelRegistry
+    from engine.compute import run_on_compute_thread
+    from engine.performance import PerformanceOptions
+
+    from .fixtures import quiet_libraries
+
+    quiet_libraries()
+    points = {"sd15": ("gpu-sd15", 512, build_sd15), "sdxl": ("gpu-sdxl", 1024, build_sdxl)}
+    chosen = [key.strip() for key in args.only.split(",") if key.strip() in points]
+
+    def run() -> list[dict]:
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="sfumato-gpu-bench-") as folder:
+            for key in chosen:
+                name, size, build = points[key]
+                build(Path(folder) / name)
+            registry = ModelRegistry(Path(folder), builtin_dir=None, device="cuda", performance=PerformanceOptions())
+            engine = Engine(registry)
+            for key in chosen:
+                name, size, _ = points[key]
+                print(f"[{key}] {size}², {args.steps} steps, {args.pairs} pairs", flush=True)
+                rows.append(measure(registry, engine, name, size, args.steps, args.pairs))
+        return rows
+
+    rows = run_on_compute_thread(run)
+    device = torch.cuda.get_device_name(0)
+    for row in rows:
+        print(f"  {row['model']} {row['size']}²: Sfumato {row['sfumato_it_s']} it/s, diffusers {row['diffusers_it_s']} it/s, "
+              f"time ratio {row['ratio']:.3f}× (spread {row['spread']:.3f}); peak VRAM {row['sfumato_peak_vram_mb']:.0f} vs "
+              f"{row['diffusers_peak_vram_mb']:.0f} MiB")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
