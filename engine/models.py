@@ -863,7 +863,7 @@ class ModelRegistry:
         try:
             pipeline, family = self._read_pipeline(entry, picks or ModulePicks())
             place_pipeline(pipeline, self.device, self.performance)
-            apply_performance(pipeline, self.device, self.performance)
+            apply_performance(pipeline, self.device, self.performance, traceable=family.traceable_call)
         except ModelError as error:
             if isinstance(error.__cause__, OUT_OF_MEMORY):
                 raise self._ran_out(entry, error.__cause__) from error.__cause__

@@ -61,8 +61,9 @@ def place(pipeline, device: torch.device, options: PerformanceOptions) -> None:
             component.to("cpu" if places[role_of(name)] == "cpu" else device)
 
 
-def apply(pipeline, device: torch.device, options: PerformanceOptions) -> None:
-    """Apply the options to a freshly loaded pipeline (already moved to ``device`` unless offloading)."""
+def apply(pipeline, device: torch.device, options: PerformanceOptions, traceable: bool = True) -> None:
+    """Apply the options to a freshly loaded pipeline (already moved to ``device`` unless offloading). ``traceable``:
+    whether the model's family allows its denoiser call to be replayed from a trace (``Family.traceable_call``)."""
     # Always on, and first: offload hooks and torch.compile then wrap the patched layers.
     denoiser = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"  # the flow families' is a transformer
     for component in (getattr(pipeline, denoiser), pipeline.vae):
@@ -78,5 +79,5 @@ def apply(pipeline, device: torch.device, options: PerformanceOptions) -> None:
         pipeline.enable_sequential_cpu_offload(device=device)
     if options.compile:
         setattr(pipeline, denoiser, torch.compile(getattr(pipeline, denoiser)))
-    elif options.trace_model_call and (options.memory_mode in ("normal", "cpu-text-encoders") or device.type != "cuda"):
+    elif traceable and options.trace_model_call and (options.memory_mode in ("normal", "cpu-text-encoders") or device.type != "cuda"):
         traced_calls.enable(getattr(pipeline, denoiser))

@@ -114,6 +114,53 @@ def build_sdxl(folder: Path, seed: int = 0, text_encoder_2_width: int = 32, demo
     return Path(folder)
 
 
+def build_sd15_shaped(folder: Path) -> Path:
+    """For ``bench --gpu``: SD 1.5's UNet layout (320/640/1280/1280, 8 heads, 768-wide text) with random weights; tiny text encoder and VAE
+    of the right widths."""
+    return _build_full_shaped(folder, xl=False)
+
+
+def build_sdxl_shaped(folder: Path) -> Path:
+    """SDXL's UNet layout (320/640/1280, transformer depths 0/2/10, 2048-wide text) with random weights."""
+    return _build_full_shaped(folder, xl=True)
+
+
+def _build_full_shaped(folder: Path, xl: bool) -> Path:
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(folder / "_tokenizer")
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+                        sample_size=1024 if xl else 512)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+    def text(hidden: int, projection: bool = False):
+        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
+                                num_attention_heads=8, max_position_embeddings=77, projection_dim=hidden)
+        return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+    if xl:
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text(768), text_encoder_2=text(1280, projection=True), tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    else:
+        unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                                    attention_head_dim=8, cross_attention_dim=768)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text(768), tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def _remove_tree(path: Path) -> None:
     import shutil
 

@@ -10,7 +10,7 @@ ops and round differently, so they are switched off while a trace runs.
 
 A call falls back to the eager model (and never traces) when it cannot be replayed exactly:
 
-- the call carries extra keyword arguments (an extension's hook, e.g. ControlNet residuals): they change per step;
+- the call carries extra keyword arguments (an extension's hook, e.g. a control model's residuals): they change per step;
 - an input is neither a tensor nor a plain constant;
 - the model is wrapped by peft adapters (a job's LoRA), accelerate's offload hooks (``--medvram``/``--lowvram``)
   or ``torch.compile``, or any of its modules has a forward hook (which a replay would not call) other than the
@@ -194,7 +194,7 @@ class TracedCall:
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None, return_dict: bool = False, **hook_kwargs) -> tuple[torch.Tensor]:
         added = added_cond_kwargs or {}
-        if x.shape[-2] * x.shape[-1] > MAX_TRACED_LATENT_PIXELS:  # a long step: eager, so a stop is seen mid-step
+        if not self.cache.active or x.shape[-2] * x.shape[-1] > MAX_TRACED_LATENT_PIXELS:  # a long step: eager, so a stop is seen mid-step
             return self.call(x, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                              return_dict=False, **hook_kwargs)
         last = self._last
@@ -205,6 +205,8 @@ class TracedCall:
             saved = _fusion_off()
             try:
                 return (last[4](x, timestep, encoder_hidden_states, *last[5]),)
+            except RuntimeError as error:  # the trace does not fit these inputs after all: eager from now on
+                return self._eager_after(error, x, timestep, encoder_hidden_states, added_cond_kwargs)
             finally:
                 _fusion_restore(saved)
         if hook_kwargs or torch.is_grad_enabled():
@@ -235,7 +237,19 @@ class TracedCall:
                       dict(added), traced, tensors)
         check_cancelled()
         with _no_fusion():
-            return (traced(x, timestep, encoder_hidden_states, *tensors),)
+            try:
+                return (traced(x, timestep, encoder_hidden_states, *tensors),)
+            except RuntimeError as error:
+                return self._eager_after(error, x, timestep, encoder_hidden_states, added_cond_kwargs)
+
+    def _eager_after(self, error: RuntimeError, x, timestep, encoder_hidden_states, added_cond_kwargs) -> tuple:
+        """A replay failed: log it once, stop tracing this model (its ops evidently depend on more than the inputs'
+        shapes) and answer with the eager call."""
+        log.warning("replaying the traced model call failed (%s); this model now runs eagerly", str(error).splitlines()[0])
+        self.cache.active = False
+        self._last = None
+        return self.call(x, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                         return_dict=False)
 
     def _trace(self, key: tuple, recorded: _Recorded, inputs: tuple) -> torch.jit.ScriptModule | None:
         import time

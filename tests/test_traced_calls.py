@@ -114,3 +114,27 @@ def test_a_call_the_tracer_cannot_follow_runs_eagerly(engine):
         out = traced_calls.replayed(call, module)(x, t, encoder_hidden_states=text)[0]
         assert torch.equal(out, module(x, t, encoder_hidden_states=text)[0])
     assert len(cache.failed) == failed + 1
+
+
+def test_a_trace_that_fails_on_replay_falls_back_to_the_eager_call_for_good(engine):
+    """A model whose ops depend on its inputs' values (Z-Image's caption lengths) can trace fine and then fail when
+    replayed on other values: the job must still get the eager call's output, and the model stop tracing."""
+    module = _denoiser(engine, "tiny-sd1")
+    cache = traced_calls.enable(module)
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([400.0]), torch.randn(1, 77, 32)
+    replay = traced_calls.replayed(module, module)
+    try:
+        with torch.inference_mode():
+            replay(x, t, encoder_hidden_states=text)  # traced and kept as the pass's last trace
+            for key in list(cache.traces):  # the kept trace now fails as a frozen value-dependent op would
+                cache.traces[key] = _failing
+            replay._last = replay._last[:4] + (_failing,) + replay._last[5:]
+            out = replay(x, t, encoder_hidden_states=text)[0]
+            assert torch.equal(out, module(x, t, encoder_hidden_states=text)[0])
+        assert not cache.active  # the model runs eagerly from now on
+    finally:
+        cache.active = True
+
+
+def _failing(*inputs):
+    raise RuntimeError("The following operation failed in the TorchScript interpreter.")

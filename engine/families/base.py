@@ -131,6 +131,9 @@ class Family:
     # Networks: the original-layout naming a kohya LoRA of this family's denoiser uses, when it is not the diffusers
     # module's own (engine.networks.transformer_layouts converts it); None: kohya names resolve against the modules.
     lora_layout: ClassVar[str | None] = None
+    # Performance: whether the denoiser's call may be replayed from a TorchScript trace (engine.traced_calls), i.e. runs
+    # the same ops for every input of one shape; a model whose ops depend on its inputs' values must say no.
+    traceable_call: ClassVar[bool] = True
 
     # -- detection --------------------------------------------------------------------------
     def matches_config(self, unet_config: dict) -> bool:

@@ -105,6 +105,9 @@ class ZImage(Family):
     components: ClassVar[tuple[str, ...]] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     embedding_keys: ClassVar[tuple[str, ...]] = ()  # no CLIP: textual-inversion files do not apply
     file_layout: ClassVar[FileLayout] = FILE_LAYOUT
+    # The S3-DiT splits its token sequence by each caption's own length (Python ints read from the inputs), which a
+    # trace would freeze at the first call's lengths: a replay failed on inpaint's second prompt length.
+    traceable_call: ClassVar[bool] = False
 
     def matches_config(self, config: dict) -> bool:
         """The S3-DiT's config: caption features fed straight from the LLM (``cap_feat_dim``) and per-patch-size
