@@ -42,12 +42,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from engine.families.sd3 import PROMPTS as SD3_PROMPTS
+
 from . import world
 from .demo_model import (Budget, Checkpoint, build_tokenizer, build_vae, folder_mb, log, n_params, run_stage,
                          save_grid, to_tensor, train_vae)
 
 REPO = Path(__file__).resolve().parent.parent
 CLIP_TOKENS = 77  # the engine reads CLIP in A1111's 77-token chunks, so position embeddings must reach 77
+# Without a T5, diffusers and the engine put this many zero tokens in its place (``max_sequence_length``); training
+# conditions on the same context so that the zeros' share of every attention row is the one sampling will see.
+T5_TOKENS = SD3_PROMPTS.plain.max_tokens  # 256
 
 
 # --------------------------------------------------------------------------- recipe
@@ -101,13 +106,14 @@ class FlowRecipe:
     bf16: bool = True
     checkpoint_every_s: float = 120
     monitor_every: int = 1000  # VAE: held-out L1 every monitor_every // 5 steps
+    caption_monitor_every: int = 250  # transformer: the caption gaps (``CaptionMonitor``)
     sample_every: int = 1000
 
 
 def smoke_recipe() -> FlowRecipe:
     """A few steps of every stage on a tiny dataset (CI): the VAE gate is not enforced."""
     return replace(FlowRecipe(), n_images=96, vae_seconds=5, vae_max_steps=3, vae_batch=8, vae_shape_gate=0.0,
-                   vae_eval_images=16, seconds=8, max_steps=3, batch=8, warmup=1, monitor_every=10**9,
+                   vae_eval_images=16, seconds=8, max_steps=3, batch=8, warmup=1, monitor_every=10**9, caption_monitor_every=10**9,
                    sample_every=10**9, checkpoint_every_s=10**9)
 
 
@@ -212,6 +218,244 @@ def cached_latents(vae, images: np.ndarray, paths: FlowPaths, resume: bool) -> t
     return (cache["latents"] - cache["shift_factor"]) * cache["scaling_factor"]
 
 
+# --------------------------------------------------------------------------- stage 5: transformer + text encoders
+
+
+def build_text_encoder(recipe: FlowRecipe, tok, seed: int):
+    """A small ``CLIPTextModelWithProjection`` (the class of SD3's CLIP-L and CLIP-G) with 77 positions."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tok.get_vocab()), hidden_size=recipe.te_hidden, intermediate_size=recipe.te_ffn,
+        num_hidden_layers=recipe.te_layers, num_attention_heads=recipe.te_heads, max_position_embeddings=CLIP_TOKENS,
+        projection_dim=recipe.te_hidden, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def joint_width(recipe: FlowRecipe) -> int:
+    """CLIP-L and CLIP-G hidden states side by side: the MMDiT's ``joint_attention_dim`` (and pooled width)."""
+    return 2 * recipe.te_hidden
+
+
+def build_transformer(recipe: FlowRecipe, latent_size: int, seed: int):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=latent_size, patch_size=recipe.patch_size, in_channels=recipe.vae_latent_channels,
+        out_channels=recipe.vae_latent_channels, num_layers=recipe.layers, attention_head_dim=recipe.head_dim,
+        num_attention_heads=recipe.heads, joint_attention_dim=joint_width(recipe),
+        caption_projection_dim=recipe.heads * recipe.head_dim, pooled_projection_dim=joint_width(recipe),
+        pos_embed_max_size=recipe.pos_embed_max_size, qk_norm="rms_norm",
+    )
+
+
+def encode_text(text_encoders, ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context, pooled) exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds them without T5: each CLIP's
+    penultimate hidden state side by side, zero-padded to ``width``, then ``T5_TOKENS`` zero tokens in T5's place;
+    the pooled output is both CLIPs' projected end-of-text embeddings side by side."""
+    hidden, pooled = [], []
+    for encoder in text_encoders:
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out.text_embeds)
+    clip = torch.nn.functional.pad(torch.cat(hidden, dim=-1), (0, width - sum(h.shape[-1] for h in hidden)))
+    t5 = clip.new_zeros(clip.shape[0], T5_TOKENS, width)
+    return torch.cat([clip, t5], dim=1), torch.cat(pooled, dim=-1)
+
+
+def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's timestep shift σ' = s·σ / (1 + (s − 1)·σ) (Esser et al. 2024, §5.3.2), as the scheduler applies it."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sample_sigmas(n: int, rng: np.random.Generator, recipe: FlowRecipe) -> torch.Tensor:
+    """Logit-normal σ = sigmoid(m + s·u), u ~ N(0, 1) (Esser et al. 2024, §3.1), then shifted."""
+    u = rng.normal(recipe.logit_mean, recipe.logit_std, n).astype(np.float32)
+    return shift_sigmas(torch.sigmoid(torch.from_numpy(u)), recipe.sigma_shift)
+
+
+def flow_loss(transformer, text_encoders, z0: torch.Tensor, ids: torch.Tensor, sigma: torch.Tensor,
+              noise: torch.Tensor, bf16: bool, reduce: bool = True) -> torch.Tensor:
+    """Rectified-flow loss ‖v − model(x_σ, 1000σ, c)‖² with x_σ = (1 − σ)·x₀ + σ·ε and v = ε − x₀
+    (Liu et al. 2022; Esser et al. 2024, eq. 2 with the velocity target)."""
+    s = sigma.view(-1, 1, 1, 1)
+    x = (1 - s) * z0 + s * noise
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        context, pooled = encode_text(text_encoders, ids, transformer.config.joint_attention_dim)
+        pred = transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=context,
+                           pooled_projections=pooled, return_dict=False)[0].float()
+    err = (pred - (noise - z0)) ** 2
+    return err.mean() if reduce else err.mean(dim=(1, 2, 3))
+
+
+class CaptionMonitor:
+    """Early signals that text conditioning is learned, on a fixed batch with fixed noise at several σ:
+    loss(empty) − loss(true), loss(position swapped) − loss(true), loss(colour swapped) − loss(true)."""
+
+    def __init__(self, tok, latents: torch.Tensor, scenes: list[world.Scene], seed: int, n: int = 64):
+        from .demo_model import tokenize
+
+        rng = np.random.default_rng([seed, 99])
+        idx = rng.choice(len(scenes), min(n, len(scenes)), replace=False)
+        self.z0 = latents[idx]
+        self.noise = torch.from_numpy(rng.standard_normal(self.z0.shape).astype(np.float32))
+        picked = [scenes[i] for i in idx]
+        pos = [replace(s, position=str(rng.choice([p for p in world.POSITIONS if p != s.position]))) for s in picked]
+        col = [replace(s, colour=str(rng.choice([c for c in world.COLOURS if c not in (s.colour, s.background)])))
+               for s in picked]
+        self.ids = {"true": tokenize(tok, [world.full_caption(s) for s in picked]), "empty": tokenize(tok, [""] * len(idx)),
+                    "pos": tokenize(tok, [world.full_caption(s) for s in pos]),
+                    "col": tokenize(tok, [world.full_caption(s) for s in col])}
+
+    @torch.no_grad()
+    def __call__(self, transformer, text_encoders, bf16: bool, sigmas: tuple[float, ...] = (0.3, 0.6, 0.9)) -> str:
+        parts = []
+        for value in sigmas:
+            sigma = torch.full((len(self.z0),), value)
+            loss = {k: float(flow_loss(transformer, text_encoders, self.z0, ids, sigma, self.noise, bf16))
+                    for k, ids in self.ids.items()}
+            parts.append(f"σ={value}: true {loss['true']:.4f} empty {loss['empty'] - loss['true']:+.4f} "
+                         f"pos {loss['pos'] - loss['true']:+.4f} col {loss['col'] - loss['true']:+.4f}")
+        return " | ".join(parts)
+
+
+def sampling_scheduler(recipe: FlowRecipe):
+    """Euler on the flow σs, SD3's shipped sampler; the engine reads ``shift`` from this config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.sigma_shift)
+
+
+def make_pipeline(vae, text_encoders, tok, transformer, recipe: FlowRecipe):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=sampling_scheduler(recipe), vae=vae, text_encoder=text_encoders[0],
+        tokenizer=tok, text_encoder_2=text_encoders[1], tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def quick_eval(pipe, path: Path, n: int = 32, cfg: float = 5.0) -> dict[str, float]:
+    """Sample grid of ``n`` fixed eval prompts (one seed each) and their attribute accuracy."""
+    from .evaluate import classify, eval_scenes, pipeline_generator, score
+
+    scenes = eval_scenes()[: n - 8] + eval_scenes()[-8:]
+    images = pipeline_generator(pipe)([world.full_caption(s) for s in scenes], list(range(n)), cfg)
+    save_grid(np.stack(images), path)
+    return score([classify(im) for im in images], scenes)
+
+
+def train_transformer(recipe: FlowRecipe, tok, vae, latents: torch.Tensor, scenes: list[world.Scene],
+                      paths: FlowPaths, resume: bool):
+    """Joint transformer + CLIP-L/CLIP-G training; returns (transformer, (te_l, te_g)) in eval mode."""
+    from .demo_model import tokenize
+
+    text_encoders = (build_text_encoder(recipe, tok, recipe.seed + 10), build_text_encoder(recipe, tok, recipe.seed + 11))
+    transformer = build_transformer(recipe, latents.shape[-1], recipe.seed + 12)
+    te_params = [p for te in text_encoders for p in te.parameters()]
+    log(f"transformer: {n_params(transformer) / 1e6:.2f} M params, text encoders 2 × "
+        f"{n_params(text_encoders[0]) / 1e3:.0f} k params, {latents.shape[-1] // recipe.patch_size}² image tokens")
+    opt = torch.optim.AdamW([{"params": transformer.parameters(), "lr": recipe.lr},
+                             {"params": te_params, "lr": recipe.te_lr}], weight_decay=0.01)
+    monitor = CaptionMonitor(tok, latents, scenes, recipe.seed)
+
+    def train_mode(on: bool) -> None:
+        for module in (transformer, *text_encoders):
+            module.train(on)
+
+    def step(i: int) -> float:
+        rng = np.random.default_rng([recipe.seed, 5, i])
+        idx = rng.integers(0, len(scenes), recipe.batch)
+        captions = [world.random_caption(scenes[j], rng, recipe.caption_drop_p, recipe.caption_empty_p) for j in idx]
+        z0 = latents[idx]
+        noise = torch.from_numpy(rng.standard_normal(z0.shape).astype(np.float32))
+        loss = flow_loss(transformer, text_encoders, z0, tokenize(tok, captions), sample_sigmas(len(idx), rng, recipe),
+                         noise, recipe.bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(transformer.parameters()) + te_params, 1.0)
+        opt.step()
+        return loss.item()
+
+    def every(i: int) -> None:
+        if i % recipe.caption_monitor_every == 0:
+            train_mode(False)
+            log(f"transformer step {i}: {monitor(transformer, text_encoders, recipe.bf16)}")
+            if i % recipe.sample_every == 0:
+                acc = quick_eval(make_pipeline(vae, text_encoders, tok, transformer, recipe),
+                                 paths.run / f"transformer_{i:06d}.png")
+                log(f"transformer step {i}: quick eval (32 prompts, cfg 5) "
+                    + json.dumps({k: round(v, 2) for k, v in acc.items()}))
+            train_mode(True)
+
+    budget = Budget(recipe.seconds, recipe.max_steps)
+    train_mode(True)
+    run_stage("transformer", paths, resume, budget,
+              {"transformer": transformer, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1]},
+              opt, step, [recipe.lr, recipe.te_lr], recipe.warmup, every, recipe.checkpoint_every_s)
+    for module in (transformer, *text_encoders):
+        module.eval().requires_grad_(False)
+    return transformer, text_encoders
+
+
+# --------------------------------------------------------------------------- stage 6: export
+
+
+@torch.no_grad()
+def fit_preview_factors(vae, latents: torch.Tensor, n: int = 2048) -> tuple[list[list[float]], list[float]]:
+    """Least-squares latent→RGB map: each latent cell as the transformer sees it against the mean decoded RGB in
+    [-1, 1] of its pixel block. Returns (16×3 factors, 3 biases)."""
+    z = latents[:n]
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor
+    rgb = torch.cat([vae.decode(z[i : i + 256] / scale + shift).sample for i in range(0, len(z), 256)])
+    rgb = torch.nn.functional.avg_pool2d(rgb.clamp(-1, 1), rgb.shape[-1] // z.shape[-1])
+    channels = z.shape[1]
+    x = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, channels), torch.ones(z.numel() // channels, 1)], dim=1)
+    y = rgb.permute(0, 2, 3, 1).reshape(-1, 3)
+    sol = torch.linalg.lstsq(x.double(), y.double()).solution.float()
+    return [[round(float(v), 4) for v in row] for row in sol[:channels]], [round(float(v), 4) for v in sol[channels]]
+
+
+def export(recipe: FlowRecipe, paths: FlowPaths, vae, text_encoders, tok, transformer, latents: torch.Tensor,
+           extra_meta: dict | None = None) -> None:
+    """fp16 safetensors ``StableDiffusion3Pipeline`` folder (no T5) in its final place, plus ``sfumato.json``."""
+    import copy
+
+    factors, bias = fit_preview_factors(vae, latents)
+    pipe = make_pipeline(copy.deepcopy(vae), tuple(copy.deepcopy(te) for te in text_encoders), tok,
+                         copy.deepcopy(transformer), recipe)
+    pipe.to(dtype=torch.float16)
+    tmp = paths.out.with_name(paths.out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    meta = {
+        "family": "sfumato-demo-flow", "native_width": 64, "native_height": 64,
+        "latent_rgb_factors": factors, "latent_rgb_bias": bias,
+        "latent_rgb_note": "applied to latents as the transformer sees them ((z - shift_factor) * scaling_factor); "
+                           "each latent cell maps to the mean RGB in [-1, 1] of its pixel block",
+        "vocabulary": {
+            "shapes": list(world.SHAPES), "colours": {k: list(v) for k, v in world.COLOURS.items()},
+            "backgrounds": {k: list(v) for k, v in world.PALETTE.items()}, "sizes": list(world.SIZES),
+            "positions": world.POSITION_PHRASES, "words": list(world.VOCABULARY),
+            "example": "a large red circle on the left, blue background",
+        },
+        "held_out_combos": [list(c) for c in world.HELD_OUT_COMBOS],
+        **(extra_meta or {}),
+    }
+    (tmp / "sfumato.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if (paths.out / "MODEL_CARD.md").exists():
+        shutil.copy(paths.out / "MODEL_CARD.md", tmp / "MODEL_CARD.md")
+    shutil.rmtree(paths.out, ignore_errors=True)
+    tmp.rename(paths.out)
+    log(f"export: {paths.out} ({folder_mb(paths.out):.1f} MB)")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -231,7 +475,15 @@ def train(recipe: FlowRecipe, paths: FlowPaths, resume: bool, until: str = "expo
         return times
     check_vae_gate(report, recipe.vae_shape_gate)
     latents = cached_latents(vae, images, paths, resume)
-    raise NotImplementedError("transformer stage")
+    t0 = time.time()
+    transformer, text_encoders = train_transformer(recipe, tok, vae, latents, scenes, paths, resume)
+    times["transformer"] = time.time() - t0
+    if until == "transformer":
+        return times
+    export(recipe, paths, vae, text_encoders, tok, transformer, latents,
+           {"vae_reconstruction": {k: round(v, 3) for k, v in report["scores"].items()}})
+    (paths.run / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    return times
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
