@@ -132,3 +132,11 @@ def test_the_transformer_stage_refuses_a_vae_below_the_shape_gate():
     with pytest.raises(SystemExit, match="shape 0.800 < 0.90"):
         demo_flow.check_vae_gate({"scores": {"shape": 0.8}}, 0.90)
     demo_flow.check_vae_gate({"scores": {"shape": 0.93}}, 0.90)
+
+
+def test_train_demo_flow_runs_this_recipe_and_passes_the_other_arguments_on():
+    from ui.cli import train_demo_command
+
+    assert train_demo_command(["--flow", "--smoke", "--threads", "1"])[1:] == ["-m", "training.demo_flow", "--smoke",
+                                                                               "--threads", "1"]
+    assert train_demo_command(["--smoke"])[1:] == ["-m", "training.demo_model", "--smoke"]
