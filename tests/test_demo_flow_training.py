@@ -140,3 +140,13 @@ def test_train_demo_flow_runs_this_recipe_and_passes_the_other_arguments_on():
     assert train_demo_command(["--flow", "--smoke", "--threads", "1"])[1:] == ["-m", "training.demo_flow", "--smoke",
                                                                                "--threads", "1"]
     assert train_demo_command(["--smoke"])[1:] == ["-m", "training.demo_model", "--smoke"]
+
+
+def test_the_evaluator_samples_the_flow_pipeline_with_its_own_scheduler(smoke_run):
+    from training import evaluate
+
+    pipe = _pipeline(smoke_run.out)
+    results, per_combo = evaluate.evaluate_model(pipe, cfgs=(1.0,), seeds=(0,), steps=2, n_seen=4)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert set(results["cfg1"]["all"]) == set(evaluate.ATTRIBUTES)
+    assert len(per_combo["cfg1"]) == len(evaluate.HELD_OUT_COMBOS)
