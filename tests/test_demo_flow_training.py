@@ -150,3 +150,25 @@ def test_the_evaluator_samples_the_flow_pipeline_with_its_own_scheduler(smoke_ru
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert set(results["cfg1"]["all"]) == set(evaluate.ATTRIBUTES)
     assert len(per_combo["cfg1"]) == len(evaluate.HELD_OUT_COMBOS)
+
+
+def test_training_with_the_t5_zeros_collapsed_is_the_same_function_as_sampling_with_all_of_them():
+    recipe = demo_flow.FlowRecipe()
+    transformer = demo_flow.build_transformer(recipe, 16, seed=3).eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 16, 16, generator=generator)
+    width = demo_flow.joint_width(recipe)
+    clip = torch.randn(2, demo_flow.CLIP_TOKENS, width, generator=generator)
+    pooled, t = torch.randn(2, width, generator=generator), torch.tensor([300.0, 900.0])
+    with torch.no_grad():
+        full = transformer(x, encoder_hidden_states=torch.cat([clip, torch.zeros(2, demo_flow.T5_TOKENS, width)], 1),
+                           pooled_projections=pooled, timestep=t, return_dict=False)[0]
+        one_zero = torch.cat([clip, torch.zeros(2, 1, width)], 1)
+        with demo_flow.collapsed_zeros(transformer):
+            collapsed = transformer(x, encoder_hidden_states=one_zero, pooled_projections=pooled, timestep=t,
+                                    return_dict=False)[0]
+        uncorrected = transformer(x, encoder_hidden_states=one_zero, pooled_projections=pooled, timestep=t,
+                                  return_dict=False)[0]  # diffusers' processor is back: one zero weighs as one
+    assert demo_flow.T5_TOKENS == 256
+    assert torch.allclose(collapsed, full, atol=1e-5), float((collapsed - full).abs().max())
+    assert float((uncorrected - full).abs().max()) > 1e-2

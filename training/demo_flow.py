@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -41,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engine.families.sd3 import PROMPTS as SD3_PROMPTS
 
@@ -253,18 +256,70 @@ def build_transformer(recipe: FlowRecipe, latent_size: int, seed: int):
     )
 
 
-def encode_text(text_encoders, ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text(text_encoders, ids: torch.Tensor, width: int, t5_tokens: int = T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """(context, pooled) exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds them without T5: each CLIP's
-    penultimate hidden state side by side, zero-padded to ``width``, then ``T5_TOKENS`` zero tokens in T5's place;
-    the pooled output is both CLIPs' projected end-of-text embeddings side by side."""
+    penultimate hidden state side by side, zero-padded to ``width``, then ``t5_tokens`` zero tokens in T5's place
+    (1 when ``CollapsedZerosAttention`` stands for all of them); the pooled output is both CLIPs' projected
+    end-of-text embeddings side by side."""
     hidden, pooled = [], []
     for encoder in text_encoders:
         out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled.append(out.text_embeds)
-    clip = torch.nn.functional.pad(torch.cat(hidden, dim=-1), (0, width - sum(h.shape[-1] for h in hidden)))
-    t5 = clip.new_zeros(clip.shape[0], T5_TOKENS, width)
+    clip = F.pad(torch.cat(hidden, dim=-1), (0, width - sum(h.shape[-1] for h in hidden)))
+    t5 = clip.new_zeros(clip.shape[0], t5_tokens, width)
     return torch.cat([clip, t5], dim=1), torch.cat(pooled, dim=-1)
+
+
+class CollapsedZerosAttention:
+    """``JointAttnProcessor2_0`` for a context whose LAST token stands for ``repeats`` identical tokens.
+
+    T5's zero tokens enter the MMDiT identical, and every layer treats context tokens alike except attention, where
+    identical queries get identical outputs: so they stay identical to the end. In attention, n identical keys with
+    identical values weigh as one key whose logit is raised by ln n. Training on one zero token with that bias is
+    therefore the same function as sampling with all ``T5_TOKENS`` of them (``test_demo_flow_training`` checks it),
+    at a fraction of the cost: the zeros would otherwise be most of the tokens."""
+
+    def __init__(self, repeats: int):
+        self.log_repeats = math.log(repeats)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kwargs):
+        batch, image_tokens = hidden_states.shape[:2]
+        heads = attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        c_query = split(attn.add_q_proj(encoder_hidden_states))
+        c_key = split(attn.add_k_proj(encoder_hidden_states))
+        c_value = split(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            c_query, c_key = attn.norm_added_q(c_query), attn.norm_added_k(c_key)
+        query, key, value = (torch.cat(pair, dim=2) for pair in ((query, c_query), (key, c_key), (value, c_value)))
+        bias = torch.zeros(1, key.shape[2], dtype=query.dtype)  # (queries, keys), broadcast over batch and heads
+        bias[:, -1] = self.log_repeats
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * query.shape[-1]).to(query.dtype)
+        out, context = out[:, :image_tokens], out[:, image_tokens:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return attn.to_out[1](attn.to_out[0](out)), context
+
+
+@contextmanager
+def collapsed_zeros(transformer, repeats: int = T5_TOKENS):
+    """The transformer with ``CollapsedZerosAttention`` in every joint attention, then diffusers' own again."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    transformer.set_attn_processor(CollapsedZerosAttention(repeats))
+    try:
+        yield transformer
+    finally:
+        transformer.set_attn_processor(JointAttnProcessor2_0())
 
 
 def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -281,11 +336,12 @@ def sample_sigmas(n: int, rng: np.random.Generator, recipe: FlowRecipe) -> torch
 def flow_loss(transformer, text_encoders, z0: torch.Tensor, ids: torch.Tensor, sigma: torch.Tensor,
               noise: torch.Tensor, bf16: bool, reduce: bool = True) -> torch.Tensor:
     """Rectified-flow loss ‖v − model(x_σ, 1000σ, c)‖² with x_σ = (1 − σ)·x₀ + σ·ε and v = ε − x₀
-    (Liu et al. 2022; Esser et al. 2024, eq. 2 with the velocity target)."""
+    (Liu et al. 2022; Esser et al. 2024, eq. 2 with the velocity target). T5's zero tokens are collapsed into one
+    (``CollapsedZerosAttention``): the same function, a third of the tokens."""
     s = sigma.view(-1, 1, 1, 1)
     x = (1 - s) * z0 + s * noise
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        context, pooled = encode_text(text_encoders, ids, transformer.config.joint_attention_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), collapsed_zeros(transformer):
+        context, pooled = encode_text(text_encoders, ids, transformer.config.joint_attention_dim, t5_tokens=1)
         pred = transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=context,
                            pooled_projections=pooled, return_dict=False)[0].float()
     err = (pred - (noise - z0)) ** 2
@@ -414,7 +470,7 @@ def fit_preview_factors(vae, latents: torch.Tensor, n: int = 2048) -> tuple[list
     z = latents[:n]
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
     rgb = torch.cat([vae.decode(z[i : i + 256] / scale + shift).sample for i in range(0, len(z), 256)])
-    rgb = torch.nn.functional.avg_pool2d(rgb.clamp(-1, 1), rgb.shape[-1] // z.shape[-1])
+    rgb = F.avg_pool2d(rgb.clamp(-1, 1), rgb.shape[-1] // z.shape[-1])
     channels = z.shape[1]
     x = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, channels), torch.ones(z.numel() // channels, 1)], dim=1)
     y = rgb.permute(0, 2, 3, 1).reshape(-1, 3)
