@@ -195,6 +195,18 @@ def vae_stage(recipe: FlowRecipe, images: np.ndarray, paths: FlowPaths, resume: 
     return vae, report
 
 
+def checkpoint_vae_scores(recipe: FlowRecipe, paths: FlowPaths) -> str:
+    """The reconstruction scores of the VAE checkpoint as it stands (run beside a training VAE stage to watch it)."""
+    state = Checkpoint(paths.checkpoints, "vae").load()
+    if state is None:
+        return f"no VAE checkpoint in {paths.checkpoints}"
+    vae = build_vae(recipe)
+    vae.load_state_dict(state["modules"]["vae"])
+    scores = reconstruction_scores(fp16_round_trip(vae.eval()), recipe.vae_eval_images)
+    return (f"vae checkpoint step {state['step']} ({state['elapsed']:.0f} s): "
+            + json.dumps({k: round(v, 3) for k, v in scores.items()}))
+
+
 def check_vae_gate(report: dict, gate: float) -> None:
     shape = report["scores"]["shape"]
     if shape < gate:
@@ -553,6 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a few steps on a tiny dataset, into a temp dir")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints and the saved VAE: start over")
     p.add_argument("--until", choices=("vae", "transformer", "export"), default="export")
+    p.add_argument("--vae-report", action="store_true", help="only score the VAE checkpoint's reconstructions")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe fields (JSON values)")
     return p.parse_args(argv)
@@ -574,6 +587,9 @@ def main(argv: list[str] | None = None) -> FlowPaths:
     else:
         paths = FlowPaths(args.out, args.vae_dir, args.work, args.run_dir)
     paths.make()
+    if args.vae_report:
+        log(checkpoint_vae_scores(recipe, paths))
+        return paths
     t0 = time.time()
     times = train(recipe, paths, not args.fresh, args.until)
     log(f"total {time.time() - t0:.0f} s; stages " + json.dumps({k: round(v) for k, v in times.items()}))
