@@ -172,3 +172,14 @@ def test_training_with_the_t5_zeros_collapsed_is_the_same_function_as_sampling_w
     assert demo_flow.T5_TOKENS == 256
     assert torch.allclose(collapsed, full, atol=1e-5), float((collapsed - full).abs().max())
     assert float((uncorrected - full).abs().max()) > 1e-2
+
+
+def test_a_raised_budget_trains_a_finished_stage_on(tmp_path):
+    from training.demo_model import Checkpoint
+
+    ckpt = Checkpoint(tmp_path, "transformer")
+    ckpt.save(modules={}, optimizer={}, step=3, elapsed=8.0, done=True)
+    demo_flow.reopen_if_budget_raised(ckpt, seconds=20.0, max_steps=3)
+    assert ckpt.load()["done"]  # the step budget is still used up: nothing left to do
+    demo_flow.reopen_if_budget_raised(ckpt, seconds=20.0, max_steps=5)
+    assert not ckpt.load()["done"] and ckpt.load()["step"] == 3

@@ -136,6 +136,16 @@ class FlowPaths:
 # --------------------------------------------------------------------------- stage 3: VAE
 
 
+def reopen_if_budget_raised(ckpt: Checkpoint, seconds: float, max_steps: int) -> None:
+    """Mark a finished stage's checkpoint unfinished when this run's budget reaches past it, so that
+    ``run_stage`` trains on from it (its cosine tail follows the new budget) instead of skipping the stage."""
+    state = ckpt.load()
+    if state is not None and state["done"]:
+        if not Budget(seconds, max_steps, step=state["step"], elapsed=state["elapsed"]).done:
+            log(f"{ckpt.path.stem}: budget raised past step {state['step']}: training on")
+            ckpt.save(**{**state, "done": False})
+
+
 def fp16_round_trip(module: torch.nn.Module) -> torch.nn.Module:
     """The module as its fp16 export will load (weights rounded to fp16, computed in fp32)."""
     return module.half().float()
@@ -169,16 +179,11 @@ def vae_stage(recipe: FlowRecipe, images: np.ndarray, paths: FlowPaths, resume: 
             vae = AutoencoderKL.from_pretrained(paths.vae_dir, local_files_only=True, dtype=torch.float32)
             log(f"vae: reusing {paths.vae_dir} (reconstruction shape {report['scores']['shape']:.3f})")
             return vae.eval().requires_grad_(False), report
-    ckpt = Checkpoint(paths.checkpoints, "vae")
-    state = ckpt.load() if resume else None
-    if state is not None and state["done"]:
-        budget = Budget(recipe.vae_seconds, recipe.vae_max_steps, step=state["step"], elapsed=state["elapsed"])
-        if not budget.done:
-            log(f"vae: budget raised past step {state['step']}: training on")
-            ckpt.save(**{**state, "done": False})
+    if resume:
+        reopen_if_budget_raised(Checkpoint(paths.checkpoints, "vae"), recipe.vae_seconds, recipe.vae_max_steps)
     t0 = time.time()
     vae = fp16_round_trip(train_vae(recipe, images, paths, resume))  # checkpoint: <checkpoints>/vae.pt
-    state = ckpt.load()
+    state = Checkpoint(paths.checkpoints, "vae").load()
     scores = reconstruction_scores(vae, recipe.vae_eval_images)
     report = {"scores": scores, "steps": state["step"], "train_seconds": round(state["elapsed"]),
               "params": n_params(vae), "eval_images": recipe.vae_eval_images,
@@ -463,6 +468,8 @@ def train_transformer(recipe: FlowRecipe, tok, vae, latents: torch.Tensor, scene
             train_mode(True)
 
     budget = Budget(recipe.seconds, recipe.max_steps)
+    if resume:
+        reopen_if_budget_raised(Checkpoint(paths.checkpoints, "transformer"), recipe.seconds, recipe.max_steps)
     train_mode(True)
     run_stage("transformer", paths, resume, budget,
               {"transformer": transformer, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1]},
