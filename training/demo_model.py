@@ -60,6 +60,8 @@ class Recipe:
     n_images: int = 20_000
     # VAE
     vae_channels: tuple[int, ...] = (16, 32, 64, 64)  # thin full-resolution blocks: ~2.4x cheaper than 32
+    vae_latent_channels: int = 4
+    vae_quant_conv: bool = True  # SD 1.x's 1×1 quant/post-quant convs (SD3 and Flux VAEs have none)
     vae_norm_groups: int = 1  # per-channel GroupNorm would erase the flat colours these images are made of
     vae_batch: int = 16
     vae_lr: float = 2e-3
@@ -192,18 +194,20 @@ def tokenize(tok, captions: list[str]) -> torch.Tensor:
 
 
 def build_vae(recipe: Recipe):
+    """``AutoencoderKL`` downsampling by 2^(len(vae_channels) − 1) to ``vae_latent_channels`` channels."""
     from diffusers import AutoencoderKL
 
-    n = len(recipe.vae_channels)
+    n, channels = len(recipe.vae_channels), recipe.vae_latent_channels
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, norm_num_groups=recipe.vae_norm_groups,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=recipe.vae_channels,
+        in_channels=3, out_channels=3, latent_channels=channels, sample_size=64, layers_per_block=1,
+        norm_num_groups=recipe.vae_norm_groups, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=recipe.vae_channels,
+        use_quant_conv=recipe.vae_quant_conv, use_post_quant_conv=recipe.vae_quant_conv,
     )
     # The encoder's conv_out emits [mean, log-variance]; a log-variance bias of -8 (std ≈ 0.018)
     # keeps the posterior sample close to its mean from the first step.
     with torch.no_grad():
-        vae.encoder.conv_out.bias[4:].fill_(-8.0)
+        vae.encoder.conv_out.bias[channels:].fill_(-8.0)
     return vae
 
 

@@ -25,6 +25,7 @@ import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import cv2
@@ -214,10 +215,14 @@ def pipeline_generator(pipe, steps: int = 20, batch: int = 32) -> Generator:
 
 
 def _as_generator(pipe_or_callable, steps: int) -> Generator:
+    """A UNet pipeline samples with DPM++ 2M; a flow-transformer pipeline (the flow demo) with its own flow scheduler."""
     if hasattr(pipe_or_callable, "unet"):
         from diffusers import DPMSolverMultistepScheduler
 
         pipe_or_callable.scheduler = DPMSolverMultistepScheduler.from_config(pipe_or_callable.scheduler.config)
+        pipe_or_callable.set_progress_bar_config(disable=True)
+        return pipeline_generator(pipe_or_callable, steps)
+    if hasattr(pipe_or_callable, "transformer"):
         pipe_or_callable.set_progress_bar_config(disable=True)
         return pipeline_generator(pipe_or_callable, steps)
     return pipe_or_callable
@@ -346,7 +351,14 @@ def load_and_evaluate(model_dir: str, controlnet_dir: str | None, threads: int =
     torch.set_num_threads(threads)
     out: dict = {"ground_truth": score_ground_truth()}
     t0 = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    if index["_class_name"] == "StableDiffusion3Pipeline":  # the flow demo: SD3 layout without T5
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, text_encoder_3=None, tokenizer_3=None,
+                                                        local_files_only=True, dtype=torch.float32)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     out["load_s"] = round(time.time() - t0, 2)
     if text:
         t0 = time.time()

@@ -47,7 +47,8 @@ def build_parser(extensions=None) -> argparse.ArgumentParser:
         add_common(extra)
         command.add_arguments(extra)
     commands.add_parser("bench", help="run the benchmarks (extra arguments go to bench)")
-    commands.add_parser("train-demo", help="train the built-in demo model (extra arguments go to the trainer)")
+    commands.add_parser("train-demo", help="train the built-in demo model (extra arguments go to the trainer; "
+                                           "--flow trains the SD3-layout flow demo, training.demo_flow)")
     return parser
 
 
@@ -215,13 +216,20 @@ def main(argv: list[str] | None = None) -> int:
         if command == "bench":
             return subprocess.call([sys.executable, "-m", "bench", *extra], cwd=ROOT)
         if command == "train-demo":
-            return subprocess.call([sys.executable, "-m", "training.demo_model", *extra], cwd=ROOT)
+            return subprocess.call(train_demo_command(extra), cwd=ROOT)
         if command == "generate":
             return run_generate(args)
         return run_server(args)
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def train_demo_command(extra: list[str]) -> list[str]:
+    """``train-demo [--flow] ARGS``: the demo model's recipe (``training.demo_model``), or with ``--flow`` the flow demo's
+    (``training.demo_flow``), with the other arguments passed on."""
+    module = "training.demo_flow" if "--flow" in extra else "training.demo_model"
+    return [sys.executable, "-m", module, *(arg for arg in extra if arg != "--flow")]
 
 
 def parallel_workers(extra: list[str]) -> list[str]:

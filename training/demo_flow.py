@@ -1,0 +1,610 @@
+"""Train Sfumato's flow demo model: a tiny Stable Diffusion 3 (MMDiT, rectified flow), from scratch, on CPU.
+
+    python -m training.demo_flow [--out builtin/sfumato-demo-flow] [--smoke] [--fresh] [--until vae|transformer]
+
+Why the SD3 layout (``engine/families/sd3.py``) and not Flux.1: SD3 conditions on CLIP-L and CLIP-G, both plain
+``CLIPTextModelWithProjection`` classes we can shrink and train with the model, T5 is optional (diffusers and the
+engine put zeros in its place), and it samples with real classifier-free guidance, which caption dropout teaches.
+Flux.1 would need a T5 (or a guidance-distilled transformer) and 2×2 latent packing for nothing the demo needs.
+
+Stages (each checkpointed under ``--work``; a rerun resumes where a run stopped unless ``--fresh``):
+  1. tokenizer    the word-level CLIP tokenizer of ``training.demo_model`` (every world word is one token), padded
+                  to 77 tokens because the engine feeds CLIP 77-token chunks, as A1111 does;
+  2. data         the world of the first demo model (``training.world``), held-out combos excluded;
+  3. vae          ``AutoencoderKL`` f4 with 16 latent channels (64×64×3 → 16×16×16) and no quant convs, as SD3's
+                  VAE; trained with ``demo_model.train_vae`` (L1 + MSE + image-gradient L1 + 1e-5·KL, log-variance
+                  bias −8). Its reconstructions of fresh world images are read by ``training.evaluate``; the
+                  transformer stage refuses to start unless their shape accuracy reaches ``vae_shape_gate``.
+                  The passing VAE is kept as an fp16 diffusers folder (``--vae-dir``) that later runs reuse;
+  4. latents      posterior means cached once; ``shift_factor`` = their mean and ``scaling_factor`` = 1 / their
+                  std, so the transformer sees (z − shift)·scale with unit variance (as SD3's VAE config says);
+  5. transformer  ``SD3Transformer2DModel`` + the two CLIP text encoders trained jointly on the rectified flow
+                  x_σ = (1 − σ)·x₀ + σ·ε with the velocity target v = ε − x₀ and timestep σ·1000, σ drawn from a
+                  logit-normal (Esser et al. 2024, §3.1 and §3.1's "logit-normal sampling"), with caption dropout for
+                  classifier-free guidance (Ho & Salimans 2022);
+  6. export       fp16 safetensors ``StableDiffusion3Pipeline`` folder (no T5) + ``sfumato.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.families.sd3 import PROMPTS as SD3_PROMPTS
+
+from . import world
+from .demo_model import (Budget, Checkpoint, build_tokenizer, build_vae, folder_mb, log, n_params, run_stage,
+                         save_grid, to_tensor, train_vae)
+
+REPO = Path(__file__).resolve().parent.parent
+CLIP_TOKENS = 77  # the engine reads CLIP in A1111's 77-token chunks, so position embeddings must reach 77
+# Without a T5, diffusers and the engine put this many zero tokens in its place (``max_sequence_length``); training
+# conditions on the same context so that the zeros' share of every attention row is the one sampling will see.
+T5_TOKENS = SD3_PROMPTS.plain.max_tokens  # 256
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+@dataclass
+class FlowRecipe:
+    """Every hyper-parameter of a run. The ``vae_*`` fields, ``seed``, ``bf16``, ``monitor_every`` and
+    ``checkpoint_every_s`` are the names ``demo_model.train_vae`` / ``build_vae`` read. A stage stops at whichever
+    of ``*_seconds`` / ``*_max_steps`` comes first (cosine learning-rate tail over the used fraction)."""
+
+    seed: int = 0
+    n_images: int = 20_000
+    # VAE: f4 (three blocks), 16 latent channels, thin full-resolution block
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_latent_channels: int = 16
+    vae_quant_conv: bool = False
+    vae_norm_groups: int = 1  # per-channel GroupNorm would erase the flat colours these images are made of
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-5
+    vae_grad_weight: float = 0.5
+    vae_seconds: float = 2400
+    vae_max_steps: int = 100_000
+    vae_bf16: bool = False  # bf16 autocast measured slower than fp32 for this VAE on the CPU
+    vae_shape_gate: float = 0.90  # evaluator's shape accuracy on reconstructions needed before the transformer
+    vae_eval_images: int = 256
+    # text encoders (CLIP-L and CLIP-G slots of the SD3 layout)
+    te_hidden: int = 64
+    te_layers: int = 3  # the penultimate layer conditions the transformer; the last one only feeds the pooled output
+    te_heads: int = 4
+    te_ffn: int = 256
+    # transformer
+    patch_size: int = 2
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 32
+    pos_embed_max_size: int = 32  # patches per side: up to 32×2×4 = 256 px
+    sigma_shift: float = 1.0  # σ shift of training and the saved scheduler (SD3 uses 3.0 at 1024²)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    batch: int = 64
+    lr: float = 1e-3
+    te_lr: float = 2e-3
+    warmup: int = 100
+    seconds: float = 2700
+    max_steps: int = 100_000
+    caption_drop_p: float = 0.12
+    caption_empty_p: float = 0.1
+    # bookkeeping
+    bf16: bool = False  # bf16 autocast measured 2.2x slower than fp32 for this transformer on the CPU
+    checkpoint_every_s: float = 120
+    monitor_every: int = 1000  # VAE: held-out L1 every monitor_every // 5 steps
+    caption_monitor_every: int = 250  # transformer: the caption gaps (``CaptionMonitor``)
+    sample_every: int = 1000
+
+
+def smoke_recipe() -> FlowRecipe:
+    """A few steps of every stage on a tiny dataset (CI): the VAE gate is not enforced."""
+    return replace(FlowRecipe(), n_images=96, vae_seconds=5, vae_max_steps=3, vae_batch=8, vae_shape_gate=0.0,
+                   vae_eval_images=16, seconds=8, max_steps=3, batch=8, warmup=1, monitor_every=10**9, caption_monitor_every=10**9,
+                   sample_every=10**9, checkpoint_every_s=10**9)
+
+
+@dataclass
+class FlowPaths:
+    out: Path  # the final StableDiffusion3Pipeline folder
+    vae_dir: Path  # the VAE stage's product (fp16 diffusers folder + reconstruction report), reused by later runs
+    checkpoints: Path
+    run: Path
+
+    def make(self) -> "FlowPaths":
+        for p in (self.checkpoints, self.run):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+# --------------------------------------------------------------------------- stage 3: VAE
+
+
+def reopen_if_budget_raised(ckpt: Checkpoint, seconds: float, max_steps: int) -> None:
+    """Mark a finished stage's checkpoint unfinished when this run's budget reaches past it, so that
+    ``run_stage`` trains on from it (its cosine tail follows the new budget) instead of skipping the stage."""
+    state = ckpt.load()
+    if state is not None and state["done"]:
+        if not Budget(seconds, max_steps, step=state["step"], elapsed=state["elapsed"]).done:
+            log(f"{ckpt.path.stem}: budget raised past step {state['step']}: training on")
+            ckpt.save(**{**state, "done": False})
+
+
+def fp16_round_trip(module: torch.nn.Module) -> torch.nn.Module:
+    """The module as its fp16 export will load (weights rounded to fp16, computed in fp32)."""
+    return module.half().float()
+
+
+@torch.no_grad()
+def reconstruction_scores(vae, n: int, seed: int = 4242) -> dict[str, float]:
+    """``training.evaluate`` accuracy of the VAE's reconstructions (posterior means) of ``n`` fresh world scenes
+    (held-out combos included), and their L1 error in 1/255 units."""
+    from .demo_lora import vae_round_trip
+    from .evaluate import classify, score
+
+    rng = np.random.default_rng([seed, n])
+    scenes = [world.sample_scene(rng, exclude_held_out=False) for _ in range(n)]
+    images = np.stack([world.render(s) for s in scenes])
+    recon = np.concatenate([vae_round_trip(vae, images[i : i + 64]) for i in range(0, n, 64)])
+    scores = score([classify(im) for im in recon], scenes)
+    scores["l1_255"] = float(np.abs(recon.astype(np.float32) - images.astype(np.float32)).mean())
+    return scores
+
+
+def vae_stage(recipe: FlowRecipe, images: np.ndarray, paths: FlowPaths, resume: bool):
+    """The VAE from ``paths.vae_dir`` when one that passes the gate is there, else trained (resumably: a finished
+    checkpoint whose budget ``recipe`` raises trains on) and saved there. Returns (vae in eval mode, its report)."""
+    from diffusers import AutoencoderKL
+
+    report_path = paths.vae_dir / "reconstruction.json"
+    if resume and report_path.exists() and (paths.vae_dir / "config.json").exists():
+        report = json.loads(report_path.read_text())
+        if report["scores"]["shape"] >= recipe.vae_shape_gate:
+            vae = AutoencoderKL.from_pretrained(paths.vae_dir, local_files_only=True, dtype=torch.float32)
+            log(f"vae: reusing {paths.vae_dir} (reconstruction shape {report['scores']['shape']:.3f})")
+            return vae.eval().requires_grad_(False), report
+    if resume:
+        reopen_if_budget_raised(Checkpoint(paths.checkpoints, "vae"), recipe.vae_seconds, recipe.vae_max_steps)
+    t0 = time.time()
+    vae = fp16_round_trip(train_vae(recipe, images, paths, resume))  # checkpoint: <checkpoints>/vae.pt
+    state = Checkpoint(paths.checkpoints, "vae").load()
+    scores = reconstruction_scores(vae, recipe.vae_eval_images)
+    report = {"scores": scores, "steps": state["step"], "train_seconds": round(state["elapsed"]),
+              "params": n_params(vae), "eval_images": recipe.vae_eval_images,
+              "config": {k: v for k, v in asdict(recipe).items() if k.startswith("vae_")}}
+    log(f"vae: reconstructions of {recipe.vae_eval_images} fresh scenes: "
+        + json.dumps({k: round(v, 3) for k, v in scores.items()}) + f" ({time.time() - t0:.0f} s with training)")
+    tmp = paths.vae_dir.with_name(paths.vae_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    vae.float()
+    (tmp / "reconstruction.json").write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(paths.vae_dir, ignore_errors=True)
+    tmp.rename(paths.vae_dir)
+    return vae, report
+
+
+def checkpoint_vae_scores(recipe: FlowRecipe, paths: FlowPaths) -> str:
+    """The reconstruction scores of the VAE checkpoint as it stands (run beside a training VAE stage to watch it)."""
+    state = Checkpoint(paths.checkpoints, "vae").load()
+    if state is None:
+        return f"no VAE checkpoint in {paths.checkpoints}"
+    vae = build_vae(recipe)
+    vae.load_state_dict(state["modules"]["vae"])
+    scores = reconstruction_scores(fp16_round_trip(vae.eval()), recipe.vae_eval_images)
+    return (f"vae checkpoint step {state['step']} ({state['elapsed']:.0f} s): "
+            + json.dumps({k: round(v, 3) for k, v in scores.items()}))
+
+
+def check_vae_gate(report: dict, gate: float) -> None:
+    shape = report["scores"]["shape"]
+    if shape < gate:
+        raise SystemExit(f"vae: reconstructions score shape {shape:.3f} < {gate:.2f}; train the VAE longer "
+                         f"(--fresh --set vae_seconds=...) before the transformer stage")
+
+
+@torch.no_grad()
+def cached_latents(vae, images: np.ndarray, paths: FlowPaths, resume: bool) -> torch.Tensor:
+    """Posterior means, encoded once; registers ``shift_factor`` (mean) and ``scaling_factor`` (1 / std) on the
+    VAE config. Returns the latents as the transformer sees them: (z − shift) · scale."""
+    path = paths.checkpoints / "latents.pt"
+    weights = paths.vae_dir / "diffusion_pytorch_model.safetensors"
+    if resume and path.exists() and path.stat().st_mtime >= weights.stat().st_mtime:
+        cache = torch.load(path)
+    else:
+        t0 = time.time()
+        z = torch.cat([vae.encode(to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)])
+        cache = {"latents": z, "shift_factor": float(z.mean()), "scaling_factor": float(1.0 / z.std())}
+        torch.save(cache, path)
+        log(f"latents: encoded {len(images)} in {time.time() - t0:.0f} s, shift {cache['shift_factor']:.4f}, "
+            f"scaling {cache['scaling_factor']:.4f}")
+    vae.register_to_config(shift_factor=cache["shift_factor"], scaling_factor=cache["scaling_factor"])
+    return (cache["latents"] - cache["shift_factor"]) * cache["scaling_factor"]
+
+
+# --------------------------------------------------------------------------- stage 5: transformer + text encoders
+
+
+def build_text_encoder(recipe: FlowRecipe, tok, seed: int):
+    """A small ``CLIPTextModelWithProjection`` (the class of SD3's CLIP-L and CLIP-G) with 77 positions."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tok.get_vocab()), hidden_size=recipe.te_hidden, intermediate_size=recipe.te_ffn,
+        num_hidden_layers=recipe.te_layers, num_attention_heads=recipe.te_heads, max_position_embeddings=CLIP_TOKENS,
+        projection_dim=recipe.te_hidden, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def joint_width(recipe: FlowRecipe) -> int:
+    """CLIP-L and CLIP-G hidden states side by side: the MMDiT's ``joint_attention_dim`` (and pooled width)."""
+    return 2 * recipe.te_hidden
+
+
+def build_transformer(recipe: FlowRecipe, latent_size: int, seed: int):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=latent_size, patch_size=recipe.patch_size, in_channels=recipe.vae_latent_channels,
+        out_channels=recipe.vae_latent_channels, num_layers=recipe.layers, attention_head_dim=recipe.head_dim,
+        num_attention_heads=recipe.heads, joint_attention_dim=joint_width(recipe),
+        caption_projection_dim=recipe.heads * recipe.head_dim, pooled_projection_dim=joint_width(recipe),
+        pos_embed_max_size=recipe.pos_embed_max_size, qk_norm="rms_norm",
+    )
+
+
+def encode_text(text_encoders, ids: torch.Tensor, width: int, t5_tokens: int = T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context, pooled) exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds them without T5: each CLIP's
+    penultimate hidden state side by side, zero-padded to ``width``, then ``t5_tokens`` zero tokens in T5's place
+    (1 when ``CollapsedZerosAttention`` stands for all of them); the pooled output is both CLIPs' projected
+    end-of-text embeddings side by side."""
+    hidden, pooled = [], []
+    for encoder in text_encoders:
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out.text_embeds)
+    clip = F.pad(torch.cat(hidden, dim=-1), (0, width - sum(h.shape[-1] for h in hidden)))
+    t5 = clip.new_zeros(clip.shape[0], t5_tokens, width)
+    return torch.cat([clip, t5], dim=1), torch.cat(pooled, dim=-1)
+
+
+class CollapsedZerosAttention:
+    """``JointAttnProcessor2_0`` for a context whose LAST token stands for ``repeats`` identical tokens.
+
+    T5's zero tokens enter the MMDiT identical, and every layer treats context tokens alike except attention, where
+    identical queries get identical outputs: so they stay identical to the end. In attention, n identical keys with
+    identical values weigh as one key whose logit is raised by ln n. Training on one zero token with that bias is
+    therefore the same function as sampling with all ``T5_TOKENS`` of them (``test_demo_flow_training`` checks it),
+    at a fraction of the cost: the zeros would otherwise be most of the tokens."""
+
+    def __init__(self, repeats: int):
+        self.log_repeats = math.log(repeats)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kwargs):
+        batch, image_tokens = hidden_states.shape[:2]
+        heads = attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        c_query = split(attn.add_q_proj(encoder_hidden_states))
+        c_key = split(attn.add_k_proj(encoder_hidden_states))
+        c_value = split(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            c_query, c_key = attn.norm_added_q(c_query), attn.norm_added_k(c_key)
+        query, key, value = (torch.cat(pair, dim=2) for pair in ((query, c_query), (key, c_key), (value, c_value)))
+        bias = torch.zeros(1, key.shape[2], dtype=query.dtype)  # (queries, keys), broadcast over batch and heads
+        bias[:, -1] = self.log_repeats
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * query.shape[-1]).to(query.dtype)
+        out, context = out[:, :image_tokens], out[:, image_tokens:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return attn.to_out[1](attn.to_out[0](out)), context
+
+
+@contextmanager
+def collapsed_zeros(transformer, repeats: int = T5_TOKENS):
+    """The transformer with ``CollapsedZerosAttention`` in every joint attention, then diffusers' own again."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    transformer.set_attn_processor(CollapsedZerosAttention(repeats))
+    try:
+        yield transformer
+    finally:
+        transformer.set_attn_processor(JointAttnProcessor2_0())
+
+
+def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's timestep shift σ' = s·σ / (1 + (s − 1)·σ) (Esser et al. 2024, §5.3.2), as the scheduler applies it."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sample_sigmas(n: int, rng: np.random.Generator, recipe: FlowRecipe) -> torch.Tensor:
+    """Logit-normal σ = sigmoid(m + s·u), u ~ N(0, 1) (Esser et al. 2024, §3.1), then shifted."""
+    u = rng.normal(recipe.logit_mean, recipe.logit_std, n).astype(np.float32)
+    return shift_sigmas(torch.sigmoid(torch.from_numpy(u)), recipe.sigma_shift)
+
+
+def flow_loss(transformer, text_encoders, z0: torch.Tensor, ids: torch.Tensor, sigma: torch.Tensor,
+              noise: torch.Tensor, bf16: bool, reduce: bool = True) -> torch.Tensor:
+    """Rectified-flow loss ‖v − model(x_σ, 1000σ, c)‖² with x_σ = (1 − σ)·x₀ + σ·ε and v = ε − x₀
+    (Liu et al. 2022; Esser et al. 2024, eq. 2 with the velocity target). T5's zero tokens are collapsed into one
+    (``CollapsedZerosAttention``): the same function, a third of the tokens."""
+    s = sigma.view(-1, 1, 1, 1)
+    x = (1 - s) * z0 + s * noise
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), collapsed_zeros(transformer):
+        context, pooled = encode_text(text_encoders, ids, transformer.config.joint_attention_dim, t5_tokens=1)
+        pred = transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=context,
+                           pooled_projections=pooled, return_dict=False)[0].float()
+    err = (pred - (noise - z0)) ** 2
+    return err.mean() if reduce else err.mean(dim=(1, 2, 3))
+
+
+class CaptionMonitor:
+    """Early signals that text conditioning is learned, on a fixed batch with fixed noise at several σ:
+    loss(empty) − loss(true), loss(position swapped) − loss(true), loss(colour swapped) − loss(true)."""
+
+    def __init__(self, tok, latents: torch.Tensor, scenes: list[world.Scene], seed: int, n: int = 64):
+        from .demo_model import tokenize
+
+        rng = np.random.default_rng([seed, 99])
+        idx = rng.choice(len(scenes), min(n, len(scenes)), replace=False)
+        self.z0 = latents[idx]
+        self.noise = torch.from_numpy(rng.standard_normal(self.z0.shape).astype(np.float32))
+        picked = [scenes[i] for i in idx]
+        pos = [replace(s, position=str(rng.choice([p for p in world.POSITIONS if p != s.position]))) for s in picked]
+        col = [replace(s, colour=str(rng.choice([c for c in world.COLOURS if c not in (s.colour, s.background)])))
+               for s in picked]
+        self.ids = {"true": tokenize(tok, [world.full_caption(s) for s in picked]), "empty": tokenize(tok, [""] * len(idx)),
+                    "pos": tokenize(tok, [world.full_caption(s) for s in pos]),
+                    "col": tokenize(tok, [world.full_caption(s) for s in col])}
+
+    @torch.no_grad()
+    def __call__(self, transformer, text_encoders, bf16: bool, sigmas: tuple[float, ...] = (0.3, 0.6, 0.9)) -> str:
+        parts = []
+        for value in sigmas:
+            sigma = torch.full((len(self.z0),), value)
+            loss = {k: float(flow_loss(transformer, text_encoders, self.z0, ids, sigma, self.noise, bf16))
+                    for k, ids in self.ids.items()}
+            parts.append(f"σ={value}: true {loss['true']:.4f} empty {loss['empty'] - loss['true']:+.4f} "
+                         f"pos {loss['pos'] - loss['true']:+.4f} col {loss['col'] - loss['true']:+.4f}")
+        return " | ".join(parts)
+
+
+def sampling_scheduler(recipe: FlowRecipe):
+    """Euler on the flow σs, SD3's shipped sampler; the engine reads ``shift`` from this config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.sigma_shift)
+
+
+def make_pipeline(vae, text_encoders, tok, transformer, recipe: FlowRecipe):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=sampling_scheduler(recipe), vae=vae, text_encoder=text_encoders[0],
+        tokenizer=tok, text_encoder_2=text_encoders[1], tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def quick_eval(pipe, path: Path, n: int = 32, cfg: float = 5.0) -> dict[str, float]:
+    """Sample grid of ``n`` fixed eval prompts (one seed each) and their attribute accuracy."""
+    from .evaluate import classify, eval_scenes, pipeline_generator, score
+
+    scenes = eval_scenes()[: n - 8] + eval_scenes()[-8:]
+    images = pipeline_generator(pipe)([world.full_caption(s) for s in scenes], list(range(n)), cfg)
+    save_grid(np.stack(images), path)
+    return score([classify(im) for im in images], scenes)
+
+
+def train_transformer(recipe: FlowRecipe, tok, vae, latents: torch.Tensor, scenes: list[world.Scene],
+                      paths: FlowPaths, resume: bool):
+    """Joint transformer + CLIP-L/CLIP-G training; returns (transformer, (te_l, te_g)) in eval mode."""
+    from .demo_model import tokenize
+
+    text_encoders = (build_text_encoder(recipe, tok, recipe.seed + 10), build_text_encoder(recipe, tok, recipe.seed + 11))
+    transformer = build_transformer(recipe, latents.shape[-1], recipe.seed + 12)
+    te_params = [p for te in text_encoders for p in te.parameters()]
+    log(f"transformer: {n_params(transformer) / 1e6:.2f} M params, text encoders 2 × "
+        f"{n_params(text_encoders[0]) / 1e3:.0f} k params, {latents.shape[-1] // recipe.patch_size}² image tokens")
+    opt = torch.optim.AdamW([{"params": transformer.parameters(), "lr": recipe.lr},
+                             {"params": te_params, "lr": recipe.te_lr}], weight_decay=0.01)
+    monitor = CaptionMonitor(tok, latents, scenes, recipe.seed)
+
+    def train_mode(on: bool) -> None:
+        for module in (transformer, *text_encoders):
+            module.train(on)
+
+    def step(i: int) -> float:
+        rng = np.random.default_rng([recipe.seed, 5, i])
+        idx = rng.integers(0, len(scenes), recipe.batch)
+        captions = [world.random_caption(scenes[j], rng, recipe.caption_drop_p, recipe.caption_empty_p) for j in idx]
+        z0 = latents[idx]
+        noise = torch.from_numpy(rng.standard_normal(z0.shape).astype(np.float32))
+        loss = flow_loss(transformer, text_encoders, z0, tokenize(tok, captions), sample_sigmas(len(idx), rng, recipe),
+                         noise, recipe.bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(transformer.parameters()) + te_params, 1.0)
+        opt.step()
+        return loss.item()
+
+    def every(i: int) -> None:
+        if i % recipe.caption_monitor_every == 0:
+            train_mode(False)
+            log(f"transformer step {i}: {monitor(transformer, text_encoders, recipe.bf16)}")
+            if i % recipe.sample_every == 0:
+                acc = quick_eval(make_pipeline(vae, text_encoders, tok, transformer, recipe),
+                                 paths.run / f"transformer_{i:06d}.png")
+                log(f"transformer step {i}: quick eval (32 prompts, cfg 5) "
+                    + json.dumps({k: round(v, 2) for k, v in acc.items()}))
+            train_mode(True)
+
+    budget = Budget(recipe.seconds, recipe.max_steps)
+    if resume:
+        reopen_if_budget_raised(Checkpoint(paths.checkpoints, "transformer"), recipe.seconds, recipe.max_steps)
+    train_mode(True)
+    run_stage("transformer", paths, resume, budget,
+              {"transformer": transformer, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1]},
+              opt, step, [recipe.lr, recipe.te_lr], recipe.warmup, every, recipe.checkpoint_every_s)
+    for module in (transformer, *text_encoders):
+        module.eval().requires_grad_(False)
+    return transformer, text_encoders
+
+
+# --------------------------------------------------------------------------- stage 6: export
+
+
+@torch.no_grad()
+def fit_preview_factors(vae, latents: torch.Tensor, n: int = 2048) -> tuple[list[list[float]], list[float]]:
+    """Least-squares latent→RGB map: each latent cell as the transformer sees it against the mean decoded RGB in
+    [-1, 1] of its pixel block. Returns (16×3 factors, 3 biases)."""
+    z = latents[:n]
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor
+    rgb = torch.cat([vae.decode(z[i : i + 256] / scale + shift).sample for i in range(0, len(z), 256)])
+    rgb = F.avg_pool2d(rgb.clamp(-1, 1), rgb.shape[-1] // z.shape[-1])
+    channels = z.shape[1]
+    x = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, channels), torch.ones(z.numel() // channels, 1)], dim=1)
+    y = rgb.permute(0, 2, 3, 1).reshape(-1, 3)
+    sol = torch.linalg.lstsq(x.double(), y.double()).solution.float()
+    return [[round(float(v), 4) for v in row] for row in sol[:channels]], [round(float(v), 4) for v in sol[channels]]
+
+
+def export(recipe: FlowRecipe, paths: FlowPaths, vae, text_encoders, tok, transformer, latents: torch.Tensor,
+           extra_meta: dict | None = None) -> None:
+    """fp16 safetensors ``StableDiffusion3Pipeline`` folder (no T5) in its final place, plus ``sfumato.json``."""
+    import copy
+
+    factors, bias = fit_preview_factors(vae, latents)
+    pipe = make_pipeline(copy.deepcopy(vae), tuple(copy.deepcopy(te) for te in text_encoders), tok,
+                         copy.deepcopy(transformer), recipe)
+    pipe.to(dtype=torch.float16)
+    tmp = paths.out.with_name(paths.out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    meta = {
+        "family": "sfumato-demo-flow", "native_width": 64, "native_height": 64,
+        "latent_rgb_factors": factors, "latent_rgb_bias": bias,
+        "latent_rgb_note": "applied to latents as the transformer sees them ((z - shift_factor) * scaling_factor); "
+                           "each latent cell maps to the mean RGB in [-1, 1] of its pixel block",
+        "vocabulary": {
+            "shapes": list(world.SHAPES), "colours": {k: list(v) for k, v in world.COLOURS.items()},
+            "backgrounds": {k: list(v) for k, v in world.PALETTE.items()}, "sizes": list(world.SIZES),
+            "positions": world.POSITION_PHRASES, "words": list(world.VOCABULARY),
+            "example": "a large red circle on the left, blue background",
+        },
+        "held_out_combos": [list(c) for c in world.HELD_OUT_COMBOS],
+        **(extra_meta or {}),
+    }
+    (tmp / "sfumato.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if (paths.out / "MODEL_CARD.md").exists():
+        shutil.copy(paths.out / "MODEL_CARD.md", tmp / "MODEL_CARD.md")
+    shutil.rmtree(paths.out, ignore_errors=True)
+    tmp.rename(paths.out)
+    log(f"export: {paths.out} ({folder_mb(paths.out):.1f} MB)")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def train(recipe: FlowRecipe, paths: FlowPaths, resume: bool, until: str = "export") -> dict:
+    """Run the stages in order; returns wall seconds per stage."""
+    torch.manual_seed(recipe.seed)
+    times: dict[str, float] = {}
+    t0 = time.time()
+    tok = build_tokenizer(paths.checkpoints / "tokenizer", CLIP_TOKENS)
+    images, scenes = world.make_dataset(recipe.n_images, recipe.seed)
+    times["data"] = time.time() - t0
+    log(f"data: {len(scenes)} images in {times['data']:.1f} s")
+    t0 = time.time()
+    vae, report = vae_stage(recipe, images, paths, resume)
+    times["vae"] = time.time() - t0
+    if until == "vae":
+        return times
+    check_vae_gate(report, recipe.vae_shape_gate)
+    latents = cached_latents(vae, images, paths, resume)
+    t0 = time.time()
+    transformer, text_encoders = train_transformer(recipe, tok, vae, latents, scenes, paths, resume)
+    times["transformer"] = time.time() - t0
+    if until == "transformer":
+        return times
+    export(recipe, paths, vae, text_encoders, tok, transformer, latents,
+           {"vae_reconstruction": {k: round(v, 3) for k, v in report["scores"].items()}})
+    (paths.run / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    return times
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "builtin" / "sfumato-demo-flow")
+    p.add_argument("--vae-dir", type=Path, default=REPO / "training" / "assets" / "sfumato-demo-flow-vae",
+                   help="where the VAE stage keeps its product; a passing VAE there is reused")
+    p.add_argument("--work", type=Path, default=REPO / "training" / "checkpoints" / "flow",
+                   help="checkpoints of the stages (resumed on rerun)")
+    p.add_argument("--run-dir", type=Path, default=REPO / "training" / "runs" / "flow")
+    p.add_argument("--smoke", action="store_true", help="a few steps on a tiny dataset, into a temp dir")
+    p.add_argument("--fresh", action="store_true", help="ignore checkpoints and the saved VAE: start over")
+    p.add_argument("--until", choices=("vae", "transformer", "export"), default="export")
+    p.add_argument("--vae-report", action="store_true", help="only score the VAE checkpoint's reconstructions")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe fields (JSON values)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> FlowPaths:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipe = smoke_recipe() if args.smoke else FlowRecipe()
+    for item in args.set:
+        key, value = item.split("=", 1)
+        kind = type(getattr(recipe, key))
+        recipe = replace(recipe, **{key: kind(json.loads(value))})
+    defaults = parse_args([])
+    if args.smoke:  # everything under one scratch folder (the --out's parent when one is given)
+        root = Path(tempfile.mkdtemp(prefix="sfumato-flow-smoke-")) if args.out == defaults.out else args.out.parent
+        out = args.out if args.out != defaults.out else root / "sfumato-demo-flow"
+        paths = FlowPaths(out, root / "vae", root / "checkpoints", root / "run")
+    else:
+        paths = FlowPaths(args.out, args.vae_dir, args.work, args.run_dir)
+    paths.make()
+    if args.vae_report:
+        log(checkpoint_vae_scores(recipe, paths))
+        return paths
+    t0 = time.time()
+    times = train(recipe, paths, not args.fresh, args.until)
+    log(f"total {time.time() - t0:.0f} s; stages " + json.dumps({k: round(v) for k, v in times.items()}))
+    with open(paths.run / "times.json", "a") as f:
+        f.write(json.dumps(times) + "\n")
+    print(f"OUT {paths.out}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
