@@ -135,17 +135,24 @@ def test_outpainting_alone_previews_its_mask_and_the_trash_button_keeps_the_pict
 
     page.get_by_text("Outpainting: extend the canvas").first.click()
     set_number(page, "inpaint_outpaint_right", 16)
-    for attempt in range(3):  # under load the typed width can reach the page's state just after the click
+    # Under load the typed width, or the cleared editor, can reach the page's state just after the click: press again
+    # (each press must bring a new preview). A trash button that does not clear fails every press.
+    old = with_stroke
+    for attempt in range(4):
         page.locator("#inpaint_preview_mask").click()
         try:
             page.wait_for_function("(old) => { const img = document.querySelector('#inpaint_mask_preview img'); return img && img.src !== old; }",
-                                   arg=with_stroke, timeout=15_000)
-            break
+                                   arg=old, timeout=15_000)
         except Exception:  # noqa: BLE001 - no new preview yet: press again
-            if attempt == 2:
+            if attempt == 3:
                 raise
-    shown, _ = fetch_image(preview.first.get_attribute("src"))
-    shown = np.asarray(shown.convert("RGB"))
+            continue
+        old = preview.first.get_attribute("src")
+        shown, _ = fetch_image(old)
+        shown = np.asarray(shown.convert("RGB"))
+        if shown.shape == (64, 80, 3) and np.array_equal(shown[:, :64], source):
+            break
+        page.wait_for_timeout(500)
     assert shown.shape == (64, 80, 3)
     assert np.array_equal(shown[:, :64], source)  # the picture is still there, and the cleared stroke repaints nothing
     assert (shown[:, 72:, 0] > shown[:, 72:, 1]).all()  # the new strip is marked red
