@@ -232,25 +232,34 @@ def train_demo_command(extra: list[str]) -> list[str]:
     return [sys.executable, "-m", module, *(arg for arg in extra if arg != "--flow")]
 
 
-def parallel_workers(extra: list[str]) -> list[str]:
-    """pytest-xdist options spreading whole test files over the cores (each file's fixtures stay in one worker),
-    unless the caller chose ``-n`` itself. The tests run one torch thread each, so a worker per core is the
-    machine's full speed; past 4 the tiny-model fixtures each worker builds cost more than they save."""
-    if any(arg == "-n" or arg.startswith(("-n", "--numprocesses")) for arg in extra):
-        return []
+# pytest's exit status when it collected nothing (a phase whose marker selects none of the paths given).
+NO_TESTS_COLLECTED = 5
+
+
+def pytest_runs(extra: list[str]) -> list[list[str]]:
+    """The pytest runs of ``launch.py test``: the tests without a browser spread as whole files over the cores
+    (pytest-xdist; each file's fixtures stay in one worker; one torch thread each, so a worker per core is the
+    machine's full speed, and past 4 the tiny models each worker builds cost more than they save), then the
+    browser tests one at a time. Two browsers at once on two cores made their timing-sensitive tests (skip,
+    trash button, gallery layout) flake. A caller who picks ``-n`` or ``-m`` gets exactly one run, as given."""
+    paths = extra or ["tests"]
+    if any(arg in ("-n", "-m") or arg.startswith(("-n", "--numprocesses", "-m")) for arg in extra):
+        return [paths]
     workers = max(1, min(os.cpu_count() or 1, 4))
-    return ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
+    spread = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
+    return [[*spread, "-m", "not browser", *paths], ["-m", "browser", *paths]]
 
 
 def run_tests(extra: list[str]) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT))
-    status = subprocess.call([sys.executable, "-m", "pytest", *parallel_workers(extra), *(extra or ["tests"])], cwd=ROOT,
-                             env=env)
-    if status == 5:
+    statuses = [subprocess.call([sys.executable, "-m", "pytest", *arguments], cwd=ROOT, env=env)
+                for arguments in pytest_runs(extra)]
+    if all(status == NO_TESTS_COLLECTED for status in statuses):
         print("error: pytest collected no tests; that counts as a failure", file=sys.stderr)
         return 1
-    return status
+    failed = [status for status in statuses if status not in (0, NO_TESTS_COLLECTED)]
+    return failed[0] if failed else 0
 
 
 # -- generate -----------------------------------------------------------------
