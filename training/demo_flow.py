@@ -49,7 +49,7 @@ from engine.families.sd3 import PROMPTS as SD3_PROMPTS
 
 from . import world
 from .demo_model import (Budget, Checkpoint, build_tokenizer, build_vae, folder_mb, log, n_params, run_stage,
-                         save_grid, to_tensor, train_vae)
+                         save_grid, save_model_folder, to_tensor, train_vae)
 
 REPO = Path(__file__).resolve().parent.parent
 CLIP_TOKENS = 77  # the engine reads CLIP in A1111's 77-token chunks, so position embeddings must reach 77
@@ -505,29 +505,9 @@ def export(recipe: FlowRecipe, paths: FlowPaths, vae, text_encoders, tok, transf
     factors, bias = fit_preview_factors(vae, latents)
     pipe = make_pipeline(copy.deepcopy(vae), tuple(copy.deepcopy(te) for te in text_encoders), tok,
                          copy.deepcopy(transformer), recipe)
-    pipe.to(dtype=torch.float16)
-    tmp = paths.out.with_name(paths.out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    meta = {
-        "family": "sfumato-demo-flow", "native_width": 64, "native_height": 64,
-        "latent_rgb_factors": factors, "latent_rgb_bias": bias,
-        "latent_rgb_note": "applied to latents as the transformer sees them ((z - shift_factor) * scaling_factor); "
-                           "each latent cell maps to the mean RGB in [-1, 1] of its pixel block",
-        "vocabulary": {
-            "shapes": list(world.SHAPES), "colours": {k: list(v) for k, v in world.COLOURS.items()},
-            "backgrounds": {k: list(v) for k, v in world.PALETTE.items()}, "sizes": list(world.SIZES),
-            "positions": world.POSITION_PHRASES, "words": list(world.VOCABULARY),
-            "example": "a large red circle on the left, blue background",
-        },
-        "held_out_combos": [list(c) for c in world.HELD_OUT_COMBOS],
-        **(extra_meta or {}),
-    }
-    (tmp / "sfumato.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if (paths.out / "MODEL_CARD.md").exists():
-        shutil.copy(paths.out / "MODEL_CARD.md", tmp / "MODEL_CARD.md")
-    shutil.rmtree(paths.out, ignore_errors=True)
-    tmp.rename(paths.out)
+    save_model_folder(pipe, paths.out, "sfumato-demo-flow", factors, bias,
+                      "applied to latents as the transformer sees them ((z - shift_factor) * scaling_factor); "
+                      "each latent cell maps to the mean RGB in [-1, 1] of its pixel block", extra_meta or {})
     log(f"export: {paths.out} ({folder_mb(paths.out):.1f} MB)")
 
 

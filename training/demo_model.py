@@ -706,22 +706,17 @@ def fit_preview_factors(vae, scaled_latents: torch.Tensor, n: int = 2048) -> tup
     return [[round(float(v), 4) for v in row] for row in sol[:4]], [round(float(v), 4) for v in sol[4]]
 
 
-def export(recipe: Recipe, paths: Paths, vae, te, tok, unet, controlnet, latents: torch.Tensor,
-           extra_meta: dict | None = None) -> None:
-    """fp16 safetensors pipeline (+ ControlNet) in the final layout, plus ``sfumato.json``."""
-    import copy
-
-    factors, bias = fit_preview_factors(vae, latents)
-    pipe = make_pipeline(copy.deepcopy(vae), copy.deepcopy(te), tok, copy.deepcopy(unet), recipe)
+def save_model_folder(pipe, out: Path, family: str, factors, bias, latent_note: str, extra_meta: dict) -> None:
+    """``pipe`` in fp16 safetensors as the folder ``out``, with its ``sfumato.json`` (family name, native size, preview
+    factors, the world's vocabulary) and the model card already there kept; written beside ``out`` and renamed into
+    place, so a failed export never leaves half a model where the old one was."""
     pipe.to(dtype=torch.float16)
-    tmp = paths.out.with_name(paths.out.name + ".tmp")
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     meta = {
-        "family": "sfumato-demo", "native_width": 64, "native_height": 64,
-        "latent_rgb_factors": factors, "latent_rgb_bias": bias,
-        "latent_rgb_note": "applied to latents as the UNet sees them (multiplied by vae scaling_factor); "
-                           "each latent cell maps to the mean RGB in [-1, 1] of its 8x8 pixel block",
+        "family": family, "native_width": 64, "native_height": 64,
+        "latent_rgb_factors": factors, "latent_rgb_bias": bias, "latent_rgb_note": latent_note,
         "vocabulary": {
             "shapes": list(world.SHAPES), "colours": {k: list(v) for k, v in world.COLOURS.items()},
             "backgrounds": {k: list(v) for k, v in world.PALETTE.items()}, "sizes": list(world.SIZES),
@@ -729,14 +724,26 @@ def export(recipe: Recipe, paths: Paths, vae, te, tok, unet, controlnet, latents
             "example": "a large red circle on the left, blue background",
         },
         "held_out_combos": [list(c) for c in world.HELD_OUT_COMBOS],
-        "controlnets": [paths.controlnet_out.name] if controlnet is not None else [],
-        **(extra_meta or {}),
+        **extra_meta,
     }
     (tmp / "sfumato.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if (paths.out / "MODEL_CARD.md").exists():
-        shutil.copy(paths.out / "MODEL_CARD.md", tmp / "MODEL_CARD.md")
-    shutil.rmtree(paths.out, ignore_errors=True)
-    tmp.rename(paths.out)
+    if (out / "MODEL_CARD.md").exists():
+        shutil.copy(out / "MODEL_CARD.md", tmp / "MODEL_CARD.md")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def export(recipe: Recipe, paths: Paths, vae, te, tok, unet, controlnet, latents: torch.Tensor,
+           extra_meta: dict | None = None) -> None:
+    """fp16 safetensors pipeline (+ ControlNet) in the final layout, plus ``sfumato.json``."""
+    import copy
+
+    factors, bias = fit_preview_factors(vae, latents)
+    pipe = make_pipeline(copy.deepcopy(vae), copy.deepcopy(te), tok, copy.deepcopy(unet), recipe)
+    save_model_folder(pipe, paths.out, "sfumato-demo", factors, bias,
+                      "applied to latents as the UNet sees them (multiplied by vae scaling_factor); "
+                      "each latent cell maps to the mean RGB in [-1, 1] of its 8x8 pixel block",
+                      {"controlnets": [paths.controlnet_out.name] if controlnet is not None else [], **(extra_meta or {})})
     if controlnet is not None:
         cn = copy.deepcopy(controlnet).to(dtype=torch.float16)
         shutil.rmtree(paths.controlnet_out, ignore_errors=True)
