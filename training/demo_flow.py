@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from engine.families.sd3 import PROMPTS as SD3_PROMPTS
 
 from . import world
-from .demo_model import (Budget, Checkpoint, build_tokenizer, build_vae, folder_mb, log, n_params, run_stage,
-                         save_grid, save_model_folder, to_tensor, train_vae)
+from .demo_model import (Budget, Checkpoint, build_tokenizer, build_vae, folder_mb, log, n_params, quick_eval,
+                         run_stage, save_grid, save_model_folder, to_tensor, train_vae)
 
 REPO = Path(__file__).resolve().parent.parent
 CLIP_TOKENS = 77  # the engine reads CLIP in A1111's 77-token chunks, so position embeddings must reach 77
@@ -411,17 +411,6 @@ def make_pipeline(vae, text_encoders, tok, transformer, recipe: FlowRecipe):
         tokenizer=tok, text_encoder_2=text_encoders[1], tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@torch.no_grad()
-def quick_eval(pipe, path: Path, n: int = 32, cfg: float = 5.0) -> dict[str, float]:
-    """Sample grid of ``n`` fixed eval prompts (one seed each) and their attribute accuracy."""
-    from .evaluate import classify, eval_scenes, pipeline_generator, score
-
-    scenes = eval_scenes()[: n - 8] + eval_scenes()[-8:]
-    images = pipeline_generator(pipe)([world.full_caption(s) for s in scenes], list(range(n)), cfg)
-    save_grid(np.stack(images), path)
-    return score([classify(im) for im in images], scenes)
 
 
 def train_transformer(recipe: FlowRecipe, tok, vae, latents: torch.Tensor, scenes: list[world.Scene],
