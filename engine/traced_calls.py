@@ -78,12 +78,16 @@ def replayed(call: Callable, module: torch.nn.Module) -> Callable:
     """``call`` (the family's model call over ``module``), replayed from traces when ``module`` has tracing enabled
     and is in a state that traces exactly; else ``call`` itself. Decided once per sample pass."""
     cache = _CACHES.get(module)
-    if cache is None or not cache.active or not _traceable(module):
+    if cache is None or not cache.active:
         return call
-    return TracedCall(call, module, cache, _structure(module))
+    modules = _walk(module)  # once per pass, for both questions below
+    if not _traceable(module, modules):
+        return call
+    return TracedCall(call, module, cache, _structure(modules))
 
 
-def _traceable(module: torch.nn.Module) -> bool:
+def _traceable(module: torch.nn.Module, modules: list[torch.nn.Module]) -> bool:
+    """Whether ``module`` (whose submodules, itself included, are ``modules``) can be replayed exactly."""
     if hasattr(module, "_orig_mod"):  # torch.compile's wrapper: compiled code runs instead
         return False
     from torch.nn.modules import module as module_hooks
@@ -92,21 +96,19 @@ def _traceable(module: torch.nn.Module) -> bool:
         return False
     # Forward hooks (an extension's, a test's probe) are Python a replay would skip: the model runs eagerly for them.
     # The engine's own cancellation checkpoints are the exception: ``TracedCall`` checks once before each replay.
+    from .attention_calls import _direct_forward
     from .cancellation import _checkpoint
 
-    # A forward replaced on an instance (a wrapper, a test's probe) is Python a replay would skip too, except the
-    # engine's own direct attention call (engine.attention_calls), which only drops Python around the same kernels.
+    def own_forward(sub: torch.nn.Module) -> bool:
+        """A forward replaced on the instance (a wrapper, a test's probe) is Python a replay would skip too, except
+        the engine's own direct attention call (engine.attention_calls), which only drops Python around the same
+        kernels."""
+        forward = sub.__dict__.get("forward")
+        return forward is not None and getattr(forward, "__func__", None) is not _direct_forward
+
     return not any(hasattr(sub, "_hf_hook") or type(sub).__module__.startswith("peft.") or sub._forward_hooks
-                   or _own_forward(sub)
-                   or any(hook is not _checkpoint for hook in sub._forward_pre_hooks.values()) for sub in _walk(module))
-
-
-def _own_forward(module: torch.nn.Module) -> bool:
-    """Whether ``module`` has a forward set on the instance other than the engine's direct attention call."""
-    from .attention_calls import _direct_forward
-
-    forward = module.__dict__.get("forward")
-    return forward is not None and getattr(forward, "__func__", None) is not _direct_forward
+                   or own_forward(sub)
+                   or any(hook is not _checkpoint for hook in sub._forward_pre_hooks.values()) for sub in modules)
 
 
 def _walk(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -119,9 +121,9 @@ def _walk(module: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def _structure(module: torch.nn.Module) -> int:
-    """Which modules, attention processors and forward overrides make up the model now."""
-    return hash(tuple((id(sub), id(getattr(sub, "processor", None)), id(sub.__dict__.get("forward"))) for sub in _walk(module)))
+def _structure(modules: list[torch.nn.Module]) -> int:
+    """Which modules, attention processors and forward overrides make up the model now (``modules``: ``_walk``'s)."""
+    return hash(tuple((id(sub), id(getattr(sub, "processor", None)), id(sub.__dict__.get("forward"))) for sub in modules))
 
 
 def _fusion_off() -> tuple[bool, bool, bool, bool]:
