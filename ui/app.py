@@ -24,7 +24,7 @@ from .extras_tab import build_extras_tab
 from .family_fields import FamilyControls, settings_differ, shown
 from .gallery_tab import build_gallery_tab
 from .generation_tab import GenerationTab, build_generation_tab
-from .model_info import default_model_name, entry_or_none, model_choices, model_family, model_note, native_size
+from .model_info import default_model_name, entry_or_none, model_choices, model_family, model_note, native_size_of
 from .png_info import build_png_info_tab
 from .presets_ui import wire_presets
 from .send_to import wire_infotext_send, wire_result_send
@@ -40,8 +40,8 @@ GENERATION_TABS = (("txt2img", "txt2img"), ("img2img", "img2img"), ("inpaint", "
 def build_app(studio) -> gr.Blocks:
     """The whole UI for one Studio. Serve it with ``ui.server`` (or ``demo.queue().launch()``)."""
     model = default_model_name(studio)
-    size = native_size(studio, model)
     family = model_family(studio, model)
+    size = native_size_of(family)
     with gr.Blocks(title="Sfumato", analytics_enabled=False) as demo:
         session_gallery = gr.State([])
         current_model = gr.State(model)
@@ -144,8 +144,8 @@ def _loaded_text(studio, name: str | None) -> str:
     """The line beside the picker: the model, its family ("Flux.1") and its native size."""
     if name is None:
         return "No model found."
-    width, height = native_size(studio, name)
     family = model_family(studio, name)
+    width, height = native_size_of(family)
     kind = f" · {family.title}" if family is not None else ""
     return f"Model **{name}**{kind} · native size {width}×{height}"
 
@@ -175,7 +175,7 @@ def switch_model(studio, name: str | None, previous: str | None, current_sizes: 
         gr.Warning(f"Could not load {name}: {message_for(error)} Keeping {previous}.", title="Model not loaded")
         yield f"⚠️ Could not load **{name}**; still using **{previous}**.", previous, previous, gr.skip(), *skips, *family_skips
         return
-    old = tuple(native_size(studio, previous)) if previous else None
+    old = tuple(native_size_of(previous_family)) if previous else None
     new = tuple(loaded.family.native_size)
     updates: list = []
     for width, height in zip(current_sizes[0::2], current_sizes[1::2]):

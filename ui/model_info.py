@@ -20,7 +20,11 @@ def model_family(studio, name: str | None) -> Family | None:
 def native_size(studio, name: str | None) -> tuple[int, int]:
     """The model family's native size, read from the loaded model or the model's files (no loading); SD 1.x's when
     the files do not say."""
-    family = model_family(studio, name)
+    return native_size_of(model_family(studio, name))
+
+
+def native_size_of(family: Family | None) -> tuple[int, int]:
+    """A family's native size; SD 1.x's for an unknown one."""
     return family.native_size if family is not None else SD1.native_size
 
 
