@@ -62,6 +62,12 @@ class PlainEncoder:
     chat: Mapping[str, Any] | None = None
 
 
+def t5_embeds(pipeline, text: str, max_tokens: int) -> torch.Tensor:
+    """T5-XXL's last hidden state of ``text`` padded to ``max_tokens`` (zeros when the pipeline has no T5), by the
+    helper diffusers' SD3 and Flux.1 pipelines share, so a short prompt's tensors are the pipeline's."""
+    return pipeline._get_t5_prompt_embeds(prompt=text, max_sequence_length=max_tokens, device=pipeline.text_encoder.device)
+
+
 @dataclass(frozen=True)
 class FlowPrompts:
     """What a flow family's prompt encoding is made of.

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 import torch
 
 from ..fields import DISTILLED_GUIDANCE, FLOW
-from ..flow_prompts import ClipEncoder, FlowPromptEncoder, FlowPrompts, PlainEncoder
+from ..flow_prompts import ClipEncoder, FlowPromptEncoder, FlowPrompts, PlainEncoder, t5_embeds
 from ..model_files.bfl_keys import flux_to_diffusers
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
@@ -156,17 +156,12 @@ class TransformerCall:
         return (crop_to(unpack(tokens, padded.shape[2], padded.shape[3]), height, width),)
 
 
-def _t5(pipeline, text: str, max_tokens: int) -> torch.Tensor:
-    """T5-XXL's last hidden state of the text padded to ``max_tokens``, by diffusers' own ``FluxPipeline`` helper."""
-    return pipeline._get_t5_prompt_embeds(prompt=text, max_sequence_length=max_tokens, device=pipeline.text_encoder.device)
-
-
 # Only CLIP-L's pooled output conditions Flux.1; T5 gets the plain text up to Black Forest Labs' limits (their reference
 # ``flux/util.py``: ``load_t5(max_length=256 if name == "flux-schnell" else 512)``; diffusers' docs run schnell with
 # ``max_sequence_length=256`` too).
 CLIP_L = ClipEncoder("tokenizer", "text_encoder", "CLIP-L")
-DEV_PROMPTS = FlowPrompts(clip=(CLIP_L,), plain=PlainEncoder("tokenizer_2", "text_encoder_2", "T5-XXL", 512, _t5))
-SCHNELL_PROMPTS = FlowPrompts(clip=(CLIP_L,), plain=PlainEncoder("tokenizer_2", "text_encoder_2", "T5-XXL", 256, _t5))
+DEV_PROMPTS = FlowPrompts(clip=(CLIP_L,), plain=PlainEncoder("tokenizer_2", "text_encoder_2", "T5-XXL", 512, t5_embeds))
+SCHNELL_PROMPTS = FlowPrompts(clip=(CLIP_L,), plain=PlainEncoder("tokenizer_2", "text_encoder_2", "T5-XXL", 256, t5_embeds))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Callable, ClassVar
 import torch
 
 from ..fields import FLOW
-from ..flow_prompts import ClipEncoder, FlowPromptEncoder, FlowPrompts, PlainEncoder
+from ..flow_prompts import ClipEncoder, FlowPromptEncoder, FlowPrompts, PlainEncoder, t5_embeds
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
 from .base import Family, LatentFormat, ModelInputs
@@ -94,17 +94,12 @@ class TransformerCall:
         return (crop_to(output, height, width),)
 
 
-def _t5(pipeline, text: str, max_tokens: int) -> torch.Tensor:
-    """T5-XXL's last hidden state padded to ``max_tokens``, or zeros without a T5 (diffusers' own helper)."""
-    return pipeline._get_t5_prompt_embeds(prompt=text, max_sequence_length=max_tokens, device=pipeline.text_encoder.device)
-
-
 # CLIP-L and CLIP-G read A1111's syntax, their penultimate hidden states (no final norm) side by side in 77-token chunks;
 # T5 gets the plain text up to diffusers' default ``max_sequence_length`` (256).
 PROMPTS = FlowPrompts(
     clip=(ClipEncoder("tokenizer", "text_encoder", "CLIP-L"), ClipEncoder("tokenizer_2", "text_encoder_2", "CLIP-G")),
     clip_layer=TextLayer(from_end=2, final_norm=False),
-    plain=PlainEncoder("tokenizer_3", "text_encoder_3", "T5-XXL", 256, _t5),
+    plain=PlainEncoder("tokenizer_3", "text_encoder_3", "T5-XXL", 256, t5_embeds),
 )
 
 
