@@ -49,7 +49,8 @@ from engine.families.sd3 import PROMPTS as SD3_PROMPTS
 
 from . import world
 from .demo_model import (Budget, Checkpoint, build_tokenizer, build_vae, folder_mb, log, n_params, quick_eval,
-                         run_stage, save_grid, save_model_folder, to_tensor, train_vae)
+                         run_stage, save_grid, save_model_folder, to_tensor, train_vae,
+                         with_settings)
 
 REPO = Path(__file__).resolve().parent.parent
 CLIP_TOKENS = 77  # the engine reads CLIP in A1111's 77-token chunks, so position embeddings must reach 77
@@ -550,11 +551,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> FlowPaths:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = smoke_recipe() if args.smoke else FlowRecipe()
-    for item in args.set:
-        key, value = item.split("=", 1)
-        kind = type(getattr(recipe, key))
-        recipe = replace(recipe, **{key: kind(json.loads(value))})
+    recipe = with_settings(smoke_recipe() if args.smoke else FlowRecipe(), args.set)
     defaults = parse_args([])
     if args.smoke:  # everything under one scratch folder (the --out's parent when one is given)
         root = Path(tempfile.mkdtemp(prefix="sfumato-flow-smoke-")) if args.out == defaults.out else args.out.parent

@@ -819,13 +819,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def with_settings(recipe, items: list[str]):
+    """The recipe with ``--set KEY=VALUE`` overrides (JSON values, converted to the field's own type)."""
+    for item in items:
+        key, value = item.split("=", 1)
+        recipe = replace(recipe, **{key: type(getattr(recipe, key))(json.loads(value))})
+    return recipe
+
+
 def main(argv: list[str] | None = None) -> Paths:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = smoke_recipe() if args.smoke else Recipe()
-    for item in args.set:
-        key, value = item.split("=", 1)
-        recipe = replace(recipe, **{key: type(getattr(recipe, key))(json.loads(value))})
+    recipe = with_settings(smoke_recipe() if args.smoke else Recipe(), args.set)
     if args.smoke:
         root = Path(tempfile.mkdtemp(prefix="sfumato-smoke-")) if args.out == parse_args([]).out else args.out.parent
         out = args.out if args.out != parse_args([]).out else root / "sfumato-demo"
