@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from engine.engine import Engine
+from engine.extensions import ExtensionManager
 from engine.models import ModelRegistry
 from engine.request import GenerationRequest
 from training import demo_flow
@@ -79,10 +80,12 @@ def test_the_engine_draws_what_diffusers_draws_from_the_same_sigmas_and_noise(en
     assert ours.shape == (64, 64, 3)
     table, parameterization = noise_table_for(engine.registry.load(NAME))
     assert parameterization == "flow"
-    sigmas = schedules.simple(table, steps)[:-1].double()  # shift 1: diffusers runs the σs it is given
+    sigmas = schedules.simple(table, steps)[:-1].double()
+    shift = demo_flow.FlowRecipe().sigma_shift
+    unshifted = sigmas / (shift - (shift - 1) * sigmas)  # diffusers shifts the σs it is given
     noise = torch.randn((1, 16, 16, 16), generator=torch.Generator().manual_seed(seed))  # A1111's CPU noise, f4 latent
     pipe = _pipeline(smoke_run.out)
-    theirs = pipe(PROMPT, negative_prompt="", height=64, width=64, sigmas=sigmas.tolist(), guidance_scale=cfg,
+    theirs = pipe(PROMPT, negative_prompt="", height=64, width=64, sigmas=unshifted.tolist(), guidance_scale=cfg,
                   latents=noise, output_type="np").images[0]
     assert torch.allclose(pipe.scheduler.sigmas[:-1].double(), sigmas, atol=1e-6)
     assert float(np.abs(ours - theirs).max()) <= PARITY_TOLERANCE
@@ -91,11 +94,11 @@ def test_the_engine_draws_what_diffusers_draws_from_the_same_sigmas_and_noise(en
 
 
 def test_the_single_file_export_draws_what_the_folder_draws(engine, smoke_run, tmp_path):
-    from tests import _flow_files as files
-
     models = tmp_path / "models"
-    files.sd3_all_in_one(_pipeline(smoke_run.out), models / "Stable-diffusion" / "flow-aio.safetensors",
-                         with_config_from=smoke_run.out)
+    exported = smoke_run.run / f"{NAME}.safetensors"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(exported, models / "Stable-diffusion" / "flow-aio.safetensors")
+    shutil.copytree(exported.with_suffix(".config"), models / "Stable-diffusion" / "flow-aio.config")
     single = Engine(ModelRegistry(models, builtin_dir=None))
     assert single.registry.get("flow-aio").usable, single.registry.get("flow-aio").problem
     assert single.registry.load("flow-aio").family.id == "sd3"
@@ -183,3 +186,43 @@ def test_a_raised_budget_trains_a_finished_stage_on(tmp_path):
     assert ckpt.load()["done"]  # the step budget is still used up: nothing left to do
     demo_flow.reopen_if_budget_raised(ckpt, seconds=20.0, max_steps=5)
     assert not ckpt.load()["done"] and ckpt.load()["step"] == 3
+
+
+def test_the_outline_controlnet_is_saved_in_sd3s_controlnet_layout_and_draws_as_diffusers_draws(smoke_run, tmp_path,
+                                                                                                monkeypatch):
+    """The ControlNet reads the pooled text and the VAE's shift as it did in training (not InstantX's zeros), through
+    the engine exactly as through diffusers' ``StableDiffusion3ControlNetPipeline``, and the outline moves pixels."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from PIL import Image
+
+    from engine.sampling import schedules
+    from engine.sampling.denoiser import noise_table_for
+    from training import world
+
+    config = json.loads((smoke_run.controlnet_out / "config.json").read_text())
+    assert config["_class_name"] == "SD3ControlNetModel" and config["force_zeros_for_pooled_projection"] is False
+    builtin = tmp_path / "builtin"
+    shutil.copytree(smoke_run.out, builtin / NAME)
+    shutil.copytree(smoke_run.controlnet_out, builtin / smoke_run.controlnet_out.name)
+    manager = ExtensionManager(demo_flow.REPO / "extensions", tmp_path / "extensions.json", models_dir=tmp_path / "m",
+                               builtin_dir=builtin)
+    engine = Engine(ModelRegistry(tmp_path / "m", builtin_dir=builtin), manager)
+    scene = world.Scene("square", "red", "large", "right", "blue", *world.POSITION_ANCHORS["right"])
+    outline = Image.fromarray(world.render_outline(scene))
+    unit = {"image": outline, "module": "none", "model": smoke_run.controlnet_out.name}
+    ours = _draw(engine, extensions={"controlnet": [unit]})
+    assert float(np.abs(ours - _draw(engine)).max()) > 1 / 255
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    table, _ = noise_table_for(engine.registry.load(NAME))
+    sigmas = schedules.simple(table, 6)[:-1].double()
+    shift = demo_flow.FlowRecipe().sigma_shift
+    controlnet = SD3ControlNetModel.from_pretrained(smoke_run.controlnet_out, local_files_only=True, dtype=torch.float32)
+    pipe = StableDiffusion3ControlNetPipeline.from_pretrained(smoke_run.out, controlnet=controlnet, text_encoder_3=None,
+                                                              tokenizer_3=None, local_files_only=True, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPT, negative_prompt="", height=64, width=64, sigmas=(sigmas / (shift - (shift - 1) * sigmas)).tolist(),
+                  guidance_scale=5.0, latents=torch.randn((1, 16, 16, 16), generator=torch.Generator().manual_seed(5)),
+                  control_image=outline, output_type="np").images[0]
+    assert float(np.abs(ours - theirs).max()) <= PARITY_TOLERANCE

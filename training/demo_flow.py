@@ -1,6 +1,6 @@
 """Train Sfumato's flow demo model: a tiny Stable Diffusion 3 (MMDiT, rectified flow), from scratch, on CPU.
 
-    python -m training.demo_flow [--out builtin/sfumato-demo-flow] [--smoke] [--fresh] [--until vae|transformer]
+    python -m training.demo_flow [--out builtin/sfumato-demo-flow] [--smoke] [--fresh] [--until vae|transformer|controlnet]
 
 Why the SD3 layout (``engine/families/sd3.py``) and not Flux.1: SD3 conditions on CLIP-L and CLIP-G, both plain
 ``CLIPTextModelWithProjection`` classes we can shrink and train with the model, T5 is optional (diffusers and the
@@ -22,7 +22,10 @@ Stages (each checkpointed under ``--work``; a rerun resumes where a run stopped 
                   x_σ = (1 − σ)·x₀ + σ·ε with the velocity target v = ε − x₀ and timestep σ·1000, σ drawn from a
                   logit-normal (Esser et al. 2024, §3.1 and §3.1's "logit-normal sampling"), with caption dropout for
                   classifier-free guidance (Ho & Salimans 2022);
-  6. export       fp16 safetensors ``StableDiffusion3Pipeline`` folder (no T5) + ``sfumato.json``.
+  6. controlnet   ``SD3ControlNetModel`` (SD 3.5's ControlNet layout) on outline maps read through the VAE, started
+                  from the transformer's blocks, transformer and text encoders frozen;
+  7. export       fp16 safetensors ``StableDiffusion3Pipeline`` folder (no T5) + ``sfumato.json``, the ControlNet
+                  folder beside it, and SD 3.5's all-in-one single file of the model in the run folder.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from .demo_model import (Budget, Checkpoint, build_tokenizer, build_vae, folder_
                          with_settings)
 
 REPO = Path(__file__).resolve().parent.parent
+CONTROLNET_NAME = "sfumato-demo-flow-controlnet-outline"
 CLIP_TOKENS = 77  # the engine reads CLIP in A1111's 77-token chunks, so position embeddings must reach 77
 # Without a T5, diffusers and the engine put this many zero tokens in its place (``max_sequence_length``); training
 # conditions on the same context so that the zeros' share of every attention row is the one sampling will see.
@@ -95,17 +99,26 @@ class FlowRecipe:
     heads: int = 4
     head_dim: int = 32
     pos_embed_max_size: int = 32  # patches per side: up to 32×2×4 = 256 px
-    sigma_shift: float = 1.0  # σ shift of training and the saved scheduler (SD3 uses 3.0 at 1024²)
+    # σ shift of training and the saved scheduler: SD3's own 3.0. It moves training toward high σ, where the layout
+    # (position) is decided; a 40-minute probe with shift 1 left position at chance (0.25)
+    sigma_shift: float = 3.0
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    batch: int = 64
+    batch: int = 32  # twice the steps of batch 64 for the same compute: the context stream makes each token dear
     lr: float = 1e-3
     te_lr: float = 2e-3
     warmup: int = 100
-    seconds: float = 2700
+    seconds: float = 3900  # with the VAE's 1,700 s and the ControlNet's, within the 2 h budget
     max_steps: int = 100_000
     caption_drop_p: float = 0.12
     caption_empty_p: float = 0.1
+    # outline ControlNet (SD3ControlNetModel: a copy of the transformer's first blocks, frozen base)
+    cn_layers: int = 4  # every block: the outline has to set the shape's exact extent, not only its place
+    cn_batch: int = 32
+    cn_lr: float = 1e-3
+    cn_seconds: float = 1200
+    cn_max_steps: int = 100_000
+    cn_empty_p: float = 0.3
     # bookkeeping
     bf16: bool = False  # bf16 autocast measured 2.2x slower than fp32 for this transformer on the CPU
     checkpoint_every_s: float = 120
@@ -117,13 +130,14 @@ class FlowRecipe:
 def smoke_recipe() -> FlowRecipe:
     """A few steps of every stage on a tiny dataset (CI): the VAE gate is not enforced."""
     return replace(FlowRecipe(), n_images=96, vae_seconds=5, vae_max_steps=3, vae_batch=8, vae_shape_gate=0.0,
-                   vae_eval_images=16, seconds=8, max_steps=3, batch=8, warmup=1, monitor_every=10**9, caption_monitor_every=10**9,
+                   vae_eval_images=16, seconds=8, max_steps=3, batch=8, warmup=1, cn_seconds=8, cn_max_steps=3, cn_batch=8, monitor_every=10**9, caption_monitor_every=10**9,
                    sample_every=10**9, checkpoint_every_s=10**9)
 
 
 @dataclass
 class FlowPaths:
     out: Path  # the final StableDiffusion3Pipeline folder
+    controlnet_out: Path  # the outline SD3ControlNetModel folder
     vae_dir: Path  # the VAE stage's product (fp16 diffusers folder + reconstruction report), reused by later runs
     checkpoints: Path
     run: Path
@@ -352,16 +366,26 @@ def sample_sigmas(n: int, rng: np.random.Generator, recipe: FlowRecipe) -> torch
 
 
 def flow_loss(transformer, text_encoders, z0: torch.Tensor, ids: torch.Tensor, sigma: torch.Tensor,
-              noise: torch.Tensor, bf16: bool, reduce: bool = True) -> torch.Tensor:
+              noise: torch.Tensor, bf16: bool, reduce: bool = True, controlnet=None,
+              control: torch.Tensor | None = None) -> torch.Tensor:
     """Rectified-flow loss ‖v − model(x_σ, 1000σ, c)‖² with x_σ = (1 − σ)·x₀ + σ·ε and v = ε − x₀
     (Liu et al. 2022; Esser et al. 2024, eq. 2 with the velocity target). T5's zero tokens are collapsed into one
-    (``CollapsedZerosAttention``): the same function, a third of the tokens."""
+    (``CollapsedZerosAttention``): the same function, a third of the tokens. With a ``controlnet``, its block
+    residuals for the ``control`` latents are added as ``StableDiffusion3ControlNetPipeline`` adds them."""
     s = sigma.view(-1, 1, 1, 1)
     x = (1 - s) * z0 + s * noise
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), collapsed_zeros(transformer):
-        context, pooled = encode_text(text_encoders, ids, transformer.config.joint_attention_dim, t5_tokens=1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and controlnet is None):  # a ControlNet trains alone
+            context, pooled = encode_text(text_encoders, ids, transformer.config.joint_attention_dim, t5_tokens=1)
+        residuals = None
+        if controlnet is not None:
+            with collapsed_zeros(controlnet):
+                residuals = controlnet(hidden_states=x, controlnet_cond=control, conditioning_scale=1.0,
+                                       encoder_hidden_states=context, pooled_projections=pooled,
+                                       timestep=sigma * 1000, return_dict=False)[0]
         pred = transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=context,
-                           pooled_projections=pooled, return_dict=False)[0].float()
+                           pooled_projections=pooled, block_controlnet_hidden_states=residuals,
+                           return_dict=False)[0].float()
     err = (pred - (noise - z0)) ** 2
     return err.mean() if reduce else err.mean(dim=(1, 2, 3))
 
@@ -469,7 +493,97 @@ def train_transformer(recipe: FlowRecipe, tok, vae, latents: torch.Tensor, scene
     return transformer, text_encoders
 
 
-# --------------------------------------------------------------------------- stage 6: export
+# --------------------------------------------------------------------------- stage 6: outline ControlNet
+
+
+def build_controlnet(recipe: FlowRecipe, transformer):
+    """An ``SD3ControlNetModel`` in the transformer's shape, started from its first ``cn_layers`` blocks, patch and
+    text embeddings (as diffusers' ``from_transformer``), with the zero-initialised control patch embedding. It reads
+    the real pooled text and the VAE's shift (``force_zeros_for_pooled_projection`` off: that flag is for InstantX's
+    models), so the engine and diffusers' ControlNet pipeline feed it exactly what training did."""
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(recipe.seed + 13)
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    controlnet = SD3ControlNetModel.from_config({**config, "num_layers": recipe.cn_layers,
+                                                 "extra_conditioning_channels": 0,
+                                                 "force_zeros_for_pooled_projection": False})
+    for part in ("pos_embed", "time_text_embed", "context_embedder"):
+        getattr(controlnet, part).load_state_dict(getattr(transformer, part).state_dict())
+    # The transformer's last block only reads the text (``context_pre_only``), so some of its weights have other
+    # shapes than the ControlNet's full block: those start fresh.
+    ours = controlnet.transformer_blocks.state_dict()
+    controlnet.transformer_blocks.load_state_dict(
+        {k: v for k, v in transformer.transformer_blocks.state_dict().items() if k in ours and ours[k].shape == v.shape},
+        strict=False)
+    return controlnet
+
+
+@torch.no_grad()
+def outline_latents(vae, scenes: list[world.Scene], paths: FlowPaths, resume: bool) -> torch.Tensor:
+    """Every scene's outline map (white on black) as the ControlNet reads it: (VAE posterior mean − shift)·scale, the
+    engine's and diffusers' SD3 ControlNet conditioning; encoded once and cached."""
+    path = paths.checkpoints / "outline_latents.pt"
+    weights = paths.vae_dir / "diffusion_pytorch_model.safetensors"
+    if resume and path.exists() and path.stat().st_mtime >= weights.stat().st_mtime:
+        return torch.load(path)
+    t0 = time.time()
+    parts = []
+    for i in range(0, len(scenes), 256):
+        maps = np.stack([world.render_outline(s) for s in scenes[i : i + 256]])
+        parts.append(vae.encode(to_tensor(maps)).latent_dist.mean)
+    latents = (torch.cat(parts) - vae.config.shift_factor) * vae.config.scaling_factor
+    torch.save(latents, path)
+    log(f"controlnet: encoded {len(scenes)} outline maps in {time.time() - t0:.0f} s")
+    return latents
+
+
+def train_controlnet(recipe: FlowRecipe, tok, vae, text_encoders, transformer, latents: torch.Tensor,
+                     scenes: list[world.Scene], paths: FlowPaths, resume: bool):
+    """The outline ControlNet, trained on the flow loss with the transformer and text encoders frozen."""
+    from .demo_model import tokenize
+
+    controlnet = build_controlnet(recipe, transformer)
+    controls = outline_latents(vae, scenes, paths, resume)
+    log(f"controlnet: {n_params(controlnet) / 1e6:.2f} M params, {recipe.cn_layers} blocks")
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=recipe.cn_lr, weight_decay=0.01)
+
+    def step(i: int) -> float:
+        rng = np.random.default_rng([recipe.seed, 6, i])
+        idx = rng.integers(0, len(scenes), recipe.cn_batch)
+        captions = [world.random_caption(scenes[j], rng, recipe.caption_drop_p, recipe.cn_empty_p) for j in idx]
+        z0 = latents[idx]
+        noise = torch.from_numpy(rng.standard_normal(z0.shape).astype(np.float32))
+        loss = flow_loss(transformer, text_encoders, z0, tokenize(tok, captions), sample_sigmas(len(idx), rng, recipe),
+                         noise, recipe.bf16, controlnet=controlnet, control=controls[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    def every(i: int) -> None:
+        if i % recipe.caption_monitor_every == 0:
+            with torch.no_grad():
+                rng = np.random.default_rng([recipe.seed, 66])
+                idx = rng.choice(len(scenes), 64, replace=False)
+                noise = torch.from_numpy(rng.standard_normal(latents[idx].shape).astype(np.float32))
+                sigma, ids = torch.full((64,), 0.9), tokenize(tok, [""] * 64)
+                args = (transformer, text_encoders, latents[idx], ids, sigma, noise, recipe.bf16)
+                with_outline = flow_loss(*args, controlnet=controlnet, control=controls[idx])
+                without = flow_loss(*args)
+            log(f"controlnet step {i}: σ=0.9 empty-caption loss {float(without):.4f} → with outline "
+                f"{float(with_outline):.4f}")
+
+    if resume:
+        reopen_if_budget_raised(Checkpoint(paths.checkpoints, "controlnet"), recipe.cn_seconds, recipe.cn_max_steps)
+    controlnet.train()
+    run_stage("controlnet", paths, resume, Budget(recipe.cn_seconds, recipe.cn_max_steps), {"controlnet": controlnet},
+              opt, step, [recipe.cn_lr], 50, every, recipe.checkpoint_every_s)
+    return controlnet.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- stage 7: export
 
 
 @torch.no_grad()
@@ -487,18 +601,32 @@ def fit_preview_factors(vae, latents: torch.Tensor, n: int = 2048) -> tuple[list
     return [[round(float(v), 4) for v in row] for row in sol[:channels]], [round(float(v), 4) for v in sol[channels]]
 
 
-def export(recipe: FlowRecipe, paths: FlowPaths, vae, text_encoders, tok, transformer, latents: torch.Tensor,
-           extra_meta: dict | None = None) -> None:
-    """fp16 safetensors ``StableDiffusion3Pipeline`` folder (no T5) in its final place, plus ``sfumato.json``."""
+def export(recipe: FlowRecipe, paths: FlowPaths, vae, text_encoders, tok, transformer, controlnet,
+           latents: torch.Tensor, extra_meta: dict | None = None) -> Path:
+    """fp16 safetensors ``StableDiffusion3Pipeline`` folder (no T5) in its final place, plus ``sfumato.json``; the
+    outline ControlNet beside it; and the same model as SD 3.5's all-in-one single file (with its ``.config/``
+    folder, as the engine reads single files whose shapes no shipped config has) in the run folder.
+    Returns the single file's path."""
     import copy
+
+    from .sd3_single_file import sd3_all_in_one
 
     factors, bias = fit_preview_factors(vae, latents)
     pipe = make_pipeline(copy.deepcopy(vae), tuple(copy.deepcopy(te) for te in text_encoders), tok,
                          copy.deepcopy(transformer), recipe)
     save_model_folder(pipe, paths.out, "sfumato-demo-flow", factors, bias,
                       "applied to latents as the transformer sees them ((z - shift_factor) * scaling_factor); "
-                      "each latent cell maps to the mean RGB in [-1, 1] of its pixel block", extra_meta or {})
-    log(f"export: {paths.out} ({folder_mb(paths.out):.1f} MB)")
+                      "each latent cell maps to the mean RGB in [-1, 1] of its pixel block",
+                      {"controlnets": [paths.controlnet_out.name], **(extra_meta or {})})
+    cn = copy.deepcopy(controlnet).to(dtype=torch.float16)
+    shutil.rmtree(paths.controlnet_out, ignore_errors=True)
+    cn.save_pretrained(paths.controlnet_out, safe_serialization=True)
+    single = paths.run / f"{paths.out.name}.safetensors"
+    shutil.rmtree(single.with_suffix(".config"), ignore_errors=True)
+    sd3_all_in_one(pipe, single, with_config_from=paths.out)
+    log(f"export: {paths.out} ({folder_mb(paths.out):.1f} MB), {paths.controlnet_out} "
+        f"({folder_mb(paths.controlnet_out):.1f} MB), single file {single} ({single.stat().st_size / 2**20:.1f} MB)")
+    return single
 
 
 # --------------------------------------------------------------------------- main
@@ -525,7 +653,12 @@ def train(recipe: FlowRecipe, paths: FlowPaths, resume: bool, until: str = "expo
     times["transformer"] = time.time() - t0
     if until == "transformer":
         return times
-    export(recipe, paths, vae, text_encoders, tok, transformer, latents,
+    t0 = time.time()
+    controlnet = train_controlnet(recipe, tok, vae, text_encoders, transformer, latents, scenes, paths, resume)
+    times["controlnet"] = time.time() - t0
+    if until == "controlnet":
+        return times
+    export(recipe, paths, vae, text_encoders, tok, transformer, controlnet, latents,
            {"vae_reconstruction": {k: round(v, 3) for k, v in report["scores"].items()}})
     (paths.run / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     return times
@@ -541,7 +674,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, default=REPO / "training" / "runs" / "flow")
     p.add_argument("--smoke", action="store_true", help="a few steps on a tiny dataset, into a temp dir")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints and the saved VAE: start over")
-    p.add_argument("--until", choices=("vae", "transformer", "export"), default="export")
+    p.add_argument("--until", choices=("vae", "transformer", "controlnet", "export"), default="export")
+    p.add_argument("--controlnet-out", type=Path, default=None,
+                   help="default: <out's parent>/sfumato-demo-flow-controlnet-outline")
     p.add_argument("--vae-report", action="store_true", help="only score the VAE checkpoint's reconstructions")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe fields (JSON values)")
@@ -556,9 +691,11 @@ def main(argv: list[str] | None = None) -> FlowPaths:
     if args.smoke:  # everything under one scratch folder (the --out's parent when one is given)
         root = Path(tempfile.mkdtemp(prefix="sfumato-flow-smoke-")) if args.out == defaults.out else args.out.parent
         out = args.out if args.out != defaults.out else root / "sfumato-demo-flow"
-        paths = FlowPaths(out, root / "vae", root / "checkpoints", root / "run")
+        paths = FlowPaths(out, args.controlnet_out or root / CONTROLNET_NAME, root / "vae", root / "checkpoints",
+                          root / "run")
     else:
-        paths = FlowPaths(args.out, args.vae_dir, args.work, args.run_dir)
+        paths = FlowPaths(args.out, args.controlnet_out or args.out.parent / CONTROLNET_NAME, args.vae_dir, args.work,
+                          args.run_dir)
     paths.make()
     if args.vae_report:
         log(checkpoint_vae_scores(recipe, paths))

@@ -307,21 +307,25 @@ def evaluate_controlnet(
 
 
 def controlnet_generator(pipe, steps: int = 20, guidance_scale: float = 5.0, batch: int = 32):
-    """Wrap a StableDiffusionControlNetPipeline as the callable ``evaluate_controlnet`` wants."""
+    """Wrap a diffusers ControlNet pipeline as the callable ``evaluate_controlnet`` wants: a UNet's
+    (``StableDiffusionControlNetPipeline``) samples with DPM++ 2M, a flow transformer's
+    (``StableDiffusion3ControlNetPipeline``) with its own flow scheduler, as ``evaluate_model`` does."""
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    unet = hasattr(pipe, "unet")
+    if unet:
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
 
     def generate(prompts: list[str], maps: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
         images: list[np.ndarray] = []
         for i in range(0, len(prompts), batch):
             gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch]]
+            control = {"image" if unet else "control_image": [Image.fromarray(m) for m in maps[i : i + batch]]}
             out = pipe(
-                prompts[i : i + batch], image=[Image.fromarray(m) for m in maps[i : i + batch]],
-                num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                height=64, width=64, output_type="np",
+                prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
+                height=64, width=64, output_type="np", **control,
             ).images
             images.extend((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
         return images
@@ -342,7 +346,8 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], row_header: st
     return "\n".join(lines)
 
 
-def load_and_evaluate(model_dir: str, controlnet_dir: str | None, threads: int = 2, text: bool = True) -> dict:
+def load_and_evaluate(model_dir: str, controlnet_dir: str | None, threads: int = 2, text: bool = True,
+                      cfgs: Sequence[float] = (1.0, 3.0, 5.0)) -> dict:
     """Fresh offline load of a saved pipeline (fp32 on CPU) and the full evaluation
     (``text=False``: only the ControlNet part)."""
     import torch
@@ -362,12 +367,18 @@ def load_and_evaluate(model_dir: str, controlnet_dir: str | None, threads: int =
     out["load_s"] = round(time.time() - t0, 2)
     if text:
         t0 = time.time()
-        out["text"], out["held_out_combos"] = evaluate_model(pipe, cfgs=(1.0, 3.0, 5.0))
+        out["text"], out["held_out_combos"] = evaluate_model(pipe, cfgs=cfgs)
         out["text_eval_s"] = round(time.time() - t0, 1)
         out["n_prompts"] = len(eval_scenes())
     if controlnet_dir:
-        cn = ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True, dtype=torch.float32)
-        cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=cn)
+        if index["_class_name"] == "StableDiffusion3Pipeline":
+            from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+            cn = SD3ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True, dtype=torch.float32)
+            cpipe = StableDiffusion3ControlNetPipeline.from_pipe(pipe, controlnet=cn)
+        else:
+            cn = ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True, dtype=torch.float32)
+            cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=cn)
         t0 = time.time()
         out["controlnet"] = evaluate_controlnet(controlnet_generator(cpipe))
         out["controlnet_eval_s"] = round(time.time() - t0, 1)
@@ -385,12 +396,13 @@ if __name__ == "__main__":
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-text", action="store_true", help="only evaluate the ControlNet")
+    parser.add_argument("--cfgs", type=float, nargs="+", default=[1.0, 3.0, 5.0], help="guidance scales to score")
     args = parser.parse_args()
     t0 = time.time()
     if args.model is None:
         print("ground-truth accuracy:", json.dumps(score_ground_truth()), f"({time.time() - t0:.1f} s)")
     else:
-        res = load_and_evaluate(args.model, args.controlnet, args.threads, text=not args.no_text)
+        res = load_and_evaluate(args.model, args.controlnet, args.threads, text=not args.no_text, cfgs=args.cfgs)
         print(json.dumps(res, indent=1))
         if "text" in res:
             print(format_table(res["text"]))
