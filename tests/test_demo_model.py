@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from engine import GenerationRequest
 from training.evaluate import classify
-from training.world import COLOURS, IMAGE_SIZE, PALETTE, POSITIONS, SHAPES
+from training.world import COLOURS, IMAGE_SIZE, PALETTE, POSITION_PHRASES, POSITIONS, SHAPES
 
 DEMO = Path(__file__).resolve().parent.parent / "builtin" / "sfumato-demo"
 SEEDS = (1, 2, 3, 4)
@@ -84,6 +84,69 @@ def test_inpainting_a_green_square_turns_the_masked_region_green_and_keeps_the_r
     request = GenerationRequest(prompt="a green square on the right, gray background", model="sfumato-demo", steps=20, cfg_scale=5.0,
                                 seed=5, init_image=base, mask=mask, denoising_strength=1.0, mask_blur=2)
     out = np.asarray(demo_engine.generate(request).images[0].image)
+    region = out[18:46, 34:58]
+    green = np.asarray(PALETTE["green"], dtype=float)
+    gray = np.asarray(PALETTE["gray"], dtype=float)
+    closer_to_green = np.linalg.norm(region - green, axis=-1) < np.linalg.norm(region - gray, axis=-1)
+    assert closer_to_green.mean() > 0.3, "the masked region did not turn green"
+    _, soft = __import__("engine.image_ops", fromlist=["prepare_mask"]).prepare_mask(mask, False, 2)
+    assert np.array_equal(out[soft == 0], np.asarray(base)[soft == 0])
+
+
+# --------------------------------------------------------------------------- sfumato-demo-flow (SD3 layout)
+
+FLOW = "sfumato-demo-flow"
+FLOW_DIR = DEMO.parent / FLOW
+FLOW_CONTROLNET = "sfumato-demo-flow-controlnet-outline"
+
+
+@pytest.fixture(scope="module")
+def flow_engine(demo_engine):
+    if not (FLOW_DIR / "model_index.json").is_file():
+        pytest.skip("builtin/sfumato-demo-flow is not present")
+    return demo_engine
+
+
+def flow_draw(engine, prompt, seed, **changes):
+    """The card's recommended settings: Euler, Simple, 20 steps, its CFG."""
+    cfg = json.loads((FLOW_DIR / "sfumato.json").read_text())["recommended_cfg"]
+    return draw(engine, prompt, seed, **{"model": FLOW, "sampler": "Euler", "schedule": "Simple", "cfg_scale": cfg,
+                                         **changes})
+
+
+def test_the_flow_demo_loads_offline_as_sd3_with_16_latent_channels_and_matches_its_card(flow_engine):
+    loaded = flow_engine.registry.load(FLOW)
+    card = json.loads((FLOW_DIR / "sfumato.json").read_text())
+    assert loaded.family.id == "sd3" and loaded.latent_channels == 16
+    assert loaded.family.native_size == (card["native_width"], card["native_height"]) == (IMAGE_SIZE, IMAGE_SIZE)
+    assert np.asarray(card["latent_rgb_factors"]).shape == (16, 3)
+    assert FLOW_CONTROLNET in card["controlnets"] and (DEMO.parent / FLOW_CONTROLNET / "config.json").is_file()
+    assert flow_engine.registry.get(FLOW).usable
+
+
+def test_the_flow_demo_draws_a_red_circle_red_round_and_on_the_left(flow_engine):
+    readings = [classify(flow_draw(flow_engine, "a large red circle on the left, gray background", seed)) for seed in SEEDS]
+    assert majority([r.colour for r in readings], "red"), [r.as_dict() for r in readings]
+    assert majority([r.shape for r in readings], "circle"), [r.as_dict() for r in readings]
+    assert majority([r.position for r in readings], "left"), [r.as_dict() for r in readings]
+    assert majority([r.background for r in readings], "gray"), [r.as_dict() for r in readings]
+
+
+def test_the_flow_demo_puts_a_square_where_it_is_asked(flow_engine):
+    for position in ("right", "top"):
+        readings = [classify(flow_draw(flow_engine, f"a large blue square {POSITION_PHRASES[position]}, yellow background",
+                                       seed)) for seed in SEEDS]
+        assert majority([r.position for r in readings], position), (position, [r.as_dict() for r in readings])
+        assert majority([r.shape for r in readings], "square"), (position, [r.as_dict() for r in readings])
+
+
+def test_inpainting_on_the_flow_demo_draws_the_new_shape_in_the_mask_and_keeps_the_rest(flow_engine):
+    base = flow_draw(flow_engine, "a small red circle on the left, gray background", 5)
+    mask = Image.new("L", base.size, 0)
+    ImageDraw.Draw(mask).rectangle((30, 14, 60, 50), fill=255)
+    out = flow_draw(flow_engine, "a large green square on the right, gray background", 5, init_image=base, mask=mask,
+                    denoising_strength=1.0, mask_blur=2)
+    out = np.asarray(out)
     region = out[18:46, 34:58]
     green = np.asarray(PALETTE["green"], dtype=float)
     gray = np.asarray(PALETTE["gray"], dtype=float)

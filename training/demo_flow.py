@@ -113,12 +113,15 @@ class FlowRecipe:
     caption_drop_p: float = 0.12
     caption_empty_p: float = 0.1
     # outline ControlNet (SD3ControlNetModel: a copy of the transformer's first blocks, frozen base)
-    cn_layers: int = 4  # every block: the outline has to set the shape's exact extent, not only its place
+    # Two blocks (their residuals spread over the transformer's four): each ControlNet step also runs the frozen
+    # transformer forward and backward, so a full copy would leave a 20-minute budget with too few steps
+    cn_layers: int = 2
     cn_batch: int = 32
     cn_lr: float = 1e-3
     cn_seconds: float = 1200
     cn_max_steps: int = 100_000
     cn_empty_p: float = 0.3
+    recommended_cfg: float = 5.0  # written to sfumato.json and the card; set from the evaluator's CFG table
     # bookkeeping
     bf16: bool = False  # bf16 autocast measured 2.2x slower than fp32 for this transformer on the CPU
     checkpoint_every_s: float = 120
@@ -617,7 +620,9 @@ def export(recipe: FlowRecipe, paths: FlowPaths, vae, text_encoders, tok, transf
     save_model_folder(pipe, paths.out, "sfumato-demo-flow", factors, bias,
                       "applied to latents as the transformer sees them ((z - shift_factor) * scaling_factor); "
                       "each latent cell maps to the mean RGB in [-1, 1] of its pixel block",
-                      {"controlnets": [paths.controlnet_out.name], **(extra_meta or {})})
+                      {"controlnets": [paths.controlnet_out.name], "recommended_cfg": recipe.recommended_cfg,
+                       "recommended_sampler": "Euler", "recommended_schedule": "Simple", "recommended_steps": 20,
+                       **(extra_meta or {})})
     cn = copy.deepcopy(controlnet).to(dtype=torch.float16)
     shutil.rmtree(paths.controlnet_out, ignore_errors=True)
     cn.save_pretrained(paths.controlnet_out, safe_serialization=True)

@@ -19,10 +19,54 @@ from .evaluate import format_table
 REPO = Path(__file__).resolve().parent.parent
 
 
-def render_card(meta: dict, recipe: dict, times: dict, ev: dict, sizes: dict[str, float], notes: str) -> str:
-    cn = ev.get("controlnet", {})
-    factors = "\n".join(f"    {row}," for row in meta["latent_rgb_factors"])
+def vocabulary_section() -> str:
     vocab = ", ".join(f"`{w}`" for w in world.VOCABULARY)
+    return f"""## Vocabulary
+
+Prompts are built from these words (each is a single token of a word-level CLIP tokenizer; other
+words map to the unknown token and are ignored): {vocab}.
+
+- shapes: {', '.join(world.SHAPES)}; sizes: {', '.join(world.SIZES)}
+- colours: {', '.join(world.COLOURS)} (background also: gray)
+- positions: {', '.join(world.POSITION_PHRASES.values())}
+- word order: `a [size] [colour] [shape] [position], [colour] background`; every part is optional,
+  e.g. "a large red circle on the left, blue background", "a green triangle", "purple background".
+"""
+
+
+def evaluation_section(ev: dict, model: str, controlnet: str, sampling: str) -> str:
+    cn = ev.get("controlnet", {})
+    return f"""## Evaluation
+
+`python -m training.evaluate --model {model} --controlnet {controlnet}`:
+a fresh offline load in fp32, {ev['n_prompts']} fixed prompts ({ev['n_prompts'] - 2 * len(world.HELD_OUT_COMBOS)} seen
+combinations + each of the {len(world.HELD_OUT_COMBOS)} held-out combos at both sizes) × 2 seeds, {sampling}.
+Images are read back by a pixel classifier (`training/evaluate.py`) which scores
+{json.dumps({k: round(v, 3) for k, v in ev['ground_truth'].items()})} on ground-truth world images.
+
+{format_table(ev['text'])}
+
+"unseen" rows are the held-out colour×shape×position combos, never seen in training:
+
+{format_table(ev['held_out_combos'], 'held-out combo', row_first=True)}
+
+ControlNet (cfg 5, {sampling}, 32 fixed outlines including every held-out combo): mean IoU of the generated
+shape against the filled outline **{cn.get('iou', float('nan')):.3f}** with the full caption,
+{cn.get('iou_empty_prompt', float('nan')):.3f} with an empty prompt; when the outline is moved away from the
+caption's position, the shape follows the outline in **{cn.get('moved', float('nan')):.0%}** of images.
+"""
+
+
+def held_out_section() -> str:
+    return f"""## Held-out combinations
+
+{', '.join(' '.join(c) for c in world.HELD_OUT_COMBOS)} (colour, shape, position; any size and background)
+never appear in training.
+"""
+
+
+def render_card(meta: dict, recipe: dict, times: dict, ev: dict, sizes: dict[str, float], notes: str) -> str:
+    factors = "\n".join(f"    {row}," for row in meta["latent_rgb_factors"])
     return f"""# sfumato-demo
 
 Sfumato's own tiny Stable Diffusion, trained from scratch on a CPU by `python -m training.demo_model`
@@ -35,17 +79,7 @@ works out of the box, offline, and so that tests have a real model to run. It is
 - Prediction type: `{recipe['prediction_type']}`; scheduler config is SD's scaled-linear β (0.00085 → 0.012),
   saved as `DPMSolverMultistepScheduler` (DPM++ 2M); any diffusers scheduler loads from it with `from_config`.
 
-## Vocabulary
-
-Prompts are built from these words (each is a single token of a word-level CLIP tokenizer; other
-words map to the unknown token and are ignored): {vocab}.
-
-- shapes: {', '.join(world.SHAPES)}; sizes: {', '.join(world.SIZES)}
-- colours: {', '.join(world.COLOURS)} (background also: gray)
-- positions: {', '.join(world.POSITION_PHRASES.values())}
-- word order: `a [size] [colour] [shape] [position], [colour] background`; every part is optional,
-  e.g. "a large red circle on the left, blue background", "a green triangle", "purple background".
-
+{vocabulary_section()}
 ## Recipe
 
 - Data: {recipe['n_images']} procedurally drawn images (`training/world.py`), seed {recipe['seed']}; each caption
@@ -65,25 +99,7 @@ words map to the unknown token and are ignored): {vocab}.
 
 Wall times on 2 CPU cores: {', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())} (the decoder stage runs during the UNet stage, not after it).
 
-## Evaluation
-
-`python -m training.evaluate --model builtin/sfumato-demo --controlnet builtin/sfumato-demo-controlnet-outline`:
-a fresh offline load in fp32, {ev['n_prompts']} fixed prompts ({ev['n_prompts'] - 2 * len(world.HELD_OUT_COMBOS)} seen
-combinations + each of the {len(world.HELD_OUT_COMBOS)} held-out combos at both sizes) × 2 seeds, 20 steps of DPM++ 2M.
-Images are read back by a pixel classifier (`training/evaluate.py`) which scores
-{json.dumps({k: round(v, 3) for k, v in ev['ground_truth'].items()})} on ground-truth world images.
-
-{format_table(ev['text'])}
-
-"unseen" rows are the held-out colour×shape×position combos, never seen in training:
-
-{format_table(ev['held_out_combos'], 'held-out combo', row_first=True)}
-
-ControlNet (cfg 5, 20 steps, 32 fixed outlines including every held-out combo): mean IoU of the generated
-shape against the filled outline **{cn.get('iou', float('nan')):.3f}** with the full caption,
-{cn.get('iou_empty_prompt', float('nan')):.3f} with an empty prompt; when the outline is moved away from the
-caption's position, the shape follows the outline in **{cn.get('moved', float('nan')):.0%}** of images.
-
+{evaluation_section(ev, 'builtin/sfumato-demo', 'builtin/sfumato-demo-controlnet-outline', '20 steps of DPM++ 2M')}
 ## Live preview factors
 
 `sfumato.json` holds a least-squares latent→RGB map for cheap previews, fitted on the training
@@ -97,11 +113,77 @@ factors = [
 bias = {meta['latent_rgb_bias']}
 ```
 
-## Held-out combinations
+{held_out_section()}
+## Notes and limitations
 
-{', '.join(' '.join(c) for c in world.HELD_OUT_COMBOS)} (colour, shape, position; any size and background)
-never appear in training.
+{notes}
+"""
 
+
+def render_flow_card(meta: dict, recipe: dict, times: dict, ev: dict, sizes: dict[str, float], notes: str) -> str:
+    """The card of ``sfumato-demo-flow`` (``training.demo_flow``)."""
+    factors = "\n".join(f"    {row}," for row in meta["latent_rgb_factors"])
+    vae = meta.get("vae_reconstruction", {})
+    return f"""# sfumato-demo-flow
+
+Sfumato's own tiny rectified-flow transformer in Stable Diffusion 3's exact layout, trained from scratch on a CPU by
+`python launch.py train-demo --flow` (`python -m training.demo_flow`). It draws ONE shape on a plain background at
+64×64, in the same world and vocabulary as `sfumato-demo`, so one evaluator judges both. It proves the flow-family path
+(SD 3.5's loader, prompt encoding, samplers on σ = t, ControlNet) end to end with real prompt following, offline.
+
+- Pipeline: `StableDiffusion3Pipeline` (diffusers) without T5, fp16 safetensors, {sizes['model']:.1f} MB;
+  ControlNet `sfumato-demo-flow-controlnet-outline` (`SD3ControlNetModel`, outline maps, white on black),
+  {sizes['controlnet']:.1f} MB. The same model exports to SD 3.5's all-in-one single file
+  (`training/runs/flow/sfumato-demo-flow.safetensors` with its `.config/` folder), which the engine loads to the
+  same pixels.
+- Why SD3's layout and not Flux.1's: SD3 conditions on two CLIPs we can shrink and train with the model, its T5 is
+  optional (the pipeline and the engine put {recipe.get('t5_tokens', 256)} zero tokens in its place), and it samples
+  with real classifier-free guidance, which caption dropout teaches. Flux.1 would need a T5 or a guidance-distilled
+  transformer and 2×2 latent packing for nothing this world needs.
+- Native size 64×64. Latents 16×16×16 (f4 VAE, 16 channels as SD3's), `scaling_factor` {meta.get('scaling_factor')},
+  `shift_factor` {meta.get('shift_factor')} (the training latents' 1/std and mean).
+- Scheduler: `FlowMatchEulerDiscreteScheduler`, shift {recipe['sigma_shift']} (SD3's own). Recommended: Euler, Simple,
+  20 steps, CFG {meta.get('recommended_cfg', 5)}.
+
+{vocabulary_section()}
+## Recipe
+
+- Data: {recipe['n_images']} procedurally drawn images (`training/world.py`), seed {recipe['seed']}; each caption
+  attribute dropped with p={recipe['caption_drop_p']}, empty caption p={recipe['caption_empty_p']} (for CFG).
+- VAE: `AutoencoderKL` f4, channels {tuple(recipe['vae_channels'])}, {recipe['vae_latent_channels']} latent channels, no quant convs
+  (as SD3's), GroupNorm groups {recipe['vae_norm_groups']}, log-variance bias init −8; L1 + MSE + {recipe['vae_grad_weight']}·image-gradient L1
+  + {recipe['vae_kl_weight']}·KL, AdamW lr {recipe['vae_lr']} cosine, batch {recipe['vae_batch']}. Gate before the transformer: the
+  evaluator reads its reconstructions of fresh scenes at shape ≥ {recipe['vae_shape_gate']}; it scored
+  {json.dumps(vae)}.
+- Text encoders: two `CLIPTextModelWithProjection` (the CLIP-L and CLIP-G slots), hidden {recipe['te_hidden']},
+  {recipe['te_layers']} layers, {recipe['te_heads']} heads, 77 positions (the engine reads CLIP in A1111's 77-token chunks).
+- Transformer: `SD3Transformer2DModel`, {recipe['layers']} joint blocks, {recipe['heads']} heads × {recipe['head_dim']}, patch {recipe['patch_size']},
+  RMS q/k norm. Trained jointly with the text encoders on the rectified flow x_σ = (1 − σ)·x₀ + σ·ε, velocity
+  target ε − x₀, timestep 1000·σ, σ logit-normal(m={recipe['logit_mean']}, s={recipe['logit_std']}) then shifted by
+  {recipe['sigma_shift']} (Esser et al. 2024); AdamW lr {recipe['lr']} (text encoders {recipe['te_lr']}), batch {recipe['batch']},
+  {recipe['warmup']} warm-up steps then cosine. T5's zero tokens are trained as one key with a ln 256 attention bias:
+  the same function as 256 zeros, a third of the tokens.
+- ControlNet: `SD3ControlNetModel` with {recipe['cn_layers']} blocks started from the transformer's, reading the outline
+  map through the VAE ((mean − shift)·scale) with the real pooled text; transformer and text encoders frozen;
+  empty captions p={recipe['cn_empty_p']}; AdamW lr {recipe['cn_lr']}, batch {recipe['cn_batch']}.
+
+Wall times on 2 CPU cores: {', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())}.
+
+{evaluation_section(ev, 'builtin/sfumato-demo-flow', 'builtin/sfumato-demo-flow-controlnet-outline', '20 steps of Euler')}
+## Live preview factors
+
+`sfumato.json` holds a least-squares latent→RGB map for cheap previews, fitted on the training latents as the
+transformer sees them ((z − shift_factor)·scaling_factor): each latent cell against the mean decoded RGB in [-1, 1]
+of its 4×4 pixel block. rgb = latent @ factors + bias.
+
+```
+factors = [
+{factors}
+]
+bias = {meta['latent_rgb_bias']}
+```
+
+{held_out_section()}
 ## Notes and limitations
 
 {notes}
@@ -116,14 +198,25 @@ def main() -> None:
     p.add_argument("--eval", type=Path, required=True)
     p.add_argument("--times", default=None, help="JSON of stage wall seconds (default: the run's last times.json line)")
     p.add_argument("--notes", default="")
+    p.add_argument("--flow", action="store_true", help="the card of sfumato-demo-flow (default paths follow)")
     args = p.parse_args()
+    if args.flow:
+        defaults = p.parse_args(["--eval", str(args.eval)])
+        if args.model == defaults.model:
+            args.model = REPO / "builtin" / "sfumato-demo-flow"
+        if args.controlnet == defaults.controlnet:
+            args.controlnet = REPO / "builtin" / "sfumato-demo-flow-controlnet-outline"
+        if args.run_dir == defaults.run_dir:
+            args.run_dir = REPO / "training" / "runs" / "flow"
     meta = json.loads((args.model / "sfumato.json").read_text())
-    meta["scaling_factor"] = json.loads((args.model / "vae" / "config.json").read_text())["scaling_factor"]
+    vae_config = json.loads((args.model / "vae" / "config.json").read_text())
+    meta["scaling_factor"], meta["shift_factor"] = vae_config["scaling_factor"], vae_config.get("shift_factor")
     recipe = json.loads((args.run_dir / "recipe.json").read_text())
     times = json.loads(args.times) if args.times else json.loads((args.run_dir / "times.json").read_text().splitlines()[-1])
     ev = json.loads(args.eval.read_text())
     sizes = {"model": folder_mb(args.model), "controlnet": folder_mb(args.controlnet) if args.controlnet.exists() else 0.0}
-    (args.model / "MODEL_CARD.md").write_text(render_card(meta, recipe, times, ev, sizes, args.notes))
+    render = render_flow_card if args.flow else render_card
+    (args.model / "MODEL_CARD.md").write_text(render(meta, recipe, times, ev, sizes, args.notes))
     print(f"wrote {args.model / 'MODEL_CARD.md'}")
 
 
