@@ -254,11 +254,42 @@ def take_flow_model_bar(studio_for, out: Path) -> Path:
     return shot
 
 
+def take_flow_demo(studio_for, out: Path) -> Path | None:
+    """txt2img on the built-in flow demo (``sfumato-demo-flow``, SD 3's layout): a batch of four pictures with the
+    family's settings the model pick applies (Euler, Simple, Shift), its card's CFG, and the model bar."""
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    from ui.server import serve
+
+    card = REPO / "builtin" / "sfumato-demo-flow" / "sfumato.json"
+    if not card.is_file():
+        return None
+    with tempfile.TemporaryDirectory(prefix="sfumato-flow-demo-shot-") as scratch:
+        handle = serve(studio_for(Path(scratch)), host="127.0.0.1", port=0, block=False)
+        try:
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = _txt2img_page(browser, handle.url, None, batch_size=4)
+                _choose(page, "model_dropdown", "sfumato-demo-flow")
+                page.locator("#txt2img_shift").first.wait_for(state="visible")
+                page.wait_for_timeout(1500)
+                _set_number(page, "txt2img_cfg", json.loads(card.read_text())["recommended_cfg"])
+                _generate_and_wait(page, "txt2img")
+                shot = _shoot_span(page, out, "flow_demo", "model_row", "txt2img_gallery")
+                browser.close()
+        finally:
+            handle.stop()
+    return shot
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots", help="folder for the PNGs")
     parser.add_argument("--models-dir", type=Path, default=None, help="an A1111-style models folder (default: built-in models only)")
-    parser.add_argument("--only-flow", action="store_true", help="only the flow-model shot (flow_models.png)")
+    parser.add_argument("--only-flow", action="store_true",
+                        help="only the flow-model shots (flow_models.png, flow_demo.png)")
     args = parser.parse_args(argv)
     if not Path(CHROMIUM).exists():
         print(f"needs chromium at {CHROMIUM} (apt-get install chromium)", file=sys.stderr)
@@ -277,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only_flow:
         take_flow_model_bar(studio_for, args.out)
+        take_flow_demo(studio_for, args.out)
         return 0
     with tempfile.TemporaryDirectory(prefix="sfumato-shots-") as scratch:
         scratch = Path(scratch)
@@ -289,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             handle.stop()
     take_flow_model_bar(studio_for, args.out)
+    take_flow_demo(studio_for, args.out)
     return 0
 
 
