@@ -14,18 +14,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint_convert import save_single_file
-
-CONFIG_SUFFIXES = (".json", ".txt")
-
-
-def copy_configs(folder: Path, target: Path) -> Path:
-    """A diffusers folder's configs and tokenizer files, without its weights."""
-    for path in Path(folder).rglob("*"):
-        if path.is_file() and path.suffix in CONFIG_SUFFIXES:
-            destination = target / path.relative_to(folder)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, destination)
-    return target
+from training.sd3_single_file import copy_configs
 
 
 def write_single_file(folder: Path, checkpoint: Path, with_config: bool = True) -> Path:

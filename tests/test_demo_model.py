@@ -77,13 +77,12 @@ def test_guidance_makes_the_prompt_count_more(demo_engine):
     assert strong > weak, (weak, strong)
 
 
-def test_inpainting_a_green_square_turns_the_masked_region_green_and_keeps_the_rest(demo_engine):
-    base = draw(demo_engine, "a small red circle on the left, gray background", 5)
+def inpaint_green_square(base, paint) -> None:
+    """Mask the right half of ``base``, ask ``paint(mask)`` for a green square there: the region turns green and every
+    pixel the blurred mask leaves out stays exactly as it was."""
     mask = Image.new("L", base.size, 0)
     ImageDraw.Draw(mask).rectangle((30, 14, 60, 50), fill=255)
-    request = GenerationRequest(prompt="a green square on the right, gray background", model="sfumato-demo", steps=20, cfg_scale=5.0,
-                                seed=5, init_image=base, mask=mask, denoising_strength=1.0, mask_blur=2)
-    out = np.asarray(demo_engine.generate(request).images[0].image)
+    out = np.asarray(paint(mask))
     region = out[18:46, 34:58]
     green = np.asarray(PALETTE["green"], dtype=float)
     gray = np.asarray(PALETTE["gray"], dtype=float)
@@ -91,6 +90,17 @@ def test_inpainting_a_green_square_turns_the_masked_region_green_and_keeps_the_r
     assert closer_to_green.mean() > 0.3, "the masked region did not turn green"
     _, soft = __import__("engine.image_ops", fromlist=["prepare_mask"]).prepare_mask(mask, False, 2)
     assert np.array_equal(out[soft == 0], np.asarray(base)[soft == 0])
+
+
+def test_inpainting_a_green_square_turns_the_masked_region_green_and_keeps_the_rest(demo_engine):
+    base = draw(demo_engine, "a small red circle on the left, gray background", 5)
+
+    def paint(mask):
+        request = GenerationRequest(prompt="a green square on the right, gray background", model="sfumato-demo", steps=20,
+                                    cfg_scale=5.0, seed=5, init_image=base, mask=mask, denoising_strength=1.0, mask_blur=2)
+        return demo_engine.generate(request).images[0].image
+
+    inpaint_green_square(base, paint)
 
 
 # --------------------------------------------------------------------------- sfumato-demo-flow (SD3 layout)
@@ -142,15 +152,5 @@ def test_the_flow_demo_puts_a_square_where_it_is_asked(flow_engine):
 
 def test_inpainting_on_the_flow_demo_draws_the_new_shape_in_the_mask_and_keeps_the_rest(flow_engine):
     base = flow_draw(flow_engine, "a small red circle on the left, gray background", 5)
-    mask = Image.new("L", base.size, 0)
-    ImageDraw.Draw(mask).rectangle((30, 14, 60, 50), fill=255)
-    out = flow_draw(flow_engine, "a large green square on the right, gray background", 5, init_image=base, mask=mask,
-                    denoising_strength=1.0, mask_blur=2)
-    out = np.asarray(out)
-    region = out[18:46, 34:58]
-    green = np.asarray(PALETTE["green"], dtype=float)
-    gray = np.asarray(PALETTE["gray"], dtype=float)
-    closer_to_green = np.linalg.norm(region - green, axis=-1) < np.linalg.norm(region - gray, axis=-1)
-    assert closer_to_green.mean() > 0.3, "the masked region did not turn green"
-    _, soft = __import__("engine.image_ops", fromlist=["prepare_mask"]).prepare_mask(mask, False, 2)
-    assert np.array_equal(out[soft == 0], np.asarray(base)[soft == 0])
+    inpaint_green_square(base, lambda mask: flow_draw(flow_engine, "a large green square on the right, gray background", 5,
+                                                      init_image=base, mask=mask, denoising_strength=1.0, mask_blur=2))

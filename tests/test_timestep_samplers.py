@@ -19,6 +19,10 @@ from tests._timestep_fixtures import (
 )
 
 TOLERANCE = 1e-5
+# Through the demo UNet, fp32 rounding differences between the alpha-space reference and the σ-space sampler are
+# amplified by the network: PLMS (four model outputs per step) measured 1.5e-5 on an AMD EPYC machine and under 1e-5
+# on others. A wrong coefficient or step moves the result by more than 1e-3.
+UNET_TOLERANCE = 5e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +231,7 @@ def test_timestep_samplers_match_a1111_in_alpha_space(table, unet, model_name, v
     diff = (got - expected).abs().max().item()
     print(f"{variant} {model_name}: max diff {diff:.2e}")
     assert expected.abs().max() > 0.1
-    assert diff <= TOLERANCE
+    assert diff <= (UNET_TOLERANCE if model_name == "unet" else TOLERANCE)
 
 
 def test_ddpm_is_ddim_at_eta_one(table):

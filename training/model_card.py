@@ -57,6 +57,20 @@ caption's position, the shape follows the outline in **{cn.get('moved', float('n
 """
 
 
+def preview_section(meta: dict, latents: str, block: int) -> str:
+    factors = "\n".join(f"    {row}," for row in meta["latent_rgb_factors"])
+    return f"""`sfumato.json` holds a least-squares latent→RGB map for cheap previews, fitted on {latents}: each latent
+cell against the mean decoded RGB in [-1, 1] of its {block}×{block} pixel block. rgb = latent @ factors + bias.
+
+```
+factors = [
+{factors}
+]
+bias = {meta['latent_rgb_bias']}
+```
+"""
+
+
 def held_out_section() -> str:
     return f"""## Held-out combinations
 
@@ -66,7 +80,6 @@ never appear in training.
 
 
 def render_card(meta: dict, recipe: dict, times: dict, ev: dict, sizes: dict[str, float], notes: str) -> str:
-    factors = "\n".join(f"    {row}," for row in meta["latent_rgb_factors"])
     return f"""# sfumato-demo
 
 Sfumato's own tiny Stable Diffusion, trained from scratch on a CPU by `python -m training.demo_model`
@@ -102,17 +115,7 @@ Wall times on 2 CPU cores: {', '.join(f'{k} {v / 60:.1f} min' for k, v in times.
 {evaluation_section(ev, 'builtin/sfumato-demo', 'builtin/sfumato-demo-controlnet-outline', '20 steps of DPM++ 2M')}
 ## Live preview factors
 
-`sfumato.json` holds a least-squares latent→RGB map for cheap previews, fitted on the training
-latents as the UNet sees them (multiplied by `scaling_factor`): each latent cell against the mean decoded
-RGB in [-1, 1] of its 8×8 pixel block. rgb = latent @ factors + bias.
-
-```
-factors = [
-{factors}
-]
-bias = {meta['latent_rgb_bias']}
-```
-
+{preview_section(meta, 'the training latents as the UNet sees them (multiplied by `scaling_factor`)', 8)}
 {held_out_section()}
 ## Notes and limitations
 
@@ -122,7 +125,6 @@ bias = {meta['latent_rgb_bias']}
 
 def render_flow_card(meta: dict, recipe: dict, times: dict, ev: dict, sizes: dict[str, float], notes: str) -> str:
     """The card of ``sfumato-demo-flow`` (``training.demo_flow``)."""
-    factors = "\n".join(f"    {row}," for row in meta["latent_rgb_factors"])
     vae = meta.get("vae_reconstruction", {})
     return f"""# sfumato-demo-flow
 
@@ -172,17 +174,7 @@ Wall times on 2 CPU cores: {', '.join(f'{k} {v / 60:.1f} min' for k, v in times.
 {evaluation_section(ev, 'builtin/sfumato-demo-flow', 'builtin/sfumato-demo-flow-controlnet-outline', '20 steps of Euler')}
 ## Live preview factors
 
-`sfumato.json` holds a least-squares latent→RGB map for cheap previews, fitted on the training latents as the
-transformer sees them ((z − shift_factor)·scaling_factor): each latent cell against the mean decoded RGB in [-1, 1]
-of its 4×4 pixel block. rgb = latent @ factors + bias.
-
-```
-factors = [
-{factors}
-]
-bias = {meta['latent_rgb_bias']}
-```
-
+{preview_section(meta, 'the training latents as the transformer sees them ((z − shift_factor)·scaling_factor)', 4)}
 {held_out_section()}
 ## Notes and limitations
 
