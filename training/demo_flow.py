@@ -51,9 +51,8 @@ import torch.nn.functional as F
 from engine.families.sd3 import PROMPTS as SD3_PROMPTS
 
 from . import world
-from .demo_model import (Budget, Checkpoint, build_tokenizer, build_vae, folder_mb, log, n_params, quick_eval,
-                         run_stage, save_grid, save_model_folder, to_tensor, train_vae,
-                         with_settings)
+from .demo_model import (Budget, Checkpoint, build_tokenizer, build_vae, encode_latents, folder_mb, log, n_params,
+                         quick_eval, run_stage, save_model_folder, train_vae, with_settings)
 
 REPO = Path(__file__).resolve().parent.parent
 CONTROLNET_NAME = "sfumato-demo-flow-controlnet-outline"
@@ -247,7 +246,7 @@ def cached_latents(vae, images: np.ndarray, paths: FlowPaths, resume: bool) -> t
         cache = torch.load(path)
     else:
         t0 = time.time()
-        z = torch.cat([vae.encode(to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)])
+        z = encode_latents(vae, images)
         cache = {"latents": z, "shift_factor": float(z.mean()), "scaling_factor": float(1.0 / z.std())}
         torch.save(cache, path)
         log(f"latents: encoded {len(images)} in {time.time() - t0:.0f} s, shift {cache['shift_factor']:.4f}, "
@@ -531,11 +530,8 @@ def outline_latents(vae, scenes: list[world.Scene], paths: FlowPaths, resume: bo
     if resume and path.exists() and path.stat().st_mtime >= weights.stat().st_mtime:
         return torch.load(path)
     t0 = time.time()
-    parts = []
-    for i in range(0, len(scenes), 256):
-        maps = np.stack([world.render_outline(s) for s in scenes[i : i + 256]])
-        parts.append(vae.encode(to_tensor(maps)).latent_dist.mean)
-    latents = (torch.cat(parts) - vae.config.shift_factor) * vae.config.scaling_factor
+    maps = np.stack([world.render_outline(s) for s in scenes])
+    latents = (encode_latents(vae, maps) - vae.config.shift_factor) * vae.config.scaling_factor
     torch.save(latents, path)
     log(f"controlnet: encoded {len(scenes)} outline maps in {time.time() - t0:.0f} s")
     return latents
@@ -681,7 +677,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints and the saved VAE: start over")
     p.add_argument("--until", choices=("vae", "transformer", "controlnet", "export"), default="export")
     p.add_argument("--controlnet-out", type=Path, default=None,
-                   help="default: <out's parent>/sfumato-demo-flow-controlnet-outline")
+                   help=f"default: <out's parent>/{CONTROLNET_NAME}")
     p.add_argument("--vae-report", action="store_true", help="only score the VAE checkpoint's reconstructions")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe fields (JSON values)")

@@ -419,7 +419,7 @@ def vae_loss(rec: torch.Tensor, x: torch.Tensor, recipe: Recipe) -> torch.Tensor
 
 @torch.no_grad()
 def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """Posterior means of every image, unscaled, (N, 4, 8, 8)."""
+    """Posterior means of every image, unscaled, (N, latent channels, h, w)."""
     out = [vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean for i in range(0, len(images), batch)]
     return torch.cat(out)
 

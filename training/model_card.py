@@ -144,8 +144,8 @@ Sfumato's own tiny rectified-flow transformer in Stable Diffusion 3's exact layo
   transformer and 2×2 latent packing for nothing this world needs.
 - Native size 64×64. Latents 16×16×16 (f4 VAE, 16 channels as SD3's), `scaling_factor` {meta.get('scaling_factor')},
   `shift_factor` {meta.get('shift_factor')} (the training latents' 1/std and mean).
-- Scheduler: `FlowMatchEulerDiscreteScheduler`, shift {recipe['sigma_shift']} (SD3's own). Recommended: Euler, Simple,
-  20 steps, CFG {meta.get('recommended_cfg', 5)}.
+- Scheduler: `FlowMatchEulerDiscreteScheduler`, shift {recipe['sigma_shift']} (SD3's own). Recommended: {meta['recommended_sampler']},
+  {meta['recommended_schedule']}, {meta['recommended_steps']} steps, CFG {meta['recommended_cfg']}.
 
 {vocabulary_section()}
 ## Recipe
