@@ -80,50 +80,53 @@ def replayed(call: Callable, module: torch.nn.Module) -> Callable:
     cache = _CACHES.get(module)
     if cache is None or not cache.active:
         return call
-    modules = _walk(module)  # once per pass, for both questions below
-    if not _traceable(module, modules):
+    structure = _inspect(module)  # once per pass
+    if structure is None:
         return call
-    return TracedCall(call, module, cache, _structure(modules))
+    return TracedCall(call, module, cache, structure)
 
 
-def _traceable(module: torch.nn.Module, modules: list[torch.nn.Module]) -> bool:
-    """Whether ``module`` (whose submodules, itself included, are ``modules``) can be replayed exactly."""
-    if hasattr(module, "_orig_mod"):  # torch.compile's wrapper: compiled code runs instead
-        return False
+def _inspect(module: torch.nn.Module) -> int | None:
+    """None where ``module`` cannot be replayed exactly; else a hash of which modules, attention processors and
+    forward overrides make it up now (a trace is reused only for the same structure).
+
+    One depth-first walk that reads each module's ``__dict__`` directly: ``hasattr``/``getattr`` of an attribute a
+    module lacks goes through ``Module.__getattr__`` and an exception, which made this walk the largest per-pass
+    cost of a short generation (issue #22's per-step overhead)."""
+    if "_orig_mod" in module.__dict__ or "_orig_mod" in module._modules:  # torch.compile's wrapper: compiled code runs instead
+        return None
     from torch.nn.modules import module as module_hooks
 
     if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
-        return False
+        return None
     # Forward hooks (an extension's, a test's probe) are Python a replay would skip: the model runs eagerly for them.
     # The engine's own cancellation checkpoints are the exception: ``TracedCall`` checks once before each replay.
+    # A forward replaced on the instance (a wrapper, a test's probe) is Python a replay would skip too, except the
+    # engine's own direct attention call (engine.attention_calls), which only drops Python around the same kernels.
     from .attention_calls import _direct_forward
     from .cancellation import _checkpoint
 
-    def own_forward(sub: torch.nn.Module) -> bool:
-        """A forward replaced on the instance (a wrapper, a test's probe) is Python a replay would skip too, except
-        the engine's own direct attention call (engine.attention_calls), which only drops Python around the same
-        kernels."""
-        forward = sub.__dict__.get("forward")
-        return forward is not None and getattr(forward, "__func__", None) is not _direct_forward
-
-    return not any(hasattr(sub, "_hf_hook") or type(sub).__module__.startswith("peft.") or sub._forward_hooks
-                   or own_forward(sub)
-                   or any(hook is not _checkpoint for hook in sub._forward_pre_hooks.values()) for sub in modules)
-
-
-def _walk(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """Every submodule, depth first (``Module.modules()`` without its generator chain: this runs once per pass)."""
-    found, stack = [], [module]
+    parts: list[tuple[int, int, int]] = []
+    stack = [module]
     while stack:
-        current = stack.pop()
-        found.append(current)
-        stack.extend(child for child in reversed(current._modules.values()) if child is not None)
-    return found
+        sub = stack.pop()
+        attributes = sub.__dict__
+        children = sub._modules
+        forward = attributes.get("forward")
+        if ("_hf_hook" in attributes or sub._forward_hooks or _from_peft(type(sub))
+                or (forward is not None and getattr(forward, "__func__", None) is not _direct_forward)
+                or any(hook is not _checkpoint for hook in sub._forward_pre_hooks.values())):
+            return None
+        processor = attributes.get("processor", children.get("processor"))
+        parts.append((id(sub), id(processor), id(forward)))
+        stack.extend(child for child in reversed(children.values()) if child is not None)
+    return hash(tuple(parts))
 
 
-def _structure(modules: list[torch.nn.Module]) -> int:
-    """Which modules, attention processors and forward overrides make up the model now (``modules``: ``_walk``'s)."""
-    return hash(tuple((id(sub), id(getattr(sub, "processor", None)), id(sub.__dict__.get("forward"))) for sub in modules))
+@functools.lru_cache(maxsize=None)
+def _from_peft(kind: type) -> bool:
+    """PEFT's adapter layers run Python per call (adapter scales, dropout): never replayed."""
+    return kind.__module__.startswith("peft.")
 
 
 def _fusion_off() -> tuple[bool, bool, bool, bool]:

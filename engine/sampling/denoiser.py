@@ -96,6 +96,7 @@ class GuidedDenoiser:
         # fractional timestep alone is a dozen ops over the whole noise table. Kept for CPU σs only, whose value
         # is read without waiting on a device.
         self._scalings: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._schedule_scaled: torch.Tensor | None = None  # the schedule whose σs are in the memo
 
     def fraction_done(self, sigma: float) -> float:
         """i/N for σ in (σ_{i+1}, σ_i] of the pass's schedule; 0 above σ₀."""
@@ -143,6 +144,9 @@ class GuidedDenoiser:
         computed by the same ops, whether they come from the memo or not."""
         key = (copies, tuple(sigma.tolist())) if sigma.device.type == "cpu" else None
         found = self._scalings.get(key) if key is not None else None
+        if found is None and key is not None and self._schedule_scaled is not self.schedule:
+            self._scale_schedule(sigma.numel(), copies)
+            found = self._scalings.get(key)
         if found is None:
             sigma_in = torch.cat([sigma] * copies)
             c_in, timestep = self._model_scalings(sigma_in)
@@ -150,6 +154,20 @@ class GuidedDenoiser:
             if key is not None and len(self._scalings) < 4096:
                 self._scalings[key] = found
         return found
+
+    def _scale_schedule(self, batch: int, copies: int) -> None:
+        """The memo for every σ of the pass's schedule at once, in one vectorised call: a single-step sampler asks
+        each of them once, so the memo alone never hit, and ``_model_scalings`` per step was a fifth of the per-step
+        overhead (issue #22). Every op is elementwise, so each row is the value a call for that σ alone computes."""
+        self._schedule_scaled = self.schedule
+        if self.schedule is None or self.schedule.device.type != "cpu" or len(self._scalings) >= 4096:
+            return
+        rows = self.schedule.to(torch.float32)[:, None].expand(-1, batch * copies).contiguous()
+        c_in, timestep = self._model_scalings(rows.flatten())
+        c_in, timestep = c_in.view(rows.shape), timestep.view(rows.shape)
+        for row, value in enumerate(rows[:, 0].tolist()):
+            self._scalings.setdefault((copies, (value,) * batch),
+                                      (rows[row], c_in[row][:, None, None, None], timestep[row]))
 
     def _model_scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's input scale and timestep for each σ.
