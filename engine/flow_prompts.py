@@ -8,7 +8,7 @@ pooled outputs condition the model, and its T5 or LLM encoder (title, token limi
 helper that runs it). This module does the rest the same way for all four:
 
 - **CLIP** reads the prompt as A1111 does (``engine.prompts.break_segments``: weights, ``[x]``, escapes, BREAK): the
-  tokens are cut into 75-token chunks (A1111's ``TextConditionalModel.tokenize_line``: BREAK starts a chunk, a chunk
+  tokens are cut into 75-token chunks (the window less start and end tokens; A1111's ``TextConditionalModel.tokenize_line``: BREAK starts a chunk, a chunk
   that fills up moves the words after its last comma, within 20 tokens, to the next one), each chunk is encoded on
   its own between start and end tokens, and A1111's default "Original" emphasis weights it
   (``modules/sd_emphasis.py``, ``EmphasisOriginal``). The pooled output is the first chunk's, unweighted, as A1111's
@@ -31,7 +31,7 @@ import torch
 
 from .prompts import Conditioning, TextLayer, break_segments, plain_text
 
-CHUNK_TOKENS = 75  # CLIP's 77-token window less its start and end tokens (A1111's chunk_length)
+CLIP_WINDOW = 77  # CLIP's window in every released model: 75 tokens of a chunk (A1111's chunk_length) + start + end
 COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack": how far back a full chunk looks for a comma
 SHOWN_CHARACTERS = 100  # a dropped text longer than this is shown as its start and end
 
@@ -95,14 +95,24 @@ class MaskedConditioning(Conditioning):
 class _Encoded:
     """One text through every encoder of the family."""
 
-    clip_hidden: torch.Tensor | None  # [1, 77·chunks, Σ CLIP widths], A1111-weighted; None: no CLIP hidden states
+    clip_hidden: torch.Tensor | None  # [1, window·chunks, Σ CLIP widths] (77 tokens a window), A1111-weighted; None: no CLIP hidden states
     pooled: torch.Tensor | None  # the CLIP pooled outputs side by side; None: no CLIP
     plain: torch.Tensor  # the T5/LLM embeddings [1, L, D]
     truncated: str | None  # "for T5-XXL (512 tokens): dropped '…'" when the plain encoder cut the text
 
 
-def clip_chunks(tokenizer, prompt: str) -> list[list[tuple[int, float]]]:
-    """The prompt as A1111 feeds CLIP: chunks of at most 75 (token id, weight) pairs, without start and end tokens.
+def clip_window(tokenizer, encoder) -> int:
+    """The tokens one CLIP window holds: 77 for every released model. A model of our own may declare fewer (the flow
+    demo's 16 words fit its captions and make training cheaper); diffusers' SD3 pipeline pads to the tokenizer's
+    ``model_max_length``, and the encoder's position table bounds it."""
+    declared = getattr(tokenizer, "model_max_length", None)
+    positions = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+    return min(value for value in (declared, positions, CLIP_WINDOW) if isinstance(value, int) and value > 2)
+
+
+def clip_chunks(tokenizer, prompt: str, chunk_tokens: int = CLIP_WINDOW - 2) -> list[list[tuple[int, float]]]:
+    """The prompt as A1111 feeds CLIP: chunks of at most ``chunk_tokens`` (75) (token id, weight) pairs, without
+    start and end tokens.
 
     As A1111's ``TextConditionalModel.tokenize_line``: each weighted run is tokenized on its own; BREAK closes the
     chunk (even an empty one); a chunk that is full when another token comes moves the tokens after its last comma
@@ -128,12 +138,12 @@ def clip_chunks(tokenizer, prompt: str) -> list[list[tuple[int, float]]]:
             for token in tokens:
                 if token == comma:
                     last_comma = len(chunk)
-                elif len(chunk) == CHUNK_TOKENS and last_comma != -1 and len(chunk) - last_comma <= COMMA_BACKTRACK:
+                elif len(chunk) == chunk_tokens and last_comma != -1 and len(chunk) - last_comma <= COMMA_BACKTRACK:
                     moved = chunk[last_comma + 1:]
                     chunk = chunk[:last_comma + 1]
                     close()
                     chunk = moved
-                if len(chunk) == CHUNK_TOKENS:
+                if len(chunk) == chunk_tokens:
                     close()
                 chunk.append((token, weight))
     if chunk or not chunks:
@@ -151,10 +161,9 @@ def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return z * (original_mean / z.mean())
 
 
-def _window(tokenizer, tokens: list[int]) -> torch.Tensor:
+def _window(tokenizer, tokens: list[int], length: int) -> torch.Tensor:
     """One CLIP window: start token, the chunk's tokens, end token, then the tokenizer's padding (the end token for
     CLIP-L, "!" for SD3's CLIP-G: what diffusers pads with, and what A1111's ``Sd3ClipLG`` gives CLIP-G)."""
-    length = CHUNK_TOKENS + 2
     ids = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id]
     return torch.tensor([ids + [tokenizer.pad_token_id] * (length - len(ids))])
 
@@ -194,6 +203,8 @@ class FlowPromptEncoder:
     def __init__(self, pipeline, facts: FlowPrompts, cache_size: int = 32):
         self.facts = facts
         self._pipeline = pipeline
+        self._clip_window = (clip_window(getattr(pipeline, facts.clip[0].tokenizer), getattr(pipeline, facts.clip[0].text_encoder))
+                             if facts.clip else CLIP_WINDOW)
         self._text = functools.lru_cache(maxsize=2 * cache_size)(self._encode_text)
         self._pair = functools.lru_cache(maxsize=cache_size)(self._encode_pair)
 
@@ -236,11 +247,10 @@ class FlowPromptEncoder:
             conditioning.warnings = warnings
         return conditioning
 
-    @staticmethod
-    def _chunks(encoded: _Encoded | None) -> int:
+    def _chunks(self, encoded: _Encoded | None) -> int:
         if encoded is None or encoded.clip_hidden is None:
             return 0
-        return encoded.clip_hidden.shape[1] // (CHUNK_TOKENS + 2)
+        return encoded.clip_hidden.shape[1] // self._clip_window
 
     def _joined(self, encoded: _Encoded, chunks: int, networks: tuple) -> torch.Tensor:
         """The model's text tokens: the CLIP hidden states (when the family reads them), padded with empty-prompt
@@ -272,7 +282,8 @@ class FlowPromptEncoder:
         tokenizers = [getattr(pipeline, clip.tokenizer) for clip in facts.clip]
         encoders = [getattr(pipeline, clip.text_encoder) for clip in facts.clip]
         layer = facts.clip_layer or TextLayer()
-        chunks = clip_chunks(tokenizers[0], text)  # one tokenization for every CLIP, as A1111's Sd3ClipLG
+        window = self._clip_window
+        chunks = clip_chunks(tokenizers[0], text, window - 2)  # one tokenization for every CLIP, as A1111's Sd3ClipLG
         if facts.clip_layer is None:
             chunks = chunks[:1]
         hidden, pooled = [], None
@@ -280,13 +291,13 @@ class FlowPromptEncoder:
             tokens = [token for token, _ in chunk]
             states, pools = [], []
             for tokenizer, encoder in zip(tokenizers, encoders):
-                output = layer.run(encoder, _window(tokenizer, tokens).to(encoder.device))
+                output = layer.run(encoder, _window(tokenizer, tokens, window).to(encoder.device))
                 states.append(layer.pick(encoder, output))
                 pools.append(output.text_embeds if getattr(output, "text_embeds", None) is not None else output.pooler_output)
             if pooled is None:
                 pooled = torch.cat(pools, dim=-1)
             if facts.clip_layer is not None:
-                weights = torch.tensor([1.0, *[weight for _, weight in chunk]] + [1.0] * (CHUNK_TOKENS + 1 - len(chunk)))
+                weights = torch.tensor([1.0, *[weight for _, weight in chunk]] + [1.0] * (window - 1 - len(chunk)))
                 hidden.append(emphasize(torch.cat(states, dim=-1), weights.to(states[0].device)))
         return (torch.cat(hidden, dim=1) if hidden else None), pooled
 

@@ -161,7 +161,7 @@ def test_training_with_the_t5_zeros_collapsed_is_the_same_function_as_sampling_w
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 16, 16, generator=generator)
     width = demo_flow.joint_width(recipe)
-    clip = torch.randn(2, demo_flow.CLIP_TOKENS, width, generator=generator)
+    clip = torch.randn(2, recipe.clip_tokens, width, generator=generator)
     pooled, t = torch.randn(2, width, generator=generator), torch.tensor([300.0, 900.0])
     with torch.no_grad():
         full = transformer(x, encoder_hidden_states=torch.cat([clip, torch.zeros(2, demo_flow.T5_TOKENS, width)], 1),

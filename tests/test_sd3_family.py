@@ -3,6 +3,8 @@ the flow noise table against diffusers' scheduler, txt2img against diffusers' ow
 every k-sampler, img2img and inpaint."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +157,62 @@ def test_hires_fix_runs_its_second_pass_on_the_flow_model(engine):
     picture = result.images[0].image
     assert picture.size == (2 * SIZE, 2 * SIZE)
     assert np.isfinite(_array(picture)).all()
+
+
+SHORT_WINDOW = 16  # the flow demo's CLIP window: a model may declare fewer than CLIP's 77 tokens
+
+
+@pytest.fixture(scope="module")
+def short_window_folder(tmp_path_factory):
+    folder = build_folder(tmp_path_factory.mktemp("short") / "sd3short")
+    for name in ("tokenizer", "tokenizer_2"):
+        config_file = folder / name / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps({**config, "model_max_length": SHORT_WINDOW}))
+    return folder
+
+
+def test_a_model_with_a_short_clip_window_draws_what_diffusers_draws(short_window_folder):
+    """diffusers' SD3 pipeline pads CLIP to the tokenizer's ``model_max_length``; the engine reads the same window
+    (not A1111's 77) for such a model, so the pictures agree, and they differ from reading 77 tokens."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from engine.sampling import schedules
+
+    engine = Engine(ModelRegistry(short_window_folder.parent, builtin_dir=None))
+    steps, seed, cfg = 4, 5, 5.0
+    request = GenerationRequest(prompt=PROMPT, model="sd3short", steps=steps, sampler="Euler", schedule="Simple",
+                                seed=seed, cfg_scale=cfg)
+    ours = _array(engine.generate(request).images[0].image)
+    table, _ = noise_table_for(engine.registry.load("sd3short"))
+    sigmas = schedules.simple(table, steps)[:-1].double()
+    noise = torch.randn((1, 16, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(seed))
+    pipe = StableDiffusion3Pipeline.from_pretrained(short_window_folder, text_encoder_3=None, tokenizer_3=None,
+                                                    local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.tokenizer_max_length == SHORT_WINDOW
+    theirs = pipe(PROMPT, negative_prompt="", height=SIZE, width=SIZE, sigmas=(sigmas / (SHIFT - (SHIFT - 1) * sigmas)).tolist(),
+                  guidance_scale=cfg, latents=noise, output_type="np").images[0]
+    assert float(np.abs(ours - theirs).max()) <= PARITY_TOLERANCE
+    long_window = StableDiffusion3Pipeline.from_pretrained(short_window_folder, text_encoder_3=None, tokenizer_3=None,
+                                                           local_files_only=True)
+    long_window.tokenizer.model_max_length = long_window.tokenizer_2.model_max_length = long_window.tokenizer_max_length = 77
+    long_window.set_progress_bar_config(disable=True)
+    other = long_window(PROMPT, negative_prompt="", height=SIZE, width=SIZE, guidance_scale=cfg, latents=noise,
+                        sigmas=(sigmas / (SHIFT - (SHIFT - 1) * sigmas)).tolist(), output_type="np").images[0]
+    assert float(np.abs(other - theirs).max()) > 2 / 255  # the window is part of the picture
+
+
+def test_a_long_prompt_fills_as_many_short_windows_as_it_needs(short_window_folder):
+    from engine.families.sd3 import PROMPTS
+    from engine.flow_prompts import FlowPromptEncoder, clip_chunks
+
+    pipe = Engine(ModelRegistry(short_window_folder.parent, builtin_dir=None)).registry.load("sd3short").pipeline
+    encoder = FlowPromptEncoder(pipe, PROMPTS)
+    long_prompt = "a red fox jumps over the lazy dog"  # the character tokenizer: more than 14 tokens
+    chunks = clip_chunks(pipe.tokenizer, long_prompt, SHORT_WINDOW - 2)
+    assert len(chunks) >= 2 and all(len(chunk) <= SHORT_WINDOW - 2 for chunk in chunks)
+    context = encoder.encode(long_prompt, "").prompt_embeds
+    t5_tokens = PROMPTS.plain.max_tokens
+    assert context.shape[1] == len(chunks) * SHORT_WINDOW + t5_tokens
+    assert encoder.encode(PROMPT, "").prompt_embeds.shape[1] == SHORT_WINDOW + t5_tokens

@@ -158,7 +158,7 @@ Sfumato's own tiny rectified-flow transformer in Stable Diffusion 3's exact layo
   evaluator reads its reconstructions of fresh scenes at shape ≥ {recipe['vae_shape_gate']}; it scored
   {json.dumps(vae)}.
 - Text encoders: two `CLIPTextModelWithProjection` (the CLIP-L and CLIP-G slots), hidden {recipe['te_hidden']},
-  {recipe['te_layers']} layers, {recipe['te_heads']} heads, 77 positions (the engine reads CLIP in A1111's 77-token chunks).
+  {recipe['te_layers']} layers, {recipe['te_heads']} heads, {recipe['clip_tokens']} positions (the engine reads CLIP in windows of the tokenizer's length).
 - Transformer: `SD3Transformer2DModel`, {recipe['layers']} joint blocks, {recipe['heads']} heads × {recipe['head_dim']}, patch {recipe['patch_size']},
   RMS q/k norm. Trained jointly with the text encoders on the rectified flow x_σ = (1 − σ)·x₀ + σ·ε, velocity
   target ε − x₀, timestep 1000·σ, σ logit-normal(m={recipe['logit_mean']}, s={recipe['logit_std']}) then shifted by
