@@ -98,19 +98,44 @@ def test_the_prompts_avoid_the_held_out_combos():
     assert len({a.colour for a in ASKS}) == len({a.position for a in ASKS}) == len({a.shape for a in ASKS}) == len(ASKS)
 
 
-@pytest.mark.parametrize("sampler", sampler_names())
-def test_every_sampler_draws_what_the_prompt_says(demo_engine, sampler):
-    steps, cfg = usual_settings(sampler)
+def assert_draws_the_asks(engine, model: str, sampler: str, steps: int, cfg: float) -> None:
+    """Every ask × seed through ``engine``; at least ``MIN_RIGHT`` pictures read right and clean."""
     verdicts = []
     for ask in ASKS:
         for seed in SEEDS:
-            request = GenerationRequest(prompt=ask.prompt, model="sfumato-demo", sampler=sampler, schedule="Automatic",
+            request = GenerationRequest(prompt=ask.prompt, model=model, sampler=sampler, schedule="Automatic",
                                         steps=steps, cfg_scale=cfg, seed=seed, preview_every=0)
-            pixels = np.asarray(demo_engine.generate(request).images[0].image.convert("RGB"))
+            pixels = np.asarray(engine.generate(request).images[0].image.convert("RGB"))
             reading, clean = classify(pixels), clean_fraction(pixels, ask)
             right = (reading.colour, reading.position, reading.background) == (ask.colour, ask.position, ask.background)
             verdicts.append((right and clean >= MIN_CLEAN,
                              f"{ask.prompt!r} seed {seed}: read {reading.colour}/{reading.position}/{reading.background}, clean {clean:.2f}"))
     n_right = sum(ok for ok, _ in verdicts)
-    assert n_right >= MIN_RIGHT, f"{sampler} ({steps} steps, CFG {cfg:g}): {n_right}/{len(verdicts)} right\n" + "\n".join(
+    assert n_right >= MIN_RIGHT, f"{sampler} on {model} ({steps} steps, CFG {cfg:g}): {n_right}/{len(verdicts)} right\n" + "\n".join(
         ("  ok   " if ok else "  WRONG ") + line for ok, line in verdicts)
+
+
+@pytest.mark.parametrize("sampler", sampler_names())
+def test_every_sampler_draws_what_the_prompt_says(demo_engine, sampler):
+    assert_draws_the_asks(demo_engine, "sfumato-demo", sampler, *usual_settings(sampler))
+
+
+# --------------------------------------------------------------------------- the flow demo (issue #19)
+
+FLOW_DEMO = "sfumato-demo-flow"
+FLOW_STEPS = 20  # the flow demo card's step count: flow models are run at 20 or more steps
+
+
+@pytest.mark.parametrize("sampler", sampler_names())
+def test_every_sampler_draws_what_the_prompt_says_on_the_flow_demo(demo_engine, sampler):
+    """The same three prompts × two seeds on ``sfumato-demo-flow`` (SD 3's layout, rectified flow): each sampler
+    with its schedule's family default ("Automatic"), the card's CFG and 20 steps (LCM: 4 at CFG 1.5, as above)."""
+    import json
+
+    from engine.models import BUILTIN_DIR
+
+    card = BUILTIN_DIR / FLOW_DEMO / "sfumato.json"
+    if not card.is_file():
+        pytest.skip(f"builtin/{FLOW_DEMO} is not present")
+    steps, cfg = (4, 1.5) if sampler == "LCM" else (FLOW_STEPS, json.loads(card.read_text())["recommended_cfg"])
+    assert_draws_the_asks(demo_engine, FLOW_DEMO, sampler, steps, cfg)
