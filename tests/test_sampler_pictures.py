@@ -123,13 +123,12 @@ def test_every_sampler_draws_what_the_prompt_says(demo_engine, sampler):
 # --------------------------------------------------------------------------- the flow demo (issue #19)
 
 FLOW_DEMO = "sfumato-demo-flow"
-FLOW_STEPS = 20  # the flow demo card's step count: flow models are run at 20 or more steps
 
 
 @pytest.mark.parametrize("sampler", sampler_names())
 def test_every_sampler_draws_what_the_prompt_says_on_the_flow_demo(demo_engine, sampler):
     """The same three prompts × two seeds on ``sfumato-demo-flow`` (SD 3's layout, rectified flow): each sampler
-    with its schedule's family default ("Automatic"), the card's CFG and 20 steps (LCM: 4 at CFG 1.5, as above)."""
+    with its schedule's family default ("Automatic"), the card's recommended CFG and steps (LCM as above)."""
     import json
 
     from engine.models import BUILTIN_DIR
@@ -137,5 +136,6 @@ def test_every_sampler_draws_what_the_prompt_says_on_the_flow_demo(demo_engine, 
     card = BUILTIN_DIR / FLOW_DEMO / "sfumato.json"
     if not card.is_file():
         pytest.skip(f"builtin/{FLOW_DEMO} is not present")
-    steps, cfg = (4, 1.5) if sampler == "LCM" else (FLOW_STEPS, json.loads(card.read_text())["recommended_cfg"])
+    recommended = json.loads(card.read_text())
+    steps, cfg = USUAL_ELSEWHERE["LCM"] if sampler == "LCM" else (recommended["recommended_steps"], recommended["recommended_cfg"])
     assert_draws_the_asks(demo_engine, FLOW_DEMO, sampler, steps, cfg)
