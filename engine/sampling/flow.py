@@ -3,14 +3,19 @@
 The denoiser already gives x̂₀ = x − σ·v, so what changes on flow is only how a sampler *adds* noise or reads ᾱ.
 Each sampler runs in one of three ways (its row's ``on_flow`` in ``table``):
 
-- ``FLOW_AS_IS``, the ODE samplers on σ (Euler, Heun, LMS, DPM2, DPM++ 2M): the probability-flow ODE of the flow
-  path is dx/dσ = (x − x̂₀)/σ = v, the same equation k-diffusion integrates, so they run unchanged (Euler is then
-  exactly diffusers' ``FlowMatchEulerDiscreteScheduler`` step).
-- ``FLOW_STEP``, the ancestral samplers (Euler a, DPM2 a, DPM++ 2S a): their deterministic part steps down to
-  σ_down in σ as before; the re-noise up to σ_next keeps the (1 − σ) scale of the signal
-  (:func:`ancestral_step`, :func:`renoise`), as ComfyUI's ``*_RF`` ancestral samplers do.
-- ``FLOW_VARIANCE_EXPLODING``, every other sampler (the SDE samplers, DPM fast/adaptive, Restart, and A1111's
-  ᾱ-stepping DDIM, PLMS, UniPC, LCM, DDPM): a flow latent is a scaled variance-exploding one,
+- ``FLOW_AS_IS``, the ODE samplers on σ (Euler, Heun, LMS, DPM2, DPM++ 2M, and PLMS on its own grid's σs): the
+  probability-flow ODE of the flow path is dx/dσ = (x − x̂₀)/σ = v, the same equation k-diffusion integrates, so
+  they run unchanged (Euler is then exactly diffusers' ``FlowMatchEulerDiscreteScheduler`` step). PLMS combines
+  dx/dσ across steps; on the view below its first step would combine ε = (y − x̂₀)/s at s ≈ 3·10⁴ and divide the
+  model's inconsistencies by √ᾱ ≈ 3·10⁻⁵ (wrong colours on the flow demo at 20 steps).
+- ``FLOW_STEP``, the samplers that add noise as they go down a σ schedule (Euler a, DPM2 a, DPM++ 2S a, DPM fast
+  and adaptive, Restart): their deterministic part steps in σ as before; the re-noise keeps the (1 − σ) scale of
+  the signal (:func:`ancestral_step`, :func:`renoise`), as ComfyUI's ``*_RF`` ancestral samplers do. DPM fast
+  and adaptive then solve over the flow σ range (log σ from 0), not over s up to 3·10⁴, where half their steps
+  fell above σ = 0.99; Restart's Heun steps stay on flow σs and its interval (0.1 → 2 in A1111's σ) is read as
+  the flow σs of those levels, 1/11 → 2/3.
+- ``FLOW_VARIANCE_EXPLODING``, every other sampler (the SDE samplers and A1111's ᾱ-stepping DDIM, UniPC, LCM,
+  DDPM): a flow latent is a scaled variance-exploding one,
   x_σ = (1 − σ)·(x₀ + s·ε) with s = σ/(1 − σ) (Karras et al. 2022, §2: any α(t), σ(t) path is a scaled VE path),
   so the sampler runs unchanged on x/(1 − σ) at noise level s with the denoiser, noise source and σs translated
   (:class:`VarianceExplodingView`). The results are the flow forms the peers publish: DPM-Solver++ SDE steps in

@@ -98,6 +98,12 @@ class _StopPass(Exception):
     """Raised from the step callback to end the sampler's loop."""
 
 
+def _timestep_sampler_on_flow_sigmas(spec: table.SamplerSpec, noise_table) -> bool:
+    """A timestep sampler run as is on a flow model's σs (PLMS: its Adams–Bashforth combination of dx/dσ is well
+    defined at σ = 1, where the ε of the variance-exploding view is not): it starts and ends in σ-space there."""
+    return noise_table.flow and not spec.uses_schedule and spec.on_flow == flow.FLOW_AS_IS
+
+
 def start_latent(spec: table.SamplerSpec, noise_table, sigmas: torch.Tensor, noise: torch.Tensor,
                  init_latents: torch.Tensor | None, steps: int, denoising_strength: float | None) -> torch.Tensor:
     """The σ-space latent the sampler starts from.
@@ -106,7 +112,7 @@ def start_latent(spec: table.SamplerSpec, noise_table, sigmas: torch.Tensor, noi
     model's table, ``NoiseTable.noised``). A1111's timestep samplers start from unscaled noise in ᾱ-space, which is
     ``noise · √(1 + σ₀²)`` here, and noise their img2img init to the grid entry above the first kept one (``timestep_samplers.timestep_img2img_start``).
     """
-    if spec.uses_schedule:
+    if spec.uses_schedule or _timestep_sampler_on_flow_sigmas(spec, noise_table):
         return noise * sigmas[0] if init_latents is None else noise_table.noised(init_latents.to(torch.float32), noise, sigmas[0])
     if init_latents is None:
         return noise * (1 + sigmas[0] ** 2) ** 0.5
@@ -202,6 +208,8 @@ def run(*, sampler: str, denoiser, noise_table, sigmas: torch.Tensor, first_nois
         with torch.inference_mode():  # no autograd bookkeeping anywhere in the pass (cheaper than no_grad per op)
             if view is None:
                 latents = function(denoiser, x, sigmas, noise, callback=callback, **options)
+                if _timestep_sampler_on_flow_sigmas(spec, noise_table):
+                    latents = latents * float((1 + sigmas[-1].double() ** 2) ** 0.5)  # back from its ᾱ-space result
             else:
                 latents = function(denoiser, x, sigmas, noise, callback=view.callback(callback), **options)
                 latents = _flow_latent(spec, latents, sigmas)

@@ -324,22 +324,30 @@ def _sigma_range(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sigmas[0], positive[-1]
 
 
-def _ancestral_target(t, t_next, t_end, eta):
-    """With eta > 0, step deterministically to σ_down (capped at the end) and add noise to reach σ(t_next)."""
+def _ancestral_target(t, t_next, t_end, eta, flow: bool = False):
+    """(t_down, scale, noise_std): with eta > 0, step deterministically to σ_down (capped at the end), then
+    x ← scale·x + noise_std·z reaches σ(t_next). ``flow``: σ_down and the re-noise of ``flow.ancestral_step``."""
     if not eta:
-        return t_next, 0.0
+        return t_next, 1.0, 0.0
+    if flow:
+        sigma_down, _, _ = flow_path.ancestral_step(_sigma_at(t), _sigma_at(t_next), eta)
+        t_down = torch.minimum(t_end, _log_time(sigma_down))
+        return (t_down, *flow_path.renoise(_sigma_at(t_down), _sigma_at(t_next)))
     sigma_down, _ = _ancestral_step(_sigma_at(t), _sigma_at(t_next), eta)
     t_down = torch.minimum(t_end, _log_time(sigma_down))
-    return t_down, (_sigma_at(t_next) ** 2 - _sigma_at(t_down) ** 2) ** 0.5
+    return t_down, 1.0, (_sigma_at(t_next) ** 2 - _sigma_at(t_down) ** 2) ** 0.5
 
 
 @torch.no_grad()
 def sample_dpm_fast(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: NoiseSource | None = None,
-                    callback: StepCallback | None = None, *, eta: float = 0.0, s_noise: float = 1.0) -> torch.Tensor:
+                    callback: StepCallback | None = None, *, eta: float = 0.0, s_noise: float = 1.0,
+                    flow: bool = False) -> torch.Tensor:
     """DPM-Solver-fast (Lu et al. 2022, §3.4): n = len(sigmas) − 1 model calls, steps uniform in log σ.
 
     Runs from σ_max = sigmas[0] to σ_min = the last non-zero σ; the other σs are not used. It takes ⌊n/3⌋ + 1
     steps of order 3, ending with orders (2, 1) when 3 divides n and with order n mod 3 otherwise.
+    ``flow``: a rectified-flow model's σs (≤ 1). The solver integrates the same ODE dx/dσ = (x − D)/σ, so only
+    the ancestral split and re-noise change (``flow.ancestral_step``).
     """
     sigma_max, sigma_min = _sigma_range(sigmas)
     n = len(sigmas) - 1
@@ -350,11 +358,11 @@ def sample_dpm_fast(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, n
     orders = [3] * (steps - 2) + [2, 1] if n % 3 == 0 else [3] * (steps - 1) + [n % 3]
     for i, order in enumerate(orders):
         t, t_next = ts[i], ts[i + 1]
-        t_target, sigma_up = _ancestral_target(t, t_next, t_end, eta)
+        t_target, scale, noise_std = _ancestral_target(t, t_next, t_end, eta, flow)
         eps = solver.eps(x, t)
         denoised = x - _sigma_at(t) * eps
         x = solver.step(x, t, t_target, order, eps)
-        x = _with_noise(x, noise, _sigma_at(t), _sigma_at(t_next), sigma_up, s_noise)
+        x = _with_flow_noise(x, noise, _sigma_at(t), _sigma_at(t_next), scale, noise_std, s_noise)
         _report(callback, i, x, _sigma_at(t), _sigma_at(t), denoised)
     return x
 
@@ -393,12 +401,12 @@ def sample_dpm_adaptive(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
                         callback: StepCallback | None = None, *, order: int = 3, rtol: float = 0.05,
                         atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0, icoeff: float = 1.0,
                         dcoeff: float = 0.0, accept_safety: float = 0.81, eta: float = 0.0,
-                        s_noise: float = 1.0) -> torch.Tensor:
+                        s_noise: float = 1.0, flow: bool = False) -> torch.Tensor:
     """Adaptive DPM-Solver-12 / DPM-Solver-23 (Lu et al. 2022, adaptive step size section).
 
     From σ_max = sigmas[0] to σ_min = the last non-zero σ; each attempt compares a lower- and a higher-order
     estimate that share model calls and lets a PID controller pick the next step. The callback runs after every
-    attempt, accepted or not (``i`` counts attempts).
+    attempt, accepted or not (``i`` counts attempts). ``flow``: as for :func:`sample_dpm_fast`.
     """
     if order not in (2, 3):
         raise ValueError("DPM adaptive: order must be 2 or 3")
@@ -412,7 +420,7 @@ def sample_dpm_adaptive(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     attempt = 0
     while s < t_end - 1e-5:
         t = torch.minimum(t_end, s + controller.h)
-        t_target, sigma_up = _ancestral_target(s, t, t_end, eta)
+        t_target, scale, noise_std = _ancestral_target(s, t, t_end, eta, flow)
         eps = solver.eps(x, s)
         denoised = x - _sigma_at(s) * eps
         h = t_target - s
@@ -428,7 +436,7 @@ def sample_dpm_adaptive(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
         error = torch.linalg.norm((x_low - x_high) / tolerance) / x.numel() ** 0.5
         if controller.propose(error):
             x_prev = x_low
-            x = _with_noise(x_high, noise, _sigma_at(s), _sigma_at(t), sigma_up, s_noise)
+            x = _with_flow_noise(x_high, noise, _sigma_at(s), _sigma_at(t), scale, noise_std, s_noise)
             s = t
         _report(callback, attempt, x, _sigma_at(s), _sigma_at(s), denoised)
         attempt += 1
