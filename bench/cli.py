@@ -5,6 +5,7 @@
     python -m bench --smoke         tiny models, one repetition (CI; seconds)
     python -m bench --only peer,previews --out /tmp/b.json --write-readme
     python -m bench speed           Sfumato vs the diffusers pipeline at 64²-512², levers, per-step overhead (bench/speed.py)
+    python -m bench startup         cold start to first picture; a full-size SD 1.5 single file's load vs diffusers (bench/startup.py)
     python -m bench --gpu           the same on CUDA: SD1.5- and SDXL-shaped models, it/s and peak VRAM (bench/gpu.py)
 """
 from __future__ import annotations
@@ -115,6 +116,10 @@ def _run_benches(args, mode, threads, chosen, benches, out_path):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["startup"]:  # python -m bench startup: cold start to first picture, a 2 GB single file's load
+        from . import startup
+
+        return startup.main(argv[1:])
     if argv[:1] == ["speed"]:  # python -m bench speed: Sfumato vs the diffusers pipeline, levers, per-step overhead
         from . import speed
 

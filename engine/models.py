@@ -448,9 +448,12 @@ def _empty_components(folder: Path, family: Family) -> SimpleNamespace:
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from transformers.initialization import no_init_weights
+
     index = _read_model_index(folder)
     components = {}
-    with torch.device("meta"):
+    # Only the names are read: the weights' random init, run op by op on meta tensors, was 0.45 s of an SD 1.5 load.
+    with torch.device("meta"), no_init_weights():
         components["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         components["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
         for _, name in family.text_encoders:

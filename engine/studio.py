@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import atomic_write
+from . import atomic_write, file_hashes
 from .engine import Engine
 from .errors import ModelError
 from .jobs import JobQueue, JobRunner
@@ -33,8 +33,12 @@ class StudioConfig:
     performance: PerformanceOptions = field(default_factory=PerformanceOptions)
 
 
+HASH_CACHE_FILE = "hashes.json"  # model files' SHA-256s, kept across runs (A1111's cache.json "hashes")
+
+
 def build_registry(config: StudioConfig, settings: Settings) -> ModelRegistry:
     """The model registry a config describes: the studio's own, and each engine replica's in serve mode."""
+    file_hashes.remember_hashes_in(config.user_dir / HASH_CACHE_FILE)
     return ModelRegistry(config.models_dir, config.builtin_models_dir, device=config.device or settings.device,
                          dtype=config.dtype or settings.dtype, performance=performance_for(config, settings))
 
