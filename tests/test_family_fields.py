@@ -112,6 +112,24 @@ def test_a_familys_settings_are_its_defaults_over_the_declared_ones():
     assert not settings_differ(SD1, SDXL)  # the same settings: the artist's own values stay
 
 
+def test_a_model_cards_recommended_settings_are_what_choosing_the_model_sets(tmp_path):
+    """``sfumato.json``'s recommended sampler, schedule, steps and CFG (the flow demo's card: Euler, Simple, 20, 5)
+    replace its family's (SD 3.5: 28 steps, CFG 4.5) when the model is chosen; a card without them keeps the family's."""
+    import json
+
+    from ui.family_fields import family_settings
+
+    card = tmp_path / "sfumato.json"
+    card.write_text(json.dumps({"family": "my-flow", "recommended_cfg": 5, "recommended_sampler": "Euler",
+                                "recommended_schedule": "Simple", "recommended_steps": 20}))
+    chosen = family_settings(SD3.with_overrides(card))
+    assert {key: chosen[key] for key in ("sampler", "schedule", "steps", "cfg_scale")} == {
+        "sampler": "Euler", "schedule": "Simple", "steps": 20, "cfg_scale": 5.0}
+    assert isinstance(chosen["cfg_scale"], float) and family_settings(SD3)["steps"] == 28
+    card.write_text(json.dumps({"family": "my-flow", "native_width": 512, "native_height": 512}))
+    assert family_settings(SD3.with_overrides(card)) == family_settings(SD3)
+
+
 @pytest.fixture(scope="module")
 def controls(studio):
     import gradio as gr

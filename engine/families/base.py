@@ -83,6 +83,11 @@ class ModelInputs:
         return batched
 
 
+# A model card's recommended settings (``sfumato.json``) → the request fields they set when the model is chosen.
+RECOMMENDED_SETTINGS = MappingProxyType({"recommended_sampler": "sampler", "recommended_schedule": "schedule",
+                                         "recommended_steps": "steps", "recommended_cfg": "cfg_scale"})
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family: detection, loading, latent format, parameterization, prompt encoding, model call, sizes.
@@ -172,8 +177,11 @@ class Family:
         return PromptEncoder(components, self)
 
     def with_overrides(self, path: Path) -> "Family":
-        """This family as a model's own ``sfumato.json`` describes it: name, native size, preview factors."""
+        """This family as a model's own ``sfumato.json`` describes it: name, native size, preview factors, and the
+        settings its card recommends (``recommended_sampler``, ``_schedule``, ``_steps``, ``_cfg``), which become its
+        ``defaults``, the values the UI sets when the model is chosen."""
         data = json.loads(path.read_text())
+        recommended = {name: FIELDS[name].type(data[key]) for key, name in RECOMMENDED_SETTINGS.items() if key in data}
         width = int(data.get("native_width", self.native_size[0]))
         height = int(data.get("native_height", self.native_size[1]))
         latent = replace(
@@ -182,7 +190,8 @@ class Family:
             rgb_bias=tuple(float(v) for v in data.get("latent_rgb_bias", self.latent.rgb_bias)),
         )
         return replace(self, name=str(data.get("family", self.name)), native_size=(width, height), latent=latent,
-                       min_size=min(self.min_size, width, height))
+                       min_size=min(self.min_size, width, height),
+                       defaults=MappingProxyType({**self.defaults, **recommended}) if recommended else self.defaults)
 
     # -- latent format (kept under the names the previewer has always read) -------------------
     @property
