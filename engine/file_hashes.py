@@ -15,6 +15,10 @@ from pathlib import Path
 
 log = logging.getLogger("sfumato")
 
+# Only files this big are written to the store: hashing a smaller one costs less than a few milliseconds, and tiny
+# files (test fixtures, small embeddings) would only make the store grow.
+PERSIST_FROM_BYTES = 16 << 20
+
 _lock = threading.Lock()
 _store: Path | None = None  # where digests are kept across runs (None: in this process only)
 _known: dict[str, dict] = {}  # "<absolute path>|<skip>" → {"size", "mtime_ns", "sha256"}
@@ -29,7 +33,9 @@ def remember_hashes_in(path: Path | str | None) -> None:
         if _store is not None and _store.is_file():
             try:
                 entries = json.loads(_store.read_text(encoding="utf-8"))
-                _known.update({key: value for key, value in entries.items() if isinstance(value, dict)})
+                # Entries of files that are gone are dropped (they are rewritten without them on the next digest).
+                _known.update({key: value for key, value in entries.items()
+                               if isinstance(value, dict) and Path(key.rpartition("|")[0]).is_file()})
             except (OSError, ValueError, AttributeError) as error:
                 log.warning("the hash cache %s cannot be read (%s); files will be hashed again", _store, error)
 
@@ -58,11 +64,12 @@ def _remember(key: str, entry: dict) -> None:
 
     with _lock:
         _known[key] = entry
-        if _store is None:
+        if _store is None or entry["size"] < PERSIST_FROM_BYTES:
             return
         try:
             _store.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write.write_file(_store, json.dumps(_known, indent=1, sort_keys=True) + "\n")
+            kept = {key: value for key, value in _known.items() if value.get("size", 0) >= PERSIST_FROM_BYTES}
+            atomic_write.write_file(_store, json.dumps(kept, indent=1, sort_keys=True) + "\n")
         except OSError as error:  # a read-only folder costs a rehash next run, nothing else
             log.warning("the hash cache %s cannot be written: %s", _store, error)
 

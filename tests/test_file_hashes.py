@@ -14,9 +14,28 @@ from engine.studio import HASH_CACHE_FILE, StudioConfig, build_registry
 
 
 @pytest.fixture(autouse=True)
-def no_store_after():
+def no_store_after(monkeypatch):
+    monkeypatch.setattr(file_hashes, "PERSIST_FROM_BYTES", 0)  # the files here are small
     yield
     file_hashes.remember_hashes_in(None)
+
+
+def test_small_files_and_files_that_are_gone_stay_out_of_the_store(tmp_path, monkeypatch):
+    monkeypatch.setattr(file_hashes, "PERSIST_FROM_BYTES", 1000)
+    store = tmp_path / HASH_CACHE_FILE
+    small, big = tmp_path / "small.pt", tmp_path / "big.safetensors"
+    small.write_bytes(b"s" * 999)
+    big.write_bytes(b"b" * 1000)
+    file_hashes.remember_hashes_in(store)
+    file_hashes.file_sha256(small)
+    file_hashes.file_sha256(big)
+    assert [key.rpartition("|")[0] for key in json.loads(store.read_text())] == [str(big.resolve())]
+    big.unlink()
+    file_hashes.remember_hashes_in(store)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"o" * 2000)
+    file_hashes.file_sha256(other)
+    assert [key.rpartition("|")[0] for key in json.loads(store.read_text())] == [str(other.resolve())]
 
 
 def _refuse_to_hash(monkeypatch):
