@@ -42,8 +42,9 @@ class SamplerSpec:
     model_sigma_range: bool = False  # txt2img runs over the model's whole σ range (DPM fast / adaptive)
     cfg_scale_factor: float = 1.0  # A1111 scales the CFG scale for DDIM CFG++ (÷ 12.5)
     schedule_timesteps: str | None = None  # a function in ``module`` giving the training timesteps schedules read
-    # How it runs on a rectified-flow model (``flow``): as is (an ODE on σ), with its own flow noise step (ancestral
-    # samplers, ``flow=True``), or on the model's variance-exploding view (everything else).
+    # How it runs on a rectified-flow model (``flow``): as is (an ODE on σ), with its own flow noise step (samplers
+    # that add noise while walking a σ schedule: ancestral, DPM fast/adaptive, Restart; ``flow=True``), or on the
+    # model's variance-exploding view (everything else).
     on_flow: str = FLOW_VARIANCE_EXPLODING
     note: str = ""
 
