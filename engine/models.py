@@ -541,7 +541,6 @@ class ModelRegistry:
         self.cache_size = max(1, cache_size)
         self._entries: dict[str, ModelEntry] = {}
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._hashes: dict[tuple, str] = {}
         self._names: dict[tuple, list[str]] = {}  # a flow file's tensor names, per (path, size, mtime)
         self._lock = threading.RLock()
         self._loading: dict[str, Future] = {}  # name → the load in progress
@@ -678,14 +677,9 @@ class ModelRegistry:
                 self._entries[entry.name] = replace(current, problem=problem)
 
     def short_hash(self, entry: ModelEntry) -> str:
-        """The entry's A1111 short hash, remembered per file (path, size, mtime) so a reload does not rehash gigabytes."""
-        denoiser = entry.path / ("unet" if (entry.path / "unet").is_dir() else "transformer")
-        files = [entry.path] if entry.kind != "diffusers" else sorted(p for p in denoiser.glob("*") if p.is_file())
-        key = tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files)
-        with self._lock:
-            if key not in self._hashes:
-                self._hashes[key] = model_short_hash(entry)
-            return self._hashes[key]
+        """The entry's A1111 short hash; ``file_hashes`` remembers each file's digest per (size, mtime), so a reload
+        does not rehash gigabytes."""
+        return model_short_hash(entry)
 
     # -- loading -----------------------------------------------------------
     def loaded_names(self) -> list[str]:

@@ -116,7 +116,6 @@ class NetworkLibrary:
         self.builtin_dir = Path(builtin_dir) if builtin_dir else None  # a folder of networks (builtin/loras)
         self._files: dict[str, NetworkFile] = {}
         self._aliases: dict[str, NetworkFile] = {}
-        self._hashes: dict[tuple, str] = {}
         self._lock = threading.Lock()
         self.refresh()
 
@@ -179,15 +178,8 @@ class NetworkLibrary:
             return None
 
     def short_hash(self, network: NetworkFile) -> str:
-        """A1111's short hash (12 hex digits), computed once per version of the file."""
-        key = network.identity
-        with self._lock:
-            cached = self._hashes.get(key)
-        if cached is None:
-            cached = addnet_hash(network.path)[:SHORT_HASH_LENGTH]
-            with self._lock:
-                self._hashes[key] = cached
-        return cached
+        """A1111's short hash (12 hex digits), computed once per version of the file (``file_hashes`` remembers it)."""
+        return addnet_hash(network.path)[:SHORT_HASH_LENGTH]
 
 
 def infotext_problems(params: dict[str, str], library: NetworkLibrary) -> list[str]:

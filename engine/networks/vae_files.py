@@ -144,7 +144,6 @@ class VaeLibrary:
         self._lock = threading.Lock()
         self._files: dict[str, VaeFile] = {}
         self._loaded: OrderedDict[tuple, object] = OrderedDict()
-        self._hashes: dict[tuple, str] = {}
         self.refresh()
 
     def refresh(self) -> list[VaeFile]:
@@ -205,11 +204,8 @@ class VaeLibrary:
         return None
 
     def short_hash(self, file: VaeFile) -> str:
-        key = _stat_key(file.path)
-        with self._lock:
-            if key not in self._hashes:
-                self._hashes[key] = file_sha256(file.path)[:SHORT_HASH_LENGTH]
-            return self._hashes[key]
+        """The file's short hash, computed once per version of the file (``file_hashes`` remembers it)."""
+        return file_sha256(file.path)[:SHORT_HASH_LENGTH]
 
     def load(self, file: VaeFile, like, device: torch.device | None = None) -> object:
         """The file's VAE shaped like ``like`` on ``device``, from the cache when the file is unchanged."""
