@@ -362,7 +362,10 @@ def sample_dpm_fast(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, n
         eps = solver.eps(x, t)
         denoised = x - _sigma_at(t) * eps
         x = solver.step(x, t, t_target, order, eps)
-        x = _with_flow_noise(x, noise, _sigma_at(t), _sigma_at(t_next), scale, noise_std, s_noise)
+        if flow:
+            x = _with_flow_noise(x, noise, _sigma_at(t), _sigma_at(t_next), scale, noise_std, s_noise)
+        else:
+            x = _with_noise(x, noise, _sigma_at(t), _sigma_at(t_next), noise_std, s_noise)
         _report(callback, i, x, _sigma_at(t), _sigma_at(t), denoised)
     return x
 
@@ -436,7 +439,10 @@ def sample_dpm_adaptive(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
         error = torch.linalg.norm((x_low - x_high) / tolerance) / x.numel() ** 0.5
         if controller.propose(error):
             x_prev = x_low
-            x = _with_flow_noise(x_high, noise, _sigma_at(s), _sigma_at(t), scale, noise_std, s_noise)
+            if flow:
+                x = _with_flow_noise(x_high, noise, _sigma_at(s), _sigma_at(t), scale, noise_std, s_noise)
+            else:
+                x = _with_noise(x_high, noise, _sigma_at(s), _sigma_at(t), noise_std, s_noise)
             s = t
         _report(callback, attempt, x, _sigma_at(s), _sigma_at(s), denoised)
         attempt += 1
