@@ -99,7 +99,9 @@ class FlowRecipe:
     # transformer
     patch_size: int = 2
     layers: int = 4
-    heads: int = 4
+    # 6 heads (width 192) instead of 4 (128): at the same 65 minutes (8.1k against 9.3k steps) shape went 0.73 → 0.90
+    # at cfg 5, the small circles and squares the narrower model drew as one rounded square (training/assets/flow-run3)
+    heads: int = 6
     head_dim: int = 32
     pos_embed_max_size: int = 32  # patches per side: up to 32×2×4 = 256 px
     # σ shift of training and the saved scheduler: SD3's own 3.0. It moves training toward high σ, where the layout
