@@ -324,6 +324,14 @@ def _sigma_range(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sigmas[0], positive[-1]
 
 
+def _dpm_noise_step(flow: bool, x, noise, sigma, sigma_next, scale, noise_std, s_noise):
+    """DPM fast/adaptive's re-noise after a step to ``_ancestral_target``'s t_down: ``flow.renoise`` on a flow
+    model; otherwise x + noise_std·s_noise·z, in the product order the variance-exploding path always had."""
+    if flow:
+        return _with_flow_noise(x, noise, sigma, sigma_next, scale, noise_std, s_noise)
+    return _with_noise(x, noise, sigma, sigma_next, noise_std, s_noise)
+
+
 def _ancestral_target(t, t_next, t_end, eta, flow: bool = False):
     """(t_down, scale, noise_std): with eta > 0, step deterministically to σ_down (capped at the end), then
     x ← scale·x + noise_std·z reaches σ(t_next). ``flow``: σ_down and the re-noise of ``flow.ancestral_step``."""
@@ -362,10 +370,7 @@ def sample_dpm_fast(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, n
         eps = solver.eps(x, t)
         denoised = x - _sigma_at(t) * eps
         x = solver.step(x, t, t_target, order, eps)
-        if flow:
-            x = _with_flow_noise(x, noise, _sigma_at(t), _sigma_at(t_next), scale, noise_std, s_noise)
-        else:
-            x = _with_noise(x, noise, _sigma_at(t), _sigma_at(t_next), noise_std, s_noise)
+        x = _dpm_noise_step(flow, x, noise, _sigma_at(t), _sigma_at(t_next), scale, noise_std, s_noise)
         _report(callback, i, x, _sigma_at(t), _sigma_at(t), denoised)
     return x
 
@@ -439,10 +444,7 @@ def sample_dpm_adaptive(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
         error = torch.linalg.norm((x_low - x_high) / tolerance) / x.numel() ** 0.5
         if controller.propose(error):
             x_prev = x_low
-            if flow:
-                x = _with_flow_noise(x_high, noise, _sigma_at(s), _sigma_at(t), scale, noise_std, s_noise)
-            else:
-                x = _with_noise(x_high, noise, _sigma_at(s), _sigma_at(t), noise_std, s_noise)
+            x = _dpm_noise_step(flow, x_high, noise, _sigma_at(s), _sigma_at(t), scale, noise_std, s_noise)
             s = t
         _report(callback, attempt, x, _sigma_at(s), _sigma_at(s), denoised)
         attempt += 1
