@@ -131,6 +131,24 @@ def test_a_rerun_resumes_the_finished_stages_instead_of_training_again(smoke_run
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_controlnet_only_rerun_keeps_the_saved_transformer_and_trains_a_new_controlnet(smoke_run, tmp_path):
+    """``--transformer-from``: no transformer stage; the folder it writes carries the given model's transformer and
+    text encoders bit for bit, and its ControlNet is trained anew from them."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / NAME
+    paths = demo_flow.main(["--smoke", "--threads", "1", "--out", str(out), "--transformer-from", str(smoke_run.out)])
+    assert not (paths.checkpoints / "transformer.pt").exists()
+    assert torch.load(paths.checkpoints / "controlnet.pt", weights_only=False)["done"]
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "text_encoder_2/model.safetensors"):
+        given, written = load_file(smoke_run.out / part), load_file(out / part)
+        assert given.keys() == written.keys() and all(torch.equal(given[k], written[k]) for k in given), part
+    cn = "diffusion_pytorch_model.safetensors"
+    first, second = load_file(smoke_run.controlnet_out / cn), load_file(paths.controlnet_out / cn)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
 def test_the_transformer_stage_refuses_a_vae_below_the_shape_gate():
     with pytest.raises(SystemExit, match="shape 0.800 < 0.90"):
         demo_flow.check_vae_gate({"scores": {"shape": 0.8}}, 0.90)

@@ -347,7 +347,7 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], row_header: st
 
 
 def load_and_evaluate(model_dir: str, controlnet_dir: str | None, threads: int = 2, text: bool = True,
-                      cfgs: Sequence[float] = (1.0, 3.0, 5.0)) -> dict:
+                      cfgs: Sequence[float] = (1.0, 3.0, 5.0), controlnet_cfg: float = 5.0) -> dict:
     """Fresh offline load of a saved pipeline (fp32 on CPU) and the full evaluation
     (``text=False``: only the ControlNet part)."""
     import torch
@@ -380,7 +380,8 @@ def load_and_evaluate(model_dir: str, controlnet_dir: str | None, threads: int =
             cn = ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True, dtype=torch.float32)
             cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=cn)
         t0 = time.time()
-        out["controlnet"] = evaluate_controlnet(controlnet_generator(cpipe))
+        out["controlnet"] = evaluate_controlnet(controlnet_generator(cpipe, guidance_scale=controlnet_cfg))
+        out["controlnet_cfg"] = controlnet_cfg
         out["controlnet_eval_s"] = round(time.time() - t0, 1)
     return out
 
@@ -397,12 +398,15 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-text", action="store_true", help="only evaluate the ControlNet")
     parser.add_argument("--cfgs", type=float, nargs="+", default=[1.0, 3.0, 5.0], help="guidance scales to score")
+    parser.add_argument("--controlnet-cfg", type=float, default=5.0,
+                        help="guidance scale of the ControlNet part (the model card's recommended CFG)")
     args = parser.parse_args()
     t0 = time.time()
     if args.model is None:
         print("ground-truth accuracy:", json.dumps(score_ground_truth()), f"({time.time() - t0:.1f} s)")
     else:
-        res = load_and_evaluate(args.model, args.controlnet, args.threads, text=not args.no_text, cfgs=args.cfgs)
+        res = load_and_evaluate(args.model, args.controlnet, args.threads, text=not args.no_text, cfgs=args.cfgs,
+                                controlnet_cfg=args.controlnet_cfg)
         print(json.dumps(res, indent=1))
         if "text" in res:
             print(format_table(res["text"]))

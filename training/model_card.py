@@ -50,7 +50,7 @@ Images are read back by a pixel classifier (`training/evaluate.py`) which scores
 
 {format_table(ev['held_out_combos'], 'held-out combo', row_first=True)}
 
-ControlNet (cfg 5, {sampling}, 32 fixed outlines including every held-out combo): mean IoU of the generated
+ControlNet (cfg {ev.get('controlnet_cfg', 5.0):g}, {sampling}, 32 fixed outlines including every held-out combo): mean IoU of the generated
 shape against the filled outline **{cn.get('iou', float('nan')):.3f}** with the full caption,
 {cn.get('iou_empty_prompt', float('nan')):.3f} with an empty prompt; when the outline is moved away from the
 caption's position, the shape follows the outline in **{cn.get('moved', float('nan')):.0%}** of images.
