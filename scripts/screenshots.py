@@ -256,7 +256,7 @@ def take_flow_model_bar(studio_for, out: Path) -> Path:
 
 def take_flow_demo(studio_for, out: Path) -> Path | None:
     """txt2img on the built-in flow demo (``sfumato-demo-flow``, SD 3's layout): a batch of four pictures with the
-    settings the model pick applies (its card's Euler, Simple, 20 steps, CFG 5; the Shift field), and the model bar."""
+    settings the model pick applies (its card's Euler, Simple, 20 steps and CFG; the Shift field), and the model bar."""
     from playwright.sync_api import sync_playwright
 
     from ui.server import serve

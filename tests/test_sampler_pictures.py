@@ -123,7 +123,7 @@ def test_every_sampler_draws_what_the_prompt_says(demo_engine, sampler):
 # --------------------------------------------------------------------------- the flow demo (issue #19)
 
 FLOW_DEMO = "sfumato-demo-flow"
-# The two 4th-order multistep samplers run otherwise on the flow demo at the card's CFG 5 (measured, 6 pictures each):
+# The two 4th-order multistep samplers run otherwise on the flow demo (measured on its run 2 at CFG 5, 6 pictures each):
 # - LMS with Karras σs ("LMS Karras", its usual pairing): with its Automatic (Uniform) σs it draws 0 of 6 right,
 #   clean 0.03–0.86, and k-diffusion's own ``sample_lms`` on the same σs draws the same pictures within 1/255. The
 #   last Uniform steps are as long as σ itself, outside Adams–Bashforth's stability region, as on the first demo at
