@@ -8,7 +8,7 @@ import pytest
 
 from engine import GenerationRequest
 from engine.models import ModelEntry
-from ui.demo_hint import example_prompts, hint_text, vocabulary
+from ui.demo_hint import example_prompts, hint_text, other_demos, vocabulary
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "builtin" / "sfumato-demo"
 
@@ -26,6 +26,20 @@ def test_the_hint_says_what_the_demo_model_knows_and_where_checkpoints_go(known)
     for word in ("circle", "square", "triangle", "red", "purple", "gray", "small", "large", "on the left", "in the center", "64×64"):
         assert word in line
     assert "`models/Stable-diffusion`" in line
+
+
+def test_each_demo_models_hint_names_the_other_demo_model_and_no_ordinary_checkpoint(known, tiny_models_dir):
+    from types import SimpleNamespace
+
+    from engine.models import ModelRegistry
+
+    if not (DEMO_MODEL.parent / "sfumato-demo-flow" / "sfumato.json").is_file():
+        pytest.skip("builtin/sfumato-demo-flow is not present")
+    studio = SimpleNamespace(registry=ModelRegistry(tiny_models_dir, builtin_dir=DEMO_MODEL.parent))
+    assert other_demos(studio, "sfumato-demo") == ["sfumato-demo-flow"]
+    assert other_demos(studio, "sfumato-demo-flow") == ["sfumato-demo"]
+    assert "`sfumato-demo-flow` in the model list" in hint_text(known, "models/Stable-diffusion", ["sfumato-demo-flow"])
+    assert "another model" not in hint_text(known, "models/Stable-diffusion")
 
 
 def test_three_examples_made_only_of_words_the_model_knows(known):

@@ -75,14 +75,21 @@ def checkpoints_folder(studio) -> str:
         return str(folder)
 
 
-def hint_text(known: Vocabulary, checkpoints: str) -> str:
+def other_demos(studio, model: str | None) -> list[str]:
+    """The other models in the list that declare a vocabulary (the built-in demos: the first one's UNet and the flow
+    transformer), so an artist on one of them learns that the other is there."""
+    return [entry.name for entry in studio.registry.list() if entry.name != model and vocabulary(entry) is not None]
+
+
+def hint_text(known: Vocabulary, checkpoints: str, others: list[str] | tuple[str, ...] = ()) -> str:
     width, height = known.size
     extra = [colour for colour in known.backgrounds if colour not in known.colours]
     background = "a plain background of those colours" + (f" or {' or '.join(extra)}" if extra else "")
+    also = f"The same world, another model: {', '.join(f'`{name}`' for name in others)} in the model list. " if others else ""
     return (
         f"ℹ️ **Demo model:** a tiny model that draws one {' / '.join(known.shapes)} in a colour "
         f"({', '.join(known.colours)}), {' or '.join(known.sizes)}, {', '.join(known.positions)}, "
-        f"on {background}, at {width}×{height}; other words are ignored. "
+        f"on {background}, at {width}×{height}; other words are ignored. {also}"
         f"For real pictures, put checkpoints in `{checkpoints}` and refresh the model list. Try:"
     )
 
@@ -99,7 +106,8 @@ def build_demo_hint(studio, model: str | None) -> DemoHint:
     known = vocabulary(entry_or_none(studio, model))
     examples = example_prompts(known) if known else [""] * EXAMPLE_COUNT
     with gr.Group(visible=known is not None, elem_id="demo_hint") as box:
-        text = gr.Markdown(hint_text(known, checkpoints_folder(studio)) if known else "", elem_id="demo_hint_text")
+        text = gr.Markdown(hint_text(known, checkpoints_folder(studio), other_demos(studio, model)) if known else "",
+                           elem_id="demo_hint_text")
         with gr.Row():
             buttons = [gr.Button(prompt, size="sm", elem_id=f"demo_example_{index}", elem_classes=["sfumato-example"])
                        for index, prompt in enumerate(examples)]
@@ -116,7 +124,7 @@ def wire_demo_hint(studio, hint: DemoHint, model_dropdown, tabs: gr.Tabs, txt2im
         examples = example_prompts(known)
         labels = [gr.update(value=prompt, visible=True) for prompt in examples]
         labels += [gr.update(visible=False)] * (len(hint.examples) - len(labels))
-        return gr.update(visible=True), hint_text(known, checkpoints_folder(studio)), *labels
+        return gr.update(visible=True), hint_text(known, checkpoints_folder(studio), other_demos(studio, name)), *labels
 
     model_dropdown.change(follow_model, model_dropdown, [hint.box, hint.text, *hint.examples], api_visibility="private",
                           queue=False)
