@@ -149,6 +149,21 @@ def test_a_controlnet_only_rerun_keeps_the_saved_transformer_and_trains_a_new_co
     assert any(not torch.equal(first[k], second[k]) for k in first)
 
 
+def test_controlnet_captions_name_another_position_only_at_the_conflict_rate():
+    from training import world
+
+    scene = world.sample_scene(np.random.default_rng(1))
+    rng, untouched = np.random.default_rng(2), np.random.default_rng(2)
+    assert all(demo_flow.caption_scene(scene, rng, 0.0) is scene for _ in range(20))
+    assert rng.random() == untouched.random()  # no conflicts: the training stream is the recipe's as before
+    moved = [demo_flow.caption_scene(scene, rng, 1.0) for _ in range(40)]
+    assert all(m.position != scene.position and (m.shape, m.colour, m.size, m.background) ==
+               (scene.shape, scene.colour, scene.size, scene.background) for m in moved)
+    assert {m.position for m in moved} == set(world.POSITIONS) - {scene.position}
+    share = np.mean([demo_flow.caption_scene(scene, rng, 0.3) is not scene for _ in range(2000)])
+    assert 0.26 < share < 0.34
+
+
 def test_the_transformer_stage_refuses_a_vae_below_the_shape_gate():
     with pytest.raises(SystemExit, match="shape 0.800 < 0.90"):
         demo_flow.check_vae_gate({"scores": {"shape": 0.8}}, 0.90)
