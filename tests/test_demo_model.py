@@ -189,6 +189,20 @@ def test_the_flow_demo_controlnet_draws_the_shape_inside_a_drawn_outline(flow_co
     assert np.mean(guided) >= 0.75 and np.mean(guided) > np.mean(unguided) + 0.1, (guided, unguided)
 
 
+def test_the_flow_demo_controlnet_moves_the_shape_to_the_outline_against_the_caption(flow_controlnet_engine):
+    """Where the drawing and the caption disagree on the place, the drawing wins (trained on ControlNet captions that
+    sometimes name another position: ``cn_conflict_p``; without them the shape followed the caption)."""
+    scene = world.sample_scene(np.random.default_rng(3))
+    followed = {}
+    for position in [p for p in POSITIONS if p != scene.position][:3]:
+        unit = {"image": Image.fromarray(world.render_outline(scene.moved(position))), "module": "none",
+                "model": FLOW_CONTROLNET}
+        image = flow_draw(flow_controlnet_engine, world.full_caption(scene), 1, preview_every=0,
+                          extensions={"controlnet": [unit]})
+        followed[position] = classify(image).position
+    assert sum(read == position for position, read in followed.items()) >= 2, (scene.position, followed)
+
+
 def test_inpainting_on_the_flow_demo_draws_the_new_shape_in_the_mask_and_keeps_the_rest(flow_engine):
     base = flow_draw(flow_engine, "a small red circle on the left, gray background", 5)
     inpaint_green_square(base, lambda mask: flow_draw(flow_engine, "a large green square on the right, gray background", 5,

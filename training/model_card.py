@@ -167,7 +167,8 @@ Sfumato's own tiny rectified-flow transformer in Stable Diffusion 3's exact layo
   the same function as 256 zeros, a third of the tokens.
 - ControlNet: `SD3ControlNetModel` with {recipe['cn_layers']} blocks started from the transformer's, reading the outline
   map through the VAE ((mean − shift)·scale) with the real pooled text; transformer and text encoders frozen;
-  empty captions p={recipe['cn_empty_p']}; AdamW lr {recipe['cn_lr']}, batch {recipe['cn_batch']}.
+  empty captions p={recipe['cn_empty_p']}, captions naming another position than the outline's
+  p={recipe.get('cn_conflict_p', 0.0)}; AdamW lr {recipe['cn_lr']}, batch {recipe['cn_batch']}.
 
 Wall times on 2 CPU cores: {', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())}.
 
