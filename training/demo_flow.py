@@ -135,7 +135,7 @@ class FlowRecipe:
     # 0.627 → 0.713 (training/assets/flow-run3/controlnet-conflict)
     cn_conflict_p: float = 0.3
     # written to sfumato.json and the card, from the evaluator's CFG table: run 3 peaks at 3 (shape 0.95, size 0.99;
-    # at 5: 0.90, 0.97; ControlNet IoU 0.90 against 0.86)
+    # at 5: 0.90, 0.97; ControlNet IoU 0.89 against 0.86)
     recommended_cfg: float = 3.0
     # bookkeeping
     bf16: bool = False  # bf16 autocast measured 2.2x slower than fp32 for this transformer on the CPU
