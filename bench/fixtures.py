@@ -1,7 +1,7 @@
 """The models the benches run on, and small helpers shared by every bench.
 
-The SD 1.x figures use the built-in demo model when it is there (the model a
-new user meets first); otherwise, and always in smoke mode, a tiny random SD 1.x
+The SD 1.x figures use the built-in SD 1.x demo model (``sfumato-demo``) when it
+is there; otherwise, and always in smoke mode, a tiny random SD 1.x
 from ``engine.tiny_models``. SDXL figures use a random SDXL whose UNet has the
 demo model's layout (in smoke mode the tiny SDXL of the tests); the engine-vs-floor
 bench also reports the tiny SDXL, whose 7 ms UNet call makes the strictest test of
@@ -19,11 +19,13 @@ import numpy as np
 from PIL import Image
 
 from engine import Engine, GenerationRequest, ModelRegistry
-from engine.models import BUILTIN_DIR, DEFAULT_MODEL_NAME
+from engine.models import BUILTIN_DIR
 from training import world
 
 from .timing import MAX_ROUNDS, Mode
 
+# The built-in SD 1.x-layout demo plays the SD 1.x model (the studio's default is the flow demo now).
+SD1_DEMO = "sfumato-demo"
 TINY_SD1 = "tiny-sd1"
 TINY_SD1_B = "tiny-sd1-b"  # a second model, for model-switch timings
 TINY_SDXL = "tiny-sdxl"
@@ -66,7 +68,7 @@ def build_tiny_models(folder: Path) -> Path:
 
 
 def demo_model_available() -> bool:
-    return (BUILTIN_DIR / DEFAULT_MODEL_NAME / "model_index.json").is_file()
+    return (BUILTIN_DIR / SD1_DEMO / "model_index.json").is_file()
 
 
 @dataclass
@@ -94,12 +96,12 @@ class BenchModels:
         registry = ModelRegistry(models_dir, builtin_dir=BUILTIN_DIR if use_demo else None, device=device, cache_size=4)
         if use_demo:
             try:
-                registry.load(DEFAULT_MODEL_NAME)
-                sd1 = DEFAULT_MODEL_NAME
+                registry.load(SD1_DEMO)
+                sd1 = SD1_DEMO
             except Exception as error:  # noqa: BLE001 - a half-written demo model must not stop the bench
                 notes.append(f"demo model present but not loadable ({error}); SD 1.x figures use {TINY_SD1}")
         elif mode.use_demo_model:
-            notes.append(f"builtin/{DEFAULT_MODEL_NAME} not found; SD 1.x figures use the tiny random {TINY_SD1}")
+            notes.append(f"builtin/{SD1_DEMO} not found; SD 1.x figures use the tiny random {TINY_SD1}")
         # With the demo model, SDXL figures use an SDXL whose UNet call costs about what the demo's does,
         # so the two families are compared at equal compute; smoke runs keep everything tiny.
         sdxl = DEMO_SIZED_SDXL if mode.use_demo_model else TINY_SDXL

@@ -76,17 +76,16 @@ def _log(line: str) -> None:
 def build_models(folder: Path, quick: bool) -> tuple[object, list[Subject], list[str]]:
     """A registry over the demo model (or a tiny SD 1.x without it), a demo-sized SDXL and the tiny Flux.1 dev."""
     from engine import ModelRegistry
-    from engine.models import BUILTIN_DIR, DEFAULT_MODEL_NAME
     from engine.tiny_models import build_sd1, build_sdxl
 
-    from .fixtures import DEMO_SIZED_SDXL, TINY_SD1, demo_model_available
+    from .fixtures import DEMO_SIZED_SDXL, SD1_DEMO, TINY_SD1, demo_model_available
 
     notes = []
     use_demo = demo_model_available()
     if not use_demo:
         build_sd1(folder / TINY_SD1, seed=0)
-        notes.append(f"builtin/{DEFAULT_MODEL_NAME} not found: the SD 1.x figures use the tiny random {TINY_SD1}")
-    sd1 = DEFAULT_MODEL_NAME if use_demo else TINY_SD1
+        notes.append(f"builtin/{SD1_DEMO} not found: the SD 1.x figures use the tiny random {TINY_SD1}")
+    sd1 = SD1_DEMO if use_demo else TINY_SD1
     subjects = [Subject("demo", sd1, "DPM++ 2M", "Automatic", 7.0)]
     if not quick:
         build_sdxl(folder / DEMO_SIZED_SDXL, seed=0, demo_sized=True)
@@ -98,6 +97,8 @@ def build_models(folder: Path, quick: bool) -> tuple[object, list[Subject], list
         else:
             build_folder(folder / "tiny-flux-dev", "dev")
             subjects.append(Subject("flux", "tiny-flux-dev", "Euler", "Simple", 1.0, {"distilled_cfg_scale": 3.5}))
+    from engine.models import BUILTIN_DIR
+
     registry = ModelRegistry(folder, builtin_dir=BUILTIN_DIR if use_demo else None, device="cpu", cache_size=4)
     return registry, subjects, notes
 

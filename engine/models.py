@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_DIR = REPO_ROOT / "builtin"
-DEFAULT_MODEL_NAME = "sfumato-demo"
+DEFAULT_MODEL_NAME = "sfumato-demo-flow"  # the better of the two built-in demos (builtin/sfumato-demo-flow/MODEL_CARD.md)
 CHECKPOINT_SUBDIR = "Stable-diffusion"
 SAFE_SUFFIXES = (".safetensors",)
 GGUF_SUFFIX = ".gguf"  # a quantized transformer (engine.model_files)
