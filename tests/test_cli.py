@@ -76,6 +76,27 @@ def test_generate_matches_the_engine(cli_out, engine):
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(direct.images[0].image))
 
 
+def _infotext(stdout: str) -> str:
+    with Image.open(stdout.strip().splitlines()[0].rsplit(" ", 1)[0]) as image:
+        return image.info["parameters"]
+
+
+def test_settings_not_given_are_the_models_own_and_flags_given_win(tmp_path, tiny_models_dir, capsys):
+    """As picking a model in the UI sets them: the flow demo draws with its card's Euler, Simple and CFG 3 (a UNet
+    model with A1111's DPM++ 2M and CFG 7) unless a flag says otherwise; a sampler given keeps its own schedule."""
+    base = ("generate", "--models-dir", str(tiny_models_dir), "--prompt", "a red circle", "--steps", "2")
+    flow = run_cli_here(capsys, *base, "--model", "sfumato-demo-flow", "--out", str(tmp_path / "flow"))
+    assert flow.returncode == 0, flow.stderr
+    assert "Sampler: Euler, Schedule type: Simple, CFG scale: 3," in _infotext(flow.stdout)
+    chosen = run_cli_here(capsys, *base, "--model", "sfumato-demo-flow", "--cfg", "5", "--sampler", "DPM++ 2M Karras",
+                          "--out", str(tmp_path / "chosen"))
+    assert chosen.returncode == 0, chosen.stderr
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5," in _infotext(chosen.stdout)
+    unet = run_cli_here(capsys, *base, "--model", "Stable-diffusion/tiny-sd1", "--out", str(tmp_path / "unet"))
+    assert unet.returncode == 0, unet.stderr
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7," in _infotext(unet.stdout)
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--prompt", "x", "--steps", "500"], "--steps"),
     (["--prompt", "x", "--width", "100"], "--width"),

@@ -100,7 +100,8 @@ def test_a_forge_infotexts_modules_go_to_the_picker_as_the_files_here(studio):
 # --- the UI's logic ------------------------------------------------------------------------------------------------
 
 def test_a_familys_settings_are_its_defaults_over_the_declared_ones():
-    from ui.family_fields import family_settings, settings_differ
+    from engine.family_settings import family_settings
+    from ui.family_fields import settings_differ
 
     dev = family_settings(FLUX_DEV)
     assert {key: dev[key] for key in ("cfg_scale", "distilled_cfg_scale", "sampler", "schedule", "steps", "shift")} == {
@@ -117,7 +118,7 @@ def test_a_model_cards_recommended_settings_are_what_choosing_the_model_sets(tmp
     replace its family's (SD 3.5: 28 steps, CFG 4.5) when the model is chosen; a card without them keeps the family's."""
     import json
 
-    from ui.family_fields import family_settings
+    from engine.family_settings import family_settings
 
     card = tmp_path / "sfumato.json"
     card.write_text(json.dumps({"family": "my-flow", "recommended_cfg": 5, "recommended_sampler": "Euler",

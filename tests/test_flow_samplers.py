@@ -330,7 +330,7 @@ def test_shift_is_ignored_and_not_written_on_a_unet_model(demo_engine):
 
     table = SD1.noise_table({}, None, shift=6.0)
     assert not table.flow and table.sigmas.equal(SD1.noise_table({}).sigmas)
-    request = GenerationRequest(prompt="a red circle", steps=2, seed=3, sampler="Euler")
+    request = GenerationRequest(prompt="a red circle", model="sfumato-demo", steps=2, seed=3, sampler="Euler")
     shifted = demo_engine.generate(request.with_changes(shift=6.0))
     assert "Shift" not in parse_infotext(shifted.images[0].infotext)
     assert shifted.request.shift is None

@@ -137,11 +137,14 @@ def _spelling(text: str) -> str:
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
     """One flag per request field that declares one (``engine.fields``), the loaded extensions' included."""
+    from engine.family_settings import APPLIED
     from engine.fields import CORE, FIELDS, Names
 
     parser.add_argument("--prompts-file", help="one generation per line of this file, same settings")
     for declared in FIELDS.with_cli():
         common = {"dest": declared.name, "help": _flag_help(declared)}
+        # A setting the model's family chooses is left unset here, and filled in from the model (run_generate).
+        default = None if declared.name in APPLIED else declared.default
         if declared.owner != CORE:  # an extension's flag may be repeated; the extension reads the values
             parser.add_argument(declared.cli, action="append", default=[], **common)
         elif declared.type is bool:
@@ -149,11 +152,11 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
         elif declared.type is Names:  # a flag given once per name
             parser.add_argument(declared.cli, action="append", default=[], **common)
         elif declared.type in (int, float):
-            parser.add_argument(declared.cli, type=declared.type, default=declared.default, **common)
+            parser.add_argument(declared.cli, type=declared.type, default=default, **common)
         elif (names := declared.cli_choices()) is not None:
             spelled = next((flag for flag, choice in names.items() if choice == declared.default), declared.default)
             if callable(declared.choices):  # sampler and schedule names: aliases in any case, resolved by the request
-                parser.add_argument(declared.cli, default=declared.default, **common)
+                parser.add_argument(declared.cli, default=default, **common)
             else:
                 parser.add_argument(declared.cli, choices=tuple(names), default=spelled, type=_spelling, **common)
         else:  # text, a file path or outpaint's four numbers
@@ -283,6 +286,9 @@ def run_generate(args: argparse.Namespace) -> int:
     except OSError as error:
         raise CliError(f"--out: cannot create {out}: {error.strerror}") from None
     index = len(list(out.glob("*.png")))
+    model_settings = settings_not_given(args, studio)
+    if model_settings:  # built again with the model's own settings where no flag gave one (validated above)
+        requests = [build_request(args, prompt, model_settings) for prompt in prompts]
     for request in requests:
         request = resolve_extensions(studio, request, args)
         try:
@@ -375,11 +381,29 @@ def parse_outpaint(text: str | None) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def build_request(args: argparse.Namespace, prompt: str):
-    """The request the core flags describe (each converted as its field's declaration says)."""
+def settings_not_given(args: argparse.Namespace, studio) -> dict:
+    """The family settings no flag gave, as the model draws best with them (the flow demo's card: Euler, Simple,
+    CFG 3; Flux.1 dev: CFG 1, Distilled CFG 3.5), as picking the model in the UI sets them."""
+    from engine.family_settings import APPLIED, family_settings
+    from ui.model_info import default_model_name, model_family
+
+    missing = [name for name in APPLIED if getattr(args, name, None) is None]
+    if args.sampler is not None and "schedule" in missing:  # a sampler given draws with its own schedule (Automatic),
+        missing.remove("schedule")                          # or the one its legacy name carries ("DPM++ 2M Karras")
+    if not missing:
+        return {}
+    # An unknown model reads as SD 1.x here; generating with it then says what is wrong with the name.
+    chosen = family_settings(model_family(studio, args.model or default_model_name(studio)))
+    return {name: chosen[name] for name in missing}
+
+
+def build_request(args: argparse.Namespace, prompt: str, model_settings: dict | None = None):
+    """The request the core flags describe (each converted as its field's declaration says); a family setting no flag
+    gave is taken from ``model_settings`` (``settings_not_given``), else its declared default."""
     from PIL import Image
 
     from engine import GenerationRequest
+    from engine.family_settings import APPLIED
     from engine.fields import CORE, FIELDS
 
     values = {}
@@ -387,6 +411,8 @@ def build_request(args: argparse.Namespace, prompt: str):
         if declared.owner != CORE or declared.name == "prompt":
             continue
         value = getattr(args, declared.name)
+        if value is None and declared.name in APPLIED:
+            value = (model_settings or {}).get(declared.name, declared.default)
         if declared.name == "outpaint":
             value = parse_outpaint(value)
         elif declared.type is Image.Image:

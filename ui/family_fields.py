@@ -13,17 +13,13 @@ follows the native size in ``ui.app.switch_model``, where the artist has not cha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import gradio as gr
 
-from engine.families import FAMILIES, Family
+from engine.families import Family
+from engine.family_settings import APPLIED, family_settings
 from engine.fields import DEFAULT_TRAITS, FIELDS
-
-# The settings a family choice sets: every family's defaults name some of them, and the rest go back to their
-# declared default (Shift: empty, the model's own σ shift).
-APPLIED = tuple(dict.fromkeys(("sampler", "schedule", "steps", "cfg_scale", "distilled_cfg_scale", "shift",
-                               *(name for family in FAMILIES for name in family.defaults))))
 
 
 def traits_of(family: Family | None) -> frozenset[str]:
@@ -40,13 +36,6 @@ def shown(name: str, family: Family | None) -> bool:
     """Whether the control of request field ``name`` is shown for a model of ``family``."""
     declared = FIELDS.get(name)
     return declared is None or declared.used_by(traits_of(family))
-
-
-def family_settings(family: Family | None) -> dict[str, Any]:
-    """The values choosing a model of ``family`` sets: its defaults, and the declared default of each other
-    applied field (Flux.1 dev: CFG 1, Distilled CFG 3.5, Euler, Simple, 20 steps; SD 1.x: CFG 7, DPM++ 2M...)."""
-    own: Mapping[str, Any] = family.defaults if family is not None else {}
-    return {name: own.get(name, FIELDS[name].default) for name in APPLIED}
 
 
 def settings_differ(previous: Family | None, new: Family | None) -> bool:

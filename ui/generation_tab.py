@@ -17,6 +17,7 @@ from PIL import Image
 from engine.sampling import table as samplers
 from engine.errors import SfumatoError, ValidationError
 from engine.families import Family
+from engine.family_settings import family_settings
 from engine.infotext import MASK_MODES
 from engine.request import EarlyStop, GenerationRequest, GenerationResult
 
@@ -25,7 +26,7 @@ from .errors import job_error_text, message_for, ui_error
 from .event_inputs import preprocess_values
 from .extension_ui import ExtensionControls, all_components, build_extension_controls, read_settings
 from .extra_networks import ExtraNetworksPanel, build_extra_networks_panel
-from .family_fields import family_settings, shown
+from .family_fields import shown
 from .image_formats import LOSSLESS, PREVIEW
 from .image_inputs import UploadImage, UploadImageEditor, reject_bad_uploads
 from .masks import editor_image, inpaint_inputs, mask_preview
