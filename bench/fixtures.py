@@ -26,6 +26,7 @@ from .timing import MAX_ROUNDS, Mode
 
 # The built-in SD 1.x-layout demo plays the SD 1.x model (the studio's default is the flow demo now).
 SD1_DEMO = "sfumato-demo"
+FLOW_DEMO = "sfumato-demo-flow"  # the default model; bench speed measures it beside the SD 1.x demo
 TINY_SD1 = "tiny-sd1"
 TINY_SD1_B = "tiny-sd1-b"  # a second model, for model-switch timings
 TINY_SDXL = "tiny-sdxl"

@@ -1,11 +1,11 @@
 """``python -m bench speed`` (``python launch.py bench speed``): Sfumato against the plain diffusers pipeline (issue #22).
 
-For each model (the demo model, a demo-sized SDXL, the tests' tiny Flux.1 dev) and size (64², 256², 512²) it
+For each model (the SD 1.x demo model, the flow demo, a demo-sized SDXL, the tests' tiny Flux.1 dev) and size (64², 256², 512²) it
 times ``Engine.generate`` and the model's own diffusers pipeline on the same weights, sampler σs, steps, CFG and
 seed, in interleaved pairs, and reports the median of the per-pair ratios against the goal (≤ 0.70) with the largest
 pixel difference between the two pictures. The engine runs its default, exact path.
 
-Then, on the demo model:
+Then, on the demo models (the per-step overhead on both; the levers on the SD 1.x demo):
 
 - **per-step overhead**: one engine step (its denoise time ÷ steps) against the bare model call it replays (the same
   traced call on the same inputs, timed right after), as (step − call) ÷ step; goal ≤ 2%;
@@ -38,6 +38,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "results" / "speed.json"
 RATIO_GOAL = 0.70
 OVERHEAD_GOAL = 0.02
+OVERHEAD_MODELS = ("demo", "flow-demo")  # the per-step overhead is measured on both built-in demo models
 PROMPT = "a large red circle on the left, blue background"
 NEGATIVE = "blurry, gray"
 SEED = 1234
@@ -74,11 +75,13 @@ def _log(line: str) -> None:
 # -- the models ------------------------------------------------------------------------------------------------------
 
 def build_models(folder: Path, quick: bool) -> tuple[object, list[Subject], list[str]]:
-    """A registry over the demo model (or a tiny SD 1.x without it), a demo-sized SDXL and the tiny Flux.1 dev."""
+    """A registry over the SD 1.x demo model (or a tiny SD 1.x without it), the flow demo (the default model), a
+    demo-sized SDXL and the tiny Flux.1 dev."""
     from engine import ModelRegistry
+    from engine.models import BUILTIN_DIR
     from engine.tiny_models import build_sd1, build_sdxl
 
-    from .fixtures import DEMO_SIZED_SDXL, SD1_DEMO, TINY_SD1, demo_model_available
+    from .fixtures import DEMO_SIZED_SDXL, FLOW_DEMO, SD1_DEMO, TINY_SD1, demo_model_available
 
     notes = []
     use_demo = demo_model_available()
@@ -87,6 +90,8 @@ def build_models(folder: Path, quick: bool) -> tuple[object, list[Subject], list
         notes.append(f"builtin/{SD1_DEMO} not found: the SD 1.x figures use the tiny random {TINY_SD1}")
     sd1 = SD1_DEMO if use_demo else TINY_SD1
     subjects = [Subject("demo", sd1, "DPM++ 2M", "Automatic", 7.0)]
+    if not quick and use_demo and (BUILTIN_DIR / FLOW_DEMO / "model_index.json").is_file():
+        subjects.append(Subject("flow-demo", FLOW_DEMO, "Euler", "Simple", 3.0))  # the default model, its card's settings
     if not quick:
         build_sdxl(folder / DEMO_SIZED_SDXL, seed=0, demo_sized=True)
         subjects.append(Subject("sdxl", DEMO_SIZED_SDXL, "DPM++ 2M", "Automatic", 7.0))
@@ -97,8 +102,6 @@ def build_models(folder: Path, quick: bool) -> tuple[object, list[Subject], list
         else:
             build_folder(folder / "tiny-flux-dev", "dev")
             subjects.append(Subject("flux", "tiny-flux-dev", "Euler", "Simple", 1.0, {"distilled_cfg_scale": 3.5}))
-    from engine.models import BUILTIN_DIR
-
     registry = ModelRegistry(folder, builtin_dir=BUILTIN_DIR if use_demo else None, device="cpu", cache_size=4)
     return registry, subjects, notes
 
@@ -148,12 +151,40 @@ def peer_runner(subject: Subject, model) -> Callable[[int, int], object]:
                         latents=FluxPipeline._pack_latents(noise, 1, 16, latent, latent)).images[0]
         return run_flux
 
+    if model.family.id == "sd3":
+        return sd3_peer(subject, model)
     pipe = peer.peer_pipeline(model)  # DPM-Solver++(2M) over Karras σs, as the engine's DPM++ 2M "Automatic"
 
     def run(size: int, steps: int):
         generator = torch.Generator("cpu").manual_seed(SEED)
         return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=subject.cfg, width=size,
                     height=size, generator=generator, output_type="pil").images[0]
+    return run
+
+
+def sd3_peer(subject: Subject, model) -> Callable[[int, int], object]:
+    """diffusers' ``StableDiffusion3Pipeline`` (no T5 where the model has none) on the engine's Euler / Simple σs and
+    CPU noise: the same picture within rounding (``tests/test_demo_flow_training.py`` pins it)."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from engine.sampling import schedules
+    from engine.sampling.denoiser import noise_table_for
+
+    absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if not (Path(model.entry.path) / name).is_dir()}
+    pipe = StableDiffusion3Pipeline.from_pretrained(model.entry.path, local_files_only=True, dtype=model.dtype, **absent)
+    pipe.set_progress_bar_config(disable=True)
+    shift = float(pipe.scheduler.config.get("shift", 1.0))
+    channels = pipe.transformer.config.in_channels
+
+    def run(size: int, steps: int):
+        table, _ = noise_table_for(model, width=size, height=size, steps=steps)
+        sigmas = schedules.simple(table, steps)[:-1].double()
+        unshifted = sigmas / (shift - (shift - 1) * sigmas)  # the pipeline shifts the σs it is given
+        latent = size // model.vae_scale_factor
+        noise = torch.randn((1, channels, latent, latent), generator=torch.Generator().manual_seed(SEED))
+        return pipe(PROMPT, negative_prompt=NEGATIVE if subject.cfg > 1 else "", height=size, width=size,
+                    sigmas=unshifted.tolist(), guidance_scale=subject.cfg, latents=noise, output_type="pil").images[0]
     return run
 
 
@@ -227,7 +258,7 @@ def step_overhead(engine, registry, subject: Subject, size: int, steps: int, run
     engine.generate(_request(subject, size, steps))  # warm: traces this shape, caches the prompt
     cache = traced_calls.cache_of(getattr(model.pipeline, model.family.denoiser))
     if cache is None or not cache.traces:
-        return {"skipped": "the model call is not traced (eager): nothing to time it by"}
+        return {"model": subject.label, "skipped": "the model call is not traced (eager): nothing to time it by"}
     inside = [0.0]
 
     def timing(replay):
@@ -365,17 +396,18 @@ def verdict(value: float | None, goal: float) -> str:
 def print_report(document: dict) -> None:
     print("\nSfumato ÷ diffusers pipeline (median of interleaved pairs; goal ≤ %.2f):" % RATIO_GOAL)
     for row in document["vs_diffusers"]:
-        print(f"  {verdict(row['ratio'], RATIO_GOAL)}  {row['model']:5s} {row['size']:4d}²  {row['ratio']:.3f}×  "
+        print(f"  {verdict(row['ratio'], RATIO_GOAL)}  {row['model']:9s} {row['size']:4d}²  {row['ratio']:.3f}×  "
               f"({row['a_ms']:.0f} vs {row['b_ms']:.0f} ms, {row['steps']} steps, {row['pairs']} pairs, spread {row['spread']:.3f}, "
               f"max pixel diff {row['max_pixel_diff']}/255)")
-    overhead = document.get("step_overhead") or {}
-    if "overhead" in overhead:
+    if document.get("step_overhead"):
         print(f"\nPer-step overhead outside the model call (goal ≤ {OVERHEAD_GOAL:.0%}):")
-        print(f"  {verdict(overhead['overhead'], OVERHEAD_GOAL)}  {overhead['overhead']:.2%} of a step "
-              f"({overhead['overhead_ms']:.2f} ms of {overhead['step_ms']:.2f} ms; model call {overhead['model_call_ms']:.2f} ms), "
-              f"{overhead['size']}², {overhead['sampler']}")
-    elif overhead:
-        print(f"\nPer-step overhead: skipped ({overhead.get('skipped')})")
+    for overhead in document.get("step_overhead") or []:
+        if "overhead" in overhead:
+            print(f"  {verdict(overhead['overhead'], OVERHEAD_GOAL)}  {overhead['model']}: {overhead['overhead']:.2%} of a step "
+                  f"({overhead['overhead_ms']:.2f} ms of {overhead['step_ms']:.2f} ms; model call {overhead['model_call_ms']:.2f} ms), "
+                  f"{overhead['size']}², {overhead['sampler']}")
+        else:
+            print(f"  SKIP  {overhead.get('model')}: {overhead.get('skipped')}")
     if document.get("levers"):
         print("\nLevers (engine with ÷ without, demo model; < 1 is faster):")
         for row in document["levers"]:
@@ -394,7 +426,7 @@ def print_report(document: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="64² only, the demo model, few pairs (development, CI smoke)")
-    parser.add_argument("--only", default="", help="comma-separated models: demo, sdxl, flux")
+    parser.add_argument("--only", default="", help="comma-separated models: demo, flow-demo, sdxl, flux")
     parser.add_argument("--sizes", default="", help="comma-separated sizes (default 64,256,512; 64 with --quick)")
     parser.add_argument("--no-levers", action="store_true", help="skip the lever measurements")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (compiles for minutes on a CPU)")
@@ -424,14 +456,16 @@ def run(args: argparse.Namespace) -> dict:
             chosen = {name.strip() for name in args.only.split(",")}
             subjects = [subject for subject in subjects if subject.label in chosen]
         engine = Engine(registry)
-        document: dict = {"vs_diffusers": [], "step_overhead": None, "levers": []}
+        document: dict = {"vs_diffusers": [], "step_overhead": [], "levers": []}
         for subject in subjects:
             _log(f"[{subject.label}: {subject.model}]")
             document["vs_diffusers"] += compare_with_diffusers(engine, registry, subject, points)
+        for subject in subjects:
+            if subject.label in OVERHEAD_MODELS:
+                _log(f"[per-step overhead: {subject.label}]")
+                document["step_overhead"].append(step_overhead(engine, registry, subject, 64, 20, 3 if args.quick else 7))
         demo = next((subject for subject in subjects if subject.label == "demo"), None)
         if demo is not None:
-            _log("[per-step overhead]")
-            document["step_overhead"] = step_overhead(engine, registry, demo, 64, 20, 3 if args.quick else 7)
             if not args.no_levers:
                 _log("[levers]")
                 document["levers"] = levers(engine, registry, demo, args.quick, args.compile)

@@ -1,7 +1,7 @@
 """Screenshots of every tab of the studio for the README tour: ``python scripts/screenshots.py``.
 
-Starts the real server on 127.0.0.1 (built-in demo model, or the untrained
-placeholder when the demo model is not trained yet), drives it with Playwright
+Starts the real server on 127.0.0.1 (the default built-in demo model, or the untrained
+placeholder when no model is there), drives it with Playwright
 and Debian's chromium like an artist would (generate, send to img2img and
 inpaint, paint a mask, read PNG Info, hires fix, an X/Y/Z plot, the Extras tab,
 the extra-networks panel with a LoRA card) and writes ``docs/screenshots/<tab>.png``.
@@ -254,31 +254,38 @@ def take_flow_model_bar(studio_for, out: Path) -> Path:
     return shot
 
 
-def take_flow_demo(studio_for, out: Path) -> Path | None:
-    """txt2img on the built-in flow demo (``sfumato-demo-flow``, SD 3's layout): a batch of four pictures with the
-    settings the model pick applies (its card's Euler, Simple, 20 steps and CFG; the Shift field), and the model bar."""
+def take_demo(studio_for, out: Path, model: str, name: str, settings_field: str) -> Path | None:
+    """txt2img on one built-in demo model: a batch of four pictures with the settings its pick applies (the flow demo:
+    its card's Euler, Simple, 20 steps and CFG 3, and the Shift field; the SD 1.x demo: A1111's DPM++ 2M and CFG 7, and
+    Clip skip), the demo hint and the model bar. ``settings_field``: a control only that model's family shows."""
     from playwright.sync_api import sync_playwright
 
     from ui.server import serve
 
-    card = REPO / "builtin" / "sfumato-demo-flow" / "sfumato.json"
-    if not card.is_file():
+    if not (REPO / "builtin" / model / "sfumato.json").is_file():
         return None
-    with tempfile.TemporaryDirectory(prefix="sfumato-flow-demo-shot-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="sfumato-demo-shot-") as scratch:
         handle = serve(studio_for(Path(scratch)), host="127.0.0.1", port=0, block=False)
         try:
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = _txt2img_page(browser, handle.url, None, batch_size=4)
-                _choose(page, "model_dropdown", "sfumato-demo-flow")
-                page.locator("#txt2img_shift").first.wait_for(state="visible")
-                page.wait_for_timeout(1500)  # the pick sets the card's recommended sampler, schedule, steps and CFG
+                if page.locator("#model_dropdown input").first.input_value() != model:  # the default needs no pick
+                    _choose(page, "model_dropdown", model)
+                page.locator(f"#{settings_field}").first.wait_for(state="visible")
+                page.wait_for_timeout(1500)  # the pick sets the model's sampler, schedule, steps and CFG
                 _generate_and_wait(page, "txt2img")
-                shot = _shoot_span(page, out, "flow_demo", "model_row", "txt2img_gallery")
+                shot = _shoot_span(page, out, name, "model_row", "txt2img_gallery")
                 browser.close()
         finally:
             handle.stop()
     return shot
+
+
+def take_demos(studio_for, out: Path) -> None:
+    """The demo section's two shots: the flow demo (the default) and the SD 1.x demo."""
+    take_demo(studio_for, out, "sfumato-demo-flow", "flow_demo", "txt2img_shift")
+    take_demo(studio_for, out, "sfumato-demo", "sd1_demo", "txt2img_clip_skip")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots", help="folder for the PNGs")
     parser.add_argument("--models-dir", type=Path, default=None, help="an A1111-style models folder (default: built-in models only)")
     parser.add_argument("--only-flow", action="store_true",
-                        help="only the flow-model shots (flow_models.png, flow_demo.png)")
+                        help="only the model shots (flow_models.png, flow_demo.png, sd1_demo.png)")
     args = parser.parse_args(argv)
     if not Path(CHROMIUM).exists():
         print(f"needs chromium at {CHROMIUM} (apt-get install chromium)", file=sys.stderr)
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only_flow:
         take_flow_model_bar(studio_for, args.out)
-        take_flow_demo(studio_for, args.out)
+        take_demos(studio_for, args.out)
         return 0
     with tempfile.TemporaryDirectory(prefix="sfumato-shots-") as scratch:
         scratch = Path(scratch)
@@ -318,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             handle.stop()
     take_flow_model_bar(studio_for, args.out)
-    take_flow_demo(studio_for, args.out)
+    take_demos(studio_for, args.out)
     return 0
 
 

@@ -222,7 +222,8 @@ def test_speed_bench_reports_each_target_with_a_verdict_and_exact_traced_pixels(
     document = json.loads(out.read_text())
     (row,) = document["vs_diffusers"]
     assert row["size"] == 64 and row["ratio"] > 0 and row["max_pixel_diff"] is not None
-    assert 0 < document["step_overhead"]["model_call_ms"] < document["step_overhead"]["step_ms"]
+    (overhead,) = document["step_overhead"]
+    assert 0 < overhead["model_call_ms"] < overhead["step_ms"]
     traced = next(lever for lever in document["levers"] if lever["lever"] == "traced model call")
     assert traced["max_pixel_diff"] == 0 and traced["traces_made"] >= 1
     printed = capsys.readouterr().out
