@@ -326,7 +326,7 @@ class Engine:
         """The upscale and second pass of hires fix: sizes and upscaler checked, σs cut (from the noise table at the
         new size), hires prompts encoded."""
         family = model.family
-        plan = hires.plan(request, first.width, first.height, model.vae_scale_factor, (family.min_size, family.max_size),
+        plan = hires.plan(request, first.width, first.height, model.vae_scale_factor, (family.min_size, model.max_size),
                           self.registry)
         conditioning = first.conditioning
         guided = _guided(plan.cfg_scale)
@@ -458,14 +458,14 @@ class Engine:
     @staticmethod
     def _check_size(model: LoadedModel, request: GenerationRequest, width: int, height: int) -> None:
         """Refuse a size the model cannot draw, blaming what set it: width/height, or the init image when they were left out."""
-        family = model.family
+        smallest, largest = model.family.min_size, model.max_size
         for name, value in (("width", width), ("height", height)):
-            if not family.min_size <= value <= family.max_size:
+            if not smallest <= value <= largest:
                 if getattr(request, name) is None and request.init_image is not None:
                     image_w, image_h = request.init_image.size
-                    raise ValidationError("init_image", f"the image is {image_w}x{image_h}; {model.entry.name} draws {family.min_size} to "
-                                                        f"{family.max_size} pixels a side; send a larger image or set width and height to resize it")
-                raise ValidationError(name, f"{value} is outside what {model.entry.name} supports ({family.min_size}..{family.max_size})")
+                    raise ValidationError("init_image", f"the image is {image_w}x{image_h}; {model.entry.name} draws {smallest} to "
+                                                        f"{largest} pixels a side; send a larger image or set width and height to resize it")
+                raise ValidationError(name, f"{value} is outside what {model.entry.name} supports ({smallest}..{largest})")
             if value % model.vae_scale_factor:
                 raise ValidationError(name, f"must be a multiple of {model.vae_scale_factor} for this model, got {value}")
 

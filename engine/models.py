@@ -180,6 +180,11 @@ class LoadedModel:
         return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1) * self.family.latent_patch
 
     @property
+    def max_size(self) -> int:
+        """The largest side this model draws: its family's limit, or less where the model's own tables end there."""
+        return self.family.max_size_of(self.denoising_model.config, self.vae_scale_factor)
+
+    @property
     def scaling_factor(self) -> float:
         """The VAE config's ``scaling_factor``, else the family's (Flux.2's VAE has none: its batch norm scales)."""
         scaling = self.pipeline.vae.config.get("scaling_factor")

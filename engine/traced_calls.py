@@ -185,10 +185,11 @@ class _Recorded(torch.nn.Module):
 
 def _call_key(call: Callable) -> object:
     """What identifies the computation: a family's call object (made afresh each pass, e.g. Flux's ``TransformerCall``)
-    by its class, which fixes what it does with the module; a function, method or partial by itself."""
+    by its class and its ``trace_key`` where it has one (what else it does with the module's inputs: SD3's zero tokens
+    computed as one), a function, method or partial by itself."""
     if isinstance(call, (types.FunctionType, types.MethodType, functools.partial)):
         return call
-    return type(call)
+    return type(call), getattr(call, "trace_key", None)
 
 
 def _signature(value: torch.Tensor) -> tuple:

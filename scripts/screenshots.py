@@ -29,8 +29,8 @@ MAX_HEIGHT = 1700  # long tabs are cut here: the tour shows what greets the arti
 PROMPT = "a large red circle on the left, blue background"
 # The X/Y/Z shot: colours across, shapes down, so every cell of the demo model's world differs at a glance.
 XYZ_AXES = (("Prompt S/R", "red, yellow, green"), ("Prompt S/R", "circle, square, triangle"))
-# Hires. fix by a pixel upscaler at a moderate strength: the demo model keeps its one shape at twice its size.
-HIRES_UPSCALER, HIRES_DENOISING = "Lanczos", 0.45
+# Hires. fix by a pixel upscaler at a moderate strength: the SD 1.x demo keeps its one shape at twice its size.
+HIRES_UPSCALER, HIRES_DENOISING, HIRES_MODEL = "Lanczos", 0.45, "sfumato-demo"
 FLOW_SHOT_MODEL = "flux1-dev"  # the flow shot's stand-in: a tiny random-weight Flux.1 dev folder
 LORA_NAME = "sfumato-outline"  # the extra-networks shot shows the built-in demo LoRA's card (builtin/loras)
 
@@ -117,11 +117,32 @@ def _txt2img_page(browser, url: str, size: int | None, batch_size: int):
     return page
 
 
+def _pick_model(page, model: str, cfg: str) -> None:
+    """Choose ``model`` in the model bar and wait until its pick has set its settings (read back as its CFG)."""
+    _choose(page, "model_dropdown", model)
+    page.wait_for_function("(cfg) => document.querySelector('#txt2img_cfg input[type=number]').value === cfg",
+                           arg=cfg, timeout=120_000)
+    page.wait_for_timeout(1500)
+
+
 def take_features(browser, url: str, out: Path, size: int | None) -> list[Path]:
-    """Hires. fix with a result, an X/Y/Z grid, the Extras tab with an upscaled picture, and the extra-networks
-    panel with a LoRA card, on a fresh page."""
+    """An X/Y/Z grid on the default model; hires fix with a result and the Extras tab with an upscaled picture on
+    the SD 1.x demo (the flow demo draws at 64² only: twice that, it streaks at the borders); the extra-networks
+    panel with a LoRA card. On a fresh page."""
     shots = []
-    page = _txt2img_page(browser, url, size, batch_size=2)
+    page = _txt2img_page(browser, url, size, batch_size=1)
+    _choose(page, "txt2img_script", "X/Y/Z plot")
+    page.locator("#txt2img_xyz").wait_for(state="visible")
+    for letter, (axis, values) in zip("xy", XYZ_AXES):
+        _choose(page, f"txt2img_xyz_{letter}_type", axis)
+        page.locator(f"#txt2img_xyz_{letter}_values textarea, #txt2img_xyz_{letter}_values input").first.fill(values)
+    _generate_and_wait(page, "txt2img")
+    shots.append(_shoot_span(page, out, "xyz", "txt2img_preview", "txt2img_xyz"))
+    _choose(page, "txt2img_script", "None")
+
+    if size is None and (REPO / "builtin" / HIRES_MODEL / "model_index.json").is_file():
+        _pick_model(page, HIRES_MODEL, cfg="7")
+    _set_number(page, "txt2img_batch_size", 2)
     page.locator("#txt2img_hires").get_by_text("Hires. fix").first.click()
     page.locator("#txt2img_enable_hr input[type=checkbox]").check()
     _choose(page, "txt2img_hr_upscaler", HIRES_UPSCALER)
@@ -132,16 +153,6 @@ def take_features(browser, url: str, out: Path, size: int | None) -> list[Path]:
     hires_png = page.locator("#txt2img_gallery img").first.get_attribute("src")
     page.locator("#txt2img_enable_hr input[type=checkbox]").uncheck()
     page.locator("#txt2img_hires").get_by_text("Hires. fix").first.click()  # closed again
-
-    _set_number(page, "txt2img_batch_size", 1)
-    _choose(page, "txt2img_script", "X/Y/Z plot")
-    page.locator("#txt2img_xyz").wait_for(state="visible")
-    for letter, (axis, values) in zip("xy", XYZ_AXES):
-        _choose(page, f"txt2img_xyz_{letter}_type", axis)
-        page.locator(f"#txt2img_xyz_{letter}_values textarea, #txt2img_xyz_{letter}_values input").first.fill(values)
-    _generate_and_wait(page, "txt2img")
-    shots.append(_shoot_span(page, out, "xyz", "txt2img_preview", "txt2img_xyz"))
-    _choose(page, "txt2img_script", "None")
 
     with urllib.request.urlopen(hires_png, timeout=30) as response, tempfile.TemporaryDirectory() as folder:
         image = Path(folder) / "hires.png"
@@ -254,10 +265,10 @@ def take_flow_model_bar(studio_for, out: Path) -> Path:
     return shot
 
 
-def take_demo(studio_for, out: Path, model: str, name: str, settings_field: str) -> Path | None:
+def take_demo(studio_for, out: Path, model: str, name: str, cfg: str) -> Path | None:
     """txt2img on one built-in demo model: a batch of four pictures with the settings its pick applies (the flow demo:
     its card's Euler, Simple, 20 steps and CFG 3, and the Shift field; the SD 1.x demo: A1111's DPM++ 2M and CFG 7, and
-    Clip skip), the demo hint and the model bar. ``settings_field``: a control only that model's family shows."""
+    Clip skip), the demo hint and the model bar. ``cfg``: the CFG the model's pick sets, read back before generating."""
     from playwright.sync_api import sync_playwright
 
     from ui.server import serve
@@ -271,9 +282,7 @@ def take_demo(studio_for, out: Path, model: str, name: str, settings_field: str)
                 browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = _txt2img_page(browser, handle.url, None, batch_size=4)
                 if page.locator("#model_dropdown input").first.input_value() != model:  # the default needs no pick
-                    _choose(page, "model_dropdown", model)
-                page.locator(f"#{settings_field}").first.wait_for(state="visible")
-                page.wait_for_timeout(1500)  # the pick sets the model's sampler, schedule, steps and CFG
+                    _pick_model(page, model, cfg)
                 _generate_and_wait(page, "txt2img")
                 shot = _shoot_span(page, out, name, "model_row", "txt2img_gallery")
                 browser.close()
@@ -284,8 +293,8 @@ def take_demo(studio_for, out: Path, model: str, name: str, settings_field: str)
 
 def take_demos(studio_for, out: Path) -> None:
     """The demo section's two shots: the flow demo (the default) and the SD 1.x demo."""
-    take_demo(studio_for, out, "sfumato-demo-flow", "flow_demo", "txt2img_shift")
-    take_demo(studio_for, out, "sfumato-demo", "sd1_demo", "txt2img_clip_skip")
+    take_demo(studio_for, out, "sfumato-demo-flow", "flow_demo", cfg="3")
+    take_demo(studio_for, out, "sfumato-demo", "sd1_demo", cfg="7")
 
 
 def main(argv: list[str] | None = None) -> int:

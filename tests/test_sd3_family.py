@@ -110,6 +110,20 @@ def test_every_noiseless_k_sampler_gives_a_finite_picture(engine, sampler):
     assert np.isfinite(_array(picture)).all()
 
 
+def test_a_size_past_the_transformers_position_table_is_refused_naming_the_field(engine):
+    """The fixture's table holds 32×32 patches of 2×2 latent pixels, 2 image pixels each: 128 a side at most, where
+    diffusers would fail inside the model; the limit holds for hires fix's second pass too."""
+    from engine.errors import ValidationError
+
+    assert _run(engine, width=128, height=64, steps=1).images[0].image.size == (128, 64)
+    with pytest.raises(ValidationError) as refused:
+        _run(engine, width=160, steps=1)
+    assert refused.value.field == "width" and "(32..128)" in refused.value.message
+    with pytest.raises(ValidationError) as hires:
+        _run(engine, width=64, height=64, enable_hr=True, hr_scale=4.0, steps=1)
+    assert "128" in hires.value.message
+
+
 def _init_image() -> Image.Image:
     y, x = np.mgrid[0:SIZE, 0:SIZE]
     rgb = np.stack([x * 8 % 256, y * 8 % 256, (x + y) * 4 % 256], axis=-1).astype(np.uint8)

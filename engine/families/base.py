@@ -248,6 +248,10 @@ class Family:
         Flux.2's resolution- and step-dependent μ)."""
         return self.noise_table(scheduler_config, zero_terminal_snr, **({"shift": shift} if shift else {}))
 
+    def max_size_of(self, denoiser_config, vae_scale_factor: int) -> int:
+        """The largest side a model of this family draws (``LoadedModel.max_size``); SD3 lowers it to its position table."""
+        return self.max_size
+
     def latent_channels(self, denoiser_config: dict) -> int:
         """The channels of the latent the sampler works on, from the denoising model's config: what it outputs (a transformer whose config leaves
         ``out_channels`` out or None, as Z-Image's and Flux.2's do, outputs what it takes in)."""

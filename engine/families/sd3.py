@@ -26,6 +26,7 @@ from ..fields import FLOW
 from ..flow_prompts import ClipEncoder, FlowPromptEncoder, FlowPrompts, PlainEncoder, t5_embeds
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
+from . import repeated_tokens
 from .base import Family, LatentFormat, ModelInputs
 from .patching import crop_to, pad_to_patches
 
@@ -78,19 +79,34 @@ FILE_LAYOUT = FileLayout(
 
 class TransformerCall:
     """An SD3 transformer called the way the denoiser calls a UNet (``GuidedDenoiser``): the pooled text comes in
-    ``added_cond_kwargs["pooled_projections"]``."""
+    ``added_cond_kwargs["pooled_projections"]``. ``zero_tokens``: how many identical zero tokens end the context (T5's
+    place in a model without T5), computed as one (``repeated_tokens``: the same function, a fraction of the tokens)."""
 
-    def __init__(self, transformer: torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module, zero_tokens: int = 0):
         self.transformer = transformer
         self.patch = int(transformer.config.patch_size)  # odd latent sides are padded to whole patches (patching.py)
+        self.zero_tokens, self.attention_kwargs = 0, None
+        if zero_tokens > 1:
+            try:
+                repeated_tokens.install(transformer)
+            except TypeError:  # attention processors of someone else's: the whole context, as it comes
+                return
+            self.zero_tokens, self.attention_kwargs = zero_tokens, {repeated_tokens.REPEATS_KEY: zero_tokens}
+
+    @property
+    def trace_key(self) -> int:
+        """What a traced replay of this call depends on besides its class and inputs (``engine.traced_calls``)."""
+        return self.zero_tokens
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict | None = None, return_dict: bool = False, **hook_kwargs) -> tuple[torch.Tensor]:
         pooled = (added_cond_kwargs or {})["pooled_projections"]
         height, width = x.shape[-2:]
+        if self.zero_tokens:
+            encoder_hidden_states = repeated_tokens.collapse(encoder_hidden_states, self.zero_tokens)
         output = self.transformer(hidden_states=pad_to_patches(x, self.patch), timestep=timestep.to(x.dtype).expand(x.shape[0]),
                                   encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled,
-                                  return_dict=False, **hook_kwargs)[0]
+                                  joint_attention_kwargs=self.attention_kwargs, return_dict=False, **hook_kwargs)[0]
         return (crop_to(output, height, width),)
 
 
@@ -140,12 +156,21 @@ class StableDiffusion3(Family):
         return NoiseTable.for_flow(float(shift or scheduler_config.get("shift", DEFAULT_SHIFT)),
                                    int(scheduler_config.get("num_train_timesteps", 1000)))
 
+    def max_size_of(self, denoiser_config, vae_scale_factor: int) -> int:
+        """No larger than the transformer's table of patch positions reaches (``pos_embed_max_size`` patches a side:
+        SD 3.5's 192 reach past the family's 2048 pixels, the flow demo's 32 end at 256)."""
+        table = denoiser_config.get("pos_embed_max_size")
+        if not table:
+            return self.max_size
+        return min(self.max_size, int(table) * int(denoiser_config.get("patch_size", 2)) * vae_scale_factor)
+
     def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]:
         penultimate = TextLayer(from_end=2, final_norm=False)
         return (penultimate, penultimate)
 
     def model_call(self, pipeline) -> Callable:
-        return TransformerCall(pipeline.transformer)
+        without_t5 = getattr(pipeline, PROMPTS.plain.text_encoder, None) is None  # its tokens are zeros (t5_embeds)
+        return TransformerCall(pipeline.transformer, zero_tokens=PROMPTS.plain.max_tokens if without_t5 else 0)
 
     def unet_kwargs(self, conditioning: Conditioning, width: int, height: int) -> ModelInputs:
         return ModelInputs(positive={"pooled_projections": conditioning.pooled},
