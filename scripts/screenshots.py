@@ -199,6 +199,7 @@ def take(url: str, out: Path, size: int | None) -> list[Path]:
         canvas.wait_for()
         page.wait_for_timeout(1500)
         canvas.scroll_into_view_if_needed()
+        page.wait_for_timeout(800)  # the model bar and hint settle (a flow model's is taller): measure after
         box = canvas.bounding_box()
         x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
         page.mouse.move(x - 50, y - 20)
