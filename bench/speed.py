@@ -66,6 +66,7 @@ class Subject:
     schedule: str
     cfg: float
     extra: dict = field(default_factory=dict)  # further request fields (Flux.1 dev's distilled CFG)
+    peer: Callable | None = None  # (subject, model) -> run(size, steps): its diffusers side, where not peer_runner's own
 
 
 def _log(line: str) -> None:
@@ -91,7 +92,7 @@ def build_models(folder: Path, quick: bool) -> tuple[object, list[Subject], list
     sd1 = SD1_DEMO if use_demo else TINY_SD1
     subjects = [Subject("demo", sd1, "DPM++ 2M", "Automatic", 7.0)]
     if not quick and use_demo and (BUILTIN_DIR / FLOW_DEMO / "model_index.json").is_file():
-        subjects.append(Subject("flow-demo", FLOW_DEMO, "Euler", "Simple", 3.0))  # the default model, its card's settings
+        subjects.append(Subject("flow-demo", FLOW_DEMO, "Euler", "Simple", 3.0, peer=sd3_peer))  # the default model, its card's settings
     if not quick:
         build_sdxl(folder / DEMO_SIZED_SDXL, seed=0, demo_sized=True)
         subjects.append(Subject("sdxl", DEMO_SIZED_SDXL, "DPM++ 2M", "Automatic", 7.0))
@@ -151,8 +152,8 @@ def peer_runner(subject: Subject, model) -> Callable[[int, int], object]:
                         latents=FluxPipeline._pack_latents(noise, 1, 16, latent, latent)).images[0]
         return run_flux
 
-    if model.family.id == "sd3":
-        return sd3_peer(subject, model)
+    if subject.peer is not None:
+        return subject.peer(subject, model)
     pipe = peer.peer_pipeline(model)  # DPM-Solver++(2M) over Karras σs, as the engine's DPM++ 2M "Automatic"
 
     def run(size: int, steps: int):

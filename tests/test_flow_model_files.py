@@ -103,7 +103,7 @@ def test_the_cli_takes_text_encoders_and_a_vae(two_sets, reference, tmp_path, ca
     from tests.test_cli import run_cli_here
 
     result = run_cli_here(capsys, "generate", "--models-dir", str(two_sets), "--model", "sd3-split", "--prompt", PROMPT,
-                          "--steps", "3", "--sampler", "Euler", "--schedule", "Simple", "--seed", "5",
+                          "--steps", "3", "--sampler", "Euler", "--schedule", "Simple", "--seed", "5", "--cfg", "7",  # the reference's
                           "--text-encoder", "clip_l.safetensors", "--text-encoder", "clip_g.safetensors",
                           "--vae", "sd3_vae.safetensors", "--out", str(tmp_path), "--device", "cpu")
     assert result.returncode == 0, result.stderr
