@@ -115,7 +115,8 @@ class GuidedDenoiser:
         sigma_in, c_in, timestep = self._scalings_for(sigma, copies)
         # Only the model runs in its own dtype: the sampler's arithmetic and every noise draw stay float32 on every
         # device, so a half-precision GPU gives the CPU's picture for the same seed.
-        model_input = (x_in * c_in).to(self.prompt_embeds.dtype)
+        scaled = x_in if self.parameterization == FLOW else x_in * c_in  # a flow model's c_in is 1: x·1 is x, bit for bit
+        model_input = scaled.to(self.prompt_embeds.dtype)
         inpaint = self.inpaint
         if inpaint is not None and inpaint.masked_image_latents is not None:
             extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1).to(model_input.dtype)

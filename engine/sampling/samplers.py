@@ -73,6 +73,8 @@ def _with_flow_noise(x: torch.Tensor, noise: NoiseSource | None, sigma, sigma_ne
 
 def _churn(sigmas: torch.Tensor, i: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
     """γᵢ of Karras et al. 2022, Algorithm 2: min(S_churn/N, √2 − 1) inside [S_tmin, S_tmax], else 0."""
+    if not s_churn:  # the usual case: 0 whatever σ is, without comparing σ tensors every step (issue #22)
+        return 0.0
     if s_tmin <= sigmas[i] <= s_tmax:
         return min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1)
     return 0.0
@@ -85,7 +87,7 @@ def _churned(x, noise, sigmas, i, s_churn, s_tmin, s_tmax, s_noise):
     """
     gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
     eps = None if noise is None else noise(sigmas[i], sigmas[i + 1]) * s_noise
-    sigma_hat = sigmas[i] * (gamma + 1)
+    sigma_hat = sigmas[i] * (gamma + 1) if gamma else sigmas[i]  # σ·1 is σ, bit for bit: one op fewer a step
     if gamma > 0:
         if eps is None:
             raise ValueError("s_churn > 0 adds noise: pass a noise source")
