@@ -223,7 +223,7 @@ def test_speed_bench_reports_each_target_with_a_verdict_and_exact_traced_pixels(
     (row,) = document["vs_diffusers"]
     assert row["size"] == 64 and row["ratio"] > 0 and row["max_pixel_diff"] is not None
     (overhead,) = document["step_overhead"]
-    assert 0 < overhead["model_call_ms"] < overhead["step_ms"]
+    assert 0 < overhead["model_call_ms"] < overhead["step_ms"] and 0 < overhead["own_work_ms"] < overhead["step_ms"]
     traced = next(lever for lever in document["levers"] if lever["lever"] == "traced model call")
     assert traced["max_pixel_diff"] == 0 and traced["traces_made"] >= 1
     printed = capsys.readouterr().out
