@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -51,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.families.repeated_tokens import RepeatedLastTokenAttention
 from engine.families.sd3 import PROMPTS as SD3_PROMPTS
 
 from . import world
@@ -309,7 +309,7 @@ def build_transformer(recipe: FlowRecipe, latent_size: int, seed: int):
 def encode_text(text_encoders, ids: torch.Tensor, width: int, t5_tokens: int = T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """(context, pooled) exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds them without T5: each CLIP's
     penultimate hidden state side by side, zero-padded to ``width``, then ``t5_tokens`` zero tokens in T5's place
-    (1 when ``CollapsedZerosAttention`` stands for all of them); the pooled output is both CLIPs' projected
+    (1 when ``collapsed_zeros`` makes it stand for all of them); the pooled output is both CLIPs' projected
     end-of-text embeddings side by side."""
     hidden, pooled = [], []
     for encoder in text_encoders:
@@ -321,51 +321,18 @@ def encode_text(text_encoders, ids: torch.Tensor, width: int, t5_tokens: int = T
     return torch.cat([clip, t5], dim=1), torch.cat(pooled, dim=-1)
 
 
-class CollapsedZerosAttention:
-    """``JointAttnProcessor2_0`` for a context whose LAST token stands for ``repeats`` identical tokens.
-
-    T5's zero tokens enter the MMDiT identical, and every layer treats context tokens alike except attention, where
-    identical queries get identical outputs: so they stay identical to the end. In attention, n identical keys with
-    identical values weigh as one key whose logit is raised by ln n. Training on one zero token with that bias is
-    therefore the same function as sampling with all ``T5_TOKENS`` of them (``test_demo_flow_training`` checks it),
-    at a fraction of the cost: the zeros would otherwise be most of the tokens."""
-
-    def __init__(self, repeats: int):
-        self.log_repeats = math.log(repeats)
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, **kwargs):
-        batch, image_tokens = hidden_states.shape[:2]
-        heads = attn.heads
-
-        def split(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
-
-        query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query, key = attn.norm_q(query), attn.norm_k(key)
-        c_query = split(attn.add_q_proj(encoder_hidden_states))
-        c_key = split(attn.add_k_proj(encoder_hidden_states))
-        c_value = split(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            c_query, c_key = attn.norm_added_q(c_query), attn.norm_added_k(c_key)
-        query, key, value = (torch.cat(pair, dim=2) for pair in ((query, c_query), (key, c_key), (value, c_value)))
-        bias = torch.zeros(1, key.shape[2], dtype=query.dtype)  # (queries, keys), broadcast over batch and heads
-        bias[:, -1] = self.log_repeats
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, heads * query.shape[-1]).to(query.dtype)
-        out, context = out[:, :image_tokens], out[:, image_tokens:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](out)), context
-
-
 @contextmanager
 def collapsed_zeros(transformer, repeats: int = T5_TOKENS):
-    """The transformer with ``CollapsedZerosAttention`` in every joint attention, then diffusers' own again."""
+    """The transformer (or ControlNet) with the engine's ``RepeatedLastTokenAttention`` for a context whose LAST token
+    stands for ``repeats`` identical ones, then diffusers' own processor again.
+
+    T5's zero tokens enter the MMDiT identical and stay identical to the end (``engine.families.repeated_tokens``).
+    Training on one zero token with a ln ``repeats`` bias is therefore the same function as sampling with all
+    ``T5_TOKENS`` of them (``test_demo_flow_training`` checks it), at a fraction of the cost: the zeros would
+    otherwise be most of the tokens. The engine samples the same way, with the same processor."""
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    transformer.set_attn_processor(CollapsedZerosAttention(repeats))
+    transformer.set_attn_processor(RepeatedLastTokenAttention(repeats))
     try:
         yield transformer
     finally:
@@ -388,7 +355,7 @@ def flow_loss(transformer, text_encoders, z0: torch.Tensor, ids: torch.Tensor, s
               control: torch.Tensor | None = None) -> torch.Tensor:
     """Rectified-flow loss ‖v − model(x_σ, 1000σ, c)‖² with x_σ = (1 − σ)·x₀ + σ·ε and v = ε − x₀
     (Liu et al. 2022; Esser et al. 2024, eq. 2 with the velocity target). T5's zero tokens are collapsed into one
-    (``CollapsedZerosAttention``): the same function, a third of the tokens. With a ``controlnet``, its block
+    (``collapsed_zeros``): the same function, a third of the tokens. With a ``controlnet``, its block
     residuals for the ``control`` latents are added as ``StableDiffusion3ControlNetPipeline`` adds them."""
     s = sigma.view(-1, 1, 1, 1)
     x = (1 - s) * z0 + s * noise

@@ -7,7 +7,7 @@ attention identical queries meet the same keys. Only the image tokens' output is
 keys equal in key and value weigh exactly as one key whose logit is raised by ln n. So the transformer computes the
 same function from the CLIP tokens plus ONE zero token with that bias on it, at a fraction of the cost where the
 zeros are most of the tokens: on the 64² flow demo they are 256 of 336 (16 CLIP, 64 image), on a 1024² SD 3.5 picture
-256 of 4,429. The flow demo was trained this way (``training.demo_flow``).
+256 of 4,429. The flow demo was trained this way, with this processor (``training.demo_flow``).
 
 The sums inside attention's softmax are taken over other terms, so the output differs from the 256-token call in the
 last bits of a float; ``tests/test_repeated_tokens.py`` bounds the pixel difference against diffusers' pipeline.
@@ -24,12 +24,17 @@ REPEATS_KEY = "last_token_repeats"  # the transformer's ``joint_attention_kwargs
 
 class RepeatedLastTokenAttention:
     """diffusers' ``JointAttnProcessor2_0``, the same ops in the same order, where the context's last token may
-    stand for ``last_token_repeats`` identical ones: its attention logit is raised by ln of that count. Without the
-    argument (or at 1) it is ``JointAttnProcessor2_0`` exactly; image-only attention (SD 3.5 Medium's second
-    attention, no context) is unchanged."""
+    stand for several identical ones: its attention logit is raised by ln of their count. The count is the call's
+    ``last_token_repeats`` (the engine passes it through ``joint_attention_kwargs``), else the processor's own
+    ``repeats`` (training sets it: diffusers' SD3 ControlNet does not pass those kwargs on to its blocks). At 1 it is
+    ``JointAttnProcessor2_0`` exactly; image-only attention (SD 3.5 Medium's second attention) is unchanged."""
+
+    def __init__(self, repeats: int = 1):
+        self.repeats = repeats
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, last_token_repeats: int = 1, **kwargs):
+                 attention_mask: torch.Tensor | None = None, last_token_repeats: int | None = None, **kwargs):
+        repeats = last_token_repeats or self.repeats
         residual = hidden_states
         batch = hidden_states.shape[0]
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
@@ -55,9 +60,9 @@ class RepeatedLastTokenAttention:
             query = torch.cat([query, c_query], dim=2)
             key = torch.cat([key, c_key], dim=2)
             value = torch.cat([value, c_value], dim=2)
-            if last_token_repeats > 1:
+            if repeats > 1:
                 bias = query.new_zeros((1, key.shape[2]))  # (queries, keys), broadcast over batch, heads and queries
-                bias[:, -1] = math.log(last_token_repeats)
+                bias[:, -1] = math.log(repeats)
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
@@ -74,7 +79,7 @@ def install(transformer: torch.nn.Module) -> None:
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     processors = transformer.attn_processors
-    if all(isinstance(processor, RepeatedLastTokenAttention) for processor in processors.values()):
+    if all(isinstance(processor, RepeatedLastTokenAttention) and processor.repeats == 1 for processor in processors.values()):
         return
     if not all(type(processor) is JointAttnProcessor2_0 for processor in processors.values()):
         raise TypeError("not diffusers' joint attention processors")  # someone else's: the caller keeps the full context
