@@ -286,12 +286,11 @@ def run_generate(args: argparse.Namespace) -> int:
     except OSError as error:
         raise CliError(f"--out: cannot create {out}: {error.strerror}") from None
     index = len(list(out.glob("*.png")))
-    model_settings = settings_not_given(args, studio)
-    if model_settings:  # built again with the model's own settings where no flag gave one (validated above)
-        requests = [build_request(args, prompt, model_settings) for prompt in prompts]
+    model_settings = settings_not_given(args, studio)  # the model's own, where no flag gave one
     for request in requests:
         request = resolve_extensions(studio, request, args)
         try:
+            request = request.with_changes(**model_settings)
             if args.xyz:
                 result = plan_xyz(args, request, studio).run(studio.engine)
             else:
@@ -397,9 +396,9 @@ def settings_not_given(args: argparse.Namespace, studio) -> dict:
     return {name: chosen[name] for name in missing}
 
 
-def build_request(args: argparse.Namespace, prompt: str, model_settings: dict | None = None):
+def build_request(args: argparse.Namespace, prompt: str):
     """The request the core flags describe (each converted as its field's declaration says); a family setting no flag
-    gave is taken from ``model_settings`` (``settings_not_given``), else its declared default."""
+    gave has its declared default until ``settings_not_given`` puts the model's own in."""
     from PIL import Image
 
     from engine import GenerationRequest
@@ -412,7 +411,7 @@ def build_request(args: argparse.Namespace, prompt: str, model_settings: dict | 
             continue
         value = getattr(args, declared.name)
         if value is None and declared.name in APPLIED:
-            value = (model_settings or {}).get(declared.name, declared.default)
+            value = declared.default
         if declared.name == "outpaint":
             value = parse_outpaint(value)
         elif declared.type is Image.Image:
