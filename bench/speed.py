@@ -67,7 +67,7 @@ class Subject:
     schedule: str
     cfg: float
     extra: dict = field(default_factory=dict)  # further request fields (Flux.1 dev's distilled CFG)
-    peer: Callable | None = None  # (subject, model) -> run(size, steps): its diffusers side, where not peer_runner's own
+    peer: Callable | None = None  # (subject, model) -> run(size, steps): its diffusers side; None: a UNet's (unet_peer)
 
 
 def _log(line: str) -> None:
@@ -103,7 +103,7 @@ def build_models(folder: Path, quick: bool) -> tuple[object, list[Subject], list
             notes.append(f"no Flux fixture ({error}): Flux figures skipped")
         else:
             build_folder(folder / "tiny-flux-dev", "dev")
-            subjects.append(Subject("flux", "tiny-flux-dev", "Euler", "Simple", 1.0, {"distilled_cfg_scale": 3.5}))
+            subjects.append(Subject("flux", "tiny-flux-dev", "Euler", "Simple", 1.0, {"distilled_cfg_scale": 3.5}, peer=flux_peer))
     registry = ModelRegistry(folder, builtin_dir=BUILTIN_DIR if use_demo else None, device="cpu", cache_size=4)
     return registry, subjects, notes
 
@@ -125,42 +125,48 @@ def _flux_mu(image_tokens: int, config: dict) -> float:
 
 
 def peer_runner(subject: Subject, model) -> Callable[[int, int], object]:
-    """``run(size, steps) -> PIL image``: the family's diffusers pipeline on the same weights, sampler σs and seed."""
+    """``run(size, steps) -> PIL image``: the subject's diffusers pipeline on the same weights, sampler σs and seed."""
+    return (subject.peer or unet_peer)(subject, model)
+
+
+def unet_peer(subject: Subject, model) -> Callable[[int, int], object]:
+    """A UNet model's diffusers pipeline with DPM-Solver++(2M) over Karras σs, as the engine's DPM++ 2M "Automatic"."""
     import torch
 
     from . import peer
 
-    if model.family.name.startswith("flux"):
-        from diffusers import FluxPipeline
-
-        from engine.sampling import schedules
-        from engine.sampling.denoiser import noise_table_for
-
-        pipe = FluxPipeline.from_pretrained(model.entry.path, local_files_only=True, dtype=model.dtype)
-        pipe.set_progress_bar_config(disable=True)
-        config = pipe.scheduler.config
-
-        def run_flux(size: int, steps: int):
-            table, _ = noise_table_for(model, width=size, height=size, steps=steps)
-            sigmas = schedules.simple(table, steps)[:-1].double()
-            latent = size // model.vae_scale_factor
-            if config.get("use_dynamic_shifting"):  # the pipeline shifts the σs it is given: hand it unshifted ones
-                mu = _flux_mu((latent // 2) ** 2, config)
-                sigmas = 1 / (1 + math.exp(mu) * (1 / sigmas - 1))
-            noise = torch.randn((1, 16, latent, latent), generator=torch.Generator().manual_seed(SEED))  # the engine's CPU noise
-            return pipe(PROMPT, height=size, width=size, sigmas=sigmas.tolist(), guidance_scale=subject.extra["distilled_cfg_scale"],
-                        true_cfg_scale=subject.cfg, max_sequence_length=512, output_type="pil",
-                        latents=FluxPipeline._pack_latents(noise, 1, 16, latent, latent)).images[0]
-        return run_flux
-
-    if subject.peer is not None:
-        return subject.peer(subject, model)
-    pipe = peer.peer_pipeline(model)  # DPM-Solver++(2M) over Karras σs, as the engine's DPM++ 2M "Automatic"
+    pipe = peer.peer_pipeline(model)
 
     def run(size: int, steps: int):
         generator = torch.Generator("cpu").manual_seed(SEED)
         return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=subject.cfg, width=size,
                     height=size, generator=generator, output_type="pil").images[0]
+    return run
+
+
+def flux_peer(subject: Subject, model) -> Callable[[int, int], object]:
+    """diffusers' ``FluxPipeline`` on the engine's Euler / Simple σs and CPU noise, at the subject's distilled CFG."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from engine.sampling import schedules
+    from engine.sampling.denoiser import noise_table_for
+
+    pipe = FluxPipeline.from_pretrained(model.entry.path, local_files_only=True, dtype=model.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.scheduler.config
+
+    def run(size: int, steps: int):
+        table, _ = noise_table_for(model, width=size, height=size, steps=steps)
+        sigmas = schedules.simple(table, steps)[:-1].double()
+        latent = size // model.vae_scale_factor
+        if config.get("use_dynamic_shifting"):  # the pipeline shifts the σs it is given: hand it unshifted ones
+            mu = _flux_mu((latent // 2) ** 2, config)
+            sigmas = 1 / (1 + math.exp(mu) * (1 / sigmas - 1))
+        noise = torch.randn((1, 16, latent, latent), generator=torch.Generator().manual_seed(SEED))  # the engine's CPU noise
+        return pipe(PROMPT, height=size, width=size, sigmas=sigmas.tolist(), guidance_scale=subject.extra["distilled_cfg_scale"],
+                    true_cfg_scale=subject.cfg, max_sequence_length=512, output_type="pil",
+                    latents=FluxPipeline._pack_latents(noise, 1, 16, latent, latent)).images[0]
     return run
 
 
