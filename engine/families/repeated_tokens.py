@@ -26,7 +26,7 @@ class RepeatedLastTokenAttention:
     """diffusers' ``JointAttnProcessor2_0``, the same ops in the same order, where the context's last token may
     stand for several identical ones: its attention logit is raised by ln of their count. The count is the call's
     ``last_token_repeats`` (the engine passes it through ``joint_attention_kwargs``), else the processor's own
-    ``repeats`` (training sets it: diffusers' SD3 ControlNet does not pass those kwargs on to its blocks). At 1 it is
+    ``repeats`` (training sets it, for a model class that does not pass those kwargs on to its blocks). At 1 it is
     ``JointAttnProcessor2_0`` exactly; image-only attention (SD 3.5 Medium's second attention) is unchanged."""
 
     def __init__(self, repeats: int = 1):
