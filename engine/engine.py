@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import cancellation, hires, image_ops, networks, refiner, traced_calls
+from . import cancellation, hires, image_ops, networks, refiner, token_merging, traced_calls
 from .compute import run_until_interrupted
 from .errors import GenerationError, Interrupted, ModelError, SfumatoError, ValidationError
 from .models import LoadedModel, ModelRegistry
@@ -84,6 +84,7 @@ class _PassPlan:
     cfg_scale: float  # before the sampler's own factor
     full_sigmas: torch.Tensor | None = None  # the whole schedule an img2img pass was cut from (the Brownian tree spans it)
     refiner: "_RefinerPlan | None" = None  # the model that takes over part way through this pass
+    token_merging: float = 0.0  # the share of tokens merged before full-resolution self-attention (0: the exact call)
 
     @property
     def planned(self) -> int:
@@ -223,7 +224,7 @@ class Engine:
         first = _PassPlan(sampler=request.sampler, schedule=request.schedule, steps=request.steps,
                           sigmas=self._pass_sigmas(request, noise_table, prepared), width=prepared.width, height=prepared.height,
                           conditioning=conditioning, denoising_strength=None if prepared.source is None else request.denoising_strength,
-                          cfg_scale=request.cfg_scale)
+                          cfg_scale=request.cfg_scale, token_merging=token_merging.pass_ratio(request, model.family.traits))
         do_cfg = first.guided
         # img2img cuts the schedule; A1111 still spans the SDE samplers' Brownian tree over the whole of it.
         if prepared.source is not None:
@@ -345,7 +346,8 @@ class Engine:
         full = sample_pass.schedule_sigmas(spec, noise_table, plan.schedule, plan.steps)
         second = _PassPlan(sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps, sigmas=sigmas, width=plan.width,
                            height=plan.height, conditioning=conditioning, denoising_strength=request.denoising_strength,
-                           cfg_scale=plan.cfg_scale, full_sigmas=full)
+                           cfg_scale=plan.cfg_scale, full_sigmas=full,
+                           token_merging=token_merging.pass_ratio(request, family.traits, second_pass=True))
         return _HiresStage(plan, second, noise_table)
 
     def _hires_stage(self, request: GenerationRequest, model: LoadedModel, second: "_HiresStage", latents: torch.Tensor,
@@ -528,7 +530,9 @@ class Engine:
         if inpaint is None and whole_image:
             inpaint = self._whole_image_conditioning(model, plan.width, plan.height, noise)
         cfg_scale = plan.cfg_scale * samplers.find_sampler(plan.sampler).cfg_scale_factor
-        call = traced_calls.replayed(model.family.model_call(model.pipeline), getattr(model.pipeline, model.family.denoiser))
+        call, module = model.family.model_call(model.pipeline), getattr(model.pipeline, model.family.denoiser)
+        call = (token_merging.MergedTokensCall(call, module, plan.token_merging) if plan.token_merging
+                else traced_calls.replayed(call, module))
         return GuidedDenoiser(call, noise_table, parameterization,
                               embeds.to(model.device, model.dtype), cfg_scale, do_cfg, added, inpaint)
 

@@ -376,6 +376,17 @@ CORE_FIELDS: tuple[Field, ...] = (
           help="Ancestral and SDE noise is drawn from seed + this after the first noise. " + _SAMPLING_HELP,
           infotext="ENSD", infotext_when=_when_ensd_applies, override="eta_noise_seed_delta",
           cli="--ensd"),
+    # Token merging (engine.token_merging): faster, and it changes the picture. A1111 keeps both in Settings › Optimizations.
+    Field("token_merging_ratio", float, 0.0, range=(0.0, 0.9), label="Token merging ratio", control="slider", step=0.1,
+          help="Faster on large pictures, and changes them: merges this share of the tokens before full-resolution "
+               "self-attention (ToMe, as A1111 applies it; none in SDXL, which has no attention at full resolution). "
+               "0: off, the exact picture.",
+          infotext="Token merging ratio", infotext_when=_when_not_default("token_merging_ratio", 0.0),
+          override="token_merging_ratio", cli="--token-merging", preset=True, only_for=UNET),
+    Field("token_merging_ratio_hr", float, 0.0, range=(0.0, 0.9), label="Hires token merging ratio", control="slider",
+          step=0.1, help="Token merging in the second pass; 0: the first pass's.", infotext="Token merging ratio hr",
+          infotext_when=_when_hires(_when_not_default("token_merging_ratio_hr", 0.0)), override="token_merging_ratio_hr",
+          cli="--hires-token-merging", only_for=UNET, **_HIRES),
     # A1111 writes "RNG" only when it is not its default (GPU): an infotext without it was made with GPU noise.
     Field("rng", str, "CPU", choices=RNG_SOURCES, label="RNG",
           help="Where noise comes from: CPU (the same on every machine), GPU (A1111's default), NV (CUDA's generator "

@@ -151,6 +151,8 @@ class GenerationRequest:
     eta: float | None = default("eta")
     eta_noise_seed_delta: int = default("eta_noise_seed_delta")
     rng: str = default("rng")
+    token_merging_ratio: float = default("token_merging_ratio")
+    token_merging_ratio_hr: float = default("token_merging_ratio_hr")
     vae: str = default("vae")
     modules: tuple[str, ...] = default("modules")
     enable_hr: bool = default("enable_hr")

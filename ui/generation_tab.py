@@ -204,13 +204,15 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", RANDOM_SUBSEED, REUSE_SUBSEED)
                 subseed_strength = F.control("subseed_strength", mode, info=None)
             # A1111 keeps these in its Settings; here they belong to the request, so an infotext restores them.
-            with gr.Accordion("Advanced sampling: clip skip, eta, ENSD, RNG", open=False, elem_id=f"{mode}_advanced_sampling"):
+            with gr.Accordion("Advanced sampling: clip skip, eta, ENSD, RNG, token merging", open=False,
+                              elem_id=f"{mode}_advanced_sampling"):
                 with gr.Row():
                     clip_skip = F.control("clip_skip", mode, visible=shown("clip_skip", family))
                     eta = F.control("eta", mode)
                 with gr.Row():
                     ensd = F.control("eta_noise_seed_delta", mode, "ensd")
                     rng = F.control("rng", mode)
+                token_merging = F.control("token_merging_ratio", mode, visible=shown("token_merging_ratio", family))
             if mode == "inpaint":
                 preview_mask_button, mask_preview_image = preview_mask
             extensions, _ = build_extension_controls(studio, mode)
@@ -241,7 +243,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                             ("batch_count", batch_count), ("batch_size", batch_size), ("cfg_scale", cfg),
                             ("distilled_cfg_scale", distilled_cfg), ("seed", seed),
                             ("subseed", subseed), ("subseed_strength", subseed_strength), ("clip_skip", clip_skip), ("eta", eta), ("shift", shift),
-                            ("eta_noise_seed_delta", ensd), ("rng", rng)):
+                            ("eta_noise_seed_delta", ensd), ("rng", rng), ("token_merging_ratio", token_merging)):
         fields.add(F.simple(name, component))
     if mode != "txt2img":
         fields.add(F.simple("denoising_strength", denoising))
