@@ -9,6 +9,8 @@ per-step overhead. Models are built once per bench run into a temporary folder.
 """
 from __future__ import annotations
 
+import math
+
 import itertools
 import tempfile
 from dataclasses import dataclass, field
@@ -149,6 +151,12 @@ def max_pixel_diff(a: Image.Image, b: Image.Image) -> int:
     if a.size != b.size:
         return 255
     return int(np.abs(np.asarray(a.convert("RGB"), dtype=np.int16) - np.asarray(b.convert("RGB"), dtype=np.int16)).max())
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    """Peak signal-to-noise ratio of ``a`` against ``b`` in dB (inf: identical): how far an approximation moved the picture."""
+    error = np.mean((np.asarray(a.convert("RGB"), dtype=np.float64) - np.asarray(b.convert("RGB"), dtype=np.float64)) ** 2)
+    return math.inf if error == 0 else float(10 * np.log10(255**2 / error))
 
 
 @dataclass

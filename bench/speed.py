@@ -13,7 +13,8 @@ Then, on the demo models (the per-step overhead on both; the levers on the SD 1.
 - **levers**, each measured as engine-with ÷ engine-without in interleaved pairs, with the pixel difference:
   the traced model call (``engine.traced_calls``; default on) and what tracing costs once per shape; channels-last
   weights; the SDPA kernel (flash vs math); CFG 1 (the uncond half skipped) against CFG 7; and with ``--compile``
-  torch.compile of the model call (its compile time; pixels compared).
+  torch.compile of the model call (its compile time; pixels compared). Token merging at 0.5 (A1111's opt-in ToMe,
+  ``engine.token_merging``) at 256² and 512², with its PSNR against the exact picture: it changes pixels.
 
     python -m bench speed             the full run (minutes)
     python -m bench speed --quick     64² only, demo model, few pairs (development, CI smoke)
@@ -209,7 +210,7 @@ def timed(function: Callable[[], object]) -> tuple[float, object]:
 def pairs(a: Callable[[], tuple[float, object]], b: Callable[[], tuple[float, object]], count: int) -> dict:
     """``count`` interleaved pairs after one warm-up round: median a ÷ b, both medians, and the largest pixel
     difference between the two sides' images."""
-    from .fixtures import max_pixel_diff
+    from .fixtures import max_pixel_diff, psnr
     from .timing import interleave, median, ms, pair_stats
 
     images: dict[str, object] = {}
@@ -232,6 +233,8 @@ def pairs(a: Callable[[], tuple[float, object]], b: Callable[[], tuple[float, ob
     times = interleave({"a": side("a", a), "b": b_then_compare}, repetitions=count, warmup=1)
     stats = pair_stats(times["a"], times["b"])
     return {**stats, "a_ms": ms(median(times["a"])), "b_ms": ms(median(times["b"])), "max_pixel_diff": max(diffs) if diffs else None,
+            # the last pair's pictures (both sides are deterministic); None: identical
+            "psnr_db": None if math.isinf(db := psnr(images["a"], images["b"])) else round(db, 1),
             "ratios": [round(x / y, 4) for x, y in zip(times["a"], times["b"])]}
 
 
@@ -384,6 +387,11 @@ def levers(engine, registry, subject: Subject, quick: bool, compile_too: bool) -
     _log("  lever: CFG 1 (uncond skipped) vs CFG 7, 64²")
     results.append({"lever": "CFG 1 skips the uncond half (vs CFG 7; another picture)", "exact": None, "size": 64, "steps": 20,
                     **pairs(engine_run(64, 20, cfg_scale=1.0, negative_prompt=""), engine_run(64, 20), count)})
+    for size in sizes if quick else (256, 512):
+        steps = 10 if size < 512 else 3
+        _log(f"  lever: token merging 0.5 (changes pixels), {size}²")
+        results.append({"lever": "token merging 0.5 (opt-in; changes pixels)", "exact": False, "size": size, "steps": steps,
+                        **pairs(engine_run(size, steps, token_merging_ratio=0.5), engine_run(size, steps), count)})
     if compile_too:
         results.append(compile_lever(engine, model, subject, count))
     return results
@@ -447,6 +455,8 @@ def print_report(document: dict) -> None:
                 extra = f", one trace takes {row['trace_s']:.2f} s once per shape ({row['traces_made']} made)"
             if "compile_s_about" in row:
                 extra = f", first image {row['first_image_s']:.1f} s (compile ≈ {row['compile_s_about']:.1f} s)"
+            if row.get("exact") is False:
+                extra += f", PSNR {row['psnr_db']:.1f} dB against the exact picture"
             print(f"  {row['lever']}, {row['size']}²: {row['ratio']:.3f}× ({row['a_ms']:.0f} vs {row['b_ms']:.0f} ms), "
                   f"max pixel diff {row['max_pixel_diff']}/255{extra}")
     meta = document["meta"]
