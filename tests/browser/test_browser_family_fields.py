@@ -1,6 +1,6 @@
 """In a real browser: picking a model shows the fields its family uses and sets what it draws with, as Forge's
 UI presets do: Flux.1 dev brings Distilled CFG, Shift and the VAE / Text Encoder picker and hides Clip skip; an
-SD 1.x model takes them away again and puts CFG back to 7."""
+SD 1.x model takes them away again (and brings Clip skip and token merging back) and puts CFG back to 7."""
 from __future__ import annotations
 
 import json
@@ -40,8 +40,9 @@ def _shown(page, elem_id: str, visible: bool) -> None:
 
 
 def test_flux_brings_its_fields_and_settings_and_sd1_takes_them_back(page):
-    page.get_by_text("Advanced sampling").first.click()  # Clip skip lives in this accordion
+    page.get_by_text("Advanced sampling").first.click()  # Clip skip and token merging live in this accordion
     _shown(page, "txt2img_clip_skip", True)
+    _shown(page, "txt2img_token_merging_ratio", True)
     for elem_id in ("txt2img_distilled_cfg", "txt2img_shift", "modules_dropdown"):
         _shown(page, elem_id, False)
     assert "SD 1.x" in page.locator("#model_status").inner_text()
@@ -50,6 +51,7 @@ def test_flux_brings_its_fields_and_settings_and_sd1_takes_them_back(page):
     for elem_id in ("txt2img_distilled_cfg", "txt2img_shift", "modules_dropdown"):
         _shown(page, elem_id, True)
     _shown(page, "txt2img_clip_skip", False)
+    _shown(page, "txt2img_token_merging_ratio", False)  # a UNet's, like Clip skip
     assert "Flux.1" in page.locator("#model_status").inner_text()
     assert float(text_of(page, "txt2img_cfg")) == 1.0 and float(text_of(page, "txt2img_distilled_cfg")) == 3.5
     assert text_of(page, "txt2img_sampler") == "Euler" and text_of(page, "txt2img_schedule") == "Simple"
@@ -59,6 +61,7 @@ def test_flux_brings_its_fields_and_settings_and_sd1_takes_them_back(page):
 
     choose(page, "model_dropdown", fx.MODEL_NAME)
     _shown(page, "txt2img_clip_skip", True)
+    _shown(page, "txt2img_token_merging_ratio", True)
     for elem_id in ("txt2img_distilled_cfg", "txt2img_shift", "modules_dropdown"):
         _shown(page, elem_id, False)
     assert float(text_of(page, "txt2img_cfg")) == 7.0
