@@ -3,8 +3,8 @@
 Before each full-resolution self-attention of a UNet, the most alike tokens are averaged into one (bipartite soft
 matching, from the ``tomesd`` library), attention runs on the tokens left, and its output is copied back to every
 token that was merged. At ratio r self-attention sees (1 − r) of the tokens, so it costs about (1 − r)² as much: on a
-large picture that is most of a step. The picture changes (a little at 0.3, more at 0.5): it is off (0) by default,
-and the exact path never runs this code.
+large picture that is most of a step. The picture changes (``bench speed`` reports its PSNR against the exact
+one), so it is off (0) by default, and the exact path never runs this code.
 
 It is applied as A1111 applies tomesd (``use_rand=False``, merging for self-attention only, ``max_downsample=1``,
 2×2 strides), so an A1111 infotext with "Token merging ratio" draws A1111's picture: the matching is computed from
