@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from engine.tiny_models import build_sd15_shaped as build_sd15, build_sdxl_shaped as build_sdxl
 
@@ -27,6 +28,27 @@ DEFAULT_OUT = BENCH_DIR / "results" / "gpu.json"
 PROMPT = "a photograph of a lighthouse at dusk"
 NEGATIVE = "blurry"
 SEED = 1234
+
+
+class _Memory:
+    """Peak memory allocated on ``device`` since the last ``reset``, in MiB; None where the device keeps no count
+    (the CPU, where the smoke test runs this bench's code on tiny models)."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.cuda = torch.cuda if device == "cuda" else None
+
+    def reset(self) -> None:
+        if self.cuda is not None:
+            self.cuda.synchronize()
+            self.cuda.reset_peak_memory_stats()
+
+    def peak_mb(self) -> float | None:
+        if self.cuda is None:
+            return None
+        self.cuda.synchronize()
+        return round(self.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def measure(registry, engine, name: str, size: int, steps: int, pairs: int) -> dict:
@@ -41,25 +63,24 @@ def measure(registry, engine, name: str, size: int, steps: int, pairs: int) -> d
     pipe = peer.peer_pipeline(model)
     request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, model=name, sampler="DPM++ 2M", schedule="Automatic",
                                 steps=steps, cfg_scale=7.0, width=size, height=size, seed=SEED, preview_every=0)
-    peaks: dict[str, list[float]] = {"sfumato": [], "diffusers": []}
+    memory = _Memory(model.device.type)
+    peaks: dict[str, list[float | None]] = {"sfumato": [], "diffusers": []}
 
     def engine_run(index: int) -> float:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        memory.reset()
         result = engine.generate(request)
-        peaks["sfumato"].append(torch.cuda.max_memory_allocated() / 2**20)
+        peaks["sfumato"].append(memory.peak_mb())
         return result.timings["denoise"]
 
     def peer_run(index: int) -> float:
         generator = torch.Generator("cpu").manual_seed(SEED)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        memory.reset()
         tick = time.perf_counter()
         latents = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0, width=size,
                        height=size, generator=generator, output_type="latent").images
-        torch.cuda.synchronize()
+        peak = memory.peak_mb()  # synchronizes first, so the time below includes the device's work
         seconds = time.perf_counter() - tick  # the loop and prompt encoding; no decode, as the engine's "denoise"
-        peaks["diffusers"].append(torch.cuda.max_memory_allocated() / 2**20)
+        peaks["diffusers"].append(peak)
         del latents
         return seconds
 
@@ -67,7 +88,39 @@ def measure(registry, engine, name: str, size: int, steps: int, pairs: int) -> d
     stats = pair_stats(times["sfumato"], times["diffusers"])
     return {"model": name, "size": size, "steps": steps, "ratio": stats["ratio"], "spread": stats["spread"], "pairs": stats["pairs"],
             "sfumato_it_s": round(steps / median(times["sfumato"]), 2), "diffusers_it_s": round(steps / median(times["diffusers"]), 2),
-            "sfumato_peak_vram_mb": round(max(peaks["sfumato"]), 1), "diffusers_peak_vram_mb": round(max(peaks["diffusers"]), 1)}
+            "sfumato_peak_vram_mb": _largest(peaks["sfumato"]), "diffusers_peak_vram_mb": _largest(peaks["diffusers"])}
+
+
+def _largest(peaks: list[float | None]) -> float | None:
+    return None if None in peaks else max(peaks)
+
+
+def run_points(points: list[tuple[str, int, Callable[[Path], object]]], device: str, steps: int, pairs: int) -> list[dict]:
+    """Build each (model name, size, builder) in a temporary folder and measure it on ``device``, on the compute thread."""
+    from engine import Engine, ModelRegistry
+    from engine.compute import run_on_compute_thread
+    from engine.performance import PerformanceOptions
+
+    def run() -> list[dict]:
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="sfumato-gpu-bench-") as folder:
+            for name, _, build in points:
+                build(Path(folder) / name)
+            registry = ModelRegistry(Path(folder), builtin_dir=None, device=device, performance=PerformanceOptions())
+            engine = Engine(registry)
+            for name, size, _ in points:
+                print(f"[{name}] {size}², {steps} steps, {pairs} pairs", flush=True)
+                rows.append(measure(registry, engine, name, size, steps, pairs))
+        return rows
+
+    return run_on_compute_thread(run)
+
+
+def describe(row: dict) -> str:
+    vram = ("" if row["sfumato_peak_vram_mb"] is None
+            else f"; peak VRAM {row['sfumato_peak_vram_mb']:.0f} vs {row['diffusers_peak_vram_mb']:.0f} MiB")
+    return (f"  {row['model']} {row['size']}²: Sfumato {row['sfumato_it_s']} it/s, diffusers {row['diffusers_it_s']} it/s, "
+            f"time ratio {row['ratio']:.3f}× (spread {row['spread']:.3f}){vram}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,36 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from engine import Engine, ModelRegistry
-    from engine.compute import run_on_compute_thread
-    from engine.performance import PerformanceOptions
-
     from .fixtures import quiet_libraries
 
     quiet_libraries()
     points = {"sd15": ("gpu-sd15", 512, build_sd15), "sdxl": ("gpu-sdxl", 1024, build_sdxl)}
-    chosen = [key.strip() for key in args.only.split(",") if key.strip() in points]
-
-    def run() -> list[dict]:
-        rows = []
-        with tempfile.TemporaryDirectory(prefix="sfumato-gpu-bench-") as folder:
-            for key in chosen:
-                name, size, build = points[key]
-                build(Path(folder) / name)
-            registry = ModelRegistry(Path(folder), builtin_dir=None, device="cuda", performance=PerformanceOptions())
-            engine = Engine(registry)
-            for key in chosen:
-                name, size, _ = points[key]
-                print(f"[{key}] {size}², {args.steps} steps, {args.pairs} pairs", flush=True)
-                rows.append(measure(registry, engine, name, size, args.steps, args.pairs))
-        return rows
-
-    rows = run_on_compute_thread(run)
+    rows = run_points([points[key.strip()] for key in args.only.split(",") if key.strip() in points], "cuda", args.steps,
+                      args.pairs)
     device = torch.cuda.get_device_name(0)
     for row in rows:
-        print(f"  {row['model']} {row['size']}²: Sfumato {row['sfumato_it_s']} it/s, diffusers {row['diffusers_it_s']} it/s, "
-              f"time ratio {row['ratio']:.3f}× (spread {row['spread']:.3f}); peak VRAM {row['sfumato_peak_vram_mb']:.0f} vs "
-              f"{row['diffusers_peak_vram_mb']:.0f} MiB")
+        print(describe(row))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

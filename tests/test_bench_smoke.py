@@ -237,3 +237,14 @@ def test_gpu_bench_says_plainly_that_nothing_was_measured_without_cuda(capsys):
         pytest.skip("CUDA is here: the GPU bench would measure")
     assert gpu.main([]) == 0
     assert "UNMEASURED" in capsys.readouterr().out
+
+
+def test_the_gpu_bench_measures_both_sides_the_same_way_on_any_device(capsys):
+    """Its measuring code, run on the CPU with a tiny model: a CUDA machine's first run should not be its first test."""
+    from bench import gpu
+    from engine.tiny_models import build_sd1
+
+    (row,) = gpu.run_points([("tiny-sd1", 64, lambda folder: build_sd1(folder, seed=0))], "cpu", steps=2, pairs=1)
+    assert row["sfumato_it_s"] > 0 and row["diffusers_it_s"] > 0 and row["ratio"] > 0
+    assert row["sfumato_peak_vram_mb"] is None  # the CPU keeps no count
+    assert "it/s" in gpu.describe(row) and "VRAM" not in gpu.describe(row)
