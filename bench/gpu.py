@@ -4,7 +4,9 @@ Random-weight models shaped like the real ones (SD 1.5's UNet at 512², SDXL's a
 small, since only the denoising loop is compared), fp16, the same sampler σs (DPM++ 2M / Karras), CFG 7 and seed on
 both sides. Reports iterations per second for each side (steps ÷ the sampling loop's wall time; the engine's from its
 denoise timing, diffusers' from the pipeline call less its decode), their ratio (interleaved pairs, median), and the
-peak VRAM each side allocated.
+peak VRAM each side allocated. Then the engine alone in each offload mode (``--cpu-text-encoders``, ``--medvram``,
+``--lowvram``): its it/s and peak VRAM. The smoke test runs all of this on the CPU with a tiny model, without the
+VRAM figures.
 
 Without CUDA it says so and exits 0: **these figures have not been measured on this project's machines** (no GPU
 here); the first run on a CUDA machine is their first measurement.
@@ -95,14 +97,39 @@ def _largest(peaks: list[float | None]) -> float | None:
     return None if None in peaks else max(peaks)
 
 
-def run_points(points: list[tuple[str, int, Callable[[Path], object]]], device: str, steps: int, pairs: int) -> list[dict]:
-    """Build each (model name, size, builder) in a temporary folder and measure it on ``device``, on the compute thread."""
+def memory_mode_rows(folder: Path, name: str, size: int, steps: int, device: str) -> list[dict]:
+    """The engine alone in each offload mode (A1111's ``--medvram``/``--lowvram``, Forge's ``--cpu-text-encoders``):
+    its it/s and peak VRAM, one timed run after a warm-up, each mode on a registry of its own."""
+    from engine import Engine, GenerationRequest, ModelRegistry
+    from engine.performance import MEMORY_MODES, PerformanceOptions
+
+    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, model=name, sampler="DPM++ 2M", schedule="Automatic",
+                                steps=steps, cfg_scale=7.0, width=size, height=size, seed=SEED, preview_every=0)
+    memory = _Memory(device)
+    rows = []
+    for mode in MEMORY_MODES:
+        if mode == "normal":
+            continue  # measured beside diffusers above
+        engine = Engine(ModelRegistry(folder, builtin_dir=None, device=device, performance=PerformanceOptions(memory_mode=mode)))
+        engine.generate(request)
+        memory.reset()
+        denoise = engine.generate(request).timings["denoise"]
+        rows.append({"model": name, "size": size, "steps": steps, "memory_mode": mode, "sfumato_it_s": round(steps / denoise, 2),
+                     "sfumato_peak_vram_mb": memory.peak_mb()})
+        del engine
+    return rows
+
+
+def run_points(points: list[tuple[str, int, Callable[[Path], object]]], device: str, steps: int,
+               pairs: int) -> tuple[list[dict], list[dict]]:
+    """Build each (model name, size, builder) in a temporary folder and measure it on ``device``, on the compute
+    thread: against diffusers, then the engine alone in each offload mode."""
     from engine import Engine, ModelRegistry
     from engine.compute import run_on_compute_thread
     from engine.performance import PerformanceOptions
 
-    def run() -> list[dict]:
-        rows = []
+    def run() -> tuple[list[dict], list[dict]]:
+        rows, mode_rows = [], []
         with tempfile.TemporaryDirectory(prefix="sfumato-gpu-bench-") as folder:
             for name, _, build in points:
                 build(Path(folder) / name)
@@ -111,16 +138,24 @@ def run_points(points: list[tuple[str, int, Callable[[Path], object]]], device: 
             for name, size, _ in points:
                 print(f"[{name}] {size}², {steps} steps, {pairs} pairs", flush=True)
                 rows.append(measure(registry, engine, name, size, steps, pairs))
-        return rows
+            del engine, registry
+            for name, size, _ in points:
+                print(f"[{name}] {size}², offload modes", flush=True)
+                mode_rows += memory_mode_rows(Path(folder), name, size, steps, device)
+        return rows, mode_rows
 
     return run_on_compute_thread(run)
 
 
 def describe(row: dict) -> str:
-    vram = ("" if row["sfumato_peak_vram_mb"] is None
-            else f"; peak VRAM {row['sfumato_peak_vram_mb']:.0f} vs {row['diffusers_peak_vram_mb']:.0f} MiB")
-    return (f"  {row['model']} {row['size']}²: Sfumato {row['sfumato_it_s']} it/s, diffusers {row['diffusers_it_s']} it/s, "
-            f"time ratio {row['ratio']:.3f}× (spread {row['spread']:.3f}){vram}")
+    def vram(side: str) -> str:
+        peak = row.get(f"{side}_peak_vram_mb")
+        return "" if peak is None else f", peak VRAM {peak:.0f} MiB"
+
+    if "memory_mode" in row:
+        return f"  {row['model']} {row['size']}², {row['memory_mode']}: Sfumato {row['sfumato_it_s']} it/s{vram('sfumato')}"
+    return (f"  {row['model']} {row['size']}²: Sfumato {row['sfumato_it_s']} it/s{vram('sfumato')}, diffusers "
+            f"{row['diffusers_it_s']} it/s{vram('diffusers')}; time ratio {row['ratio']:.3f}× (spread {row['spread']:.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,13 +178,13 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     points = {"sd15": ("gpu-sd15", 512, build_sd15), "sdxl": ("gpu-sdxl", 1024, build_sdxl)}
-    rows = run_points([points[key.strip()] for key in args.only.split(",") if key.strip() in points], "cuda", args.steps,
+    rows, mode_rows = run_points([points[key.strip()] for key in args.only.split(",") if key.strip() in points], "cuda", args.steps,
                       args.pairs)
     device = torch.cuda.get_device_name(0)
-    for row in rows:
+    for row in rows + mode_rows:
         print(describe(row))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows, "memory_modes": mode_rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

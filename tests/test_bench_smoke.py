@@ -244,7 +244,9 @@ def test_the_gpu_bench_measures_both_sides_the_same_way_on_any_device(capsys):
     from bench import gpu
     from engine.tiny_models import build_sd1
 
-    (row,) = gpu.run_points([("tiny-sd1", 64, lambda folder: build_sd1(folder, seed=0))], "cpu", steps=2, pairs=1)
+    (row,), modes = gpu.run_points([("tiny-sd1", 64, lambda folder: build_sd1(folder, seed=0))], "cpu", steps=2, pairs=1)
     assert row["sfumato_it_s"] > 0 and row["diffusers_it_s"] > 0 and row["ratio"] > 0
     assert row["sfumato_peak_vram_mb"] is None  # the CPU keeps no count
-    assert "it/s" in gpu.describe(row) and "VRAM" not in gpu.describe(row)
+    assert [mode["memory_mode"] for mode in modes] == ["cpu-text-encoders", "medvram", "lowvram"]
+    assert all(mode["sfumato_it_s"] > 0 for mode in modes)
+    assert all("it/s" in gpu.describe(line) and "VRAM" not in gpu.describe(line) for line in (row, *modes))
