@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import cancellation, hires, image_ops, networks, refiner, token_merging, traced_calls
+from . import cancellation, hires, image_ops, networks, refiner, step_cache, token_merging, traced_calls
 from .compute import run_until_interrupted
 from .errors import GenerationError, Interrupted, ModelError, SfumatoError, ValidationError
+from .fields import FIELDS
 from .models import LoadedModel, ModelRegistry
 from .networks import vae_files
 from .networks.embeddings import TI_HASHES_KEY, ti_hashes
@@ -84,7 +85,10 @@ class _PassPlan:
     cfg_scale: float  # before the sampler's own factor
     full_sigmas: torch.Tensor | None = None  # the whole schedule an img2img pass was cut from (the Brownian tree spans it)
     refiner: "_RefinerPlan | None" = None  # the model that takes over part way through this pass
-    token_merging: float = 0.0  # the share of tokens merged before full-resolution self-attention (0: the exact call)
+    # Opt-in speed-ups that change pixels (0: the exact call): the share of tokens merged before full-resolution
+    # self-attention (a UNet's), and the first block cache's threshold (a flow transformer's).
+    token_merging: float = 0.0
+    first_block_cache: float = 0.0
 
     @property
     def planned(self) -> int:
@@ -93,6 +97,17 @@ class _PassPlan:
     @property
     def guided(self) -> bool:
         return _guided(self.cfg_scale)
+
+
+@contextlib.contextmanager
+def _closed_after(call: Callable):
+    """Runs ``call.close()`` on leaving, where the model call has one (``Engine._model_call``)."""
+    try:
+        yield
+    finally:
+        close = getattr(call, "close", None)
+        if close is not None:
+            close()
 
 
 def _guided(cfg_scale: float) -> bool:
@@ -224,7 +239,8 @@ class Engine:
         first = _PassPlan(sampler=request.sampler, schedule=request.schedule, steps=request.steps,
                           sigmas=self._pass_sigmas(request, noise_table, prepared), width=prepared.width, height=prepared.height,
                           conditioning=conditioning, denoising_strength=None if prepared.source is None else request.denoising_strength,
-                          cfg_scale=request.cfg_scale, token_merging=token_merging.pass_ratio(request, model.family.traits))
+                          cfg_scale=request.cfg_scale, token_merging=token_merging.pass_ratio(request, model.family.traits),
+                          first_block_cache=FIELDS["first_block_cache"].value_for(request, model.family.traits))
         do_cfg = first.guided
         # img2img cuts the schedule; A1111 still spans the SDE samplers' Brownian tree over the whole of it.
         if prepared.source is not None:
@@ -347,7 +363,8 @@ class Engine:
         second = _PassPlan(sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps, sigmas=sigmas, width=plan.width,
                            height=plan.height, conditioning=conditioning, denoising_strength=request.denoising_strength,
                            cfg_scale=plan.cfg_scale, full_sigmas=full,
-                           token_merging=token_merging.pass_ratio(request, family.traits, second_pass=True))
+                           token_merging=token_merging.pass_ratio(request, family.traits, second_pass=True),
+                           first_block_cache=first.first_block_cache)
         return _HiresStage(plan, second, noise_table)
 
     def _hires_stage(self, request: GenerationRequest, model: LoadedModel, second: "_HiresStage", latents: torch.Tensor,
@@ -382,7 +399,9 @@ class Engine:
 
         def make_refiner() -> GuidedDenoiser:
             part.switches.append(plan.steps)
-            return self._guided_denoiser(request, part.model, replace(plan, conditioning=part.conditioning, refiner=None),
+            # The refiner's call is exact: a first block cache would outlive the pass (``_sample`` closes the first call).
+            refined = replace(plan, conditioning=part.conditioning, refiner=None, first_block_cache=0.0)
+            return self._guided_denoiser(request, part.model, refined,
                                          part.noise_table, part.parameterization, noise, do_cfg, inpaint=denoiser.inpaint,
                                          whole_image=False)
 
@@ -406,37 +425,38 @@ class Engine:
         ``stops`` gets an EarlyStop when the pass ended early; an interrupt is honoured here, so the picture so far
         is still decoded (a second interrupt stops that too).
         """
-        if self.extensions:
-            source = prepared.source if prepared is not None else None
-            crop_box = prepared.crop_box if prepared is not None else None
-            full_size = prepared.original.size if crop_box is not None else None
-            context = HookContext(model, request, plan.width, plan.height, len(seeds), do_cfg, plan.sigmas, source, crop_box, full_size)
-            denoiser.hooks = self.extensions.step_hooks(context)
-        if plan.refiner is not None:
-            denoiser = self._with_refiner(request, plan, denoiser, noise, do_cfg, noise_table)
-        before = len(stops)
-        try:
-            result = sample_pass.run(sampler=plan.sampler, denoiser=denoiser, noise_table=noise_table, sigmas=plan.sigmas,
-                                     first_noise=noise, image_noise=image_noise, seeds=seeds, steps=plan.steps,
-                                     init_latents=init_latents, denoising_strength=plan.denoising_strength,
-                                     eta=request.eta, prediction_type=model.pipeline.scheduler.config.get("prediction_type"),
-                                     full_sigmas=plan.full_sigmas, on_step=on_step)
-        except Interrupted:
-            if init_latents is None or prepared is not None:
-                raise  # nothing denoised in this job's image yet
-            # Interrupted inside the second pass's first step: A1111 returns the pass's start, the upscaled picture.
-            cancel.honour_interrupt()
-            stops.append(EarlyStop(reason="interrupted", step=on_step.offset, total_steps=on_step.total))
-            return init_latents, 0
-        latents = result.latents
-        if denoiser.inpaint is not None and denoiser.inpaint.blend:
-            # The known region ends exactly on the original latents (A1111 blends the samples once more).
-            latents = latents * denoiser.inpaint.mask + denoiser.inpaint.image_latents * (1 - denoiser.inpaint.mask)
-        if cancel.interrupt_pending and len(stops) == before:  # interrupted inside a step: the image is the last finished step's
-            stops.append(EarlyStop(reason="interrupted", step=on_step.offset + result.steps_done, total_steps=on_step.total))
-        if any(stop.reason == "interrupted" for stop in stops):
-            cancel.honour_interrupt()  # the image so far is still decoded; a second interrupt stops that too
-        return latents, result.steps_done
+        with _closed_after(denoiser.unet):  # an opt-in speed-up's hooks come off the model however the pass ends
+            if self.extensions:
+                source = prepared.source if prepared is not None else None
+                crop_box = prepared.crop_box if prepared is not None else None
+                full_size = prepared.original.size if crop_box is not None else None
+                context = HookContext(model, request, plan.width, plan.height, len(seeds), do_cfg, plan.sigmas, source, crop_box, full_size)
+                denoiser.hooks = self.extensions.step_hooks(context)
+            if plan.refiner is not None:
+                denoiser = self._with_refiner(request, plan, denoiser, noise, do_cfg, noise_table)
+            before = len(stops)
+            try:
+                result = sample_pass.run(sampler=plan.sampler, denoiser=denoiser, noise_table=noise_table, sigmas=plan.sigmas,
+                                         first_noise=noise, image_noise=image_noise, seeds=seeds, steps=plan.steps,
+                                         init_latents=init_latents, denoising_strength=plan.denoising_strength,
+                                         eta=request.eta, prediction_type=model.pipeline.scheduler.config.get("prediction_type"),
+                                         full_sigmas=plan.full_sigmas, on_step=on_step)
+            except Interrupted:
+                if init_latents is None or prepared is not None:
+                    raise  # nothing denoised in this job's image yet
+                # Interrupted inside the second pass's first step: A1111 returns the pass's start, the upscaled picture.
+                cancel.honour_interrupt()
+                stops.append(EarlyStop(reason="interrupted", step=on_step.offset, total_steps=on_step.total))
+                return init_latents, 0
+            latents = result.latents
+            if denoiser.inpaint is not None and denoiser.inpaint.blend:
+                # The known region ends exactly on the original latents (A1111 blends the samples once more).
+                latents = latents * denoiser.inpaint.mask + denoiser.inpaint.image_latents * (1 - denoiser.inpaint.mask)
+            if cancel.interrupt_pending and len(stops) == before:  # interrupted inside a step: the image is the last finished step's
+                stops.append(EarlyStop(reason="interrupted", step=on_step.offset + result.steps_done, total_steps=on_step.total))
+            if any(stop.reason == "interrupted" for stop in stops):
+                cancel.honour_interrupt()  # the image so far is still decoded; a second interrupt stops that too
+            return latents, result.steps_done
 
     # -- pieces ------------------------------------------------------------------
     def _load_model(self, request: GenerationRequest) -> LoadedModel:
@@ -530,11 +550,19 @@ class Engine:
         if inpaint is None and whole_image:
             inpaint = self._whole_image_conditioning(model, plan.width, plan.height, noise)
         cfg_scale = plan.cfg_scale * samplers.find_sampler(plan.sampler).cfg_scale_factor
-        call, module = model.family.model_call(model.pipeline), getattr(model.pipeline, model.family.denoiser)
-        call = (token_merging.MergedTokensCall(call, module, plan.token_merging) if plan.token_merging
-                else traced_calls.replayed(call, module))
-        return GuidedDenoiser(call, noise_table, parameterization,
+        return GuidedDenoiser(self._model_call(model, plan), noise_table, parameterization,
                               embeds.to(model.device, model.dtype), cfg_scale, do_cfg, added, inpaint)
+
+    @staticmethod
+    def _model_call(model: LoadedModel, plan: "_PassPlan") -> Callable:
+        """The pass's model call: exact (replayed from traces where it can be), or with an opt-in speed-up that changes
+        pixels (``_PassPlan``), which ``_sample`` closes when the pass ends."""
+        call, module = model.family.model_call(model.pipeline), getattr(model.pipeline, model.family.denoiser)
+        if plan.token_merging:
+            return token_merging.MergedTokensCall(call, module, plan.token_merging)
+        if plan.first_block_cache:
+            return step_cache.CachedBlocksCall(call, module, plan.first_block_cache)
+        return traced_calls.replayed(call, module)
 
     def _build_denoiser(self, request, model: LoadedModel, prepared: _Prepared, first: _PassPlan, noise_table,
                         parameterization: str, noise) -> tuple[GuidedDenoiser | None, torch.Tensor | None]:

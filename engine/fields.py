@@ -125,6 +125,10 @@ class Field:
         """Whether a model of a family with these traits (``Family.traits``) uses this field."""
         return self.only_for is None or self.only_for in traits
 
+    def value_for(self, request: Any, traits: frozenset[str] | set[str]) -> Any:
+        """The request's value for a model of a family with these traits; the default where such a model ignores it."""
+        return getattr(request, self.name) if self.used_by(traits) else self.default
+
     def written_for(self, request: Any, traits: frozenset[str] | set[str] = DEFAULT_TRAITS) -> bool:
         """Whether the infotext of this request carries this field; ``traits``: those of the family of the model that
         drew it (a value the model ignored is not written: Distilled CFG on SD 1.x, Clip skip on Flux)."""
@@ -387,6 +391,12 @@ CORE_FIELDS: tuple[Field, ...] = (
           step=0.1, help="Token merging in the second pass; 0: the first pass's.", infotext="Token merging ratio hr",
           infotext_when=_when_hires(_when_not_default("token_merging_ratio_hr", 0.0)), override="token_merging_ratio_hr",
           cli="--hires-token-merging", only_for=UNET, **_HIRES),
+    Field("first_block_cache", float, 0.0, range=(0.0, 1.0), label="First block cache threshold", control="slider",
+          step=0.01, help="Faster, and changes the picture: a step whose first transformer block moved its output by less "
+                          "than this (relative) skips the other blocks and reuses their last change (First Block Cache, "
+                          "as ComfyUI's WaveSpeed nodes apply it; 0.1–0.2 is typical). 0: off, the exact picture.",
+          infotext="First block cache", infotext_when=_when_not_default("first_block_cache", 0.0), api="first_block_cache",
+          cli="--first-block-cache", preset=True, only_for=FLOW),
     # A1111 writes "RNG" only when it is not its default (GPU): an infotext without it was made with GPU noise.
     Field("rng", str, "CPU", choices=RNG_SOURCES, label="RNG",
           help="Where noise comes from: CPU (the same on every machine), GPU (A1111's default), NV (CUDA's generator "

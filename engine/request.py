@@ -153,6 +153,7 @@ class GenerationRequest:
     rng: str = default("rng")
     token_merging_ratio: float = default("token_merging_ratio")
     token_merging_ratio_hr: float = default("token_merging_ratio_hr")
+    first_block_cache: float = default("first_block_cache")
     vae: str = default("vae")
     modules: tuple[str, ...] = default("modules")
     enable_hr: bool = default("enable_hr")

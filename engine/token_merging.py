@@ -33,9 +33,8 @@ MAX_DOWNSAMPLE = 1  # only blocks at the latent's full resolution (tomesd's defa
 def pass_ratio(request, family_traits: frozenset[str], second_pass: bool = False) -> float:
     """The share of tokens a sample pass merges, as A1111 resolves it (hires fix's second pass: its own ratio, else
     the first pass's); 0 for a model that ignores token merging."""
-    if not FIELDS["token_merging_ratio"].used_by(family_traits):
-        return 0.0
-    return (second_pass and request.token_merging_ratio_hr) or request.token_merging_ratio
+    first = FIELDS["token_merging_ratio"].value_for(request, family_traits)
+    return (second_pass and FIELDS["token_merging_ratio_hr"].value_for(request, family_traits)) or first
 
 
 class MergedTokensCall:

@@ -71,9 +71,10 @@ class GenerationParams(_Lenient):
     denoising_strength: Float | None = Field(None, description=f"How much to change the init image (img2img) or the upscaled first pass (txt2img with enable_hr), 0..1 (default {FIELDS['denoising_strength'].default}).")
     eta: Float | None = Field(None, description="Noise multiplier of ancestral, SDE and DDIM samplers, 0..1; null: the sampler's own default.")
     shift: Float | None = Field(None, description=FIELDS["shift"].help)
+    first_block_cache: Float = Field(FIELDS["first_block_cache"].default, description=FIELDS["first_block_cache"].help)
     override_settings: dict[str, Any] | None = Field(None, description="Per-request settings: 'sd_model_checkpoint' picks the model for this request only; "
-                                                     "'CLIP_stop_at_last_layers' (clip skip), 'eta_noise_seed_delta' (ENSD) and 'randn_source' "
-                                                     "(RNG: CPU, GPU or NV) apply to this request.")
+                                                     "'CLIP_stop_at_last_layers' (clip skip), 'eta_noise_seed_delta' (ENSD), 'randn_source' "
+                                                     "(RNG: CPU, GPU or NV) and 'token_merging_ratio' apply to this request.")
     override_settings_restore_afterwards: bool = Field(True, description="Accepted for compatibility; overrides never outlive the request in Sfumato.")
     send_images: bool = Field(True, description="Return the images as base64 PNG.")
     save_images: bool = Field(False, description="Also save the images to the outputs folder.")

@@ -204,7 +204,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                 subseed, subseed_random, subseed_reuse = _seed_row(mode, "subseed", RANDOM_SUBSEED, REUSE_SUBSEED)
                 subseed_strength = F.control("subseed_strength", mode, info=None)
             # A1111 keeps these in its Settings; here they belong to the request, so an infotext restores them.
-            with gr.Accordion("Advanced sampling: clip skip, eta, ENSD, RNG, token merging", open=False,
+            with gr.Accordion("Advanced sampling: clip skip, eta, ENSD, RNG, speed-ups", open=False,
                               elem_id=f"{mode}_advanced_sampling"):
                 with gr.Row():
                     clip_skip = F.control("clip_skip", mode, visible=shown("clip_skip", family))
@@ -213,6 +213,7 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                     ensd = F.control("eta_noise_seed_delta", mode, "ensd")
                     rng = F.control("rng", mode)
                 token_merging = F.control("token_merging_ratio", mode, visible=shown("token_merging_ratio", family))
+                first_block_cache = F.control("first_block_cache", mode, visible=shown("first_block_cache", family))
             if mode == "inpaint":
                 preview_mask_button, mask_preview_image = preview_mask
             extensions, _ = build_extension_controls(studio, mode)
@@ -243,7 +244,8 @@ def build_generation_tab(studio, mode: str, model_dropdown, session_gallery: gr.
                             ("batch_count", batch_count), ("batch_size", batch_size), ("cfg_scale", cfg),
                             ("distilled_cfg_scale", distilled_cfg), ("seed", seed),
                             ("subseed", subseed), ("subseed_strength", subseed_strength), ("clip_skip", clip_skip), ("eta", eta), ("shift", shift),
-                            ("eta_noise_seed_delta", ensd), ("rng", rng), ("token_merging_ratio", token_merging)):
+                            ("eta_noise_seed_delta", ensd), ("rng", rng), ("token_merging_ratio", token_merging),
+                            ("first_block_cache", first_block_cache)):
         fields.add(F.simple(name, component))
     if mode != "txt2img":
         fields.add(F.simple("denoising_strength", denoising))

@@ -1,6 +1,7 @@
 """In a real browser: picking a model shows the fields its family uses and sets what it draws with, as Forge's
-UI presets do: Flux.1 dev brings Distilled CFG, Shift and the VAE / Text Encoder picker and hides Clip skip; an
-SD 1.x model takes them away again (and brings Clip skip and token merging back) and puts CFG back to 7."""
+UI presets do: Flux.1 dev brings Distilled CFG, Shift, the first block cache and the VAE / Text Encoder picker and
+hides Clip skip and token merging; an SD 1.x model takes them away again (and brings Clip skip and token merging
+back) and puts CFG back to 7."""
 from __future__ import annotations
 
 import json
@@ -43,12 +44,12 @@ def test_flux_brings_its_fields_and_settings_and_sd1_takes_them_back(page):
     page.get_by_text("Advanced sampling").first.click()  # Clip skip and token merging live in this accordion
     _shown(page, "txt2img_clip_skip", True)
     _shown(page, "txt2img_token_merging_ratio", True)
-    for elem_id in ("txt2img_distilled_cfg", "txt2img_shift", "modules_dropdown"):
+    for elem_id in ("txt2img_distilled_cfg", "txt2img_shift", "modules_dropdown", "txt2img_first_block_cache"):
         _shown(page, elem_id, False)
     assert "SD 1.x" in page.locator("#model_status").inner_text()
 
     choose(page, "model_dropdown", FLUX_MODEL)
-    for elem_id in ("txt2img_distilled_cfg", "txt2img_shift", "modules_dropdown"):
+    for elem_id in ("txt2img_distilled_cfg", "txt2img_shift", "modules_dropdown", "txt2img_first_block_cache"):
         _shown(page, elem_id, True)
     _shown(page, "txt2img_clip_skip", False)
     _shown(page, "txt2img_token_merging_ratio", False)  # a UNet's, like Clip skip
@@ -62,7 +63,7 @@ def test_flux_brings_its_fields_and_settings_and_sd1_takes_them_back(page):
     choose(page, "model_dropdown", fx.MODEL_NAME)
     _shown(page, "txt2img_clip_skip", True)
     _shown(page, "txt2img_token_merging_ratio", True)
-    for elem_id in ("txt2img_distilled_cfg", "txt2img_shift", "modules_dropdown"):
+    for elem_id in ("txt2img_distilled_cfg", "txt2img_shift", "modules_dropdown", "txt2img_first_block_cache"):
         _shown(page, elem_id, False)
     assert float(text_of(page, "txt2img_cfg")) == 7.0
     assert "SD 1.x" in page.locator("#model_status").inner_text()
