@@ -14,7 +14,8 @@ Then, on the demo models (the per-step overhead on both; the levers on the SD 1.
   the traced model call (``engine.traced_calls``; default on) and what tracing costs once per shape; channels-last
   weights; the SDPA kernel (flash vs math); CFG 1 (the uncond half skipped) against CFG 7; and with ``--compile``
   torch.compile of the model call (its compile time; pixels compared). Token merging at 0.5 (A1111's opt-in ToMe,
-  ``engine.token_merging``) at 256² and 512², with its PSNR against the exact picture: it changes pixels.
+  ``engine.token_merging``) at 256² and 512², and on the flow demo the first block cache (``engine.step_cache``) at
+  thresholds 0.1, 0.2 and 0.3, each with its PSNR against the exact picture: they change pixels.
 
     python -m bench speed             the full run (minutes)
     python -m bench speed --quick     64² only, demo model, few pairs (development, CI smoke)
@@ -397,6 +398,20 @@ def levers(engine, registry, subject: Subject, quick: bool, compile_too: bool) -
     return results
 
 
+def first_block_cache_levers(engine, subject: Subject, count: int = 5) -> list[dict]:
+    """The first block cache on a flow model (opt-in; changes pixels) at a few thresholds, against the exact engine,
+    with its PSNR against the exact picture."""
+    rows = []
+    for size, steps in ((64, 20), (256, 10)):
+        for threshold in (0.1, 0.2, 0.3):
+            _log(f"  lever: first block cache {threshold} on {subject.label} (changes pixels), {size}²")
+            exact = engine_side(engine, _request(subject, size, steps))
+            cached = engine_side(engine, _request(subject, size, steps, first_block_cache=threshold))
+            rows.append({"lever": f"first block cache {threshold} on {subject.label} (opt-in; changes pixels)", "exact": False,
+                         "size": size, "steps": steps, **pairs(cached, exact, count)})
+    return rows
+
+
 def compile_lever(engine, model, subject: Subject, count: int) -> dict:
     """torch.compile of the denoiser against the traced call: compile time (first call), speed, pixels."""
     import torch
@@ -448,7 +463,7 @@ def print_report(document: dict) -> None:
         else:
             print(f"  SKIP  {overhead.get('model')}: {overhead.get('skipped')}")
     if document.get("levers"):
-        print("\nLevers (engine with ÷ without, demo model; < 1 is faster):")
+        print("\nLevers (engine with ÷ without, on the SD 1.x demo unless named; < 1 is faster):")
         for row in document["levers"]:
             extra = ""
             if "trace_s" in row:
@@ -506,10 +521,13 @@ def run(args: argparse.Namespace) -> dict:
                 _log(f"[per-step overhead: {subject.label}]")
                 document["step_overhead"].append(step_overhead(engine, registry, subject, 64, 20, 3 if args.quick else 7))
         demo = next((subject for subject in subjects if subject.label == "demo"), None)
-        if demo is not None:
-            if not args.no_levers:
-                _log("[levers]")
+        flow_demo = next((subject for subject in subjects if subject.label == "flow-demo"), None)
+        if not args.no_levers:
+            _log("[levers]")
+            if demo is not None:
                 document["levers"] = levers(engine, registry, demo, args.quick, args.compile)
+            if flow_demo is not None:
+                document["levers"] += first_block_cache_levers(engine, flow_demo)
     import diffusers
 
     document["meta"] = {"mode": "quick" if args.quick else "full", "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
