@@ -224,6 +224,8 @@ class Engine:
                                                         shift=request.shift, steps=request.steps)
         if request.shift is not None and not noise_table.flow:
             request = request.with_changes(shift=None)  # Shift is a flow model's: ignored, and not written, elsewhere
+        if request.first_block_cache and not step_cache.applies(getattr(model.pipeline, model.family.denoiser)):
+            request = request.with_changes(first_block_cache=0.0)  # too few blocks to skip any: exact, and not written
 
         tick = time.perf_counter()
         cancellation.entering("encoding the prompt")

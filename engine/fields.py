@@ -59,7 +59,11 @@ REFINER_GROUP = "refiner"  # every tab's "Refiner" accordion
 UNET = "unet"  # a Stable Diffusion UNet (SD 1.x, 2.x, SDXL): its CLIP text encoders are what A1111's "Clip skip" steps back through
 FLOW = "flow"  # a flow-matching transformer (SD 3.5, Flux, Z-Image, Flux.2): its σs have a timestep shift; may be split files
 DISTILLED_GUIDANCE = "distilled_guidance"  # the transformer embeds a guidance value (Flux.1 dev), Forge's "Distilled CFG Scale"
-TRAITS = (UNET, FLOW, DISTILLED_GUIDANCE)
+# diffusers' first block cache can carry the transformer's blocks (engine.step_cache): SD 3.5 and Flux.1. Not Z-Image,
+# whose blocks take ``x`` where the cache passes ``hidden_states``, nor Flux.2, whose last block returns one stream
+# where the cache subtracts two.
+BLOCK_CACHE = "block_cache"
+TRAITS = (UNET, FLOW, DISTILLED_GUIDANCE, BLOCK_CACHE)
 # The traits of the picture's model when a caller does not say (an infotext written without a model): SD 1.x's.
 DEFAULT_TRAITS: frozenset[str] = frozenset({UNET})
 
@@ -396,7 +400,7 @@ CORE_FIELDS: tuple[Field, ...] = (
                           "than this (relative) skips the other blocks and reuses their last change (First Block Cache, "
                           "as ComfyUI's WaveSpeed nodes apply it; 0.1–0.2 is typical). 0: off, the exact picture.",
           infotext="First block cache", infotext_when=_when_not_default("first_block_cache", 0.0), api="first_block_cache",
-          cli="--first-block-cache", preset=True, only_for=FLOW),
+          cli="--first-block-cache", preset=True, only_for=BLOCK_CACHE),
     # A1111 writes "RNG" only when it is not its default (GPU): an infotext without it was made with GPU noise.
     Field("rng", str, "CPU", choices=RNG_SOURCES, label="RNG",
           help="Where noise comes from: CPU (the same on every machine), GPU (A1111's default), NV (CUDA's generator "

@@ -10,7 +10,8 @@ engine's call to that. It is off (0) by default, and the exact path never runs t
 
 The hooks are put on the pass's model when the pass's call is made and taken off when the pass ends, leaving each
 block as it was (so the exact path is traced again afterwards). SD 3.5's last block writes no text tokens, which
-diffusers' cache cannot carry over, so there it always runs; it is the same block in every step anyway.
+diffusers' cache cannot carry over, so there it always runs. The families it works on carry the ``BLOCK_CACHE``
+trait (``engine.fields``): SD 3.5 and Flux.1.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_blo
 from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
 from diffusers.models.cache_utils import CacheMixin
 
-# The transformers' lists of blocks, in the order they run (Flux's double then single blocks; Z-Image's "layers").
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers")
+# The transformers' lists of blocks, in the order they run (Flux.1's double then single blocks).
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
 class CachedBlocksCall:
@@ -31,22 +32,15 @@ class CachedBlocksCall:
 
     def __init__(self, call: Callable, transformer: torch.nn.Module, threshold: float):
         self.call = call
-        blocks = _cached_blocks(transformer)
-        # The cache needs a first and a last block of its own; with fewer there is nothing it could skip.
-        self.blocks = blocks if sum(1 for _ in blocks.children() for _ in _) >= 2 else None
-        if self.blocks is not None:
-            apply_first_block_cache(self.blocks, FirstBlockCacheConfig(threshold=threshold))
+        self.blocks = _cached_blocks(transformer)
+        apply_first_block_cache(self.blocks, FirstBlockCacheConfig(threshold=threshold))
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, **kwargs):
-        if self.blocks is None:
-            return self.call(x, timestep, **kwargs)
         # diffusers keeps the cache's state per named context; one call per step holds cond and uncond together.
         with CacheMixin.cache_context(self.blocks, "denoise"):
             return self.call(x, timestep, **kwargs)
 
     def close(self) -> None:
-        if self.blocks is None:
-            return
         registry = HookRegistry.check_if_exists_or_initialize(self.blocks)
         for name in (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK):
             registry.remove_hook(name, recurse=True)
@@ -59,6 +53,11 @@ class CachedBlocksCall:
             if forward is not None and getattr(forward, "__func__", None) is type(block).forward:
                 del block.__dict__["forward"]
             block.__dict__.pop("_diffusers_hook", None)
+
+
+def applies(transformer: torch.nn.Module) -> bool:
+    """Whether the cache can skip anything: it needs a first block and at least one more of its own."""
+    return sum(len(blocks) for blocks in _cached_blocks(transformer).children()) >= 2
 
 
 def _cached_blocks(transformer: torch.nn.Module) -> torch.nn.Module:

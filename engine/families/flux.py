@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
-from ..fields import DISTILLED_GUIDANCE, FLOW
+from ..fields import BLOCK_CACHE, DISTILLED_GUIDANCE, FLOW
 from ..flow_prompts import ClipEncoder, FlowPromptEncoder, FlowPrompts, PlainEncoder, t5_embeds
 from ..model_files.bfl_keys import flux_to_diffusers
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
@@ -241,7 +241,7 @@ class Flux1(Family):
     def traits(self) -> frozenset[str]:  # type: ignore[override]  # dev and schnell differ, so per instance
         """A guidance-embedded transformer (dev, detected from its config or its ``guidance_in`` weights) takes the
         distilled CFG scale; schnell does not."""
-        return frozenset({FLOW, DISTILLED_GUIDANCE}) if self.guidance_embedded else frozenset({FLOW})
+        return frozenset({FLOW, BLOCK_CACHE, DISTILLED_GUIDANCE}) if self.guidance_embedded else frozenset({FLOW, BLOCK_CACHE})
 
     def text_layers(self, clip_skip: int) -> tuple[TextLayer, ...]:
         return (TextLayer(), TextLayer())  # CLIP's pooled output and T5's last hidden state, whatever the clip skip

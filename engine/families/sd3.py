@@ -22,7 +22,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ..fields import FLOW
+from ..fields import BLOCK_CACHE, FLOW
 from ..flow_prompts import ClipEncoder, FlowPromptEncoder, FlowPrompts, PlainEncoder, t5_embeds
 from ..model_files.layout import CLIP_MARKER, CLIP_WIDTH, T5_MARKER, T5_WIDTH, FileLayout, TextEncoderSlot
 from ..prompts import Conditioning, TextLayer
@@ -123,7 +123,7 @@ PROMPTS = FlowPrompts(
 class StableDiffusion3(Family):
     id: ClassVar[str] = "sd3"
     title: ClassVar[str] = "SD 3.5"
-    traits: ClassVar[frozenset[str]] = frozenset({FLOW})
+    traits: ClassVar[frozenset[str]] = frozenset({FLOW, BLOCK_CACHE})
     denoiser: ClassVar[str] = "transformer"
     pipeline_classes: ClassVar[tuple[str, ...]] = (
         "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
