@@ -432,7 +432,8 @@ class Engine:
                 source = prepared.source if prepared is not None else None
                 crop_box = prepared.crop_box if prepared is not None else None
                 full_size = prepared.original.size if crop_box is not None else None
-                context = HookContext(model, request, plan.width, plan.height, len(seeds), do_cfg, plan.sigmas, source, crop_box, full_size)
+                context = HookContext(model, request, plan.width, plan.height, len(seeds), do_cfg, plan.sigmas, source, crop_box,
+                                      full_size)
                 denoiser.hooks = self.extensions.step_hooks(context)
             if plan.refiner is not None:
                 denoiser = self._with_refiner(request, plan, denoiser, noise, do_cfg, noise_table)
