@@ -398,7 +398,7 @@ CORE_FIELDS: tuple[Field, ...] = (
     Field("first_block_cache", float, 0.0, range=(0.0, 1.0), label="First block cache threshold", control="slider",
           step=0.01, help="Faster, and changes the picture: a step whose first transformer block moved its output by less "
                           "than this (relative) skips the other blocks and reuses their last change (First Block Cache, "
-                          "as ComfyUI's WaveSpeed nodes apply it; 0.1–0.2 is typical). 0: off, the exact picture.",
+                          "known from ComfyUI's WaveSpeed nodes; 0.1–0.3). 0: off, the exact picture.",
           infotext="First block cache", infotext_when=_when_not_default("first_block_cache", 0.0), api="first_block_cache",
           cli="--first-block-cache", preset=True, only_for=BLOCK_CACHE),
     # A1111 writes "RNG" only when it is not its default (GPU): an infotext without it was made with GPU noise.
