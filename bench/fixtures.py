@@ -9,9 +9,8 @@ per-step overhead. Models are built once per bench run into a temporary folder.
 """
 from __future__ import annotations
 
-import math
-
 import itertools
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path

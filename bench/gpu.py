@@ -53,18 +53,23 @@ class _Memory:
         return round(self.cuda.max_memory_allocated() / 2**20, 1)
 
 
+def _request(name: str, size: int, steps: int):
+    """The job both sides run: DPM++ 2M / Karras at CFG 7, no previews."""
+    from engine import GenerationRequest
+
+    return GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, model=name, sampler="DPM++ 2M", schedule="Automatic",
+                             steps=steps, cfg_scale=7.0, width=size, height=size, seed=SEED, preview_every=0)
+
+
 def measure(registry, engine, name: str, size: int, steps: int, pairs: int) -> dict:
     import torch
-
-    from engine import GenerationRequest
 
     from . import peer
     from .timing import interleave, median, pair_stats
 
     model = registry.load(name)
     pipe = peer.peer_pipeline(model)
-    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, model=name, sampler="DPM++ 2M", schedule="Automatic",
-                                steps=steps, cfg_scale=7.0, width=size, height=size, seed=SEED, preview_every=0)
+    request = _request(name, size, steps)
     memory = _Memory(model.device.type)
     peaks: dict[str, list[float | None]] = {"sfumato": [], "diffusers": []}
 
@@ -100,11 +105,10 @@ def _largest(peaks: list[float | None]) -> float | None:
 def memory_mode_rows(folder: Path, name: str, size: int, steps: int, device: str) -> list[dict]:
     """The engine alone in each offload mode (A1111's ``--medvram``/``--lowvram``, Forge's ``--cpu-text-encoders``):
     its it/s and peak VRAM, one timed run after a warm-up, each mode on a registry of its own."""
-    from engine import Engine, GenerationRequest, ModelRegistry
+    from engine import Engine, ModelRegistry
     from engine.performance import MEMORY_MODES, PerformanceOptions
 
-    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, model=name, sampler="DPM++ 2M", schedule="Automatic",
-                                steps=steps, cfg_scale=7.0, width=size, height=size, seed=SEED, preview_every=0)
+    request = _request(name, size, steps)
     memory = _Memory(device)
     rows = []
     for mode in MEMORY_MODES:
